@@ -1,0 +1,1 @@
+"""GGUF files, block quant formats and their kernels. Knows nothing about Qwen3."""

@@ -1,0 +1,196 @@
+"""One registry of GGML tensor formats: block geometry from gguf, encode/decode per format.
+
+`encode(rows)` takes float32 rows (n, k) and returns the GGUF bytes (n, row_bytes) as
+uint8; `decode(raw, k)` is its inverse up to the format's loss. The quantizers are numba
+kernels (quant.kernels.quantize_cpu) that match gguf-py / ggml byte for byte; decoders are
+plain numpy and serve as the specification for the runtime kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from .errors import UnsupportedQuantType
+from .kernels import quantize_cpu as qk
+
+
+@dataclass(frozen=True)
+class Format:
+    type: T
+    block_size: int  # elements per block
+    type_size: int  # bytes per block
+    encode: Callable[[np.ndarray], np.ndarray] | None
+    decode: Callable[[np.ndarray, int], np.ndarray]
+
+    @property
+    def name(self) -> str:
+        return self.type.name
+
+    def row_bytes(self, k: int) -> int:
+        if k % self.block_size:
+            raise UnsupportedQuantType(
+                f"{self.name} needs rows that are a multiple of {self.block_size}, got {k}"
+            )
+        return k // self.block_size * self.type_size
+
+    def nbytes(self, ggml_shape: tuple[int, ...]) -> int:
+        n_rows = int(np.prod(ggml_shape[1:], dtype=np.int64)) if len(ggml_shape) > 1 else 1
+        return n_rows * self.row_bytes(ggml_shape[0])
+
+
+def _f16_bytes(d: np.ndarray) -> np.ndarray:
+    return d.astype(np.float16).view(np.uint8).reshape(*d.shape, 2)
+
+
+def _blocks(raw: np.ndarray, type_size: int) -> np.ndarray:
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    return raw.reshape(raw.shape[0], -1, type_size)
+
+
+def _scale16(blocks: np.ndarray, at: int = 0) -> np.ndarray:
+    return blocks[:, :, at : at + 2].copy().view(np.float16).astype(np.float32)
+
+
+# -- float formats -----------------------------------------------------------------------
+
+def _enc_f32(x):
+    return np.ascontiguousarray(x, np.float32).view(np.uint8)
+
+
+def _dec_f32(raw, k):
+    return np.ascontiguousarray(raw).view(np.float32).reshape(raw.shape[0], k)
+
+
+def _enc_f16(x):
+    return np.ascontiguousarray(x.astype(np.float16)).view(np.uint8)
+
+
+def _dec_f16(raw, k):
+    return np.ascontiguousarray(raw).view(np.float16).reshape(raw.shape[0], k).astype(np.float32)
+
+
+def _enc_bf16(x):
+    # Round to nearest even; NaNs stay quiet NaNs (gguf-py / ggml's fp32 -> bf16 rule).
+    n = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    n = np.where((n & 0x7FFFFFFF) > 0x7F800000, (n & np.uint32(0xFFFF0000)) | np.uint32(64 << 16), n)
+    n = (n.astype(np.uint64) + (0x7FFF + ((n >> 16) & 1))) >> 16
+    return n.astype(np.uint16).view(np.uint8)
+
+
+def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def _dec_bf16(raw, k):
+    return bf16_to_f32(np.ascontiguousarray(raw).view(np.uint16).reshape(raw.shape[0], k))
+
+
+# -- 32-element block formats ------------------------------------------------------------
+
+def _enc_q8_0(x):
+    x = np.ascontiguousarray(x, np.float32)
+    n, k = x.shape
+    d = np.empty((n, k // 32), np.float32)
+    q = np.empty((n, k), np.int8)
+    qk.q8_0(x, d, q)
+    out = np.empty((n, k // 32, 34), np.uint8)
+    out[:, :, :2] = _f16_bytes(d)
+    out[:, :, 2:] = q.view(np.uint8).reshape(n, k // 32, 32)
+    return out.reshape(n, -1)
+
+
+def _dec_q8_0(raw, k):
+    b = _blocks(raw, 34)
+    q = b[:, :, 2:].view(np.int8).astype(np.float32)
+    return (q * _scale16(b)).reshape(raw.shape[0], k)
+
+
+def _enc_q4_0(x):
+    x = np.ascontiguousarray(x, np.float32)
+    n, k = x.shape
+    d = np.empty((n, k // 32), np.float32)
+    q = np.empty((n, k // 2), np.uint8)
+    qk.q4_0(x, d, q)
+    out = np.empty((n, k // 32, 18), np.uint8)
+    out[:, :, :2] = _f16_bytes(d)
+    out[:, :, 2:] = q.reshape(n, k // 32, 16)
+    return out.reshape(n, -1)
+
+
+def _dec_q4_0(raw, k):
+    b = _blocks(raw, 18)
+    qs = b[:, :, 2:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int8) - 8
+    return (q.astype(np.float32) * _scale16(b)).reshape(raw.shape[0], k)
+
+
+# -- 256-element super-block formats ----------------------------------------------------
+# block_q6_K: ql[128] low nibbles, qh[64] high 2 bits, scales[16] int8, d fp16 (210 bytes)
+
+def _enc_q6_k(x):
+    x = np.ascontiguousarray(x, np.float32)
+    n, k = x.shape
+    nb = k // 256
+    d = np.empty((n, nb), np.float32)
+    sc = np.empty((n, nb, 16), np.int8)
+    ql = np.empty((n, nb, 128), np.uint8)
+    qh = np.empty((n, nb, 64), np.uint8)
+    qk.q6_k(x, d, sc, ql, qh)
+    out = np.empty((n, nb, 210), np.uint8)
+    out[:, :, :128] = ql
+    out[:, :, 128:192] = qh
+    out[:, :, 192:208] = sc.view(np.uint8)
+    out[:, :, 208:] = _f16_bytes(d)
+    return out.reshape(n, -1)
+
+
+def _dec_q6_k(raw, k):
+    b = _blocks(raw, 210)
+    n, nb = b.shape[:2]
+    ql = b[:, :, :128].reshape(n, nb, 2, 64).astype(np.int16)
+    qh = b[:, :, 128:192].reshape(n, nb, 2, 32).astype(np.int16)
+    sc = b[:, :, 192:208].view(np.int8).astype(np.float32).reshape(n, nb, 16)
+    d = _scale16(b, 208)[..., 0]
+    lo = np.concatenate([ql[..., :32] & 0xF, ql[..., 32:] & 0xF, ql[..., :32] >> 4, ql[..., 32:] >> 4], -1)
+    hi = np.concatenate([(qh >> s) & 3 for s in (0, 2, 4, 6)], -1)
+    q = (lo | (hi << 4)) - 32  # (n, nb, 2, 128): element order within each 128 half
+    q = q.reshape(n, nb, 16, 16).astype(np.float32)
+    return (q * (d[..., None] * sc)[..., None]).reshape(n, k)
+
+
+def _fmt(t: T, enc, dec) -> Format:
+    block, size = GGML_QUANT_SIZES[t]
+    return Format(t, block, size, enc, dec)
+
+
+FORMATS: dict[T, Format] = {
+    f.type: f
+    for f in (
+        _fmt(T.F32, _enc_f32, _dec_f32),
+        _fmt(T.F16, _enc_f16, _dec_f16),
+        _fmt(T.BF16, _enc_bf16, _dec_bf16),
+        _fmt(T.Q8_0, _enc_q8_0, _dec_q8_0),
+        _fmt(T.Q4_0, _enc_q4_0, _dec_q4_0),
+        _fmt(T.Q6_K, _enc_q6_k, _dec_q6_k),
+    )
+}
+
+
+def get_format(t: int | T, what: str = "tensor") -> Format:
+    """The format for GGML type `t`; `what` names the tensor in the error."""
+    try:
+        return FORMATS[T(t)]
+    except (ValueError, KeyError):
+        name = T(t).name if t in T._value2member_map_ else f"#{int(t)}"
+        raise UnsupportedQuantType(f"{what}: GGML type {name} is not supported") from None
+
+
+def type_nbytes(t: int | T, ggml_shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of any GGML type gguf knows (supported by us or not)."""
+    block, size = GGML_QUANT_SIZES[T(t)]
+    n = int(np.prod(ggml_shape, dtype=np.int64))
+    return n // block * size

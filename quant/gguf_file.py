@@ -1,0 +1,319 @@
+"""GGUF v2/v3 files: a fast defensive reader and a streaming writer.
+
+gguf-py's GGUFReader parses every token string of a 151,936-token vocabulary in Python
+(~9 s); this reader skips string arrays by their length prefixes and decodes them only when
+asked. Files come from strangers: every length, count, type and offset is checked against
+the file before it is used, and a problem is a GGUFFormatError naming the file and byte.
+
+The writer takes the metadata as gguf-py `GGUFValue`s (so key names and value types come
+from gguf-py's own `add_*` helpers) and tensor data in chunks, so a tensor never has to
+exist whole in memory. It is a small state machine and refuses out-of-order calls.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValue, GGUFValueType as VT
+
+from .errors import GGUFFormatError, UnsupportedQuantType
+
+ALIGNMENT_KEY = "general.alignment"
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+
+_SCALARS: dict[VT, tuple[str, type[np.generic]]] = {
+    VT.UINT8: ("<B", np.uint8), VT.INT8: ("<b", np.int8),
+    VT.UINT16: ("<H", np.uint16), VT.INT16: ("<h", np.int16),
+    VT.UINT32: ("<I", np.uint32), VT.INT32: ("<i", np.int32),
+    VT.UINT64: ("<Q", np.uint64), VT.INT64: ("<q", np.int64),
+    VT.FLOAT32: ("<f", np.float32), VT.FLOAT64: ("<d", np.float64),
+    VT.BOOL: ("<?", np.bool_),
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # GGML order: ne0 (the row length) first
+    type: int  # raw GGML type id, possibly one gguf does not know
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        try:
+            return GGMLQuantizationType(self.type).name
+        except ValueError:
+            return f"#{self.type}"
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+class StringArray:
+    """A GGUF string array decoded on demand (the vocabulary has 151,936 of them)."""
+
+    def __init__(self, buf: memoryview, start: int, count: int):
+        self._buf, self._start, self._count = buf, start, count
+        self._items: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _decode(self) -> list[str]:
+        if self._items is None:
+            buf, pos, out = self._buf, self._start, []
+            for _ in range(self._count):
+                (n,) = struct.unpack_from("<Q", buf, pos)
+                out.append(bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8", "replace"))
+                pos += 8 + n
+            self._items = out
+        return self._items
+
+    def __getitem__(self, i):
+        return self._decode()[i]
+
+    def __iter__(self):
+        return iter(self._decode())
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file: `.metadata` (key -> value), `.tensors` (name -> TensorInfo).
+
+    Numeric arrays are zero-copy numpy views; string arrays are `StringArray`s.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < 24:
+                    raise GGUFFormatError(f"{self.path}: not a GGUF file (only {size} bytes)")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise GGUFFormatError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        self._buf = memoryview(self._mm)
+        self.size = size
+        self._pos = 0
+        self.metadata: dict[str, Any] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._parse()
+
+    # -- low-level reads, each bounds-checked ----------------------------------------------
+    def _fail(self, what: str) -> GGUFFormatError:
+        return GGUFFormatError(f"{self.path}: {what} (at byte {self._pos})")
+
+    def _take(self, n: int) -> int:
+        start = self._pos
+        if n < 0 or start + n > self.size:
+            raise self._fail("truncated or corrupt header")
+        self._pos = start + n
+        return start
+
+    def _scalar(self, vt: VT):
+        fmt, _ = _SCALARS[vt]
+        return struct.unpack_from(fmt, self._buf, self._take(struct.calcsize(fmt)))[0]
+
+    def _u32(self) -> int:
+        return self._scalar(VT.UINT32)
+
+    def _u64(self) -> int:
+        return self._scalar(VT.UINT64)
+
+    def _str(self) -> str:
+        n = self._u64()
+        start = self._take(n)
+        try:
+            return bytes(self._buf[start : start + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._fail("string is not valid UTF-8") from None
+
+    def _vtype(self) -> VT:
+        raw = self._u32()
+        try:
+            return VT(raw)
+        except ValueError:
+            raise self._fail(f"unknown metadata value type {raw}") from None
+
+    def _value(self, vt: VT, depth: int = 0):
+        if vt == VT.STRING:
+            return self._str()
+        if vt in _SCALARS:
+            return self._scalar(vt)
+        if depth > 0:
+            raise self._fail("nested arrays are not supported")
+        sub = self._vtype()
+        count = self._u64()
+        if sub == VT.STRING:
+            start = self._pos
+            for _ in range(count):  # skip by length prefixes; decode later
+                self._take(self._u64())
+            return StringArray(self._buf, start, count)
+        if sub == VT.ARRAY:
+            return [self._value(VT.ARRAY, depth + 1) for _ in range(count)]
+        fmt, dtype = _SCALARS[sub]
+        start = self._take(count * struct.calcsize(fmt))
+        return np.frombuffer(self._buf, dtype=np.dtype(dtype).newbyteorder("<"), count=count, offset=start)
+
+    # -- structure ---------------------------------------------------------------------------
+    def _parse(self) -> None:
+        if self._u32() != GGUF_MAGIC:
+            raise GGUFFormatError(f"{self.path}: not a GGUF file (bad magic)")
+        version = self._u32()
+        if version not in (2, 3):
+            raise GGUFFormatError(f"{self.path}: unsupported GGUF version {version}")
+        n_tensors, n_kv = self._u64(), self._u64()
+        # Every entry takes at least 8 bytes: reject absurd counts before looping over them.
+        if (n_tensors + n_kv) * 8 > self.size:
+            raise self._fail(f"corrupt header: {n_kv} keys and {n_tensors} tensors cannot fit")
+        for _ in range(n_kv):
+            key = self._str()
+            if key in self.metadata:
+                raise self._fail(f"duplicate key {key!r}")
+            self.metadata[key] = self._value(self._vtype())
+        infos = []
+        for _ in range(n_tensors):
+            name = self._str()
+            n_dims = self._u32()
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise self._fail(f"tensor {name!r} has {n_dims} dimensions")
+            shape = tuple(self._u64() for _ in range(n_dims))
+            ttype, offset = self._u32(), self._u64()
+            if any(d <= 0 for d in shape):
+                raise self._fail(f"tensor {name!r} has shape {list(shape)}")
+            if name in self.tensors or any(i[0] == name for i in infos):
+                raise self._fail(f"duplicate tensor {name!r}")
+            infos.append((name, shape, ttype, offset))
+        align = int(self.metadata.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT))
+        if align <= 0 or align & (align - 1):
+            raise self._fail(f"bad alignment {align}")
+        self.alignment = align
+        self.data_start = -(-self._pos // align) * align
+        for name, shape, ttype, offset in infos:
+            try:
+                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            except (ValueError, KeyError):
+                raise UnsupportedQuantType(f"{self.path}: tensor {name!r} has unknown GGML type {ttype}") from None
+            if shape[0] % block:
+                raise self._fail(f"tensor {name!r}: row of {shape[0]} is not a multiple of {block}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) // block * size
+            start = self.data_start + offset
+            if offset % align:
+                raise self._fail(f"tensor {name!r} data offset {offset} is not aligned to {align}")
+            if start + nbytes > self.size:
+                raise GGUFFormatError(
+                    f"{self.path}: truncated: tensor {name!r} needs bytes up to {start + nbytes}, "
+                    f"file has {self.size}"
+                )
+            self.tensors[name] = TensorInfo(name, shape, ttype, start, nbytes)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as a read-only uint8 view, shaped (rows, row_bytes)."""
+        t = self.tensors[name]
+        rows = int(np.prod(t.shape[1:], dtype=np.int64)) if len(t.shape) > 1 else 1
+        return np.frombuffer(self._buf, np.uint8, t.nbytes, t.offset).reshape(rows, t.nbytes // rows)
+
+    def close(self) -> None:
+        self._buf.release()
+        try:
+            self._mm.close()
+        except BufferError:  # numpy views still alive; the map goes when they do
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# -- writer ----------------------------------------------------------------------------------
+
+def _pack_value(v: GGUFValue) -> bytes:
+    def one(vt: VT, x) -> bytes:
+        if vt == VT.STRING:
+            b = x.encode("utf-8") if isinstance(x, str) else bytes(x)
+            return struct.pack("<Q", len(b)) + b
+        return struct.pack(_SCALARS[vt][0], x)
+
+    vt = VT(v.type)
+    if vt != VT.ARRAY:
+        return one(vt, v.value)
+    sub = VT(v.sub_type) if v.sub_type is not None else VT.STRING
+    items = list(v.value)
+    head = struct.pack("<IQ", sub, len(items))
+    if sub in _SCALARS and sub != VT.BOOL:
+        return head + np.asarray(items, dtype=np.dtype(_SCALARS[sub][1]).newbyteorder("<")).tobytes()
+    return head + b"".join(one(sub, x) for x in items)
+
+
+class GGUFStreamWriter:
+    """Write a GGUF file: declare tensors, write the header, then stream each tensor's bytes
+    in declaration order (any number of chunks per tensor), then `finish()`."""
+
+    def __init__(self, fout: BinaryIO, alignment: int = DEFAULT_ALIGNMENT):
+        self._f = fout
+        self._align = alignment
+        self._tensors: list[tuple[str, tuple[int, ...], int, int]] = []  # name, shape, type, nbytes
+        self._state = "declare"
+        self._current = 0
+        self._written = 0
+
+    def add_tensor(self, name: str, ggml_shape: tuple[int, ...], ggml_type: int, nbytes: int) -> None:
+        if self._state != "declare":
+            raise RuntimeError("tensors must be declared before the header is written")
+        self._tensors.append((name, tuple(int(d) for d in ggml_shape), int(ggml_type), int(nbytes)))
+
+    def write_header(self, kv: dict[str, GGUFValue]) -> None:
+        if self._state != "declare":
+            raise RuntimeError("header already written")
+        out = [struct.pack("<IIQQ", GGUF_MAGIC, 3, len(self._tensors), len(kv))]
+        for key, val in kv.items():
+            out.append(_pack_value(GGUFValue(key, VT.STRING)) + struct.pack("<I", VT(val.type)) + _pack_value(val))
+        offset = 0
+        for name, shape, ttype, nbytes in self._tensors:
+            out.append(_pack_value(GGUFValue(name, VT.STRING)) + struct.pack("<I", len(shape)))
+            out.append(struct.pack(f"<{len(shape)}Q", *shape) + struct.pack("<IQ", ttype, offset))
+            offset += -(-nbytes // self._align) * self._align
+        self._f.write(b"".join(out))
+        self._pad()
+        self._state = "data"
+
+    def _pad(self) -> None:
+        n = -self._f.tell() % self._align
+        if n:
+            self._f.write(b"\0" * n)
+
+    def write(self, chunk: np.ndarray | bytes) -> None:
+        """Append bytes of the current tensor; moves to the next tensor once it is full."""
+        if self._state != "data":
+            raise RuntimeError("write() before write_header() or after finish()")
+        data = memoryview(np.ascontiguousarray(chunk)).cast("B") if isinstance(chunk, np.ndarray) else memoryview(chunk)
+        name, _, _, nbytes = self._tensors[self._current]
+        if self._written + len(data) > nbytes:
+            raise RuntimeError(f"{name}: {self._written + len(data)} bytes written, {nbytes} declared")
+        self._f.write(data)
+        self._written += len(data)
+        if self._written == nbytes:
+            self._pad()
+            self._current += 1
+            self._written = 0
+            if self._current == len(self._tensors):
+                self._state = "done"
+
+    def finish(self) -> None:
+        if self._state != "done" and not (self._state == "data" and not self._tensors):
+            missing = [t[0] for t in self._tensors[self._current :]]
+            raise RuntimeError(f"tensors not written: {missing[:3]}")
+        self._f.flush()
+        self._state = "closed"
+

@@ -1,0 +1,1 @@
+"""Kernels: functions of arrays and ints only, one per (format, operation)."""

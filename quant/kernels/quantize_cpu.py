@@ -1,0 +1,206 @@
+"""numba quantizers, bit-exact with ggml's reference C (and so with gguf-py).
+
+Every value is kept in float32 on purpose: ggml computes in float32, and one float64
+intermediate is enough to change a rounding and therefore a byte. No fastmath, so LLVM
+neither reassociates sums nor fuses multiply-adds. Kernels fill float32 scales and int8
+quants; `quant.formats` packs them into GGUF blocks (the fp16 conversion happens there,
+in numpy, which rounds to nearest-even exactly as ggml does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+f32 = np.float32
+GROUP_MAX_EPS = f32(1e-15)
+
+
+@njit(cache=True, inline="always")
+def _roundf(v):
+    # C roundf: half away from zero. Adding 0.5 and truncating is wrong for 0.49999997.
+    a = abs(v)
+    fl = np.floor(a)
+    r = fl + np.floor(f32(2.0) * (a - fl))
+    return -r if v < 0 else r
+
+
+@njit(cache=True, inline="always")
+def _nearest_int(v):
+    # ggml's nearest_int adds 1.5*2^23: round half to even, like rint.
+    return int(np.rint(v))
+
+
+@njit(cache=True)
+def fp16_round(v):
+    """float32 -> nearest float16 (ties to even) -> float32, without numpy's float16."""
+    a = abs(float(v))
+    if a != a or a == 0.0:
+        return f32(v)
+    if a >= 65520.0:
+        return f32(math.copysign(math.inf, v))
+    m, e = math.frexp(a)  # a = m * 2**e, 0.5 <= m < 1
+    if e < -13:  # subnormal half: fixed quantum 2**-24
+        q = math.ldexp(1.0, -24)
+    else:
+        q = math.ldexp(1.0, e - 11)
+    r = np.rint(a / q) * q
+    return f32(math.copysign(r, v))
+
+
+@njit(parallel=True, cache=True)
+def q8_0(x, d_out, q_out):
+    """x (rows, k) float32 -> d_out (rows, k/32) float32, q_out (rows, k) int8."""
+    rows, k = x.shape
+    nb = k // 32
+    for r in prange(rows):
+        for b in range(nb):
+            o = b * 32
+            amax = f32(0.0)
+            for j in range(32):
+                a = abs(x[r, o + j])
+                if a > amax:
+                    amax = a
+            d = amax / f32(127.0)
+            inv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
+            d_out[r, b] = d
+            for j in range(32):
+                q_out[r, o + j] = np.int8(_roundf(x[r, o + j] * inv))
+
+
+@njit(parallel=True, cache=True)
+def q4_0(x, d_out, q_out):
+    """x (rows, k) float32 -> d_out (rows, k/32) float32, q_out (rows, k/2) uint8 nibbles.
+
+    Element j of a block is the low nibble of byte j, element j+16 the high nibble.
+    """
+    rows, k = x.shape
+    nb = k // 32
+    for r in prange(rows):
+        for b in range(nb):
+            o = b * 32
+            amax = f32(0.0)
+            mx = f32(0.0)
+            for j in range(32):
+                v = x[r, o + j]
+                if abs(v) > amax:
+                    amax = abs(v)
+                    mx = v
+            d = mx / f32(-8.0)
+            inv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
+            d_out[r, b] = d
+            for j in range(16):
+                lo = min(15, int(x[r, o + j] * inv + f32(8.5)))
+                hi = min(15, int(x[r, o + 16 + j] * inv + f32(8.5)))
+                q_out[r, b * 16 + j] = np.uint8(lo | (hi << 4))
+
+
+@njit(cache=True)
+def _make_qx_quants(x, o, n, nmax, L):
+    """ggml's make_qx_quants with rmse_type 1 and no importance weights."""
+    mx = f32(0.0)
+    amax = f32(0.0)
+    for i in range(n):
+        ax = abs(x[o + i])
+        if ax > amax:
+            amax = ax
+            mx = x[o + i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0)
+    fnmax = f32(nmax)
+    iscale = -fnmax / mx
+    sumlx = f32(0.0)
+    suml2 = f32(0.0)
+    for i in range(n):
+        xi = x[o + i]
+        li = max(-nmax, min(nmax - 1, _nearest_int(iscale * xi)))
+        L[i] = li + nmax
+        w = xi * xi
+        fl = f32(li)
+        sumlx += w * xi * fl
+        suml2 += w * fl * fl
+    scale = sumlx / suml2 if suml2 != f32(0.0) else f32(0.0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(fnmax + f32(0.1) * f32(step)) / mx
+        sumlx = f32(0.0)
+        suml2 = f32(0.0)
+        for i in range(n):
+            xi = x[o + i]
+            fl = f32(max(-nmax, min(nmax - 1, _nearest_int(iscale * xi))))
+            w = xi * xi
+            sumlx += w * xi * fl
+            suml2 += w * fl * fl
+        if suml2 > f32(0.0) and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[i] = nmax + max(-nmax, min(nmax - 1, _nearest_int(iscale * x[o + i])))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(parallel=True, cache=True)
+def q6_k(x, d_out, sc_out, ql_out, qh_out):
+    """x (rows, k) float32, k % 256 == 0 -> per 256-block: d float32, 16 int8 scales,
+    128 bytes of low nibbles and 64 bytes of high bits (ggml's block_q6_K order)."""
+    rows, k = x.shape
+    nb = k // 256
+    for r in prange(rows):
+        xr = x[r]
+        L = np.empty(256, np.int32)
+        Ls = np.empty(16, np.int32)
+        scales = np.empty(16, np.float32)
+        for b in range(nb):
+            o = b * 256
+            max_scale = f32(0.0)
+            max_abs = f32(0.0)
+            for ib in range(16):
+                s = _make_qx_quants(xr, o + 16 * ib, 16, 32, Ls)
+                for i in range(16):
+                    L[16 * ib + i] = Ls[i]
+                scales[ib] = s
+                if abs(s) > max_abs:
+                    max_abs = abs(s)
+                    max_scale = s
+            if max_abs < GROUP_MAX_EPS:
+                d_out[r, b] = f32(0.0)
+                for i in range(16):
+                    sc_out[r, b, i] = 0
+                for i in range(128):
+                    ql_out[r, b, i] = 0
+                for i in range(64):
+                    qh_out[r, b, i] = 0
+                continue
+            iscale = f32(-128.0) / max_scale
+            d16 = fp16_round(f32(1.0) / iscale)
+            d_out[r, b] = d16
+            for ib in range(16):
+                sc_out[r, b, ib] = np.int8(min(127, _nearest_int(iscale * scales[ib])))
+            for j in range(16):
+                d = d16 * f32(sc_out[r, b, j])
+                if d == f32(0.0):
+                    continue
+                for ii in range(16):
+                    li = _nearest_int(xr[o + 16 * j + ii] / d)
+                    L[16 * j + ii] = max(-32, min(31, li)) + 32
+            for half in range(2):
+                j = half * 128
+                for l in range(32):
+                    q1 = L[j + l] & 0xF
+                    q2 = L[j + l + 32] & 0xF
+                    q3 = L[j + l + 64] & 0xF
+                    q4 = L[j + l + 96] & 0xF
+                    ql_out[r, b, half * 64 + l] = np.uint8(q1 | (q3 << 4))
+                    ql_out[r, b, half * 64 + l + 32] = np.uint8(q2 | (q4 << 4))
+                    qh_out[r, b, half * 32 + l] = np.uint8(
+                        (L[j + l] >> 4)
+                        | ((L[j + l + 32] >> 4) << 2)
+                        | ((L[j + l + 64] >> 4) << 4)
+                        | ((L[j + l + 96] >> 4) << 6)
+                    )

@@ -1,0 +1,61 @@
+"""Which GGML type each tensor gets for a requested file type: llama.cpp's rules, in one place.
+
+The float file types follow convert_hf_to_gguf.py; the quantized ones follow what
+llama-quantize does to such a file (src/llama-quant.cpp): norms, 1-D tensors and the MoE
+router stay F32; the output matrix (or, with tied embeddings, the token embedding that
+doubles as it) gets Q6_K under any file type other than Q8_0; a row length a block does not
+divide falls back (Q6_K -> Q8_0, then F16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as FT
+
+
+@dataclass(frozen=True)
+class FileType:
+    name: str  # what the user types: q8_0, q4_0, ...
+    ftype: FT  # general.file_type
+    default: T  # the type of an ordinary weight matrix
+
+
+FILE_TYPES = {
+    ft.name: ft
+    for ft in (
+        FileType("f32", FT.ALL_F32, T.F32),
+        FileType("f16", FT.MOSTLY_F16, T.F16),
+        FileType("bf16", FT.MOSTLY_BF16, T.BF16),
+        FileType("q8_0", FT.MOSTLY_Q8_0, T.Q8_0),
+        FileType("q4_0", FT.MOSTLY_Q4_0, T.Q4_0),
+    )
+}
+
+_FLOATS = (T.F32, T.F16, T.BF16)
+_FALLBACK = {T.Q6_K: T.Q8_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1}
+
+
+def _block(t: T) -> int:
+    return GGML_QUANT_SIZES[t][0]
+
+
+def tensor_type(name: str, ggml_shape: tuple[int, ...], file_type: FileType, tied_embeddings: bool) -> T:
+    """The GGML type of tensor `name` (GGUF name, GGML-order shape) in a `file_type` file."""
+    if len(ggml_shape) < 2 or name.endswith("_norm.weight") or "ffn_gate_inp" in name:
+        return T.F32
+    new = file_type.default
+    if new in _FLOATS:
+        return new
+    ncols = ggml_shape[0]
+    is_output = name == "output.weight" or (tied_embeddings and name == "token_embd.weight")
+    if is_output:
+        if ncols % _block(new):
+            new = T.Q8_0
+        elif new != T.Q8_0:
+            new = T.Q6_K
+    if ncols % _block(new):
+        new = _FALLBACK.get(new, new)
+        if ncols % _block(new):
+            new = T.F16
+    return new

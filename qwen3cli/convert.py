@@ -1,0 +1,312 @@
+"""HF Qwen3 / Qwen3-MoE checkpoint -> GGUF file, one tensor (or expert, or row chunk) at a time.
+
+`plan(src, type)` opens and validates everything first: config, tokenizer, every tensor's
+name and shape. Only then does `write(plan, out)` touch the disk, streaming into a temp file
+beside `out` that is renamed at the end, or removed on any error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from quant.formats import get_format
+from quant.gguf_file import GGUFStreamWriter
+from quant.policy import FILE_TYPES, FileType, tensor_type
+
+from .checkpoint import Checkpoint
+from .config import ModelArgs
+from .errors import CheckpointError, OutputError
+from .vocab import gguf_vocab
+
+CHUNK_BYTES = 64 << 20  # float32 bytes converted at once: bounds peak memory on any model
+
+# HF name (per layer, after "model.layers.{i}.") -> GGUF name (after "blk.{i}.")
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+}
+TOP_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+EXPERT_NAMES = {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight", "down_proj": "ffn_down_exps.weight"}
+
+
+def expected_hf_shapes(a: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every non-expert tensor the checkpoint must hold, with its (torch-order) shape."""
+    H, q, kv = a.hidden_size, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    out = {"model.embed_tokens.weight": (a.vocab_size, H), "model.norm.weight": (H,)}
+    if not a.tie_word_embeddings:
+        out["lm_head.weight"] = (a.vocab_size, H)
+    layer = {
+        "input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
+        "self_attn.q_proj.weight": (q, H), "self_attn.k_proj.weight": (kv, H),
+        "self_attn.v_proj.weight": (kv, H), "self_attn.o_proj.weight": (H, q),
+        "self_attn.q_norm.weight": (a.head_dim,), "self_attn.k_norm.weight": (a.head_dim,),
+    }
+    if a.is_moe:
+        layer["mlp.gate.weight"] = (a.n_experts, H)
+    else:
+        F = a.intermediate_size
+        layer.update({"mlp.gate_proj.weight": (F, H), "mlp.up_proj.weight": (F, H), "mlp.down_proj.weight": (H, F)})
+    for i in range(a.n_layers):
+        out.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
+    return out
+
+
+Part = Callable[[], np.ndarray]  # -> float32 (rows, row_length)
+
+
+@dataclass
+class OutTensor:
+    name: str
+    shape: tuple[int, ...]  # GGML order
+    type: T
+    parts: list[Part]  # concatenated along rows they give the tensor
+    nbytes: int = 0
+
+
+@dataclass
+class Plan:
+    src: Path
+    args: ModelArgs
+    file_type: FileType
+    tensors: list[OutTensor]
+    metadata: dict[str, gguf.GGUFValue]
+    input_bytes: int
+    n_params: int
+
+
+@dataclass
+class Summary:
+    out: Path
+    input_bytes: int
+    output_bytes: int
+    n_params: int
+    bits_per_weight: float
+    seconds: float
+    type_counts: Counter = field(default_factory=Counter)
+
+
+def _row_parts(ck: Checkpoint, name: str, shape: tuple[int, ...]) -> list[Part]:
+    if len(shape) == 1:
+        return [lambda: ck.read(name).reshape(1, -1)]
+    rows, k = shape
+    step = max(1, CHUNK_BYTES // (4 * k))
+    return [lambda r=r: ck.read(name, np.s_[r : r + step]) for r in range(0, rows, step)]
+
+
+def _expert_parts(ck: Checkpoint, a: ModelArgs, i: int, which: str) -> list[Part]:
+    """Per-expert (rows, k) parts of layer i's stacked `which` (gate_proj/up_proj/down_proj)."""
+    base, E, F, H = f"model.layers.{i}.mlp.experts", a.n_experts, a.moe_intermediate_size, a.hidden_size
+    fused = {s: f"{base}.{s}" + (".weight" if f"{base}.{s}.weight" in ck.tensors else "") for s in ("gate_up_proj", "down_proj")}
+    if fused["gate_up_proj"] in ck.tensors or fused["down_proj"] in ck.tensors:
+        want = {fused["gate_up_proj"]: (E, 2 * F, H), fused["down_proj"]: (E, H, F)}
+        _check_shapes(ck, want)
+        if which == "down_proj":
+            return [lambda e=e: ck.read(fused["down_proj"], np.s_[e]) for e in range(E)]
+        rows = np.s_[:F] if which == "gate_proj" else np.s_[F:]
+        return [lambda e=e: ck.read(fused["gate_up_proj"], (e, rows)) for e in range(E)]
+    names = [f"{base}.{e}.{which}.weight" for e in range(E)]
+    _check_shapes(ck, {n: (H, F) if which == "down_proj" else (F, H) for n in names})
+    return [lambda n=n: ck.read(n) for n in names]
+
+
+def _check_shapes(ck: Checkpoint, want: dict[str, tuple[int, ...]]) -> None:
+    for name, shape in want.items():
+        ref = ck.tensors.get(name)
+        if ref is None:
+            raise CheckpointError(f"{ck.dir}: missing tensor {name!r}")
+        if ref.shape != shape:
+            raise CheckpointError(f"{ref.file}: tensor {name!r} has shape {list(ref.shape)}, expected {list(shape)}")
+
+
+def _is_ignored(name: str, a: ModelArgs) -> bool:
+    # Buffers some exporters save, and a tied checkpoint's redundant copy of the embeddings.
+    return name.endswith(".rotary_emb.inv_freq") or (a.tie_word_embeddings and name == "lm_head.weight")
+
+
+def count_params(tensors: list[OutTensor]) -> tuple[int, int, int, int]:
+    """(total, shared, per-expert, experts), counted as gguf-py counts them for size labels."""
+    total = shared = expert = expert_sum = n_exp = 0
+    for t in tensors:
+        size = int(np.prod(t.shape, dtype=np.int64))
+        if "_exps." in t.name and len(t.shape) >= 3:
+            expert += size // t.shape[2]
+            expert_sum += t.shape[2]
+            n_exp += 1
+        else:
+            shared += size
+        total += size
+    return total, shared, expert, (expert_sum // n_exp if n_exp else 0)
+
+
+def plan(src: str | Path, type_name: str = "q8_0") -> Plan:
+    """Validate the checkpoint at `src` and decide every output tensor and metadata key."""
+    if type_name not in FILE_TYPES:
+        raise OutputError(f"unknown --type {type_name!r}; choose one of {', '.join(FILE_TYPES)}")
+    file_type = FILE_TYPES[type_name]
+    ck = Checkpoint(src)
+    a = ck.args
+    want = expected_hf_shapes(a)
+    _check_shapes(ck, want)
+
+    tensors: list[OutTensor] = []
+    used = set(want)
+
+    def add(gguf_name: str, parts: list[Part], shape: tuple[int, ...]) -> None:
+        ttype = tensor_type(gguf_name, shape, file_type, a.tie_word_embeddings)
+        nbytes = get_format(ttype, gguf_name).nbytes(shape)
+        tensors.append(OutTensor(gguf_name, shape, ttype, parts, nbytes))
+
+    for hf, gg in TOP_NAMES.items():
+        if hf in want and hf.startswith("model.embed"):
+            add(gg, _row_parts(ck, hf, want[hf]), tuple(reversed(want[hf])))
+    for i in range(a.n_layers):
+        for suffix, gg in LAYER_NAMES.items():
+            hf = f"model.layers.{i}.{suffix}"
+            if hf in want:
+                add(f"blk.{i}.{gg}", _row_parts(ck, hf, want[hf]), tuple(reversed(want[hf])))
+        if a.is_moe:
+            for which, gg in EXPERT_NAMES.items():
+                rows, k = (a.hidden_size, a.moe_intermediate_size) if which == "down_proj" else (a.moe_intermediate_size, a.hidden_size)
+                add(f"blk.{i}.{gg}", _expert_parts(ck, a, i, which), (k, rows, a.n_experts))
+            prefix = f"model.layers.{i}.mlp.experts."
+            used.update(n for n in ck.tensors if n.startswith(prefix))
+    for hf in ("model.norm.weight", "lm_head.weight"):
+        if hf in want:
+            add(TOP_NAMES[hf], _row_parts(ck, hf, want[hf]), tuple(reversed(want[hf])))
+
+    extra = sorted(n for n in ck.tensors if n not in used and not _is_ignored(n, a))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CheckpointError(f"{ck.tensors[extra[0]].file}: unexpected tensor {extra[0]!r}{more}")
+    if a.is_moe:  # an expert tensor that is neither in the per-expert nor the fused layout
+        for n in ck.tensors:
+            if ".mlp.experts." in n and not any(n.endswith(s) for s in (
+                    "gate_proj.weight", "up_proj.weight", "down_proj.weight", "gate_up_proj", "down_proj", "gate_up_proj.weight")):
+                raise CheckpointError(f"{ck.tensors[n].file}: unexpected tensor {n!r}")
+
+    n_params = count_params(tensors)
+    metadata = _metadata(ck, a, file_type, tensors, n_params)
+    return Plan(ck.dir, a, file_type, tensors, metadata, ck.input_bytes, n_params[0])
+
+
+def _metadata(ck: Checkpoint, a: ModelArgs, ft: FileType, tensors, n_params) -> dict[str, gguf.GGUFValue]:
+    """The KV pairs llama.cpp's converter + llama-quantize write, through gguf-py's helpers."""
+    tokens, types, pre = gguf_vocab(ck.dir, a.vocab_size)
+    w = gguf.GGUFWriter(path=None, arch=a.arch)  # used only to collect typed key/values
+    w.add_type(gguf.GGUFType.MODEL)
+    meta = gguf.Metadata.load(None, ck.dir, None, n_params[0])
+    if meta.name is None:
+        meta.name = ck.dir.name
+    if meta.size_label is None and n_params[0] > 0:
+        meta.size_label = gguf.size_label(*n_params)
+    meta.set_gguf_meta_model(w)
+    w.add_block_count(a.n_layers)
+    w.add_context_length(a.context_length)
+    w.add_embedding_length(a.hidden_size)
+    w.add_feed_forward_length(a.intermediate_size)
+    w.add_head_count(a.n_heads)
+    w.add_head_count_kv(a.n_kv_heads)
+    if a.rope_scaling is not None:
+        rs = a.rope_scaling
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN if rs.type == "yarn" else gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rs.factor)
+        if rs.original_context is not None:
+            w.add_rope_scaling_orig_ctx_len(rs.original_context)
+    w.add_rope_freq_base(a.rope_theta)
+    w.add_layer_norm_rms_eps(a.rms_norm_eps)
+    if a.is_moe:
+        w.add_expert_count(a.n_experts)
+        w.add_expert_used_count(a.n_experts_used)
+    w.add_key_length(a.head_dim)
+    w.add_value_length(a.head_dim)
+    w.add_file_type(ft.ftype)
+    if a.is_moe:
+        w.add_expert_feed_forward_length(a.moe_intermediate_size)
+        if not a.norm_topk_prob:  # llama.cpp assumes true for qwen3moe; say so when it is not
+            w.add_expert_weights_norm(False)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    special = gguf.SpecialVocab(ck.dir, load_merges=True, n_vocab=a.vocab_size)
+    if not special.merges:
+        raise CheckpointError(f"{ck.dir / 'tokenizer.json'}: no BPE merges found")
+    special.add_to_gguf(w, quiet=True)
+    return dict(w.kv_data[0])
+
+
+def write(p: Plan, out: str | Path, force: bool = False,
+          progress: Callable[[str, int], None] | None = None) -> Summary:
+    """Write the planned file to `out`. `progress(tensor_name, bytes_done)` after each part."""
+    out = Path(out)
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists (use --force to overwrite)")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: directory {out.parent} does not exist")
+    t0 = time.perf_counter()
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            w = GGUFStreamWriter(f)
+            for t in p.tensors:
+                w.add_tensor(t.name, t.shape, t.type, t.nbytes)
+            w.write_header(p.metadata)
+            for t in p.tensors:
+                fmt = get_format(t.type, t.name)
+                for part in t.parts:
+                    x = part()
+                    if not np.isfinite(x).all():
+                        raise CheckpointError(f"{p.src}: tensor for {t.name!r} contains NaN or infinite values")
+                    w.write(fmt.encode(x))
+                    if progress:
+                        progress(t.name, x.nbytes)
+            w.finish()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    size = out.stat().st_size
+    data = sum(t.nbytes for t in p.tensors)
+    return Summary(out, p.input_bytes, size, p.n_params, 8 * data / max(p.n_params, 1),
+                   time.perf_counter() - t0, Counter(t.type.name for t in p.tensors))
+
+
+def quantize(src: str | Path, out: str | Path, type_name: str = "q8_0", force: bool = False,
+             progress: Callable[[str, int], None] | None = None) -> Summary:
+    return write(plan(src, type_name), out, force=force, progress=progress)

@@ -1,0 +1,130 @@
+"""Tiny random Qwen3 / Qwen3-MoE checkpoints with the real tensor names, config keys and
+tokenizer, written as Hugging Face directories (BF16/F16/F32, one file or shards)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).parent / "data"
+TOKENIZER = DATA / "qwen3-tokenizer"
+VOCAB = 151936
+
+ST_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def stored(x: np.ndarray, dtype: str) -> np.ndarray:
+    """The float32 values a checkpoint of `dtype` actually holds for `x`."""
+    if dtype == "bf16":
+        return (to_bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float16).astype(np.float32) if dtype == "f16" else x.astype(np.float32)
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str) -> None:
+    header, blobs, off = {}, [], 0
+    for name in sorted(tensors):
+        x = tensors[name]
+        raw = to_bf16_bits(x) if dtype == "bf16" else x.astype({"f16": np.float16, "f32": np.float32}[dtype])
+        b = np.ascontiguousarray(raw).tobytes()
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(x.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    header["__metadata__"] = {"format": "pt"}
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for b in blobs:
+            f.write(b)
+
+
+def make_checkpoint(
+    root: Path, *, moe: bool = False, tied: bool = True, dtype: str = "bf16", shards: int = 1,
+    dialect: str = "hub", fused_experts: bool = False, hidden: int = 64, layers: int = 2,
+    heads: int = 4, kv_heads: int = 2, head_dim: int = 32, ffn: int = 128, experts: int = 4,
+    experts_used: int = 2, moe_ffn: int = 64, yarn: bool = False, seed: int = 0,
+) -> tuple[Path, dict[str, np.ndarray]]:
+    """Write a checkpoint directory; returns it and the float32 values it stores."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def w(*shape, std=0.2):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    t: dict[str, np.ndarray] = {
+        "model.embed_tokens.weight": w(VOCAB, hidden),
+        "model.norm.weight": 1 + w(hidden, std=0.05),
+    }
+    if not tied:
+        t["lm_head.weight"] = w(VOCAB, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = 1 + w(hidden, std=0.05)
+        t[p + "post_attention_layernorm.weight"] = 1 + w(hidden, std=0.05)
+        t[p + "self_attn.q_proj.weight"] = w(heads * head_dim, hidden)
+        t[p + "self_attn.k_proj.weight"] = w(kv_heads * head_dim, hidden)
+        t[p + "self_attn.v_proj.weight"] = w(kv_heads * head_dim, hidden)
+        t[p + "self_attn.o_proj.weight"] = w(hidden, heads * head_dim)
+        t[p + "self_attn.q_norm.weight"] = 1 + w(head_dim, std=0.05)
+        t[p + "self_attn.k_norm.weight"] = 1 + w(head_dim, std=0.05)
+        if moe:
+            t[p + "mlp.gate.weight"] = w(experts, hidden)
+            gate, up, down = w(experts, moe_ffn, hidden), w(experts, moe_ffn, hidden), w(experts, hidden, moe_ffn)
+            if fused_experts:
+                t[p + "mlp.experts.gate_up_proj"] = np.concatenate([gate, up], axis=1)
+                t[p + "mlp.experts.down_proj"] = down
+            else:
+                for e in range(experts):
+                    t[p + f"mlp.experts.{e}.gate_proj.weight"] = gate[e]
+                    t[p + f"mlp.experts.{e}.up_proj.weight"] = up[e]
+                    t[p + f"mlp.experts.{e}.down_proj.weight"] = down[e]
+        else:
+            t[p + "mlp.gate_proj.weight"] = w(ffn, hidden)
+            t[p + "mlp.up_proj.weight"] = w(ffn, hidden)
+            t[p + "mlp.down_proj.weight"] = w(hidden, ffn)
+
+    cfg = {
+        "architectures": ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
+        "model_type": "qwen3_moe" if moe else "qwen3",
+        "attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645,
+        "head_dim": head_dim, "hidden_act": "silu", "hidden_size": hidden,
+        "intermediate_size": ffn, "max_position_embeddings": 40960,
+        "num_attention_heads": heads, "num_hidden_layers": layers, "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": tied, "vocab_size": VOCAB,
+        "torch_dtype": {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[dtype],
+    }
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768} if yarn else None
+    if dialect == "hub":
+        cfg.update(rope_theta=1000000, rope_scaling=scaling)
+    else:  # transformers 5
+        cfg["rope_parameters"] = {"rope_theta": 1000000.0, "rope_type": "default", **(scaling or {})}
+    if moe:
+        cfg.update({"num_experts" if dialect == "hub" else "num_local_experts": experts,
+                    "num_experts_per_tok": experts_used, "moe_intermediate_size": moe_ffn,
+                    "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []})
+    (root / "config.json").write_text(json.dumps(cfg, indent=2))
+    (root / "generation_config.json").write_text((DATA / "qwen3-0.6B-configs" / "generation_config.json").read_text())
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / f, root / f)
+
+    names = sorted(t)
+    if shards == 1:
+        write_safetensors(root / "model.safetensors", t, dtype)
+    else:
+        groups = np.array_split(np.arange(len(names)), shards)
+        weight_map = {}
+        for k, g in enumerate(groups):
+            fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+            write_safetensors(root / fname, {names[j]: t[names[j]] for j in g}, dtype)
+            weight_map.update({names[j]: fname for j in g})
+        (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return root, {k: stored(v, dtype) for k, v in t.items()}
