@@ -248,8 +248,9 @@ def _pack_value(v: GGUFValue) -> bytes:
     vt = VT(v.type)
     if vt != VT.ARRAY:
         return one(vt, v.value)
-    sub = VT(v.sub_type) if v.sub_type is not None else VT.STRING
     items = list(v.value)
+    # gguf-py leaves sub_type unset for plain lists and infers it from the first item
+    sub = VT(v.sub_type) if v.sub_type is not None else (VT.get_type(items[0]) if items else VT.UINT8)
     head = struct.pack("<IQ", sub, len(items))
     if sub in _SCALARS and sub != VT.BOOL:
         return head + np.asarray(items, dtype=np.dtype(_SCALARS[sub][1]).newbyteorder("<")).tobytes()

@@ -256,8 +256,22 @@ def _metadata(ck: Checkpoint, a: ModelArgs, ft: FileType, tensors, n_params) -> 
     special = gguf.SpecialVocab(ck.dir, load_merges=True, n_vocab=a.vocab_size)
     if not special.merges:
         raise CheckpointError(f"{ck.dir / 'tokenizer.json'}: no BPE merges found")
+    if _byte_level_post_processor(ck.dir):
+        # Newer gguf-py (as in llama.cpp) reads a ByteLevel post-processor as "adds no BOS/EOS"
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(w, quiet=True)
     return dict(w.kv_data[0])
+
+
+def _byte_level_post_processor(directory: Path) -> bool:
+    import json
+
+    try:
+        pp = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8")).get("post_processor") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(p.get("type") == "ByteLevel" for p in pp.get("processors", [pp]) if isinstance(p, dict))
 
 
 def write(p: Plan, out: str | Path, force: bool = False,
