@@ -223,8 +223,8 @@ class GGUFFile:
         return np.frombuffer(self._buf, np.uint8, t.nbytes, t.offset).reshape(rows, t.nbytes // rows)
 
     def close(self) -> None:
-        self._buf.release()
         try:
+            self._buf.release()
             self._mm.close()
         except BufferError:  # numpy views still alive; the map goes when they do
             pass
@@ -298,7 +298,9 @@ class GGUFStreamWriter:
         """Append bytes of the current tensor; moves to the next tensor once it is full."""
         if self._state != "data":
             raise RuntimeError("write() before write_header() or after finish()")
-        data = memoryview(np.ascontiguousarray(chunk)).cast("B") if isinstance(chunk, np.ndarray) else memoryview(chunk)
+        if isinstance(chunk, np.ndarray):
+            chunk = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+        data = memoryview(chunk)
         name, _, _, nbytes = self._tensors[self._current]
         if self._written + len(data) > nbytes:
             raise RuntimeError(f"{name}: {self._written + len(data)} bytes written, {nbytes} declared")

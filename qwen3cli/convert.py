@@ -274,9 +274,8 @@ def _byte_level_post_processor(directory: Path) -> bool:
     return any(p.get("type") == "ByteLevel" for p in pp.get("processors", [pp]) if isinstance(p, dict))
 
 
-def write(p: Plan, out: str | Path, force: bool = False,
-          progress: Callable[[str, int], None] | None = None) -> Summary:
-    """Write the planned file to `out`. `progress(tensor_name, bytes_done)` after each part."""
+def check_output(out: str | Path, force: bool) -> Path:
+    """Refuse an output path that cannot or must not be written, before any work."""
     out = Path(out)
     if out.is_dir():
         raise OutputError(f"{out}: is a directory")
@@ -284,6 +283,13 @@ def write(p: Plan, out: str | Path, force: bool = False,
         raise OutputError(f"{out}: already exists (use --force to overwrite)")
     if not out.parent.is_dir():
         raise OutputError(f"{out}: directory {out.parent} does not exist")
+    return out
+
+
+def write(p: Plan, out: str | Path, force: bool = False,
+          progress: Callable[[str, int], None] | None = None) -> Summary:
+    """Write the planned file to `out`. `progress(tensor_name, bytes_done)` after each part."""
+    out = check_output(out, force)
     t0 = time.perf_counter()
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

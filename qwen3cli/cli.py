@@ -1,0 +1,146 @@
+"""The qwen3cli command line: parses, calls the library, renders with rich.
+
+Typed errors from the library become one red line on stderr and exit code 1;
+Ctrl-C is exit 130. Nothing below this layer prints.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from functools import wraps
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+from . import __version__
+from .errors import USER_ERRORS
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Quantize Qwen3 checkpoints to llama.cpp-compatible GGUF and inspect GGUF files.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Turn library errors into one red line and exit 1; Ctrl-C into exit 130."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True, markup=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class QuantType(str, Enum):
+    q8_0 = "q8_0"
+    q4_0 = "q4_0"
+    f16 = "f16"
+    bf16 = "bf16"
+    f32 = "f32"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+@app.command()
+@user_errors
+def quantize(
+    src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer)."),
+    output: Path = typer.Option(..., "-o", "--output", help="The GGUF file to write."),
+    type: QuantType = typer.Option(QuantType.q8_0, "--type", "-t", help="Tensor type of the weight matrices."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUTPUT if it exists."),
+) -> None:
+    """Convert and quantize a Qwen3 / Qwen3-MoE checkpoint to a GGUF file llama.cpp loads."""
+    from . import convert
+
+    convert.check_output(output, force)
+    p = convert.plan(src, type.value)
+    bytes_per_elem = p.input_bytes / max(p.n_params, 1)
+    columns = (
+        TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+        TextColumn("{task.fields[tensors]}"), DownloadColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+    )
+    n = len(p.tensors)
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task("quantizing", total=p.input_bytes, tensors=f"0/{n} tensors")
+        done_names: list[str] = []
+
+        def progress(name: str, n_elements: int) -> None:
+            if not done_names or done_names[-1] != name:
+                done_names.append(name)
+            bar.update(task, advance=n_elements * bytes_per_elem, tensors=f"{len(done_names)}/{n} tensors")
+
+        s = convert.write(p, output, force=force, progress=progress)
+        bar.update(task, completed=p.input_bytes, tensors=f"{n}/{n} tensors")
+
+    t = Table.grid(padding=(0, 2))
+    t.add_row("input", f"{src}  ({_size(s.input_bytes)})")
+    t.add_row("output", f"{s.out}  ({_size(s.output_bytes)})")
+    t.add_row("parameters", f"{_count(s.n_params)}  ({s.bits_per_weight:.2f} bits per weight)")
+    t.add_row("tensor types", ", ".join(f"{k} {v}" for k, v in sorted(s.type_counts.items())))
+    t.add_row("time", f"{s.seconds:.1f} s")
+    err.print(t)
+
+
+@app.command()
+@user_errors
+def info(file: Path = typer.Argument(..., help="A GGUF file.")) -> None:
+    """Show a GGUF file's architecture, hyperparameters, tokenizer and tensor types."""
+    from .info import read_info
+
+    i = read_info(file)
+    t = Table(show_header=False, box=None, padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("file", f"{i.path}  ({_size(i.size)})")
+    t.add_row("name", str(i.name))
+    t.add_row("architecture", i.architecture)
+    t.add_row("file type", str(i.file_type))
+    t.add_row("parameters", f"{_count(i.n_params)}  ({8 * i.data_bytes / max(i.n_params, 1):.2f} bits per weight)")
+    t.add_row("embeddings", "tied" if i.tied_embeddings else "untied")
+    for label, value in i.hparams:
+        t.add_row(label, f"{value:g}" if isinstance(value, float) else str(value))
+    for label, value in i.tokenizer:
+        t.add_row(f"tokenizer {label}", str(value))
+    t.add_row("chat template", "yes" if i.has_chat_template else "no")
+    t.add_row("tensors", f"{i.n_tensors}: " + ", ".join(f"{k} {v}" for k, v in sorted(i.type_counts.items())))
+    out.print(t)
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        out.print(f"qwen3cli {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    logging.getLogger("gguf").setLevel(logging.ERROR)
+    app()
