@@ -138,4 +138,6 @@ class Checkpoint:
         else:
             out = np.array(part, dtype=np.float32)
         del part, mm
+        if not np.isfinite(out).all():  # a quantizer would turn these into silent garbage
+            raise CheckpointError(f"{ref.file}: tensor {name!r} contains NaN or infinite values")
         return out

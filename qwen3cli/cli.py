@@ -88,7 +88,7 @@ def quantize(
         TextColumn("{task.fields[tensors]}"), DownloadColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
     )
     n = len(p.tensors)
-    with Progress(*columns, console=err, transient=False) as bar:
+    with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("quantizing", total=p.input_bytes, tensors=f"0/{n} tensors")
         done_names: list[str] = []
 

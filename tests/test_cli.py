@@ -1,0 +1,200 @@
+"""`qwen3cli quantize` and `info` end to end, and every bad input: one line, exit 1, no file left."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from checkpoints import make_checkpoint, write_safetensors
+from qwen3cli import convert
+from qwen3cli.cli import app
+
+
+def run(*args):
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def one_line_error(stderr: str, *needles: str) -> None:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert "Traceback" not in stderr
+
+
+def leftovers(d):
+    return sorted(p.name for p in d.iterdir())
+
+
+@pytest.fixture
+def good(tmp_path):
+    d, _ = make_checkpoint(tmp_path / "model", moe=True, tied=False, shards=2, layers=1)
+    return d
+
+
+def test_quantize_then_info(good, tmp_path):
+    out = tmp_path / "o" / "m.gguf"
+    out.parent.mkdir()
+    code, _, err = run("quantize", good, "-o", out, "--type", "q4_0")
+    assert code == 0, err
+    assert "Q4_0" in err and "bits per weight" in err
+    assert leftovers(out.parent) == ["m.gguf"]
+    code, stdout, _ = run("info", out)
+    assert code == 0
+    for fact in ("qwen3moe", "Q4_0", "151936", "151387", "151645 <|im_end|>", "chat template", "yes", "experts"):
+        assert fact in stdout, fact
+
+
+def test_refuses_to_overwrite_without_force(good, tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+    code, _, err = run("quantize", good, "-o", out)
+    assert code == 1
+    one_line_error(err, str(out), "already exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    code, _, err = run("quantize", good, "-o", out, "--force")
+    assert code == 0 and out.read_bytes()[:4] == b"GGUF"
+
+
+def _break(d, how):
+    """Damage checkpoint directory d in one way; returns the file the error must name."""
+    shard = sorted(d.glob("*.safetensors"))[0]
+    index = d / "model.safetensors.index.json"
+    if how == "no config":
+        (d / "config.json").unlink()
+        return d / "config.json"
+    if how == "bad config json":
+        (d / "config.json").write_text("{ not json")
+        return d / "config.json"
+    if how == "unsupported architecture":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["architectures"] = ["LlamaForCausalLM"]
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d / "config.json"
+    if how == "missing key":
+        cfg = json.loads((d / "config.json").read_text())
+        del cfg["num_attention_heads"]
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d / "config.json"
+    if how == "truncated shard":
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 2])
+        return shard
+    if how == "corrupt header":
+        data = bytearray(shard.read_bytes())
+        data[8:20] = b"!!!!!!!!!!!!"
+        shard.write_bytes(bytes(data))
+        return shard
+    if how == "missing shard":
+        shard.unlink()
+        return index
+    m = json.loads(index.read_text())["weight_map"]
+    names = [n for n, f in m.items() if f == shard.name]
+    rng = np.random.default_rng(0)
+    tensors = {}
+    from checkpoints import stored  # noqa: F401  (values do not matter here)
+    from qwen3cli.checkpoint import read_safetensors_header
+
+    refs = read_safetensors_header(shard)
+    for n in names:
+        tensors[n] = rng.standard_normal(refs[n].shape).astype(np.float32)
+    victim = next(n for n in names if "q_proj" in n or "experts.1.up_proj" in n)
+    if how == "missing tensor":
+        del tensors[victim]
+    elif how == "extra tensor":
+        tensors["model.layers.0.self_attn.rotary_extra.weight"] = np.zeros(4, np.float32)
+        m["model.layers.0.self_attn.rotary_extra.weight"] = shard.name
+        index.write_text(json.dumps({"weight_map": m}))
+    elif how == "misshaped tensor":
+        tensors[victim] = tensors[victim][:, :-1]
+    elif how == "nan weights":
+        tensors[victim][0, 0] = np.nan
+    write_safetensors(shard, tensors, "bf16")
+    return shard if how != "missing tensor" else d
+
+
+BREAKAGES = {
+    "no config": "not found", "bad config json": "not valid JSON",
+    "unsupported architecture": "unsupported architecture LlamaForCausalLM",
+    "missing key": "missing 'num_attention_heads'", "truncated shard": "truncated",
+    "corrupt header": "corrupt", "missing shard": "is missing", "missing tensor": "missing tensor",
+    "extra tensor": "unexpected tensor 'model.layers.0.self_attn.rotary_extra.weight'",
+    "misshaped tensor": "has shape", "nan weights": "NaN",
+}
+
+
+@pytest.mark.parametrize("how", list(BREAKAGES))
+def test_bad_checkpoints(good, tmp_path, how):
+    named = _break(good, how)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    code, _, err = run("quantize", good, "-o", outdir / "m.gguf")
+    assert code == 1
+    one_line_error(err, str(named), BREAKAGES[how])
+    assert leftovers(outdir) == []
+
+
+def test_missing_tokenizer(good, tmp_path):
+    (good / "tokenizer.json").unlink()
+    code, _, err = run("quantize", good, "-o", tmp_path / "m.gguf")
+    assert code == 1
+    one_line_error(err, str(good / "tokenizer.json"), "not found")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_bad_source_and_output_paths(good, tmp_path):
+    cases = [
+        ((tmp_path / "nope", tmp_path / "a.gguf"), "no such directory"),
+        ((good / "config.json", tmp_path / "a.gguf"), "not a directory"),
+        ((good, tmp_path / "missing" / "a.gguf"), "does not exist"),
+        ((good, tmp_path), "is a directory"),
+    ]
+    for (src, out), msg in cases:
+        code, _, err = run("quantize", src, "-o", out)
+        assert code == 1, msg
+        one_line_error(err, msg)
+    assert leftovers(tmp_path) == ["model"]
+
+
+def test_interrupt_leaves_nothing(good, tmp_path, monkeypatch):
+    calls = []
+
+    def boom(*a):
+        calls.append(a)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        convert.quantize(good, out / "m.gguf", "q8_0", progress=boom)
+    assert leftovers(out) == []
+    # the CLI turns it into exit 130, still without files
+    monkeypatch.setattr(convert, "check_output", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    code, _, err = run("quantize", good, "-o", out / "m.gguf")
+    assert code == 130 and "interrupted" in err and leftovers(out) == []
+
+
+def test_info_on_bad_files(tmp_path):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 16)
+    code, _, err = run("info", p)
+    assert code == 1
+    one_line_error(err, str(p))
+    code, _, err = run("info", tmp_path / "missing.gguf")
+    assert code == 1
+    one_line_error(err, "missing.gguf", "cannot read")
+
+
+def test_console_script_end_to_end(good, tmp_path):
+    out = tmp_path / "m.gguf"
+    r = subprocess.run([sys.executable, "-m", "qwen3cli", "quantize", str(good), "-o", str(out), "-t", "f16"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "qwen3cli", "quantize", str(good), "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: {out}: already exists (use --force to overwrite)"]
