@@ -215,7 +215,7 @@ def plan(src: str | Path, type_name: str = "q8_0") -> Plan:
 
 def _metadata(ck: Checkpoint, a: ModelArgs, ft: FileType, tensors, n_params) -> dict[str, gguf.GGUFValue]:
     """The KV pairs llama.cpp's converter + llama-quantize write, through gguf-py's helpers."""
-    tokens, types, pre = gguf_vocab(ck.dir, a.vocab_size)
+    vocab = gguf_vocab(ck.dir, a.vocab_size)
     w = gguf.GGUFWriter(path=None, arch=a.arch)  # used only to collect typed key/values
     w.add_type(gguf.GGUFType.MODEL)
     meta = gguf.Metadata.load(None, ck.dir, None, n_params[0])
@@ -250,28 +250,18 @@ def _metadata(ck: Checkpoint, a: ModelArgs, ft: FileType, tensors, n_params) -> 
             w.add_expert_weights_norm(False)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
     special = gguf.SpecialVocab(ck.dir, load_merges=True, n_vocab=a.vocab_size)
     if not special.merges:
         raise CheckpointError(f"{ck.dir / 'tokenizer.json'}: no BPE merges found")
-    if _byte_level_post_processor(ck.dir):
+    if vocab.byte_level_post:
         # Newer gguf-py (as in llama.cpp) reads a ByteLevel post-processor as "adds no BOS/EOS"
         special.add_special_token.setdefault("bos", False)
         special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(w, quiet=True)
     return dict(w.kv_data[0])
-
-
-def _byte_level_post_processor(directory: Path) -> bool:
-    import json
-
-    try:
-        pp = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8")).get("post_processor") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    return any(p.get("type") == "ByteLevel" for p in pp.get("processors", [pp]) if isinstance(p, dict))
 
 
 def check_output(out: str | Path, force: bool) -> Path:

@@ -5,6 +5,7 @@ special token ids and the chat template)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from gguf import TokenType
@@ -37,8 +38,16 @@ def _pre_tokenizer(spec: dict, path: Path) -> str:
     raise CheckpointError(f"{path}: pre-tokenizer is not Qwen's byte-level BPE split; not a Qwen3 tokenizer")
 
 
-def gguf_vocab(directory: Path, vocab_size: int) -> tuple[list[str], list[int], str]:
-    """(tokens, token types, pre-tokenizer) padded to `vocab_size` with [PAD<i>] entries."""
+@dataclass
+class GGUFVocab:
+    tokens: list[str]  # padded to vocab_size with [PAD<i>] entries
+    types: list[int]  # gguf.TokenType per token
+    pre: str  # llama.cpp's pre-tokenizer name
+    byte_level_post: bool  # the post-processor adds no BOS/EOS
+
+
+def gguf_vocab(directory: Path, vocab_size: int) -> GGUFVocab:
+    """The tokenizer.json of `directory` as llama.cpp's converter writes it into a GGUF."""
     path = Path(directory) / "tokenizer.json"
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
@@ -76,4 +85,6 @@ def gguf_vocab(directory: Path, vocab_size: int) -> tuple[list[str], list[int], 
         else:
             tokens.append(t)
             types.append(TokenType.NORMAL)
-    return tokens, types, pre
+    post = spec.get("post_processor") or {}
+    byte_level = any(p.get("type") == "ByteLevel" for p in post.get("processors", [post]) if isinstance(p, dict))
+    return GGUFVocab(tokens, types, pre, byte_level)
