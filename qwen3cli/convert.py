@@ -45,11 +45,6 @@ LAYER_NAMES = {
     "mlp.down_proj.weight": "ffn_down.weight",
     "mlp.gate.weight": "ffn_gate_inp.weight",
 }
-TOP_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
 EXPERT_NAMES = {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight", "down_proj": "ffn_down_exps.weight"}
 
 
@@ -117,20 +112,20 @@ def _row_parts(ck: Checkpoint, name: str, shape: tuple[int, ...]) -> list[Part]:
     return [lambda r=r: ck.read(name, np.s_[r : r + step]) for r in range(0, rows, step)]
 
 
-def _expert_parts(ck: Checkpoint, a: ModelArgs, i: int, which: str) -> list[Part]:
-    """Per-expert (rows, k) parts of layer i's stacked `which` (gate_proj/up_proj/down_proj)."""
+def _expert_parts(ck: Checkpoint, a: ModelArgs, i: int, which: str) -> tuple[list[Part], set[str]]:
+    """Per-expert (rows, k) parts of layer i's stacked `which` (gate_proj/up_proj/down_proj),
+    and the checkpoint tensors they read. Takes the fused layout when the layer has it."""
     base, E, F, H = f"model.layers.{i}.mlp.experts", a.n_experts, a.moe_intermediate_size, a.hidden_size
     fused = {s: f"{base}.{s}" + (".weight" if f"{base}.{s}.weight" in ck.tensors else "") for s in ("gate_up_proj", "down_proj")}
     if fused["gate_up_proj"] in ck.tensors or fused["down_proj"] in ck.tensors:
-        want = {fused["gate_up_proj"]: (E, 2 * F, H), fused["down_proj"]: (E, H, F)}
-        _check_shapes(ck, want)
+        _check_shapes(ck, {fused["gate_up_proj"]: (E, 2 * F, H), fused["down_proj"]: (E, H, F)})
         if which == "down_proj":
-            return [lambda e=e: ck.read(fused["down_proj"], np.s_[e]) for e in range(E)]
+            return [lambda e=e: ck.read(fused["down_proj"], np.s_[e]) for e in range(E)], {fused["down_proj"]}
         rows = np.s_[:F] if which == "gate_proj" else np.s_[F:]
-        return [lambda e=e: ck.read(fused["gate_up_proj"], (e, rows)) for e in range(E)]
+        return [lambda e=e: ck.read(fused["gate_up_proj"], (e, rows)) for e in range(E)], {fused["gate_up_proj"]}
     names = [f"{base}.{e}.{which}.weight" for e in range(E)]
     _check_shapes(ck, {n: (H, F) if which == "down_proj" else (F, H) for n in names})
-    return [lambda n=n: ck.read(n) for n in names]
+    return [lambda n=n: ck.read(n) for n in names], set(names)
 
 
 def _check_shapes(ck: Checkpoint, want: dict[str, tuple[int, ...]]) -> None:
@@ -180,34 +175,29 @@ def plan(src: str | Path, type_name: str = "q8_0") -> Plan:
         nbytes = get_format(ttype, gguf_name).nbytes(shape)
         tensors.append(OutTensor(gguf_name, shape, ttype, parts, nbytes))
 
-    for hf, gg in TOP_NAMES.items():
-        if hf in want and hf.startswith("model.embed"):
-            add(gg, _row_parts(ck, hf, want[hf]), tuple(reversed(want[hf])))
+    def add_hf(hf: str, gguf_name: str) -> None:
+        add(gguf_name, _row_parts(ck, hf, want[hf]), tuple(reversed(want[hf])))
+
+    add_hf("model.embed_tokens.weight", "token_embd.weight")
     for i in range(a.n_layers):
         for suffix, gg in LAYER_NAMES.items():
             hf = f"model.layers.{i}.{suffix}"
             if hf in want:
-                add(f"blk.{i}.{gg}", _row_parts(ck, hf, want[hf]), tuple(reversed(want[hf])))
+                add_hf(hf, f"blk.{i}.{gg}")
         if a.is_moe:
             for which, gg in EXPERT_NAMES.items():
                 rows, k = (a.hidden_size, a.moe_intermediate_size) if which == "down_proj" else (a.moe_intermediate_size, a.hidden_size)
-                add(f"blk.{i}.{gg}", _expert_parts(ck, a, i, which), (k, rows, a.n_experts))
-            prefix = f"model.layers.{i}.mlp.experts."
-            used.update(n for n in ck.tensors if n.startswith(prefix))
-    for hf in ("model.norm.weight", "lm_head.weight"):
-        if hf in want:
-            add(TOP_NAMES[hf], _row_parts(ck, hf, want[hf]), tuple(reversed(want[hf])))
+                parts, names = _expert_parts(ck, a, i, which)
+                add(f"blk.{i}.{gg}", parts, (k, rows, a.n_experts))
+                used |= names
+    add_hf("model.norm.weight", "output_norm.weight")
+    if not a.tie_word_embeddings:
+        add_hf("lm_head.weight", "output.weight")
 
     extra = sorted(n for n in ck.tensors if n not in used and not _is_ignored(n, a))
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise CheckpointError(f"{ck.tensors[extra[0]].file}: unexpected tensor {extra[0]!r}{more}")
-    if a.is_moe:  # an expert tensor that is neither in the per-expert nor the fused layout
-        for n in ck.tensors:
-            if ".mlp.experts." in n and not any(n.endswith(s) for s in (
-                    "gate_proj.weight", "up_proj.weight", "down_proj.weight", "gate_up_proj", "down_proj", "gate_up_proj.weight")):
-                raise CheckpointError(f"{ck.tensors[n].file}: unexpected tensor {n!r}")
-
     n_params = count_params(tensors)
     metadata = _metadata(ck, a, file_type, tensors, n_params)
     return Plan(ck.dir, a, file_type, tensors, metadata, ck.input_bytes, n_params[0])

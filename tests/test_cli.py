@@ -105,9 +105,11 @@ def _break(d, how):
     victim = next(n for n in names if "q_proj" in n or "experts.1.up_proj" in n)
     if how == "missing tensor":
         del tensors[victim]
-    elif how == "extra tensor":
-        tensors["model.layers.0.self_attn.rotary_extra.weight"] = np.zeros(4, np.float32)
-        m["model.layers.0.self_attn.rotary_extra.weight"] = shard.name
+    elif how in ("extra tensor", "stray expert"):
+        extra = ("model.layers.0.self_attn.rotary_extra.weight" if how == "extra tensor"
+                 else "model.layers.0.mlp.experts.9.gate_proj.weight")  # the model has 4 experts
+        tensors[extra] = np.zeros((64, 64), np.float32)
+        m[extra] = shard.name
         index.write_text(json.dumps({"weight_map": m}))
     elif how == "misshaped tensor":
         tensors[victim] = tensors[victim][:, :-1]
@@ -123,6 +125,7 @@ BREAKAGES = {
     "missing key": "missing 'num_attention_heads'", "truncated shard": "truncated",
     "corrupt header": "corrupt", "missing shard": "is missing", "missing tensor": "missing tensor",
     "extra tensor": "unexpected tensor 'model.layers.0.self_attn.rotary_extra.weight'",
+    "stray expert": "unexpected tensor 'model.layers.0.mlp.experts.9.gate_proj.weight'",
     "misshaped tensor": "has shape", "nan weights": "NaN",
 }
 
