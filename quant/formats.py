@@ -188,9 +188,3 @@ def get_format(t: int | T, what: str = "tensor") -> Format:
         name = T(t).name if t in T._value2member_map_ else f"#{int(t)}"
         raise UnsupportedQuantType(f"{what}: GGML type {name} is not supported") from None
 
-
-def type_nbytes(t: int | T, ggml_shape: tuple[int, ...]) -> int:
-    """Bytes of a tensor of any GGML type gguf knows (supported by us or not)."""
-    block, size = GGML_QUANT_SIZES[T(t)]
-    n = int(np.prod(ggml_shape, dtype=np.int64))
-    return n // block * size

@@ -180,7 +180,7 @@ class GGUFFile:
             if key in self.metadata:
                 raise self._fail(f"duplicate key {key!r}")
             self.metadata[key] = self._value(self._vtype())
-        infos = []
+        infos, seen = [], set()
         for _ in range(n_tensors):
             name = self._str()
             n_dims = self._u32()
@@ -190,8 +190,9 @@ class GGUFFile:
             ttype, offset = self._u32(), self._u64()
             if any(d <= 0 for d in shape):
                 raise self._fail(f"tensor {name!r} has shape {list(shape)}")
-            if name in self.tensors or any(i[0] == name for i in infos):
+            if name in seen:
                 raise self._fail(f"duplicate tensor {name!r}")
+            seen.add(name)
             infos.append((name, shape, ttype, offset))
         align = int(self.metadata.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT))
         if align <= 0 or align & (align - 1):

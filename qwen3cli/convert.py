@@ -199,11 +199,11 @@ def plan(src: str | Path, type_name: str = "q8_0") -> Plan:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise CheckpointError(f"{ck.tensors[extra[0]].file}: unexpected tensor {extra[0]!r}{more}")
     n_params = count_params(tensors)
-    metadata = _metadata(ck, a, file_type, tensors, n_params)
+    metadata = _metadata(ck, a, file_type, n_params)
     return Plan(ck.dir, a, file_type, tensors, metadata, ck.input_bytes, n_params[0])
 
 
-def _metadata(ck: Checkpoint, a: ModelArgs, ft: FileType, tensors, n_params) -> dict[str, gguf.GGUFValue]:
+def _metadata(ck: Checkpoint, a: ModelArgs, ft: FileType, n_params) -> dict[str, gguf.GGUFValue]:
     """The KV pairs llama.cpp's converter + llama-quantize write, through gguf-py's helpers."""
     vocab = gguf_vocab(ck.dir, a.vocab_size)
     w = gguf.GGUFWriter(path=None, arch=a.arch)  # used only to collect typed key/values
