@@ -147,3 +147,67 @@ def _rope_scaling(rope: dict[str, Any], where: str) -> RopeScaling | None:
             raise ConfigError(f"{where}: yarn rope scaling needs 'original_max_position_embeddings'")
         return RopeScaling("yarn", float(factor), orig)
     raise ConfigError(f"{where}: unsupported rope scaling type {kind!r}")
+
+
+def args_from_gguf(md: dict[str, Any], where: str = "GGUF") -> ModelArgs:
+    """ModelArgs from a GGUF's `{arch}.*` keys, checked as strictly as a config.json."""
+    arch = md.get("general.architecture")
+    if arch not in ("qwen3", "qwen3moe"):
+        raise ConfigError(f"{where}: architecture {arch!r} is not supported; expected qwen3 or qwen3moe")
+
+    def get(key: str, kind: type = int, default=None):
+        v = md.get(f"{arch}.{key}", default)
+        if v is None:
+            raise ConfigError(f"{where}: missing metadata key {arch}.{key}")
+        try:
+            v = kind(v.item() if hasattr(v, "item") else v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {arch}.{key} has the wrong type ({v!r})") from None
+        if kind in (int, float) and not v > 0:
+            raise ConfigError(f"{where}: {arch}.{key} must be positive, got {v}")
+        return v
+
+    hidden, n_heads = get("embedding_length"), get("attention.head_count")
+    n_kv = get("attention.head_count_kv")
+    if n_heads % n_kv:
+        raise ConfigError(f"{where}: {n_heads} attention heads are not a multiple of {n_kv} KV heads")
+    head_dim = get("attention.key_length", default=hidden // n_heads)
+    if get("attention.value_length", default=head_dim) != head_dim:
+        raise ConfigError(f"{where}: key and value head sizes differ; Qwen3 has equal ones")
+    scaling = None
+    kind = md.get(f"{arch}.rope.scaling.type")
+    if kind not in (None, "none"):
+        factor = get("rope.scaling.factor", float)
+        if kind == "linear":
+            scaling = RopeScaling("linear", factor)
+        elif kind == "yarn":
+            scaling = RopeScaling("yarn", factor, get("rope.scaling.original_context_length"))
+        else:
+            raise ConfigError(f"{where}: unsupported rope scaling type {kind!r}")
+    moe: dict[str, Any] = {}
+    if arch == "qwen3moe":
+        moe = dict(
+            n_experts=get("expert_count"),
+            n_experts_used=get("expert_used_count"),
+            moe_intermediate_size=get("expert_feed_forward_length"),
+            norm_topk_prob=bool(md.get(f"{arch}.expert_weights_norm", True)),  # llama.cpp's default for qwen3moe
+        )
+        if moe["n_experts_used"] > moe["n_experts"]:
+            raise ConfigError(f"{where}: expert_used_count exceeds expert_count")
+    tokens = md.get("tokenizer.ggml.tokens")
+    return ModelArgs(
+        arch=arch,
+        vocab_size=len(tokens) if tokens is not None else get("vocab_size"),
+        hidden_size=hidden,
+        n_layers=get("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        intermediate_size=get("feed_forward_length", default=1) if arch == "qwen3moe" else get("feed_forward_length"),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", float),
+        rope_theta=get("rope.freq_base", float, default=10000.0),
+        context_length=get("context_length"),
+        tie_word_embeddings=False,  # decided by the loader from the tensors present
+        rope_scaling=scaling,
+        **moe,
+    )

@@ -51,13 +51,14 @@ def make_checkpoint(
     root: Path, *, moe: bool = False, tied: bool = True, dtype: str = "bf16", shards: int = 1,
     dialect: str = "hub", fused_experts: bool = False, hidden: int = 64, layers: int = 2,
     heads: int = 4, kv_heads: int = 2, head_dim: int = 32, ffn: int = 128, experts: int = 4,
-    experts_used: int = 2, moe_ffn: int = 64, yarn: bool = False, seed: int = 0,
+    experts_used: int = 2, moe_ffn: int = 64, yarn: bool = False, seed: int = 0, norm_topk: bool = True,
+    std: float = 0.2, peaked: bool = False,
 ) -> tuple[Path, dict[str, np.ndarray]]:
     """Write a checkpoint directory; returns it and the float32 values it stores."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
 
-    def w(*shape, std=0.2):
+    def w(*shape, std=std):
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
     t: dict[str, np.ndarray] = {
@@ -66,6 +67,9 @@ def make_checkpoint(
     }
     if not tied:
         t["lm_head.weight"] = w(VOCAB, hidden)
+    if peaked:  # real models' logits have clear winners; spread the output rows' norms to get some
+        head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        t[head] *= np.exp(rng.standard_normal((VOCAB, 1)) * 0.7).astype(np.float32)
     for i in range(layers):
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = 1 + w(hidden, std=0.05)
@@ -97,7 +101,7 @@ def make_checkpoint(
         "model_type": "qwen3_moe" if moe else "qwen3",
         "attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645,
         "head_dim": head_dim, "hidden_act": "silu", "hidden_size": hidden,
-        "intermediate_size": ffn, "max_position_embeddings": 40960,
+        "intermediate_size": ffn, "max_position_embeddings": 131072 if yarn else 40960,
         "num_attention_heads": heads, "num_hidden_layers": layers, "num_key_value_heads": kv_heads,
         "rms_norm_eps": 1e-6, "tie_word_embeddings": tied, "vocab_size": VOCAB,
         "torch_dtype": {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[dtype],
@@ -110,7 +114,7 @@ def make_checkpoint(
     if moe:
         cfg.update({"num_experts" if dialect == "hub" else "num_local_experts": experts,
                     "num_experts_per_tok": experts_used, "moe_intermediate_size": moe_ffn,
-                    "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []})
+                    "norm_topk_prob": norm_topk, "decoder_sparse_step": 1, "mlp_only_layers": []})
     (root / "config.json").write_text(json.dumps(cfg, indent=2))
     (root / "generation_config.json").write_text((DATA / "qwen3-0.6B-configs" / "generation_config.json").read_text())
     for f in ("tokenizer.json", "tokenizer_config.json"):

@@ -20,3 +20,22 @@ def ckpt(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gguf_model(ckpt, tmp_path_factory):
+    """A tiny checkpoint converted by our quantize: gguf_model("f32", moe=True, ...) -> (gguf, hf_dir)."""
+    from qwen3cli.convert import quantize
+
+    made = {}
+
+    def get(type_name: str = "f32", **kw):
+        key = (type_name, tuple(sorted(kw.items())))
+        if key not in made:
+            src, _ = ckpt(**kw)
+            out = tmp_path_factory.mktemp("gguf") / f"model-{type_name}.gguf"
+            quantize(src, out, type_name)
+            made[key] = (out, src)
+        return made[key]
+
+    return get

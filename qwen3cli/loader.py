@@ -1,0 +1,122 @@
+"""load(source): a GGUF file, a Hugging Face directory or a hub repo id -> a runnable model.
+
+A GGUF is memory-mapped and its matrices stay quantized views of the file. A directory is
+validated and converted in memory by the same plan `qwen3cli quantize` uses, so both paths
+see identical tensors, metadata and checks. Repo ids are resolved by `hub` to one of these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from quant.formats import get_format
+from quant.gguf_file import GGUFFile
+
+from . import convert
+from .config import ModelArgs, args_from_gguf
+from .errors import ConfigError
+from .tokenizer import from_gguf_metadata, from_tokenizer_json
+from .weights import Weights, build_weights
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+@dataclass
+class LoadedModel:
+    source: str
+    args: ModelArgs
+    weights: Weights
+    tokenizer: Tokenizer
+    metadata: dict[str, Any]
+    chat_template: str | None
+    stop_ids: frozenset[int]
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ... for templates
+    _keep: Any = None  # the open GGUFFile whose map the weights view
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("general.name") or Path(self.source).name)
+
+
+def load(source: str | Path, quant: str = "q8_0", progress: Progress | None = None) -> LoadedModel:
+    """Load a model. `quant` is the type a directory's weights are converted to."""
+    path = Path(source)
+    if path.is_dir():
+        return load_hf_dir(path, quant, progress)
+    if path.is_file():
+        return load_gguf(path)
+    from . import hub  # a repo id, or a typo: hub decides which
+
+    return load(hub.resolve(str(source), quant, progress), quant, progress)
+
+
+def load_gguf(path: str | Path) -> LoadedModel:
+    g = GGUFFile(path)
+    md = g.metadata
+    args = args_from_gguf(md, str(g.path))
+    embd = g.tensors.get("token_embd.weight")
+    if embd is not None and len(embd.shape) == 2 and embd.shape[1] != args.vocab_size:
+        raise ConfigError(f"{g.path}: token_embd.weight has {embd.shape[1]} rows but the vocabulary "
+                          f"has {args.vocab_size} tokens")
+
+    def lookup(name: str):
+        t = g.tensors[name]
+        return t.shape, t.type, g.raw(name)
+
+    weights = build_weights(args, lookup, set(g.tensors), str(g.path))
+    tok = from_gguf_metadata(md, str(g.path))
+    return _finish(str(g.path), args, weights, tok, md, keep=g)
+
+
+def load_hf_dir(directory: str | Path, quant: str = "q8_0", progress: Progress | None = None) -> LoadedModel:
+    p = convert.plan(directory, quant)
+    md = {k: v.value for k, v in p.metadata.items()}
+    total = sum(t.nbytes for t in p.tensors)
+    done = 0
+    tensors: dict[str, tuple[tuple[int, ...], int, np.ndarray]] = {}
+    for t in p.tensors:
+        fmt = get_format(t.type, t.name)
+        buf = np.empty(t.nbytes, np.uint8)
+        at = 0
+        for part in t.parts:
+            enc = fmt.encode(part()).reshape(-1)
+            buf[at:at + enc.size] = enc
+            at += enc.size
+        tensors[t.name] = (t.shape, t.type, buf)
+        done += t.nbytes
+        if progress:
+            progress("converting", done, total)
+    args = args_from_gguf(md, str(p.src))
+    weights = build_weights(args, tensors.get, set(tensors), str(p.src))
+    tok = from_tokenizer_json(p.src / "tokenizer.json")
+    return _finish(str(p.src), args, weights, tok, md)
+
+
+def _finish(source, args, weights, tok, md, keep=None) -> LoadedModel:
+    args = _with_tie(args, weights)
+    vocab = tok.get_vocab(with_added_tokens=True)
+    stop = frozenset(vocab[t] for t in STOP_TOKENS if t in vocab)
+    eos = md.get("tokenizer.ggml.eos_token_id")
+    if eos is not None:
+        stop |= {int(eos)}
+    tokens = {i: s for s, i in vocab.items()}
+    specials = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id")):
+        tid = md.get(f"tokenizer.ggml.{key}")
+        if tid is not None and int(tid) in tokens:
+            specials[name] = tokens[int(tid)]
+    template = md.get("tokenizer.chat_template")
+    return LoadedModel(source, args, weights, tok, md, template if isinstance(template, str) and template else None,
+                       stop, specials, keep)
+
+
+def _with_tie(args: ModelArgs, w: Weights) -> ModelArgs:
+    from dataclasses import replace
+
+    return replace(args, tie_word_embeddings=w.output is w.token_embd)

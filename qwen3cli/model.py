@@ -1,0 +1,141 @@
+"""The Qwen3 / Qwen3-MoE forward pass: orchestration in numpy, matmuls through the kernels.
+
+One code path serves prefill (n tokens) and decode (n = 1). Activations are float32; the
+KV cache is preallocated for the whole context (its pages are only touched as they fill).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quant.kernels.matmul_cpu import matmul
+from quant.qtensor import QTensor
+
+from .errors import Qwen3CliError
+from .rope import apply_rope, make_rope, scaling_for_context
+from .weights import LayerWeights, Weights
+
+Q_CHUNK = 256  # query rows per attention block: bounds the score matrix in long prefills
+
+
+class ContextFull(Qwen3CliError):
+    """The tokens do not fit in the context window."""
+
+
+class KVCache:
+    def __init__(self, n_layers: int, n_kv: int, ctx: int, head_dim: int):
+        self.k = np.zeros((n_layers, n_kv, ctx, head_dim), np.float32)
+        self.v = np.zeros((n_layers, n_kv, ctx, head_dim), np.float32)
+        self.ctx = ctx
+        self.n = 0  # positions filled
+
+    def truncate(self, n: int) -> None:
+        """Forget everything after the first n positions (to reuse a shared prefix)."""
+        self.n = min(self.n, n)
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.mean(np.square(x), axis=-1, keepdims=True)
+    return (x / np.sqrt(ms + np.float32(eps))) * w
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1) + np.exp(-x))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+class Model:
+    def __init__(self, w: Weights, ctx: int | None = None):
+        a = w.args
+        self.w, self.args = w, a
+        self.ctx = int(ctx or a.context_length)
+        self.rope = make_rope(a, scaling_for_context(a, self.ctx))
+        self.eps = a.rms_norm_eps
+
+    def new_cache(self) -> KVCache:
+        a = self.args
+        return KVCache(a.n_layers, a.n_kv_heads, self.ctx, a.head_dim)
+
+    def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run tokens at positions cache.n...; logits of the last token (n_vocab,) or all (n, n_vocab)."""
+        ids = np.asarray(tokens, np.int64).reshape(-1)
+        n, p = len(ids), cache.n
+        if n == 0:
+            raise ValueError("no tokens")
+        if p + n > cache.ctx:
+            raise ContextFull(f"{p + n} tokens do not fit in the context of {cache.ctx}")
+        if ids.min() < 0 or ids.max() >= self.args.vocab_size:
+            raise ValueError("token id out of range")
+        x = self.w.token_embd.take(ids)
+        cos, sin = self.rope.cos_sin(np.arange(p, p + n))
+        for li, ly in enumerate(self.w.layers):
+            x = x + self._attention(li, ly, rms_norm(x, ly.attn_norm, self.eps), cache, p, cos, sin)
+            h = rms_norm(x, ly.ffn_norm, self.eps)
+            x = x + (self.moe(ly, h) if ly.router is not None else self._mlp(ly.gate, ly.up, ly.down, h))
+        cache.n = p + n
+        x = x if all_logits else x[-1:]
+        logits = matmul(rms_norm(x, self.w.output_norm, self.eps), self.w.output)
+        return logits if all_logits else logits[0]
+
+    def _attention(self, li: int, ly: LayerWeights, h, cache: KVCache, p: int, cos, sin) -> np.ndarray:
+        a = self.args
+        n, D, Hq, Hkv = h.shape[0], a.head_dim, a.n_heads, a.n_kv_heads
+        q = rms_norm(matmul(h, ly.q).reshape(n, Hq, D), ly.q_norm, self.eps)
+        k = rms_norm(matmul(h, ly.k).reshape(n, Hkv, D), ly.k_norm, self.eps)
+        v = matmul(h, ly.v).reshape(n, Hkv, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.k[li, :, p:p + n] = k.transpose(1, 0, 2)
+        cache.v[li, :, p:p + n] = v.transpose(1, 0, 2)
+        T = p + n
+        K, V = cache.k[li, :, :T], cache.v[li, :, :T]  # (Hkv, T, D)
+        G = Hq // Hkv
+        qg = q.reshape(n, Hkv, G, D).transpose(1, 2, 0, 3)  # (Hkv, G, n, D)
+        out = np.empty((Hkv, G, n, D), np.float32)
+        scale = np.float32(D ** -0.5)
+        for s in range(0, n, Q_CHUNK):
+            e = min(n, s + Q_CHUNK)
+            scores = (qg[:, :, s:e] @ K[:, None].transpose(0, 1, 3, 2)) * scale  # (Hkv, G, m, T)
+            qpos = p + np.arange(s, e)
+            scores[..., np.arange(T)[None, :] > qpos[:, None]] = -np.inf
+            out[:, :, s:e] = softmax(scores) @ V[:, None]
+        attn = out.transpose(2, 0, 1, 3).reshape(n, Hq * D)
+        return matmul(attn, ly.o)
+
+    @staticmethod
+    def _mlp(gate: QTensor, up: QTensor, down: QTensor, h: np.ndarray) -> np.ndarray:
+        return matmul(silu(matmul(h, gate)) * matmul(h, up), down)
+
+    def route(self, ly: LayerWeights, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k experts per token and their weights: softmax over all experts, then top-k."""
+        a = self.args
+        probs = softmax(matmul(h, ly.router))
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :a.n_experts_used]
+        wts = np.take_along_axis(probs, top, axis=-1)
+        if a.norm_topk_prob:
+            wts = wts / wts.sum(axis=-1, keepdims=True)
+        return top, wts.astype(np.float32)
+
+    def moe(self, ly: LayerWeights, h: np.ndarray) -> np.ndarray:
+        """Only the selected experts' weights are touched."""
+        top, wts = self.route(ly, h)
+        out = np.zeros_like(h)
+        for e in np.unique(top):
+            rows, slot = np.nonzero(top == e)
+            y = self._mlp(ly.gate_exps.expert(e), ly.up_exps.expert(e), ly.down_exps.expert(e), h[rows])
+            out[rows] += wts[rows, slot][:, None] * y
+        return out
+
+    def moe_dense(self, ly: LayerWeights, h: np.ndarray) -> np.ndarray:
+        """Reference: every expert on every token, weighted by a dense (mostly zero) routing matrix."""
+        top, wts = self.route(ly, h)
+        dense = np.zeros((h.shape[0], self.args.n_experts), np.float32)
+        np.put_along_axis(dense, top, wts, axis=-1)
+        out = np.zeros_like(h)
+        for e in range(self.args.n_experts):
+            out += dense[:, e:e + 1] * self._mlp(ly.gate_exps.expert(e), ly.up_exps.expert(e),
+                                                  ly.down_exps.expert(e), h)
+        return out

@@ -1,0 +1,169 @@
+"""The forward pass against transformers (the reference), through GGUFs our quantize wrote."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from qwen3cli.config import ModelArgs, RopeScaling
+from qwen3cli.loader import load
+from qwen3cli.model import ContextFull, Model
+from qwen3cli.rope import make_rope, scaling_for_context
+
+PROMPT = [9707, 1879, 11, 151644, 872, 198, 3838, 374]  # prefill
+STEPS = [int(t) for t in np.random.default_rng(1).integers(0, 151936, 32)]  # decoded one at a time
+
+CASES = {
+    "dense-gqa2": dict(dtype="f32"),
+    "untied-gqa4-headdim": dict(dtype="f32", tied=False, hidden=64, heads=8, kv_heads=2, head_dim=16),
+    "yarn": dict(dtype="f32", yarn=True),
+    "moe-norm": dict(dtype="f32", moe=True, experts=8, experts_used=2),
+    "moe-nonorm": dict(dtype="f32", moe=True, experts=8, experts_used=3, norm_topk=False),
+}
+
+
+def reference_logits(hf_dir) -> np.ndarray:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([PROMPT + STEPS])).logits[0].numpy()
+
+
+def our_logits(model: Model) -> np.ndarray:
+    cache = model.new_cache()
+    first = model.forward(PROMPT, cache, all_logits=True)
+    return np.concatenate([first, np.stack([model.forward([t], cache) for t in STEPS])])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_f32_logits_match_transformers(gguf_model, case):
+    path, hf_dir = gguf_model("f32", **CASES[case])
+    ref = reference_logits(hf_dir)
+    m = load(path)
+    assert m.args.tie_word_embeddings == CASES[case].get("tied", True)
+    got = our_logits(Model(m.weights, ctx=64))
+    err = np.abs(got - ref).max() / (ref.max() - ref.min())
+    assert err <= 1e-4, f"max abs diff {err:.2e} of the logit range"
+
+
+def reference_with(hf_dir, w) -> np.ndarray:
+    """transformers' logits with our (dequantized) weights put in: isolates the engine from quantization."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    sd = hf.state_dict()
+
+    def put(name, x):
+        assert sd[name].shape == x.shape, name
+        sd[name].copy_(torch.from_numpy(np.ascontiguousarray(x)))
+
+    put("model.embed_tokens.weight", w.token_embd.dequant())
+    if "lm_head.weight" in sd:
+        put("lm_head.weight", w.output.dequant())
+    put("model.norm.weight", w.output_norm)
+    for i, ly in enumerate(w.layers):
+        p = f"model.layers.{i}."
+        for hf_name, t in (("self_attn.q_proj", ly.q), ("self_attn.k_proj", ly.k), ("self_attn.v_proj", ly.v),
+                           ("self_attn.o_proj", ly.o), ("mlp.gate_proj", ly.gate), ("mlp.up_proj", ly.up),
+                           ("mlp.down_proj", ly.down), ("mlp.gate", ly.router)):
+            if t is not None:
+                put(p + hf_name + ".weight", t.dequant())
+        for hf_name, x in (("input_layernorm", ly.attn_norm), ("post_attention_layernorm", ly.ffn_norm),
+                           ("self_attn.q_norm", ly.q_norm), ("self_attn.k_norm", ly.k_norm)):
+            put(p + hf_name + ".weight", x)
+        if ly.router is not None:
+            E = ly.gate_exps.n_mats
+            put(p + "mlp.experts.gate_up_proj", np.stack([np.concatenate(
+                [ly.gate_exps.expert(e).dequant(), ly.up_exps.expert(e).dequant()]) for e in range(E)]))
+            put(p + "mlp.experts.down_proj", np.stack([ly.down_exps.expert(e).dequant() for e in range(E)]))
+    with torch.no_grad():
+        return hf(torch.tensor([PROMPT + STEPS])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("type_name", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("case", ["untied-gqa4-headdim", "moe-norm"])
+def test_quantized_logits_match_transformers_on_the_same_weights(gguf_model, case, type_name):
+    path, hf_dir = gguf_model(type_name, **CASES[case])
+    w = load(path).weights
+    ref = reference_with(hf_dir, w)
+    got = our_logits(Model(w, ctx=64))
+    assert np.abs(got - ref).max() / (ref.max() - ref.min()) <= 1e-4
+
+
+# Random weights at std 0.2 amplify any perturbation layer by layer, and 151,936 random logits
+# have near-ties; a small std and output rows of varied norms give logits with clear winners, as
+# a trained model has, so argmax agreement measures the quantization and not the coin flips.
+WELL_CONDITIONED = dict(dtype="f32", std=0.05, peaked=True)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_q8_0_argmax_agrees_with_f32_transformers(gguf_model, moe):
+    kw = dict(WELL_CONDITIONED, moe=moe, experts=8) if moe else WELL_CONDITIONED
+    path, hf_dir = gguf_model("q8_0", **kw)
+    ref = reference_logits(hf_dir)
+    got = our_logits(Model(load(path).weights, ctx=64))
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+
+
+@pytest.mark.parametrize("type_name", ["f32", "q8_0", "q4_0"])
+def test_prefill_equals_step_decode(gguf_model, type_name):
+    path, _ = gguf_model(type_name, **CASES["untied-gqa4-headdim"])
+    model = Model(load(path).weights, ctx=64)
+    ids = PROMPT + STEPS[:8]
+    batch = model.forward(ids, model.new_cache(), all_logits=True)
+    cache = model.new_cache()
+    steps = np.stack([model.forward([t], cache) for t in ids])
+    assert np.abs(batch - steps).max() <= 1e-4 * (batch.max() - batch.min())
+
+
+def test_hf_directory_runs_directly(gguf_model):
+    path, hf_dir = gguf_model("f32", **CASES["moe-norm"])
+    from_dir = Model(load(hf_dir, quant="f32").weights, ctx=32)
+    from_file = Model(load(path).weights, ctx=32)
+    a = from_dir.forward(PROMPT, from_dir.new_cache())
+    b = from_file.forward(PROMPT, from_file.new_cache())
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_moe_sparse_routing_equals_dense_reference(gguf_model):
+    path, _ = gguf_model("q8_0", **CASES["moe-nonorm"])
+    model = Model(load(path).weights, ctx=64)
+    h = np.random.default_rng(0).standard_normal((16, model.args.hidden_size)).astype(np.float32)
+    for ly in model.w.layers:
+        top, _ = model.route(ly, h)
+        assert len(np.unique(top)) > model.args.n_experts_used  # tokens really pick different experts
+        np.testing.assert_allclose(model.moe(ly, h), model.moe_dense(ly, h), rtol=1e-5, atol=1e-5)
+
+
+def test_context_limit_is_an_error(gguf_model):
+    path, _ = gguf_model("q8_0", **CASES["dense-gqa2"])
+    model = Model(load(path).weights, ctx=8)
+    cache = model.new_cache()
+    model.forward(PROMPT[:6], cache)
+    with pytest.raises(ContextFull):
+        model.forward(PROMPT[:3], cache)
+    assert cache.n == 6
+
+
+def _args(**kw) -> ModelArgs:
+    base = dict(arch="qwen3", vocab_size=10, hidden_size=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=128,
+                intermediate_size=8, rms_norm_eps=1e-6, rope_theta=1e6, context_length=32768,
+                tie_word_embeddings=True)
+    return ModelArgs(**{**base, **kw})
+
+
+@pytest.mark.parametrize("factor", [2.0, 4.0])
+def test_yarn_tables_match_transformers_at_long_positions(factor):
+    cfg = transformers.Qwen3Config(hidden_size=64, num_attention_heads=4, head_dim=128, max_position_embeddings=int(32768 * factor),
+                                   rope_parameters={"rope_type": "yarn", "factor": factor, "rope_theta": 1e6,
+                                                    "original_max_position_embeddings": 32768})
+    emb = transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding(cfg)
+    # transformers multiplies positions by frequencies in float32 (0.004 rad off at 60k); compare
+    # the YaRN part itself: the blended frequencies and the attention factor.
+    for scaling in (RopeScaling("yarn", factor, 32768), scaling_for_context(_args(), int(32768 * factor))):
+        rope = make_rope(_args(), scaling)
+        np.testing.assert_allclose(rope.inv_freq, emb.inv_freq.numpy(), rtol=1e-6)
+        assert rope.attn_factor == pytest.approx(emb.attention_scaling, rel=1e-7)
+    pos = torch.tensor([[0, 1, 1000, 5000]])
+    cos, sin = emb(torch.zeros(1, 1, 128), pos)
+    c, s = rope.cos_sin(pos[0].numpy())
+    np.testing.assert_allclose(np.concatenate([c, c], -1), cos[0].numpy(), atol=5e-4)
+    np.testing.assert_allclose(np.concatenate([s, s], -1), sin[0].numpy(), atol=5e-4)
+    assert scaling_for_context(_args(), 32768) is None
