@@ -52,7 +52,7 @@ def reference_with(hf_dir, w) -> np.ndarray:
 
     def put(name, x):
         assert sd[name].shape == x.shape, name
-        sd[name].copy_(torch.from_numpy(np.ascontiguousarray(x)))
+        sd[name].copy_(torch.from_numpy(np.array(x, np.float32)))
 
     put("model.embed_tokens.weight", w.token_embd.dequant())
     if "lm_head.weight" in sd:
