@@ -112,9 +112,13 @@ class ChatTemplate:
             raise TemplateError(f"{self.where}: chat template loops more than {MAX_ITERATIONS} times")
         return r
 
-    @property
-    def has_thinking_switch(self) -> bool:
-        return "enable_thinking" in self.source
+    def thinking_mode(self) -> str:
+        """"hybrid" (enable_thinking switches it), "always" (Thinking-2507) or "never" (Instruct-2507)."""
+        probe = [{"role": "user", "content": "x"}]
+        on = self.render(probe, enable_thinking=True)
+        if on != self.render(probe, enable_thinking=False):
+            return "hybrid"
+        return "always" if on.rstrip().endswith("<think>") else "never"
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                enable_thinking: bool | None = None, tools: list[dict] | None = None, **kwargs: Any) -> str:

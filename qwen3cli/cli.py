@@ -23,7 +23,7 @@ from .errors import USER_ERRORS
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Quantize Qwen3 checkpoints to llama.cpp-compatible GGUF and inspect GGUF files.",
+    help="Run Qwen3 models locally; quantize checkpoints to llama.cpp-compatible GGUF.",
 )
 out = Console()
 err = Console(stderr=True)
@@ -139,6 +139,9 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
     if version:
         out.print(f"qwen3cli {__version__}")
         raise typer.Exit()
+
+
+from . import cli_run  # noqa: E402,F401  (registers `run`)
 
 
 def main() -> None:

@@ -87,3 +87,9 @@ def test_output_is_capped():
     src = "{% for i in range(900000) %}{{ messages[0].content }}{% endfor %}"
     with pytest.raises(TemplateError, match="exceeds"):
         ChatTemplate(src).render([{"role": "user", "content": "x" * 100}])
+
+
+@pytest.mark.parametrize("name,mode", [("Qwen-Qwen3-0.6B", "hybrid"), ("Qwen-Qwen3-0.6B.2025-04-original.llama-cpp", "hybrid"),
+                                       ("Qwen-Qwen3-4B-Instruct-2507", "never"), ("Qwen-Qwen3-4B-Thinking-2507", "always")])
+def test_thinking_mode_detected(name, mode):
+    assert ChatTemplate((DATA / "templates" / f"{name}.jinja").read_text()).thinking_mode() == mode

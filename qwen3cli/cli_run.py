@@ -1,0 +1,155 @@
+"""`qwen3cli run MODEL "prompt"`: one prompt, the answer streamed to stdout.
+
+stdout carries only the answer (clean for pipes); thinking goes to stderr, dimmed, or
+nowhere with --hide-thinking. --json prints one object at the end instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .cli import app, err, user_errors
+from .errors import Qwen3CliError
+
+
+class UsageError(Qwen3CliError):
+    pass
+
+
+@contextmanager
+def load_progress():
+    """A transient bar for long loads (converting a directory, downloading); silent otherwise."""
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        yield update
+
+
+def set_threads(n: int | None) -> None:
+    if n is None:
+        return
+    import numba
+
+    if n < 1:
+        raise UsageError(f"--threads must be at least 1, got {n}")
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def read_prompt(prompt: str | None) -> str:
+    piped = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    parts = [p for p in (prompt, piped) if p and p.strip()]
+    if not parts:
+        raise UsageError("no prompt: give one as an argument or pipe it on stdin")
+    return "\n\n".join(parts)
+
+
+@app.command()
+@user_errors
+def run(
+    model: str = typer.Argument(..., help="A GGUF file, a Hugging Face model directory, or a hub repo id "
+                                          "(Qwen/Qwen3-0.6B, Qwen/Qwen3-8B-GGUF:Q8_0)."),
+    prompt: str = typer.Argument(None, help="The prompt; read from stdin when piped (both are joined)."),
+    think: bool = typer.Option(None, "--think/--no-think", help="Thinking on or off (default: the model's)."),
+    show_thinking: bool = typer.Option(True, "--show-thinking/--hide-thinking",
+                                       help="Stream the thinking to stderr, dimmed (stdout gets only the answer)."),
+    system: str = typer.Option(None, "--system", "-s", help="System prompt."),
+    max_tokens: int = typer.Option(None, "--max-tokens", "-n", help="Stop after this many tokens (default: the context)."),
+    ctx: int = typer.Option(None, "--ctx", "-c", help="Context size in tokens (default: 8192 or the model's, if less); "
+                                                      "beyond the native length YaRN is applied."),
+    temp: float = typer.Option(None, "--temp", help="Temperature (0 = greedy). Default by mode: 0.6 thinking, 0.7 not."),
+    top_k: int = typer.Option(None, "--top-k", help="Top-k (0 = off). Default 20."),
+    top_p: float = typer.Option(None, "--top-p", help="Top-p. Default 0.95 thinking, 0.8 not."),
+    min_p: float = typer.Option(None, "--min-p", help="Min-p. Default 0."),
+    presence_penalty: float = typer.Option(None, "--presence-penalty", help="Presence penalty (0-2). Default 0."),
+    repeat_penalty: float = typer.Option(None, "--repeat-penalty", help="Repetition penalty (1 = off). Default 1."),
+    seed: int = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
+    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
+    quant: str = typer.Option("q8_0", "--quant", help="Type a Hugging Face directory or repo is converted to."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, thinking, finish_reason, counts, timings."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speeds to stderr at the end."),
+) -> None:
+    """Answer one prompt and exit."""
+    import time
+
+    from .engine import Engine
+    from .generate import Done, generate
+    from .model import ContextFull
+    from .sampler import Sampler, default_params
+
+    t_start = time.perf_counter()
+    text = read_prompt(prompt)
+    for name, v in (("--ctx", ctx), ("--max-tokens", max_tokens)):
+        if v is not None and v < 1:
+            raise UsageError(f"{name} must be at least 1, got {v}")
+    set_threads(threads)
+    with load_progress() as progress:
+        engine = Engine.open(model, ctx=ctx, quant=quant, progress=progress)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    p = engine.prompt(messages, enable_thinking=think)
+    if len(p.ids) >= engine.ctx:
+        raise ContextFull(f"the prompt has {len(p.ids)} tokens but the context holds {engine.ctx}; "
+                          "raise --ctx or shorten the prompt")
+    try:
+        params = default_params(p.thinking, engine.loaded.metadata, temperature=temp, top_k=top_k, top_p=top_p,
+                                min_p=min_p, presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    answer, thinking, done, first_token_s = [], [], None, None
+    in_think_display = False
+    for ev in generate(engine.model, engine.tokenizer, p.ids, Sampler(params), stop_ids=engine.loaded.stop_ids,
+                       max_tokens=max_tokens, thinking=p.opened):
+        if isinstance(ev, Done):
+            done = ev
+            break
+        if first_token_s is None:
+            first_token_s = time.perf_counter() - t_start
+        (thinking if ev.thinking else answer).append(ev.text)
+        if as_json or not ev.text:
+            continue
+        if ev.thinking:
+            if show_thinking:
+                in_think_display = True
+                err.print(ev.text, end="", style="dim", highlight=False, markup=False, soft_wrap=True)
+        else:
+            if in_think_display:
+                err.print()
+                in_think_display = False
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+    total_s = time.perf_counter() - t_start
+    answer_text, thinking_text = "".join(answer), "".join(thinking).strip("\n")
+    if as_json:
+        print(json.dumps({
+            "answer": answer_text, "thinking": thinking_text, "finish_reason": done.finish_reason,
+            "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "thinking_tokens": done.thinking_tokens,
+            "timings": {"time_to_first_token_s": round(first_token_s or total_s, 4), "prefill_s": round(done.prefill_s, 4),
+                        "decode_s": round(done.decode_s, 4), "prefill_tokens_per_s": round(done.prefill_tps, 2),
+                        "decode_tokens_per_s": round(done.decode_tps, 2), "total_s": round(total_s, 4)},
+        }, ensure_ascii=False))
+        return
+    if in_think_display:
+        err.print()
+    if answer_text and not answer_text.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if done.finish_reason != "stop":
+        where = " inside the thinking, before any answer" if done.finish_reason.endswith("_in_thinking") else ""
+        why = "--max-tokens" if done.finish_reason.startswith("length") else "the context size (--ctx)"
+        err.print(f"[yellow]stopped at {why}{where}[/yellow]")
+    if verbose:
+        err.print(f"[dim]prompt {done.prompt_tokens} tokens, {done.prefill_tps:.1f} tok/s; "
+                  f"generated {done.completion_tokens} tokens, {done.decode_tps:.1f} tok/s; "
+                  f"first token after {first_token_s or total_s:.2f} s[/dim]")

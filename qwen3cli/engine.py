@@ -1,0 +1,54 @@
+"""Engine: a loaded model with its context, template and thinking mode, ready to prompt.
+
+The one object the front ends (run, chat, serve) hold: it turns messages into prompt ids
+through the model's own template and knows whether the model thinks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .chat_template import ChatTemplate
+from .generate import starts_in_thinking
+from .loader import LoadedModel, Progress, load
+from .model import Model
+
+DEFAULT_CTX = 8192
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str
+    thinking: bool  # the model is expected to think in this turn (sampling defaults follow it)
+    opened: bool  # the prompt itself opened the think block
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, ctx: int | None = None):
+        self.loaded = loaded
+        self.args = loaded.args
+        self.ctx = int(ctx) if ctx else min(DEFAULT_CTX, loaded.args.context_length)
+        self.model = Model(loaded.weights, self.ctx)
+        self.template = ChatTemplate(loaded.chat_template, loaded.special_tokens, where=loaded.source)
+        self.mode = self.template.thinking_mode()
+
+    @classmethod
+    def open(cls, source: str, ctx: int | None = None, quant: str = "q8_0",
+             progress: Progress | None = None) -> "Engine":
+        return cls(load(source, quant=quant, progress=progress), ctx)
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def thinks(self, enable_thinking: bool | None) -> bool:
+        """Whether a turn thinks: the mode decides for models that cannot switch."""
+        if self.mode != "hybrid":
+            return self.mode == "always"
+        return True if enable_thinking is None else enable_thinking
+
+    def prompt(self, messages: list[dict], enable_thinking: bool | None = None, tools: list | None = None) -> Prompt:
+        text = self.template.render(messages, add_generation_prompt=True, enable_thinking=enable_thinking, tools=tools)
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return Prompt(ids, text, self.thinks(enable_thinking), starts_in_thinking(text))

@@ -1,0 +1,124 @@
+"""Generation as a generator of events, so front ends only render.
+
+`generate()` prefills the prompt, then samples token by token, yielding a Token event per
+token (its text delta, whether it belongs to the thinking) and one Done event with the finish
+reason, the counts and the speeds. Thinking is split from the answer on the `<think>` /
+`</think>` token ids, also when the opening tag came from the prompt (Thinking-2507).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+from .model import KVCache, Model
+from .sampler import Sampler
+from .tokenizer import StreamDecoder
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str  # the printable delta ('' for the think tags and stop tokens)
+    thinking: bool
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: str  # stop | length | context_full, with "_in_thinking" when cut inside the thinking
+    prompt_tokens: int
+    completion_tokens: int
+    thinking_tokens: int
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return (self.completion_tokens - 1) / self.decode_s if self.decode_s and self.completion_tokens > 1 else 0.0
+
+
+Event = Token | Done
+
+
+def starts_in_thinking(prompt_text: str) -> bool:
+    """The generation prompt opened a think block the model is expected to continue."""
+    tail = prompt_text.rstrip()
+    return tail.endswith(THINK_OPEN)
+
+
+def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *, stop_ids: frozenset[int],
+             max_tokens: int | None = None, cache: KVCache | None = None,
+             thinking: bool = False) -> Iterator[Event]:
+    """Yield events until a stop token, max_tokens or the context end. `thinking`: the prompt
+    already opened a think block. The cache may hold a prefix of prompt_ids (it is reused)."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    open_id, close_id = vocab.get(THINK_OPEN), vocab.get(THINK_CLOSE)
+    cache = cache if cache is not None else model.new_cache()
+    if len(prompt_ids) > cache.ctx:
+        from .model import ContextFull
+
+        raise ContextFull(f"the prompt has {len(prompt_ids)} tokens; the context holds {cache.ctx}")
+    cache.truncate(len(prompt_ids) - 1)  # keep a shared prefix, but always run at least one token
+    t0 = time.perf_counter()
+    logits = model.forward(prompt_ids[cache.n:], cache)
+    prefill_s = time.perf_counter() - t0
+    decoder = StreamDecoder(tokenizer)
+    generated: list[int] = []
+    n_thinking, reason = 0, "length"
+    fresh = True  # at the start of a thinking or answer segment: drop the template's newlines
+    t1 = time.perf_counter()
+    while True:
+        tid = sampler(logits, generated)
+        generated.append(tid)
+        if tid in stop_ids:
+            reason = "stop"
+            break
+        if tid == open_id and not thinking:
+            thinking, fresh = True, True
+            yield Token(tid, "", True)
+        elif tid == close_id and thinking:
+            n_thinking += 1
+            thinking, fresh = False, True
+            yield Token(tid, "", True)
+        else:
+            n_thinking += thinking
+            text = decoder.push(tid)
+            if fresh:
+                text = text.lstrip("\n")
+                fresh = not text
+            yield Token(tid, text, thinking)
+        if max_tokens is not None and len(generated) >= max_tokens:
+            break
+        if cache.n >= cache.ctx:
+            reason = "context_full"
+            break
+        logits = model.forward([tid], cache)
+    decode_s = time.perf_counter() - t1
+    if reason != "stop" and thinking:
+        reason += "_in_thinking"
+    yield Done(reason, len(prompt_ids), len(generated), n_thinking, prefill_s, decode_s)
+
+
+@dataclass
+class Reply:
+    """The text of a finished generation, thinking and answer apart, as the template strips them."""
+    thinking: str
+    answer: str
+    done: Done
+
+
+def collect(events: Iterator[Event]) -> Reply:
+    think, answer, done = [], [], None
+    for ev in events:
+        if isinstance(ev, Done):
+            done = ev
+        else:
+            (think if ev.thinking else answer).append(ev.text)
+    return Reply("".join(think).strip("\n"), "".join(answer).lstrip("\n"), done)

@@ -1,0 +1,142 @@
+"""Hugging Face repo ids -> local files, through huggingface_hub and its cache.
+
+`Qwen/Qwen3-8B-GGUF:Q8_0` picks the GGUF file whose name carries the tag; a repo of
+safetensors (`Qwen/Qwen3-0.6B`) is downloaded once and quantized once to the requested type,
+the GGUF kept in our cache for next time, as ollama does. HF_HUB_OFFLINE and HF_HUB_CACHE are
+honoured (huggingface_hub reads them); offline, only what the cache holds is used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+from .errors import ConfigError
+
+REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?::(?P<tag>[\w.-]+))?$")
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "merges.txt", "vocab.json"]
+# The GGUF picked when no tag is given: what runs best here, most accurate first.
+PREFERRED = ["Q8_0", "Q6_K", "Q4_K_M", "Q5_K_M", "Q4_0", "BF16", "F16"]
+
+Progress = Callable[[str, int, int], None]
+
+
+class HubError(ConfigError):
+    """A repo id that cannot be resolved: unknown, offline and not cached, no matching file."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("QWEN3CLI_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qwen3cli")
+    return Path(base)
+
+
+def _tqdm_class(progress: Progress | None, what: str):
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class Bar(hf_tqdm):
+        def __init__(self, *a, **kw):
+            kw["disable"] = True  # we render; huggingface_hub's own bars stay quiet
+            super().__init__(*a, **kw)
+            self._done = 0
+
+        def update(self, n=1):
+            self._done += n or 0
+            if progress and self.total:
+                progress(what, self._done, int(self.total))
+
+    return Bar
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _files(repo: str) -> tuple[list[str], str | None]:
+    """The repo's file names and the cached snapshot dir (offline: only what is cached)."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if not _offline():
+        try:
+            return HfApi().list_repo_files(repo), None
+        except RepositoryNotFoundError:
+            raise HubError(f"{repo}: no such model on the Hugging Face hub (or it is private)") from None
+        except (HfHubHTTPError, OSError):
+            pass  # no network: fall back to the cache
+    try:
+        snap = snapshot_download(repo, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        why = "HF_HUB_OFFLINE is set" if _offline() else "the hub cannot be reached"
+        raise HubError(f"{repo}: not in the local Hugging Face cache and {why}") from None
+    files = [str(p.relative_to(snap)) for p in Path(snap).rglob("*") if p.is_file()]
+    return files, snap
+
+
+def pick_gguf(repo: str, ggufs: list[str], tag: str | None) -> str:
+    def has(name: str, t: str) -> bool:
+        return re.search(rf"(?<![A-Za-z0-9]){re.escape(t)}(?![A-Za-z0-9])", Path(name).name, re.I) is not None
+
+    if tag:
+        match = [g for g in ggufs if has(g, tag)]
+        if not match:
+            raise HubError(f"{repo}: no GGUF file for {tag!r}; it has " + ", ".join(Path(g).name for g in ggufs))
+        return sorted(match)[0]
+    for t in PREFERRED:
+        match = [g for g in ggufs if has(g, t)]
+        if match:
+            return sorted(match)[0]
+    return sorted(ggufs)[0]
+
+
+def resolve(spec: str, quant: str = "q8_0", progress: Progress | None = None) -> Path:
+    """A local GGUF file or model directory for a repo id."""
+    m = REPO_ID.match(spec)
+    if not m or spec.endswith(".gguf") or spec.startswith(("./", "../", "/", "~")):
+        raise ConfigError(f"{spec}: no such file or directory")
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, tag = m["repo"], m["tag"]
+    files, _ = _files(repo)
+    ggufs = [f for f in files if f.endswith(".gguf") and "mmproj" not in f.lower()]
+    try:
+        if ggufs:
+            name = pick_gguf(repo, ggufs, tag)
+            return Path(hf_hub_download(repo, name, local_files_only=_offline(),
+                                        tqdm_class=_tqdm_class(progress, f"downloading {Path(name).name}")))
+        if "config.json" not in files:
+            raise HubError(f"{repo}: neither GGUF files nor a Hugging Face checkpoint (no config.json)")
+        if tag:
+            raise HubError(f"{repo}: has no GGUF files, so no {tag!r} to pick; use --quant for the type to convert to")
+        snap = Path(snapshot_download(repo, allow_patterns=CHECKPOINT_FILES, local_files_only=_offline(),
+                                      tqdm_class=_tqdm_class(progress, f"downloading {repo}")))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise HubError(f"{repo}: download failed: {str(e).splitlines()[0][:160]}") from None
+    return _quantized(repo, snap, quant, progress)
+
+
+def _quantized(repo: str, snap: Path, quant: str, progress: Progress | None) -> Path:
+    """Quantize a downloaded checkpoint once; the GGUF is cached per snapshot and type."""
+    from . import convert
+
+    out = cache_dir() / f"{repo.replace('/', '--')}--{snap.name[:12]}--{quant}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    p = convert.plan(snap, quant)
+    total, done = p.input_bytes, 0
+    per_elem = p.input_bytes / max(p.n_params, 1)
+
+    def step(name: str, n: int) -> None:
+        nonlocal done
+        done += int(n * per_elem)
+        if progress:
+            progress(f"quantizing to {quant}", done, total)
+
+    convert.write(p, out, force=True, progress=step)
+    return out

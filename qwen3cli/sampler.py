@@ -1,0 +1,116 @@
+"""Sampling from small pure filters over (candidate ids, logits).
+
+The order is transformers' and vLLM's (Qwen's recommended settings were tuned there):
+penalties, temperature, top-k, top-p, min-p, then a draw from an explicit generator.
+Temperature 0 is greedy. Defaults come from Qwen's guidance by mode, then the file's
+`general.sampling.*` keys, then the user's flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+
+THINKING = dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
+NON_THINKING = dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
+FILE_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.sampling.top_k",
+             "top_p": "general.sampling.top_p", "min_p": "general.sampling.min_p",
+             "repeat_penalty": "general.sampling.penalty_repeat", "repeat_last_n": "general.sampling.penalty_last_n"}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6
+    top_k: int = 20  # 0: off
+    top_p: float = 0.95  # 1: off
+    min_p: float = 0.0  # 0: off
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    repeat_penalty: float = 1.0  # CTRL-style, over the last repeat_last_n generated tokens
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def validate(self) -> "SamplingParams":
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p <= 1 \
+                or self.repeat_penalty <= 0 or self.repeat_last_n < 0:
+            raise ValueError(f"invalid sampling parameters: {self}")
+        return self
+
+
+def default_params(thinking: bool, metadata: dict[str, Any] | None = None, **user: Any) -> SamplingParams:
+    """Qwen's mode defaults < the file's general.sampling.* keys < the user's non-None values."""
+    p = SamplingParams(**(THINKING if thinking else NON_THINKING))
+    kinds = {f.name: f.type for f in fields(SamplingParams)}
+    for name, key in FILE_KEYS.items():
+        v = (metadata or {}).get(key)
+        if v is not None:
+            p = replace(p, **{name: (int if kinds[name] == "int" else float)(v)})
+    return replace(p, **{k: v for k, v in user.items() if v is not None}).validate()
+
+
+# -- filters: (ids, logits) -> (ids, logits), logits as float64, never empty ------------------
+
+def apply_penalties(logits: np.ndarray, generated: list[int], presence: float, repeat: float,
+                    last_n: int) -> np.ndarray:
+    if not generated or (presence == 0 and repeat == 1):
+        return logits
+    out = logits.copy()
+    if presence:
+        seen = np.unique(np.asarray(generated, np.int64))
+        out[seen] -= presence
+    if repeat != 1 and last_n:
+        recent = np.unique(np.asarray(generated[-last_n:], np.int64))
+        v = out[recent]
+        out[recent] = np.where(v > 0, v / repeat, v * repeat)
+    return out
+
+
+def top_k(ids: np.ndarray, logits: np.ndarray, k: int):
+    if k <= 0 or k >= len(ids):
+        return ids, logits
+    keep = np.argpartition(-logits, k - 1)[:k]
+    return ids[keep], logits[keep]
+
+
+def _sorted_probs(ids, logits):
+    order = np.argsort(-logits, kind="stable")
+    ids, logits = ids[order], logits[order]
+    p = np.exp(logits - logits[0])
+    return ids, logits, p / p.sum()
+
+
+def top_p(ids: np.ndarray, logits: np.ndarray, p: float):
+    """The smallest most-likely set whose probability reaches p."""
+    if p >= 1:
+        return ids, logits
+    ids, logits, probs = _sorted_probs(ids, logits)
+    n = int(np.searchsorted(np.cumsum(probs), p)) + 1
+    return ids[:n], logits[:n]
+
+
+def min_p(ids: np.ndarray, logits: np.ndarray, p: float):
+    """Tokens at least p times as likely as the most likely one."""
+    if p <= 0:
+        return ids, logits
+    keep = logits >= logits.max() + np.log(p)
+    return ids[keep], logits[keep]
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params.validate()
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, generated: list[int]) -> int:
+        s = self.params
+        x = apply_penalties(np.asarray(logits, np.float64), generated, s.presence_penalty, s.repeat_penalty,
+                            s.repeat_last_n)
+        if s.temperature == 0:
+            return int(np.argmax(x))
+        ids, x = np.arange(len(x)), x / s.temperature
+        ids, x = top_k(ids, x, s.top_k)
+        ids, x = top_p(ids, x, s.top_p)
+        ids, x = min_p(ids, x, s.min_p)
+        p = np.exp(x - x.max())
+        return int(ids[self.rng.choice(len(ids), p=p / p.sum())])
