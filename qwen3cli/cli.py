@@ -146,4 +146,5 @@ from . import cli_run  # noqa: E402,F401  (registers `run`)
 
 def main() -> None:
     logging.getLogger("gguf").setLevel(logging.ERROR)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry chatter; failures reach us as errors
     app()

@@ -23,17 +23,25 @@ class UsageError(Qwen3CliError):
 
 @contextmanager
 def load_progress():
-    """A transient bar for long loads (converting a directory, downloading); silent otherwise."""
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  console=err, transient=True) as bar:
-        tasks: dict[str, int] = {}
+    """A transient bar for long loads (converting a directory, downloading); started only if needed."""
+    bar: Progress | None = None
+    tasks: dict[str, int] = {}
 
-        def update(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = bar.add_task(what, total=total)
-            bar.update(tasks[what], completed=done, total=total)
+    def update(what: str, done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                           TimeRemainingColumn(), console=err, transient=True)
+            bar.start()
+        if what not in tasks:
+            tasks[what] = bar.add_task(what, total=total)
+        bar.update(tasks[what], completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if bar is not None:
+            bar.stop()
 
 
 def set_threads(n: int | None) -> None:

@@ -59,15 +59,15 @@ def _offline() -> bool:
 def _files(repo: str) -> tuple[list[str], str | None]:
     """The repo's file names and the cached snapshot dir (offline: only what is cached)."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     if not _offline():
-        try:
-            return HfApi().list_repo_files(repo), None
+        try:  # model_info is one request, without list_repo_files' retries on a dead network
+            return [s.rfilename for s in HfApi().model_info(repo, timeout=10).siblings or []], None
         except RepositoryNotFoundError:
             raise HubError(f"{repo}: no such model on the Hugging Face hub (or it is private)") from None
-        except (HfHubHTTPError, OSError):
-            pass  # no network: fall back to the cache
+        except Exception:  # no network (the HTTP stack's errors vary): fall back to the cache
+            pass
     try:
         snap = snapshot_download(repo, local_files_only=True)
     except (LocalEntryNotFoundError, OSError, ValueError):

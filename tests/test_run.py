@@ -1,0 +1,105 @@
+"""`qwen3cli run` end to end on a tiny model: clean stdout, --json, stdin, and every bad input
+as one line and a non-zero exit."""
+
+import json
+import struct
+
+import pytest
+from typer.testing import CliRunner
+
+from qwen3cli.cli import app
+from qwen3cli.sampler import Sampler
+
+
+def run(*args, input=None):
+    r = CliRunner().invoke(app, ["run", *[str(a) for a in args]], input=input)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def one_line_error(code, stderr, *needles):
+    assert code == 1, stderr
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture(scope="module")
+def tiny(gguf_model):
+    return gguf_model("q8_0", dtype="f32", std=0.05, peaked=True)[0]
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Make the sampler emit a thinking block, then an answer, then stop."""
+    from tokenizers import Tokenizer
+
+    from checkpoints import TOKENIZER
+
+    tok = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+    enc = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    seq = enc("<think>\nsecret pondering\n</think>\n\nThe answer is 42.<|im_end|>")
+    monkeypatch.setattr(Sampler, "__call__", lambda self, logits, generated: seq[len(generated)])
+    return seq
+
+
+def test_answer_only_on_stdout_with_hide_thinking(tiny, scripted):
+    code, out, err = run(tiny, "What is 6*7?", "--hide-thinking")
+    assert code == 0, err
+    assert out == "The answer is 42.\n"
+    assert "secret" not in err and "think" not in out
+
+
+def test_thinking_goes_to_stderr_when_shown(tiny, scripted):
+    code, out, err = run(tiny, "What is 6*7?")
+    assert code == 0 and out == "The answer is 42.\n"
+    assert "secret pondering" in err and "<think>" not in err
+
+
+def test_json(tiny, scripted):
+    code, out, err = run(tiny, "What is 6*7?", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["answer"] == "The answer is 42." and d["thinking"] == "secret pondering"
+    assert d["finish_reason"] == "stop" and d["completion_tokens"] == len(scripted)
+    assert d["thinking_tokens"] > 0 and d["prompt_tokens"] > 0
+    assert set(d["timings"]) >= {"time_to_first_token_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
+
+
+def test_real_sampling_json_and_stdin(tiny):
+    code, out, err = run(tiny, "--json", "-n", "6", "--temp", "0", "--no-think", input="a piped prompt")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["completion_tokens"] == 6 and d["finish_reason"] in ("length", "stop")
+    code2, out2, _ = run(tiny, "--json", "-n", "6", "--temp", "0", "--no-think", input="a piped prompt")
+    assert json.loads(out2)["answer"] == d["answer"]  # greedy is deterministic
+
+
+def test_out_of_tokens_in_thinking(tiny, scripted):
+    code, out, err = run(tiny, "q", "-n", "3", "--json")
+    assert code == 0 and json.loads(out)["finish_reason"] == "length_in_thinking"
+    code, out, err = run(tiny, "q", "-n", "3")
+    assert out == "" and "inside the thinking" in err
+
+
+def _patch_type(src, dst, tensor: str, new_type: int):
+    data = bytearray(src.read_bytes())
+    name = tensor.encode()
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, new_type)
+    dst.write_bytes(bytes(data))
+
+
+def test_bad_inputs(tiny, tmp_path):
+    one_line_error(*run(tmp_path / "missing.gguf", "hi")[::2], "missing.gguf", "no such file")
+    (tmp_path / "text.gguf").write_text("hello, not a gguf")
+    one_line_error(*run(tmp_path / "text.gguf", "hi")[::2], "text.gguf", "not a GGUF")
+    (tmp_path / "cut.gguf").write_bytes(tiny.read_bytes()[:4096])
+    one_line_error(*run(tmp_path / "cut.gguf", "hi")[::2], "cut.gguf")
+    _patch_type(tiny, tmp_path / "q41.gguf", "blk.0.attn_q.weight", 3)  # Q4_1: not runnable yet
+    one_line_error(*run(tmp_path / "q41.gguf", "hi")[::2], "blk.0.attn_q.weight", "Q4_1")
+    one_line_error(*run(tiny, "word " * 100, "--ctx", "32")[::2], "context", "--ctx")
+    one_line_error(*run(tiny, "hi", "--temp", "-1")[::2], "temperature")
+    one_line_error(*run(tiny, "hi", "--ctx", "0")[::2], "--ctx")
+    one_line_error(*run(tiny, input="")[::2], "no prompt")
