@@ -109,8 +109,9 @@ def run(
         raise ContextFull(f"the prompt has {len(p.ids)} tokens but the context holds {engine.ctx}; "
                           "raise --ctx or shorten the prompt")
     try:
-        params = default_params(p.thinking, engine.loaded.metadata, temperature=temp, top_k=top_k, top_p=top_p,
-                                min_p=min_p, presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
+        params = default_params(p.thinking, engine.loaded.metadata, p.thinking == engine.thinks(None),
+                                temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                                presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

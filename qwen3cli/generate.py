@@ -17,6 +17,8 @@ from .sampler import Sampler
 from .tokenizer import StreamDecoder
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# Qwen's recipe for a thinking budget: when it is spent, say so in the thinking and close it.
+BUDGET_NOTE = "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class Done:
     thinking_tokens: int
     prefill_s: float
     decode_s: float
+    budget_hit: bool = False  # the thinking budget closed the thinking
+    cached_tokens: int = 0  # prompt tokens whose KV came from the cache (not prefilled)
 
     @property
     def prefill_tps(self) -> float:
@@ -55,9 +59,10 @@ def starts_in_thinking(prompt_text: str) -> bool:
 
 def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *, stop_ids: frozenset[int],
              max_tokens: int | None = None, cache: KVCache | None = None,
-             thinking: bool = False) -> Iterator[Event]:
+             thinking: bool = False, thinking_budget: int | None = None) -> Iterator[Event]:
     """Yield events until a stop token, max_tokens or the context end. `thinking`: the prompt
-    already opened a think block. The cache may hold a prefix of prompt_ids (it is reused)."""
+    already opened a think block. The cache may hold a prefix of prompt_ids (it is reused).
+    After `thinking_budget` thinking tokens the thinking is closed for the model (BUDGET_NOTE)."""
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     open_id, close_id = vocab.get(THINK_OPEN), vocab.get(THINK_CLOSE)
     cache = cache if cache is not None else model.new_cache()
@@ -66,6 +71,7 @@ def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *
 
         raise ContextFull(f"the prompt has {len(prompt_ids)} tokens; the context holds {cache.ctx}")
     cache.truncate(len(prompt_ids) - 1)  # keep a shared prefix, but always run at least one token
+    cached = cache.n
     t0 = time.perf_counter()
     logits = model.forward(prompt_ids[cache.n:], cache)
     prefill_s = time.perf_counter() - t0
@@ -73,9 +79,15 @@ def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *
     generated: list[int] = []
     n_thinking, reason = 0, "length"
     fresh = True  # at the start of a thinking or answer segment: drop the template's newlines
+    forced: list[int] = []  # tokens the budget makes us write instead of sampling
+    budget_hit = False
     t1 = time.perf_counter()
     while True:
-        tid = sampler(logits, generated)
+        if thinking and thinking_budget is not None and n_thinking >= thinking_budget and not budget_hit \
+                and close_id is not None:
+            budget_hit = True
+            forced = tokenizer.encode(BUDGET_NOTE, add_special_tokens=False).ids + [close_id]
+        tid = forced.pop(0) if forced else sampler(logits, generated)
         generated.append(tid)
         if tid in stop_ids:
             reason = "stop"
@@ -103,7 +115,7 @@ def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *
     decode_s = time.perf_counter() - t1
     if reason != "stop" and thinking:
         reason += "_in_thinking"
-    yield Done(reason, len(prompt_ids), len(generated), n_thinking, prefill_s, decode_s)
+    yield Done(reason, len(prompt_ids), len(generated), n_thinking, prefill_s, decode_s, budget_hit, cached)
 
 
 @dataclass

@@ -38,14 +38,19 @@ class SamplingParams:
         return self
 
 
-def default_params(thinking: bool, metadata: dict[str, Any] | None = None, **user: Any) -> SamplingParams:
-    """Qwen's mode defaults < the file's general.sampling.* keys < the user's non-None values."""
+def default_params(thinking: bool, metadata: dict[str, Any] | None = None, file_mode: bool = True,
+                   **user: Any) -> SamplingParams:
+    """Qwen's mode defaults < the file's general.sampling.* keys < the user's non-None values.
+
+    The file's keys come from generation_config.json, written for the model's default mode
+    (thinking, for the hybrid Qwen3): `file_mode` says whether this turn is in that mode, and
+    only then do they apply, so /no_think still gets Qwen's non-thinking values."""
     p = SamplingParams(**(THINKING if thinking else NON_THINKING))
     kinds = {f.name: f.type for f in fields(SamplingParams)}
     for name, key in FILE_KEYS.items():
-        v = (metadata or {}).get(key)
+        v = (metadata or {}).get(key) if file_mode else None
         if v is not None:
-            p = replace(p, **{name: (int if kinds[name] == "int" else float)(v)})
+            p = replace(p, **{name: int(v) if kinds[name] == "int" else round(float(v), 6)})
     return replace(p, **{k: v for k, v in user.items() if v is not None}).validate()
 
 
@@ -98,9 +103,9 @@ def min_p(ids: np.ndarray, logits: np.ndarray, p: float):
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, rng: np.random.Generator | None = None):
         self.params = params.validate()
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = rng if rng is not None else np.random.default_rng(params.seed)
 
     def __call__(self, logits: np.ndarray, generated: list[int]) -> int:
         s = self.params

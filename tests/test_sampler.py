@@ -77,6 +77,8 @@ def test_defaults_by_mode_file_then_user():
     assert f.temperature == pytest.approx(0.5) and f.top_k == 40 and f.top_p == 0.95
     u = default_params(True, md, temperature=0.0, top_k=None)
     assert u.temperature == 0.0 and u.top_k == 40
+    # the file's keys describe the model's default mode; the other mode keeps Qwen's values
+    assert default_params(False, md, file_mode=False) == n
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2), dict(top_k=-1)])
