@@ -1,0 +1,215 @@
+"""The chat: Conversation logic against transformers' template, and the REPL driven through
+prompt_toolkit's pipe input on a tiny model (a fake sampler decides what the model "says")."""
+
+import io
+import json
+
+import pytest
+import transformers
+from prompt_toolkit.history import InMemoryHistory
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+from rich.console import Console
+
+from checkpoints import TOKENIZER
+from qwen3cli import conversation as conv_mod
+from qwen3cli.cli_chat import ChatUI, make_prompt_session
+from qwen3cli.conversation import ChatSettings, Conversation, Notice, common_prefix, split_soft_switch
+from qwen3cli.engine import Engine
+from qwen3cli.generate import BUDGET_NOTE, Done
+from qwen3cli.loader import load
+
+
+@pytest.fixture(scope="module")
+def engine(gguf_model):
+    path, _ = gguf_model("q8_0", dtype="f32", std=0.05, peaked=True)
+    return Engine(load(path), ctx=512)
+
+
+class FakeModel:
+    """Stands in for sampling: thinks `thought`, answers `answer`, stops. Records every call."""
+
+    def __init__(self, engine, thought="I ponder.", answer="Answer.", think_forever=False, interrupt_at=None):
+        enc = lambda s: engine.tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
+        self.tid = engine.tokenizer.token_to_id
+        self.thought, self.answer = enc(f"\n{thought}\n"), enc(f"\n\n{answer}") + [self.tid("<|im_end|>")]
+        self.word = enc(" hmm")[0]
+        self.think_forever, self.interrupt_at = think_forever, interrupt_at
+        self.params, self.opened = [], None
+
+    def factory(self, params, rng=None):
+        self.params.append(params)
+        return self
+
+    def __call__(self, logits, generated):
+        if self.interrupt_at is not None and len(generated) == self.interrupt_at:
+            raise KeyboardInterrupt
+        close = self.tid("</think>")
+        if close in generated:  # answer after the (possibly forced) close
+            return self.answer[len(generated) - generated.index(close) - 1]
+        if self.opened:  # the prompt already ended the thinking (no_think): answer
+            return self.answer[len(generated)]
+        if self.think_forever:
+            return self.tid("<think>") if not generated else self.word
+        seq = [self.tid("<think>")] + self.thought + [close]
+        return seq[len(generated)]
+
+
+@pytest.fixture
+def fake(engine, monkeypatch):
+    made = {}
+
+    def install(**kw):
+        f = FakeModel(engine, **kw)
+        real_generate = conv_mod.generate
+
+        def recording_generate(model, tok, prompt_ids, sampler, **k):
+            f.prompts = getattr(f, "prompts", []) + [list(prompt_ids)]
+            f.opened = engine.tokenizer.decode(prompt_ids[-4:], skip_special_tokens=False).endswith("</think>\n\n")
+            return real_generate(model, tok, prompt_ids, sampler, **k)
+
+        monkeypatch.setattr(conv_mod, "Sampler", f.factory)
+        monkeypatch.setattr(conv_mod, "generate", recording_generate)
+        made["f"] = f
+        return f
+
+    return install
+
+
+def drive(engine, keys: str, settings=None, display="show", conv=None):
+    conv = conv or Conversation(engine, settings or ChatSettings())
+    out = io.StringIO()
+    with create_pipe_input() as inp:
+        session = make_prompt_session(input=inp, output=DummyOutput(), history=InMemoryHistory())
+        ui = ChatUI(conv, Console(file=out, width=120), session, display=display)
+        inp.send_text(keys)
+        ui.loop()
+    return conv, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hf_tok():
+    return transformers.AutoTokenizer.from_pretrained(TOKENIZER)
+
+
+def test_soft_switch_parsing():
+    assert split_soft_switch("Explain X /no_think") == ("Explain X", False)
+    assert split_soft_switch("Explain X /think  ") == ("Explain X", True)
+    assert split_soft_switch("path/no_think") == ("path/no_think", None)
+    assert split_soft_switch("plain") == ("plain", None)
+
+
+def test_multi_turn_tokens_equal_transformers_and_only_new_tokens_are_prefilled(engine, fake, hf_tok):
+    f = fake(thought="Let me add.", answer="It is 4.")
+    conv = Conversation(engine, ChatSettings(system="Be brief."))
+    list(conv.send("2+2?"))
+    assert conv.messages[-1] == {"role": "assistant", "content": "It is 4.", "thinking": "Let me add.",
+                                 "finish_reason": "stop"}
+    done = [e for e in conv.send("and 3+3?") if isinstance(e, Done)][0]
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+               {"role": "assistant", "content": "<think>\nLet me add.\n</think>\n\nIt is 4."},
+               {"role": "user", "content": "and 3+3?"}]
+    want = hf_tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert f.prompts[1] == list(want)
+    # the first prompt is a prefix of the second: only the rest (old answer + new message) is prefilled
+    assert done.cached_tokens == len(f.prompts[0]) == common_prefix(f.prompts[0], f.prompts[1])
+    assert conv.total_reused == done.cached_tokens
+
+
+def test_no_think_switches_template_and_sampling(engine, fake):
+    f = fake()
+    conv, out = drive(engine, "/no_think\rhello\r/exit\r")
+    assert engine.tokenizer.decode(f.prompts[0], skip_special_tokens=False).endswith("<think>\n\n</think>\n\n")
+    assert (f.params[0].temperature, f.params[0].top_p) == (0.7, 0.8)
+    assert conv.messages[-1]["content"] == "Answer." and conv.messages[-1]["thinking"] == ""
+    assert "thinking…" not in out  # an empty think block is never shown
+
+
+def test_trailing_switch_is_for_one_turn_and_removed(engine, fake):
+    f = fake()
+    conv, _ = drive(engine, "first /think\rsecond\r/exit\r", settings=ChatSettings(think=False))
+    texts = [engine.tokenizer.decode(p, skip_special_tokens=False) for p in f.prompts]
+    assert texts[0].endswith("<|im_start|>assistant\n") and texts[1].endswith("</think>\n\n")
+    assert conv.messages[0]["content"] == "first" and "user\nfirst<|im_end|>" in texts[1]
+    assert (f.params[0].temperature, f.params[1].temperature) == (0.6, 0.7)
+
+
+@pytest.mark.parametrize("display", ["show", "collapse", "hide"])
+def test_thinking_display(engine, fake, display):
+    fake(thought="SECRET-THOUGHT", answer="visible answer")
+    conv, out = drive(engine, f"/thinking {display}\rq\r/last_thinking\r/exit\r")
+    before_last = out.split("visible answer")[0]
+    assert ("SECRET-THOUGHT" in before_last) == (display == "show")
+    assert ("thought for" in out) == (display == "collapse")
+    assert out.count("SECRET-THOUGHT") == (2 if display == "show" else 1)  # /last_thinking reprints it
+    assert "visible answer" in out and "<think>" not in out
+
+
+def test_budget_closes_the_thinking(engine, fake):
+    fake(think_forever=True, answer="done")
+    conv, out = drive(engine, "/budget 5\rq\r/exit\r")
+    r = conv.messages[-1]
+    assert r["content"] == "done" and r["thinking"].endswith(BUDGET_NOTE.strip())
+    assert r["thinking"].count("hmm") == 5  # exactly the budget, then the note
+    assert "thinking budget hit" in out and conv.last.budget_hit
+
+
+def test_reset_retry_undo_save_load(engine, fake, tmp_path):
+    fake()
+    save = tmp_path / "chat.json"
+    conv, out = drive(engine, f"one\rtwo\r/retry\r/save {save}\r/undo\r/exit\r")
+    assert [m["role"] for m in conv.messages] == ["user", "assistant"]
+    saved = json.loads(save.read_text())
+    assert [m["content"] for m in saved["messages"]] == ["one", "Answer.", "two", "Answer."]
+    conv2, _ = drive(engine, f"/load {save}\r/exit\r")
+    assert conv2.messages == saved["messages"] and conv2.settings == conv.settings
+    conv3, out3 = drive(engine, "/reset\r/exit\r", conv=conv2)
+    assert conv3.messages == [] and conv3.context_used == 0 and "cleared" in out3
+    _, out4 = drive(engine, f"/load {tmp_path / 'missing.json'}\r/exit\r")
+    assert "no such file" in out4
+
+
+def test_unknown_command_is_not_sent(engine, fake):
+    f = fake()
+    conv, out = drive(engine, "/thnik\r/exit\r")
+    assert conv.messages == [] and not getattr(f, "prompts", None)
+    assert "unknown command /thnik" in out and "/think" in out
+
+
+def test_set_and_stats(engine, fake):
+    f = fake()
+    conv, out = drive(engine, "/set temp 0.2\r/set top_k 5\r/set top_p 7\rhi\r/set\r/stats\r/exit\r")
+    assert f.params[0].temperature == 0.2 and f.params[0].top_k == 5
+    assert "usage: /set" in out  # top_p 7 is refused
+    assert "reused" in out and "context" in out
+
+
+def test_ctrl_c_during_generation_keeps_the_session(engine, fake):
+    f = fake(interrupt_at=3)
+    conv, out = drive(engine, "first\r/exit\r")
+    assert conv.messages[-1]["interrupted"] and "interrupted" in out
+    f.interrupt_at = None
+    list(conv.send("second"))
+    assert [m["role"] for m in conv.messages] == ["user", "assistant", "user", "assistant"]
+    assert conv.messages[-1]["content"] == "Answer."
+
+
+def test_ctrl_c_at_empty_prompt_asks_then_exits(engine, fake):
+    conv, out = drive(engine, "\x03\x03")
+    assert "Ctrl-C again" in out
+
+
+def test_context_overflow_drops_the_oldest_turn(gguf_model, fake):
+    path, _ = gguf_model("q8_0", dtype="f32", std=0.05, peaked=True)
+    small = Engine(load(path), ctx=96)
+    fake(thought="t", answer="a")
+    conv = Conversation(small, ChatSettings(max_tokens=8))
+    notices = []
+    for i in range(6):
+        notices += [e for e in conv.send(f"message number {i} " * 2) if isinstance(e, Notice)]
+    assert notices and "dropped the oldest" in notices[0].text
+    assert conv.messages[-2]["content"].startswith("message number 5")
+    assert conv.messages[0]["content"] != "message number 0 message number 0"
+    with pytest.raises(conv_mod.ContextFull):
+        list(conv.send("word " * 200))
+    assert conv.messages[-2]["content"].startswith("message number 5")  # the refused message is not kept
