@@ -6,6 +6,8 @@ KV cache is preallocated for the whole context (its pages are only touched as th
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from quant.kernels.matmul_cpu import matmul
@@ -22,10 +24,25 @@ class ContextFull(Qwen3CliError):
     """The tokens do not fit in the context window."""
 
 
+def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """Zeroed float32 memory whose pages appear as they are first written, in small pages:
+    each (layer, head) row of the cache is touched a few KB at a time, and with transparent huge
+    pages every first touch would zero 2 MB (measured: 2.1 s for a 128-token prompt on the
+    0.6B shape at ctx 8192, against 0.03 s with 4 KB pages)."""
+    n = int(np.prod(shape)) * 4
+    try:
+        m = mmap.mmap(-1, max(n, 1))
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            m.madvise(mmap.MADV_NOHUGEPAGE)
+    except (OSError, ValueError):
+        return np.zeros(shape, np.float32)
+    return np.frombuffer(m, np.float32, int(np.prod(shape))).reshape(shape)
+
+
 class KVCache:
     def __init__(self, n_layers: int, n_kv: int, ctx: int, head_dim: int):
-        self.k = np.zeros((n_layers, n_kv, ctx, head_dim), np.float32)
-        self.v = np.zeros((n_layers, n_kv, ctx, head_dim), np.float32)
+        self.k = lazy_zeros((n_layers, n_kv, ctx, head_dim))
+        self.v = lazy_zeros((n_layers, n_kv, ctx, head_dim))
         self.ctx = ctx
         self.n = 0  # positions filled
 
@@ -93,15 +110,20 @@ class Model:
         T = p + n
         K, V = cache.k[li, :, :T], cache.v[li, :, :T]  # (Hkv, T, D)
         G = Hq // Hkv
-        qg = q.reshape(n, Hkv, G, D).transpose(1, 2, 0, 3)  # (Hkv, G, n, D)
+        qg = np.ascontiguousarray(q.reshape(n, Hkv, G, D).transpose(1, 2, 0, 3))  # (Hkv, G, n, D)
         out = np.empty((Hkv, G, n, D), np.float32)
         scale = np.float32(D ** -0.5)
+        Kt = K.transpose(0, 2, 1)  # (Hkv, D, T): a strided view BLAS takes as is
         for s in range(0, n, Q_CHUNK):
             e = min(n, s + Q_CHUNK)
-            scores = (qg[:, :, s:e] @ K[:, None].transpose(0, 1, 3, 2)) * scale  # (Hkv, G, m, T)
-            qpos = p + np.arange(s, e)
-            scores[..., np.arange(T)[None, :] > qpos[:, None]] = -np.inf
-            out[:, :, s:e] = softmax(scores) @ V[:, None]
+            m = e - s
+            scores = np.matmul(np.ascontiguousarray(qg[:, :, s:e]).reshape(Hkv, G * m, D), Kt)
+            scores = scores.reshape(Hkv, G, m, T)
+            scores *= scale
+            if m > 1:  # causal: query i (position p+s+i) sees keys up to its own position
+                future = np.arange(T)[None, :] > (p + np.arange(s, e))[:, None]
+                scores[:, :, future] = -np.inf
+            out[:, :, s:e] = np.matmul(softmax(scores).reshape(Hkv, G * m, T), V).reshape(Hkv, G, m, D)
         attn = out.transpose(2, 0, 1, 3).reshape(n, Hq * D)
         return matmul(attn, ly.o)
 

@@ -71,6 +71,42 @@ def _q4_0(x, raw, out):
             out[i, r] = acc
 
 
+@njit(parallel=True, cache=True)
+def _dequant_q8_0(raw, rawi, out):
+    nb = out.shape[1] // 32
+    for r in prange(raw.shape[0]):
+        for b in range(nb):
+            d = _half(raw[r, b * 34], raw[r, b * 34 + 1])
+            for j in range(32):
+                out[r, b * 32 + j] = d * np.float32(rawi[r, b * 34 + 2 + j])
+
+
+@njit(parallel=True, cache=True)
+def _dequant_q4_0(raw, out):
+    nb = out.shape[1] // 32
+    for r in prange(raw.shape[0]):
+        for b in range(nb):
+            d = _half(raw[r, b * 18], raw[r, b * 18 + 1])
+            for j in range(16):
+                q = raw[r, b * 18 + 2 + j]
+                out[r, b * 32 + j] = d * np.float32(np.int32(q & 15) - 8)
+                out[r, b * 32 + j + 16] = d * np.float32(np.int32(q >> 4) - 8)
+
+
+def dequant(w: QTensor, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows lo:hi as float32; numba for the block formats that have a kernel, else the codec."""
+    raw = w.raw[lo:hi]
+    if w.type == T.Q8_0:
+        out = np.empty((hi - lo, w.k), np.float32) if out is None else out
+        _dequant_q8_0(raw, raw.view(np.int8), out)
+        return out
+    if w.type == T.Q4_0:
+        out = np.empty((hi - lo, w.k), np.float32) if out is None else out
+        _dequant_q4_0(raw, out)
+        return out
+    return w.dequant(lo, hi)
+
+
 def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None) -> np.ndarray:
     """(n, k) float32 @ W.T -> (n, w.rows) float32."""
     x = np.ascontiguousarray(x, np.float32)
@@ -89,5 +125,5 @@ def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None) -> np.ndarr
         step = max(1, TILE_ELEMS // w.k)
         for lo in range(0, w.rows, step):
             hi = min(w.rows, lo + step)
-            np.matmul(x, w.dequant(lo, hi).T, out=out[:, lo:hi])
+            np.matmul(x, dequant(w, lo, hi).T, out=out[:, lo:hi])
     return out
