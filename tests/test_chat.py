@@ -213,3 +213,17 @@ def test_context_overflow_drops_the_oldest_turn(gguf_model, fake):
     with pytest.raises(conv_mod.ContextFull):
         list(conv.send("word " * 200))
     assert conv.messages[-2]["content"].startswith("message number 5")  # the refused message is not kept
+
+
+def test_chat_command_bad_inputs(tmp_path):
+    from typer.testing import CliRunner
+
+    from qwen3cli.cli import app
+
+    for args, needle in ((["chat", str(tmp_path / "none.gguf")], "no such file"),
+                         (["chat", "x.gguf", "--thinking", "loud"], "--thinking"),
+                         (["chat", "x.gguf", "--ctx", "0"], "--ctx"),
+                         (["chat", "x.gguf", "--temp", "-2"], "temperature")):
+        r = CliRunner().invoke(app, args)
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        assert r.exit_code == 1 and len(lines) == 1 and needle in lines[0], (args, r.stderr)
