@@ -10,7 +10,9 @@ import mmap
 
 import numpy as np
 
-from quant.kernels.matmul_cpu import matmul
+from dataclasses import fields, replace
+
+from quant.kernels.matmul_cpu import Packed, matmul, pack
 from quant.qtensor import QTensor
 
 from .errors import Qwen3CliError
@@ -65,9 +67,22 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def prepare(w: Weights) -> Weights:
+    """The same weights with every matrix in the kernels' layout (repacked once, here)."""
+    def conv(t):
+        return pack(t) if isinstance(t, QTensor) else t
+
+    layers = [replace(ly, **{f.name: conv(getattr(ly, f.name)) for f in fields(ly)}) for ly in w.layers]
+    output = conv(w.output)
+    # tied: look tokens up in the packed matrix, so the file's copy is not kept in memory too
+    embd = output if w.output is w.token_embd and isinstance(output, Packed) else w.token_embd
+    return replace(w, layers=layers, output=output, token_embd=embd)
+
+
 class Model:
     def __init__(self, w: Weights, ctx: int | None = None):
         a = w.args
+        w = prepare(w)
         self.w, self.args = w, a
         self.ctx = int(ctx or a.context_length)
         self.rope = make_rope(a, scaling_for_context(a, self.ctx))

@@ -1,14 +1,17 @@
-"""y = x @ W.T for a QTensor W on the CPU.
+"""y = x @ W.T on the CPU, for weights kept quantized.
 
-Few rows of x (decode): numba kernels that read the GGUF blocks directly, so every weight
-byte is read once per token. Many rows (prefill), or formats without a kernel: dequantize a
-tile of W at a time and hand it to BLAS. This is the correct, simple baseline; the tuned
-kernels (repacked blocks, int8 dot products) replace the numba ones without touching callers.
+Q8_0 and Q4_0 are repacked once at load (`pack`): float32 scales apart from the quants, and
+Q4_0's nibbles reordered so byte m of a row holds elements m and m + k/2. Then one flat loop
+over k (scale looked up per element) lets LLVM vectorise; the 32-element block loops over raw
+GGUF bytes did not (FEASIBILITY.md: 3-10x slower). Few rows of x (decode) go through those
+loops, every weight byte read once per token; many rows (prefill) dequantize a tile of W at a
+time and hand it to BLAS. Other formats use their numpy codec + BLAS.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -18,6 +21,38 @@ from ..qtensor import QTensor
 
 SMALL_N = 8  # rows of x up to which the direct kernels beat dequantize + BLAS
 TILE_ELEMS = 1 << 22  # float32 elements dequantized at once (16 MiB)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A Q8_0 / Q4_0 matrix (or expert stack) in the kernels' layout."""
+    name: str
+    type: T
+    rows: int
+    k: int
+    q: np.ndarray  # Q8_0: int8 (R, k); Q4_0: uint8 (R, k/2), byte m = element m | element m + k/2 << 4
+    d: np.ndarray  # float32 (R, k/32)
+    n_mats: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.d.nbytes
+
+    def expert(self, e: int) -> "Packed":
+        s = slice(e * self.rows, (e + 1) * self.rows)
+        return Packed(f"{self.name}[{e}]", self.type, self.rows, self.k, self.q[s], self.d[s])
+
+    def dequant(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        hi = self.q.shape[0] if hi is None else hi
+        out = np.empty((hi - lo, self.k), np.float32)
+        (_deq_q8_0 if self.type == T.Q8_0 else _deq_q4_0)(self.q[lo:hi], self.d[lo:hi], out)
+        return out
+
+    def take(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        out = np.empty((len(ids), self.k), np.float32)
+        (_deq_q8_0 if self.type == T.Q8_0 else _deq_q4_0)(self.q[ids], self.d[ids], out)
+        return out
 
 
 @njit(cache=True, inline="always")
@@ -35,79 +70,102 @@ def _half(lo, hi):
     return np.float32(-v if h & 0x8000 else v)
 
 
-@njit(parallel=True, cache=True, fastmath=True)
-def _q8_0(x, raw, rawi, out):
-    n, k = x.shape
-    nb = k // 32
-    for r in prange(raw.shape[0]):
-        for i in range(n):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                o = b * 34
-                d = _half(raw[r, o], raw[r, o + 1])
-                s = np.float32(0.0)
-                for j in range(32):
-                    s += x[i, b * 32 + j] * np.float32(rawi[r, o + 2 + j])
-                acc += d * s
-            out[i, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def _q4_0(x, raw, out):
-    n, k = x.shape
-    nb = k // 32
-    for r in prange(raw.shape[0]):
-        for i in range(n):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                o = b * 18
-                d = _half(raw[r, o], raw[r, o + 1])
-                s = np.float32(0.0)
-                for j in range(16):
-                    q = raw[r, o + 2 + j]
-                    s += x[i, b * 32 + j] * np.float32(np.int32(q & 15) - 8)
-                    s += x[i, b * 32 + j + 16] * np.float32(np.int32(q >> 4) - 8)
-                acc += d * s
-            out[i, r] = acc
-
+# -- repacking (once, at load) -------------------------------------------------------------
 
 @njit(parallel=True, cache=True)
-def _dequant_q8_0(raw, rawi, out):
-    nb = out.shape[1] // 32
+def _pack_q8_0(raw, rawi, q, d):
+    nb = d.shape[1]
     for r in prange(raw.shape[0]):
         for b in range(nb):
-            d = _half(raw[r, b * 34], raw[r, b * 34 + 1])
+            d[r, b] = _half(raw[r, b * 34], raw[r, b * 34 + 1])
             for j in range(32):
-                out[r, b * 32 + j] = d * np.float32(rawi[r, b * 34 + 2 + j])
+                q[r, b * 32 + j] = rawi[r, b * 34 + 2 + j]
 
 
 @njit(parallel=True, cache=True)
-def _dequant_q4_0(raw, out):
-    nb = out.shape[1] // 32
+def _pack_q4_0(raw, q, d):
+    nb = d.shape[1]
+    half = nb * 16  # k / 2
     for r in prange(raw.shape[0]):
         for b in range(nb):
-            d = _half(raw[r, b * 18], raw[r, b * 18 + 1])
-            for j in range(16):
-                q = raw[r, b * 18 + 2 + j]
-                out[r, b * 32 + j] = d * np.float32(np.int32(q & 15) - 8)
-                out[r, b * 32 + j + 16] = d * np.float32(np.int32(q >> 4) - 8)
+            d[r, b] = _half(raw[r, b * 18], raw[r, b * 18 + 1])
+        for m in range(half):  # element m (first half of the row) and element m + half
+            e0, e1 = m, m + half
+            b0, b1 = e0 >> 5, e1 >> 5
+            j0, j1 = e0 & 31, e1 & 31
+            n0 = np.int32(raw[r, b0 * 18 + 2 + (j0 & 15)])
+            n1 = np.int32(raw[r, b1 * 18 + 2 + (j1 & 15)])
+            lo = (n0 & 15) if j0 < 16 else (n0 >> 4)
+            hi = (n1 & 15) if j1 < 16 else (n1 >> 4)
+            q[r, m] = np.uint8(lo | (hi << 4))
 
 
-def dequant(w: QTensor, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Rows lo:hi as float32; numba for the block formats that have a kernel, else the codec."""
-    raw = w.raw[lo:hi]
+def pack(w: QTensor) -> QTensor | Packed:
+    """The kernels' layout for Q8_0 / Q4_0 (other formats are returned as they are)."""
+    R, nb = w.raw.shape[0], w.k // 32
+    d = np.empty((R, nb), np.float32)
     if w.type == T.Q8_0:
-        out = np.empty((hi - lo, w.k), np.float32) if out is None else out
-        _dequant_q8_0(raw, raw.view(np.int8), out)
-        return out
-    if w.type == T.Q4_0:
-        out = np.empty((hi - lo, w.k), np.float32) if out is None else out
-        _dequant_q4_0(raw, out)
-        return out
-    return w.dequant(lo, hi)
+        q = np.empty((R, w.k), np.int8)
+        _pack_q8_0(w.raw, w.raw.view(np.int8), q, d)
+    elif w.type == T.Q4_0 and w.k % 64 == 0:
+        q = np.empty((R, w.k // 2), np.uint8)
+        _pack_q4_0(w.raw, q, d)
+    else:
+        return w
+    return Packed(w.name, w.type, w.rows, w.k, q, d, w.n_mats)
 
 
-def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None) -> np.ndarray:
+# -- decode: few rows of x -----------------------------------------------------------------
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _mv_q8_0(x, q, d, out):
+    n, k = x.shape
+    for r in prange(q.shape[0]):
+        for i in range(n):
+            acc = np.float32(0.0)
+            for j in range(k):
+                acc += x[i, j] * (d[r, j >> 5] * np.float32(q[r, j]))
+            out[i, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _mv_q4_0(x, q, d, out):
+    # One row of x (a loop over rows of x inside stopped LLVM from vectorising); the -8 is
+    # folded out: sum d x (nib - 8) = sum d x nib - 8 sum d x.
+    half = x.shape[0] // 2
+    for r in prange(q.shape[0]):
+        a = np.float32(0.0)
+        c = np.float32(0.0)
+        for m in range(half):
+            v = np.int32(q[r, m])
+            dl = d[r, m >> 5] * x[m]
+            dh = d[r, (m + half) >> 5] * x[m + half]
+            a += dl * np.float32(v & 15) + dh * np.float32(v >> 4)
+            c += dl + dh
+        out[r] = a - np.float32(8) * c
+
+
+# -- prefill: dequantize tiles for BLAS ----------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def _deq_q8_0(q, d, out):
+    k = out.shape[1]
+    for r in prange(q.shape[0]):
+        for j in range(k):
+            out[r, j] = d[r, j >> 5] * np.float32(q[r, j])
+
+
+@njit(parallel=True, cache=True)
+def _deq_q4_0(q, d, out):
+    half = out.shape[1] // 2
+    for r in prange(q.shape[0]):
+        for m in range(half):
+            v = q[r, m]
+            out[r, m] = d[r, m >> 5] * np.float32(np.int32(v & 15) - 8)
+            out[r, m + half] = d[r, (m + half) >> 5] * np.float32(np.int32(v >> 4) - 8)
+
+
+def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) -> np.ndarray:
     """(n, k) float32 @ W.T -> (n, w.rows) float32."""
     x = np.ascontiguousarray(x, np.float32)
     n = x.shape[0]
@@ -115,15 +173,17 @@ def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None) -> np.ndarr
         raise ValueError(f"{w.name}: input has {x.shape[1]} features, weight expects {w.k}")
     if out is None:
         out = np.empty((n, w.rows), np.float32)
-    if w.type == T.F32:
+    if isinstance(w, Packed) and n <= SMALL_N:
+        if w.type == T.Q8_0:
+            _mv_q8_0(x, w.q, w.d, out)
+        else:
+            for i in range(n):
+                _mv_q4_0(x[i], w.q, w.d, out[i])
+    elif w.type == T.F32 and isinstance(w, QTensor):
         np.matmul(x, w.raw.view(np.float32).T, out=out)
-    elif n <= SMALL_N and w.type == T.Q8_0:
-        _q8_0(x, w.raw, w.raw.view(np.int8), out)
-    elif n <= SMALL_N and w.type == T.Q4_0:
-        _q4_0(x, w.raw, out)
     else:
         step = max(1, TILE_ELEMS // w.k)
         for lo in range(0, w.rows, step):
             hi = min(w.rows, lo + step)
-            np.matmul(x, dequant(w, lo, hi).T, out=out[:, lo:hi])
+            np.matmul(x, w.dequant(lo, hi).T, out=out[:, lo:hi])
     return out

@@ -1,0 +1,74 @@
+"""CPU matmul kernels against the numpy reference codecs: every format, odd shapes, 1..40 rows
+of x (decode kernels and the dequantize + BLAS path), one thread and all threads."""
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from quant.formats import FORMATS
+from quant.kernels.matmul_cpu import SMALL_N, Packed, matmul, pack
+from quant.qtensor import QTensor
+
+TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q6_K]
+
+
+def weights(t, rows, k, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, k)).astype(np.float32) * rng.uniform(0.01, 3, (rows, 1)).astype(np.float32)
+    return QTensor.from_f32("w", w, t)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,k", [(1, 256), (37, 256), (300, 512), (65, 768)])
+@pytest.mark.parametrize("n", [1, 3, SMALL_N, SMALL_N + 1, 40])
+def test_matmul_equals_reference(t, rows, k, n):
+    q = weights(t, rows, k)
+    x = np.random.default_rng(1).standard_normal((n, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ FORMATS[t].decode(q.raw, k).astype(np.float64).T
+    for w in (q, pack(q)):
+        got = matmul(x, w)
+        assert got.shape == (n, rows)
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+def test_packed_layout_is_exact(t):
+    q = weights(t, 50, 384)
+    p = pack(q)
+    assert isinstance(p, Packed) and p.type == t
+    np.testing.assert_array_equal(p.dequant(), FORMATS[t].decode(q.raw, 384))
+    np.testing.assert_array_equal(p.dequant(7, 19), FORMATS[t].decode(q.raw[7:19], 384))
+    np.testing.assert_array_equal(p.take([49, 0, 3, 3]), FORMATS[t].decode(q.raw[[49, 0, 3, 3]], 384))
+
+
+def test_q4_0_rows_not_a_multiple_of_64_stay_unpacked():
+    q = weights(T.Q4_0, 5, 96)  # 3 blocks: the half-row nibble layout needs an even count
+    assert pack(q) is q
+    x = np.ones((1, 96), np.float32)
+    np.testing.assert_allclose(matmul(x, q), x @ q.dequant().T, rtol=1e-5)
+
+
+def test_experts_are_slices_of_the_stack():
+    rng = np.random.default_rng(2)
+    stack = rng.standard_normal((4 * 24, 128)).astype(np.float32)
+    q = QTensor("exps", T.Q8_0, 24, 128, FORMATS[T.Q8_0].encode(stack), n_mats=4)
+    p = pack(q)
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    for e in range(4):
+        np.testing.assert_allclose(matmul(x, p.expert(e)), matmul(x, q.expert(e)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+def test_one_thread_equals_all_threads(t):
+    p = pack(weights(t, 513, 1024))
+    x = np.random.default_rng(3).standard_normal((1, 1024)).astype(np.float32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = matmul(x, p)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = matmul(x, p)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(one, many)  # rows are independent: same order of additions
