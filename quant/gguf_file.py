@@ -223,6 +223,17 @@ class GGUFFile:
         rows = int(np.prod(t.shape[1:], dtype=np.int64)) if len(t.shape) > 1 else 1
         return np.frombuffer(self._buf, np.uint8, t.nbytes, t.offset).reshape(rows, t.nbytes // rows)
 
+    def release_pages(self, name: str) -> None:
+        """Drop the tensor's pages from this process (they stay in the page cache and come back
+        on the next read): for tensors copied into another layout, so memory is not held twice."""
+        t = self.tensors[name]
+        page = mmap.PAGESIZE
+        start = t.offset // page * page
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+        except (AttributeError, OSError, ValueError):  # no madvise here: only memory is lost
+            pass
+
     def close(self) -> None:
         try:
             self._buf.release()

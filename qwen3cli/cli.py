@@ -141,7 +141,7 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
         raise typer.Exit()
 
 
-from . import cli_chat, cli_run  # noqa: E402,F401  (register `chat` and `run`)
+from . import cli_bench, cli_chat, cli_run  # noqa: E402,F401  (register `bench`, `chat`, `run`)
 
 
 def main() -> None:

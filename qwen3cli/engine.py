@@ -29,7 +29,7 @@ class Engine:
         self.loaded = loaded
         self.args = loaded.args
         self.ctx = int(ctx) if ctx else min(DEFAULT_CTX, loaded.args.context_length)
-        self.model = Model(loaded.weights, self.ctx)
+        self.model = Model(loaded.weights, self.ctx, release=loaded.release)
         self.template = ChatTemplate(loaded.chat_template, loaded.special_tokens, where=loaded.source)
         self.mode = self.template.thinking_mode()
 

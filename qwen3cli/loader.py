@@ -39,6 +39,11 @@ class LoadedModel:
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ... for templates
     _keep: Any = None  # the open GGUFFile whose map the weights view
 
+    def release(self, tensor: str) -> None:
+        """The engine copied this tensor into its own layout: let the file's pages go."""
+        if self._keep is not None and tensor in self._keep.tensors:
+            self._keep.release_pages(tensor)
+
     @property
     def name(self) -> str:
         return str(self.metadata.get("general.name") or Path(self.source).name)

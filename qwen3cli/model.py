@@ -67,10 +67,16 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def prepare(w: Weights) -> Weights:
-    """The same weights with every matrix in the kernels' layout (repacked once, here)."""
+def prepare(w: Weights, release=None) -> Weights:
+    """The same weights with every matrix in the kernels' layout (repacked once, here).
+    `release(name)` is told of each tensor copied, so its file pages can be dropped."""
     def conv(t):
-        return pack(t) if isinstance(t, QTensor) else t
+        if not isinstance(t, QTensor):
+            return t
+        p = pack(t)
+        if p is not t and release is not None:
+            release(t.name)
+        return p
 
     layers = [replace(ly, **{f.name: conv(getattr(ly, f.name)) for f in fields(ly)}) for ly in w.layers]
     output = conv(w.output)
@@ -80,9 +86,9 @@ def prepare(w: Weights) -> Weights:
 
 
 class Model:
-    def __init__(self, w: Weights, ctx: int | None = None):
+    def __init__(self, w: Weights, ctx: int | None = None, release=None):
         a = w.args
-        w = prepare(w)
+        w = prepare(w, release)
         self.w, self.args = w, a
         self.ctx = int(ctx or a.context_length)
         self.rope = make_rope(a, scaling_for_context(a, self.ctx))

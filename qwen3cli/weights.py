@@ -55,8 +55,9 @@ class Weights:
     def nbytes(self) -> int:
         seen, total = set(), 0
         for t in [self.token_embd, self.output, *[v for ly in self.layers for v in vars(ly).values()]]:
-            if isinstance(t, QTensor) and id(t.raw) not in seen:
-                seen.add(id(t.raw))
+            key = getattr(t, "raw", getattr(t, "q", None))  # QTensor or the kernels' packed form
+            if key is not None and id(key) not in seen:
+                seen.add(id(key))
                 total += t.nbytes
         return total
 

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 QWEN3_06B = dict(vocab=151936, hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, ffn=3072)
+QWEN3_17B = dict(vocab=151936, hidden=2048, layers=28, heads=16, kv_heads=8, head_dim=128, ffn=6144)
+SHAPES = {"0.6b": QWEN3_06B, "1.7b": QWEN3_17B}
 
 
 def shapes(c=QWEN3_06B) -> dict[str, tuple[int, ...]]:
@@ -49,10 +51,10 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     return (0.02 * rng.standard_normal(shape, dtype=np.float32))
 
 
-def write_checkpoint(d: Path) -> None:
+def write_checkpoint(d: Path, c=QWEN3_06B) -> None:
     """A BF16 single-file checkpoint, written tensor by tensor (never all in memory)."""
     d.mkdir(parents=True, exist_ok=True)
-    sh = shapes()
+    sh = shapes(c)
     names = sorted(sh)
     header, off = {}, 0
     for n in names:
@@ -67,6 +69,8 @@ def write_checkpoint(d: Path) -> None:
             u = random_tensor(n, sh[n], i).view(np.uint32)
             f.write(((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes())
     cfg = json.loads((ROOT / "tests/data/qwen3-0.6B-configs/config.json").read_text())
+    cfg.update(hidden_size=c["hidden"], num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
+               num_key_value_heads=c["kv_heads"], head_dim=c["head_dim"], intermediate_size=c["ffn"])
     (d / "config.json").write_text(json.dumps(cfg))
     shutil.copy(ROOT / "tests/data/qwen3-0.6B-configs/generation_config.json", d)
     for f in ("tokenizer.json", "tokenizer_config.json"):

@@ -1,0 +1,65 @@
+"""Prefill and decode speed of a loaded engine, like llama-bench's pp / tg tests.
+
+Prompt tokens are fixed pseudo-random ids (the speed does not depend on them); decode feeds
+back the argmax so the work is that of real generation. Each test runs `reps` times after one
+warm-up; results carry the mean and standard deviation of tokens/s.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engine import Engine
+
+
+@dataclass
+class BenchResult:
+    test: str  # "pp128" / "tg64"
+    tokens: int
+    runs: list[float] = field(default_factory=list)  # tokens/s of each repetition
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.runs) if self.runs else 0.0
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.runs) if len(self.runs) > 1 else 0.0
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (1 << 20) if sys.platform == "darwin" else kb / 1024
+
+
+def run_bench(engine: Engine, prompt: int = 128, gen: int = 64, reps: int = 3) -> list[BenchResult]:
+    m = engine.model
+    ids = [int(t) for t in np.random.default_rng(0).integers(0, engine.args.vocab_size, prompt)]
+    results = []
+    if prompt:
+        pp = BenchResult(f"pp{prompt}", prompt)
+        for r in range(reps + 1):
+            cache = m.new_cache()
+            t0 = time.perf_counter()
+            m.forward(ids, cache)
+            if r:  # the first is the warm-up
+                pp.runs.append(prompt / (time.perf_counter() - t0))
+        results.append(pp)
+    if gen:
+        tg = BenchResult(f"tg{gen}", gen)
+        for r in range(reps + 1):
+            cache = m.new_cache()
+            logits = m.forward(ids[:1], cache)
+            t0 = time.perf_counter()
+            for _ in range(gen):
+                logits = m.forward([int(np.argmax(logits))], cache)
+            if r:
+                tg.runs.append(gen / (time.perf_counter() - t0))
+        results.append(tg)
+    return results

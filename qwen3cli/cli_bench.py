@@ -1,0 +1,55 @@
+"""`qwen3cli bench MODEL`: prefill and decode tokens/s, load time and peak memory."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import typer
+from rich.table import Table
+
+from .cli import app, out, user_errors
+from .cli_run import UsageError, load_progress, set_threads
+
+
+@app.command()
+@user_errors
+def bench(
+    model: str = typer.Argument(..., help="A GGUF file, a Hugging Face model directory, or a hub repo id."),
+    prompt: int = typer.Option(128, "-p", "--prompt", help="Prompt tokens for the prefill test (0: skip)."),
+    gen: int = typer.Option(64, "-n", "--gen", help="Tokens for the decode test (0: skip)."),
+    reps: int = typer.Option(3, "-r", "--reps", help="Repetitions of each test (after one warm-up)."),
+    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
+    quant: str = typer.Option("q8_0", "--quant", help="Type a Hugging Face directory or repo is converted to."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Measure prefill and decode speed, like llama-bench."""
+    import numba
+
+    from .bench import peak_rss_mb, run_bench
+    from .engine import Engine
+
+    if prompt < 0 or gen < 0 or reps < 1 or prompt + gen == 0:
+        raise UsageError("-p and -n must be >= 0 (not both 0) and -r >= 1")
+    set_threads(threads)
+    t0 = time.perf_counter()
+    with load_progress() as progress:
+        engine = Engine.open(model, ctx=max(prompt, 1) + gen + 1, quant=quant, progress=progress)
+    load_s = time.perf_counter() - t0
+    results = run_bench(engine, prompt, gen, reps)
+    info = {"model": engine.loaded.name, "source": engine.loaded.source, "threads": numba.get_num_threads(),
+            "load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "weights_mb": round(engine.model.w.nbytes / 1e6, 1)}
+    if as_json:
+        out.print_json(json.dumps({**info, "results": [
+            {"test": r.test, "tokens": r.tokens, "tokens_per_s": round(r.mean, 2), "std": round(r.std, 2),
+             "runs": [round(x, 2) for x in r.runs]} for r in results]}))
+        return
+    out.print(f"{info['model']} · {info['threads']} threads · weights {info['weights_mb']:.0f} MB · "
+              f"load {load_s:.2f} s · peak RSS {info['peak_rss_mb']:.0f} MB", highlight=False)
+    t = Table()
+    for c in ("test", "tokens/s", "±"):
+        t.add_column(c, justify="right")
+    for r in results:
+        t.add_row(r.test, f"{r.mean:.2f}", f"{r.std:.2f}")
+    out.print(t)
