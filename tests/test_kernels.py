@@ -32,14 +32,14 @@ def test_matmul_equals_reference(t, rows, k, n):
         np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0, T.Q6_K], ids=lambda t: t.name)
 def test_packed_layout_is_exact(t):
-    q = weights(t, 50, 384)
+    q = weights(t, 50, 512)
     p = pack(q)
     assert isinstance(p, Packed) and p.type == t
-    np.testing.assert_array_equal(p.dequant(), FORMATS[t].decode(q.raw, 384))
-    np.testing.assert_array_equal(p.dequant(7, 19), FORMATS[t].decode(q.raw[7:19], 384))
-    np.testing.assert_array_equal(p.take([49, 0, 3, 3]), FORMATS[t].decode(q.raw[[49, 0, 3, 3]], 384))
+    np.testing.assert_array_equal(p.dequant(), FORMATS[t].decode(q.raw, 512))
+    np.testing.assert_array_equal(p.dequant(7, 19), FORMATS[t].decode(q.raw[7:19], 512))
+    np.testing.assert_array_equal(p.take([49, 0, 3, 3]), FORMATS[t].decode(q.raw[[49, 0, 3, 3]], 512))
 
 
 def test_q4_0_rows_not_a_multiple_of_64_stay_unpacked():
@@ -59,7 +59,7 @@ def test_experts_are_slices_of_the_stack():
         np.testing.assert_allclose(matmul(x, p.expert(e)), matmul(x, q.expert(e)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0, T.Q6_K], ids=lambda t: t.name)
 def test_one_thread_equals_all_threads(t):
     p = pack(weights(t, 513, 1024))
     x = np.random.default_rng(3).standard_normal((1, 1024)).astype(np.float32)
