@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .cli import app, out, user_errors
-from .cli_run import UsageError, load_progress, set_threads
+from .cli_run import UsageError, open_engine, set_threads
 
 
 @app.command()
@@ -27,14 +27,12 @@ def bench(
     import numba
 
     from .bench import peak_rss_mb, run_bench
-    from .engine import Engine
 
     if prompt < 0 or gen < 0 or reps < 1 or prompt + gen == 0:
         raise UsageError("-p and -n must be >= 0 (not both 0) and -r >= 1")
     set_threads(threads)
     t0 = time.perf_counter()
-    with load_progress() as progress:
-        engine = Engine.open(model, ctx=max(prompt, 1) + gen + 1, quant=quant, progress=progress)
+    engine = open_engine(model, max(prompt, 1) + gen + 1, quant)
     load_s = time.perf_counter() - t0
     results = run_bench(engine, prompt, gen, reps)
     info = {"model": engine.loaded.name, "source": engine.loaded.source, "threads": numba.get_num_threads(),

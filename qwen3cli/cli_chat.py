@@ -22,7 +22,7 @@ from rich.markdown import Markdown
 from rich.text import Text
 
 from .cli import app, err, user_errors
-from .cli_run import UsageError, load_progress, set_threads
+from .cli_run import UsageError, open_engine, set_threads
 from .conversation import SAMPLING_KEYS, ChatSettings, Conversation, Notice
 from .errors import Qwen3CliError
 from .generate import Done
@@ -420,7 +420,6 @@ def chat(
     markdown: bool = typer.Option(False, "--markdown", help="Render finished answers as Markdown."),
 ) -> None:
     """Chat with a model. /help inside lists the commands."""
-    from .engine import Engine
     from .sampler import default_params
 
     if thinking not in DISPLAYS:
@@ -436,8 +435,7 @@ def chat(
     except ValueError as e:
         raise UsageError(str(e)) from None
     set_threads(threads)
-    with load_progress() as progress:
-        engine = Engine.open(model, ctx=ctx, quant=quant, progress=progress)
+    engine = open_engine(model, ctx, quant)
     conv = Conversation(engine, ChatSettings(system=system, think=think, thinking_budget=thinking_budget,
                                              max_tokens=max_tokens, seed=seed, sampling=sampling))
     if load_file is not None:

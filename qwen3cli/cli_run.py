@@ -44,6 +44,28 @@ def load_progress():
             bar.stop()
 
 
+def open_engine(model: str, ctx: int | None, quant: str):
+    """Load (with a bar when it takes a while), then build the engine; on a first run, say that
+    the kernels are being compiled instead of looking frozen."""
+    from quant.kernels.matmul_cpu import cache_is_warm, warm_up
+
+    from .engine import Engine
+    from .loader import load
+
+    with load_progress() as progress:
+        loaded = load(model, quant=quant, progress=progress)
+    if cache_is_warm():
+        return Engine(loaded, ctx)
+    with err.status("compiling kernels (first run only, about a minute)…"):
+        engine = Engine(loaded, ctx)
+
+        def forward(n: int) -> None:
+            engine.model.forward([0] * n, engine.model.new_cache())
+
+        warm_up(forward)
+    return engine
+
+
 def set_threads(n: int | None) -> None:
     if n is None:
         return
@@ -90,7 +112,6 @@ def run(
     """Answer one prompt and exit."""
     import time
 
-    from .engine import Engine
     from .generate import Done, generate
     from .model import ContextFull
     from .sampler import Sampler, default_params
@@ -101,8 +122,7 @@ def run(
         if v is not None and v < 1:
             raise UsageError(f"{name} must be at least 1, got {v}")
     set_threads(threads)
-    with load_progress() as progress:
-        engine = Engine.open(model, ctx=ctx, quant=quant, progress=progress)
+    engine = open_engine(model, ctx, quant)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     p = engine.prompt(messages, enable_thinking=think)
     if len(p.ids) >= engine.ctx:

@@ -272,3 +272,18 @@ def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) ->
             hi = min(w.rows, lo + step)
             np.matmul(x, w.dequant(lo, hi).T, out=out[:, lo:hi])
     return out
+
+
+def cache_is_warm() -> bool:
+    """Whether numba's on-disk cache holds these kernels for this source (else the first run
+    compiles them, ~1 minute). Uses numba's cache index; if that cannot be read, says yes."""
+    try:
+        return all(bool(k._cache._cache_file._load_index()) for k in (_mv_q8_0, _deq_q8, _pack_q8_0))
+    except Exception:
+        return True
+
+
+def warm_up(forward) -> None:
+    """Compile (or load) the decode and prefill kernels of a model before the user waits on them."""
+    forward(SMALL_N + 1)
+    forward(1)
