@@ -34,6 +34,14 @@ class BenchResult:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM, since ru_maxrss survives exec and
+    would report a big parent's peak for a process it started."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (1 << 20) if sys.platform == "darwin" else kb / 1024
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from dataclasses import fields, replace
 
-from quant.kernels.matmul_cpu import Packed, matmul, pack
+from quant.kernels.matmul_cpu import Packed, fuse, matmul, pack
 from quant.qtensor import QTensor
 
 from .errors import Qwen3CliError
@@ -78,11 +78,25 @@ def prepare(w: Weights, release=None) -> Weights:
             release(t.name)
         return p
 
-    layers = [replace(ly, **{f.name: conv(getattr(ly, f.name)) for f in fields(ly)}) for ly in w.layers]
+    layers = []
+    for ly in w.layers:
+        ly = replace(ly, **{f.name: conv(getattr(ly, f.name)) for f in fields(ly)})
+        # one launch (and one read of the input) for q|k|v and for gate|up
+        qkv = fuse([ly.q, ly.k, ly.v])
+        gate_up = fuse([ly.gate_exps, ly.up_exps] if ly.router is not None else [ly.gate, ly.up])
+        layers.append(Fused(ly, qkv, gate_up))
     output = conv(w.output)
     # tied: look tokens up in the packed matrix, so the file's copy is not kept in memory too
     embd = output if w.output is w.token_embd and isinstance(output, Packed) else w.token_embd
     return replace(w, layers=layers, output=output, token_embd=embd)
+
+
+class Fused:
+    """A layer's weights plus the stacked q|k|v and gate|up matrices (None if not stackable)."""
+
+    def __init__(self, ly: LayerWeights, qkv, gate_up):
+        self.__dict__.update(vars(ly))
+        self.qkv, self.gate_up = qkv, gate_up
 
 
 class Model:
@@ -113,7 +127,7 @@ class Model:
         for li, ly in enumerate(self.w.layers):
             x = x + self._attention(li, ly, rms_norm(x, ly.attn_norm, self.eps), cache, p, cos, sin)
             h = rms_norm(x, ly.ffn_norm, self.eps)
-            x = x + (self.moe(ly, h) if ly.router is not None else self._mlp(ly.gate, ly.up, ly.down, h))
+            x = x + (self.moe(ly, h) if ly.router is not None else self._mlp(ly, -1, h))
         cache.n = p + n
         x = x if all_logits else x[-1:]
         logits = matmul(rms_norm(x, self.w.output_norm, self.eps), self.w.output)
@@ -122,9 +136,14 @@ class Model:
     def _attention(self, li: int, ly: LayerWeights, h, cache: KVCache, p: int, cos, sin) -> np.ndarray:
         a = self.args
         n, D, Hq, Hkv = h.shape[0], a.head_dim, a.n_heads, a.n_kv_heads
-        q = rms_norm(matmul(h, ly.q).reshape(n, Hq, D), ly.q_norm, self.eps)
-        k = rms_norm(matmul(h, ly.k).reshape(n, Hkv, D), ly.k_norm, self.eps)
-        v = matmul(h, ly.v).reshape(n, Hkv, D)
+        if ly.qkv is not None:
+            qkv = matmul(h, ly.qkv)
+            q, k, v = qkv[:, :Hq * D], qkv[:, Hq * D:(Hq + Hkv) * D], qkv[:, (Hq + Hkv) * D:]
+        else:
+            q, k, v = matmul(h, ly.q), matmul(h, ly.k), matmul(h, ly.v)
+        q = rms_norm(q.reshape(n, Hq, D), ly.q_norm, self.eps)
+        k = rms_norm(k.reshape(n, Hkv, D), ly.k_norm, self.eps)
+        v = v.reshape(n, Hkv, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.k[li, :, p:p + n] = k.transpose(1, 0, 2)
         cache.v[li, :, p:p + n] = v.transpose(1, 0, 2)
@@ -149,8 +168,17 @@ class Model:
         return matmul(attn, ly.o)
 
     @staticmethod
-    def _mlp(gate: QTensor, up: QTensor, down: QTensor, h: np.ndarray) -> np.ndarray:
-        return matmul(silu(matmul(h, gate)) * matmul(h, up), down)
+    def _mlp(ly, e: int, h: np.ndarray) -> np.ndarray:
+        """SwiGLU of the dense MLP (e = -1) or of expert e."""
+        def w(t):
+            return t if e < 0 else t.expert(e)
+
+        if ly.gate_up is not None:
+            gu = matmul(h, w(ly.gate_up))
+            half = gu.shape[1] // 2
+            return matmul(silu(gu[:, :half]) * gu[:, half:], w(ly.down if e < 0 else ly.down_exps))
+        gate, up, down = (ly.gate, ly.up, ly.down) if e < 0 else (ly.gate_exps, ly.up_exps, ly.down_exps)
+        return matmul(silu(matmul(h, w(gate))) * matmul(h, w(up)), w(down))
 
     def route(self, ly: LayerWeights, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-k experts per token and their weights: softmax over all experts, then top-k."""
@@ -168,7 +196,7 @@ class Model:
         out = np.zeros_like(h)
         for e in np.unique(top):
             rows, slot = np.nonzero(top == e)
-            y = self._mlp(ly.gate_exps.expert(e), ly.up_exps.expert(e), ly.down_exps.expert(e), h[rows])
+            y = self._mlp(ly, int(e), h[rows])
             out[rows] += wts[rows, slot][:, None] * y
         return out
 
@@ -179,6 +207,5 @@ class Model:
         np.put_along_axis(dense, top, wts, axis=-1)
         out = np.zeros_like(h)
         for e in range(self.args.n_experts):
-            out += dense[:, e:e + 1] * self._mlp(ly.gate_exps.expert(e), ly.up_exps.expert(e),
-                                                  ly.down_exps.expert(e), h)
+            out += dense[:, e:e + 1] * self._mlp(ly, e, h)
         return out

@@ -40,8 +40,9 @@ t0 = time.perf_counter()
 for _ in range(n):
     llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
 tg = n / (time.perf_counter() - t0)
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")]
 print(json.dumps({"pp": pp, "tg": tg, "load_s": load,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": (hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024}))
 """
 
 

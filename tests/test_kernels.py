@@ -72,3 +72,20 @@ def test_one_thread_equals_all_threads(t):
     finally:
         numba.set_num_threads(before)
     np.testing.assert_array_equal(one, many)  # rows are independent: same order of additions
+
+
+@pytest.mark.parametrize("t", [T.F32, T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+def test_fused_matrices_equal_the_parts(t):
+    from quant.kernels.matmul_cpu import fuse
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    for E in (1, 3):
+        parts = [QTensor(f"p{i}", t, r, 128, FORMATS[t].encode(rng.standard_normal((E * r, 128)).astype(np.float32)), E)
+                 for i, r in enumerate((16, 8, 8))]
+        for ws in (parts, [pack(p) for p in parts]):
+            f = fuse(ws)
+            for e in range(E):
+                want = np.concatenate([matmul(x, w.expert(e) if E > 1 else w) for w in ws], axis=1)
+                np.testing.assert_allclose(matmul(x, f.expert(e) if E > 1 else f), want, rtol=1e-6, atol=1e-6)
+    assert fuse([pack(parts[0]), parts[1]]) is None  # mixed layouts are not stacked

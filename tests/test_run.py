@@ -103,3 +103,14 @@ def test_bad_inputs(tiny, tmp_path):
     one_line_error(*run(tiny, "hi", "--temp", "-1")[::2], "temperature")
     one_line_error(*run(tiny, "hi", "--ctx", "0")[::2], "--ctx")
     one_line_error(*run(tiny, input="")[::2], "no prompt")
+
+
+def test_bench_json(tiny):
+    r = CliRunner().invoke(app, ["bench", str(tiny), "-p", "12", "-n", "4", "-r", "2", "--json"])
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert [x["test"] for x in d["results"]] == ["pp12", "tg4"]
+    assert all(len(x["runs"]) == 2 and x["tokens_per_s"] > 0 for x in d["results"])
+    assert d["peak_rss_mb"] > 0 and d["load_s"] > 0 and d["weights_mb"] > 0
+    r = CliRunner().invoke(app, ["bench", str(tiny), "-p", "0", "-n", "0"])
+    assert r.exit_code == 1 and r.stderr.startswith("error: ")

@@ -287,3 +287,21 @@ def warm_up(forward) -> None:
     """Compile (or load) the decode and prefill kernels of a model before the user waits on them."""
     forward(SMALL_N + 1)
     forward(1)
+
+
+def fuse(ws: list) -> QTensor | Packed | None:
+    """Stack matrices that multiply the same input (q|k|v, gate|up) into one, so one kernel
+    launch reads the input once; expert stacks are interleaved per expert. None when the
+    parts differ in type, row length or expert count."""
+    a = ws[0]
+    if any(type(w) is not type(a) or w.type != a.type or w.k != a.k or w.n_mats != a.n_mats for w in ws):
+        return None
+    E, rows = a.n_mats, sum(w.rows for w in ws)
+
+    def cat(arrs):
+        return np.concatenate([x.reshape(E, -1, x.shape[-1]) for x in arrs], axis=1).reshape(E * rows, -1)
+
+    name = "+".join(w.name for w in ws)
+    if isinstance(a, Packed):
+        return Packed(name, a.type, rows, a.k, cat([w.q for w in ws]), cat([w.d for w in ws]), E)
+    return QTensor(name, a.type, rows, a.k, cat([w.raw for w in ws]), E)
