@@ -68,8 +68,10 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def prepare(w: Weights, release=None) -> Weights:
-    """The same weights with every matrix in the kernels' layout (repacked once, here).
-    `release(name)` is told of each tensor copied, so its file pages can be dropped."""
+    """The same weights in the kernels' layout: q|k|v and gate|up stacked into one matrix each
+    (one launch, one read of the input), Q8_0 / Q4_0 / Q6_K repacked. Done layer by layer and
+    `release(name)` is told of each tensor copied, so the file's pages can go and memory stays
+    near the file size."""
     def conv(t):
         if not isinstance(t, QTensor):
             return t
@@ -80,11 +82,19 @@ def prepare(w: Weights, release=None) -> Weights:
 
     layers = []
     for ly in w.layers:
-        ly = replace(ly, **{f.name: conv(getattr(ly, f.name)) for f in fields(ly)})
-        # one launch (and one read of the input) for q|k|v and for gate|up
-        qkv = fuse([ly.q, ly.k, ly.v])
-        gate_up = fuse([ly.gate_exps, ly.up_exps] if ly.router is not None else [ly.gate, ly.up])
-        layers.append(Fused(ly, qkv, gate_up))
+        groups = {"qkv": ("q", "k", "v"),
+                  "gate_up": ("gate_exps", "up_exps") if ly.router is not None else ("gate", "up")}
+        fused, parts = {}, {}
+        for key, names in groups.items():
+            f = fuse([getattr(ly, n) for n in names])
+            fused[key] = conv(f)
+            if f is not None:  # keep only the stacked copy
+                parts.update({n: None for n in names})
+                for n in names:
+                    if release is not None:
+                        release(getattr(ly, n).name)
+        ly = replace(ly, **{f.name: conv(getattr(ly, f.name)) for f in fields(ly) if f.name not in parts}, **parts)
+        layers.append(Fused(ly, fused["qkv"], fused["gate_up"]))
     output = conv(w.output)
     # tied: look tokens up in the packed matrix, so the file's copy is not kept in memory too
     embd = output if w.output is w.token_embd and isinstance(output, Packed) else w.token_embd

@@ -127,21 +127,31 @@ def _pack_q6_k(raw, rawi, q, d):
                     q[r, y + m + 96] = np.int8(((c >> 4) | (((hh >> 6) & 3) << 4)) - 32)
 
 
+def _packable(w: QTensor) -> bool:
+    return w.type in (T.Q8_0, T.Q6_K) or (w.type == T.Q4_0 and w.k % 64 == 0)
+
+
+def _empty_packed(t: T, R: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if t == T.Q4_0:
+        return np.empty((R, k // 2), np.uint8), np.empty((R, k // 32), np.float32)
+    return np.empty((R, k), np.int8), np.empty((R, k // (16 if t == T.Q6_K else 32)), np.float32)
+
+
+def _pack_into(t: T, raw: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
+    if t == T.Q8_0:
+        _pack_q8_0(raw, raw.view(np.int8), q, d)
+    elif t == T.Q6_K:
+        _pack_q6_k(raw, raw.view(np.int8), q, d)
+    else:
+        _pack_q4_0(raw, q, d)
+
+
 def pack(w: QTensor) -> QTensor | Packed:
     """The kernels' layout for Q8_0 / Q4_0 / Q6_K (other formats are returned as they are)."""
-    R, nb = w.raw.shape[0], w.k // 32
-    d = np.empty((R, nb), np.float32)
-    if w.type == T.Q6_K:
-        q, d = np.empty((R, w.k), np.int8), np.empty((R, w.k // 16), np.float32)
-        _pack_q6_k(w.raw, w.raw.view(np.int8), q, d)
-    elif w.type == T.Q8_0:
-        q = np.empty((R, w.k), np.int8)
-        _pack_q8_0(w.raw, w.raw.view(np.int8), q, d)
-    elif w.type == T.Q4_0 and w.k % 64 == 0:
-        q = np.empty((R, w.k // 2), np.uint8)
-        _pack_q4_0(w.raw, q, d)
-    else:
+    if not _packable(w):
         return w
+    q, d = _empty_packed(w.type, w.raw.shape[0], w.k)
+    _pack_into(w.type, w.raw, q, d)
     return Packed(w.name, w.type, w.rows, w.k, q, d, w.n_mats)
 
 
@@ -291,17 +301,27 @@ def warm_up(forward) -> None:
 
 def fuse(ws: list) -> QTensor | Packed | None:
     """Stack matrices that multiply the same input (q|k|v, gate|up) into one, so one kernel
-    launch reads the input once; expert stacks are interleaved per expert. None when the
+    launch reads the input once; expert stacks are interleaved per expert. GGUF tensors that
+    have a packed layout are packed straight into the stack (one copy, not two). None when the
     parts differ in type, row length or expert count."""
     a = ws[0]
     if any(type(w) is not type(a) or w.type != a.type or w.k != a.k or w.n_mats != a.n_mats for w in ws):
         return None
     E, rows = a.n_mats, sum(w.rows for w in ws)
+    name = "+".join(w.name for w in ws)
+    if isinstance(a, QTensor) and _packable(a):
+        q, d = _empty_packed(a.type, E * rows, a.k)
+        for e in range(E):
+            at = e * rows
+            for w in ws:
+                part = w.raw[e * w.rows:(e + 1) * w.rows]
+                _pack_into(a.type, part, q[at:at + w.rows], d[at:at + w.rows])
+                at += w.rows
+        return Packed(name, a.type, rows, a.k, q, d, E)
 
     def cat(arrs):
         return np.concatenate([x.reshape(E, -1, x.shape[-1]) for x in arrs], axis=1).reshape(E * rows, -1)
 
-    name = "+".join(w.name for w in ws)
     if isinstance(a, Packed):
         return Packed(name, a.type, rows, a.k, cat([w.q for w in ws]), cat([w.d for w in ws]), E)
     return QTensor(name, a.type, rows, a.k, cat([w.raw for w in ws]), E)
