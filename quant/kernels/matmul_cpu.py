@@ -20,7 +20,7 @@ from numba import njit, prange
 from ..qtensor import QTensor
 
 SMALL_N = 8  # rows of x up to which the direct kernels beat dequantize + BLAS
-TILE_ELEMS = 1 << 22  # float32 elements dequantized at once (16 MiB)
+TILE_ELEMS = 1 << 20  # float32 elements dequantized at once (4 MiB, stays in L3 for BLAS)
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,6 @@ class Packed:
     n_mats: int = 1
 
     @property
-    def shift(self) -> int:  # log2 of the group: Q6_K's sub-block scales cover 16 elements
-        return 4 if self.type == T.Q6_K else 5
-
-    @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.d.nbytes
 
@@ -46,16 +42,13 @@ class Packed:
         s = slice(e * self.rows, (e + 1) * self.rows)
         return Packed(f"{self.name}[{e}]", self.type, self.rows, self.k, self.q[s], self.d[s])
 
-    def _deq(self, q, d) -> np.ndarray:
-        out = np.empty((q.shape[0], self.k), np.float32)
-        if self.type == T.Q4_0:
-            _deq_q4_0(q, d, out)
-        else:
-            _deq_q8(q, d, out, self.shift)
+    def _deq(self, q, d, out=None) -> np.ndarray:
+        out = np.empty((q.shape[0], self.k), np.float32) if out is None else out
+        (_deq_q4_0 if self.type == T.Q4_0 else _deq_q6_k if self.type == T.Q6_K else _deq_q8_0)(q, d, out)
         return out
 
-    def dequant(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
-        return self._deq(self.q[lo:hi], self.d[lo:hi])
+    def dequant(self, lo: int = 0, hi: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        return self._deq(self.q[lo:hi], self.d[lo:hi], out)
 
     def take(self, ids) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
@@ -237,11 +230,19 @@ _F16_LUT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).
 # -- prefill: dequantize tiles for BLAS ----------------------------------------------------
 
 @njit(parallel=True, cache=True)
-def _deq_q8(q, d, out, shift):
+def _deq_q8_0(q, d, out):
     k = out.shape[1]
     for r in prange(q.shape[0]):
         for j in range(k):
-            out[r, j] = d[r, j >> shift] * np.float32(q[r, j])
+            out[r, j] = d[r, j >> 5] * np.float32(q[r, j])
+
+
+@njit(parallel=True, cache=True)
+def _deq_q6_k(q, d, out):
+    k = out.shape[1]
+    for r in prange(q.shape[0]):
+        for j in range(k):
+            out[r, j] = d[r, j >> 4] * np.float32(q[r, j])
 
 
 @njit(parallel=True, cache=True)
@@ -277,18 +278,31 @@ def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) ->
     elif w.type == T.F16 and n <= SMALL_N:
         _mv_f16(x, w.raw.view(np.uint16), out, _F16_LUT)
     else:
-        step = max(1, TILE_ELEMS // w.k)
+        step = max(1, min(w.rows, TILE_ELEMS // w.k))
+        packed = isinstance(w, Packed)
+        tile = _scratch(step * w.k) if packed else None
         for lo in range(0, w.rows, step):
             hi = min(w.rows, lo + step)
-            np.matmul(x, w.dequant(lo, hi).T, out=out[:, lo:hi])
+            t = w.dequant(lo, hi, tile[:(hi - lo) * w.k].reshape(hi - lo, w.k)) if packed else w.dequant(lo, hi)
+            np.matmul(x, t.T, out=out[:, lo:hi])
     return out
+
+
+_SCRATCH = [np.empty(0, np.float32)]
+
+
+def _scratch(n: int) -> np.ndarray:
+    """One reused tile buffer: fresh 16 MB allocations cost page faults on every call."""
+    if _SCRATCH[0].size < n:
+        _SCRATCH[0] = np.empty(n, np.float32)
+    return _SCRATCH[0]
 
 
 def cache_is_warm() -> bool:
     """Whether numba's on-disk cache holds these kernels for this source (else the first run
     compiles them, ~1 minute). Uses numba's cache index; if that cannot be read, says yes."""
     try:
-        return all(bool(k._cache._cache_file._load_index()) for k in (_mv_q8_0, _deq_q8, _pack_q8_0))
+        return all(bool(k._cache._cache_file._load_index()) for k in (_mv_q8_0, _deq_q8_0, _pack_q8_0))
     except Exception:
         return True
 
