@@ -162,6 +162,101 @@ def _dec_q6_k(raw, k):
     return (q * (d[..., None] * sc)[..., None]).reshape(n, k)
 
 
+# -- read-only formats (llama.cpp writes them; we run them) --------------------------------
+# Each decoder follows ggml's dequantize_row_* with the same float operations in the same
+# order, so results are bit-identical to gguf-py's (the tests check it on random blocks).
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(..., 16) bytes -> (..., 32): low nibbles are elements 0-15, high nibbles 16-31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _bits(packed: np.ndarray, n: int) -> np.ndarray:
+    """Little-endian bit j of the (..., n/8) bytes, as (..., n) uint8."""
+    return ((packed[..., :, None] >> np.arange(8, dtype=np.uint8)) & 1).reshape(*packed.shape[:-1], n)
+
+
+def _dec_q4_1(raw, k):
+    b = _blocks(raw, 20)
+    q = _nibbles(b[:, :, 4:]).astype(np.float32)
+    return (_scale16(b) * q + _scale16(b, 2)).reshape(raw.shape[0], k)
+
+
+def _q5_quants(b, at):
+    hbits = _bits(b[:, :, at:at + 4], 32)
+    return (_nibbles(b[:, :, at + 4:]) | (hbits << 4))
+
+
+def _dec_q5_0(raw, k):
+    b = _blocks(raw, 22)
+    q = (_q5_quants(b, 2).astype(np.int8) - np.int8(16)).astype(np.float32)
+    return (_scale16(b) * q).reshape(raw.shape[0], k)
+
+
+def _dec_q5_1(raw, k):
+    b = _blocks(raw, 24)
+    q = _q5_quants(b, 4).astype(np.float32)
+    return (_scale16(b) * q + _scale16(b, 2)).reshape(raw.shape[0], k)
+
+
+def _k_scale_min(sc12: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K: eight 6-bit scales and eight 6-bit mins packed in 12 bytes."""
+    a, m, hi = sc12[..., 0:4], sc12[..., 4:8], sc12[..., 8:12]
+    scale = np.concatenate([a & 0x3F, (hi & 0x0F) | ((a >> 2) & 0x30)], axis=-1)
+    mins = np.concatenate([m & 0x3F, (hi >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return scale.astype(np.float32), mins.astype(np.float32)
+
+
+def _dec_q4_k(raw, k):
+    b = _blocks(raw, 144)
+    n, nb = b.shape[:2]
+    sc, mn = _k_scale_min(b[:, :, 4:16])
+    d = _scale16(b) * sc  # (n, nb, 8): one scale per 32 elements
+    dm = _scale16(b, 2) * mn
+    qs = b[:, :, 16:].reshape(n, nb, 4, 32)  # 4 chunks of 32 bytes: 64 elements each
+    q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, nb, 8, 32).astype(np.float32)
+    return (d[..., None] * q - dm[..., None]).reshape(n, k)
+
+
+def _dec_q5_k(raw, k):
+    b = _blocks(raw, 176)
+    n, nb = b.shape[:2]
+    sc, mn = _k_scale_min(b[:, :, 4:16])
+    d = _scale16(b) * sc
+    dm = _scale16(b, 2) * mn
+    qh = b[:, :, 16:48]  # bit j of byte l: high bit of element l of sub-block j
+    qs = b[:, :, 48:].reshape(n, nb, 4, 32)
+    lo = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, nb, 8, 32)
+    hi = ((qh[:, :, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1)  # (n, nb, 8, 32)
+    q = (lo | (hi << 4)).astype(np.float32)
+    return (d[..., None] * q - dm[..., None]).reshape(n, k)
+
+
+def _dec_q2_k(raw, k):
+    b = _blocks(raw, 84)
+    n, nb = b.shape[:2]
+    sc = b[:, :, :16]
+    dl = _scale16(b, 80) * (sc & 0x0F).astype(np.float32)  # (n, nb, 16)
+    ml = _scale16(b, 82) * (sc >> 4).astype(np.float32)
+    qs = b[:, :, 16:80].reshape(n, nb, 2, 1, 32)  # two halves of 128 elements
+    q = ((qs >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3).reshape(n, nb, 16, 16).astype(np.float32)
+    return (dl[..., None] * q - ml[..., None]).reshape(n, k)
+
+
+def _dec_q3_k(raw, k):
+    b = _blocks(raw, 110)
+    n, nb = b.shape[:2]
+    hmask, qs, s12 = b[:, :, :32], b[:, :, 32:96], b[:, :, 96:108]
+    lo = np.concatenate([s12[..., :8] & 0x0F, s12[..., :8] >> 4], axis=-1)  # (n, nb, 16)
+    hi = ((s12[..., 8:12, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3).transpose(0, 1, 3, 2).reshape(n, nb, 16)
+    scale = ((lo | (hi << 4)).astype(np.int8) - np.int8(32)).astype(np.float32)
+    dl = _scale16(b, 108) * scale
+    ql = ((qs.reshape(n, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3).reshape(n, nb, 8, 32)
+    qh = ((hmask[:, :, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1) ^ 1  # a set bit means no -4
+    q = (ql.astype(np.int8) - (qh << 2).astype(np.int8)).astype(np.float32).reshape(n, nb, 16, 16)
+    return (dl[..., None] * q).reshape(n, k)
+
+
 def _fmt(t: T, enc, dec) -> Format:
     block, size = GGML_QUANT_SIZES[t]
     return Format(t, block, size, enc, dec)
@@ -176,6 +271,13 @@ FORMATS: dict[T, Format] = {
         _fmt(T.Q8_0, _enc_q8_0, _dec_q8_0),
         _fmt(T.Q4_0, _enc_q4_0, _dec_q4_0),
         _fmt(T.Q6_K, _enc_q6_k, _dec_q6_k),
+        _fmt(T.Q4_1, None, _dec_q4_1),
+        _fmt(T.Q5_0, None, _dec_q5_0),
+        _fmt(T.Q5_1, None, _dec_q5_1),
+        _fmt(T.Q2_K, None, _dec_q2_k),
+        _fmt(T.Q3_K, None, _dec_q3_k),
+        _fmt(T.Q4_K, None, _dec_q4_k),
+        _fmt(T.Q5_K, None, _dec_q5_k),
     )
 }
 

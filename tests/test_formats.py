@@ -100,3 +100,33 @@ def test_unsupported_type_is_an_error_not_zeros():
         get_format(T.IQ2_XXS, "blk.0.attn_q.weight")
     with pytest.raises(UnsupportedQuantType, match="multiple of 32"):
         FORMATS[T.Q8_0].row_bytes(100)
+
+
+READ_ONLY = [T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K]
+
+
+@pytest.mark.parametrize("qtype", READ_ONLY, ids=lambda t: t.name)
+def test_read_only_decoders_equal_gguf_py_bit_for_bit(qtype):
+    import warnings
+
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(int(qtype))
+    k, n = block * 3, 64
+    cases = [rng.integers(0, 256, (n, k // block * size), dtype=np.uint8),  # any bytes (inf/nan scales too)
+             np.zeros((2, k // block * size), np.uint8)]
+    # realistic: every fp16 field a finite value of varied magnitude (tiny to huge)
+    sane = cases[0].copy().reshape(n, -1, size)
+    halves = (rng.standard_normal((n, sane.shape[1], size // 2)) * 10.0 ** rng.integers(-6, 4, (n, 1, 1)))
+    h16 = halves.astype(np.float16).view(np.uint8)
+    mask = rng.random(sane.shape) < 0.5
+    cases.append(np.where(mask, sane, h16.reshape(sane.shape)).reshape(n, -1))
+    for raw in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            want = ref.dequantize(raw, qtype).reshape(raw.shape[0], k)
+            ours = FORMATS[qtype].decode(raw, k)
+        assert ours.dtype == np.float32
+        assert np.array_equal(ours, want, equal_nan=True)
+    assert FORMATS[qtype].encode is None  # reading only, for now

@@ -99,3 +99,33 @@ def test_our_logits_match_llama_cpp_on_the_same_file(gguf_model, monkeypatch, ty
     clear = top2[:, 1] - top2[:, 0] > 2 * bound  # where the error bound cannot flip the winner
     assert clear.sum() >= len(prompt) // 2
     assert np.array_equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("ftype,moe", [(15, False), (15, True), (17, False), (10, False), (12, False)])
+def test_llama_cpp_k_quant_files_run_like_llama_cpp(gguf_model, tmp_path, ftype, moe):
+    """llama.cpp quantizes our F32 file (15 Q4_K_M, 17 Q5_K_M, 10 Q2_K, 12 Q3_K_M: with Q4_1,
+    Q5_0, Q6_K... where its rules say); we run the result and compare logits and greedy tokens."""
+    from qwen3cli.loader import load
+    from qwen3cli.model import Model
+
+    kw = dict(dtype="f32", std=0.05, peaked=True, hidden=256, ffn=512)
+    src, _ = gguf_model("f32", **(dict(kw, moe=True, experts=8, moe_ffn=256) if moe else kw))
+    out = tmp_path / "k.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    m = load(out)
+    types = {t.type.name for ly in m.weights.layers for t in vars(ly).values() if hasattr(t, "type")}
+    assert types & {"Q2_K", "Q3_K", "Q4_K", "Q5_K"}, types
+    prompt = [151644, 872, 198, 9707, 1879, 11, 1246, 525, 498, 30, 151645, 198, 151644, 77091, 198]
+    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=2, verbose=False, logits_all=True)
+    llm.eval(prompt)
+    theirs = np.array(llm.scores[:len(prompt)])
+    model = Model(m.weights, ctx=64)
+    ours = model.forward(prompt, model.new_cache(), all_logits=True)
+    # llama.cpp rounds activations to Q8_K for K-quant matmuls; we keep them float32
+    bound = 0.03 * (theirs.max() - theirs.min())  # measured 0.8-2.0%
+    assert np.abs(ours - theirs).max() <= bound
+    top2 = np.sort(theirs, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * bound
+    assert np.array_equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
