@@ -1,11 +1,12 @@
 """y = x @ W.T on the CPU, for weights kept quantized.
 
-Q8_0 and Q4_0 are repacked once at load (`pack`): float32 scales apart from the quants, and
-Q4_0's nibbles reordered so byte m of a row holds elements m and m + k/2. Then one flat loop
-over k (scale looked up per element) lets LLVM vectorise; the 32-element block loops over raw
-GGUF bytes did not (FEASIBILITY.md: 3-10x slower). Few rows of x (decode) go through those
-loops, every weight byte read once per token; many rows (prefill) dequantize a tile of W at a
-time and hand it to BLAS. Other formats use their numpy codec + BLAS.
+Q8_0, Q6_K, Q4_0 and Q4_K are repacked once at load (`pack`): float32 scales (and Q4_K's
+minimums) apart from the quants, 8-bit quants as int8, 4-bit ones as nibbles in a Q4_0 block's
+order. Then one flat loop per row (a scale looked up per element or byte) lets LLVM vectorise;
+the 32-element block loops over raw GGUF bytes did not (FEASIBILITY.md: 3-10x slower). Few
+rows of x (decode) go through those loops, every weight byte read once per token; many rows
+(prefill) dequantize a tile of W at a time and hand it to BLAS. BF16 / F16 have direct decode
+kernels; the other formats use their numpy codec + BLAS.
 """
 
 from __future__ import annotations
@@ -25,34 +26,43 @@ TILE_ELEMS = 1 << 20  # float32 elements dequantized at once (4 MiB, stays in L3
 
 @dataclass(frozen=True)
 class Packed:
-    """A Q8_0 / Q4_0 matrix (or expert stack) in the kernels' layout."""
+    """A Q8_0 / Q4_0 / Q4_K / Q6_K matrix (or expert stack) in the kernels' layout:
+    value = d[group] * q - o[group] (o only for Q4_K, whose blocks carry a minimum)."""
     name: str
     type: T
     rows: int
     k: int
-    q: np.ndarray  # int8 (R, k) for Q8_0 and Q6_K; Q4_0: uint8 (R, k/2), byte m = element m | m + k/2 << 4
-    d: np.ndarray  # float32 (R, k / group): one scale per group of elements
+    q: np.ndarray  # int8 (R, k) for Q8_0, Q6_K; Q4_0, Q4_K: uint8 (R, k/2), byte 16 g + j = elements
+    #               32 g + j (low nibble) and 32 g + j + 16 (high), the order of a GGUF Q4_0 block
+    d: np.ndarray  # float32 (R, k / group): one scale per group of elements (32; 16 for Q6_K)
     n_mats: int = 1
+    o: np.ndarray | None = None  # float32 (R, k / 32): Q4_K's offsets
 
     @property
     def nbytes(self) -> int:
-        return self.q.nbytes + self.d.nbytes
+        return self.q.nbytes + self.d.nbytes + (self.o.nbytes if self.o is not None else 0)
 
     def expert(self, e: int) -> "Packed":
         s = slice(e * self.rows, (e + 1) * self.rows)
-        return Packed(f"{self.name}[{e}]", self.type, self.rows, self.k, self.q[s], self.d[s])
+        return Packed(f"{self.name}[{e}]", self.type, self.rows, self.k, self.q[s], self.d[s], 1,
+                      None if self.o is None else self.o[s])
 
-    def _deq(self, q, d, out=None) -> np.ndarray:
+    def _deq(self, rows, out=None) -> np.ndarray:
+        q, d = self.q[rows], self.d[rows]
         out = np.empty((q.shape[0], self.k), np.float32) if out is None else out
-        (_deq_q4_0 if self.type == T.Q4_0 else _deq_q6_k if self.type == T.Q6_K else _deq_q8_0)(q, d, out)
+        if self.type == T.Q4_K:
+            _deq_q4(q, d, self.o[rows], np.float32(1), out)
+        elif self.type == T.Q4_0:
+            _deq_q4(q, d, d, np.float32(8), out)
+        else:
+            (_deq_q6_k if self.type == T.Q6_K else _deq_q8_0)(q, d, out)
         return out
 
     def dequant(self, lo: int = 0, hi: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        return self._deq(self.q[lo:hi], self.d[lo:hi], out)
+        return self._deq(slice(lo, hi), out)
 
     def take(self, ids) -> np.ndarray:
-        ids = np.asarray(ids, np.int64)
-        return self._deq(self.q[ids], self.d[ids])
+        return self._deq(np.asarray(ids, np.int64))
 
 
 @njit(cache=True, inline="always")
@@ -84,20 +94,13 @@ def _pack_q8_0(raw, rawi, q, d):
 
 @njit(parallel=True, cache=True)
 def _pack_q4_0(raw, q, d):
+    # the 16 quant bytes of each block are already in the kernels' order
     nb = d.shape[1]
-    half = nb * 16  # k / 2
     for r in prange(raw.shape[0]):
-        for b in range(nb):
-            d[r, b] = _half(raw[r, b * 18], raw[r, b * 18 + 1])
-        for m in range(half):  # element m (first half of the row) and element m + half
-            e0, e1 = m, m + half
-            b0, b1 = e0 >> 5, e1 >> 5
-            j0, j1 = e0 & 31, e1 & 31
-            n0 = np.int32(raw[r, b0 * 18 + 2 + (j0 & 15)])
-            n1 = np.int32(raw[r, b1 * 18 + 2 + (j1 & 15)])
-            lo = (n0 & 15) if j0 < 16 else (n0 >> 4)
-            hi = (n1 & 15) if j1 < 16 else (n1 >> 4)
-            q[r, m] = np.uint8(lo | (hi << 4))
+        for g in range(nb):
+            d[r, g] = _half(raw[r, g * 18], raw[r, g * 18 + 1])
+            for j in range(16):
+                q[r, g * 16 + j] = raw[r, g * 18 + 2 + j]
 
 
 @njit(parallel=True, cache=True)
@@ -120,32 +123,67 @@ def _pack_q6_k(raw, rawi, q, d):
                     q[r, y + m + 96] = np.int8(((c >> 4) | (((hh >> 6) & 3) << 4)) - 32)
 
 
+@njit(parallel=True, cache=True)
+def _pack_q4_k(raw, q, d, o):
+    # ggml's dequantize_row_q4_K: 8 sub-blocks of 32, each with a 6-bit scale and min, so
+    # value = (d * sc) * q - (dmin * m). Sub-block j's nibbles sit in 32-byte chunk j // 2 (low
+    # nibbles for even j); they are rewritten in Q4_0's order: group g, byte j < 16 holds
+    # elements j (low) and j + 16 (high)
+    nb = d.shape[1] // 8
+    for r in prange(raw.shape[0]):
+        for b in range(nb):
+            o0 = b * 144
+            dd = _half(raw[r, o0], raw[r, o0 + 1])
+            dmin = _half(raw[r, o0 + 2], raw[r, o0 + 3])
+            for j in range(8):
+                if j < 4:
+                    sc = np.int32(raw[r, o0 + 4 + j]) & 63
+                    mn = np.int32(raw[r, o0 + 8 + j]) & 63
+                else:
+                    hi = np.int32(raw[r, o0 + 12 + j - 4])
+                    sc = (hi & 15) | ((np.int32(raw[r, o0 + 4 + j - 4]) >> 6) << 4)
+                    mn = (hi >> 4) | ((np.int32(raw[r, o0 + 8 + j - 4]) >> 6) << 4)
+                g = b * 8 + j
+                d[r, g] = dd * np.float32(sc)
+                o[r, g] = dmin * np.float32(mn)
+                src = o0 + 16 + (j >> 1) * 32
+                for t in range(16):
+                    lo = np.int32(raw[r, src + t])
+                    hi2 = np.int32(raw[r, src + t + 16])
+                    if j & 1:
+                        lo, hi2 = lo >> 4, hi2 >> 4
+                    q[r, g * 16 + t] = np.uint8((lo & 15) | ((hi2 & 15) << 4))
+
+
 def _packable(w: QTensor) -> bool:
-    return w.type in (T.Q8_0, T.Q6_K) or (w.type == T.Q4_0 and w.k % 64 == 0)
+    return w.type in (T.Q8_0, T.Q6_K, T.Q4_K, T.Q4_0)
 
 
-def _empty_packed(t: T, R: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    if t == T.Q4_0:
-        return np.empty((R, k // 2), np.uint8), np.empty((R, k // 32), np.float32)
-    return np.empty((R, k), np.int8), np.empty((R, k // (16 if t == T.Q6_K else 32)), np.float32)
+def _empty_packed(t: T, R: int, k: int):
+    if t in (T.Q4_0, T.Q4_K):
+        o = np.empty((R, k // 32), np.float32) if t == T.Q4_K else None
+        return np.empty((R, k // 2), np.uint8), np.empty((R, k // 32), np.float32), o
+    return np.empty((R, k), np.int8), np.empty((R, k // (16 if t == T.Q6_K else 32)), np.float32), None
 
 
-def _pack_into(t: T, raw: np.ndarray, q: np.ndarray, d: np.ndarray) -> None:
+def _pack_into(t: T, raw: np.ndarray, q: np.ndarray, d: np.ndarray, o: np.ndarray | None) -> None:
     if t == T.Q8_0:
         _pack_q8_0(raw, raw.view(np.int8), q, d)
     elif t == T.Q6_K:
         _pack_q6_k(raw, raw.view(np.int8), q, d)
+    elif t == T.Q4_K:
+        _pack_q4_k(raw, q, d, o)
     else:
         _pack_q4_0(raw, q, d)
 
 
 def pack(w: QTensor) -> QTensor | Packed:
-    """The kernels' layout for Q8_0 / Q4_0 / Q6_K (other formats are returned as they are)."""
+    """The kernels' layout for Q8_0 / Q4_0 / Q4_K / Q6_K (other formats are returned as they are)."""
     if not _packable(w):
         return w
-    q, d = _empty_packed(w.type, w.raw.shape[0], w.k)
-    _pack_into(w.type, w.raw, q, d)
-    return Packed(w.name, w.type, w.rows, w.k, q, d, w.n_mats)
+    q, d, o = _empty_packed(w.type, w.raw.shape[0], w.k)
+    _pack_into(w.type, w.raw, q, d, o)
+    return Packed(w.name, w.type, w.rows, w.k, q, d, w.n_mats, o)
 
 
 # -- decode: few rows of x -----------------------------------------------------------------
@@ -175,20 +213,35 @@ def _mv_q6_k(x, q, d, out):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def _mv_q4_0(x, q, d, out):
-    # One row of x (a loop over rows of x inside stopped LLVM from vectorising); the -8 is
-    # folded out: sum d x (nib - 8) = sum d x nib - 8 sum d x.
-    half = x.shape[0] // 2
+def _mv_q4(xlo, xhi, xs, q, d, o, factor, out):
+    # Byte b of a row holds two elements of group b >> 4; the caller permuted x into xlo / xhi
+    # to match, so the loop is flat, one scale per byte and contiguous: it vectorises (4.5x the
+    # half-row layout, 25 GB/s hot). The offsets come out as sum_g o_g * sum(x in g), with
+    # o = d, factor 8 for Q4_0 (q - 8) and o = the minimums, factor 1 for Q4_K.
+    nbytes, ng = q.shape[1], d.shape[1]
     for r in prange(q.shape[0]):
         a = np.float32(0.0)
+        for b in range(nbytes):
+            v = np.int32(q[r, b])
+            a += d[r, b >> 4] * (xlo[b] * np.float32(v & 15) + xhi[b] * np.float32(v >> 4))
         c = np.float32(0.0)
-        for m in range(half):
-            v = np.int32(q[r, m])
-            dl = d[r, m >> 5] * x[m]
-            dh = d[r, (m + half) >> 5] * x[m + half]
-            a += dl * np.float32(v & 15) + dh * np.float32(v >> 4)
-            c += dl + dh
-        out[r] = a - np.float32(8) * c
+        for g in range(ng):
+            c += o[r, g] * xs[g]
+        out[r] = a - factor * c
+
+
+_PERM: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _split_x(x: np.ndarray):
+    """x in the 4-bit kernels' byte order: (low-nibble elements, high-nibble elements, group sums)."""
+    k = x.shape[0]
+    if k not in _PERM:
+        b = np.arange(k // 2)
+        lo = (b >> 4) * 32 + (b & 15)
+        _PERM[k] = (lo, lo + 16)
+    lo, hi = _PERM[k]
+    return x[lo], x[hi], x.reshape(-1, 32).sum(1)
 
 
 ROW_CHUNK = 64  # rows per parallel task in the 16-bit float kernels (one scratch row each)
@@ -246,13 +299,15 @@ def _deq_q6_k(q, d, out):
 
 
 @njit(parallel=True, cache=True)
-def _deq_q4_0(q, d, out):
-    half = out.shape[1] // 2
+def _deq_q4(q, d, o, factor, out):
+    nbytes = q.shape[1]
     for r in prange(q.shape[0]):
-        for m in range(half):
-            v = q[r, m]
-            out[r, m] = d[r, m >> 5] * np.float32(np.int32(v & 15) - 8)
-            out[r, m + half] = d[r, (m + half) >> 5] * np.float32(np.int32(v >> 4) - 8)
+        for b in range(nbytes):
+            g, j = b >> 4, b & 15
+            v = np.int32(q[r, b])
+            off = factor * o[r, g]
+            out[r, g * 32 + j] = d[r, g] * np.float32(v & 15) - off
+            out[r, g * 32 + j + 16] = d[r, g] * np.float32(v >> 4) - off
 
 
 def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) -> np.ndarray:
@@ -269,8 +324,10 @@ def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) ->
         elif w.type == T.Q6_K:
             _mv_q6_k(x, w.q, w.d, out)
         else:
+            o, factor = (w.o, np.float32(1)) if w.type == T.Q4_K else (w.d, np.float32(8))
             for i in range(n):
-                _mv_q4_0(x[i], w.q, w.d, out[i])
+                xlo, xhi, xs = _split_x(x[i])
+                _mv_q4(xlo, xhi, xs, w.q, w.d, o, factor, out[i])
     elif w.type == T.F32 and isinstance(w, QTensor):
         np.matmul(x, w.raw.view(np.float32).T, out=out)
     elif w.type == T.BF16 and n <= SMALL_N:
@@ -324,18 +381,19 @@ def fuse(ws: list) -> QTensor | Packed | None:
     E, rows = a.n_mats, sum(w.rows for w in ws)
     name = "+".join(w.name for w in ws)
     if isinstance(a, QTensor) and _packable(a):
-        q, d = _empty_packed(a.type, E * rows, a.k)
+        q, d, o = _empty_packed(a.type, E * rows, a.k)
         for e in range(E):
             at = e * rows
             for w in ws:
                 part = w.raw[e * w.rows:(e + 1) * w.rows]
-                _pack_into(a.type, part, q[at:at + w.rows], d[at:at + w.rows])
+                _pack_into(a.type, part, q[at:at + w.rows], d[at:at + w.rows], None if o is None else o[at:at + w.rows])
                 at += w.rows
-        return Packed(name, a.type, rows, a.k, q, d, E)
+        return Packed(name, a.type, rows, a.k, q, d, E, o)
 
     def cat(arrs):
         return np.concatenate([x.reshape(E, -1, x.shape[-1]) for x in arrs], axis=1).reshape(E * rows, -1)
 
     if isinstance(a, Packed):
-        return Packed(name, a.type, rows, a.k, cat([w.q for w in ws]), cat([w.d for w in ws]), E)
+        o = cat([w.o for w in ws]) if a.o is not None else None
+        return Packed(name, a.type, rows, a.k, cat([w.q for w in ws]), cat([w.d for w in ws]), E, o)
     return QTensor(name, a.type, rows, a.k, cat([w.raw for w in ws]), E)
