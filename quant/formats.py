@@ -25,6 +25,9 @@ class Format:
     type_size: int  # bytes per block
     encode: Callable[[np.ndarray], np.ndarray] | None
     decode: Callable[[np.ndarray, int], np.ndarray]
+    # (raw, k) -> (q int8 (n, k), d float32 (n, k/32), o float32 (n, k/32)) with value ~ d q - o
+    # (equal up to float rounding): the kernels' layout for formats without one of their own
+    unpack: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     @property
     def name(self) -> str:
@@ -257,9 +260,37 @@ def _dec_q3_k(raw, k):
     return (dl[..., None] * q).reshape(n, k)
 
 
-def _fmt(t: T, enc, dec) -> Format:
+def _unpack_q4_1(raw, k):
+    b = _blocks(raw, 20)
+    n = raw.shape[0]
+    return _nibbles(b[:, :, 4:]).astype(np.int8).reshape(n, k), _scale16(b)[..., 0], -_scale16(b, 2)[..., 0]
+
+
+def _unpack_q5_0(raw, k):
+    b = _blocks(raw, 22)
+    d = _scale16(b)[..., 0]
+    return _q5_quants(b, 2).astype(np.int8).reshape(raw.shape[0], k), d, 16 * d
+
+
+def _unpack_q5_1(raw, k):
+    b = _blocks(raw, 24)
+    return _q5_quants(b, 4).astype(np.int8).reshape(raw.shape[0], k), _scale16(b)[..., 0], -_scale16(b, 2)[..., 0]
+
+
+def _unpack_q5_k(raw, k):
+    b = _blocks(raw, 176)
+    n, nb = b.shape[:2]
+    sc, mn = _k_scale_min(b[:, :, 4:16])
+    qs = b[:, :, 48:].reshape(n, nb, 4, 32)
+    lo = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, nb, 8, 32)
+    hi = (b[:, :, None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]) & 1
+    q = (lo | (hi << 4)).astype(np.int8).reshape(n, k)
+    return q, (_scale16(b) * sc).reshape(n, -1), (_scale16(b, 2) * mn).reshape(n, -1)
+
+
+def _fmt(t: T, enc, dec, unpack=None) -> Format:
     block, size = GGML_QUANT_SIZES[t]
-    return Format(t, block, size, enc, dec)
+    return Format(t, block, size, enc, dec, unpack)
 
 
 FORMATS: dict[T, Format] = {
@@ -271,13 +302,13 @@ FORMATS: dict[T, Format] = {
         _fmt(T.Q8_0, _enc_q8_0, _dec_q8_0),
         _fmt(T.Q4_0, _enc_q4_0, _dec_q4_0),
         _fmt(T.Q6_K, _enc_q6_k, _dec_q6_k),
-        _fmt(T.Q4_1, None, _dec_q4_1),
-        _fmt(T.Q5_0, None, _dec_q5_0),
-        _fmt(T.Q5_1, None, _dec_q5_1),
+        _fmt(T.Q4_1, None, _dec_q4_1, _unpack_q4_1),
+        _fmt(T.Q5_0, None, _dec_q5_0, _unpack_q5_0),
+        _fmt(T.Q5_1, None, _dec_q5_1, _unpack_q5_1),
         _fmt(T.Q2_K, None, _dec_q2_k),
         _fmt(T.Q3_K, None, _dec_q3_k),
         _fmt(T.Q4_K, None, _dec_q4_k),
-        _fmt(T.Q5_K, None, _dec_q5_k),
+        _fmt(T.Q5_K, None, _dec_q5_k, _unpack_q5_k),
     )
 }
 

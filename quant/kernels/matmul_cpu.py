@@ -18,6 +18,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
+from ..formats import FORMATS
 from ..qtensor import QTensor
 
 SMALL_N = 8  # rows of x up to which the direct kernels beat dequantize + BLAS
@@ -50,7 +51,9 @@ class Packed:
     def _deq(self, rows, out=None) -> np.ndarray:
         q, d = self.q[rows], self.d[rows]
         out = np.empty((q.shape[0], self.k), np.float32) if out is None else out
-        if self.type == T.Q4_K:
+        if self.type not in (T.Q8_0, T.Q6_K, T.Q4_0, T.Q4_K):
+            _deq_q8o(q, d, self.o[rows], out)
+        elif self.type == T.Q4_K:
             _deq_q4(q, d, self.o[rows], np.float32(1), out)
         elif self.type == T.Q4_0:
             _deq_q4(q, d, d, np.float32(8), out)
@@ -156,10 +159,12 @@ def _pack_q4_k(raw, q, d, o):
 
 
 def _packable(w: QTensor) -> bool:
-    return w.type in (T.Q8_0, T.Q6_K, T.Q4_K, T.Q4_0)
+    return w.type in (T.Q8_0, T.Q6_K, T.Q4_K, T.Q4_0) or FORMATS[w.type].unpack is not None
 
 
 def _empty_packed(t: T, R: int, k: int):
+    if FORMATS[t].unpack is not None:
+        return np.empty((R, k), np.int8), np.empty((R, k // 32), np.float32), np.empty((R, k // 32), np.float32)
     if t in (T.Q4_0, T.Q4_K):
         o = np.empty((R, k // 32), np.float32) if t == T.Q4_K else None
         return np.empty((R, k // 2), np.uint8), np.empty((R, k // 32), np.float32), o
@@ -173,8 +178,12 @@ def _pack_into(t: T, raw: np.ndarray, q: np.ndarray, d: np.ndarray, o: np.ndarra
         _pack_q6_k(raw, raw.view(np.int8), q, d)
     elif t == T.Q4_K:
         _pack_q4_k(raw, q, d, o)
-    else:
+    elif t == T.Q4_0:
         _pack_q4_0(raw, q, d)
+    else:
+        step = max(1, (16 << 20) // q.shape[1])  # the numpy unpackers in slices: bounded temporaries
+        for lo in range(0, raw.shape[0], step):
+            q[lo:lo + step], d[lo:lo + step], o[lo:lo + step] = FORMATS[t].unpack(raw[lo:lo + step], q.shape[1])
 
 
 def pack(w: QTensor) -> QTensor | Packed:
@@ -244,6 +253,20 @@ def _split_x(x: np.ndarray):
     return x[lo], x[hi], x.reshape(-1, 32).sum(1)
 
 
+@njit(parallel=True, cache=True, fastmath=True)
+def _mv_q8o(x, xs, q, d, o, out):
+    # int8 quants with a scale and an offset per 32 (Q4_1, Q5_0, Q5_1, Q5_K): value = d q - o
+    k, ng = x.shape[0], d.shape[1]
+    for r in prange(q.shape[0]):
+        a = np.float32(0.0)
+        for j in range(k):
+            a += x[j] * (d[r, j >> 5] * np.float32(q[r, j]))
+        c = np.float32(0.0)
+        for g in range(ng):
+            c += o[r, g] * xs[g]
+        out[r] = a - c
+
+
 ROW_CHUNK = 64  # rows per parallel task in the 16-bit float kernels (one scratch row each)
 
 
@@ -299,6 +322,14 @@ def _deq_q6_k(q, d, out):
 
 
 @njit(parallel=True, cache=True)
+def _deq_q8o(q, d, o, out):
+    k = out.shape[1]
+    for r in prange(q.shape[0]):
+        for j in range(k):
+            out[r, j] = d[r, j >> 5] * np.float32(q[r, j]) - o[r, j >> 5]
+
+
+@njit(parallel=True, cache=True)
 def _deq_q4(q, d, o, factor, out):
     nbytes = q.shape[1]
     for r in prange(q.shape[0]):
@@ -323,6 +354,9 @@ def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) ->
             _mv_q8_0(x, w.q, w.d, out)
         elif w.type == T.Q6_K:
             _mv_q6_k(x, w.q, w.d, out)
+        elif w.type not in (T.Q4_0, T.Q4_K):
+            for i in range(n):
+                _mv_q8o(x[i], x[i].reshape(-1, 32).sum(1), w.q, w.d, w.o, out[i])
         else:
             o, factor = (w.o, np.float32(1)) if w.type == T.Q4_K else (w.d, np.float32(8))
             for i in range(n):
