@@ -1,10 +1,11 @@
 """Our engine against llama.cpp on the same files, same threads, runs alternating.
 
-    python scripts/bench_vs_llamacpp.py [--shapes 0.6b 1.7b] [--types q8_0 q4_0] [--rounds 3]
+    python scripts/bench_vs_llamacpp.py [--shapes 0.6b 1.7b] [--types q8_0 q4_0 q4_k_m] [--rounds 3]
                                         [--threads 2] [-p 128] [-n 64] [--install-llama-cpp]
 
 Builds random BF16 checkpoints with the exact Qwen3 shapes in --workdir (once) and quantizes
-them with `qwen3cli quantize`. Then, per file, runs `qwen3cli bench --json` and the same pp/tg
+them with `qwen3cli quantize` (K-quants, which we read but do not write yet, with llama.cpp's
+quantizer from our BF16 file). Then, per file, runs `qwen3cli bench --json` and the same pp/tg
 tests in llama.cpp (llama-cpp-python, a separate process each time) alternately, --rounds
 times, and prints tokens/s (mean of the rounds), our/llama.cpp ratios and peak RSS.
 llama-cpp-python is not a test requirement (it compiles llama.cpp, 15-20 minutes on 2 cores):
@@ -60,6 +61,30 @@ def llama(path: Path, p: int, n: int, t: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+LLAMA_FTYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q5_0": 8, "q4_k_s": 14}
+
+
+def make_file(src: Path, out: Path, t: str, baseline: bool) -> None:
+    """Our quantize for the types it writes; K-quants through llama.cpp's quantizer (from our BF16)."""
+    if t not in LLAMA_FTYPES:
+        subprocess.run([sys.executable, "-m", "qwen3cli", "quantize", str(src), "-o", str(out), "-t", t],
+                       check=True, capture_output=True)
+        return
+    if not baseline:
+        sys.exit(f"{t}: made with llama.cpp's quantizer, which needs llama-cpp-python")
+    bf16 = out.with_name(out.stem.rsplit("-", 1)[0] + "-bf16.gguf")
+    if not bf16.exists():
+        make_file(src, bf16, "bf16", baseline)
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[t]
+    if llama_cpp.llama_model_quantize(str(bf16).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        sys.exit(f"llama.cpp could not quantize {bf16} to {t}")
+
+
 def have_llama_cpp(install: bool) -> bool:
     try:
         import llama_cpp  # noqa: F401
@@ -75,7 +100,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qwen3bench"))
     ap.add_argument("--shapes", nargs="+", default=["0.6b", "1.7b"], choices=list(SHAPES))
-    ap.add_argument("--types", nargs="+", default=["q8_0", "q4_0"])
+    ap.add_argument("--types", nargs="+", default=["q8_0", "q4_0", "q4_k_m"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-p", type=int, default=128)
@@ -93,8 +118,7 @@ def main() -> None:
         for t in a.types:
             f = a.workdir / f"qwen3-{shape}-{t}.gguf"
             if not f.exists():
-                subprocess.run([sys.executable, "-m", "qwen3cli", "quantize", str(src), "-o", str(f), "-t", t],
-                               check=True, capture_output=True)
+                make_file(src, f, t, baseline)
             runs = {"ours": [], "llama.cpp": []}
             for _ in range(a.rounds):  # alternate, so drifts in machine load hit both alike
                 runs["ours"].append(ours(f, a.p, a.n, a.threads))
