@@ -30,6 +30,7 @@ class Engine:
         self.args = loaded.args
         self.ctx = int(ctx) if ctx else min(DEFAULT_CTX, loaded.args.context_length)
         self.model = Model(loaded.weights, self.ctx, release=loaded.release)
+        self.model.source = loaded.source
         self.template = ChatTemplate(loaded.chat_template, loaded.special_tokens, where=loaded.source)
         self.mode = self.template.thinking_mode()
 

@@ -12,6 +12,9 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
+
+from .errors import Qwen3CliError
 from .model import KVCache, Model
 from .sampler import Sampler
 from .tokenizer import StreamDecoder
@@ -19,6 +22,10 @@ from .tokenizer import StreamDecoder
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # Qwen's recipe for a thinking budget: when it is spent, say so in the thinking and close it.
 BUDGET_NOTE = "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n"
+
+
+class NonFiniteLogits(Qwen3CliError):
+    """The forward pass produced NaN or infinite logits: corrupt (or wrongly typed) weights."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,9 @@ def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *
                 and close_id is not None:
             budget_hit = True
             forced = tokenizer.encode(BUDGET_NOTE, add_special_tokens=False).ids + [close_id]
+        if not forced and not np.isfinite(logits).all():
+            raise NonFiniteLogits(f"{getattr(model, 'source', 'the model')}: the model computed NaN or infinite "
+                                  "logits; its weights are corrupt or not what their types say")
         tid = forced.pop(0) if forced else sampler(logits, generated)
         generated.append(tid)
         if tid in stop_ids:

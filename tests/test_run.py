@@ -91,14 +91,27 @@ def _patch_type(src, dst, tensor: str, new_type: int):
     dst.write_bytes(bytes(data))
 
 
+def _nan_scale(src, dst, tensor: str):
+    """The first Q8_0 block of the tensor gets an fp16 NaN scale."""
+    from quant.gguf_file import GGUFFile
+
+    with GGUFFile(src) as g:
+        at = g.tensors[tensor].offset
+    data = bytearray(src.read_bytes())
+    data[at:at + 2] = b"\x00\x7e"
+    dst.write_bytes(bytes(data))
+
+
 def test_bad_inputs(tiny, tmp_path):
     one_line_error(*run(tmp_path / "missing.gguf", "hi")[::2], "missing.gguf", "no such file")
     (tmp_path / "text.gguf").write_text("hello, not a gguf")
     one_line_error(*run(tmp_path / "text.gguf", "hi")[::2], "text.gguf", "not a GGUF")
     (tmp_path / "cut.gguf").write_bytes(tiny.read_bytes()[:4096])
     one_line_error(*run(tmp_path / "cut.gguf", "hi")[::2], "cut.gguf")
-    _patch_type(tiny, tmp_path / "q41.gguf", "blk.0.attn_q.weight", 3)  # Q4_1: not runnable yet
-    one_line_error(*run(tmp_path / "q41.gguf", "hi")[::2], "blk.0.attn_q.weight", "Q4_1")
+    _patch_type(tiny, tmp_path / "q81.gguf", "blk.0.attn_q.weight", 9)  # Q8_1: not runnable
+    one_line_error(*run(tmp_path / "q81.gguf", "hi")[::2], "blk.0.attn_q.weight", "Q8_1")
+    _nan_scale(tiny, tmp_path / "nan.gguf", "blk.0.attn_q.weight")
+    one_line_error(*run(tmp_path / "nan.gguf", "hi")[::2], "nan.gguf", "NaN")
     one_line_error(*run(tiny, "word " * 100, "--ctx", "32")[::2], "context", "--ctx")
     one_line_error(*run(tiny, "hi", "--temp", "-1")[::2], "temperature")
     one_line_error(*run(tiny, "hi", "--ctx", "0")[::2], "--ctx")
