@@ -25,7 +25,7 @@ from .cli import app, err, user_errors
 from .cli_run import UsageError, open_engine, set_threads
 from .conversation import SAMPLING_KEYS, ChatSettings, Conversation, Notice
 from .errors import Qwen3CliError
-from .generate import Done
+from .generate import BUDGET_NOTE, Done
 
 DISPLAYS = ("show", "collapse", "hide")
 SET_ALIASES = {"temp": "temperature", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
@@ -327,6 +327,7 @@ class _TurnRenderer:
             self.con.print()
         elif self.ui.display == "collapse" and think:
             took = time.perf_counter() - (self.think_t0 or self.t0)
+            budget_hit = budget_hit or think.endswith(BUDGET_NOTE.strip())
             self.con.print(Text(f"thought for {took:.1f} s ({self.think_tokens} tokens"
                                 f"{', budget hit' if budget_hit else ''}) · /last_thinking shows it", style="dim"))
         self.think_text = [] if not think else [think]

@@ -147,7 +147,8 @@ def test_thinking_display(engine, fake, display):
 
 def test_budget_closes_the_thinking(engine, fake):
     fake(think_forever=True, answer="done")
-    conv, out = drive(engine, "/budget 5\rq\r/exit\r")
+    conv, out = drive(engine, "/budget 5\rq\r/exit\r", display="collapse")
+    assert "budget hit) · /last_thinking" in out
     r = conv.messages[-1]
     assert r["content"] == "done" and r["thinking"].endswith(BUDGET_NOTE.strip())
     assert r["thinking"].count("hmm") == 5  # exactly the budget, then the note
