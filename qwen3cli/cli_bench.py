@@ -9,18 +9,19 @@ import typer
 from rich.table import Table
 
 from .cli import app, out, user_errors
+from .cli_options import Model, Quant, Threads
 from .cli_run import UsageError, open_engine, set_threads
 
 
 @app.command()
 @user_errors
 def bench(
-    model: str = typer.Argument(..., help="A GGUF file, a Hugging Face model directory, or a hub repo id."),
+    model: Model,
     prompt: int = typer.Option(128, "-p", "--prompt", help="Prompt tokens for the prefill test (0: skip)."),
     gen: int = typer.Option(64, "-n", "--gen", help="Tokens for the decode test (0: skip)."),
     reps: int = typer.Option(3, "-r", "--reps", help="Repetitions of each test (after one warm-up)."),
-    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
-    quant: str = typer.Option("q8_0", "--quant", help="Type a Hugging Face directory or repo is converted to."),
+    threads: Threads = None,
+    quant: Quant = "q8_0",
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Measure prefill and decode speed, like llama-bench."""

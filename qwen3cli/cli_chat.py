@@ -22,6 +22,7 @@ from rich.markdown import Markdown
 from rich.text import Text
 
 from .cli import app, err, user_errors
+from .cli_options import Ctx, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
 from .cli_run import UsageError, open_engine, set_threads
 from .conversation import SAMPLING_KEYS, ChatSettings, Conversation, Notice
 from .errors import Qwen3CliError
@@ -401,22 +402,22 @@ def make_prompt_session(**kw) -> PromptSession:
 @app.command()
 @user_errors
 def chat(
-    model: str = typer.Argument(..., help="A GGUF file, a Hugging Face model directory, or a hub repo id."),
-    system: str = typer.Option(None, "--system", "-s", help="System prompt."),
+    model: Model,
+    system: System = None,
     think: bool = typer.Option(None, "--think/--no-think", help="Start with thinking on or off (default: the model's)."),
     thinking: str = typer.Option("show", "--thinking", help="Thinking display: show, collapse or hide."),
     thinking_budget: int = typer.Option(None, "--thinking-budget", help="Close the thinking after N tokens."),
-    ctx: int = typer.Option(None, "--ctx", "-c", help="Context size in tokens (default 8192, or the model's if less)."),
+    ctx: Ctx = None,
     max_tokens: int = typer.Option(None, "--max-tokens", "-n", help="Longest reply in tokens."),
-    temp: float = typer.Option(None, "--temp", help="Temperature (default by mode: 0.6 thinking, 0.7 not)."),
-    top_k: int = typer.Option(None, "--top-k", help="Top-k (default 20)."),
-    top_p: float = typer.Option(None, "--top-p", help="Top-p (default 0.95 thinking, 0.8 not)."),
-    min_p: float = typer.Option(None, "--min-p", help="Min-p (default 0)."),
-    presence_penalty: float = typer.Option(None, "--presence-penalty", help="Presence penalty (default 0)."),
-    repeat_penalty: float = typer.Option(None, "--repeat-penalty", help="Repetition penalty (default 1)."),
-    seed: int = typer.Option(None, "--seed", help="Random seed."),
-    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
-    quant: str = typer.Option("q8_0", "--quant", help="Type a Hugging Face directory or repo is converted to."),
+    temp: Temp = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    presence_penalty: Presence = None,
+    repeat_penalty: Repeat = None,
+    seed: Seed = None,
+    threads: Threads = None,
+    quant: Quant = "q8_0",
     load_file: Path = typer.Option(None, "--load", help="Resume a chat saved with /save."),
     markdown: bool = typer.Option(False, "--markdown", help="Render finished answers as Markdown."),
 ) -> None:

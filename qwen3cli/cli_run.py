@@ -14,6 +14,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .cli import app, err, user_errors
+from .cli_options import Ctx, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
 from .errors import Qwen3CliError
 
 
@@ -87,25 +88,23 @@ def read_prompt(prompt: str | None) -> str:
 @app.command()
 @user_errors
 def run(
-    model: str = typer.Argument(..., help="A GGUF file, a Hugging Face model directory, or a hub repo id "
-                                          "(Qwen/Qwen3-0.6B, Qwen/Qwen3-8B-GGUF:Q8_0)."),
+    model: Model,
     prompt: str = typer.Argument(None, help="The prompt; read from stdin when piped (both are joined)."),
     think: bool = typer.Option(None, "--think/--no-think", help="Thinking on or off (default: the model's)."),
     show_thinking: bool = typer.Option(True, "--show-thinking/--hide-thinking",
                                        help="Stream the thinking to stderr, dimmed (stdout gets only the answer)."),
-    system: str = typer.Option(None, "--system", "-s", help="System prompt."),
+    system: System = None,
     max_tokens: int = typer.Option(None, "--max-tokens", "-n", help="Stop after this many tokens (default: the context)."),
-    ctx: int = typer.Option(None, "--ctx", "-c", help="Context size in tokens (default: 8192 or the model's, if less); "
-                                                      "beyond the native length YaRN is applied."),
-    temp: float = typer.Option(None, "--temp", help="Temperature (0 = greedy). Default by mode: 0.6 thinking, 0.7 not."),
-    top_k: int = typer.Option(None, "--top-k", help="Top-k (0 = off). Default 20."),
-    top_p: float = typer.Option(None, "--top-p", help="Top-p. Default 0.95 thinking, 0.8 not."),
-    min_p: float = typer.Option(None, "--min-p", help="Min-p. Default 0."),
-    presence_penalty: float = typer.Option(None, "--presence-penalty", help="Presence penalty (0-2). Default 0."),
-    repeat_penalty: float = typer.Option(None, "--repeat-penalty", help="Repetition penalty (1 = off). Default 1."),
-    seed: int = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
-    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: all cores)."),
-    quant: str = typer.Option("q8_0", "--quant", help="Type a Hugging Face directory or repo is converted to."),
+    ctx: Ctx = None,
+    temp: Temp = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    presence_penalty: Presence = None,
+    repeat_penalty: Repeat = None,
+    seed: Seed = None,
+    threads: Threads = None,
+    quant: Quant = "q8_0",
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, thinking, finish_reason, counts, timings."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speeds to stderr at the end."),
 ) -> None:
