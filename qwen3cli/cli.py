@@ -18,7 +18,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColu
 from rich.table import Table
 
 from . import __version__
-from .errors import USER_ERRORS
+from .errors import USER_ERRORS, OutputError
 
 app = typer.Typer(
     add_completion=False,
@@ -73,13 +73,18 @@ def _count(n: int) -> str:
 @user_errors
 def quantize(
     src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer)."),
-    output: Path = typer.Option(..., "-o", "--output", help="The GGUF file to write."),
+    output: Path = typer.Option(None, "-o", "--output", help="The GGUF file to write."),
     type: QuantType = typer.Option(QuantType.q8_0, "--type", "-t", help="Tensor type of the weight matrices."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUTPUT if it exists."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print each tensor's planned type and size; write nothing."),
 ) -> None:
     """Convert and quantize a Qwen3 / Qwen3-MoE checkpoint to a GGUF file llama.cpp loads."""
     from . import convert
 
+    if dry_run:
+        return _print_plan(convert.plan(src, type.value))
+    if output is None:
+        raise OutputError("missing --output (-o): the GGUF file to write")
     convert.check_output(output, force)
     p = convert.plan(src, type.value)
     bytes_per_elem = p.input_bytes / max(p.n_params, 1)
@@ -107,6 +112,18 @@ def quantize(
     t.add_row("tensor types", ", ".join(f"{k} {v}" for k, v in sorted(s.type_counts.items())))
     t.add_row("time", f"{s.seconds:.1f} s")
     err.print(t)
+
+
+def _print_plan(p) -> None:
+    t = Table(box=None, padding=(0, 2))
+    for c, j in (("tensor", "left"), ("shape", "left"), ("type", "left"), ("size", "right")):
+        t.add_column(c, justify=j)
+    for x in p.tensors:
+        t.add_row(x.name, " x ".join(map(str, x.shape)), x.type.name, _size(x.nbytes))
+    out.print(t)
+    total = sum(x.nbytes for x in p.tensors)
+    out.print(f"{len(p.tensors)} tensors, {_count(p.n_params)} parameters, {_size(total)} of tensor data "
+              f"({8 * total / max(p.n_params, 1):.2f} bits per weight); nothing written", highlight=False)
 
 
 @app.command()

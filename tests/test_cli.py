@@ -201,3 +201,13 @@ def test_console_script_end_to_end(good, tmp_path):
     r = subprocess.run([sys.executable, "-m", "qwen3cli", "quantize", str(good), "-o", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: {out}: already exists (use --force to overwrite)"]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(good, tmp_path):
+    before = leftovers(tmp_path)
+    code, out, err = run("quantize", good, "--type", "q4_0", "--dry-run")
+    assert code == 0, err
+    assert "blk.0.ffn_gate_exps.weight" in out and "Q4_0" in out and "output.weight" in out
+    assert "nothing written" in out and leftovers(tmp_path) == before
+    code, _, err = run("quantize", good)  # without --dry-run an output is required
+    assert code == 1 and "--output" in err
