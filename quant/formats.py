@@ -210,6 +210,21 @@ def _k_scale_min(sc12: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scale.astype(np.float32), mins.astype(np.float32)
 
 
+def _enc_q4_k(x):
+    x = np.ascontiguousarray(x, np.float32)
+    n, k = x.shape
+    nb = k // 256
+    d, dmin = np.empty((n, nb), np.float32), np.empty((n, nb), np.float32)
+    sc, qs = np.empty((n, nb, 12), np.uint8), np.empty((n, nb, 128), np.uint8)
+    qk.q4_k(x, d, dmin, sc, qs)
+    out = np.empty((n, nb, 144), np.uint8)
+    out[:, :, 0:2] = _f16_bytes(d)
+    out[:, :, 2:4] = _f16_bytes(dmin)
+    out[:, :, 4:16] = sc
+    out[:, :, 16:] = qs
+    return out.reshape(n, -1)
+
+
 def _dec_q4_k(raw, k):
     b = _blocks(raw, 144)
     n, nb = b.shape[:2]
@@ -307,7 +322,7 @@ FORMATS: dict[T, Format] = {
         _fmt(T.Q5_1, None, _dec_q5_1, _unpack_q5_1),
         _fmt(T.Q2_K, None, _dec_q2_k),
         _fmt(T.Q3_K, None, _dec_q3_k),
-        _fmt(T.Q4_K, None, _dec_q4_k),
+        _fmt(T.Q4_K, _enc_q4_k, _dec_q4_k),
         _fmt(T.Q5_K, None, _dec_q5_k, _unpack_q5_k),
     )
 }

@@ -29,6 +29,7 @@ FILE_TYPES = {
         FileType("bf16", FT.MOSTLY_BF16, T.BF16),
         FileType("q8_0", FT.MOSTLY_Q8_0, T.Q8_0),
         FileType("q4_0", FT.MOSTLY_Q4_0, T.Q4_0),
+        FileType("q4_k_m", FT.MOSTLY_Q4_K_M, T.Q4_K),
     )
 }
 
@@ -40,7 +41,14 @@ def _block(t: T) -> int:
     return GGML_QUANT_SIZES[t][0]
 
 
-def tensor_type(name: str, ggml_shape: tuple[int, ...], file_type: FileType, tied_embeddings: bool) -> T:
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of layers that get more bits in the _M mixes: the first and last
+    eighth, and every third one between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def tensor_type(name: str, ggml_shape: tuple[int, ...], file_type: FileType, tied_embeddings: bool,
+                n_layers: int = 0, n_experts: int = 0) -> T:
     """The GGML type of tensor `name` (GGUF name, GGML-order shape) in a `file_type` file."""
     if len(ggml_shape) < 2 or name.endswith("_norm.weight") or "ffn_gate_inp" in name:
         return T.F32
@@ -53,6 +61,16 @@ def tensor_type(name: str, ggml_shape: tuple[int, ...], file_type: FileType, tie
         if ncols % _block(new):
             new = T.Q8_0
         elif new != T.Q8_0:
+            new = T.Q6_K
+    elif file_type.ftype == FT.MOSTLY_Q4_K_M and name.startswith("blk."):
+        layer = int(name.split(".")[1])
+        if ".attn_v." in name:
+            new = T.Q8_0 if n_experts == 8 else T.Q6_K if use_more_bits(layer, n_layers) else new
+        elif ".attn_k." in name and n_experts == 8:
+            new = T.Q8_0
+        elif ".attn_output." in name and n_experts == 8:
+            new = T.Q5_K  # llama.cpp's rule for 8-expert models (Qwen3's have 128)
+        elif ".ffn_down" in name and use_more_bits(layer, n_layers):
             new = T.Q6_K
     if ncols % _block(new):
         new = _FALLBACK.get(new, new)

@@ -49,6 +49,7 @@ def user_errors(fn):
 class QuantType(str, Enum):
     q8_0 = "q8_0"
     q4_0 = "q4_0"
+    q4_k_m = "q4_k_m"
     f16 = "f16"
     bf16 = "bf16"
     f32 = "f32"

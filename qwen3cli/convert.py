@@ -171,8 +171,12 @@ def plan(src: str | Path, type_name: str = "q8_0") -> Plan:
     used = set(want)
 
     def add(gguf_name: str, parts: list[Part], shape: tuple[int, ...]) -> None:
-        ttype = tensor_type(gguf_name, shape, file_type, a.tie_word_embeddings)
-        nbytes = get_format(ttype, gguf_name).nbytes(shape)
+        ttype = tensor_type(gguf_name, shape, file_type, a.tie_word_embeddings, a.n_layers, a.n_experts)
+        fmt = get_format(ttype, gguf_name)
+        if fmt.encode is None:
+            raise CheckpointError(f"{src}: {gguf_name} would be {fmt.name} in a {type_name} file (its rows of "
+                                  f"{shape[0]} do not fit the preset's blocks), which qwen3cli cannot write yet")
+        nbytes = fmt.nbytes(shape)
         tensors.append(OutTensor(gguf_name, shape, ttype, parts, nbytes))
 
     def add_hf(hf: str, gguf_name: str) -> None:

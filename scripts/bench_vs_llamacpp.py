@@ -4,7 +4,7 @@
                                         [--threads 2] [-p 128] [-n 64] [--install-llama-cpp]
 
 Builds random BF16 checkpoints with the exact Qwen3 shapes in --workdir (once) and quantizes
-them with `qwen3cli quantize` (K-quants, which we read but do not write yet, with llama.cpp's
+them with `qwen3cli quantize` (the K-quant presets we do not write yet with llama.cpp's
 quantizer from our BF16 file). Then, per file, runs `qwen3cli bench --json` and the same pp/tg
 tests in llama.cpp (llama-cpp-python, a separate process each time) alternately, --rounds
 times, and prints tokens/s (mean of the rounds), our/llama.cpp ratios and peak RSS.
@@ -61,7 +61,7 @@ def llama(path: Path, p: int, n: int, t: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-LLAMA_FTYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q5_0": 8, "q4_k_s": 14}
+LLAMA_FTYPES = {"q5_k_m": 17, "q6_k": 18, "q5_0": 8, "q4_k_s": 14}  # types we do not write yet
 
 
 def make_file(src: Path, out: Path, t: str, baseline: bool) -> None:

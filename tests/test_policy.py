@@ -42,3 +42,27 @@ def test_row_lengths_a_block_does_not_divide_fall_back():
     # a row Q4_0's 32 does not divide: the output goes Q8_0, which does not fit either -> F16
     assert tt("output.weight", (48, 1000), "q4_0") == T.F16
     assert tt("blk.0.attn_q.weight", (48, 64), "q8_0") == T.F16
+
+
+def test_q4_k_m_mix_matches_llama_quantize():
+    # Qwen3-8B-like: 36 layers. attn_v and ffn_down get Q6_K where use_more_bits says (first and last
+    # eighth, every third between), the rest Q4_K; the output Q6_K; norms F32.
+    from quant.policy import use_more_bits
+
+    n = 36
+    more = [i for i in range(n) if use_more_bits(i, n)]
+    assert more[:6] == [0, 1, 2, 3, 6, 9] and more[-5:] == [31, 32, 33, 34, 35]
+    for i in range(n):
+        want = T.Q6_K if i in more else T.Q4_K
+        assert tensor_type(f"blk.{i}.attn_v.weight", (4096, 1024), FILE_TYPES["q4_k_m"], False, n) == want
+        assert tensor_type(f"blk.{i}.ffn_down.weight", (12288, 4096), FILE_TYPES["q4_k_m"], False, n) == want
+        assert tensor_type(f"blk.{i}.attn_q.weight", (4096, 4096), FILE_TYPES["q4_k_m"], False, n) == T.Q4_K
+        assert tensor_type(f"blk.{i}.ffn_down_exps.weight", (768, 2048, 128), FILE_TYPES["q4_k_m"], False, n,
+                           128) == want
+    assert tt("output.weight", (4096, 151936), "q4_k_m") == T.Q6_K
+    assert tt("token_embd.weight", (4096, 151936), "q4_k_m") == T.Q4_K
+    assert tt("token_embd.weight", (1024, 151936), "q4_k_m", tied=True) == T.Q6_K
+    # 8-expert models get llama.cpp's special cases
+    ft = FILE_TYPES["q4_k_m"]
+    assert tensor_type("blk.3.attn_k.weight", (2048, 512), ft, False, 16, 8) == T.Q8_0
+    assert tensor_type("blk.3.attn_output.weight", (2048, 2048), ft, False, 16, 8) == T.Q5_K

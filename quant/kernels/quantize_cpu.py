@@ -204,3 +204,133 @@ def q6_k(x, d_out, sc_out, ql_out, qh_out):
                         | ((L[j + l + 64] >> 4) << 4)
                         | ((L[j + l + 96] >> 4) << 6)
                     )
+
+
+@njit(cache=True)
+def _make_qkx2_quants(x, o, w, n, nmax, L, lo, Laux, rmin, rdelta, nstep):
+    """ggml's make_qkx2_quants (squared error): scale and min for x[o:o+n] with weights w,
+    levels in L[lo:lo+n]; tries nstep+1 rescalings around nmax / (max - min). Returns
+    (scale, -min)."""
+    mn = x[o]
+    mx = x[o]
+    sum_w = w[0]
+    sum_x = sum_w * x[o]
+    for i in range(1, n):
+        v = x[o + i]
+        if v < mn:
+            mn = v
+        if v > mx:
+            mx = v
+        sum_w += w[i]
+        sum_x += w[i] * v
+    if mn > f32(0.0):
+        mn = f32(0.0)
+    if mx == mn:
+        for i in range(n):
+            L[lo + i] = 0
+        return f32(0.0), -mn
+    iscale = f32(nmax) / (mx - mn)
+    scale = f32(1.0) / iscale
+    best = f32(0.0)
+    for i in range(n):
+        lv = max(0, min(nmax, _nearest_int(iscale * (x[o + i] - mn))))
+        L[lo + i] = lv
+        diff = scale * f32(lv) + mn - x[o + i]
+        best += w[i] * (diff * diff)
+    for s in range(nstep + 1):
+        iscale = (rmin + rdelta * f32(s) + f32(nmax)) / (mx - mn)
+        sum_l = f32(0.0)
+        sum_l2 = f32(0.0)
+        sum_xl = f32(0.0)
+        for i in range(n):
+            lv = max(0, min(nmax, _nearest_int(iscale * (x[o + i] - mn))))
+            Laux[i] = lv
+            wl = w[i] * f32(lv)
+            sum_l += wl
+            sum_l2 += wl * f32(lv)
+            sum_xl += wl * x[o + i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > f32(0.0):
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > f32(0.0):
+                this_min = f32(0.0)
+                this_scale = sum_xl / sum_l2
+            cur = f32(0.0)
+            for i in range(n):
+                diff = this_scale * f32(Laux[i]) + this_min - x[o + i]
+                cur += w[i] * (diff * diff)
+            if cur < best:
+                for i in range(n):
+                    L[lo + i] = Laux[i]
+                best = cur
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
+
+
+@njit(parallel=True, cache=True)
+def q4_k(x, d_out, dmin_out, sc_out, qs_out):
+    """ggml's quantize_row_q4_K_ref. x (rows, k) -> d, dmin (rows, nb) float32 (fp16-exact),
+    sc_out (rows, nb, 12) packed 6-bit scales/mins, qs_out (rows, nb, 128) nibbles."""
+    rows, k = x.shape
+    nb = k // 256
+    for r in prange(rows):
+        L = np.empty(256, np.int32)
+        Laux = np.empty(32, np.int32)
+        w = np.empty(32, np.float32)
+        scales = np.empty(8, np.float32)
+        mins = np.empty(8, np.float32)
+        for b in range(nb):
+            o = b * 256
+            max_scale = f32(0.0)
+            max_min = f32(0.0)
+            for j in range(8):
+                s2 = f32(0.0)
+                for l in range(32):
+                    v = x[r, o + 32 * j + l]
+                    s2 += v * v
+                av = np.float32(math.sqrt(s2 / f32(32.0)))
+                for l in range(32):
+                    w[l] = av + abs(x[r, o + 32 * j + l])
+                sc, mn = _make_qkx2_quants(x[r], o + 32 * j, w, 32, 15, L, 32 * j, Laux, f32(-1.0), f32(0.1), 20)
+                scales[j] = sc
+                mins[j] = mn
+                if sc > max_scale:
+                    max_scale = sc
+                if mn > max_min:
+                    max_min = mn
+            inv_scale = f32(63.0) / max_scale if max_scale > f32(0.0) else f32(0.0)
+            inv_min = f32(63.0) / max_min if max_min > f32(0.0) else f32(0.0)
+            for t in range(12):
+                sc_out[r, b, t] = 0
+            for j in range(8):
+                ls = min(63, _nearest_int(inv_scale * scales[j]) & 255)
+                lm = min(63, _nearest_int(inv_min * mins[j]) & 255)
+                if j < 4:
+                    sc_out[r, b, j] = ls
+                    sc_out[r, b, j + 4] = lm
+                else:
+                    sc_out[r, b, j + 4] = (ls & 15) | ((lm & 15) << 4)
+                    sc_out[r, b, j - 4] |= (ls >> 4) << 6
+                    sc_out[r, b, j] |= (lm >> 4) << 6
+            d16 = fp16_round(max_scale / f32(63.0))
+            dmin16 = fp16_round(max_min / f32(63.0))
+            d_out[r, b] = d16
+            dmin_out[r, b] = dmin16
+            for j in range(8):
+                if j < 4:
+                    sc = np.int32(sc_out[r, b, j]) & 63
+                    m = np.int32(sc_out[r, b, j + 4]) & 63
+                else:
+                    sc = (np.int32(sc_out[r, b, j + 4]) & 15) | ((np.int32(sc_out[r, b, j - 4]) >> 6) << 4)
+                    m = (np.int32(sc_out[r, b, j + 4]) >> 4) | ((np.int32(sc_out[r, b, j]) >> 6) << 4)
+                d = d16 * f32(sc)
+                if d == f32(0.0):
+                    continue  # keep the levels make_qkx2_quants chose, as ggml does
+                dm = dmin16 * f32(m)
+                for ii in range(32):
+                    L[32 * j + ii] = max(0, min(15, _nearest_int((x[r, o + 32 * j + ii] + dm) / d)))
+            for c in range(4):
+                for l in range(32):
+                    qs_out[r, b, 32 * c + l] = L[64 * c + l] | (L[64 * c + l + 32] << 4)
