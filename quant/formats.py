@@ -210,19 +210,32 @@ def _k_scale_min(sc12: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scale.astype(np.float32), mins.astype(np.float32)
 
 
-def _enc_q4_k(x):
+def _k_levels(x, nmax, rmin, nstep):
     x = np.ascontiguousarray(x, np.float32)
     n, k = x.shape
     nb = k // 256
     d, dmin = np.empty((n, nb), np.float32), np.empty((n, nb), np.float32)
-    sc, qs = np.empty((n, nb, 12), np.uint8), np.empty((n, nb, 128), np.uint8)
-    qk.q4_k(x, d, dmin, sc, qs)
-    out = np.empty((n, nb, 144), np.uint8)
-    out[:, :, 0:2] = _f16_bytes(d)
-    out[:, :, 2:4] = _f16_bytes(dmin)
-    out[:, :, 4:16] = sc
-    out[:, :, 16:] = qs
-    return out.reshape(n, -1)
+    sc, L = np.empty((n, nb, 12), np.uint8), np.empty((n, nb, 256), np.uint8)
+    qk.k_quant_levels(x, nmax, np.float32(rmin), nstep, d, dmin, sc, L)
+    head = np.empty((n, nb, 16), np.uint8)
+    head[:, :, 0:2], head[:, :, 2:4], head[:, :, 4:16] = _f16_bytes(d), _f16_bytes(dmin), sc
+    return head, L.reshape(n, nb, 4, 2, 32)  # 4 chunks of 64: (low 32, high 32)
+
+
+def _enc_q4_k(x):
+    head, L = _k_levels(x, 15, -1.0, 20)
+    qs = (L[:, :, :, 0] | (L[:, :, :, 1] << 4)).reshape(*head.shape[:2], 128)
+    return np.concatenate([head, qs], axis=-1).reshape(head.shape[0], -1)
+
+
+def _enc_q5_k(x):
+    head, L = _k_levels(x, 31, -0.5, 15)
+    lo = L & 15
+    qs = (lo[:, :, :, 0] | (lo[:, :, :, 1] << 4)).reshape(*head.shape[:2], 128)
+    hb = (L >> 4).astype(np.uint8)  # the fifth bit: chunk c's low/high half -> bits 2c / 2c+1 of qh
+    shifts = (2 * np.arange(4, dtype=np.uint8)[:, None] + np.arange(2, dtype=np.uint8)[None, :])[..., None]
+    qh = np.bitwise_or.reduce((hb << shifts).reshape(*head.shape[:2], 8, 32), axis=2).astype(np.uint8)
+    return np.concatenate([head, qh, qs], axis=-1).reshape(head.shape[0], -1)
 
 
 def _dec_q4_k(raw, k):
@@ -323,7 +336,7 @@ FORMATS: dict[T, Format] = {
         _fmt(T.Q2_K, None, _dec_q2_k),
         _fmt(T.Q3_K, None, _dec_q3_k),
         _fmt(T.Q4_K, _enc_q4_k, _dec_q4_k),
-        _fmt(T.Q5_K, None, _dec_q5_k, _unpack_q5_k),
+        _fmt(T.Q5_K, _enc_q5_k, _dec_q5_k, _unpack_q5_k),
     )
 }
 

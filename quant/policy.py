@@ -30,8 +30,12 @@ FILE_TYPES = {
         FileType("q8_0", FT.MOSTLY_Q8_0, T.Q8_0),
         FileType("q4_0", FT.MOSTLY_Q4_0, T.Q4_0),
         FileType("q4_k_m", FT.MOSTLY_Q4_K_M, T.Q4_K),
+        FileType("q4_k_s", FT.MOSTLY_Q4_K_S, T.Q4_K),
+        FileType("q5_k_m", FT.MOSTLY_Q5_K_M, T.Q5_K),
+        FileType("q6_k", FT.MOSTLY_Q6_K, T.Q6_K),
     )
 }
+_MIXES = (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q4_K_S, FT.MOSTLY_Q5_K_M, FT.MOSTLY_Q6_K)
 
 _FLOATS = (T.F32, T.F16, T.BF16)
 _FALLBACK = {T.Q6_K: T.Q8_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1}
@@ -45,6 +49,29 @@ def use_more_bits(i: int, n: int) -> bool:
     """llama.cpp's choice of layers that get more bits in the _M mixes: the first and last
     eighth, and every third one between."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _k_mix(name: str, new: T, ft: FT, n_layers: int, n_experts: int) -> T:
+    """llama-quantize's per-layer choices in the K-quant mixes (llama_tensor_get_type)."""
+    layer = int(name.split(".")[1])
+    more = use_more_bits(layer, n_layers)
+    M, S = ft in (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q5_K_M), ft == FT.MOSTLY_Q4_K_S
+    if ".attn_v." in name:
+        if M and more:
+            new = T.Q6_K
+        elif S and layer < 4:
+            new = T.Q5_K
+        return T.Q8_0 if n_experts == 8 else new  # 8-expert models (Qwen3's have 128)
+    if ".attn_k." in name and n_experts == 8:
+        return T.Q8_0
+    if ".attn_output." in name and n_experts == 8 and ft in (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q4_K_S):
+        return T.Q5_K
+    if ".ffn_down" in name:
+        if M and more:
+            return T.Q6_K
+        if S and layer < n_layers // 8:
+            return T.Q5_K
+    return new
 
 
 def tensor_type(name: str, ggml_shape: tuple[int, ...], file_type: FileType, tied_embeddings: bool,
@@ -62,16 +89,8 @@ def tensor_type(name: str, ggml_shape: tuple[int, ...], file_type: FileType, tie
             new = T.Q8_0
         elif new != T.Q8_0:
             new = T.Q6_K
-    elif file_type.ftype == FT.MOSTLY_Q4_K_M and name.startswith("blk."):
-        layer = int(name.split(".")[1])
-        if ".attn_v." in name:
-            new = T.Q8_0 if n_experts == 8 else T.Q6_K if use_more_bits(layer, n_layers) else new
-        elif ".attn_k." in name and n_experts == 8:
-            new = T.Q8_0
-        elif ".attn_output." in name and n_experts == 8:
-            new = T.Q5_K  # llama.cpp's rule for 8-expert models (Qwen3's have 128)
-        elif ".ffn_down" in name and use_more_bits(layer, n_layers):
-            new = T.Q6_K
+    elif file_type.ftype in _MIXES and name.startswith("blk."):
+        new = _k_mix(name, new, file_type.ftype, n_layers, n_experts)
     if ncols % _block(new):
         new = _FALLBACK.get(new, new)
         if ncols % _block(new):

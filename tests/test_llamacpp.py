@@ -29,7 +29,7 @@ def ggml():
     return f
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q6_K, T.Q4_K])
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q6_K, T.Q4_K, T.Q5_K])
 def test_quantized_bytes_equal_libggml(ggml, qtype):
     rng = np.random.default_rng(7)
     k = 1024
@@ -133,21 +133,28 @@ def test_llama_cpp_k_quant_files_run_like_llama_cpp(gguf_model, tmp_path, ftype,
     assert np.array_equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
 
 
-@pytest.mark.parametrize("kind", [dict(layers=9, tied=True), dict(layers=3, tied=False),
-                                  dict(layers=4, tied=False, moe=True, experts=4, moe_ffn=256)],
-                         ids=["dense-tied", "dense-untied", "moe"])
-def test_q4_k_m_file_is_byte_identical_to_llama_quantize(ckpt, tmp_path, kind):
-    """Our `quantize --type q4_k_m` from the checkpoint == llama-quantize Q4_K_M of our F32 file:
-    the same type for every tensor (attn_v / ffn_down mix) and the same bytes."""
+K_MIXES = {"q4_k_m": 15, "q4_k_s": 14, "q5_k_m": 17, "q6_k": 18}
+
+
+@pytest.mark.parametrize("preset,kind", [
+    ("q4_k_m", dict(layers=9, tied=True)), ("q4_k_m", dict(layers=3, tied=False)),
+    ("q4_k_m", dict(layers=4, tied=False, moe=True, experts=4, moe_ffn=256)),
+    ("q4_k_m", dict(layers=3, tied=False, moe=True, experts=8, moe_ffn=256)),  # llama.cpp's 8-expert rules
+    ("q4_k_s", dict(layers=9, tied=True)), ("q5_k_m", dict(layers=9, tied=False)),
+    ("q5_k_m", dict(layers=3, tied=False, moe=True, experts=8, moe_ffn=256)), ("q6_k", dict(layers=3, tied=True)),
+], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}{w}" for k, w in v.items()))
+def test_k_quant_files_are_byte_identical_to_llama_quantize(ckpt, tmp_path, preset, kind):
+    """Our `quantize --type q4_k_m|q4_k_s|q5_k_m|q6_k` from the checkpoint == llama-quantize of our
+    F32 file: the same type for every tensor (the per-layer mixes) and the same bytes."""
     import subprocess
     import sys
 
     d, _ = ckpt(dtype="f32", hidden=256, ffn=512, heads=8, head_dim=32, **kind)
     ours, f32, theirs = tmp_path / "ours.gguf", tmp_path / "f32.gguf", tmp_path / "theirs.gguf"
-    convert.quantize(d, ours, "q4_k_m")
+    convert.quantize(d, ours, preset)
     convert.quantize(d, f32, "f32")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.ftype = K_MIXES[preset]
     assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
     r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "compare_gguf.py"), str(ours),
                         str(theirs), "--bytes"], capture_output=True, text=True)

@@ -66,3 +66,15 @@ def test_q4_k_m_mix_matches_llama_quantize():
     ft = FILE_TYPES["q4_k_m"]
     assert tensor_type("blk.3.attn_k.weight", (2048, 512), ft, False, 16, 8) == T.Q8_0
     assert tensor_type("blk.3.attn_output.weight", (2048, 2048), ft, False, 16, 8) == T.Q5_K
+
+
+def test_other_k_mixes():
+    n = 24  # use_more_bits: 0-2, 5, 8, 11, 14, 17, 20, 21-23
+    ft = {k: FILE_TYPES[k] for k in ("q4_k_s", "q5_k_m", "q6_k")}
+    assert tensor_type("blk.3.attn_v.weight", (2048, 512), ft["q4_k_s"], False, n) == T.Q5_K
+    assert tensor_type("blk.4.attn_v.weight", (2048, 512), ft["q4_k_s"], False, n) == T.Q4_K
+    assert tensor_type("blk.2.ffn_down.weight", (6144, 2048), ft["q4_k_s"], False, n) == T.Q5_K
+    assert tensor_type("blk.3.ffn_down.weight", (6144, 2048), ft["q4_k_s"], False, n) == T.Q4_K
+    assert tensor_type("blk.5.attn_v.weight", (2048, 512), ft["q5_k_m"], False, n) == T.Q6_K
+    assert tensor_type("blk.6.attn_v.weight", (2048, 512), ft["q5_k_m"], False, n) == T.Q5_K
+    assert tensor_type("blk.6.attn_q.weight", (2048, 2048), ft["q6_k"], False, n) == T.Q6_K

@@ -270,9 +270,10 @@ def _make_qkx2_quants(x, o, w, n, nmax, L, lo, Laux, rmin, rdelta, nstep):
 
 
 @njit(parallel=True, cache=True)
-def q4_k(x, d_out, dmin_out, sc_out, qs_out):
-    """ggml's quantize_row_q4_K_ref. x (rows, k) -> d, dmin (rows, nb) float32 (fp16-exact),
-    sc_out (rows, nb, 12) packed 6-bit scales/mins, qs_out (rows, nb, 128) nibbles."""
+def k_quant_levels(x, nmax, rmin, nstep, d_out, dmin_out, sc_out, L_out):
+    """ggml's quantize_row_q4_K_ref (nmax 15, rmin -1, nstep 20) and q5_K_ref (31, -0.5, 15) up
+    to the bit packing: x (rows, k) -> d, dmin (rows, nb) float32 (fp16-exact), sc_out
+    (rows, nb, 12) packed 6-bit scales and mins, L_out (rows, nb, 256) levels 0..nmax."""
     rows, k = x.shape
     nb = k // 256
     for r in prange(rows):
@@ -293,7 +294,7 @@ def q4_k(x, d_out, dmin_out, sc_out, qs_out):
                 av = np.float32(math.sqrt(s2 / f32(32.0)))
                 for l in range(32):
                     w[l] = av + abs(x[r, o + 32 * j + l])
-                sc, mn = _make_qkx2_quants(x[r], o + 32 * j, w, 32, 15, L, 32 * j, Laux, f32(-1.0), f32(0.1), 20)
+                sc, mn = _make_qkx2_quants(x[r], o + 32 * j, w, 32, nmax, L, 32 * j, Laux, rmin, f32(0.1), nstep)
                 scales[j] = sc
                 mins[j] = mn
                 if sc > max_scale:
@@ -330,7 +331,6 @@ def q4_k(x, d_out, dmin_out, sc_out, qs_out):
                     continue  # keep the levels make_qkx2_quants chose, as ggml does
                 dm = dmin16 * f32(m)
                 for ii in range(32):
-                    L[32 * j + ii] = max(0, min(15, _nearest_int((x[r, o + 32 * j + ii] + dm) / d)))
-            for c in range(4):
-                for l in range(32):
-                    qs_out[r, b, 32 * c + l] = L[64 * c + l] | (L[64 * c + l + 32] << 4)
+                    L[32 * j + ii] = max(0, min(nmax, _nearest_int((x[r, o + 32 * j + ii] + dm) / d)))
+            for t in range(256):
+                L_out[r, b, t] = L[t]
