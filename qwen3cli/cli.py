@@ -81,6 +81,8 @@ def quantize(
     type: QuantType = typer.Option(QuantType.q8_0, "--type", "-t", help="Tensor type of the weight matrices."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUTPUT if it exists."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print each tensor's planned type and size; write nothing."),
+    check: bool = typer.Option(False, "--check", help="Afterwards, compare the file with the checkpoint on a short "
+                                                      "text (perplexity, KL divergence, top-1 agreement)."),
 ) -> None:
     """Convert and quantize a Qwen3 / Qwen3-MoE checkpoint to a GGUF file llama.cpp loads."""
     from . import convert
@@ -116,6 +118,14 @@ def quantize(
     t.add_row("tensor types", ", ".join(f"{k} {v}" for k, v in sorted(s.type_counts.items())))
     t.add_row("time", f"{s.seconds:.1f} s")
     err.print(t)
+    if check:
+        from .cli_run import open_engine
+        from .evaluate import evaluate, sample_text
+
+        model, ref = open_engine(str(s.out), 256, "q8_0"), open_engine(str(src), 256, "bf16")
+        with err.status("checking against the checkpoint…"):
+            res = evaluate(model, ref, sample_text(), 256)
+        err.print(f"check: {res.line()}", highlight=False, soft_wrap=True)
 
 
 def _print_plan(p) -> None:
@@ -162,7 +172,7 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
         raise typer.Exit()
 
 
-from . import cli_bench, cli_chat, cli_run  # noqa: E402,F401  (register `bench`, `chat`, `run`)
+from . import cli_bench, cli_chat, cli_eval, cli_run  # noqa: E402,F401  (register the commands)
 
 
 def main() -> None:

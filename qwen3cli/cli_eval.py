@@ -1,0 +1,46 @@
+"""`qwen3cli eval MODEL --ref REF`: perplexity, KL divergence and top-1 agreement on a text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from .cli import app, err, out, user_errors
+from .cli_options import Model, Threads
+from .cli_run import UsageError, open_engine, set_threads
+
+
+@app.command(name="eval")
+@user_errors
+def eval_(
+    model: Model,
+    ref: str = typer.Option(..., "--ref", help="The reference: the unquantized model (GGUF, HF directory or repo id)."),
+    text: Path = typer.Option(None, "--text", help="A UTF-8 text file (default: a sample shipped with qwen3cli)."),
+    ctx: int = typer.Option(256, "--ctx", "-c", help="Tokens per chunk; the second half of each is scored."),
+    ref_quant: str = typer.Option("bf16", "--ref-quant", help="Type an HF directory or repo reference is loaded as."),
+    threads: Threads = None,
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Compare MODEL with REF on a text, like llama-perplexity --kl-divergence."""
+    from dataclasses import asdict
+
+    from .evaluate import evaluate, sample_text
+
+    if text is not None:
+        try:
+            body = text.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{text}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    else:
+        body = sample_text()
+    set_threads(threads)
+    m = open_engine(model, max(ctx, 8), "q8_0")
+    r = open_engine(ref, max(ctx, 8), ref_quant)
+    with err.status("evaluating…"):
+        res = evaluate(m, r, body, ctx)
+    if as_json:
+        out.print_json(json.dumps(asdict(res)))
+    else:
+        out.print(res.line(), highlight=False, soft_wrap=True)
