@@ -159,3 +159,32 @@ def test_k_quant_files_are_byte_identical_to_llama_quantize(ckpt, tmp_path, pres
     r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "compare_gguf.py"), str(ours),
                         str(theirs), "--bytes"], capture_output=True, text=True)
     assert r.returncode == 0 and " 0 differences" in r.stdout, r.stdout[-2000:]
+    llm = llama_cpp.Llama(str(ours), n_ctx=32, n_threads=2, verbose=False)  # and llama.cpp runs ours
+    llm.eval([151644, 872, 198, 9707])
+    assert np.isfinite(np.array(llm.scores[3])).all()
+
+
+def test_llama_cpp_q4_k_m_file_gives_llama_cpp_greedy_tokens(gguf_model, tmp_path):
+    """A Q4_K_M file made by llama-quantize: our greedy continuation equals llama.cpp's."""
+    from qwen3cli.loader import load
+    from qwen3cli.model import Model
+
+    src, _ = gguf_model("f32", dtype="f32", std=0.05, peaked=True, hidden=256, ffn=512, heads=8, head_dim=32)
+    out = tmp_path / "k.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 15
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    prompt = [151644, 872, 198, 9707, 1879, 11, 1246, 525, 498, 30, 151645, 198, 151644, 77091, 198]
+    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=2, verbose=False, logits_all=True)
+    llm.eval(prompt)
+    theirs = []
+    for _ in range(16):
+        theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([theirs[-1]])
+    model = Model(load(out).weights, ctx=64)
+    cache = model.new_cache()
+    logits, ours = model.forward(prompt, cache), []
+    for _ in range(16):
+        ours.append(int(np.argmax(logits)))
+        logits = model.forward([ours[-1]], cache)
+    assert ours == theirs
