@@ -190,6 +190,18 @@ def _q5_quants(b, at):
     return (_nibbles(b[:, :, at + 4:]) | (hbits << 4))
 
 
+def _enc_q5_0(x):
+    x = np.ascontiguousarray(x, np.float32)
+    n, k = x.shape
+    d, q, qh = np.empty((n, k // 32), np.float32), np.empty((n, k // 2), np.uint8), np.empty((n, k // 32), np.uint32)
+    qk.q5_0(x, d, q, qh)
+    out = np.empty((n, k // 32, 22), np.uint8)
+    out[:, :, :2] = _f16_bytes(d)
+    out[:, :, 2:6] = qh.astype("<u4").view(np.uint8).reshape(n, -1, 4)
+    out[:, :, 6:] = q.reshape(n, -1, 16)
+    return out.reshape(n, -1)
+
+
 def _dec_q5_0(raw, k):
     b = _blocks(raw, 22)
     q = (_q5_quants(b, 2).astype(np.int8) - np.int8(16)).astype(np.float32)
@@ -331,7 +343,7 @@ FORMATS: dict[T, Format] = {
         _fmt(T.Q4_0, _enc_q4_0, _dec_q4_0),
         _fmt(T.Q6_K, _enc_q6_k, _dec_q6_k),
         _fmt(T.Q4_1, None, _dec_q4_1, _unpack_q4_1),
-        _fmt(T.Q5_0, None, _dec_q5_0, _unpack_q5_0),
+        _fmt(T.Q5_0, _enc_q5_0, _dec_q5_0, _unpack_q5_0),
         _fmt(T.Q5_1, None, _dec_q5_1, _unpack_q5_1),
         _fmt(T.Q2_K, None, _dec_q2_k),
         _fmt(T.Q3_K, None, _dec_q3_k),

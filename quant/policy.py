@@ -29,6 +29,7 @@ FILE_TYPES = {
         FileType("bf16", FT.MOSTLY_BF16, T.BF16),
         FileType("q8_0", FT.MOSTLY_Q8_0, T.Q8_0),
         FileType("q4_0", FT.MOSTLY_Q4_0, T.Q4_0),
+        FileType("q5_0", FT.MOSTLY_Q5_0, T.Q5_0),
         FileType("q4_k_m", FT.MOSTLY_Q4_K_M, T.Q4_K),
         FileType("q4_k_s", FT.MOSTLY_Q4_K_S, T.Q4_K),
         FileType("q5_k_m", FT.MOSTLY_Q5_K_M, T.Q5_K),

@@ -49,6 +49,7 @@ def user_errors(fn):
 class QuantType(str, Enum):
     q8_0 = "q8_0"
     q4_0 = "q4_0"
+    q5_0 = "q5_0"
     q4_k_m = "q4_k_m"
     q4_k_s = "q4_k_s"
     q5_k_m = "q5_k_m"

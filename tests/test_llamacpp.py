@@ -29,7 +29,7 @@ def ggml():
     return f
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q6_K, T.Q4_K, T.Q5_K])
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q6_K, T.Q4_K, T.Q5_K, T.Q5_0])
 def test_quantized_bytes_equal_libggml(ggml, qtype):
     rng = np.random.default_rng(7)
     k = 1024
@@ -133,7 +133,7 @@ def test_llama_cpp_k_quant_files_run_like_llama_cpp(gguf_model, tmp_path, ftype,
     assert np.array_equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
 
 
-K_MIXES = {"q4_k_m": 15, "q4_k_s": 14, "q5_k_m": 17, "q6_k": 18}
+K_MIXES = {"q4_k_m": 15, "q4_k_s": 14, "q5_k_m": 17, "q6_k": 18, "q5_0": 8}
 
 
 @pytest.mark.parametrize("preset,kind", [
@@ -142,6 +142,7 @@ K_MIXES = {"q4_k_m": 15, "q4_k_s": 14, "q5_k_m": 17, "q6_k": 18}
     ("q4_k_m", dict(layers=3, tied=False, moe=True, experts=8, moe_ffn=256)),  # llama.cpp's 8-expert rules
     ("q4_k_s", dict(layers=9, tied=True)), ("q5_k_m", dict(layers=9, tied=False)),
     ("q5_k_m", dict(layers=3, tied=False, moe=True, experts=8, moe_ffn=256)), ("q6_k", dict(layers=3, tied=True)),
+    ("q5_0", dict(layers=3, tied=False)),
 ], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}{w}" for k, w in v.items()))
 def test_k_quant_files_are_byte_identical_to_llama_quantize(ckpt, tmp_path, preset, kind):
     """Our `quantize --type q4_k_m|q4_k_s|q5_k_m|q6_k` from the checkpoint == llama-quantize of our

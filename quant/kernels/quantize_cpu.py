@@ -97,6 +97,35 @@ def q4_0(x, d_out, q_out):
                 q_out[r, b * 16 + j] = np.uint8(lo | (hi << 4))
 
 
+@njit(parallel=True, cache=True)
+def q5_0(x, d_out, q_out, qh_out):
+    """ggml's quantize_row_q5_0_ref: like q4_0 with 32 levels; the fifth bits of a block's 32
+    elements go to qh_out (rows, nb) uint32, bit j for element j."""
+    rows, k = x.shape
+    nb = k // 32
+    for r in prange(rows):
+        for b in range(nb):
+            o = b * 32
+            amax = f32(0.0)
+            mx = f32(0.0)
+            for j in range(32):
+                v = x[r, o + j]
+                if abs(v) > amax:
+                    amax = abs(v)
+                    mx = v
+            d = mx / f32(-16.0)
+            inv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
+            d_out[r, b] = d
+            qh = np.uint32(0)
+            for j in range(16):
+                lo = min(31, int(x[r, o + j] * inv + f32(16.5)))
+                hi = min(31, int(x[r, o + 16 + j] * inv + f32(16.5)))
+                q_out[r, b * 16 + j] = np.uint8((lo & 15) | ((hi & 15) << 4))
+                qh |= np.uint32((lo >> 4) & 1) << np.uint32(j)
+                qh |= np.uint32((hi >> 4) & 1) << np.uint32(j + 16)
+            qh_out[r, b] = qh
+
+
 @njit(cache=True)
 def _make_qx_quants(x, o, n, nmax, L):
     """ggml's make_qx_quants with rmse_type 1 and no importance weights."""
