@@ -103,7 +103,7 @@ def test_our_logits_match_llama_cpp_on_the_same_file(gguf_model, monkeypatch, ty
 
 @pytest.mark.parametrize("ftype,main,moe", [(15, "Q4_K", False), (15, "Q4_K", True), (17, "Q5_K", False),
                                             (10, "Q2_K", False), (12, "Q3_K", False), (8, "Q5_0", False),
-                                            (9, "Q5_1", False), (3, "Q4_1", False)])
+                                            (9, "Q5_1", False), (3, "Q4_1", False), (18, "Q6_K", False)])
 def test_llama_cpp_k_quant_files_run_like_llama_cpp(gguf_model, tmp_path, ftype, main, moe):
     """llama.cpp quantizes our F32 file (its Q4_K_M, Q5_K_M, Q2_K, Q3_K_M, Q5_0, Q5_1, Q4_1, with
     Q6_K and others where its rules say); we run the result and compare the logits."""
