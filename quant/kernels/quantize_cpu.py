@@ -70,6 +70,19 @@ def q8_0(x, d_out, q_out):
                 q_out[r, o + j] = np.int8(_roundf(x[r, o + j] * inv))
 
 
+@njit(cache=True, inline="always")
+def _signed_absmax(x, r, o):
+    """The value of largest magnitude in x[r, o:o+32], sign kept (the first one on ties)."""
+    amax = f32(0.0)
+    mx = f32(0.0)
+    for j in range(32):
+        v = x[r, o + j]
+        if abs(v) > amax:
+            amax = abs(v)
+            mx = v
+    return mx
+
+
 @njit(parallel=True, cache=True)
 def q4_0(x, d_out, q_out):
     """x (rows, k) float32 -> d_out (rows, k/32) float32, q_out (rows, k/2) uint8 nibbles.
@@ -81,14 +94,7 @@ def q4_0(x, d_out, q_out):
     for r in prange(rows):
         for b in range(nb):
             o = b * 32
-            amax = f32(0.0)
-            mx = f32(0.0)
-            for j in range(32):
-                v = x[r, o + j]
-                if abs(v) > amax:
-                    amax = abs(v)
-                    mx = v
-            d = mx / f32(-8.0)
+            d = _signed_absmax(x, r, o) / f32(-8.0)
             inv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
             d_out[r, b] = d
             for j in range(16):
@@ -106,14 +112,7 @@ def q5_0(x, d_out, q_out, qh_out):
     for r in prange(rows):
         for b in range(nb):
             o = b * 32
-            amax = f32(0.0)
-            mx = f32(0.0)
-            for j in range(32):
-                v = x[r, o + j]
-                if abs(v) > amax:
-                    amax = abs(v)
-                    mx = v
-            d = mx / f32(-16.0)
+            d = _signed_absmax(x, r, o) / f32(-16.0)
             inv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
             d_out[r, b] = d
             qh = np.uint32(0)
