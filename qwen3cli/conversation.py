@@ -132,19 +132,21 @@ class Conversation:
         e, notices = self.engine, []
         reserve = min(self.settings.max_tokens or 1024, e.ctx // 4)
         think = self.settings.think if override is None else override
+        p = e.prompt(self.template_messages(), enable_thinking=think)
+        if len(p.ids) <= e.ctx - reserve:
+            return p, notices
         sys = self.template_messages()[:1] if self.settings.system else []
         alone = e.prompt(sys + self.template_messages()[-1:], enable_thinking=think)
         if len(alone.ids) > e.ctx - reserve:  # never truncate the current message: refuse it
             self.messages.pop()
             raise ContextFull(f"this message takes {len(alone.ids)} tokens; the context holds {e.ctx} and "
                               f"{reserve} are kept for the reply (raise --ctx)")
-        while True:
-            p = e.prompt(self.template_messages(), enable_thinking=think)
-            if len(p.ids) <= e.ctx - reserve or len(self.messages) <= 1:
-                return p, notices
+        while len(p.ids) > e.ctx - reserve and len(self.messages) > 1:
             n = 2 if len(self.messages) > 2 and self.messages[1]["role"] == "assistant" else 1
             del self.messages[:n]
             notices.append(Notice("context full: dropped the oldest exchange"))
+            p = e.prompt(self.template_messages(), enable_thinking=think)
+        return p, notices
 
     def _reply(self) -> Iterator[Token | Done | Notice]:
         override = self.messages[-1].get("think")

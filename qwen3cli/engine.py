@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .chat_template import ChatTemplate
 from .generate import starts_in_thinking
-from .loader import LoadedModel, Progress, load
+from .loader import LoadedModel
 from .model import Model
 
 DEFAULT_CTX = 8192
@@ -33,11 +33,6 @@ class Engine:
         self.model.source = loaded.source
         self.template = ChatTemplate(loaded.chat_template, loaded.special_tokens, where=loaded.source)
         self.mode = self.template.thinking_mode()
-
-    @classmethod
-    def open(cls, source: str, ctx: int | None = None, quant: str = "q8_0",
-             progress: Progress | None = None) -> "Engine":
-        return cls(load(source, quant=quant, progress=progress), ctx)
 
     @property
     def tokenizer(self):

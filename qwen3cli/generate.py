@@ -70,8 +70,7 @@ def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *
     """Yield events until a stop token, max_tokens or the context end. `thinking`: the prompt
     already opened a think block. The cache may hold a prefix of prompt_ids (it is reused).
     After `thinking_budget` thinking tokens the thinking is closed for the model (BUDGET_NOTE)."""
-    vocab = tokenizer.get_vocab(with_added_tokens=True)
-    open_id, close_id = vocab.get(THINK_OPEN), vocab.get(THINK_CLOSE)
+    open_id, close_id = tokenizer.token_to_id(THINK_OPEN), tokenizer.token_to_id(THINK_CLOSE)
     cache = cache if cache is not None else model.new_cache()
     if len(prompt_ids) > cache.ctx:
         from .model import ContextFull

@@ -7,7 +7,7 @@ see identical tensors, metadata and checks. Repo ids are resolved by `hub` to on
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,23 +105,20 @@ def load_hf_dir(directory: str | Path, quant: str = "q8_0", progress: Progress |
 
 def _finish(source, args, weights, tok, md, keep=None) -> LoadedModel:
     args = _with_tie(args, weights)
-    vocab = tok.get_vocab(with_added_tokens=True)
-    stop = frozenset(vocab[t] for t in STOP_TOKENS if t in vocab)
+    stop = frozenset(i for i in map(tok.token_to_id, STOP_TOKENS) if i is not None)
     eos = md.get("tokenizer.ggml.eos_token_id")
     if eos is not None:
         stop |= {int(eos)}
-    tokens = {i: s for s, i in vocab.items()}
     specials = {}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id")):
         tid = md.get(f"tokenizer.ggml.{key}")
-        if tid is not None and int(tid) in tokens:
-            specials[name] = tokens[int(tid)]
+        text = tok.id_to_token(int(tid)) if tid is not None else None
+        if text is not None:
+            specials[name] = text
     template = md.get("tokenizer.chat_template")
     return LoadedModel(source, args, weights, tok, md, template if isinstance(template, str) and template else None,
                        stop, specials, keep)
 
 
 def _with_tie(args: ModelArgs, w: Weights) -> ModelArgs:
-    from dataclasses import replace
-
     return replace(args, tie_word_embeddings=w.output is w.token_embd)
