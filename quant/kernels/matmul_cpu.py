@@ -5,14 +5,14 @@ minimums) apart from the quants, 8-bit quants as int8, 4-bit ones as nibbles in 
 order. Then one flat loop per row (a scale looked up per element or byte) lets LLVM vectorise;
 the 32-element block loops over raw GGUF bytes did not (FEASIBILITY.md: 3-10x slower). Few
 rows of x (decode) go through those loops, every weight byte read once per token; many rows
-(prefill) dequantize a tile of W at a time and hand it to BLAS. BF16 / F16 have direct decode
-kernels; the other formats use their numpy codec + BLAS.
+(prefill) dequantize a tile of W at a time and hand it to BLAS. Q4_1, Q5_0, Q5_1 and Q5_K
+become int8 with a scale and an offset per 32; Q2_K and Q3_K keep their 2-bit quants
+(lowbit_cpu.py). BF16 / F16 have direct decode kernels.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -20,6 +20,8 @@ from numba import njit, prange
 
 from ..formats import FORMATS
 from ..qtensor import QTensor
+from . import lowbit_cpu as lowbit
+from .half import half
 
 SMALL_N = 8  # rows of x up to which the direct kernels beat dequantize + BLAS
 TILE_ELEMS = 1 << 20  # float32 elements dequantized at once (4 MiB, stays in L3 for BLAS)
@@ -27,8 +29,10 @@ TILE_ELEMS = 1 << 20  # float32 elements dequantized at once (4 MiB, stays in L3
 
 @dataclass(frozen=True)
 class Packed:
-    """A Q8_0 / Q4_0 / Q4_K / Q6_K matrix (or expert stack) in the kernels' layout:
-    value = d[group] * q - o[group] (o only for Q4_K, whose blocks carry a minimum)."""
+    """A quantized matrix (or expert stack) in the kernels' layout. Q8_0 / Q4_0 / Q4_K / Q6_K
+    and the int8 repacks: value = d[group] * q - o[group] (o only for formats with a minimum or
+    offset); Q2_K / Q3_K: see lowbit_cpu (d, o are integer sub-block scales and minimums there,
+    sb the float super-block scales, h Q3_K's third bits)."""
     name: str
     type: T
     rows: int
@@ -37,21 +41,30 @@ class Packed:
     #               32 g + j (low nibble) and 32 g + j + 16 (high), the order of a GGUF Q4_0 block
     d: np.ndarray  # float32 (R, k / group): one scale per group of elements (32; 16 for Q6_K)
     n_mats: int = 1
-    o: np.ndarray | None = None  # float32 (R, k / 32): Q4_K's offsets
+    o: np.ndarray | None = None  # float32 (R, k / 32): offsets
+    h: np.ndarray | None = None
+    sb: np.ndarray | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), np.ndarray)}
 
     @property
     def nbytes(self) -> int:
-        return self.q.nbytes + self.d.nbytes + (self.o.nbytes if self.o is not None else 0)
+        return sum(a.nbytes for a in self.arrays().values())
 
     def expert(self, e: int) -> "Packed":
         s = slice(e * self.rows, (e + 1) * self.rows)
-        return Packed(f"{self.name}[{e}]", self.type, self.rows, self.k, self.q[s], self.d[s], 1,
-                      None if self.o is None else self.o[s])
+        return replace(self, name=f"{self.name}[{e}]", n_mats=1, **{n: a[s] for n, a in self.arrays().items()})
 
     def _deq(self, rows, out=None) -> np.ndarray:
         q, d = self.q[rows], self.d[rows]
         out = np.empty((q.shape[0], self.k), np.float32) if out is None else out
-        if self.type not in (T.Q8_0, T.Q6_K, T.Q4_0, T.Q4_K):
+        if self.type == T.Q2_K:
+            lowbit.deq_q2_k(q, d, self.o[rows], self.sb[rows], out)
+        elif self.type == T.Q3_K:
+            lowbit.deq_q3_k(q, self.h[rows], d, self.sb[rows], out)
+        elif self.type not in (T.Q8_0, T.Q6_K, T.Q4_0, T.Q4_K):
             _deq_q8o(q, d, self.o[rows], out)
         elif self.type == T.Q4_K:
             _deq_q4(q, d, self.o[rows], np.float32(1), out)
@@ -68,21 +81,6 @@ class Packed:
         return self._deq(np.asarray(ids, np.int64))
 
 
-@njit(cache=True, inline="always")
-def _half(lo, hi):
-    """IEEE half from its two little-endian bytes (numba has no float16 on the CPU)."""
-    h = np.int32(lo) | (np.int32(hi) << 8)
-    e = (h >> 10) & 31
-    m = h & 1023
-    if e == 0:
-        v = math.ldexp(np.float64(m), -24)
-    elif e == 31:
-        v = math.inf if m == 0 else math.nan
-    else:
-        v = math.ldexp(np.float64(m | 1024), e - 25)
-    return np.float32(-v if h & 0x8000 else v)
-
-
 # -- repacking (once, at load) -------------------------------------------------------------
 
 @njit(parallel=True, cache=True)
@@ -90,7 +88,7 @@ def _pack_q8_0(raw, rawi, q, d):
     nb = d.shape[1]
     for r in prange(raw.shape[0]):
         for b in range(nb):
-            d[r, b] = _half(raw[r, b * 34], raw[r, b * 34 + 1])
+            d[r, b] = half(raw[r, b * 34], raw[r, b * 34 + 1])
             for j in range(32):
                 q[r, b * 32 + j] = rawi[r, b * 34 + 2 + j]
 
@@ -101,7 +99,7 @@ def _pack_q4_0(raw, q, d):
     nb = d.shape[1]
     for r in prange(raw.shape[0]):
         for g in range(nb):
-            d[r, g] = _half(raw[r, g * 18], raw[r, g * 18 + 1])
+            d[r, g] = half(raw[r, g * 18], raw[r, g * 18 + 1])
             for j in range(16):
                 q[r, g * 16 + j] = raw[r, g * 18 + 2 + j]
 
@@ -113,7 +111,7 @@ def _pack_q6_k(raw, rawi, q, d):
     for r in prange(raw.shape[0]):
         for b in range(nb):
             o = b * 210
-            db = _half(raw[r, o + 208], raw[r, o + 209])
+            db = half(raw[r, o + 208], raw[r, o + 209])
             for g in range(16):
                 d[r, b * 16 + g] = db * np.float32(rawi[r, o + 192 + g])
             for h in range(2):
@@ -136,8 +134,8 @@ def _pack_q4_k(raw, q, d, o):
     for r in prange(raw.shape[0]):
         for b in range(nb):
             o0 = b * 144
-            dd = _half(raw[r, o0], raw[r, o0 + 1])
-            dmin = _half(raw[r, o0 + 2], raw[r, o0 + 3])
+            dd = half(raw[r, o0], raw[r, o0 + 1])
+            dmin = half(raw[r, o0 + 2], raw[r, o0 + 3])
             for j in range(8):
                 if j < 4:
                     sc = np.int32(raw[r, o0 + 4 + j]) & 63
@@ -158,20 +156,31 @@ def _pack_q4_k(raw, q, d, o):
                     q[r, g * 16 + t] = np.uint8((lo & 15) | ((hi2 & 15) << 4))
 
 
+_OWN = (T.Q8_0, T.Q6_K, T.Q4_K, T.Q4_0, T.Q2_K, T.Q3_K)
+
+
 def _packable(w: QTensor) -> bool:
-    return w.type in (T.Q8_0, T.Q6_K, T.Q4_K, T.Q4_0) or FORMATS[w.type].unpack is not None
+    return w.type in _OWN or FORMATS[w.type].unpack is not None
 
 
-def _empty_packed(t: T, R: int, k: int):
-    if FORMATS[t].unpack is not None:
-        return np.empty((R, k), np.int8), np.empty((R, k // 32), np.float32), np.empty((R, k // 32), np.float32)
+def _empty_packed(t: T, R: int, k: int) -> dict[str, np.ndarray]:
+    e = np.empty
+    if t == T.Q2_K:
+        return dict(q=e((R, k // 4), np.uint8), d=e((R, k // 16), np.uint8), o=e((R, k // 16), np.uint8),
+                    sb=e((R, k // 128), np.float32))
+    if t == T.Q3_K:
+        return dict(q=e((R, k // 4), np.uint8), h=e((R, k // 4), np.uint8), d=e((R, k // 16), np.int8),
+                    sb=e((R, k // 256), np.float32))
     if t in (T.Q4_0, T.Q4_K):
-        o = np.empty((R, k // 32), np.float32) if t == T.Q4_K else None
-        return np.empty((R, k // 2), np.uint8), np.empty((R, k // 32), np.float32), o
-    return np.empty((R, k), np.int8), np.empty((R, k // (16 if t == T.Q6_K else 32)), np.float32), None
+        o = dict(o=e((R, k // 32), np.float32)) if t == T.Q4_K else {}
+        return dict(q=e((R, k // 2), np.uint8), d=e((R, k // 32), np.float32), **o)
+    if t in (T.Q8_0, T.Q6_K):
+        return dict(q=e((R, k), np.int8), d=e((R, k // (16 if t == T.Q6_K else 32)), np.float32))
+    return dict(q=e((R, k), np.int8), d=e((R, k // 32), np.float32), o=e((R, k // 32), np.float32))
 
 
-def _pack_into(t: T, raw: np.ndarray, q: np.ndarray, d: np.ndarray, o: np.ndarray | None) -> None:
+def _pack_into(t: T, raw: np.ndarray, a: dict[str, np.ndarray]) -> None:
+    q, d, o = a["q"], a["d"], a.get("o")
     if t == T.Q8_0:
         _pack_q8_0(raw, raw.view(np.int8), q, d)
     elif t == T.Q6_K:
@@ -180,6 +189,10 @@ def _pack_into(t: T, raw: np.ndarray, q: np.ndarray, d: np.ndarray, o: np.ndarra
         _pack_q4_k(raw, q, d, o)
     elif t == T.Q4_0:
         _pack_q4_0(raw, q, d)
+    elif t == T.Q2_K:
+        lowbit.pack_q2_k(raw, q, d, o, a["sb"])
+    elif t == T.Q3_K:
+        lowbit.pack_q3_k(raw, q, a["h"], d, a["sb"])
     else:
         step = max(1, (16 << 20) // q.shape[1])  # the numpy unpackers in slices: bounded temporaries
         for lo in range(0, raw.shape[0], step):
@@ -187,12 +200,12 @@ def _pack_into(t: T, raw: np.ndarray, q: np.ndarray, d: np.ndarray, o: np.ndarra
 
 
 def pack(w: QTensor) -> QTensor | Packed:
-    """The kernels' layout for Q8_0 / Q4_0 / Q4_K / Q6_K (other formats are returned as they are)."""
+    """The kernels' layout (formats without one are returned as they are)."""
     if not _packable(w):
         return w
-    q, d, o = _empty_packed(w.type, w.raw.shape[0], w.k)
-    _pack_into(w.type, w.raw, q, d, o)
-    return Packed(w.name, w.type, w.rows, w.k, q, d, w.n_mats, o)
+    a = _empty_packed(w.type, w.raw.shape[0], w.k)
+    _pack_into(w.type, w.raw, a)
+    return Packed(w.name, w.type, w.rows, w.k, n_mats=w.n_mats, **a)
 
 
 # -- decode: few rows of x -----------------------------------------------------------------
@@ -354,6 +367,12 @@ def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) ->
             _mv_q8_0(x, w.q, w.d, out)
         elif w.type == T.Q6_K:
             _mv_q6_k(x, w.q, w.d, out)
+        elif w.type == T.Q2_K:
+            for i in range(n):
+                lowbit.mv_q2_k(lowbit.split_x(x[i]), x[i].reshape(-1, 16).sum(1), w.q, w.d, w.o, w.sb, out[i])
+        elif w.type == T.Q3_K:
+            for i in range(n):
+                lowbit.mv_q3_k(lowbit.split_x(x[i]), w.q, w.h, w.d, w.sb, out[i])
         elif w.type not in (T.Q4_0, T.Q4_K):
             for i in range(n):
                 _mv_q8o(x[i], x[i].reshape(-1, 32).sum(1), w.q, w.d, w.o, out[i])
@@ -415,19 +434,17 @@ def fuse(ws: list) -> QTensor | Packed | None:
     E, rows = a.n_mats, sum(w.rows for w in ws)
     name = "+".join(w.name for w in ws)
     if isinstance(a, QTensor) and _packable(a):
-        q, d, o = _empty_packed(a.type, E * rows, a.k)
+        arrs = _empty_packed(a.type, E * rows, a.k)
         for e in range(E):
             at = e * rows
             for w in ws:
-                part = w.raw[e * w.rows:(e + 1) * w.rows]
-                _pack_into(a.type, part, q[at:at + w.rows], d[at:at + w.rows], None if o is None else o[at:at + w.rows])
+                _pack_into(a.type, w.raw[e * w.rows:(e + 1) * w.rows], {n: x[at:at + w.rows] for n, x in arrs.items()})
                 at += w.rows
-        return Packed(name, a.type, rows, a.k, q, d, E, o)
+        return Packed(name, a.type, rows, a.k, n_mats=E, **arrs)
 
     def cat(arrs):
         return np.concatenate([x.reshape(E, -1, x.shape[-1]) for x in arrs], axis=1).reshape(E * rows, -1)
 
     if isinstance(a, Packed):
-        o = cat([w.o for w in ws]) if a.o is not None else None
-        return Packed(name, a.type, rows, a.k, cat([w.q for w in ws]), cat([w.d for w in ws]), E, o)
+        return Packed(name, a.type, rows, a.k, n_mats=E, **{n: cat([getattr(w, n) for w in ws]) for n in a.arrays()})
     return QTensor(name, a.type, rows, a.k, cat([w.raw for w in ws]), E)
