@@ -61,7 +61,7 @@ def llama(path: Path, p: int, n: int, t: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-LLAMA_FTYPES = {"q5_0": 8, "q5_1": 9, "q3_k_m": 12, "q2_k": 10}  # types we do not write yet
+LLAMA_FTYPES = {"q5_1": 9, "q3_k_m": 12, "q2_k": 10}  # types we do not write
 
 
 def make_file(src: Path, out: Path, t: str, baseline: bool) -> None:

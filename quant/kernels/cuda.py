@@ -1,0 +1,286 @@
+"""numba-cuda kernels: the GPU twins of the CPU path, over the same packed layouts.
+
+Weights are the arrays of `matmul_cpu.Packed` (int8 quants with per-group scales, Q4 nibbles,
+Q2_K / Q3_K 2-bit bytes) uploaded as they are, so one repacking serves both devices and the
+CPU tests of the layouts cover the GPU's input too. Matrix-vector kernels give one block of TPB
+threads to one (output row, input row) pair; threads stride over the row (coalesced loads) and
+meet in a shared-memory tree. No warp shuffles: the simulator has none, and one code path is
+what CI tests. Every product takes `ids`/`xdiv` so that MoE experts run on the device: output
+row t multiplies x[t // xdiv] by matrix ids[t] of the stack (dense: ids = 0, xdiv = 1).
+
+Small unsigned integers are widened to int32 before any shift: the simulator keeps numpy's
+uint8 arithmetic, which wraps.
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba import config, cuda, float32, int32
+
+TPB = 32 if config.ENABLE_CUDASIM else 128  # threads per block (the simulator runs each as a Python thread)
+
+
+@cuda.jit(device=True)
+def _block_sum(v, sh):
+    t = cuda.threadIdx.x
+    sh[t] = v
+    cuda.syncthreads()
+    s = TPB // 2
+    while s > 0:
+        if t < s:
+            sh[t] += sh[t + s]
+        cuda.syncthreads()
+        s //= 2
+    r = sh[0]
+    cuda.syncthreads()  # sh is reused by the caller's next reduction
+    return r
+
+
+@cuda.jit(device=True)
+def _block_max(v, sh):
+    t = cuda.threadIdx.x
+    sh[t] = v
+    cuda.syncthreads()
+    s = TPB // 2
+    while s > 0:
+        if t < s:
+            sh[t] = max(sh[t], sh[t + s])
+        cuda.syncthreads()
+        s //= 2
+    r = sh[0]
+    cuda.syncthreads()
+    return r
+
+
+# -- matrix x vector: out[t, r] = sum_j x[t // xdiv, j] * W_ids[t][r, j] ----------------------
+
+@cuda.jit
+def mv_float(x, xdiv, ids, w, out):
+    r, t = cuda.blockIdx.x, cuda.blockIdx.y
+    row, xi = ids[t] * out.shape[1] + r, t // xdiv
+    sh = cuda.shared.array(TPB, float32)
+    acc = float32(0.0)
+    for j in range(cuda.threadIdx.x, x.shape[1], TPB):
+        acc += x[xi, j] * float32(w[row, j])
+    acc = _block_sum(acc, sh)
+    if cuda.threadIdx.x == 0:
+        out[t, r] = acc
+
+
+@cuda.jit
+def mv_i8(x, xdiv, ids, q, d, gshift, o, out):
+    # value = d[group] q - o[j / 32]; o has one column of zeros when the format has no offset
+    r, t = cuda.blockIdx.x, cuda.blockIdx.y
+    row, xi = ids[t] * out.shape[1] + r, t // xdiv
+    has_o = o.shape[1] > 1
+    sh = cuda.shared.array(TPB, float32)
+    acc = float32(0.0)
+    for j in range(cuda.threadIdx.x, x.shape[1], TPB):
+        w = d[row, j >> gshift] * float32(q[row, j])
+        if has_o:
+            w -= o[row, j >> 5]
+        acc += x[xi, j] * w
+    acc = _block_sum(acc, sh)
+    if cuda.threadIdx.x == 0:
+        out[t, r] = acc
+
+
+@cuda.jit
+def mv_q4(x, xdiv, ids, q, d, o, factor, out):
+    # byte b: elements 32 g + (b & 15) (low nibble) and + 16 (high), g = b >> 4; value = d q - factor o
+    r, t = cuda.blockIdx.x, cuda.blockIdx.y
+    row, xi = ids[t] * out.shape[1] + r, t // xdiv
+    sh = cuda.shared.array(TPB, float32)
+    acc = float32(0.0)
+    for b in range(cuda.threadIdx.x, q.shape[1], TPB):
+        v = int32(q[row, b])
+        g = b >> 4
+        j = g * 32 + (b & 15)
+        dg, off = d[row, g], factor * o[row, g]
+        acc += x[xi, j] * (dg * float32(v & 15) - off) + x[xi, j + 16] * (dg * float32(v >> 4) - off)
+    acc = _block_sum(acc, sh)
+    if cuda.threadIdx.x == 0:
+        out[t, r] = acc
+
+
+@cuda.jit(device=True)
+def _sub_block(c, j):
+    return (c >> 1) * 8 + 2 * j + (c & 1)
+
+
+@cuda.jit
+def mv_q2_k(x, xdiv, ids, q, sc, m, sb, out):
+    # lowbit_cpu's layout: byte b holds elements 128 (b >> 5) + 32 j + (b & 31) at bit 2 j
+    r, t = cuda.blockIdx.x, cuda.blockIdx.y
+    row, xi = ids[t] * out.shape[1] + r, t // xdiv
+    nc = q.shape[1] // 16
+    sh = cuda.shared.array(TPB, float32)
+    acc = float32(0.0)
+    for b in range(cuda.threadIdx.x, q.shape[1], TPB):
+        v = int32(q[row, b])
+        c, blk = b >> 4, b >> 6
+        base = (b >> 5) * 128 + (b & 31)
+        for j in range(4):
+            g = blk * 16 + _sub_block(c & 3, j)
+            w = sb[row, 2 * blk] * float32(int32(sc[row, j * nc + c])) * float32((v >> (2 * j)) & 3) \
+                - sb[row, 2 * blk + 1] * float32(int32(m[row, g]))
+            acc += x[xi, base + 32 * j] * w
+    acc = _block_sum(acc, sh)
+    if cuda.threadIdx.x == 0:
+        out[t, r] = acc
+
+
+@cuda.jit
+def mv_q3_k(x, xdiv, ids, q, h, sc, sb, out):
+    r, t = cuda.blockIdx.x, cuda.blockIdx.y
+    row, xi = ids[t] * out.shape[1] + r, t // xdiv
+    nc = q.shape[1] // 16
+    sh = cuda.shared.array(TPB, float32)
+    acc = float32(0.0)
+    for b in range(cuda.threadIdx.x, q.shape[1], TPB):
+        v, hb = int32(q[row, b]), int32(h[row, b])
+        c = b >> 4
+        base = (b >> 5) * 128 + (b & 31)
+        for j in range(4):
+            q3 = ((v >> (2 * j)) & 3) | (((hb >> j) & 1) << 2)
+            acc += x[xi, base + 32 * j] * (sb[row, b >> 6] * float32(int32(sc[row, j * nc + c])) * float32(q3 - 4))
+    acc = _block_sum(acc, sh)
+    if cuda.threadIdx.x == 0:
+        out[t, r] = acc
+
+
+# -- the rest of a layer -------------------------------------------------------------------
+
+@cuda.jit
+def rms_norm(x, w, eps, out):
+    r = cuda.blockIdx.x
+    n = x.shape[1]
+    sh = cuda.shared.array(TPB, float32)
+    s = float32(0.0)
+    for j in range(cuda.threadIdx.x, n, TPB):
+        s += x[r, j] * x[r, j]
+    inv = float32(1.0) / math.sqrt(_block_sum(s, sh) / float32(n) + eps)
+    for j in range(cuda.threadIdx.x, n, TPB):
+        out[r, j] = x[r, j] * inv * w[j]
+
+
+@cuda.jit
+def qkv_rope_store(q, k, v, qn, kn, eps, cos, sin, p, li, qout, kc, vc):
+    # block (token i, head): q and k heads get their RMSNorm and NeoX RoPE at position p + i;
+    # q lands in qout (n, Hq, D), k and v in the cache at layer li
+    i, hh = cuda.blockIdx.x, cuda.blockIdx.y
+    Hq, Hkv, D = qout.shape[1], kc.shape[1], qout.shape[2]
+    half = D // 2
+    pos = p + i
+    sh = cuda.shared.array(TPB, float32)
+    if hh >= Hq + Hkv:
+        h = hh - Hq - Hkv
+        for d in range(cuda.threadIdx.x, D, TPB):
+            vc[li, h, pos, d] = v[i, h * D + d]
+        return
+    is_q = hh < Hq
+    h = hh if is_q else hh - Hq
+    src = q if is_q else k
+    nw = qn if is_q else kn
+    s = float32(0.0)
+    for d in range(cuda.threadIdx.x, D, TPB):
+        s += src[i, h * D + d] * src[i, h * D + d]
+    inv = float32(1.0) / math.sqrt(_block_sum(s, sh) / float32(D) + eps)
+    for d in range(cuda.threadIdx.x, half, TPB):
+        x1 = src[i, h * D + d] * inv * nw[d]
+        x2 = src[i, h * D + d + half] * inv * nw[d + half]
+        c, sn = cos[pos, d], sin[pos, d]
+        if is_q:
+            qout[i, h, d] = x1 * c - x2 * sn
+            qout[i, h, d + half] = x2 * c + x1 * sn
+        else:
+            kc[li, h, pos, d] = x1 * c - x2 * sn
+            kc[li, h, pos, d + half] = x2 * c + x1 * sn
+
+
+@cuda.jit
+def attention(qh, kc, vc, li, p, scale, scores, out):
+    # block (head, query i): scores against keys 0 .. p + i (causal), softmax, weighted values
+    h, i = cuda.blockIdx.x, cuda.blockIdx.y
+    Hq, D = qh.shape[1], qh.shape[2]
+    kvh = h // (Hq // kc.shape[1])
+    T = p + i + 1
+    sh = cuda.shared.array(TPB, float32)
+    mx = float32(-math.inf)
+    for t in range(cuda.threadIdx.x, T, TPB):
+        s = float32(0.0)
+        for d in range(D):
+            s += qh[i, h, d] * kc[li, kvh, t, d]
+        s *= scale
+        scores[h, i, t] = s
+        mx = max(mx, s)
+    mx = _block_max(mx, sh)
+    tot = float32(0.0)
+    for t in range(cuda.threadIdx.x, T, TPB):
+        e = math.exp(scores[h, i, t] - mx)
+        scores[h, i, t] = e
+        tot += e
+    tot = _block_sum(tot, sh)
+    for d in range(cuda.threadIdx.x, D, TPB):
+        a = float32(0.0)
+        for t in range(T):
+            a += scores[h, i, t] * vc[li, kvh, t, d]
+        out[i, h * D + d] = a / tot
+
+
+@cuda.jit
+def silu_mul(gu, out):
+    i, j = cuda.grid(2)
+    half = out.shape[1]
+    if i < out.shape[0] and j < half:
+        g = gu[i, j]
+        out[i, j] = g / (float32(1.0) + math.exp(-g)) * gu[i, j + half]
+
+
+@cuda.jit
+def add(x, y):
+    i, j = cuda.grid(2)
+    if i < x.shape[0] and j < x.shape[1]:
+        x[i, j] += y[i, j]
+
+
+@cuda.jit
+def route(logits, k_used, norm, probs, ids, wts):
+    # one thread per token: softmax over the experts, then the top k by repeated argmax (the
+    # lowest index wins a tie, as the CPU's stable sort does)
+    i = cuda.grid(1)
+    if i >= logits.shape[0]:
+        return
+    E = logits.shape[1]
+    mx = logits[i, 0]
+    for e in range(1, E):
+        mx = max(mx, logits[i, e])
+    tot = float32(0.0)
+    for e in range(E):
+        probs[i, e] = math.exp(logits[i, e] - mx)
+        tot += probs[i, e]
+    picked = float32(0.0)
+    for s in range(k_used):
+        best = 0
+        for e in range(1, E):
+            if probs[i, e] > probs[i, best]:
+                best = e
+        ids[i * k_used + s] = best
+        wts[i * k_used + s] = probs[i, best] / tot
+        picked += probs[i, best] / tot
+        probs[i, best] = float32(-1.0)
+    if norm:
+        for s in range(k_used):
+            wts[i * k_used + s] /= picked
+
+
+@cuda.jit
+def weighted_sum(y, wts, k_used, out):
+    # out[i] = sum over slots s of wts[i k + s] y[i k + s]
+    i, c = cuda.grid(2)
+    if i < out.shape[0] and c < out.shape[1]:
+        a = float32(0.0)
+        for s in range(k_used):
+            a += wts[i * k_used + s] * y[i * k_used + s, c]
+        out[i, c] = a

@@ -1,0 +1,218 @@
+"""The CPU backend: numpy orchestration around the numba matmul kernels.
+
+A backend owns the device side of the forward pass: it prepares the weights (repacks, uploads),
+makes the KV cache, and runs the steps `Model` strings together. `CpuOps` is the reference the
+CUDA backend (ops_cuda.py) is tested against.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import fields, replace
+
+import numpy as np
+
+from quant.kernels.matmul_cpu import Packed, fuse, matmul, pack
+from quant.qtensor import QTensor
+
+from .rope import Rope, apply_rope
+from .weights import LayerWeights, Weights
+
+Q_CHUNK = 256  # query rows per attention block: bounds the score matrix in long prefills
+
+
+def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """Zeroed float32 memory whose pages appear as they are first written, in small pages:
+    each (layer, head) row of the cache is touched a few KB at a time, and with transparent huge
+    pages every first touch would zero 2 MB (measured: 2.1 s for a 128-token prompt on the
+    0.6B shape at ctx 8192, against 0.03 s with 4 KB pages)."""
+    n = int(np.prod(shape)) * 4
+    try:
+        m = mmap.mmap(-1, max(n, 1))
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            m.madvise(mmap.MADV_NOHUGEPAGE)
+    except (OSError, ValueError):
+        return np.zeros(shape, np.float32)
+    return np.frombuffer(m, np.float32, int(np.prod(shape))).reshape(shape)
+
+
+class KVCache:
+    def __init__(self, n_layers: int, n_kv: int, ctx: int, head_dim: int, alloc=lazy_zeros):
+        self.k = alloc((n_layers, n_kv, ctx, head_dim))
+        self.v = alloc((n_layers, n_kv, ctx, head_dim))
+        self.ctx = ctx
+        self.n = 0  # positions filled
+
+    def truncate(self, n: int) -> None:
+        """Forget everything after the first n positions (to reuse a shared prefix)."""
+        self.n = min(self.n, n)
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.mean(np.square(x), axis=-1, keepdims=True)
+    return (x / np.sqrt(ms + np.float32(eps))) * w
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1) + np.exp(-x))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+class Fused:
+    """A layer's weights plus the stacked q|k|v and gate|up matrices (None if not stackable)."""
+
+    def __init__(self, ly: LayerWeights, qkv, gate_up):
+        self.__dict__.update(vars(ly))
+        self.qkv, self.gate_up = qkv, gate_up
+
+
+def prepare(w: Weights, release=None) -> Weights:
+    """The same weights in the kernels' layout: q|k|v and gate|up stacked into one matrix each
+    (one launch, one read of the input), quantized formats repacked. Done layer by layer and
+    `release(name)` is told of each tensor copied, so the file's pages can go and memory stays
+    near the file size."""
+    def conv(t):
+        if not isinstance(t, QTensor):
+            return t
+        p = pack(t)
+        if p is not t and release is not None:
+            release(t.name)
+        return p
+
+    layers = []
+    for ly in w.layers:
+        groups = {"qkv": ("q", "k", "v"),
+                  "gate_up": ("gate_exps", "up_exps") if ly.router is not None else ("gate", "up")}
+        fused, parts = {}, {}
+        for key, names in groups.items():
+            f = fuse([getattr(ly, n) for n in names])
+            fused[key] = conv(f)
+            if f is not None:  # keep only the stacked copy
+                parts.update({n: None for n in names})
+                for n in names:
+                    if release is not None:
+                        release(getattr(ly, n).name)
+        ly = replace(ly, **{f.name: conv(getattr(ly, f.name)) for f in fields(ly) if f.name not in parts}, **parts)
+        layers.append(Fused(ly, fused["qkv"], fused["gate_up"]))
+    output = conv(w.output)
+    # tied: look tokens up in the packed matrix, so the file's copy is not kept in memory too
+    embd = output if w.output is w.token_embd and isinstance(output, Packed) else w.token_embd
+    return replace(w, layers=layers, output=output, token_embd=embd)
+
+
+class CpuOps:
+    name = "cpu"
+
+    def __init__(self, args, rope: Rope):
+        self.args, self.rope, self.eps = args, rope, args.rms_norm_eps
+
+    def prepare(self, w: Weights, release=None) -> Weights:
+        return prepare(w, release)
+
+    def new_cache(self, ctx: int) -> KVCache:
+        a = self.args
+        return KVCache(a.n_layers, a.n_kv_heads, ctx, a.head_dim)
+
+    def embed(self, table, ids: np.ndarray) -> np.ndarray:
+        return table.take(ids)
+
+    def rms_norm(self, x, w):
+        return rms_norm(x, w, self.eps)
+
+    matmul = staticmethod(matmul)
+
+    def split(self, y, sizes):
+        out, at = [], 0
+        for s in sizes:
+            out.append(y[:, at:at + s])
+            at += s
+        return out
+
+    @staticmethod
+    def add(x, y):
+        return x + y
+
+    @staticmethod
+    def last(x):
+        return x[-1:]
+
+    @staticmethod
+    def to_host(x) -> np.ndarray:
+        return x
+
+    def silu_mul(self, gu):
+        half = gu.shape[1] // 2
+        return silu(gu[:, :half]) * gu[:, half:]
+
+    def attention(self, li: int, ly, q, k, v, cache: KVCache, p: int) -> np.ndarray:
+        """q/k norms, RoPE, the cache write and causal attention; (n, Hq * D) before the output projection."""
+        a = self.args
+        n, D, Hq, Hkv = q.shape[0], a.head_dim, a.n_heads, a.n_kv_heads
+        cos, sin = self.rope.cos_sin(np.arange(p, p + n))
+        q = apply_rope(rms_norm(q.reshape(n, Hq, D), ly.q_norm, self.eps), cos, sin)
+        k = apply_rope(rms_norm(k.reshape(n, Hkv, D), ly.k_norm, self.eps), cos, sin)
+        cache.k[li, :, p:p + n] = k.transpose(1, 0, 2)
+        cache.v[li, :, p:p + n] = v.reshape(n, Hkv, D).transpose(1, 0, 2)
+        T = p + n
+        K, V = cache.k[li, :, :T], cache.v[li, :, :T]  # (Hkv, T, D)
+        G = Hq // Hkv
+        qg = np.ascontiguousarray(q.reshape(n, Hkv, G, D).transpose(1, 2, 0, 3))  # (Hkv, G, n, D)
+        out = np.empty((Hkv, G, n, D), np.float32)
+        scale = np.float32(D ** -0.5)
+        Kt = K.transpose(0, 2, 1)  # (Hkv, D, T): a strided view BLAS takes as is
+        for s in range(0, n, Q_CHUNK):
+            e = min(n, s + Q_CHUNK)
+            m = e - s
+            scores = np.matmul(np.ascontiguousarray(qg[:, :, s:e]).reshape(Hkv, G * m, D), Kt)
+            scores = scores.reshape(Hkv, G, m, T)
+            scores *= scale
+            if m > 1:  # causal: query i (position p+s+i) sees keys up to its own position
+                future = np.arange(T)[None, :] > (p + np.arange(s, e))[:, None]
+                scores[:, :, future] = -np.inf
+            out[:, :, s:e] = np.matmul(softmax(scores).reshape(Hkv, G * m, T), V).reshape(Hkv, G, m, D)
+        return out.transpose(2, 0, 1, 3).reshape(n, Hq * D)
+
+    def mlp(self, ly, e: int, h: np.ndarray) -> np.ndarray:
+        """SwiGLU of the dense MLP (e = -1) or of expert e."""
+        def w(t):
+            return t if e < 0 else t.expert(e)
+
+        if ly.gate_up is not None:
+            gu = matmul(h, w(ly.gate_up))
+            return matmul(self.silu_mul(gu), w(ly.down if e < 0 else ly.down_exps))
+        gate, up, down = (ly.gate, ly.up, ly.down) if e < 0 else (ly.gate_exps, ly.up_exps, ly.down_exps)
+        return matmul(silu(matmul(h, w(gate))) * matmul(h, w(up)), w(down))
+
+    def route(self, ly, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k experts per token and their weights: softmax over all experts, then top-k."""
+        a = self.args
+        probs = softmax(matmul(h, ly.router))
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :a.n_experts_used]
+        wts = np.take_along_axis(probs, top, axis=-1)
+        if a.norm_topk_prob:
+            wts = wts / wts.sum(axis=-1, keepdims=True)
+        return top, wts.astype(np.float32)
+
+    def moe(self, ly, h: np.ndarray) -> np.ndarray:
+        """Only the selected experts' weights are touched."""
+        top, wts = self.route(ly, h)
+        out = np.zeros_like(h)
+        for e in np.unique(top):
+            rows, slot = np.nonzero(top == e)
+            y = self.mlp(ly, int(e), h[rows])
+            out[rows] += wts[rows, slot][:, None] * y
+        return out
+
+    def moe_dense(self, ly, h: np.ndarray) -> np.ndarray:
+        """Reference: every expert on every token, weighted by a dense (mostly zero) routing matrix."""
+        top, wts = self.route(ly, h)
+        dense = np.zeros((h.shape[0], self.args.n_experts), np.float32)
+        np.put_along_axis(dense, top, wts, axis=-1)
+        out = np.zeros_like(h)
+        for e in range(self.args.n_experts):
+            out += dense[:, e:e + 1] * self.mlp(ly, e, h)
+        return out
