@@ -70,35 +70,39 @@ class Fused:
         self.qkv, self.gate_up = qkv, gate_up
 
 
-def prepare(w: Weights, release=None) -> Weights:
-    """The same weights in the kernels' layout: q|k|v and gate|up stacked into one matrix each
-    (one launch, one read of the input), quantized formats repacked. Done layer by layer and
-    `release(name)` is told of each tensor copied, so the file's pages can go and memory stays
-    near the file size."""
-    def conv(t):
-        if not isinstance(t, QTensor):
-            return t
-        p = pack(t)
-        if p is not t and release is not None:
-            release(t.name)
-        return p
+def pack_tensor(t, release=None):
+    """t in the kernels' layout (vectors and unpackable types as they are)."""
+    if not isinstance(t, QTensor):
+        return t
+    p = pack(t)
+    if p is not t and release is not None:
+        release(t.name)
+    return p
 
-    layers = []
-    for ly in w.layers:
-        groups = {"qkv": ("q", "k", "v"),
-                  "gate_up": ("gate_exps", "up_exps") if ly.router is not None else ("gate", "up")}
-        fused, parts = {}, {}
-        for key, names in groups.items():
-            f = fuse([getattr(ly, n) for n in names])
-            fused[key] = conv(f)
-            if f is not None:  # keep only the stacked copy
-                parts.update({n: None for n in names})
-                for n in names:
-                    if release is not None:
-                        release(getattr(ly, n).name)
-        ly = replace(ly, **{f.name: conv(getattr(ly, f.name)) for f in fields(ly) if f.name not in parts}, **parts)
-        layers.append(Fused(ly, fused["qkv"], fused["gate_up"]))
-    output = conv(w.output)
+
+def prepare_layer(ly: LayerWeights, release=None) -> Fused:
+    """A layer in the kernels' layout: q|k|v and gate|up stacked into one matrix each (one
+    launch, one read of the input), quantized formats repacked; `release(name)` is told of each
+    tensor copied, so the file's pages can go and memory stays near the file size."""
+    groups = {"qkv": ("q", "k", "v"),
+              "gate_up": ("gate_exps", "up_exps") if ly.router is not None else ("gate", "up")}
+    fused, parts = {}, {}
+    for key, names in groups.items():
+        f = fuse([getattr(ly, n) for n in names])
+        fused[key] = pack_tensor(f, release)
+        if f is not None:  # keep only the stacked copy
+            parts.update({n: None for n in names})
+            for n in names:
+                if release is not None:
+                    release(getattr(ly, n).name)
+    ly = replace(ly, **{f.name: pack_tensor(getattr(ly, f.name), release) for f in fields(ly) if f.name not in parts}, **parts)
+    return Fused(ly, fused["qkv"], fused["gate_up"])
+
+
+def prepare(w: Weights, release=None) -> Weights:
+    """The same weights in the kernels' layout, layer by layer (see prepare_layer)."""
+    layers = [prepare_layer(ly, release) for ly in w.layers]
+    output = pack_tensor(w.output, release)
     # tied: look tokens up in the packed matrix, so the file's copy is not kept in memory too
     embd = output if w.output is w.token_embd and isinstance(output, Packed) else w.token_embd
     return replace(w, layers=layers, output=output, token_embd=embd)

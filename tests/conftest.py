@@ -1,5 +1,11 @@
+import os
 import sys
 from pathlib import Path
+
+# The CUDA tests run in numba-cuda's simulator unless asked to use a real GPU; set before numba
+# is imported. (qwen3cli's --device auto never picks the simulator.)
+if os.environ.get("QWEN3CLI_TEST_GPU") != "1":
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import pytest
 

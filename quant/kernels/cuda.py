@@ -18,7 +18,7 @@ import math
 
 from numba import config, cuda, float32, int32
 
-TPB = 32 if config.ENABLE_CUDASIM else 128  # threads per block (the simulator runs each as a Python thread)
+TPB = 8 if config.ENABLE_CUDASIM else 128  # threads per block (the simulator runs each as a Python thread)
 
 
 @cuda.jit(device=True)
@@ -200,9 +200,11 @@ def qkv_rope_store(q, k, v, qn, kn, eps, cos, sin, p, li, qout, kc, vc):
 
 
 @cuda.jit
-def attention(qh, kc, vc, li, p, scale, scores, out):
-    # block (head, query i): scores against keys 0 .. p + i (causal), softmax, weighted values
-    h, i = cuda.blockIdx.x, cuda.blockIdx.y
+def attention(qh, kc, vc, li, p, i0, scale, scores, out):
+    # block (head, query i0 + y): scores against keys 0 .. p + i (causal) into row y of the
+    # scratch, softmax, weighted values
+    h, y = cuda.blockIdx.x, cuda.blockIdx.y
+    i = i0 + y
     Hq, D = qh.shape[1], qh.shape[2]
     kvh = h // (Hq // kc.shape[1])
     T = p + i + 1
@@ -213,29 +215,28 @@ def attention(qh, kc, vc, li, p, scale, scores, out):
         for d in range(D):
             s += qh[i, h, d] * kc[li, kvh, t, d]
         s *= scale
-        scores[h, i, t] = s
+        scores[h, y, t] = s
         mx = max(mx, s)
     mx = _block_max(mx, sh)
     tot = float32(0.0)
     for t in range(cuda.threadIdx.x, T, TPB):
-        e = math.exp(scores[h, i, t] - mx)
-        scores[h, i, t] = e
+        e = math.exp(scores[h, y, t] - mx)
+        scores[h, y, t] = e
         tot += e
     tot = _block_sum(tot, sh)
     for d in range(cuda.threadIdx.x, D, TPB):
         a = float32(0.0)
         for t in range(T):
-            a += scores[h, i, t] * vc[li, kvh, t, d]
+            a += scores[h, y, t] * vc[li, kvh, t, d]
         out[i, h * D + d] = a / tot
 
 
 @cuda.jit
-def silu_mul(gu, out):
+def silu_mul(g, u, out):
     i, j = cuda.grid(2)
-    half = out.shape[1]
-    if i < out.shape[0] and j < half:
-        g = gu[i, j]
-        out[i, j] = g / (float32(1.0) + math.exp(-g)) * gu[i, j + half]
+    if i < out.shape[0] and j < out.shape[1]:
+        a = g[i, j]
+        out[i, j] = a / (float32(1.0) + math.exp(-a)) * u[i, j]
 
 
 @cuda.jit

@@ -163,20 +163,31 @@ def _packable(w: QTensor) -> bool:
     return w.type in _OWN or FORMATS[w.type].unpack is not None
 
 
-def _empty_packed(t: T, R: int, k: int) -> dict[str, np.ndarray]:
-    e = np.empty
+def packed_spec(t: T, R: int, k: int) -> dict[str, tuple[tuple[int, int], type]]:
+    """The arrays of a packed R x k matrix: name -> (shape, dtype)."""
     if t == T.Q2_K:
-        return dict(q=e((R, k // 4), np.uint8), d=e((R, k // 16), np.uint8), o=e((R, k // 16), np.uint8),
-                    sb=e((R, k // 128), np.float32))
+        return dict(q=((R, k // 4), np.uint8), d=((R, k // 16), np.uint8), o=((R, k // 16), np.uint8),
+                    sb=((R, k // 128), np.float32))
     if t == T.Q3_K:
-        return dict(q=e((R, k // 4), np.uint8), h=e((R, k // 4), np.uint8), d=e((R, k // 16), np.int8),
-                    sb=e((R, k // 256), np.float32))
+        return dict(q=((R, k // 4), np.uint8), h=((R, k // 4), np.uint8), d=((R, k // 16), np.int8),
+                    sb=((R, k // 256), np.float32))
     if t in (T.Q4_0, T.Q4_K):
-        o = dict(o=e((R, k // 32), np.float32)) if t == T.Q4_K else {}
-        return dict(q=e((R, k // 2), np.uint8), d=e((R, k // 32), np.float32), **o)
+        o = dict(o=((R, k // 32), np.float32)) if t == T.Q4_K else {}
+        return dict(q=((R, k // 2), np.uint8), d=((R, k // 32), np.float32), **o)
     if t in (T.Q8_0, T.Q6_K):
-        return dict(q=e((R, k), np.int8), d=e((R, k // (16 if t == T.Q6_K else 32)), np.float32))
-    return dict(q=e((R, k), np.int8), d=e((R, k // 32), np.float32), o=e((R, k // 32), np.float32))
+        return dict(q=((R, k), np.int8), d=((R, k // (16 if t == T.Q6_K else 32)), np.float32))
+    return dict(q=((R, k), np.int8), d=((R, k // 32), np.float32), o=((R, k // 32), np.float32))
+
+
+def packed_nbytes(w: QTensor) -> int:
+    """Bytes of w in the kernels' layout (its file size when it has none)."""
+    if not _packable(w):
+        return w.nbytes
+    return sum(int(np.prod(s)) * np.dtype(dt).itemsize for s, dt in packed_spec(w.type, w.raw.shape[0], w.k).values())
+
+
+def _empty_packed(t: T, R: int, k: int) -> dict[str, np.ndarray]:
+    return {n: np.empty(s, dt) for n, (s, dt) in packed_spec(t, R, k).items()}
 
 
 def _pack_into(t: T, raw: np.ndarray, a: dict[str, np.ndarray]) -> None:

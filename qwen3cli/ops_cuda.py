@@ -1,0 +1,233 @@
+"""The CUDA backend: the weights live on the GPU in their quantized (packed) form, the KV cache
+too, and a step runs as a chain of kernel launches (quant/kernels/cuda.py) on the default
+stream. The host sends token embeddings (one row a token) and gets the logits back; nothing
+else crosses, MoE routing included.
+
+Weights are packed on the host a layer at a time (ops_cpu.prepare_layer, the layouts the CPU
+tests check), uploaded, and the host copy dropped; only the token embeddings stay on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from quant.kernels import cuda as K
+from quant.kernels.matmul_cpu import Packed, packed_nbytes
+from quant.qtensor import QTensor
+
+from .errors import Qwen3CliError
+from .ops_cpu import KVCache, Q_CHUNK, pack_tensor, prepare_layer
+from .rope import Rope
+from .weights import Weights
+
+from numba import cuda  # noqa: E402  (after the package imports: cuda is an optional extra)
+
+
+class DeviceMemoryError(Qwen3CliError):
+    """The model does not fit in the GPU's free memory."""
+
+
+@dataclass
+class DevMat:
+    """A matrix (or expert stack) on the device: `kind` picks the kernel, `a` its arrays."""
+    name: str
+    kind: str
+    rows: int
+    k: int
+    n_mats: int
+    a: dict = field(default_factory=dict)
+
+
+_I8 = {T.Q8_0: 5, T.Q6_K: 4}  # int8 layouts: log2 of the group size; the rest have offsets per 32
+
+
+def upload(t) -> DevMat:
+    if isinstance(t, Packed):
+        a = {n: cuda.to_device(x) for n, x in t.arrays().items()}
+        if t.type in (T.Q4_0, T.Q4_K):
+            kind = "q4"
+            a.setdefault("o", a["d"])  # Q4_0: value = d (q - 8), the offset is 8 d
+            a["factor"] = np.float32(8 if t.type == T.Q4_0 else 1)
+        elif t.type in (T.Q2_K, T.Q3_K):
+            kind = t.type.name.lower()
+        else:
+            kind = "i8"
+            a["gshift"] = _I8.get(t.type, 5)
+            a.setdefault("o", cuda.to_device(np.zeros((1, 1), np.float32)))
+        return DevMat(t.name, kind, t.rows, t.k, t.n_mats, a)
+    if isinstance(t, QTensor) and t.type in (T.F32, T.F16, T.BF16):
+        w = t.raw.view(np.float16) if t.type == T.F16 else t.dequant()  # BF16 widened: no bf16 loads here
+        return DevMat(t.name, "float", t.rows, t.k, t.n_mats, {"w": cuda.to_device(np.ascontiguousarray(w))})
+    raise Qwen3CliError(f"{t.name}: no CUDA kernel for type {t.type.name}")
+
+
+def device_nbytes(t) -> int:
+    if t is None or isinstance(t, np.ndarray):
+        return 0 if t is None else t.nbytes
+    if t.type == T.BF16:
+        return t.rows * t.n_mats * t.k * 4
+    return packed_nbytes(t)
+
+
+class _Layer:
+    def __init__(self, ly, up):
+        for name, v in vars(ly).items():
+            setattr(self, name, up(v))
+
+
+class CudaOps:
+    name = "cuda"
+
+    def __init__(self, args, rope: Rope, ctx: int):
+        self.args, self.eps, self.ctx = args, np.float32(args.rms_norm_eps), ctx
+        cos, sin = rope.cos_sin(np.arange(ctx))
+        self.cos, self.sin = cuda.to_device(cos), cuda.to_device(sin)
+        self._zeros: dict[int, object] = {}
+        self._scores = None
+
+    # -- memory ---------------------------------------------------------------------------
+    def cache_nbytes(self, ctx: int) -> int:
+        a = self.args
+        return 2 * a.n_layers * a.n_kv_heads * ctx * a.head_dim * 4
+
+    def check_fits(self, w: Weights) -> None:
+        need = sum(device_nbytes(t) for ly in w.layers for t in vars(ly).values())
+        need += device_nbytes(w.output) + self.cache_nbytes(self.ctx)
+        free, total = cuda.current_context().get_memory_info()
+        if need > 0.95 * free:
+            raise DeviceMemoryError(
+                f"the model needs {need / 1e9:.1f} GB on the GPU (weights and a {self.ctx}-token KV cache), "
+                f"{free / 1e9:.1f} GB of {total / 1e9:.1f} GB is free: try a smaller --ctx or --device cpu")
+
+    def prepare(self, w: Weights, release=None) -> Weights:
+        self.check_fits(w)
+
+        def up(v):
+            if isinstance(v, np.ndarray):
+                return cuda.to_device(v)
+            return upload(v) if v is not None else None
+
+        layers = [_Layer(prepare_layer(ly, release), up) for ly in w.layers]  # host copies go layer by layer
+        out = pack_tensor(w.output)
+        # the embeddings stay on the host (one row a token is sent); tied ones in the packed form
+        embd = out if w.token_embd is w.output else w.token_embd
+        return replace(w, layers=layers, output=upload(out), token_embd=embd, output_norm=cuda.to_device(w.output_norm))
+
+    def new_cache(self, ctx: int) -> KVCache:
+        a = self.args
+        return KVCache(a.n_layers, a.n_kv_heads, ctx, a.head_dim, alloc=lambda s: cuda.device_array(s, np.float32))
+
+    # -- steps ------------------------------------------------------------------------------
+    def embed(self, table, ids):
+        return cuda.to_device(np.ascontiguousarray(table.take(ids), np.float32))
+
+    def rms_norm(self, x, w):
+        out = cuda.device_array(x.shape, np.float32)
+        K.rms_norm[x.shape[0], K.TPB](x, w, self.eps, out)
+        return out
+
+    def _ids(self, n: int):
+        if n not in self._zeros:
+            self._zeros[n] = cuda.to_device(np.zeros(n, np.int32))
+        return self._zeros[n]
+
+    def _mv(self, x, w: DevMat, ids, xdiv: int, n_out: int):
+        out = cuda.device_array((n_out, w.rows), np.float32)
+        grid, a = (w.rows, n_out), w.a
+        if w.kind == "float":
+            K.mv_float[grid, K.TPB](x, xdiv, ids, a["w"], out)
+        elif w.kind == "i8":
+            K.mv_i8[grid, K.TPB](x, xdiv, ids, a["q"], a["d"], a["gshift"], a["o"], out)
+        elif w.kind == "q4":
+            K.mv_q4[grid, K.TPB](x, xdiv, ids, a["q"], a["d"], a["o"], a["factor"], out)
+        elif w.kind == "q2_k":
+            K.mv_q2_k[grid, K.TPB](x, xdiv, ids, a["q"], a["d"], a["o"], a["sb"], out)
+        else:
+            K.mv_q3_k[grid, K.TPB](x, xdiv, ids, a["q"], a["h"], a["d"], a["sb"], out)
+        return out
+
+    def matmul(self, x, w: DevMat):
+        if x.shape[1] != w.k:
+            raise ValueError(f"{w.name}: input has {x.shape[1]} features, weight expects {w.k}")
+        return self._mv(x, w, self._ids(x.shape[0]), 1, x.shape[0])
+
+    @staticmethod
+    def split(y, sizes):
+        out, at = [], 0
+        for s in sizes:
+            out.append(y[:, at:at + s])
+            at += s
+        return out
+
+    @staticmethod
+    def add(x, y):
+        K.add[(math.ceil(x.shape[0] / 4), math.ceil(x.shape[1] / 32)), (4, 32)](x, y)
+        return x
+
+    @staticmethod
+    def last(x):
+        return x[x.shape[0] - 1:]
+
+    @staticmethod
+    def to_host(x) -> np.ndarray:
+        return x.copy_to_host()
+
+    @staticmethod
+    def _silu_mul(g, u):
+        out = cuda.device_array(g.shape, np.float32)
+        K.silu_mul[(math.ceil(g.shape[0] / 4), math.ceil(g.shape[1] / 32)), (4, 32)](g, u, out)
+        return out
+
+    def attention(self, li: int, ly, q, k, v, cache: KVCache, p: int):
+        a = self.args
+        n, D, Hq, Hkv = q.shape[0], a.head_dim, a.n_heads, a.n_kv_heads
+        qh = cuda.device_array((n, Hq, D), np.float32)
+        K.qkv_rope_store[(n, Hq + 2 * Hkv), K.TPB](q, k, v, ly.q_norm, ly.k_norm, self.eps, self.cos, self.sin,
+                                                   p, li, qh, cache.k, cache.v)
+        out = cuda.device_array((n, Hq * D), np.float32)
+        m = min(n, Q_CHUNK)
+        if self._scores is None or self._scores.shape[1] < m:
+            self._scores = cuda.device_array((Hq, m, self.ctx), np.float32)
+        scale = np.float32(D ** -0.5)
+        for s in range(0, n, Q_CHUNK):
+            K.attention[(Hq, min(n, s + Q_CHUNK) - s), K.TPB](qh, cache.k, cache.v, li, p, s, scale, self._scores, out)
+        return out
+
+    def _swiglu(self, h, gate_up, gate, up, ids, xdiv: int, n_out: int):
+        if gate_up is not None:
+            gu = self._mv(h, gate_up, ids, xdiv, n_out)
+            half = gate_up.rows // 2
+            return self._silu_mul(gu[:, :half], gu[:, half:])
+        return self._silu_mul(self._mv(h, gate, ids, xdiv, n_out), self._mv(h, up, ids, xdiv, n_out))
+
+    def mlp(self, ly, e: int, h):
+        ids = self._ids(h.shape[0])
+        act = self._swiglu(h, ly.gate_up, ly.gate, ly.up, ids, 1, h.shape[0])
+        return self._mv(act, ly.down, ids, 1, h.shape[0])
+
+    def _route(self, ly, h):
+        a = self.args
+        n, k = h.shape[0], a.n_experts_used
+        logits = self.matmul(h, ly.router)
+        probs = cuda.device_array(logits.shape, np.float32)
+        ids, wts = cuda.device_array(n * k, np.int32), cuda.device_array(n * k, np.float32)
+        K.route[math.ceil(n / 32), 32](logits, k, a.norm_topk_prob, probs, ids, wts)
+        return ids, wts
+
+    def route(self, ly, h):
+        ids, wts = self._route(ly, cuda.to_device(np.ascontiguousarray(h, np.float32)))
+        k = self.args.n_experts_used
+        return ids.copy_to_host().reshape(-1, k).astype(np.int64), wts.copy_to_host().reshape(-1, k)
+
+    def moe(self, ly, h):
+        n, k = h.shape[0], self.args.n_experts_used
+        ids, wts = self._route(ly, h)
+        act = self._swiglu(h, ly.gate_up, ly.gate_exps, ly.up_exps, ids, k, n * k)
+        y = self._mv(act, ly.down_exps, ids, 1, n * k)
+        out = cuda.device_array(h.shape, np.float32)
+        K.weighted_sum[(math.ceil(n / 4), math.ceil(h.shape[1] / 32)), (4, 32)](y, wts, k, out)
+        return out

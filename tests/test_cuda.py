@@ -1,0 +1,130 @@
+"""The CUDA backend against the CPU path, in numba-cuda's simulator (no GPU needed) or on a GPU
+with QWEN3CLI_TEST_GPU=1. Shapes are tiny: the simulator runs every GPU thread as a Python thread."""
+
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+pytest.importorskip("numba.cuda")
+ops_cuda = pytest.importorskip("qwen3cli.ops_cuda")
+
+from quant.formats import FORMATS  # noqa: E402
+from quant.kernels.matmul_cpu import matmul, pack  # noqa: E402
+from quant.qtensor import QTensor  # noqa: E402
+from qwen3cli.config import ModelArgs  # noqa: E402
+from qwen3cli.model import Model  # noqa: E402
+from qwen3cli.ops_cpu import CpuOps  # noqa: E402
+from qwen3cli.rope import make_rope  # noqa: E402
+from qwen3cli.weights import build_weights, expected_shapes  # noqa: E402
+from test_kernels import weights as random_weights  # noqa: E402
+
+from numba import cuda  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fast_switching():
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)  # the simulator's barriers wait on thread switches
+    yield
+    sys.setswitchinterval(before)
+
+
+def close(got, want, rel=2e-5):
+    np.testing.assert_allclose(got, want, rtol=rel, atol=rel * max(1e-6, float(np.abs(want).max())))
+
+
+@pytest.mark.parametrize("t", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q6_K, T.Q4_K, T.Q5_K, T.Q4_1, T.Q5_0,
+                               T.Q5_1, T.Q2_K, T.Q3_K], ids=lambda t: t.name)
+def test_matmul_matches_cpu(t):
+    k = 256 if FORMATS[t].block_size == 256 else 64
+    w = random_weights(t, 5, k)
+    x = np.random.default_rng(1).standard_normal((2, k)).astype(np.float32)
+    ops = ops_cuda.CudaOps.__new__(ops_cuda.CudaOps)
+    ops._zeros = {}
+    got = ops.matmul(cuda.to_device(x), ops_cuda.upload(pack(w))).copy_to_host()
+    close(got, matmul(x, pack(w)))
+
+
+def test_expert_rows_follow_the_ids():
+    rng = np.random.default_rng(2)
+    stack = QTensor.from_f32("exps", rng.standard_normal((3 * 4, 32)).astype(np.float32), T.Q8_0)
+    stack = QTensor("exps", T.Q8_0, 4, 32, stack.raw, n_mats=3)
+    x = rng.standard_normal((2, 32)).astype(np.float32)
+    ids = np.array([2, 0, 1, 2], np.int32)  # token t // 2 through expert ids[t]
+    ops = ops_cuda.CudaOps.__new__(ops_cuda.CudaOps)
+    got = ops._mv(cuda.to_device(x), ops_cuda.upload(pack(stack)), cuda.to_device(ids), 2, 4).copy_to_host()
+    want = np.stack([matmul(x[t // 2:t // 2 + 1], stack.expert(int(e)))[0] for t, e in enumerate(ids)])
+    close(got, want)
+
+
+def tiny_args(moe: bool) -> ModelArgs:
+    return ModelArgs(arch="qwen3moe" if moe else "qwen3", vocab_size=32, hidden_size=32, n_layers=2, n_heads=2,
+                     n_kv_heads=1, head_dim=16, intermediate_size=64, rms_norm_eps=1e-6, rope_theta=1e6,
+                     context_length=64, tie_word_embeddings=not moe, n_experts=4 if moe else 0,
+                     n_experts_used=2 if moe else 0, moe_intermediate_size=32 if moe else 0, norm_topk_prob=moe)
+
+
+def tiny_weights(a: ModelArgs, types: dict[str, T]):
+    rng = np.random.default_rng(7)
+    shapes = expected_shapes(a)
+    if a.tie_word_embeddings:
+        del shapes["output.weight"]
+
+    def lookup(name):
+        shape = shapes[name]
+        t = next((t for part, t in types.items() if part in name), T.F32) if len(shape) > 1 else T.F32
+        rows = int(np.prod(shape[1:]))
+        if len(shape) == 1:
+            x = (1 + 0.1 * rng.standard_normal((1, shape[0]))).astype(np.float32)
+        else:
+            x = (0.2 * rng.standard_normal((rows, shape[0]))).astype(np.float32)
+        return shape, t, FORMATS[t].encode(x)
+
+    return build_weights(a, lookup, set(shapes), "tiny")
+
+
+MIXED = {"attn_q": T.Q8_0, "attn_k": T.Q4_0, "attn_v": T.F16, "attn_output": T.Q8_0, "ffn_gate.": T.Q4_0,
+         "ffn_up.": T.Q4_0, "ffn_down": T.Q8_0, "token_embd": T.Q8_0}
+MOE = {"attn": T.Q8_0, "exps": T.Q8_0, "token_embd": T.Q4_0, "output.": T.Q8_0}
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_model_steps_match_cpu(moe):
+    a = tiny_args(moe)
+    w = tiny_weights(a, MOE if moe else MIXED)
+    cpu, gpu = Model(w, ctx=16), Model(w, ctx=16, backend="cuda")
+    assert gpu.device == "cuda" and cpu.device == "cpu"
+    cc, gc = cpu.new_cache(), gpu.new_cache()
+    close(gpu.forward([1, 5], gc, all_logits=True), cpu.forward([1, 5], cc, all_logits=True), 1e-4)
+    close(gpu.forward([30], gc), cpu.forward([30], cc), 1e-4)  # a decode step over the device-resident cache
+    assert gc.n == cc.n == 3
+
+
+def test_routing_matches_cpu():
+    a = tiny_args(True)
+    w = tiny_weights(a, MOE)
+    cpu, gpu = Model(w, ctx=8), Model(w, ctx=8, backend="cuda")
+    h = np.random.default_rng(3).standard_normal((5, 32)).astype(np.float32)
+    (ct, cw), (gt, gw) = cpu.route(cpu.w.layers[0], h), gpu.route(gpu.w.layers[0], h)
+    np.testing.assert_array_equal(gt, ct)
+    close(gw, cw, 1e-5)
+
+
+def test_too_large_a_model_is_refused_before_uploading(monkeypatch):
+    a = tiny_args(False)
+    ctx = cuda.current_context()
+    monkeypatch.setattr(type(ctx), "get_memory_info", lambda self: (1000, 2000))
+    with pytest.raises(ops_cuda.DeviceMemoryError, match="needs .* GB on the GPU"):
+        Model(tiny_weights(a, MIXED), ctx=16, backend="cuda")
+
+
+def test_rope_tables_match_the_cpu_ones():
+    a = tiny_args(False)
+    rope = make_rope(a, None)
+    ops = ops_cuda.CudaOps(a, rope, 16)
+    cos, sin = rope.cos_sin(np.arange(16))
+    np.testing.assert_array_equal(ops.cos.copy_to_host(), cos)
+    np.testing.assert_array_equal(ops.sin.copy_to_host(), sin)
+    assert isinstance(CpuOps(a, rope), CpuOps)
