@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .cli import app, out, user_errors
-from .cli_options import Model, Quant, Threads
+from .cli_options import Device, Model, Quant, Threads
 from .cli_run import UsageError, open_engine, set_threads
 
 
@@ -22,6 +22,7 @@ def bench(
     reps: int = typer.Option(3, "-r", "--reps", help="Repetitions of each test (after one warm-up)."),
     threads: Threads = None,
     quant: Quant = "q8_0",
+    device: Device = "auto",
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Measure prefill and decode speed, like llama-bench."""
@@ -33,10 +34,11 @@ def bench(
         raise UsageError("-p and -n must be >= 0 (not both 0) and -r >= 1")
     set_threads(threads)
     t0 = time.perf_counter()
-    engine = open_engine(model, max(prompt, 1) + gen + 1, quant)
+    engine = open_engine(model, max(prompt, 1) + gen + 1, quant, device)
     load_s = time.perf_counter() - t0
     results = run_bench(engine, prompt, gen, reps)
-    info = {"model": engine.loaded.name, "source": engine.loaded.source, "threads": numba.get_num_threads(),
+    info = {"model": engine.loaded.name, "source": engine.loaded.source, "device": engine.model.device,
+            "threads": numba.get_num_threads(),
             "load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
             "weights_mb": round(engine.model.w.nbytes / 1e6, 1)}
     if as_json:
@@ -44,7 +46,8 @@ def bench(
             {"test": r.test, "tokens": r.tokens, "tokens_per_s": round(r.mean, 2), "std": round(r.std, 2),
              "runs": [round(x, 2) for x in r.runs]} for r in results]}))
         return
-    out.print(f"{info['model']} · {info['threads']} threads · weights {info['weights_mb']:.0f} MB · "
+    where = "GPU" if info["device"] == "cuda" else f"{info['threads']} threads"
+    out.print(f"{info['model']} · {where} · weights {info['weights_mb']:.0f} MB · "
               f"load {load_s:.2f} s · peak RSS {info['peak_rss_mb']:.0f} MB", highlight=False)
     t = Table()
     for c in ("test", "tokens/s", "±"):

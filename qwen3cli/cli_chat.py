@@ -22,7 +22,7 @@ from rich.markdown import Markdown
 from rich.text import Text
 
 from .cli import app, err, user_errors
-from .cli_options import Ctx, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
+from .cli_options import Ctx, Device, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
 from .cli_run import UsageError, open_engine, set_threads
 from .conversation import SAMPLING_KEYS, ChatSettings, Conversation, Notice
 from .errors import Qwen3CliError
@@ -418,6 +418,7 @@ def chat(
     seed: Seed = None,
     threads: Threads = None,
     quant: Quant = "q8_0",
+    device: Device = "auto",
     load_file: Path = typer.Option(None, "--load", help="Resume a chat saved with /save."),
     markdown: bool = typer.Option(False, "--markdown", help="Render finished answers as Markdown."),
 ) -> None:
@@ -437,7 +438,7 @@ def chat(
     except ValueError as e:
         raise UsageError(str(e)) from None
     set_threads(threads)
-    engine = open_engine(model, ctx, quant)
+    engine = open_engine(model, ctx, quant, device)
     conv = Conversation(engine, ChatSettings(system=system, think=think, thinking_budget=thinking_budget,
                                              max_tokens=max_tokens, seed=seed, sampling=sampling))
     if load_file is not None:
@@ -445,6 +446,7 @@ def chat(
     console = Console(highlight=False)
     ui = ChatUI(conv, console, make_prompt_session(), display=thinking, markdown=markdown)
     note = {"always": "this model always thinks", "never": "this model never thinks"}.get(engine.mode, "")
-    err.print(f"[dim]{engine.loaded.name} · context {engine.ctx} · {note + ' · ' if note else ''}"
+    gpu = "GPU · " if engine.model.device == "cuda" else ""
+    err.print(f"[dim]{engine.loaded.name} · {gpu}context {engine.ctx} · {note + ' · ' if note else ''}"
               "/help for commands, Ctrl-D to exit[/dim]")
     ui.loop()

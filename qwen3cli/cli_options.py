@@ -21,3 +21,5 @@ Repeat = Annotated[Optional[float], typer.Option("--repeat-penalty", help="Repet
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed, for reproducible sampling.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all cores).")]
 Quant = Annotated[str, typer.Option("--quant", help="Type a Hugging Face directory or repo is converted to.")]
+Device = Annotated[str, typer.Option("--device", help="auto (a CUDA GPU when numba-cuda finds one, else the CPU), "
+                                                     "cpu or cuda.")]

@@ -14,7 +14,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .cli import app, err, user_errors
-from .cli_options import Ctx, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
+from .cli_options import Ctx, Device, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
 from .errors import Qwen3CliError
 
 
@@ -45,20 +45,25 @@ def load_progress():
             bar.stop()
 
 
-def open_engine(model: str, ctx: int | None, quant: str):
-    """Load (with a bar when it takes a while), then build the engine; on a first run, say that
-    the kernels are being compiled instead of looking frozen."""
+def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto"):
+    """Pick the device, load (with a bar when it takes a while), then build the engine; while
+    kernels compile (a first CPU run, every GPU run), say so instead of looking frozen."""
     from quant.kernels.matmul_cpu import cache_is_warm, warm_up
 
+    from .device import pick
     from .engine import Engine
     from .loader import load
 
+    backend, note = pick(device)
     with load_progress() as progress:
         loaded = load(model, quant=quant, progress=progress)
-    if cache_is_warm():
+    if note:  # after the load, so that a bad file still gets one line of error
+        err.print(f"[dim]{note}[/dim]", highlight=False)
+    if backend == "cpu" and cache_is_warm():
         return Engine(loaded, ctx)
-    with err.status("compiling kernels (first run only, about a minute)…"):
-        engine = Engine(loaded, ctx)
+    with err.status("compiling kernels (first run only, about a minute)…" if backend == "cpu" else
+                    "uploading the weights and compiling the GPU kernels…"):
+        engine = Engine(loaded, ctx, device=backend)
 
         def forward(n: int) -> None:
             engine.model.forward([0] * n, engine.model.new_cache())
@@ -105,6 +110,7 @@ def run(
     seed: Seed = None,
     threads: Threads = None,
     quant: Quant = "q8_0",
+    device: Device = "auto",
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, thinking, finish_reason, counts, timings."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speeds to stderr at the end."),
 ) -> None:
@@ -121,7 +127,7 @@ def run(
         if v is not None and v < 1:
             raise UsageError(f"{name} must be at least 1, got {v}")
     set_threads(threads)
-    engine = open_engine(model, ctx, quant)
+    engine = open_engine(model, ctx, quant, device)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     p = engine.prompt(messages, enable_thinking=think)
     if len(p.ids) >= engine.ctx:
@@ -162,7 +168,7 @@ def run(
         print(json.dumps({
             "answer": answer_text, "thinking": thinking_text, "finish_reason": done.finish_reason,
             "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "thinking_tokens": done.thinking_tokens,
+            "thinking_tokens": done.thinking_tokens, "device": engine.model.device,
             "timings": {"time_to_first_token_s": round(first_token_s or total_s, 4), "prefill_s": round(done.prefill_s, 4),
                         "decode_s": round(done.decode_s, 4), "prefill_tokens_per_s": round(done.prefill_tps, 2),
                         "decode_tokens_per_s": round(done.decode_tps, 2), "total_s": round(total_s, 4)},

@@ -41,6 +41,15 @@ class DevMat:
     n_mats: int
     a: dict = field(default_factory=dict)
 
+    @property
+    def q(self):  # what Weights.nbytes tells tied matrices apart by
+        return self.a.get("q", self.a.get("w"))
+
+    @property
+    def nbytes(self) -> int:
+        arrays = {id(x): x for x in self.a.values() if hasattr(x, "copy_to_host")}
+        return sum(int(x.nbytes) for x in arrays.values())
+
 
 _I8 = {T.Q8_0: 5, T.Q6_K: 4}  # int8 layouts: log2 of the group size; the rest have offsets per 32
 

@@ -124,6 +124,28 @@ def test_bench_json(tiny):
     d = json.loads(r.stdout)
     assert [x["test"] for x in d["results"]] == ["pp12", "tg4"]
     assert all(len(x["runs"]) == 2 and x["tokens_per_s"] > 0 for x in d["results"])
-    assert d["peak_rss_mb"] > 0 and d["load_s"] > 0 and d["weights_mb"] > 0
+    assert d["peak_rss_mb"] > 0 and d["load_s"] > 0 and d["weights_mb"] > 0 and d["device"] == "cpu"
     r = CliRunner().invoke(app, ["bench", str(tiny), "-p", "0", "-n", "0"])
     assert r.exit_code == 1 and r.stderr.startswith("error: ")
+
+
+def test_device_choice(tiny, scripted, monkeypatch):
+    import importlib.util
+
+    from numba import config, cuda
+
+    code, out, errs = run(tiny, "hi", "--no-think", "-n", "3", "--json")  # auto never picks the tests' simulator
+    assert code == 0 and json.loads(out)["device"] == "cpu" and "running on" not in errs
+    one_line_error(*run(tiny, "hi", "--device", "tpu")[::2], "--device must be one of auto, cpu, cuda")
+    code, _, errs = run(tiny, "hi", "--device", "cpu", "-n", "3")
+    assert code == 0 and "running on" not in errs
+    monkeypatch.setattr(config, "ENABLE_CUDASIM", False)
+    monkeypatch.setattr(cuda, "is_available", lambda: False)
+    one_line_error(*run(tiny, "hi", "--device", "cuda")[::2], "--device cuda: no CUDA GPU found")
+    code, _, errs = run(tiny, "hi", "-n", "3")
+    assert code == 0 and "running on the CPU: no CUDA GPU found" in errs
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "numba_cuda" else real(n, *a))
+    one_line_error(*run(tiny, "hi", "--device", "cuda")[::2], "numba-cuda is not installed", "qwen3cli[cuda]")
+    code, _, errs = run(tiny, "hi", "-n", "3")  # no extra, no expectation of a GPU: no line
+    assert code == 0 and "running on" not in errs
