@@ -1,0 +1,71 @@
+"""Compile every CUDA kernel to PTX for a GPU architecture, without a GPU (needs NVVM, e.g.
+`pip install 'numba-cuda[cu13]'`): the check that the kernels the simulator runs as Python
+also type and compile for the device.
+
+    python scripts/cuda_ptx_check.py [--cc 9.0]
+
+Prints one line per kernel and exits 1 on the first failure; exits 2 when NVVM is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
+
+
+def signatures():
+    from numba import types as t
+
+    f1, f2, f3, f4 = t.float32[:], t.float32[:, :], t.float32[:, :, :], t.float32[:, :, :, :]
+    i1, u2, i82, h2 = t.int32[:], t.uint8[:, :], t.int8[:, :], t.float16[:, :]
+    ix, f = t.int64, t.float32
+    return {
+        "mv_float": [(f2, ix, i1, f2, f2), (f2, ix, i1, h2, f2)],
+        "mv_i8": [(f2, ix, i1, i82, f2, ix, f2, f2)],
+        "mv_q4": [(f2, ix, i1, u2, f2, f2, f, f2)],
+        "mv_q2_k": [(f2, ix, i1, u2, u2, u2, f2, f2)],
+        "mv_q3_k": [(f2, ix, i1, u2, u2, i82, f2, f2)],
+        "rms_norm": [(f2, f1, f, f2)],
+        "qkv_rope_store": [(f2, f2, f2, f1, f1, f, f2, f2, ix, ix, f3, f4, f4)],
+        "attention": [(f3, f4, f4, ix, ix, ix, f, f3, f2)],
+        "silu_mul": [(f2, f2, f2)],
+        "add": [(f2, f2)],
+        "route": [(f2, ix, t.boolean, f2, i1, f1)],
+        "weighted_sum": [(f2, f1, ix, f2)],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cc", default="9.0")
+    cc = tuple(int(x) for x in ap.parse_args().cc.split("."))
+    from types import SimpleNamespace
+
+    import numba.cuda.dispatcher as dispatcher
+    from numba import cuda
+
+    from quant.kernels import cuda as K
+
+    # device functions called from a kernel are compiled for "the current device": with no GPU,
+    # say it is the architecture asked for
+    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
+
+    for name, sigs in signatures().items():
+        for sig in sigs:
+            try:
+                ptx, _ = cuda.compile_ptx(getattr(K, name).py_func, sig, cc=cc)
+            except Exception as e:  # NVVM missing, or a kernel that does not compile
+                if "NVVM" in str(e) or "libnvvm" in str(e).lower():
+                    print(f"NVVM is not available: {str(e).splitlines()[0]}")
+                    return 2
+                print(f"{name}{sig}: FAILED: {type(e).__name__}: {e}")
+                return 1
+            print(f"{name}: {len(ptx.splitlines())} lines of PTX for sm_{cc[0]}{cc[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
