@@ -87,7 +87,8 @@ def tiny_weights(a: ModelArgs, types: dict[str, T]):
 
 MIXED = {"attn_q": T.Q8_0, "attn_k": T.Q4_0, "attn_v": T.F16, "attn_output": T.Q8_0, "ffn_gate.": T.Q4_0,
          "ffn_up.": T.Q4_0, "ffn_down": T.Q8_0, "token_embd": T.Q8_0}
-MOE = {"attn": T.Q8_0, "exps": T.Q8_0, "token_embd": T.Q4_0, "output.": T.Q8_0}
+MOE = {"attn": T.Q8_0, "gate_exps": T.Q8_0, "up_exps": T.Q4_0, "down_exps": T.Q8_0, "token_embd": T.Q4_0,
+       "output.": T.Q8_0}  # fused q|k|v, unfused gate / up experts (MIXED: the other way round)
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
