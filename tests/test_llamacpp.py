@@ -46,6 +46,36 @@ def test_quantized_bytes_equal_libggml(ggml, qtype):
     assert np.array_equal(ours, theirs), f"{int((ours != theirs).sum())} bytes differ"
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0])
+def test_imatrix_weighted_bytes_equal_libggml(ggml, qtype):
+    """With an importance array ggml runs other, weighted searches (quantize_row_*_impl)."""
+    rng = np.random.default_rng(11)
+    k = 512
+    x = np.concatenate([
+        rng.standard_normal((120, k)) * rng.uniform(1e-3, 10, (120, 1)),
+        np.round(rng.standard_normal((12, k)) * 4) / 4, np.zeros((2, k)),
+        np.where(rng.random((4, k)) < 0.02, 30.0, 0.01 * rng.standard_normal((4, k))),
+        np.abs(rng.standard_normal((4, k))), -np.abs(rng.standard_normal((4, k))),
+    ]).astype(np.float32)
+    fmt = FORMATS[qtype]
+    for qw in (rng.gamma(0.5, 2.0, k), np.where(rng.random(k) < 0.3, 0.0, rng.uniform(0, 1e4, k)), np.ones(k)):
+        qw = qw.astype(np.float32)
+        theirs = np.zeros((x.shape[0], fmt.row_bytes(k)), np.uint8)
+        ggml(int(qtype), x.ctypes.data, theirs.ctypes.data, 0, x.shape[0], k, qw.ctypes.data)
+        ours = fmt.quantize(x, qw)
+        bad = np.flatnonzero((ours != theirs).any(1))
+        assert bad.size == 0, f"{bad.size} rows differ, first {bad[:5]}"
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_1])
+def test_q4_1_q5_1_unweighted_bytes_equal_libggml(ggml, qtype):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((64, 256)) * rng.uniform(1e-3, 10, (64, 1))).astype(np.float32)
+    theirs = np.zeros((64, FORMATS[qtype].row_bytes(256)), np.uint8)
+    ggml(int(qtype), x.ctypes.data, theirs.ctypes.data, 0, 64, 256, None)
+    assert np.array_equal(FORMATS[qtype].quantize(x), theirs)
+
+
 @pytest.mark.parametrize("kind,type_name", [(dict(moe=False, tied=True, hidden=256), "q4_0"),
                                             (dict(moe=True, tied=False), "q8_0")])
 def test_llama_cpp_loads_tokenizes_and_generates(ckpt, tmp_path, kind, type_name):
