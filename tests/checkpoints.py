@@ -169,3 +169,19 @@ def write_imatrix_dat(path: Path, entries: dict[str, tuple[np.ndarray, int]], tr
         out += [struct.pack("<ii", 10, 8), b"data.txt"]
     path.write_bytes(b"".join(out))
     return path
+
+
+def imatrix_for(plan, path: Path, skip: tuple[str, ...] = (), seed: int = 1) -> Path:
+    """A GGUF imatrix with random data for every matrix of `plan` (a convert.Plan) but `skip`:
+    heavy-tailed sums, varied counts, and for expert tensors one expert never seen."""
+    rng = np.random.default_rng(seed)
+    entries = {}
+    for t in plan.tensors:
+        if len(t.shape) < 2 or t.name in skip or "_norm" in t.name or "ffn_gate_inp" in t.name:
+            continue
+        n_exp = t.shape[2] if len(t.shape) == 3 else 1
+        counts = rng.integers(1, 1000, n_exp).astype(np.float32)
+        if n_exp > 1:
+            counts[1] = 0
+        entries[t.name] = (rng.lognormal(0, 2, (n_exp, t.shape[0])) * counts[:, None], counts)
+    return write_imatrix_gguf(path, entries)
