@@ -22,7 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from .errors import ImatrixError, QuantError
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFFile, StringArray
 
 _SUMS, _COUNTS = ".in_sum2", ".counts"
 _METADATA = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
@@ -34,6 +34,7 @@ class Imatrix:
     entries: dict[str, np.ndarray]  # GGUF tensor name -> float32 (n_expert * n_per_row,)
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
+    source: str = ""  # the path as the user gave it: llama-quantize records that in the file
 
     def for_tensor(self, name: str, n_per_row: int, n_expert: int = 1) -> np.ndarray | None:
         """The (n_expert, n_per_row) importance of tensor `name`, or None when the file has none
@@ -52,13 +53,14 @@ class Imatrix:
 
 def load_imatrix(path: str | os.PathLike) -> Imatrix:
     """Read a GGUF or legacy .dat imatrix file into per-column mean importances."""
-    path = Path(path)
+    given, path = path, Path(path)
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as e:
         raise ImatrixError(f"{path}: cannot read imatrix: {e.strerror or e}") from None
     m = _load_gguf(path) if magic == b"GGUF" else _load_legacy(path)
+    m.source = os.fspath(given)
     for name, v in m.entries.items():
         if not np.isfinite(v).all():  # llama-quantize refuses these too
             raise ImatrixError(f"{path}: {name} has non-finite importance values")
@@ -91,16 +93,14 @@ def _load_gguf(path: Path) -> Imatrix:
             if sums.type != T.F32 or counts.type != T.F32:
                 raise ImatrixError(f"{path}: {name}: sums and counts must be F32")
             entries[name] = _mean_per_expert(path, name, _f32(g, sums.name), _f32(g, counts.name))
-        datasets = [str(s) for s in g.metadata["imatrix.datasets"]] if _is_str_list(g.metadata["imatrix.datasets"]) else []
-        return Imatrix(path, entries, datasets, int(g.metadata["imatrix.chunk_count"]))
+        ds, chunks = g.metadata["imatrix.datasets"], g.metadata["imatrix.chunk_count"]
+        if not isinstance(chunks, (int, np.integer)) or isinstance(chunks, bool):
+            raise ImatrixError(f"{path}: imatrix.chunk_count is not a number")
+        return Imatrix(path, entries, list(ds) if isinstance(ds, StringArray) else [], int(chunks))
 
 
 def _f32(g: GGUFFile, name: str) -> np.ndarray:
     return g.raw(name).view("<f4").reshape(-1).astype(np.float32)
-
-
-def _is_str_list(v) -> bool:
-    return not isinstance(v, (str, np.ndarray)) and hasattr(v, "__len__")
 
 
 def _mean_per_expert(path: Path, name: str, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -155,8 +155,10 @@ def _load_legacy(path: Path) -> Imatrix:
         entries[name] = sums / np.float32(ncall) if ncall > 0 else sums
     # optional trailer (chunk count, dataset name); llama.cpp reads it leniently, so do we
     chunks, datasets = 0, []
+    if pos + 4 <= len(data):
+        chunks = struct.unpack_from("<i", data, pos)[0]
     if pos + 8 <= len(data):
-        chunks, n = struct.unpack_from("<ii", data, pos)
+        n = struct.unpack_from("<i", data, pos + 4)[0]
         if 0 < n <= len(data) - pos - 8:
-            datasets = [data[pos + 8 : pos + 8 + n].decode("utf-8", "replace")]
+            datasets = [data[pos + 8 : pos + 8 + n].split(b"\0")[0].decode("utf-8", "replace")]
     return Imatrix(path, entries, datasets, chunks)

@@ -84,7 +84,7 @@ def quantize(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print each tensor's planned type and size; write nothing."),
     check: bool = typer.Option(False, "--check", help="Afterwards, compare the file with the checkpoint on a short "
                                                       "text (perplexity, KL divergence, top-1 agreement)."),
-    imatrix: Path = typer.Option(None, "--imatrix", help="llama.cpp importance matrix (llama-imatrix's GGUF or "
+    imatrix: str = typer.Option(None, "--imatrix", metavar="FILE", help="llama.cpp importance matrix (llama-imatrix's GGUF or "
                                                           ".dat file) to weight the quantization error, as "
                                                           "llama-quantize --imatrix does."),
 ) -> None:

@@ -228,6 +228,8 @@ def plan(src: str | Path, type_name: str = "q8_0", imatrix: str | Path | Imatrix
         raise CheckpointError(f"{ck.tensors[extra[0]].file}: unexpected tensor {extra[0]!r}{more}")
     n_params = count_params(tensors)
     metadata = _metadata(ck, a, file_type, n_params)
+    if has_imatrix:
+        metadata.update(_imatrix_metadata(imatrix))
     return Plan(ck.dir, a, file_type, tensors, metadata, ck.input_bytes, n_params[0], imatrix)
 
 
@@ -280,6 +282,22 @@ def _metadata(ck: Checkpoint, a: ModelArgs, ft: FileType, n_params) -> dict[str,
         special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(w, quiet=True)
     return dict(w.kv_data[0])
+
+
+def _imatrix_metadata(m: Imatrix) -> dict[str, gguf.GGUFValue]:
+    """The keys llama-quantize --imatrix adds after all others (from its C buffers of 128 bytes)."""
+    VT = gguf.GGUFValueType
+
+    def c_str(v: str) -> str:
+        return v.encode()[:127].decode(errors="ignore")
+
+    kv = {"quantize.imatrix.file": gguf.GGUFValue(c_str(m.source), VT.STRING)}
+    if m.datasets:
+        kv["quantize.imatrix.dataset"] = gguf.GGUFValue(c_str(m.datasets[0]), VT.STRING)
+    kv["quantize.imatrix.entries_count"] = gguf.GGUFValue(len(m.entries), VT.UINT32)
+    if m.chunk_count > 0:
+        kv["quantize.imatrix.chunks_count"] = gguf.GGUFValue(m.chunk_count, VT.UINT32)
+    return kv
 
 
 def check_output(out: str | Path, force: bool) -> Path:
