@@ -11,3 +11,7 @@ class GGUFFormatError(QuantError):
 
 class UnsupportedQuantType(QuantError):
     """A tensor uses a GGML type this project cannot encode or decode."""
+
+
+class ImatrixError(QuantError):
+    """An importance-matrix file is unreadable, malformed or does not fit the model."""

@@ -16,6 +16,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from .errors import UnsupportedQuantType
 from .kernels import quantize_cpu as qk
+from .kernels import quantize_imatrix as qi
+
+_NO_WEIGHTS = np.empty(0, np.float32)
 
 
 @dataclass(frozen=True)
@@ -28,10 +31,22 @@ class Format:
     # (raw, k) -> (q int8 (n, k), d float32 (n, k/32), o float32 (n, k/32)) with value ~ d q - o
     # (equal up to float rounding): the kernels' layout for formats without one of their own
     unpack: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+    # (rows, importance (k,)) -> bytes: ggml's search weighted by an imatrix; None where ggml
+    # ignores the importance (Q8_0, the float types)
+    encode_weighted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
     @property
     def name(self) -> str:
         return self.type.name
+
+    def quantize(self, x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+        """Encode float32 rows (n, k) as ggml_quantize_chunk does, given the per-column
+        importance (k,) of an imatrix or None."""
+        if importance is not None and self.encode_weighted is not None:
+            return self.encode_weighted(x, np.ascontiguousarray(importance, np.float32))
+        if self.encode is None:
+            raise UnsupportedQuantType(f"{self.name} can only be written with an importance matrix")
+        return self.encode(x)
 
     def row_bytes(self, k: int) -> int:
         if k % self.block_size:
@@ -118,10 +133,83 @@ def _enc_q4_0(x):
     d = np.empty((n, k // 32), np.float32)
     q = np.empty((n, k // 2), np.uint8)
     qk.q4_0(x, d, q)
-    out = np.empty((n, k // 32, 18), np.uint8)
+    return _pack_q4_0(d, q.reshape(n, k // 32, 16))
+
+
+def _pack_q4_0(d, qs):
+    n, nb = d.shape
+    out = np.empty((n, nb, 18), np.uint8)
     out[:, :, :2] = _f16_bytes(d)
-    out[:, :, 2:] = q.reshape(n, k // 32, 16)
+    out[:, :, 2:] = qs
     return out.reshape(n, -1)
+
+
+def _weighted_levels_0(x, qw, nmax):
+    x = np.ascontiguousarray(x, np.float32)
+    n, k = x.shape
+    d, L = np.empty((n, k // 32), np.float32), np.empty((n, k), np.uint8)
+    qi.qx_0(x, qw, nmax, d, L)
+    return d, L.reshape(n, k // 32, 2, 16)  # per block: elements 0-15, 16-31
+
+
+def _encw_q4_0(x, qw):
+    d, L = _weighted_levels_0(x, qw, 8)
+    return _pack_q4_0(d, L[:, :, 0] | (L[:, :, 1] << 4))
+
+
+def _encw_q5_0(x, qw):
+    d, L = _weighted_levels_0(x, qw, 16)
+    return _pack_q5(d, None, L)
+
+
+def _pack_q5(d, m, L):
+    """Q5_0 (m None) / Q5_1 blocks from levels L (n, nb, 2, 16): nibbles, then bit j of qh is
+    the fifth bit of element j."""
+    n, nb = d.shape
+    head = 2 if m is None else 4
+    out = np.empty((n, nb, head + 20), np.uint8)
+    out[:, :, :2] = _f16_bytes(d)
+    if m is not None:
+        out[:, :, 2:4] = _f16_bytes(m)
+    qh = ((L.reshape(n, nb, 32).astype(np.uint32) >> 4) & 1) << np.arange(32, dtype=np.uint32)
+    out[:, :, head:head + 4] = np.bitwise_or.reduce(qh, axis=-1).astype("<u4").view(np.uint8).reshape(n, nb, 4)
+    out[:, :, head + 4:] = (L[:, :, 0] & 15) | ((L[:, :, 1] & 15) << 4)
+    return out.reshape(n, -1)
+
+
+def _pack_q4_1(d, m, L):
+    n, nb = d.shape
+    out = np.empty((n, nb, 20), np.uint8)
+    out[:, :, :2], out[:, :, 2:4] = _f16_bytes(d), _f16_bytes(m)
+    out[:, :, 4:] = L[:, :, 0] | (L[:, :, 1] << 4)
+    return out.reshape(n, -1)
+
+
+def _levels_1(x, nmax, qw=None):
+    x = np.ascontiguousarray(x, np.float32)
+    n, k = x.shape
+    d, m, L = np.empty((n, k // 32), np.float32), np.empty((n, k // 32), np.float32), np.empty((n, k), np.uint8)
+    if qw is None:
+        qk.qx_1(x, nmax, d, m, L)
+    else:
+        qi.qx_1(x, qw, nmax, d, m, L)
+    return d, m, L.reshape(n, k // 32, 2, 16)
+
+
+def _enc_q4_1(x):
+    return _pack_q4_1(*_levels_1(x, 15))
+
+
+def _encw_q4_1(x, qw):
+    return _pack_q4_1(*_levels_1(x, 15, qw))
+
+
+def _enc_q5_1(x):
+    return _pack_q5(*_levels_1(x, 31))
+
+
+def _encw_q5_1(x, qw):
+    return _pack_q5(*_levels_1(x, 31, qw))
 
 
 def _dec_q4_0(raw, k):
@@ -134,7 +222,7 @@ def _dec_q4_0(raw, k):
 # -- 256-element super-block formats ----------------------------------------------------
 # block_q6_K: ql[128] low nibbles, qh[64] high 2 bits, scales[16] int8, d fp16 (210 bytes)
 
-def _enc_q6_k(x):
+def _enc_q6_k(x, qw=_NO_WEIGHTS):
     x = np.ascontiguousarray(x, np.float32)
     n, k = x.shape
     nb = k // 256
@@ -142,7 +230,7 @@ def _enc_q6_k(x):
     sc = np.empty((n, nb, 16), np.int8)
     ql = np.empty((n, nb, 128), np.uint8)
     qh = np.empty((n, nb, 64), np.uint8)
-    qk.q6_k(x, d, sc, ql, qh)
+    qk.q6_k(x, qw, d, sc, ql, qh)
     out = np.empty((n, nb, 210), np.uint8)
     out[:, :, :128] = ql
     out[:, :, 128:192] = qh
@@ -222,26 +310,29 @@ def _k_scale_min(sc12: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scale.astype(np.float32), mins.astype(np.float32)
 
 
-def _k_levels(x, nmax, rmin, nstep):
+def _k_levels(x, nmax, rmin, nstep, qw=None):
     x = np.ascontiguousarray(x, np.float32)
     n, k = x.shape
     nb = k // 256
     d, dmin = np.empty((n, nb), np.float32), np.empty((n, nb), np.float32)
     sc, L = np.empty((n, nb, 12), np.uint8), np.empty((n, nb, 256), np.uint8)
-    qk.k_quant_levels(x, nmax, np.float32(rmin), nstep, d, dmin, sc, L)
+    if qw is None:
+        qk.k_quant_levels(x, nmax, np.float32(rmin), nstep, d, dmin, sc, L)
+    else:
+        qi.k_quant_levels(x, qw, nmax, nmax == 31, d, dmin, sc, L)
     head = np.empty((n, nb, 16), np.uint8)
     head[:, :, 0:2], head[:, :, 2:4], head[:, :, 4:16] = _f16_bytes(d), _f16_bytes(dmin), sc
     return head, L.reshape(n, nb, 4, 2, 32)  # 4 chunks of 64: (low 32, high 32)
 
 
-def _enc_q4_k(x):
-    head, L = _k_levels(x, 15, -1.0, 20)
+def _enc_q4_k(x, qw=None):
+    head, L = _k_levels(x, 15, -1.0, 20, qw)
     qs = (L[:, :, :, 0] | (L[:, :, :, 1] << 4)).reshape(*head.shape[:2], 128)
     return np.concatenate([head, qs], axis=-1).reshape(head.shape[0], -1)
 
 
-def _enc_q5_k(x):
-    head, L = _k_levels(x, 31, -0.5, 15)
+def _enc_q5_k(x, qw=None):
+    head, L = _k_levels(x, 31, -0.5, 15, qw)
     lo = L & 15
     qs = (lo[:, :, :, 0] | (lo[:, :, :, 1] << 4)).reshape(*head.shape[:2], 128)
     hb = (L >> 4).astype(np.uint8)  # the fifth bit: chunk c's low/high half -> bits 2c / 2c+1 of qh
@@ -328,9 +419,9 @@ def _unpack_q5_k(raw, k):
     return q, (_scale16(b) * sc).reshape(n, -1), (_scale16(b, 2) * mn).reshape(n, -1)
 
 
-def _fmt(t: T, enc, dec, unpack=None) -> Format:
+def _fmt(t: T, enc, dec, unpack=None, encw=None) -> Format:
     block, size = GGML_QUANT_SIZES[t]
-    return Format(t, block, size, enc, dec, unpack)
+    return Format(t, block, size, enc, dec, unpack, encw)
 
 
 FORMATS: dict[T, Format] = {
@@ -340,15 +431,15 @@ FORMATS: dict[T, Format] = {
         _fmt(T.F16, _enc_f16, _dec_f16),
         _fmt(T.BF16, _enc_bf16, _dec_bf16),
         _fmt(T.Q8_0, _enc_q8_0, _dec_q8_0),
-        _fmt(T.Q4_0, _enc_q4_0, _dec_q4_0),
-        _fmt(T.Q6_K, _enc_q6_k, _dec_q6_k),
-        _fmt(T.Q4_1, None, _dec_q4_1, _unpack_q4_1),
-        _fmt(T.Q5_0, _enc_q5_0, _dec_q5_0, _unpack_q5_0),
-        _fmt(T.Q5_1, None, _dec_q5_1, _unpack_q5_1),
+        _fmt(T.Q4_0, _enc_q4_0, _dec_q4_0, encw=_encw_q4_0),
+        _fmt(T.Q6_K, _enc_q6_k, _dec_q6_k, encw=_enc_q6_k),
+        _fmt(T.Q4_1, _enc_q4_1, _dec_q4_1, _unpack_q4_1, _encw_q4_1),
+        _fmt(T.Q5_0, _enc_q5_0, _dec_q5_0, _unpack_q5_0, _encw_q5_0),
+        _fmt(T.Q5_1, _enc_q5_1, _dec_q5_1, _unpack_q5_1, _encw_q5_1),
         _fmt(T.Q2_K, None, _dec_q2_k),
         _fmt(T.Q3_K, None, _dec_q3_k),
-        _fmt(T.Q4_K, _enc_q4_k, _dec_q4_k),
-        _fmt(T.Q5_K, _enc_q5_k, _dec_q5_k, _unpack_q5_k),
+        _fmt(T.Q4_K, _enc_q4_k, _dec_q4_k, encw=_enc_q4_k),
+        _fmt(T.Q5_K, _enc_q5_k, _dec_q5_k, _unpack_q5_k, _enc_q5_k),
     )
 }
 

@@ -76,8 +76,9 @@ def _k_mix(name: str, new: T, ft: FT, n_layers: int, n_experts: int) -> T:
 
 
 def tensor_type(name: str, ggml_shape: tuple[int, ...], file_type: FileType, tied_embeddings: bool,
-                n_layers: int = 0, n_experts: int = 0) -> T:
-    """The GGML type of tensor `name` (GGUF name, GGML-order shape) in a `file_type` file."""
+                n_layers: int = 0, n_experts: int = 0, has_imatrix: bool = False) -> T:
+    """The GGML type of tensor `name` (GGUF name, GGML-order shape) in a `file_type` file;
+    `has_imatrix`: quantized with an importance matrix, which changes one choice (below)."""
     if len(ggml_shape) < 2 or name.endswith("_norm.weight") or "ffn_gate_inp" in name:
         return T.F32
     new = file_type.default
@@ -92,6 +93,10 @@ def tensor_type(name: str, ggml_shape: tuple[int, ...], file_type: FileType, tie
             new = T.Q6_K
     elif file_type.ftype in _MIXES and name.startswith("blk."):
         new = _k_mix(name, new, file_type.ftype, n_layers, n_experts)
+    elif has_imatrix and ".ffn_down" in name and int(name.split(".")[1]) < n_layers // 8:
+        # llama.cpp guards the first eighth of ffn_down layers of Q4_0/Q5_0 files, when (and only
+        # when) an imatrix is given, with the min-carrying Q4_1/Q5_1
+        new = {T.Q4_0: T.Q4_1, T.Q5_0: T.Q5_1}.get(new, new)
     if ncols % _block(new):
         new = _FALLBACK.get(new, new)
         if ncols % _block(new):

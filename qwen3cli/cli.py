@@ -85,16 +85,20 @@ def quantize(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print each tensor's planned type and size; write nothing."),
     check: bool = typer.Option(False, "--check", help="Afterwards, compare the file with the checkpoint on a short "
                                                       "text (perplexity, KL divergence, top-1 agreement)."),
+    imatrix: str = typer.Option(None, "--imatrix", metavar="FILE", help="llama.cpp importance matrix (llama-imatrix's GGUF or "
+                                                          ".dat file) to weight the quantization error, as "
+                                                          "llama-quantize --imatrix does."),
 ) -> None:
     """Convert and quantize a Qwen3 / Qwen3-MoE checkpoint to a GGUF file llama.cpp loads."""
     from . import convert
 
     if dry_run:
-        return _print_plan(convert.plan(src, type.value))
+        return _print_plan(convert.plan(src, type.value, imatrix))
     if output is None:
         raise OutputError("missing --output (-o): the GGUF file to write")
     convert.check_output(output, force)
-    p = convert.plan(src, type.value)
+    p = convert.plan(src, type.value, imatrix)
+    _warn_imatrix_missing(p)
     bytes_per_elem = p.input_bytes / max(p.n_params, 1)
     columns = (
         TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
@@ -118,6 +122,8 @@ def quantize(
     t.add_row("output", f"{s.out}  ({_size(s.output_bytes)})")
     t.add_row("parameters", f"{_count(s.n_params)}  ({s.bits_per_weight:.2f} bits per weight)")
     t.add_row("tensor types", ", ".join(f"{k} {v}" for k, v in sorted(s.type_counts.items())))
+    if p.imatrix is not None:
+        t.add_row("imatrix", _imatrix_line(p))
     t.add_row("time", f"{s.seconds:.1f} s")
     err.print(t)
     if check:
@@ -130,6 +136,21 @@ def quantize(
         err.print(f"check: {res.line()}", highlight=False, soft_wrap=True)
 
 
+def _imatrix_line(p) -> str:
+    missing, n = p.imatrix_missing()
+    return f"{p.imatrix.path} covers {n - len(missing)} of {n} quantized tensors"
+
+
+def _warn_imatrix_missing(p) -> None:
+    if p.imatrix is None:
+        return
+    missing, _ = p.imatrix_missing()
+    if missing:  # llama-quantize says "did not find weights for ..." and goes on unweighted
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        err.print(f"[yellow]warning:[/yellow] the imatrix has no data for {', '.join(missing[:3])}{more}; "
+                  "quantized without it", highlight=False, soft_wrap=True)
+
+
 def _print_plan(p) -> None:
     t = Table(box=None, padding=(0, 2))
     for c, j in (("tensor", "left"), ("shape", "left"), ("type", "left"), ("size", "right")):
@@ -140,6 +161,9 @@ def _print_plan(p) -> None:
     total = sum(x.nbytes for x in p.tensors)
     out.print(f"{len(p.tensors)} tensors, {_count(p.n_params)} parameters, {_size(total)} of tensor data "
               f"({8 * total / max(p.n_params, 1):.2f} bits per weight); nothing written", highlight=False)
+    if p.imatrix is not None:
+        out.print(f"imatrix: {_imatrix_line(p)}", highlight=False, soft_wrap=True)
+        _warn_imatrix_missing(p)
 
 
 @app.command()

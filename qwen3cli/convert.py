@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType as T
 
 from quant.formats import get_format
 from quant.gguf_file import GGUFStreamWriter
+from quant.imatrix import Imatrix, load_imatrix
 from quant.policy import FILE_TYPES, FileType, tensor_type
 
 from .checkpoint import Checkpoint
@@ -29,6 +30,7 @@ from .errors import CheckpointError, OutputError
 from .vocab import gguf_vocab
 
 CHUNK_BYTES = 64 << 20  # float32 bytes converted at once: bounds peak memory on any model
+_FLOATS = (T.F32, T.F16, T.BF16)
 
 # HF name (per layer, after "model.layers.{i}.") -> GGUF name (after "blk.{i}.")
 LAYER_NAMES = {
@@ -80,6 +82,14 @@ class OutTensor:
     type: T
     parts: list[Part]  # concatenated along rows they give the tensor
     nbytes: int = 0
+    # (n_expert, row length) column importance from the imatrix, or None: unweighted
+    importance: np.ndarray | None = None
+
+    def part_importance(self, i: int) -> np.ndarray | None:
+        """The importance for part i: an expert tensor's parts are its experts."""
+        if self.importance is None:
+            return None
+        return self.importance[i] if len(self.shape) == 3 else self.importance[0]
 
 
 @dataclass
@@ -91,6 +101,13 @@ class Plan:
     metadata: dict[str, gguf.GGUFValue]
     input_bytes: int
     n_params: int
+    imatrix: Imatrix | None = None
+
+    def imatrix_missing(self) -> tuple[list[str], int]:
+        """Quantized tensors the imatrix has no data for (llama-quantize quantizes them
+        unweighted), and how many quantized tensors there are."""
+        quantized = [t for t in self.tensors if t.type not in _FLOATS]
+        return [t.name for t in quantized if t.importance is None], len(quantized)
 
 
 @dataclass
@@ -157,11 +174,15 @@ def count_params(tensors: list[OutTensor]) -> tuple[int, int, int, int]:
     return total, shared, expert, (expert_sum // n_exp if n_exp else 0)
 
 
-def plan(src: str | Path, type_name: str = "q8_0") -> Plan:
-    """Validate the checkpoint at `src` and decide every output tensor and metadata key."""
+def plan(src: str | Path, type_name: str = "q8_0", imatrix: str | Path | Imatrix | None = None) -> Plan:
+    """Validate the checkpoint at `src` and decide every output tensor and metadata key;
+    `imatrix` (a llama.cpp importance-matrix file) weights the quantization error per column."""
     if type_name not in FILE_TYPES:
         raise OutputError(f"unknown --type {type_name!r}; choose one of {', '.join(FILE_TYPES)}")
     file_type = FILE_TYPES[type_name]
+    if imatrix is not None and not isinstance(imatrix, Imatrix):
+        imatrix = load_imatrix(imatrix)
+    has_imatrix = imatrix is not None and bool(imatrix.entries)
     ck = Checkpoint(src)
     a = ck.args
     want = expected_hf_shapes(a)
@@ -171,13 +192,16 @@ def plan(src: str | Path, type_name: str = "q8_0") -> Plan:
     used = set(want)
 
     def add(gguf_name: str, parts: list[Part], shape: tuple[int, ...]) -> None:
-        ttype = tensor_type(gguf_name, shape, file_type, a.tie_word_embeddings, a.n_layers, a.n_experts)
+        ttype = tensor_type(gguf_name, shape, file_type, a.tie_word_embeddings, a.n_layers, a.n_experts, has_imatrix)
         fmt = get_format(ttype, gguf_name)
         if fmt.encode is None:
             raise CheckpointError(f"{src}: {gguf_name} would be {fmt.name} in a {type_name} file (its rows of "
                                   f"{shape[0]} do not fit the preset's blocks), which qwen3cli cannot write yet")
         nbytes = fmt.nbytes(shape)
-        tensors.append(OutTensor(gguf_name, shape, ttype, parts, nbytes))
+        importance = None
+        if has_imatrix and ttype not in _FLOATS:  # llama-quantize looks only these up
+            importance = imatrix.for_tensor(gguf_name, shape[0], shape[2] if len(shape) == 3 else 1)
+        tensors.append(OutTensor(gguf_name, shape, ttype, parts, nbytes, importance))
 
     def add_hf(hf: str, gguf_name: str) -> None:
         add(gguf_name, _row_parts(ck, hf, want[hf]), tuple(reversed(want[hf])))
@@ -204,7 +228,9 @@ def plan(src: str | Path, type_name: str = "q8_0") -> Plan:
         raise CheckpointError(f"{ck.tensors[extra[0]].file}: unexpected tensor {extra[0]!r}{more}")
     n_params = count_params(tensors)
     metadata = _metadata(ck, a, file_type, n_params)
-    return Plan(ck.dir, a, file_type, tensors, metadata, ck.input_bytes, n_params[0])
+    if has_imatrix:
+        metadata.update(_imatrix_metadata(imatrix))
+    return Plan(ck.dir, a, file_type, tensors, metadata, ck.input_bytes, n_params[0], imatrix)
 
 
 def _metadata(ck: Checkpoint, a: ModelArgs, ft: FileType, n_params) -> dict[str, gguf.GGUFValue]:
@@ -258,6 +284,22 @@ def _metadata(ck: Checkpoint, a: ModelArgs, ft: FileType, n_params) -> dict[str,
     return dict(w.kv_data[0])
 
 
+def _imatrix_metadata(m: Imatrix) -> dict[str, gguf.GGUFValue]:
+    """The keys llama-quantize --imatrix adds after all others (from its C buffers of 128 bytes)."""
+    VT = gguf.GGUFValueType
+
+    def c_str(v: str) -> str:
+        return v.encode()[:127].decode(errors="ignore")
+
+    kv = {"quantize.imatrix.file": gguf.GGUFValue(c_str(m.source), VT.STRING)}
+    if m.datasets:
+        kv["quantize.imatrix.dataset"] = gguf.GGUFValue(c_str(m.datasets[0]), VT.STRING)
+    kv["quantize.imatrix.entries_count"] = gguf.GGUFValue(len(m.entries), VT.UINT32)
+    if m.chunk_count > 0:
+        kv["quantize.imatrix.chunks_count"] = gguf.GGUFValue(m.chunk_count, VT.UINT32)
+    return kv
+
+
 def check_output(out: str | Path, force: bool) -> Path:
     """Refuse an output path that cannot or must not be written, before any work."""
     out = Path(out)
@@ -288,9 +330,9 @@ def write(p: Plan, out: str | Path, force: bool = False,
             w.write_header(p.metadata)
             for t in p.tensors:
                 fmt = get_format(t.type, t.name)
-                for part in t.parts:
+                for i, part in enumerate(t.parts):
                     x = part()
-                    w.write(fmt.encode(x))
+                    w.write(fmt.quantize(x, t.part_importance(i)))
                     if progress:
                         progress(t.name, x.size)
             w.finish()
@@ -310,5 +352,6 @@ def write(p: Plan, out: str | Path, force: bool = False,
 
 
 def quantize(src: str | Path, out: str | Path, type_name: str = "q8_0", force: bool = False,
-             progress: Callable[[str, int], None] | None = None) -> Summary:
-    return write(plan(src, type_name), out, force=force, progress=progress)
+             progress: Callable[[str, int], None] | None = None,
+             imatrix: str | Path | Imatrix | None = None) -> Summary:
+    return write(plan(src, type_name, imatrix), out, force=force, progress=progress)

@@ -132,3 +132,56 @@ def make_checkpoint(
             weight_map.update({names[j]: fname for j in g})
         (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return root, {k: stored(v, dtype) for k, v in t.items()}
+
+
+def write_imatrix_gguf(path: Path, entries: dict[str, tuple[np.ndarray, np.ndarray]], **meta) -> Path:
+    """An imatrix GGUF as llama-imatrix writes it: per matrix `<name>.in_sum2` (n_expert rows of
+    n_per_row sums) and `<name>.counts` (n_expert x 1), general.type "imatrix" and its keys."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch="imatrix")
+    w.kv_data[0].pop("general.architecture")  # llama-imatrix writes none
+    w.add_string("general.type", meta.get("type", "imatrix"))
+    if meta.get("keys", True):
+        w.add_array("imatrix.datasets", ["calibration.txt"])
+        w.add_uint32("imatrix.chunk_count", 10)
+        w.add_uint32("imatrix.chunk_size", 512)
+    for name, (sums, counts) in sorted(entries.items()):
+        sums = np.asarray(sums, np.float32)
+        sums = sums.reshape(1, -1) if sums.ndim == 1 else sums
+        w.add_tensor(f"{name}.in_sum2", sums)
+        w.add_tensor(f"{name}.counts", np.asarray(counts, np.float32).reshape(-1, 1))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_imatrix_dat(path: Path, entries: dict[str, tuple[np.ndarray, int]], trailer: bool = True) -> Path:
+    """A legacy llama-imatrix .dat file: per matrix its name, call count and values (mean
+    importance times the call count), then the chunk count and dataset name."""
+    out = [struct.pack("<i", len(entries))]
+    for name, (values, ncall) in entries.items():
+        v = np.asarray(values, np.float32).reshape(-1)
+        out += [struct.pack("<i", len(name.encode())), name.encode(), struct.pack("<ii", ncall, v.size), v.tobytes()]
+    if trailer:
+        out += [struct.pack("<ii", 10, 8), b"data.txt"]
+    path.write_bytes(b"".join(out))
+    return path
+
+
+def imatrix_for(plan, path: Path, skip: tuple[str, ...] = (), seed: int = 1) -> Path:
+    """A GGUF imatrix with random data for every matrix of `plan` (a convert.Plan) but `skip`:
+    heavy-tailed sums, varied counts, and for expert tensors one expert never seen."""
+    rng = np.random.default_rng(seed)
+    entries = {}
+    for t in plan.tensors:
+        if len(t.shape) < 2 or t.name in skip or "_norm" in t.name or "ffn_gate_inp" in t.name:
+            continue
+        n_exp = t.shape[2] if len(t.shape) == 3 else 1
+        counts = rng.integers(1, 1000, n_exp).astype(np.float32)
+        if n_exp > 1:
+            counts[1] = 0
+        entries[t.name] = (rng.lognormal(0, 2, (n_exp, t.shape[0])) * counts[:, None], counts)
+    return write_imatrix_gguf(path, entries)

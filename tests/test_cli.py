@@ -211,3 +211,29 @@ def test_dry_run_prints_the_plan_and_writes_nothing(good, tmp_path):
     assert "nothing written" in out and leftovers(tmp_path) == before
     code, _, err = run("quantize", good)  # without --dry-run an output is required
     assert code == 1 and "--output" in err
+
+
+def test_imatrix_option(good, tmp_path):
+    from checkpoints import imatrix_for, write_imatrix_dat
+
+    im = imatrix_for(convert.plan(good, "q4_0"), tmp_path / "m.imatrix", skip=("blk.0.attn_k.weight",))
+    code, out, err = run("quantize", good, "-t", "q4_0", "--imatrix", im, "--dry-run")
+    assert code == 0, err
+    assert "covers 8 of 9 quantized tensors" in out
+    assert "no data for blk.0.attn_k.weight" in err and "error" not in err
+    dest = tmp_path / "m.gguf"
+    code, _, err = run("quantize", good, "-t", "q4_0", "--imatrix", im, "-o", dest)
+    assert code == 0 and "covers 8 of 9" in err and dest.exists()
+    # bad files: one line naming the file and the problem, nothing written
+    bad = {"garbage.dat": b"\x00\x01" * 40, "empty.dat": b""}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    wrong = write_imatrix_dat(tmp_path / "wrong.dat", {"blk.0.attn_q.weight": (np.ones(32), 1)})
+    for path, needle in [(tmp_path / "garbage.dat", "neither a GGUF nor"), (tmp_path / "empty.dat", "empty"),
+                         (tmp_path / "missing.dat", "cannot read"), (wrong, "32 importance values"),
+                         (good / "config.json", "neither a GGUF nor")]:
+        out2 = tmp_path / "x.gguf"
+        code, _, err = run("quantize", good, "-t", "q4_0", "--imatrix", path, "-o", out2)
+        assert code == 1
+        one_line_error(err, str(path), needle)
+        assert not out2.exists()

@@ -193,3 +193,42 @@ def test_peak_memory_is_bounded_by_chunks(ckpt, tmp_path, monkeypatch):
     assert len(embd.parts) == -(-VOCAB * 64 * 4 // (1 << 20))
     sizes = [part().nbytes for t in p.tensors for part in t.parts[:3]]
     assert max(sizes) <= 1 << 20
+
+
+@pytest.mark.parametrize("kind,type_name", [(dict(moe=False, tied=True, layers=8, hidden=256), "q4_0"),
+                                            (dict(moe=True, tied=False, hidden=256), "q4_k_m")])
+def test_imatrix_weights_each_tensor_with_its_own_slice(ckpt, tmp_path, kind, type_name):
+    """Every quantized tensor's bytes are its format's quantizer given that tensor's (for expert
+    tensors: that expert's) importance; a tensor the imatrix lacks is quantized unweighted."""
+    from checkpoints import imatrix_for
+    from quant.imatrix import load_imatrix
+
+    d, values = ckpt(dtype="f32", **kind)
+    skip = ("blk.1.attn_k.weight",)
+    m = load_imatrix(imatrix_for(convert.plan(d, type_name), tmp_path / "m.gguf", skip))
+    p = convert.plan(d, type_name, m)
+    missing, n = p.imatrix_missing()
+    assert missing == list(skip) and n > 10
+    out = tmp_path / "out.gguf"
+    convert.write(p, out)
+    want = expected_tensors(values, kind["moe"], kind["tied"], kind.get("layers", 2))
+    if not kind["moe"]:  # llama.cpp's guard, only with an imatrix: the first eighth of ffn_down in Q4_1
+        assert [t.type for t in p.tensors if t.name == "blk.0.ffn_down.weight"] == [T.Q4_1]
+        assert [t.type for t in p.tensors if t.name == "blk.1.ffn_down.weight"] == [T.Q4_0]
+        assert [t.type for t in convert.plan(d, type_name).tensors if t.name == "blk.0.ffn_down.weight"] == [T.Q4_0]
+    with GGUFFile(out) as g:
+        for t in p.tensors:
+            if t.type in (T.F32, T.F16, T.BF16):
+                continue
+            x = want[t.name]
+            fmt = FORMATS[t.type]
+            imp = m.for_tensor(t.name, t.shape[0], t.shape[2] if len(t.shape) == 3 else 1)
+            if t.name in skip:
+                assert imp is None
+            if x.ndim == 3:
+                ref = np.concatenate([fmt.quantize(x[e], None if imp is None else imp[e]) for e in range(len(x))])
+            else:
+                ref = fmt.quantize(x, None if imp is None else imp[0])
+            assert np.array_equal(g.raw(t.name), ref), t.name
+            if imp is not None and t.type != T.Q8_0:
+                assert not np.array_equal(g.raw(t.name), fmt.quantize(x.reshape(-1, x.shape[-1]))), t.name

@@ -4,6 +4,8 @@ tokenizes like the official tokenizer and generates from them."""
 
 import ctypes
 import json
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from gguf import GGMLQuantizationType as T
 
 from checkpoints import DATA
 from quant.formats import FORMATS
+from quant.gguf_file import GGUFFile
 from qwen3cli import convert
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -44,6 +47,36 @@ def test_quantized_bytes_equal_libggml(ggml, qtype):
     assert n == theirs.nbytes
     ours = fmt.encode(x)
     assert np.array_equal(ours, theirs), f"{int((ours != theirs).sum())} bytes differ"
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0])
+def test_imatrix_weighted_bytes_equal_libggml(ggml, qtype):
+    """With an importance array ggml runs other, weighted searches (quantize_row_*_impl)."""
+    rng = np.random.default_rng(11)
+    k = 512
+    x = np.concatenate([
+        rng.standard_normal((120, k)) * rng.uniform(1e-3, 10, (120, 1)),
+        np.round(rng.standard_normal((12, k)) * 4) / 4, np.zeros((2, k)),
+        np.where(rng.random((4, k)) < 0.02, 30.0, 0.01 * rng.standard_normal((4, k))),
+        np.abs(rng.standard_normal((4, k))), -np.abs(rng.standard_normal((4, k))),
+    ]).astype(np.float32)
+    fmt = FORMATS[qtype]
+    for qw in (rng.gamma(0.5, 2.0, k), np.where(rng.random(k) < 0.3, 0.0, rng.uniform(0, 1e4, k)), np.ones(k)):
+        qw = qw.astype(np.float32)
+        theirs = np.zeros((x.shape[0], fmt.row_bytes(k)), np.uint8)
+        ggml(int(qtype), x.ctypes.data, theirs.ctypes.data, 0, x.shape[0], k, qw.ctypes.data)
+        ours = fmt.quantize(x, qw)
+        bad = np.flatnonzero((ours != theirs).any(1))
+        assert bad.size == 0, f"{bad.size} rows differ, first {bad[:5]}"
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_1])
+def test_q4_1_q5_1_unweighted_bytes_equal_libggml(ggml, qtype):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((64, 256)) * rng.uniform(1e-3, 10, (64, 1))).astype(np.float32)
+    theirs = np.zeros((64, FORMATS[qtype].row_bytes(256)), np.uint8)
+    ggml(int(qtype), x.ctypes.data, theirs.ctypes.data, 0, 64, 256, None)
+    assert np.array_equal(FORMATS[qtype].quantize(x), theirs)
 
 
 @pytest.mark.parametrize("kind,type_name", [(dict(moe=False, tied=True, hidden=256), "q4_0"),
@@ -189,3 +222,56 @@ def test_llama_cpp_q4_k_m_file_gives_llama_cpp_greedy_tokens(gguf_model, tmp_pat
         ours.append(int(np.argmax(logits)))
         logits = model.forward([ours[-1]], cache)
     assert ours == theirs
+
+
+def _llama_quantize_with_imatrix(src, dst, ftype, m):
+    """What llama-quantize --imatrix does through the library: the mean importances from
+    load_imatrix (ours, tested against llama.cpp's reading rules in test_imatrix.py) as the
+    params' imatrix array, and the four quantize.imatrix.* keys as KV overrides."""
+    keep = [(n.encode(), np.ascontiguousarray(v, np.float32)) for n, v in m.entries.items()]
+    data = (llama_cpp.llama_model_imatrix_data * (len(keep) + 1))()
+    for d, (name, v) in zip(data, keep):
+        d.name, d.data, d.size = name, v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
+    kv = [("quantize.imatrix.file", m.source), ("quantize.imatrix.dataset", m.datasets[0]),
+          ("quantize.imatrix.entries_count", len(m.entries)), ("quantize.imatrix.chunks_count", m.chunk_count)]
+    over = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()
+    for o, (key, value) in zip(over, kv):
+        o.key = key.encode()
+        if isinstance(value, str):
+            o.tag, o.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()
+        else:
+            o.tag, o.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, value
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.imatrix = ctypes.cast(data, type(params.imatrix))
+    params.kv_overrides = ctypes.cast(over, type(params.kv_overrides))
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+
+
+@pytest.mark.parametrize("preset,kind", [
+    ("q4_0", dict(layers=8, tied=True)),  # and the first ffn_down in Q4_1, as llama.cpp with an imatrix
+    ("q5_0", dict(layers=8, tied=False)), ("q4_k_m", dict(layers=3, tied=True)),
+    ("q4_k_s", dict(layers=9, tied=False)), ("q5_k_m", dict(layers=3, tied=False)), ("q6_k", dict(layers=2, tied=True)),
+    ("q4_k_m", dict(layers=2, tied=False, moe=True, experts=4, moe_ffn=256)),
+], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}{w}" for k, w in v.items()))
+def test_imatrix_files_are_byte_identical_to_llama_quantize(ckpt, tmp_path, monkeypatch, preset, kind):
+    """quantize --imatrix == llama-quantize --imatrix on our F32 file, the whole file byte for byte;
+    one matrix lacks imatrix data (both quantize it unweighted), experts each get their slice."""
+    from checkpoints import imatrix_for
+    from quant.imatrix import load_imatrix
+
+    d, _ = ckpt(dtype="f32", hidden=256, ffn=512, heads=8, head_dim=32, **kind)
+    monkeypatch.chdir(tmp_path)  # the imatrix path as typed is recorded in the file
+    imatrix_for(convert.plan(d, preset), Path("calib.imatrix"), skip=("blk.1.attn_k.weight",))
+    ours, f32, theirs = tmp_path / "ours.gguf", tmp_path / "f32.gguf", tmp_path / "theirs.gguf"
+    convert.quantize(d, ours, preset, imatrix="calib.imatrix")
+    convert.quantize(d, f32, "f32")
+    _llama_quantize_with_imatrix(f32, theirs, K_MIXES.get(preset, {"q4_0": 2}.get(preset)), load_imatrix("calib.imatrix"))
+    # llama-quantize writes tensors in name order, convert_hf_to_gguf.py in model order: the
+    # same standard as the test without an imatrix above
+    r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "compare_gguf.py"), str(ours),
+                        str(theirs), "--bytes"], capture_output=True, text=True)
+    assert r.returncode == 0 and " 0 differences" in r.stdout, r.stdout[-3000:]
+    with GGUFFile(ours) as g:
+        assert g.metadata["quantize.imatrix.file"] == "calib.imatrix"
+        assert g.metadata["quantize.imatrix.entries_count"] == len(load_imatrix("calib.imatrix").entries)

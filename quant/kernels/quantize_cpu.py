@@ -16,6 +16,7 @@ from numba import njit, prange
 
 f32 = np.float32
 GROUP_MAX_EPS = f32(1e-15)
+FLT_MAX = f32(3.4028234663852886e38)
 
 
 @njit(cache=True, inline="always")
@@ -126,8 +127,9 @@ def q5_0(x, d_out, q_out, qh_out):
 
 
 @njit(cache=True)
-def _make_qx_quants(x, o, n, nmax, L):
-    """ggml's make_qx_quants with rmse_type 1 and no importance weights."""
+def _make_qx_quants(x, o, n, nmax, L, qw, qo):
+    """ggml's make_qx_quants with rmse_type 1: levels L[0:n] for x[o:o+n], weighted by
+    qw[qo:qo+n], or by x squared when qw is empty (no importance matrix)."""
     mx = f32(0.0)
     amax = f32(0.0)
     for i in range(n):
@@ -147,7 +149,7 @@ def _make_qx_quants(x, o, n, nmax, L):
         xi = x[o + i]
         li = max(-nmax, min(nmax - 1, _nearest_int(iscale * xi)))
         L[i] = li + nmax
-        w = xi * xi
+        w = qw[qo + i] if qw.shape[0] else xi * xi
         fl = f32(li)
         sumlx += w * xi * fl
         suml2 += w * fl * fl
@@ -162,7 +164,7 @@ def _make_qx_quants(x, o, n, nmax, L):
         for i in range(n):
             xi = x[o + i]
             fl = f32(max(-nmax, min(nmax - 1, _nearest_int(iscale * xi))))
-            w = xi * xi
+            w = qw[qo + i] if qw.shape[0] else xi * xi
             sumlx += w * xi * fl
             suml2 += w * fl * fl
         if suml2 > f32(0.0) and sumlx * sumlx > best * suml2:
@@ -174,9 +176,10 @@ def _make_qx_quants(x, o, n, nmax, L):
 
 
 @njit(parallel=True, cache=True)
-def q6_k(x, d_out, sc_out, ql_out, qh_out):
+def q6_k(x, qw, d_out, sc_out, ql_out, qh_out):
     """x (rows, k) float32, k % 256 == 0 -> per 256-block: d float32, 16 int8 scales,
-    128 bytes of low nibbles and 64 bytes of high bits (ggml's block_q6_K order)."""
+    128 bytes of low nibbles and 64 bytes of high bits (ggml's block_q6_K order).
+    qw (k,): importance per column, used as is (ggml's q6_K_impl); empty for none."""
     rows, k = x.shape
     nb = k // 256
     for r in prange(rows):
@@ -189,7 +192,7 @@ def q6_k(x, d_out, sc_out, ql_out, qh_out):
             max_scale = f32(0.0)
             max_abs = f32(0.0)
             for ib in range(16):
-                s = _make_qx_quants(xr, o + 16 * ib, 16, 32, Ls)
+                s = _make_qx_quants(xr, o + 16 * ib, 16, 32, Ls, qw, o + 16 * ib)
                 for i in range(16):
                     L[16 * ib + i] = Ls[i]
                 scales[ib] = s
@@ -347,18 +350,51 @@ def k_quant_levels(x, nmax, rmin, nstep, d_out, dmin_out, sc_out, L_out):
             dmin16 = fp16_round(max_min / f32(63.0))
             d_out[r, b] = d16
             dmin_out[r, b] = dmin16
-            for j in range(8):
-                if j < 4:
-                    sc = np.int32(sc_out[r, b, j]) & 63
-                    m = np.int32(sc_out[r, b, j + 4]) & 63
-                else:
-                    sc = (np.int32(sc_out[r, b, j + 4]) & 15) | ((np.int32(sc_out[r, b, j - 4]) >> 6) << 4)
-                    m = (np.int32(sc_out[r, b, j + 4]) >> 4) | ((np.int32(sc_out[r, b, j]) >> 6) << 4)
-                d = d16 * f32(sc)
-                if d == f32(0.0):
-                    continue  # keep the levels make_qkx2_quants chose, as ggml does
-                dm = dmin16 * f32(m)
-                for ii in range(32):
-                    L[32 * j + ii] = max(0, min(nmax, _nearest_int((x[r, o + 32 * j + ii] + dm) / d)))
+            k_final_levels(x[r], o, nmax, d16, dmin16, sc_out[r, b], L)
             for t in range(256):
                 L_out[r, b, t] = L[t]
+
+
+@njit(cache=True, inline="always")
+def k_final_levels(xr, o, nmax, d16, dmin16, sc12, L):
+    """Q4_K / Q5_K's last step: the levels of xr[o:o+256] again, now with the fp16 super-block
+    scales and the packed 6-bit sub-block scales and mins the file will hold."""
+    for j in range(8):
+        if j < 4:
+            sc = np.int32(sc12[j]) & 63
+            m = np.int32(sc12[j + 4]) & 63
+        else:
+            sc = (np.int32(sc12[j + 4]) & 15) | ((np.int32(sc12[j - 4]) >> 6) << 4)
+            m = (np.int32(sc12[j + 4]) >> 4) | ((np.int32(sc12[j]) >> 6) << 4)
+        d = d16 * f32(sc)
+        if d == f32(0.0):
+            continue  # keep the levels the search chose, as ggml does
+        dm = dmin16 * f32(m)
+        for ii in range(32):
+            L[32 * j + ii] = max(0, min(nmax, _nearest_int((xr[o + 32 * j + ii] + dm) / d)))
+
+
+@njit(parallel=True, cache=True)
+def qx_1(x, nmax, d_out, m_out, L_out):
+    """ggml's quantize_row_q4_1_ref (nmax 15) / q5_1_ref (nmax 31): x (rows, k) -> d, m (rows,
+    k/32) float32 (value = d * level + m) and L_out (rows, k) levels 0..nmax."""
+    rows, k = x.shape
+    for r in prange(rows):
+        for b in range(k // 32):
+            o = b * 32
+            mn = FLT_MAX
+            mx = -FLT_MAX
+            for j in range(32):
+                v = x[r, o + j]
+                if v < mn:
+                    mn = v
+                if v > mx:
+                    mx = v
+            d = (mx - mn) / f32(nmax)
+            inv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
+            d_out[r, b] = d
+            m_out[r, b] = mn
+            for j in range(32):
+                t = int((x[r, o + j] - mn) * inv + f32(0.5))
+                # Q4_1 clamps to 15; Q5_1 keeps the low 5 bits of its uint8, as the block does
+                L_out[r, o + j] = min(15, t) if nmax == 15 else t & 31
