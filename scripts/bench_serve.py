@@ -137,6 +137,11 @@ def main() -> None:
     print(f"in-process: {irps:.3f} requests/s, TTFT {1000 * ittft:.1f} ms")
     print(f"server:     {srps:.3f} requests/s, TTFT {1000 * sttft:.1f} ms")
     print(f"ratio server / in-process: requests/s {srps / irps:.3f}, TTFT {sttft / ittft:.3f}")
+    # the machine is shared: each round's pair ran back to back, so its ratio is the fairer figure
+    pairs = sorted((s[0] / i[0], s[1] / i[1]) for s, i in zip(res["server"], res["in-process"]))
+    print("per-round ratios (requests/s, TTFT): " + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in pairs) +
+          f"; median requests/s ratio {pairs[len(pairs) // 2][0]:.3f}, median TTFT ratio "
+          f"{sorted(b for _, b in pairs)[len(pairs) // 2]:.3f}")
 
 
 if __name__ == "__main__":
