@@ -5,9 +5,10 @@ through the official openai client, streaming) against the same prompts in proce
     python scripts/bench_quantize.py --types q8_0      # makes /tmp/qwen3bench/qwen3-0.6b-q8_0.gguf
     python scripts/bench_serve.py [--model FILE] [-n 20] [--max-tokens 16] [--rounds 2]
 
-Both paths decode greedily with thinking off, so they compute the same tokens. Prompts differ
-from their first word on, so the server's prefix cache saves only the template's few tokens.
-Prints requests/s and mean time to first token for each path and the ratios server / in-process
+The in-process path runs twice: on a fresh cache per request (as `run`) and over one PrefixCache
+(as the server), which isolates the HTTP/JSON/client cost. All paths decode greedily with
+thinking off, so they compute the same tokens. Prompts differ from their first word on, so the
+prefix cache saves only the template's few tokens. Prints requests/s and mean time to first token for each path and the ratios server / in-process
 (requests/s below 1 and TTFT above 1 are the server's overhead). Rounds alternate the order.
 """
 
@@ -31,21 +32,31 @@ def prompts(n: int) -> list[str]:
     return [f"{words[i % len(words)]} {i}: one short sentence about colour number {i}." for i in range(n)]
 
 
-def in_process(path: str, texts: list[str], max_tokens: int) -> tuple[float, float, int]:
+_ENGINE = {}
+
+
+def in_process(path: str, texts: list[str], max_tokens: int, reuse: bool = False) -> tuple[float, float, int]:
+    """`reuse`: keep one PrefixCache across requests, as the server does (else a fresh cache, as `run`)."""
     from qwen3cli.engine import Engine
     from qwen3cli.generate import Done, generate
     from qwen3cli.loader import load
+    from qwen3cli.prefix_cache import PrefixCache
     from qwen3cli.sampler import Sampler, SamplingParams
 
-    engine = Engine(load(path), ctx=2048)
+    if path not in _ENGINE:
+        _ENGINE[path] = Engine(load(path), ctx=2048)
+    engine = _ENGINE[path]
     sampler = Sampler(SamplingParams(temperature=0))
+    prefix = PrefixCache(engine.model)
 
     def one(text: str) -> tuple[float, int]:
         t0 = time.perf_counter()
         p = engine.prompt([{"role": "user", "content": text}], enable_thinking=False)
         first = None
-        for ev in generate(engine.model, engine.tokenizer, p.ids, sampler, stop_ids=engine.loaded.stop_ids,
-                           max_tokens=max_tokens, thinking=p.opened):
+        kw = dict(stop_ids=engine.loaded.stop_ids, max_tokens=max_tokens, thinking=p.opened)
+        events = prefix.generate(engine.tokenizer, p.ids, sampler, **kw) if reuse else \
+            generate(engine.model, engine.tokenizer, p.ids, sampler, **kw)
+        for ev in events:
             if isinstance(ev, Done):
                 return first, ev.completion_tokens
             if first is None and ev.text:
@@ -118,30 +129,29 @@ def main() -> None:
         raise SystemExit(f"{a.model}: missing; make it with scripts/bench_quantize.py --types q8_0")
     texts = prompts(a.n)
     proc, url = start_server(a.model)
-    res = {"in-process": [], "server": []}
+    res = {"in-process": [], "server": [], "in-process+reuse": []}
+    paths = {"in-process": in_process, "server": lambda p, t, m: through_server(url, t, m),
+             "in-process+reuse": lambda p, t, m: in_process(p, t, m, reuse=True)}
     try:
         for r in range(a.rounds):
-            order = ["in-process", "server"] if r % 2 == 0 else ["server", "in-process"]
+            order = list(paths) if r % 2 == 0 else list(paths)[::-1]
             for name in order:
-                fn = in_process if name == "in-process" else lambda p, t, m: through_server(url, t, m)
-                res[name].append(fn(a.model, texts, a.max_tokens))
+                res[name].append(paths[name](a.model, texts, a.max_tokens))
                 rps, ttft, n = res[name][-1]
                 print(f"round {r + 1} {name:10s}  {rps:6.3f} requests/s  TTFT {1000 * ttft:7.1f} ms  "
                       f"({n} tokens generated)", flush=True)
     finally:
         proc.terminate()
         proc.wait()
-    mean = {k: (sum(x[0] for x in v) / len(v), sum(x[1] for x in v) / len(v)) for k, v in res.items()}
-    (srps, sttft), (irps, ittft) = mean["server"], mean["in-process"]
     print(f"\n{a.n} sequential chat requests, {a.max_tokens} tokens max, greedy, thinking off, {a.rounds} rounds")
-    print(f"in-process: {irps:.3f} requests/s, TTFT {1000 * ittft:.1f} ms")
-    print(f"server:     {srps:.3f} requests/s, TTFT {1000 * sttft:.1f} ms")
-    print(f"ratio server / in-process: requests/s {srps / irps:.3f}, TTFT {sttft / ittft:.3f}")
-    # the machine is shared: each round's pair ran back to back, so its ratio is the fairer figure
-    pairs = sorted((s[0] / i[0], s[1] / i[1]) for s, i in zip(res["server"], res["in-process"]))
-    print("per-round ratios (requests/s, TTFT): " + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in pairs) +
-          f"; median requests/s ratio {pairs[len(pairs) // 2][0]:.3f}, median TTFT ratio "
-          f"{sorted(b for _, b in pairs)[len(pairs) // 2]:.3f}")
+    for k, v in res.items():
+        print(f"{k:17s} {sum(x[0] for x in v) / len(v):.3f} requests/s, TTFT {1000 * sum(x[1] for x in v) / len(v):.1f} ms")
+    # the machine is shared: each round's runs were back to back, so per-round ratios are the fairer figure
+    for base in ("in-process", "in-process+reuse"):
+        pairs = [(s[0] / i[0], s[1] / i[1]) for s, i in zip(res["server"], res[base])]
+        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        print(f"server / {base}: requests/s {med([p[0] for p in pairs]):.3f}, TTFT {med([p[1] for p in pairs]):.3f} "
+              f"(median of rounds: " + ", ".join(f"{x:.3f}/{y:.3f}" for x, y in pairs) + ")")
 
 
 if __name__ == "__main__":
