@@ -198,7 +198,7 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
         raise typer.Exit()
 
 
-from . import cli_bench, cli_chat, cli_eval, cli_run  # noqa: E402,F401  (register the commands)
+from . import cli_bench, cli_chat, cli_eval, cli_run, cli_serve  # noqa: E402,F401  (register the commands)
 
 
 def main() -> None:

@@ -16,8 +16,9 @@ import numpy as np
 
 from .engine import Engine
 from .errors import Qwen3CliError
-from .generate import Done, Token, generate
+from .generate import Done, Token
 from .model import ContextFull
+from .prefix_cache import PrefixCache, common_prefix  # noqa: F401  (common_prefix: part of this module's API)
 from .sampler import Sampler, SamplingParams, default_params
 
 SOFT_SWITCHES = {"/think": True, "/no_think": False}
@@ -53,26 +54,21 @@ def split_soft_switch(text: str) -> tuple[str, bool | None]:
     return text, None
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.nonzero(np.asarray(a[:n]) != np.asarray(b[:n]))[0]
-    return int(diff[0]) if len(diff) else n
-
-
 class Conversation:
     def __init__(self, engine: Engine, settings: ChatSettings | None = None):
         self.engine = engine
         self.settings = settings or ChatSettings()
         self.messages: list[dict[str, Any]] = []  # user / assistant; assistant keeps "thinking" apart
-        self.cache = engine.model.new_cache()
-        self.cache_ids: list[int] = []  # the tokens whose keys and values the cache holds
+        self.prefix = PrefixCache(engine.model)
         self.rng = np.random.default_rng(self.settings.seed)
         self.last: Done | None = None
         self.total_reused = 0
 
     # -- state ---------------------------------------------------------------------------------
+    @property
+    def cache(self):
+        return self.prefix.kv
+
     @property
     def context_used(self) -> int:
         return self.cache.n
@@ -125,8 +121,7 @@ class Conversation:
 
     def reset(self) -> None:
         self.messages.clear()
-        self.cache.truncate(0)
-        self.cache_ids = []
+        self.prefix.clear()
 
     def _prompt(self, override: bool | None) -> tuple[Any, list[Notice]]:
         e, notices = self.engine, []
@@ -152,22 +147,18 @@ class Conversation:
         override = self.messages[-1].get("think")
         p, notices = self._prompt(override)
         yield from notices
-        reuse = common_prefix(self.cache_ids, p.ids)
-        self.cache.truncate(reuse)
         sampler = Sampler(self.params(p.thinking), rng=self.rng)
         reply = {"role": "assistant", "content": "", "thinking": ""}
-        ids: list[int] = []
         think, answer = [], []
         done = None
         try:
-            for ev in generate(self.engine.model, self.engine.tokenizer, p.ids, sampler,
-                               stop_ids=self.engine.loaded.stop_ids, max_tokens=self.settings.max_tokens,
-                               cache=self.cache, thinking=p.opened,
-                               thinking_budget=self.settings.thinking_budget if p.thinking else None):
+            for ev in self.prefix.generate(self.engine.tokenizer, p.ids, sampler,
+                                           stop_ids=self.engine.loaded.stop_ids, max_tokens=self.settings.max_tokens,
+                                           thinking=p.opened,
+                                           thinking_budget=self.settings.thinking_budget if p.thinking else None):
                 if isinstance(ev, Done):
                     done = ev
                 else:
-                    ids.append(ev.id)
                     (think if ev.thinking else answer).append(ev.text)
                 yield ev
         finally:  # also when the front end stops us (Ctrl-C): keep what was written
@@ -180,7 +171,6 @@ class Conversation:
                 self.last = done
                 self.total_reused += done.cached_tokens
             self.messages.append(reply)
-            self.cache_ids = (p.ids + ids)[: self.cache.n]
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -221,5 +211,4 @@ class Conversation:
         self.settings = settings
         self.set_seed(settings.seed)
         self.messages = msgs
-        self.cache.truncate(0)
-        self.cache_ids = []
+        self.prefix.clear()

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from checkpoints import TOKENIZER
 from qwen3cli import conversation as conv_mod
+from qwen3cli import prefix_cache as prefix_mod
 from qwen3cli.cli_chat import ChatUI, make_prompt_session
 from qwen3cli.conversation import ChatSettings, Conversation, Notice, common_prefix, split_soft_switch
 from qwen3cli.engine import Engine
@@ -61,7 +62,7 @@ def fake(engine, monkeypatch):
 
     def install(**kw):
         f = FakeModel(engine, **kw)
-        real_generate = conv_mod.generate
+        real_generate = prefix_mod.generate
 
         def recording_generate(model, tok, prompt_ids, sampler, **k):
             f.prompts = getattr(f, "prompts", []) + [list(prompt_ids)]
@@ -69,7 +70,7 @@ def fake(engine, monkeypatch):
             return real_generate(model, tok, prompt_ids, sampler, **k)
 
         monkeypatch.setattr(conv_mod, "Sampler", f.factory)
-        monkeypatch.setattr(conv_mod, "generate", recording_generate)
+        monkeypatch.setattr(prefix_mod, "generate", recording_generate)
         made["f"] = f
         return f
 

@@ -1,0 +1,62 @@
+"""`qwen3cli serve MODEL`: the OpenAI-compatible server (the logic lives in qwen3cli/serve/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .cli import app, err, user_errors
+from .cli_options import Ctx, Model, Quant, Threads
+from .cli_run import UsageError, open_engine, set_threads
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def model_id(model: str) -> str:
+    """What clients send as `model`: a file's name without .gguf, a directory's name, or the repo id."""
+    p = Path(model)
+    if p.is_file():
+        return p.name[:-5] if p.name.endswith(".gguf") else p.name
+    return p.resolve().name if p.is_dir() else model
+
+
+@app.command()
+@user_errors
+def serve(
+    model: Model,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8080, "--port", "-p", help="Port to listen on (0: any free port)."),
+    api_key: str = typer.Option(None, "--api-key", envvar="QWEN3CLI_API_KEY",
+                                help="Require 'Authorization: Bearer KEY' on /v1 requests."),
+    alias: str = typer.Option(None, "--alias", help="The model id clients use (default: the file's name)."),
+    ctx: Ctx = None,
+    threads: Threads = None,
+    quant: Quant = "q8_0",
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each request to stderr."),
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models)."""
+    from .serve import make_server
+
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {port}")
+    if ctx is not None and ctx < 1:
+        raise UsageError(f"--ctx must be at least 1, got {ctx}")
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key must not be empty")
+    set_threads(threads)
+    engine = open_engine(model, ctx, quant)
+    name = alias or model_id(model)
+    log = (lambda line: err.print(line, style="dim", highlight=False, markup=False)) if verbose else None
+    try:
+        server = make_server(engine, host, port, model_id=name, api_key=api_key, log=log)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    err.print(f"serving [bold]{name}[/bold] at {server.url} (context {engine.ctx} tokens); Ctrl-C stops",
+              highlight=False)
+    if host not in LOOPBACK and api_key is None:
+        err.print("[yellow]listening beyond this machine without --api-key: anyone who can reach it can use it[/yellow]")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

@@ -1,0 +1,187 @@
+"""The engine behind the server: requests run one at a time, in arrival order, over one KV
+cache whose prefix carries over from request to request (a client resending its conversation
+prefills only what is new). Yields what the reply is made of; the HTTP layer shapes it."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..chat_template import TemplateError
+from ..engine import Engine
+from ..generate import Done
+from ..prefix_cache import PrefixCache, common_prefix
+from ..sampler import Sampler, default_params
+from ..tokenizer import StreamDecoder
+from .answer import AnswerSplitter, ToolCall
+from .protocol import APIError, ChatRequest, CompletionRequest, Sampling, usage
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    text: str
+
+
+@dataclass(frozen=True)
+class Content:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str  # OpenAI's: stop | length | tool_calls
+    usage: dict
+
+
+Piece = Reasoning | Content | ToolCall | Finish
+
+
+class FifoLock:
+    """A lock granted in the order it was asked for (threading.Lock promises no order)."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._next = self._serving = 0
+
+    @property
+    def waiting(self) -> int:
+        """Holders plus those queued."""
+        return self._next - self._serving
+
+    def __enter__(self):
+        with self._cv:
+            ticket = self._next
+            self._next += 1
+            self._cv.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc):
+        with self._cv:
+            self._serving += 1
+            self._cv.notify_all()
+
+
+@dataclass
+class Job:
+    ids: list[int]
+    sampler: Sampler
+    max_tokens: int | None
+    stop: list[str]
+    opened: bool = False  # the prompt opened the think block
+    thinking_budget: int | None = None
+    parse_tools: bool = False
+    echo: str = ""
+
+
+class Worker:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.prefix = PrefixCache(engine.model)
+        self.queue = FifoLock()  # hold it from prepare_* to the end of run_*
+        self.rng = np.random.default_rng()
+        self.requests = 0
+        self.reused_tokens = 0  # prompt tokens whose KV came from an earlier request
+
+    # -- preparing: everything that can refuse a request, before any reply is sent --------------
+    def _sampler(self, s: Sampling, thinking: bool) -> Sampler:
+        e = self.engine
+        try:
+            params = default_params(thinking, e.loaded.metadata, thinking == e.thinks(None), **asdict(s))
+        except ValueError as err:
+            raise APIError(str(err), param="temperature") from None
+        return Sampler(params, rng=None if params.seed is not None else self.rng)
+
+    def _fits(self, ids: list[int]) -> None:
+        if len(ids) >= self.engine.ctx:
+            raise APIError(f"this request has {len(ids)} prompt tokens; the model's context holds "
+                           f"{self.engine.ctx} (the server's --ctx)", param="messages",
+                           code="context_length_exceeded")
+
+    def prepare_chat(self, req: ChatRequest) -> Job:
+        try:
+            p = self.engine.prompt(req.messages, enable_thinking=req.enable_thinking, tools=req.tools)
+        except TemplateError as err:  # e.g. the template's own raise_exception on a role order it refuses
+            raise APIError(str(err), param="messages") from None
+        self._fits(p.ids)
+        return Job(p.ids, self._sampler(req.sampling, p.thinking), req.max_tokens, req.stop, opened=p.opened,
+                   thinking_budget=req.thinking_budget if p.thinking else None, parse_tools=req.parse_tools)
+
+    def prepare_completion(self, req: CompletionRequest) -> Job:
+        ids = self.engine.tokenizer.encode(req.prompt, add_special_tokens=False).ids
+        self._fits(ids)
+        return Job(ids, self._sampler(req.sampling, False), req.max_tokens, req.stop,
+                   echo=req.prompt if req.echo else "")
+
+    # -- running ----------------------------------------------------------------------------------
+    def _events(self, job: Job, thinking: bool):
+        cached = min(common_prefix(self.prefix.ids, job.ids), len(job.ids) - 1)
+        self.requests += 1
+        self.reused_tokens += cached
+        events = self.prefix.generate(self.engine.tokenizer, job.ids, job.sampler,
+                                      stop_ids=self.engine.loaded.stop_ids, max_tokens=job.max_tokens,
+                                      thinking=thinking, thinking_budget=job.thinking_budget)
+        return events, cached
+
+    def run_chat(self, job: Job, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Piece]:
+        """Reasoning and Content deltas, ToolCalls as their blocks close, then one Finish.
+        Stops without a Finish when `cancelled()` turns true (the client went away)."""
+        answer = AnswerSplitter(tools=job.parse_tools, stops=job.stop, trim=True)
+        thought = AnswerSplitter(trim=True)  # only to drop the newlines before </think>
+        events, cached = self._events(job, job.opened)
+        done, n, n_think = None, 0, 0
+        try:
+            for ev in events:
+                if isinstance(ev, Done):
+                    done = ev
+                    break
+                n, n_think = n + 1, n_think + ev.thinking
+                if ev.thinking:
+                    yield from (Reasoning(t) for t in thought.push(ev.text))
+                else:
+                    yield from (x if isinstance(x, ToolCall) else Content(x) for x in answer.push(ev.text))
+                    if answer.stopped:
+                        break
+                if cancelled():
+                    return
+        finally:
+            events.close()
+        yield from (x if isinstance(x, ToolCall) else Content(x) for x in answer.finish())
+        if done is None:  # a stop string ended it
+            yield Finish("stop", usage(len(job.ids), n, n_think, cached))
+            return
+        if done.finish_reason == "stop":
+            reason = "tool_calls" if answer.calls else "stop"
+        else:  # length, context_full, and either of them inside the thinking: never an empty success
+            reason = "length"
+        yield Finish(reason, usage(done.prompt_tokens, done.completion_tokens, done.thinking_tokens,
+                                   done.cached_tokens))
+
+    def run_completion(self, job: Job, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Content | Finish]:
+        """Raw text (think tags included: there is no template to say what they mean)."""
+        text = AnswerSplitter(stops=job.stop)
+        decoder = StreamDecoder(self.engine.tokenizer)
+        events, cached = self._events(job, False)
+        if job.echo:
+            yield Content(job.echo)
+        done, n = None, 0
+        try:
+            for ev in events:
+                if isinstance(ev, Done):
+                    done = ev
+                    break
+                n += 1
+                yield from (Content(t) for t in text.push(decoder.push(ev.id)))
+                if text.stopped or cancelled():
+                    break
+        finally:
+            events.close()
+        if cancelled():
+            return
+        yield from (Content(t) for t in text.finish())
+        if done is None:
+            yield Finish("stop", usage(len(job.ids), n, 0, cached))
+        else:
+            yield Finish("stop" if done.finish_reason == "stop" else "length",
+                         usage(done.prompt_tokens, done.completion_tokens, 0, done.cached_tokens))
