@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from .cli import app, err, user_errors
-from .cli_options import Ctx, Model, Quant, Threads
+from .cli_options import Ctx, Device, Model, Quant, Threads
 from .cli_run import UsageError, open_engine, set_threads
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -33,6 +34,7 @@ def serve(
     ctx: Ctx = None,
     threads: Threads = None,
     quant: Quant = "q8_0",
+    device: Device = "auto",
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each request to stderr."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models)."""
@@ -45,14 +47,15 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key must not be empty")
     set_threads(threads)
-    engine = open_engine(model, ctx, quant)
+    engine = open_engine(model, ctx, quant, device)
     name = alias or model_id(model)
     log = (lambda line: err.print(line, style="dim", highlight=False, markup=False)) if verbose else None
     try:
         server = make_server(engine, host, port, model_id=name, api_key=api_key, log=log)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    err.print(f"serving [bold]{name}[/bold] at {server.url} (context {engine.ctx} tokens); Ctrl-C stops",
+    err.print(f"serving [bold]{escape(name)}[/bold] at {server.url} (context {engine.ctx} tokens, "
+              f"{'GPU' if engine.model.device == 'cuda' else 'CPU'}); Ctrl-C stops",
               highlight=False)
     if host not in LOOPBACK and api_key is None:
         err.print("[yellow]listening beyond this machine without --api-key: anyone who can reach it can use it[/yellow]")
