@@ -113,6 +113,7 @@ def _q8_activations(matmul):
 @pytest.mark.parametrize("moe", [False, True])
 def test_our_logits_match_llama_cpp_on_the_same_file(gguf_model, monkeypatch, type_name, moe):
     from qwen3cli import model as model_mod
+    from qwen3cli import ops_cpu
     from qwen3cli.loader import load
 
     kw = dict(dtype="f32", std=0.05, peaked=True, hidden=256)
@@ -123,7 +124,7 @@ def test_our_logits_match_llama_cpp_on_the_same_file(gguf_model, monkeypatch, ty
     theirs = np.array(llm.scores[:len(prompt)])
     # Without the Q8 activations a Q4_0 MoE differs by up to 8% of the range (router near-ties
     # flip); with them, by under 1%: what is left is Q8_K vs Q8_0 rounding and summation order.
-    monkeypatch.setattr(model_mod, "matmul", _q8_activations(model_mod.matmul))
+    monkeypatch.setattr(ops_cpu, "matmul", _q8_activations(ops_cpu.matmul))
     model = model_mod.Model(load(path).weights, ctx=64)
     ours = model.forward(prompt, model.new_cache(), all_logits=True)
     bound = (1e-3 if type_name == "f32" else 1.5e-2) * (theirs.max() - theirs.min())

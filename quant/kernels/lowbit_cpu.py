@@ -20,6 +20,9 @@ from numba import njit, prange
 from .half import half
 
 
+ROWS = 16  # rows per parallel task in the decode loops (one scale scratch each, not one per row)
+
+
 def split_x(x: np.ndarray) -> np.ndarray:
     """(4, k/4): row j holds the elements that quant byte b carries at bit 2 j."""
     return np.ascontiguousarray(x.reshape(-1, 4, 32).transpose(1, 0, 2).reshape(4, -1))
@@ -95,19 +98,22 @@ def mv_q2_k(x4, xs, q, sc, m, sb, out):
     # value = d sc q - dmin m: the minimums come out as sum over sub-blocks of dmin m sum(x)
     nb = q.shape[1]
     nc = nb // 16
-    for r in prange(q.shape[0]):
+    R = q.shape[0]
+    for ch in prange((R + ROWS - 1) // ROWS):
         s = np.empty(4 * nc, np.float32)
-        _row_scales(sc, sb, r, 2, s)
-        a = np.float32(0.0)
-        for b in range(nb):
-            v = np.int32(q[r, b])
-            c = b >> 4
-            a += (x4[0, b] * s[c] * np.float32(v & 3) + x4[1, b] * s[nc + c] * np.float32((v >> 2) & 3)
-                  + x4[2, b] * s[2 * nc + c] * np.float32((v >> 4) & 3) + x4[3, b] * s[3 * nc + c] * np.float32(v >> 6))
-        mm = np.float32(0.0)
-        for g in range(m.shape[1]):
-            mm += sb[r, 2 * (g >> 4) + 1] * np.float32(m[r, g]) * xs[g]
-        out[r] = a - mm
+        for r in range(ch * ROWS, min(R, (ch + 1) * ROWS)):
+            _row_scales(sc, sb, r, 2, s)
+            a = np.float32(0.0)
+            for b in range(nb):
+                v = np.int32(q[r, b])
+                c = b >> 4
+                a += (x4[0, b] * s[c] * np.float32(v & 3) + x4[1, b] * s[nc + c] * np.float32((v >> 2) & 3)
+                      + x4[2, b] * s[2 * nc + c] * np.float32((v >> 4) & 3)
+                      + x4[3, b] * s[3 * nc + c] * np.float32(v >> 6))
+            mm = np.float32(0.0)
+            for g in range(m.shape[1]):
+                mm += sb[r, 2 * (g >> 4) + 1] * np.float32(m[r, g]) * xs[g]
+            out[r] = a - mm
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -115,18 +121,20 @@ def mv_q3_k(x4, q, h, sc, sb, out):
     # value = d sc (q3 - 4), q3 = the 2 bits of q and the third from h
     nb = q.shape[1]
     nc = nb // 16
-    for r in prange(q.shape[0]):
+    R = q.shape[0]
+    for ch in prange((R + ROWS - 1) // ROWS):
         s = np.empty(4 * nc, np.float32)
-        _row_scales(sc, sb, r, 1, s)
-        a = np.float32(0.0)
-        for b in range(nb):
-            v, hb = np.int32(q[r, b]), np.int32(h[r, b])
-            c = b >> 4
-            a += (x4[0, b] * s[c] * np.float32(((v & 3) | ((hb & 1) << 2)) - 4)
-                  + x4[1, b] * s[nc + c] * np.float32((((v >> 2) & 3) | ((hb & 2) << 1)) - 4)
-                  + x4[2, b] * s[2 * nc + c] * np.float32((((v >> 4) & 3) | (hb & 4)) - 4)
-                  + x4[3, b] * s[3 * nc + c] * np.float32(((v >> 6) | ((hb & 8) >> 1)) - 4))
-        out[r] = a
+        for r in range(ch * ROWS, min(R, (ch + 1) * ROWS)):
+            _row_scales(sc, sb, r, 1, s)
+            a = np.float32(0.0)
+            for b in range(nb):
+                v, hb = np.int32(q[r, b]), np.int32(h[r, b])
+                c = b >> 4
+                a += (x4[0, b] * s[c] * np.float32(((v & 3) | ((hb & 1) << 2)) - 4)
+                      + x4[1, b] * s[nc + c] * np.float32((((v >> 2) & 3) | ((hb & 2) << 1)) - 4)
+                      + x4[2, b] * s[2 * nc + c] * np.float32((((v >> 4) & 3) | (hb & 4)) - 4)
+                      + x4[3, b] * s[3 * nc + c] * np.float32(((v >> 6) | ((hb & 8) >> 1)) - 4))
+            out[r] = a
 
 
 # -- prefill: dequantize tiles for BLAS ----------------------------------------------------
