@@ -54,9 +54,8 @@ class Model:
                 q, k, v = ops.split(ops.matmul(h, ly.qkv), sizes)
             else:
                 q, k, v = ops.matmul(h, ly.q), ops.matmul(h, ly.k), ops.matmul(h, ly.v)
-            x = ops.add(x, ops.matmul(ops.attention(li, ly, q, k, v, cache, p), ly.o))
-            h = ops.rms_norm(x, ly.ffn_norm)
-            x = ops.add(x, ops.moe(ly, h) if ly.router is not None else ops.mlp(ly, -1, h))
+            x = ops.residual(x, ops.attention(li, ly, q, k, v, cache, p), ly.o)
+            x = ops.ffn(ly, ops.rms_norm(x, ly.ffn_norm), x)
         cache.n = p + n
         x = x if all_logits else ops.last(x)
         logits = ops.to_host(ops.matmul(ops.rms_norm(x, self.w.output_norm), self.w.output))

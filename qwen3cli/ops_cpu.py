@@ -139,8 +139,13 @@ class CpuOps:
         return out
 
     @staticmethod
-    def add(x, y):
-        return x + y
+    def residual(x, a, w):
+        """x + a @ w.T"""
+        return x + matmul(a, w)
+
+    def ffn(self, ly, h, x):
+        """x + the layer's MLP or MoE of h."""
+        return x + (self.moe(ly, h) if ly.router is not None else self.mlp(ly, -1, h))
 
     @staticmethod
     def last(x):

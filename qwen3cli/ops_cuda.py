@@ -51,6 +51,7 @@ class DevMat:
         return sum(int(x.nbytes) for x in arrays.values())
 
 
+DECODE_ROWS = 64  # outputs of up to this many rows (a decode step, MoE slots included) reuse buffers
 _I8 = {T.Q8_0: 5, T.Q6_K: 4}  # int8 layouts: log2 of the group size; the rest have offsets per 32
 
 
@@ -96,6 +97,7 @@ class CudaOps:
         cos, sin = rope.cos_sin(np.arange(ctx))
         self.cos, self.sin = cuda.to_device(cos), cuda.to_device(sin)
         self._zeros: dict[int, object] = {}
+        self._bufs: dict[tuple, object] = {}
         self._scores = None
 
     # -- memory ---------------------------------------------------------------------------
@@ -134,8 +136,19 @@ class CudaOps:
     def embed(self, table, ids):
         return cuda.to_device(np.ascontiguousarray(table.take(ids), np.float32))
 
+    def _out(self, key, shape: tuple[int, ...]):
+        """An output buffer: in decode steps (few rows) one per call site and shape, kept across
+        steps (allocations cost as much as the small kernels); fresh ones for prefills. Reuse
+        is safe because every kernel runs in order on one stream."""
+        if shape[0] > DECODE_ROWS:
+            return cuda.device_array(shape, np.float32)
+        k = (key, shape)
+        if k not in self._bufs:
+            self._bufs[k] = cuda.device_array(shape, np.float32)
+        return self._bufs[k]
+
     def rms_norm(self, x, w):
-        out = cuda.device_array(x.shape, np.float32)
+        out = self._out("norm", x.shape)  # dead before the next norm of the layer is taken
         K.rms_norm[x.shape[0], K.TPB](x, w, self.eps, out)
         return out
 
@@ -144,19 +157,20 @@ class CudaOps:
             self._zeros[n] = cuda.to_device(np.zeros(n, np.int32))
         return self._zeros[n]
 
-    def _mv(self, x, w: DevMat, ids, xdiv: int, n_out: int):
-        out = cuda.device_array((n_out, w.rows), np.float32)
-        grid, a = (w.rows, n_out), w.a
+    def _mv(self, x, w: DevMat, ids, xdiv: int, n_out: int, into=None):
+        """x @ W.T per output row (see the kernels); added into `into` when given."""
+        out = self._out(id(w), (n_out, w.rows)) if into is None else into
+        grid, a, acc = (w.rows, n_out), w.a, into is not None
         if w.kind == "float":
-            K.mv_float[grid, K.TPB](x, xdiv, ids, a["w"], out)
+            K.mv_float[grid, K.TPB](x, xdiv, ids, a["w"], acc, out)
         elif w.kind == "i8":
-            K.mv_i8[grid, K.TPB](x, xdiv, ids, a["q"], a["d"], a["gshift"], a["o"], out)
+            K.mv_i8[grid, K.TPB](x, xdiv, ids, a["q"], a["d"], a["gshift"], a["o"], acc, out)
         elif w.kind == "q4":
-            K.mv_q4[grid, K.TPB](x, xdiv, ids, a["q"], a["d"], a["o"], a["factor"], out)
+            K.mv_q4[grid, K.TPB](x, xdiv, ids, a["q"], a["d"], a["o"], a["factor"], acc, out)
         elif w.kind == "q2_k":
-            K.mv_q2_k[grid, K.TPB](x, xdiv, ids, a["q"], a["d"], a["o"], a["sb"], out)
+            K.mv_q2_k[grid, K.TPB](x, xdiv, ids, a["q"], a["d"], a["o"], a["sb"], acc, out)
         else:
-            K.mv_q3_k[grid, K.TPB](x, xdiv, ids, a["q"], a["h"], a["d"], a["sb"], out)
+            K.mv_q3_k[grid, K.TPB](x, xdiv, ids, a["q"], a["h"], a["d"], a["sb"], acc, out)
         return out
 
     def matmul(self, x, w: DevMat):
@@ -172,10 +186,11 @@ class CudaOps:
             at += s
         return out
 
-    @staticmethod
-    def add(x, y):
-        K.add[(math.ceil(x.shape[0] / 4), math.ceil(x.shape[1] / 32)), (4, 32)](x, y)
-        return x
+    def residual(self, x, a, w: DevMat):
+        return self._mv(a, w, self._ids(a.shape[0]), 1, a.shape[0], into=x)
+
+    def ffn(self, ly, h, x):
+        return self.moe(ly, h, into=x) if ly.router is not None else self.mlp(ly, -1, h, into=x)
 
     @staticmethod
     def last(x):
@@ -185,19 +200,18 @@ class CudaOps:
     def to_host(x) -> np.ndarray:
         return x.copy_to_host()
 
-    @staticmethod
-    def _silu_mul(g, u):
-        out = cuda.device_array(g.shape, np.float32)
+    def _silu_mul(self, g, u):
+        out = self._out("silu", g.shape)
         K.silu_mul[(math.ceil(g.shape[0] / 4), math.ceil(g.shape[1] / 32)), (4, 32)](g, u, out)
         return out
 
     def attention(self, li: int, ly, q, k, v, cache: KVCache, p: int):
         a = self.args
         n, D, Hq, Hkv = q.shape[0], a.head_dim, a.n_heads, a.n_kv_heads
-        qh = cuda.device_array((n, Hq, D), np.float32)
+        qh = self._out("qh", (n, Hq, D))
         K.qkv_rope_store[(n, Hq + 2 * Hkv), K.TPB](q, k, v, ly.q_norm, ly.k_norm, self.eps, self.cos, self.sin,
                                                    p, li, qh, cache.k, cache.v)
-        out = cuda.device_array((n, Hq * D), np.float32)
+        out = self._out("attn", (n, Hq * D))
         m = min(n, Q_CHUNK)
         if self._scores is None or self._scores.shape[1] < m:
             self._scores = cuda.device_array((Hq, m, self.ctx), np.float32)
@@ -213,16 +227,16 @@ class CudaOps:
             return self._silu_mul(gu[:, :half], gu[:, half:])
         return self._silu_mul(self._mv(h, gate, ids, xdiv, n_out), self._mv(h, up, ids, xdiv, n_out))
 
-    def mlp(self, ly, e: int, h):
+    def mlp(self, ly, e: int, h, into=None):
         ids = self._ids(h.shape[0])
         act = self._swiglu(h, ly.gate_up, ly.gate, ly.up, ids, 1, h.shape[0])
-        return self._mv(act, ly.down, ids, 1, h.shape[0])
+        return self._mv(act, ly.down, ids, 1, h.shape[0], into)
 
     def _route(self, ly, h):
         a = self.args
         n, k = h.shape[0], a.n_experts_used
         logits = self.matmul(h, ly.router)
-        probs = cuda.device_array(logits.shape, np.float32)
+        probs = self._out("probs", logits.shape)
         ids, wts = cuda.device_array(n * k, np.int32), cuda.device_array(n * k, np.float32)
         K.route[math.ceil(n / 32), 32](logits, k, a.norm_topk_prob, probs, ids, wts)
         return ids, wts
@@ -232,11 +246,11 @@ class CudaOps:
         k = self.args.n_experts_used
         return ids.copy_to_host().reshape(-1, k).astype(np.int64), wts.copy_to_host().reshape(-1, k)
 
-    def moe(self, ly, h):
+    def moe(self, ly, h, into=None):
         n, k = h.shape[0], self.args.n_experts_used
         ids, wts = self._route(ly, h)
         act = self._swiglu(h, ly.gate_up, ly.gate_exps, ly.up_exps, ids, k, n * k)
         y = self._mv(act, ly.down_exps, ids, 1, n * k)
-        out = cuda.device_array(h.shape, np.float32)
-        K.weighted_sum[(math.ceil(n / 4), math.ceil(h.shape[1] / 32)), (4, 32)](y, wts, k, out)
+        out = cuda.device_array(h.shape, np.float32) if into is None else into
+        K.weighted_sum[(math.ceil(n / 4), math.ceil(h.shape[1] / 32)), (4, 32)](y, wts, k, into is not None, out)
         return out

@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def signatures():
@@ -21,20 +23,19 @@ def signatures():
 
     f1, f2, f3, f4 = t.float32[:], t.float32[:, :], t.float32[:, :, :], t.float32[:, :, :, :]
     i1, u2, i82, h2 = t.int32[:], t.uint8[:, :], t.int8[:, :], t.float16[:, :]
-    ix, f = t.int64, t.float32
+    ix, f, b = t.int64, t.float32, t.boolean
     return {
-        "mv_float": [(f2, ix, i1, f2, f2), (f2, ix, i1, h2, f2)],
-        "mv_i8": [(f2, ix, i1, i82, f2, ix, f2, f2)],
-        "mv_q4": [(f2, ix, i1, u2, f2, f2, f, f2)],
-        "mv_q2_k": [(f2, ix, i1, u2, u2, u2, f2, f2)],
-        "mv_q3_k": [(f2, ix, i1, u2, u2, i82, f2, f2)],
+        "mv_float": [(f2, ix, i1, f2, b, f2), (f2, ix, i1, h2, b, f2)],
+        "mv_i8": [(f2, ix, i1, i82, f2, ix, f2, b, f2)],
+        "mv_q4": [(f2, ix, i1, u2, f2, f2, f, b, f2)],
+        "mv_q2_k": [(f2, ix, i1, u2, u2, u2, f2, b, f2)],
+        "mv_q3_k": [(f2, ix, i1, u2, u2, i82, f2, b, f2)],
         "rms_norm": [(f2, f1, f, f2)],
         "qkv_rope_store": [(f2, f2, f2, f1, f1, f, f2, f2, ix, ix, f3, f4, f4)],
         "attention": [(f3, f4, f4, ix, ix, ix, f, f3, f2)],
         "silu_mul": [(f2, f2, f2)],
-        "add": [(f2, f2)],
         "route": [(f2, ix, t.boolean, f2, i1, f1)],
-        "weighted_sum": [(f2, f1, ix, f2)],
+        "weighted_sum": [(f2, f1, ix, b, f2)],
     }
 
 

@@ -53,55 +53,62 @@ def _block_max(v, sh):
     return r
 
 
-# -- matrix x vector: out[t, r] = sum_j x[t // xdiv, j] * W_ids[t][r, j] ----------------------
+# -- matrix x vector: out[t, r] (+)= sum_j x[t // xdiv, j] * W_ids[t][r, j] -------------------
+
+@cuda.jit(device=True)
+def _store(out, t, r, a, acc):
+    # acc: add into out (the residual stream) instead of overwriting it, saving a launch
+    if cuda.threadIdx.x == 0:
+        if acc:
+            out[t, r] += a
+        else:
+            out[t, r] = a
+
 
 @cuda.jit
-def mv_float(x, xdiv, ids, w, out):
+def mv_float(x, xdiv, ids, w, acc, out):
     r, t = cuda.blockIdx.x, cuda.blockIdx.y
     row, xi = ids[t] * out.shape[1] + r, t // xdiv
     sh = cuda.shared.array(TPB, float32)
-    acc = float32(0.0)
+    a = float32(0.0)
     for j in range(cuda.threadIdx.x, x.shape[1], TPB):
-        acc += x[xi, j] * float32(w[row, j])
-    acc = _block_sum(acc, sh)
-    if cuda.threadIdx.x == 0:
-        out[t, r] = acc
+        a += x[xi, j] * float32(w[row, j])
+    a = _block_sum(a, sh)
+    _store(out, t, r, a, acc)
 
 
 @cuda.jit
-def mv_i8(x, xdiv, ids, q, d, gshift, o, out):
+def mv_i8(x, xdiv, ids, q, d, gshift, o, acc, out):
     # value = d[group] q - o[j / 32]; o has one column of zeros when the format has no offset
     r, t = cuda.blockIdx.x, cuda.blockIdx.y
     row, xi = ids[t] * out.shape[1] + r, t // xdiv
     has_o = o.shape[1] > 1
     sh = cuda.shared.array(TPB, float32)
-    acc = float32(0.0)
+    a = float32(0.0)
     for j in range(cuda.threadIdx.x, x.shape[1], TPB):
         w = d[row, j >> gshift] * float32(q[row, j])
         if has_o:
             w -= o[row, j >> 5]
-        acc += x[xi, j] * w
-    acc = _block_sum(acc, sh)
-    if cuda.threadIdx.x == 0:
-        out[t, r] = acc
+        a += x[xi, j] * w
+    a = _block_sum(a, sh)
+    _store(out, t, r, a, acc)
 
 
 @cuda.jit
-def mv_q4(x, xdiv, ids, q, d, o, factor, out):
+def mv_q4(x, xdiv, ids, q, d, o, factor, acc, out):
     # byte b: elements 32 g + (b & 15) (low nibble) and + 16 (high), g = b >> 4; value = d q - factor o
     r, t = cuda.blockIdx.x, cuda.blockIdx.y
     row, xi = ids[t] * out.shape[1] + r, t // xdiv
     sh = cuda.shared.array(TPB, float32)
-    acc = float32(0.0)
+    a = float32(0.0)
     for b in range(cuda.threadIdx.x, q.shape[1], TPB):
         v = int32(q[row, b])
         g = b >> 4
         j = g * 32 + (b & 15)
         dg, off = d[row, g], factor * o[row, g]
-        acc += x[xi, j] * (dg * float32(v & 15) - off) + x[xi, j + 16] * (dg * float32(v >> 4) - off)
-    acc = _block_sum(acc, sh)
-    if cuda.threadIdx.x == 0:
-        out[t, r] = acc
+        a += x[xi, j] * (dg * float32(v & 15) - off) + x[xi, j + 16] * (dg * float32(v >> 4) - off)
+    a = _block_sum(a, sh)
+    _store(out, t, r, a, acc)
 
 
 @cuda.jit(device=True)
@@ -110,13 +117,13 @@ def _sub_block(c, j):
 
 
 @cuda.jit
-def mv_q2_k(x, xdiv, ids, q, sc, m, sb, out):
+def mv_q2_k(x, xdiv, ids, q, sc, m, sb, acc, out):
     # lowbit_cpu's layout: byte b holds elements 128 (b >> 5) + 32 j + (b & 31) at bit 2 j
     r, t = cuda.blockIdx.x, cuda.blockIdx.y
     row, xi = ids[t] * out.shape[1] + r, t // xdiv
     nc = q.shape[1] // 16
     sh = cuda.shared.array(TPB, float32)
-    acc = float32(0.0)
+    a = float32(0.0)
     for b in range(cuda.threadIdx.x, q.shape[1], TPB):
         v = int32(q[row, b])
         c, blk = b >> 4, b >> 6
@@ -125,29 +132,27 @@ def mv_q2_k(x, xdiv, ids, q, sc, m, sb, out):
             g = blk * 16 + _sub_block(c & 3, j)
             w = sb[row, 2 * blk] * float32(int32(sc[row, j * nc + c])) * float32((v >> (2 * j)) & 3) \
                 - sb[row, 2 * blk + 1] * float32(int32(m[row, g]))
-            acc += x[xi, base + 32 * j] * w
-    acc = _block_sum(acc, sh)
-    if cuda.threadIdx.x == 0:
-        out[t, r] = acc
+            a += x[xi, base + 32 * j] * w
+    a = _block_sum(a, sh)
+    _store(out, t, r, a, acc)
 
 
 @cuda.jit
-def mv_q3_k(x, xdiv, ids, q, h, sc, sb, out):
+def mv_q3_k(x, xdiv, ids, q, h, sc, sb, acc, out):
     r, t = cuda.blockIdx.x, cuda.blockIdx.y
     row, xi = ids[t] * out.shape[1] + r, t // xdiv
     nc = q.shape[1] // 16
     sh = cuda.shared.array(TPB, float32)
-    acc = float32(0.0)
+    a = float32(0.0)
     for b in range(cuda.threadIdx.x, q.shape[1], TPB):
         v, hb = int32(q[row, b]), int32(h[row, b])
         c = b >> 4
         base = (b >> 5) * 128 + (b & 31)
         for j in range(4):
             q3 = ((v >> (2 * j)) & 3) | (((hb >> j) & 1) << 2)
-            acc += x[xi, base + 32 * j] * (sb[row, b >> 6] * float32(int32(sc[row, j * nc + c])) * float32(q3 - 4))
-    acc = _block_sum(acc, sh)
-    if cuda.threadIdx.x == 0:
-        out[t, r] = acc
+            a += x[xi, base + 32 * j] * (sb[row, b >> 6] * float32(int32(sc[row, j * nc + c])) * float32(q3 - 4))
+    a = _block_sum(a, sh)
+    _store(out, t, r, a, acc)
 
 
 # -- the rest of a layer -------------------------------------------------------------------
@@ -240,13 +245,6 @@ def silu_mul(g, u, out):
 
 
 @cuda.jit
-def add(x, y):
-    i, j = cuda.grid(2)
-    if i < x.shape[0] and j < x.shape[1]:
-        x[i, j] += y[i, j]
-
-
-@cuda.jit
 def route(logits, k_used, norm, probs, ids, wts):
     # one thread per token: softmax over the experts, then the top k by repeated argmax (the
     # lowest index wins a tie, as the CPU's stable sort does)
@@ -277,11 +275,14 @@ def route(logits, k_used, norm, probs, ids, wts):
 
 
 @cuda.jit
-def weighted_sum(y, wts, k_used, out):
-    # out[i] = sum over slots s of wts[i k + s] y[i k + s]
+def weighted_sum(y, wts, k_used, acc, out):
+    # out[i] (+)= sum over slots s of wts[i k + s] y[i k + s]
     i, c = cuda.grid(2)
     if i < out.shape[0] and c < out.shape[1]:
         a = float32(0.0)
         for s in range(k_used):
             a += wts[i * k_used + s] * y[i * k_used + s, c]
-        out[i, c] = a
+        if acc:
+            out[i, c] += a
+        else:
+            out[i, c] = a
