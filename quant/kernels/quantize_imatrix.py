@@ -15,7 +15,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .quantize_cpu import GROUP_MAX_EPS, _make_qx_quants, _nearest_int, fp16_round, k_final_levels
+# ggml's make_qkx3_quants without the MAD option is make_qkx2_quants: one copy serves both
+from .quantize_cpu import GROUP_MAX_EPS, _make_qkx2_quants, _make_qx_quants, _nearest_int, fp16_round, k_final_levels
 
 f32 = np.float32
 
@@ -45,68 +46,6 @@ def qx_0(x, qw, nmax, d_out, L_out):
             d_out[r, b] = _make_qx_quants(xr, o, 32, nmax, L, w, 0)
             for j in range(32):
                 L_out[r, o + j] = L[j]
-
-
-@njit(cache=True)
-def _make_qkx3_quants(x, o, w, n, nmax, L, lo, Laux, rmin, rdelta, nstep):
-    """ggml's make_qkx3_quants (squared error, weights given): scale and min for x[o:o+n],
-    levels in L[lo:lo+n]. Returns (scale, -min)."""
-    mn = x[o]
-    mx = x[o]
-    sum_w = w[0]
-    sum_x = sum_w * x[o]
-    for i in range(1, n):
-        v = x[o + i]
-        if v < mn:
-            mn = v
-        if v > mx:
-            mx = v
-        sum_w += w[i]
-        sum_x += w[i] * v
-    if mn > f32(0.0):
-        mn = f32(0.0)
-    if mx <= mn:
-        for i in range(n):
-            L[lo + i] = 0
-        return f32(0.0), -mn
-    iscale = f32(nmax) / (mx - mn)
-    scale = f32(1.0) / iscale
-    best = f32(0.0)
-    for i in range(n):
-        lv = max(0, min(nmax, _nearest_int(iscale * (x[o + i] - mn))))
-        L[lo + i] = lv
-        diff = scale * f32(lv) + mn - x[o + i]
-        best += w[i] * (diff * diff)
-    for s in range(nstep + 1):
-        iscale = (rmin + rdelta * f32(s) + f32(nmax)) / (mx - mn)
-        sum_l = f32(0.0)
-        sum_l2 = f32(0.0)
-        sum_xl = f32(0.0)
-        for i in range(n):
-            lv = max(0, min(nmax, _nearest_int(iscale * (x[o + i] - mn))))
-            Laux[i] = lv
-            wl = w[i] * f32(lv)
-            sum_l += wl
-            sum_l2 += wl * f32(lv)
-            sum_xl += wl * x[o + i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > f32(0.0):
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > f32(0.0):
-                this_min = f32(0.0)
-                this_scale = sum_xl / sum_l2
-            cur = f32(0.0)
-            for i in range(n):
-                diff = this_scale * f32(Laux[i]) + this_min - x[o + i]
-                cur += w[i] * (diff * diff)
-            if cur < best:
-                for i in range(n):
-                    L[lo + i] = Laux[i]
-                best = cur
-                scale = this_scale
-                mn = this_min
-    return scale, -mn
 
 
 @njit(cache=True)
@@ -186,7 +125,7 @@ def qx_1(x, qw, nmax, d_out, m_out, L_out):
             o = b * 32
             for j in range(32):
                 w[j] = qw[o + j] * f32(math.sqrt(sigma2 + xr[o + j] * xr[o + j]))
-            d, mn = _make_qkx3_quants(xr, o, w, 32, nmax, L, o, Laux, f32(-0.9), f32(0.05), 36)
+            d, mn = _make_qkx2_quants(xr, o, w, 32, nmax, L, o, Laux, f32(-0.9), f32(0.05), 36)
             d_out[r, b] = d
             m_out[r, b] = -mn
             for j in range(32):
@@ -222,7 +161,7 @@ def k_quant_levels(x, qw, nmax, clamp63, d_out, dmin_out, sc_out, L_out):
                     w[l] = qw[oj + l] * f32(math.sqrt(sigma2 + xr[oj + l] * xr[oj + l]))
                     sumw += w[l]
                 sw[j] = sumw
-                scales[j], mins[j] = _make_qkx3_quants(xr, oj, w, 32, nmax, L, 32 * j, Laux,
+                scales[j], mins[j] = _make_qkx2_quants(xr, oj, w, 32, nmax, L, 32 * j, Laux,
                                                        f32(-0.9), f32(0.05), 36)
             d_block = _make_qp_quants(scales, 8, 63, Ls, sw)
             m_block = _make_qp_quants(mins, 8, 63, Lm, sw)
