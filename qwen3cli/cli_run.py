@@ -11,6 +11,7 @@ import sys
 from contextlib import contextmanager
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .cli import app, err, user_errors
@@ -64,6 +65,8 @@ def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto"):
     with err.status("compiling kernels (first run only, about a minute)…" if backend == "cpu" else
                     "uploading the weights and compiling the GPU kernels…"):
         engine = Engine(loaded, ctx, device=backend)
+        if backend == "cuda":
+            err.print(f"[dim]{escape(engine.model.ops.summary)}[/dim]", highlight=False)
 
         def forward(n: int) -> None:
             engine.model.forward([0] * n, engine.model.new_cache())

@@ -13,14 +13,32 @@ class DeviceError(Qwen3CliError):
     """The device asked for cannot be used."""
 
 
+def _driver_present() -> bool:
+    """Whether the NVIDIA driver library loads: milliseconds, where asking numba.cuda takes
+    half a second (paid on every start of a machine without a GPU otherwise)."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def cuda_unusable() -> str | None:
     """Why the CUDA backend cannot run here, or None when it can."""
     if importlib.util.find_spec("numba_cuda") is None:
         return "numba-cuda is not installed (pip install 'qwen3cli[cuda]')"
+    from numba import config
+
+    if config.ENABLE_CUDASIM:
+        return None
+    if not _driver_present():
+        return "no NVIDIA driver found (libcuda)"
     try:
-        from numba import config, cuda
-        if config.ENABLE_CUDASIM:
-            return None
+        from numba import cuda
         if not cuda.is_available():
             return "no CUDA GPU found"
     except Exception as e:  # a broken driver or toolkit: say what it said

@@ -99,6 +99,7 @@ class CudaOps:
         self._zeros: dict[int, object] = {}
         self._bufs: dict[tuple, object] = {}
         self._scores = None
+        self.summary = ""  # what the GPU holds, once the weights are up
 
     # -- memory ---------------------------------------------------------------------------
     def cache_nbytes(self, ctx: int) -> int:
@@ -109,6 +110,10 @@ class CudaOps:
         need = sum(device_nbytes(t) for ly in w.layers for t in vars(ly).values())
         need += device_nbytes(w.output) + self.cache_nbytes(self.ctx)
         free, total = cuda.current_context().get_memory_info()
+        name = getattr(cuda.get_current_device(), "name", "the GPU")  # the simulator's has none
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        self.summary = (f"{name}: {need / 1e9:.2f} GB for the weights and a {self.ctx}-token KV cache, "
+                        f"{free / 1e9:.1f} of {total / 1e9:.1f} GB were free")
         if need > 0.95 * free:
             raise DeviceMemoryError(
                 f"the model needs {need / 1e9:.1f} GB on the GPU (weights and a {self.ctx}-token KV cache), "

@@ -101,6 +101,7 @@ def test_model_steps_match_cpu(moe):
     w = tiny_weights(a, MOE if moe else MIXED)
     cpu, gpu = Model(w, ctx=16), Model(w, ctx=16, backend="cuda")
     assert gpu.device == "cuda" and cpu.device == "cpu"
+    assert "GB for the weights and a 16-token KV cache" in gpu.ops.summary
     cc, gc = cpu.new_cache(), gpu.new_cache()
     close(gpu.forward([1, 5], gc, all_logits=True), cpu.forward([1, 5], cc, all_logits=True), 1e-4)
     close(gpu.forward([30], gc), cpu.forward([30], cc), 1e-4)  # a decode step over the device-resident cache
