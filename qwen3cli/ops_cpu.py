@@ -12,6 +12,7 @@ from dataclasses import fields, replace
 
 import numpy as np
 
+from quant.kernels import threads
 from quant.kernels.matmul_cpu import Packed, fuse, matmul, pack
 from quant.qtensor import QTensor
 
@@ -175,16 +176,21 @@ class CpuOps:
         out = np.empty((Hkv, G, n, D), np.float32)
         scale = np.float32(D ** -0.5)
         Kt = K.transpose(0, 2, 1)  # (Hkv, D, T): a strided view BLAS takes as is
-        for s in range(0, n, Q_CHUNK):
-            e = min(n, s + Q_CHUNK)
-            m = e - s
-            scores = np.matmul(np.ascontiguousarray(qg[:, :, s:e]).reshape(Hkv, G * m, D), Kt)
-            scores = scores.reshape(Hkv, G, m, T)
-            scores *= scale
-            if m > 1:  # causal: query i (position p+s+i) sees keys up to its own position
-                future = np.arange(T)[None, :] > (p + np.arange(s, e))[:, None]
-                scores[:, :, future] = -np.inf
-            out[:, :, s:e] = np.matmul(softmax(scores).reshape(Hkv, G * m, T), V).reshape(Hkv, G, m, D)
+
+        def heads(i: int, m: int) -> None:  # kv heads i, i + m, ...: prefill splits them over threads
+            h = slice(i, Hkv, m)
+            for s in range(0, n, Q_CHUNK):
+                e = min(n, s + Q_CHUNK)
+                c = e - s
+                scores = np.matmul(np.ascontiguousarray(qg[h, :, s:e]).reshape(-1, G * c, D), Kt[h])
+                scores = scores.reshape(-1, G, c, T)
+                scores *= scale
+                if c > 1:  # causal: query i (position p+s+i) sees keys up to its own position
+                    future = np.arange(T)[None, :] > (p + np.arange(s, e))[:, None]
+                    scores[:, :, future] = -np.inf
+                out[h, :, s:e] = np.matmul(softmax(scores).reshape(-1, G * c, T), V[h]).reshape(-1, G, c, D)
+
+        threads.run(heads, 1 if n == 1 else min(threads.parts(), Hkv))
         return out.transpose(2, 0, 1, 3).reshape(n, Hq * D)
 
     def mlp(self, ly, e: int, h: np.ndarray) -> np.ndarray:

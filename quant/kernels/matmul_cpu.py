@@ -21,6 +21,7 @@ from numba import njit, prange
 from ..formats import FORMATS
 from ..qtensor import QTensor
 from . import lowbit_cpu as lowbit
+from . import threads
 from .half import half
 
 SMALL_N = 8  # rows of x up to which the direct kernels beat dequantize + BLAS
@@ -314,6 +315,18 @@ def _mv_bf16(x, w16, out):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
+def _mv_f32(x, w, out):
+    # numpy's BLAS is pinned to one thread (threads.py): decode's F32 products go here
+    n, k = x.shape
+    for r in prange(w.shape[0]):
+        for i in range(n):
+            acc = np.float32(0.0)
+            for j in range(k):
+                acc += x[i, j] * w[r, j]
+            out[i, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=True)
 def _mv_f16(x, w16, out, lut):
     n, k = x.shape
     for r in prange(w16.shape[0]):
@@ -329,7 +342,7 @@ _F16_LUT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).
 
 # -- prefill: dequantize tiles for BLAS ----------------------------------------------------
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
 def _deq_q8_0(q, d, out):
     k = out.shape[1]
     for r in prange(q.shape[0]):
@@ -337,7 +350,7 @@ def _deq_q8_0(q, d, out):
             out[r, j] = d[r, j >> 5] * np.float32(q[r, j])
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
 def _deq_q6_k(q, d, out):
     k = out.shape[1]
     for r in prange(q.shape[0]):
@@ -345,7 +358,7 @@ def _deq_q6_k(q, d, out):
             out[r, j] = d[r, j >> 4] * np.float32(q[r, j])
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
 def _deq_q8o(q, d, o, out):
     k = out.shape[1]
     for r in prange(q.shape[0]):
@@ -353,7 +366,7 @@ def _deq_q8o(q, d, o, out):
             out[r, j] = d[r, j >> 5] * np.float32(q[r, j]) - o[r, j >> 5]
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
 def _deq_q4(q, d, o, factor, out):
     nbytes = q.shape[1]
     for r in prange(q.shape[0]):
@@ -392,31 +405,46 @@ def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) ->
             for i in range(n):
                 xlo, xhi, xs = _split_x(x[i])
                 _mv_q4(xlo, xhi, xs, w.q, w.d, o, factor, out[i])
-    elif w.type == T.F32 and isinstance(w, QTensor):
-        np.matmul(x, w.raw.view(np.float32).T, out=out)
+    elif w.type == T.F32 and n <= SMALL_N:
+        _mv_f32(x, w.raw.view(np.float32), out)
     elif w.type == T.BF16 and n <= SMALL_N:
         _mv_bf16(x, w.raw.view(np.uint16), out)
     elif w.type == T.F16 and n <= SMALL_N:
         _mv_f16(x, w.raw.view(np.uint16), out, _F16_LUT)
     else:
-        step = max(1, min(w.rows, TILE_ELEMS // w.k))
-        packed = isinstance(w, Packed)
-        tile = _scratch(step * w.k) if packed else None
-        for lo in range(0, w.rows, step):
-            hi = min(w.rows, lo + step)
-            t = w.dequant(lo, hi, tile[:(hi - lo) * w.k].reshape(hi - lo, w.k)) if packed else w.dequant(lo, hi)
-            np.matmul(x, t.T, out=out[:, lo:hi])
+        _prefill(x, w, out)
     return out
 
 
-_SCRATCH = [np.empty(0, np.float32)]
+def _prefill(x: np.ndarray, w, out: np.ndarray) -> None:
+    """Many rows of x: tiles of W (dequantized, or F32 as stored) into BLAS, the tiles dealt
+    round-robin to the prefill threads."""
+    step = max(1, min(w.rows, TILE_ELEMS // w.k))
+    f32 = w.raw.view(np.float32) if w.type == T.F32 and isinstance(w, QTensor) else None
+
+    def part(i: int, m: int) -> None:
+        tile = _scratch(i, step * w.k) if isinstance(w, Packed) else None
+        for lo in range(i * step, w.rows, m * step):
+            hi = min(w.rows, lo + step)
+            if f32 is not None:
+                t = f32[lo:hi]
+            elif tile is not None:
+                t = w.dequant(lo, hi, tile[:(hi - lo) * w.k].reshape(hi - lo, w.k))
+            else:
+                t = w.dequant(lo, hi)
+            np.matmul(x, t.T, out=out[:, lo:hi])
+
+    threads.run(part, min(threads.parts(), -(-w.rows // step)))
 
 
-def _scratch(n: int) -> np.ndarray:
-    """One reused tile buffer: fresh 16 MB allocations cost page faults on every call."""
-    if _SCRATCH[0].size < n:
-        _SCRATCH[0] = np.empty(n, np.float32)
-    return _SCRATCH[0]
+_SCRATCH: dict[int, np.ndarray] = {}
+
+
+def _scratch(i: int, n: int) -> np.ndarray:
+    """Thread i's reused tile buffer: fresh 16 MB allocations cost page faults on every call."""
+    if i not in _SCRATCH or _SCRATCH[i].size < n:
+        _SCRATCH[i] = np.empty(n, np.float32)
+    return _SCRATCH[i]
 
 
 def cache_is_warm() -> bool:
