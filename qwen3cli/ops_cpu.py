@@ -12,8 +12,9 @@ from dataclasses import fields, replace
 
 import numpy as np
 
+from quant.kernels import layer_cpu as layer
 from quant.kernels import threads
-from quant.kernels.matmul_cpu import Packed, fuse, matmul, pack
+from quant.kernels.matmul_cpu import SMALL_N, Packed, fuse, matmul, pack
 from quant.qtensor import QTensor
 
 from .rope import Rope, apply_rope
@@ -114,6 +115,7 @@ class CpuOps:
 
     def __init__(self, args, rope: Rope):
         self.args, self.rope, self.eps = args, rope, args.rms_norm_eps
+        self._rope_at: tuple = (None, None)
 
     def prepare(self, w: Weights, release=None) -> Weights:
         return prepare(w, release)
@@ -126,7 +128,11 @@ class CpuOps:
         return table.take(ids)
 
     def rms_norm(self, x, w):
-        return rms_norm(x, w, self.eps)
+        if x.shape[0] > SMALL_N:
+            return rms_norm(x, w, self.eps)
+        out = np.empty(x.shape, np.float32)
+        layer.rms_norm_rows(np.ascontiguousarray(x), w, np.float32(self.eps), out)
+        return out
 
     @staticmethod
     def matmul(x, w):
@@ -158,13 +164,28 @@ class CpuOps:
 
     def silu_mul(self, gu):
         half = gu.shape[1] // 2
-        return silu(gu[:, :half]) * gu[:, half:]
+        if gu.shape[0] > SMALL_N:
+            return silu(gu[:, :half]) * gu[:, half:]
+        out = np.empty((gu.shape[0], half), np.float32)
+        layer.silu_mul(gu, out)
+        return out
+
+    def _cos_sin(self, p: int, n: int):
+        """The RoPE tables of positions p..p+n, computed once a step, not once a layer."""
+        if self._rope_at[:2] != (p, n):
+            self._rope_at = (p, n, *self.rope.cos_sin(np.arange(p, p + n)))
+        return self._rope_at[2:]
 
     def attention(self, li: int, ly, q, k, v, cache: KVCache, p: int) -> np.ndarray:
         """q/k norms, RoPE, the cache write and causal attention; (n, Hq * D) before the output projection."""
         a = self.args
         n, D, Hq, Hkv = q.shape[0], a.head_dim, a.n_heads, a.n_kv_heads
-        cos, sin = self.rope.cos_sin(np.arange(p, p + n))
+        cos, sin = self._cos_sin(p, n)
+        if n == 1:
+            out = np.empty((1, Hq * D), np.float32)
+            layer.attend_one(np.ascontiguousarray(q[0]), np.ascontiguousarray(k[0]), np.ascontiguousarray(v[0]),
+                             ly.q_norm, ly.k_norm, np.float32(self.eps), cos[0], sin[0], cache.k, cache.v, li, p, out[0])
+            return out
         q = apply_rope(rms_norm(q.reshape(n, Hq, D), ly.q_norm, self.eps), cos, sin)
         k = apply_rope(rms_norm(k.reshape(n, Hkv, D), ly.k_norm, self.eps), cos, sin)
         cache.k[li, :, p:p + n] = k.transpose(1, 0, 2)
