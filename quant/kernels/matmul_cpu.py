@@ -253,11 +253,12 @@ def _mv_q4(xlo, xhi, xs, q, d, o, factor, out):
     # half-row layout, 25 GB/s hot). The offsets come out as sum_g o_g * sum(x in g), with
     # o = d, factor 8 for Q4_0 (q - 8) and o = the minimums, factor 1 for Q4_K.
     nbytes, ng = q.shape[1], d.shape[1]
+    m, s = np.uint8(15), np.uint8(4)  # uint8 arithmetic: int literals widen the lanes to 64 bits
     for r in prange(q.shape[0]):
         a = np.float32(0.0)
         for b in range(nbytes):
-            v = np.int32(q[r, b])
-            a += d[r, b >> 4] * (xlo[b] * np.float32(v & 15) + xhi[b] * np.float32(v >> 4))
+            v = q[r, b]
+            a += d[r, b >> 4] * (xlo[b] * np.float32(v & m) + xhi[b] * np.float32(v >> s))
         c = np.float32(0.0)
         for g in range(ng):
             c += o[r, g] * xs[g]
