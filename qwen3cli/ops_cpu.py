@@ -14,7 +14,7 @@ import numpy as np
 
 from quant.kernels import layer_cpu as layer
 from quant.kernels import threads
-from quant.kernels.matmul_cpu import SMALL_N, Packed, fuse, matmul, pack
+from quant.kernels.matmul_cpu import SMALL_N, Packed, fuse, matmul, matmul_experts, pack
 from quant.qtensor import QTensor
 
 from .rope import Rope, apply_rope
@@ -238,6 +238,15 @@ class CpuOps:
     def moe(self, ly, h: np.ndarray) -> np.ndarray:
         """Only the selected experts' weights are touched."""
         top, wts = self.route(ly, h)
+        n, k = top.shape
+        if n <= SMALL_N:  # decode: every slot's products in one launch per matrix
+            ids, tok = top.reshape(-1), np.repeat(np.arange(n), k)
+            if ly.gate_up is not None:
+                act = self.silu_mul(matmul_experts(h, ly.gate_up, ids, tok))
+            else:
+                act = silu(matmul_experts(h, ly.gate_exps, ids, tok)) * matmul_experts(h, ly.up_exps, ids, tok)
+            y = matmul_experts(act, ly.down_exps, ids, np.arange(n * k))
+            return np.einsum("nk,nkh->nh", wts, y.reshape(n, k, -1))
         out = np.zeros_like(h)
         for e in np.unique(top):
             rows, slot = np.nonzero(top == e)

@@ -105,3 +105,17 @@ def test_fused_matrices_equal_the_parts(t):
                                            atol=1e-5 * np.abs(want).max())
     if t != T.F32:
         assert fuse([pack(parts[0]), parts[1]]) is None  # mixed layouts are not stacked
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_expert_products_equal_per_expert_matmuls(t):
+    from quant.kernels.matmul_cpu import matmul_experts
+
+    E, rows, k = 3, 5, 256
+    stack = QTensor("exps", t, rows, k, weights(t, E * rows, k, seed=6).raw, n_mats=E)
+    x = np.random.default_rng(7).standard_normal((2, k)).astype(np.float32)
+    ids, xi = np.array([2, 0, 2, 1]), np.array([0, 0, 1, 1])  # slot s: x[xi[s]] through expert ids[s]
+    want = np.stack([matmul(x[r:r + 1], stack.expert(int(e)))[0] for e, r in zip(ids, xi)])
+    for w in (stack, pack(stack)):
+        got = matmul_experts(x, w, ids, xi)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())

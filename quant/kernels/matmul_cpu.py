@@ -20,6 +20,7 @@ from numba import njit, prange
 
 from ..formats import FORMATS
 from ..qtensor import QTensor
+from . import experts_cpu as experts
 from . import lowbit_cpu as lowbit
 from . import threads
 from .half import half
@@ -414,6 +415,27 @@ def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) ->
         _mv_f16(x, w.raw.view(np.uint16), out, _F16_LUT)
     else:
         _prefill(x, w, out)
+    return out
+
+
+def matmul_experts(x: np.ndarray, w: QTensor | Packed, ids: np.ndarray, xi: np.ndarray) -> np.ndarray:
+    """Slot s: x[xi[s]] @ expert ids[s] of the stack w -> (len(ids), w.rows); one launch for
+    the common decode layouts, one product per slot for the rest."""
+    x = np.ascontiguousarray(x, np.float32)
+    ids, xi = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(xi, np.int64)
+    out = np.empty((len(ids), w.rows), np.float32)
+    if isinstance(w, Packed) and w.type in (T.Q8_0, T.Q6_K):
+        (experts.mv_q6_k_ids if w.type == T.Q6_K else experts.mv_q8_0_ids)(x, xi, ids, w.rows, w.q, w.d, out)
+    elif isinstance(w, Packed) and w.type in (T.Q4_0, T.Q4_K):
+        parts = [_split_x(row) for row in x]
+        xlo, xhi, xs = (np.stack([p[i] for p in parts]) for i in range(3))
+        o, factor = (w.o, np.float32(1)) if w.type == T.Q4_K else (w.d, np.float32(8))
+        experts.mv_q4_ids(xlo, xhi, xs, xi, ids, w.rows, w.q, w.d, o, factor, out)
+    elif isinstance(w, Packed) and FORMATS[w.type].unpack is not None:
+        experts.mv_q8o_ids(x, x.reshape(x.shape[0], -1, 32).sum(2), xi, ids, w.rows, w.q, w.d, w.o, out)
+    else:
+        for s_, (e, r) in enumerate(zip(ids, xi)):
+            matmul(x[r:r + 1], w.expert(int(e)), out[s_:s_ + 1])
     return out
 
 
