@@ -103,8 +103,9 @@ class CudaOps:
 
     # -- memory ---------------------------------------------------------------------------
     def cache_nbytes(self, ctx: int) -> int:
+        """The KV cache plus attention's score scratch (a chunk of queries against the context)."""
         a = self.args
-        return 2 * a.n_layers * a.n_kv_heads * ctx * a.head_dim * 4
+        return 2 * a.n_layers * a.n_kv_heads * ctx * a.head_dim * 4 + a.n_heads * min(Q_CHUNK, ctx) * ctx * 4
 
     def check_fits(self, w: Weights) -> None:
         need = sum(device_nbytes(t) for ly in w.layers for t in vars(ly).values())
