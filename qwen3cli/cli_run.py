@@ -68,8 +68,8 @@ def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto"):
         if backend == "cuda":
             err.print(f"[dim]{escape(engine.model.ops.summary)}[/dim]", highlight=False)
 
-        def forward(n: int) -> None:
-            engine.model.forward([0] * n, engine.model.new_cache())
+        def forward(n: int) -> None:  # a cache of n positions: on a GPU a full-context one is gigabytes
+            engine.model.forward([0] * n, engine.model.ops.new_cache(n))
 
         warm_up(forward)
     return engine
