@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .errors import USER_ERRORS, OutputError
@@ -58,6 +59,25 @@ class QuantType(str, Enum):
     f16 = "f16"
     bf16 = "bf16"
     f32 = "f32"
+
+
+def print_fields(console: Console, rows: list[tuple[str, str]]) -> None:
+    """Label/value lines that never lose text: a folding grid on a terminal, plain lines elsewhere.
+
+    Off a terminal rich assumes 80 columns and would cut a long path with "..." in a table cell;
+    a log or a pipe gets whole lines instead, aligned but never wrapped.
+    """
+    if console.is_terminal:
+        t = Table.grid(padding=(0, 2))
+        t.add_column(style="bold", no_wrap=True)
+        t.add_column(overflow="fold")
+        for label, value in rows:
+            t.add_row(Text(label), Text(value))
+        console.print(t, highlight=False)
+        return
+    w = max((len(label) for label, _ in rows), default=0)
+    for label, value in rows:
+        console.print(f"{label:<{w}}  {value}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _size(n: float) -> str:
@@ -117,15 +137,7 @@ def quantize(
         s = convert.write(p, output, force=force, progress=progress)
         bar.update(task, completed=p.input_bytes, tensors=f"{n}/{n} tensors")
 
-    t = Table.grid(padding=(0, 2))
-    t.add_row("input", f"{src}  ({_size(s.input_bytes)})")
-    t.add_row("output", f"{s.out}  ({_size(s.output_bytes)})")
-    t.add_row("parameters", f"{_count(s.n_params)}  ({s.bits_per_weight:.2f} bits per weight)")
-    t.add_row("tensor types", ", ".join(f"{k} {v}" for k, v in sorted(s.type_counts.items())))
-    if p.imatrix is not None:
-        t.add_row("imatrix", _imatrix_line(p))
-    t.add_row("time", f"{s.seconds:.1f} s")
-    err.print(t)
+    print_fields(err, _summary_rows(src, p, s))
     if check:
         from .cli_run import open_engine
         from .evaluate import evaluate, sample_text
@@ -134,6 +146,19 @@ def quantize(
         with err.status("checking against the checkpoint…"):
             res = evaluate(model, ref, sample_text(), 256)
         err.print(f"check: {res.line()}", highlight=False, soft_wrap=True)
+
+
+def _summary_rows(src, p, s) -> list[tuple[str, str]]:
+    rows = [
+        ("input", f"{src}  ({_size(s.input_bytes)})"),
+        ("output", f"{s.out}  ({_size(s.output_bytes)})"),
+        ("parameters", f"{_count(s.n_params)}  ({s.bits_per_weight:.2f} bits per weight)"),
+        ("tensor types", ", ".join(f"{k} {v}" for k, v in sorted(s.type_counts.items()))),
+    ]
+    if p.imatrix is not None:
+        rows.append(("imatrix", _imatrix_line(p)))
+    rows.append(("time", f"{s.seconds:.1f} s"))
+    return rows
 
 
 def _imatrix_line(p) -> str:
@@ -154,9 +179,9 @@ def _warn_imatrix_missing(p) -> None:
 def _print_plan(p) -> None:
     t = Table(box=None, padding=(0, 2))
     for c, j in (("tensor", "left"), ("shape", "left"), ("type", "left"), ("size", "right")):
-        t.add_column(c, justify=j)
+        t.add_column(c, justify=j, overflow="fold")
     for x in p.tensors:
-        t.add_row(x.name, " x ".join(map(str, x.shape)), x.type.name, _size(x.nbytes))
+        t.add_row(Text(x.name), " x ".join(map(str, x.shape)), x.type.name, _size(x.nbytes))
     out.print(t)
     total = sum(x.nbytes for x in p.tensors)
     out.print(f"{len(p.tensors)} tensors, {_count(p.n_params)} parameters, {_size(total)} of tensor data "
@@ -173,22 +198,19 @@ def info(file: Path = typer.Argument(..., help="A GGUF file.")) -> None:
     from .info import read_info
 
     i = read_info(file)
-    t = Table(show_header=False, box=None, padding=(0, 2))
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("file", f"{i.path}  ({_size(i.size)})")
-    t.add_row("name", str(i.name))
-    t.add_row("architecture", i.architecture)
-    t.add_row("file type", str(i.file_type))
-    t.add_row("parameters", f"{_count(i.n_params)}  ({8 * i.data_bytes / max(i.n_params, 1):.2f} bits per weight)")
-    t.add_row("embeddings", "tied" if i.tied_embeddings else "untied")
-    for label, value in i.hparams:
-        t.add_row(label, f"{value:g}" if isinstance(value, float) else str(value))
-    for label, value in i.tokenizer:
-        t.add_row(f"tokenizer {label}", str(value))
-    t.add_row("chat template", "yes" if i.has_chat_template else "no")
-    t.add_row("tensors", f"{i.n_tensors}: " + ", ".join(f"{k} {v}" for k, v in sorted(i.type_counts.items())))
-    out.print(t)
+    rows = [
+        ("file", f"{i.path}  ({_size(i.size)})"),
+        ("name", str(i.name)),
+        ("architecture", i.architecture),
+        ("file type", str(i.file_type)),
+        ("parameters", f"{_count(i.n_params)}  ({8 * i.data_bytes / max(i.n_params, 1):.2f} bits per weight)"),
+        ("embeddings", "tied" if i.tied_embeddings else "untied"),
+    ]
+    rows += [(label, f"{value:g}" if isinstance(value, float) else str(value)) for label, value in i.hparams]
+    rows += [(f"tokenizer {label}", str(value)) for label, value in i.tokenizer]
+    rows.append(("chat template", "yes" if i.has_chat_template else "no"))
+    rows.append(("tensors", f"{i.n_tensors}: " + ", ".join(f"{k} {v}" for k, v in sorted(i.type_counts.items()))))
+    print_fields(out, rows)
 
 
 @app.callback(invoke_without_command=True)

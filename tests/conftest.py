@@ -7,6 +7,11 @@ from pathlib import Path
 if os.environ.get("QWEN3CLI_TEST_GPU") != "1":
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
+# CLI output must not depend on the terminal the tests run in: every rich Console created from
+# here on sees 80 columns, what a fresh non-interactive shell gives (rich's default off a terminal).
+os.environ["COLUMNS"] = "80"
+os.environ.pop("LINES", None)
+
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))

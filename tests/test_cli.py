@@ -237,3 +237,35 @@ def test_imatrix_option(good, tmp_path):
         assert code == 1
         one_line_error(err, str(path), needle)
         assert not out2.exists()
+
+
+def test_summary_keeps_long_paths_at_80_columns(good, tmp_path):
+    """Off a terminal rich lays tables out in 80 columns; no path may be cut to '...'."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from qwen3cli.cli import err, print_fields
+
+    assert err.width == 80  # conftest pins it: the test means what it says on any machine
+    deep = tmp_path / ("d" * 40)
+    dest = deep / ("model-" + "x" * max(0, 150 - len(str(deep)) - 12) + ".gguf")
+    assert len(str(dest)) >= 150
+    deep.mkdir(parents=True)
+    code, _, stderr = run("quantize", good, "-t", "q8_0", "-o", dest)
+    assert code == 0 and dest.exists(), stderr
+    assert "..." not in stderr and "…" not in stderr
+    lines = {ln.split()[0]: ln for ln in stderr.splitlines() if ln.strip()}
+    assert str(dest) in lines["output"] and str(good) in lines["input"]
+    code, stdout, _ = run("info", dest)
+    assert code == 0 and str(dest) in stdout
+
+    # on a real 80-column terminal the grid folds the path instead of cutting it
+    buf = io.StringIO()
+    print_fields(Console(file=buf, force_terminal=True, width=80, color_system=None),
+                 [("output", f"{dest}  (1 MB)"), ("name", "[/oops] not markup")])
+    text = buf.getvalue()
+    assert all(len(ln) <= 80 for ln in text.splitlines()) and len(text.splitlines()) > 2
+    assert str(dest) in re.sub(r"\s+", "", text)
+    assert "[/oops] not markup" in text
