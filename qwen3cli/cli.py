@@ -7,6 +7,7 @@ Ctrl-C is exit 130. Nothing below this layer prints.
 from __future__ import annotations
 
 import logging
+import signal
 from enum import Enum
 from functools import wraps
 from pathlib import Path
@@ -223,7 +224,30 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 from . import cli_bench, cli_chat, cli_eval, cli_run, cli_serve  # noqa: E402,F401  (register the commands)
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so that every cleanup (temporary files,
+    the terminal's state) runs as it does for Ctrl-C; not an Exception, so nothing swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def main() -> None:
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _terminate)
+    try:
+        _main()
+    except Terminated as t:
+        raise SystemExit(128 + t.signum) from None
+
+
+def _main() -> None:
     logging.getLogger("gguf").setLevel(logging.ERROR)
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry chatter; failures reach us as errors
     app()

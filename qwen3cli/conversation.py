@@ -6,16 +6,17 @@ and save/load. No printing: `send()` yields generation events and Notices for th
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from quant.files import InputFileError, read_json
+
 from .engine import Engine
 from .errors import Qwen3CliError
+from .files import atomic_output
 from .generate import Done, Token
 from .model import ContextFull
 from .prefix_cache import PrefixCache, common_prefix  # noqa: F401  (common_prefix: part of this module's API)
@@ -24,6 +25,7 @@ from .sampler import Sampler, SamplingParams, default_params
 SOFT_SWITCHES = {"/think": True, "/no_think": False}
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repeat_penalty")
 FORMAT = "qwen3cli-chat"
+MAX_CHAT_FILE = 256 << 20  # bytes; a 128K-token context is a few MB of text
 
 
 class ChatFileError(Qwen3CliError):
@@ -177,23 +179,17 @@ class Conversation:
         path = Path(path).expanduser()
         data = {"format": FORMAT, "version": 1, "model": self.engine.loaded.name,
                 "settings": asdict(self.settings), "messages": self.messages}
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, ensure_ascii=False, indent=1)
-            os.replace(tmp, path)
-        except OSError as e:
-            raise ChatFileError(f"{path}: cannot write: {e.strerror or e}") from None
+        # an existing chat file is replaced (that is what /save means); anything else is refused
+        with atomic_output(path, replace=True, binary=False) as f:
+            json.dump(data, f, ensure_ascii=False, indent=1)
         return path
 
     def load(self, path: str | Path) -> None:
         path = Path(path).expanduser()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ChatFileError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ChatFileError(f"{path}: not a saved chat ({e})") from None
+            data = read_json(path, MAX_CHAT_FILE, "saved chat")
+        except InputFileError as e:
+            raise ChatFileError(str(e)) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("messages"), list):
             raise ChatFileError(f"{path}: not a qwen3cli chat file")
         msgs = data["messages"]

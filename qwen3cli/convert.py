@@ -7,8 +7,6 @@ beside `out` that is renamed at the end, or removed on any error or Ctrl-C.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from quant.policy import FILE_TYPES, FileType, tensor_type
 from .checkpoint import Checkpoint
 from .config import ModelArgs
 from .errors import CheckpointError, OutputError
+from .files import atomic_output, check_output
 from .vocab import gguf_vocab
 
 CHUNK_BYTES = 64 << 20  # float32 bytes converted at once: bounds peak memory on any model
@@ -300,51 +299,24 @@ def _imatrix_metadata(m: Imatrix) -> dict[str, gguf.GGUFValue]:
     return kv
 
 
-def check_output(out: str | Path, force: bool) -> Path:
-    """Refuse an output path that cannot or must not be written, before any work."""
-    out = Path(out)
-    if out.is_dir():
-        raise OutputError(f"{out}: is a directory")
-    if out.exists() and not force:
-        raise OutputError(f"{out}: already exists (use --force to overwrite)")
-    if not out.parent.is_dir():
-        raise OutputError(f"{out}: directory {out.parent} does not exist")
-    return out
-
-
 def write(p: Plan, out: str | Path, force: bool = False,
           progress: Callable[[str, int], None] | None = None) -> Summary:
     """Write the planned file to `out`. `progress(tensor_name, n_elements)` after each part."""
     out = check_output(out, force)
     t0 = time.perf_counter()
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    except OSError as e:
-        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            w = GGUFStreamWriter(f)
-            for t in p.tensors:
-                w.add_tensor(t.name, t.shape, t.type, t.nbytes)
-            w.write_header(p.metadata)
-            for t in p.tensors:
-                fmt = get_format(t.type, t.name)
-                for i, part in enumerate(t.parts):
-                    x = part()
-                    w.write(fmt.quantize(x, t.part_importance(i)))
-                    if progress:
-                        progress(t.name, x.size)
-            w.finish()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(out, replace=force) as f:
+        w = GGUFStreamWriter(f)
+        for t in p.tensors:
+            w.add_tensor(t.name, t.shape, t.type, t.nbytes)
+        w.write_header(p.metadata)
+        for t in p.tensors:
+            fmt = get_format(t.type, t.name)
+            for i, part in enumerate(t.parts):
+                x = part()
+                w.write(fmt.quantize(x, t.part_importance(i)))
+                if progress:
+                    progress(t.name, x.size)
+        w.finish()
     size = out.stat().st_size
     data = sum(t.nbytes for t in p.tensors)
     return Summary(out, p.input_bytes, size, p.n_params, 8 * data / max(p.n_params, 1),
