@@ -23,6 +23,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValue, GGUFValueType as VT
 
 from .errors import GGUFFormatError, UnsupportedQuantType
+from .files import InputFileError, open_regular
 
 ALIGNMENT_KEY = "general.alignment"
 DEFAULT_ALIGNMENT = 32
@@ -93,14 +94,19 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        try:  # open_regular: a FIFO would block open(); a device never ends
+            fd = open_regular(self.path, "GGUF file")
+        except InputFileError as e:
+            raise GGUFFormatError(str(e)) from None
         try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < 24:
-                    raise GGUFFormatError(f"{self.path}: not a GGUF file (only {size} bytes)")
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            size = os.fstat(fd).st_size
+            if size < 24:
+                raise GGUFFormatError(f"{self.path}: not a GGUF file (only {size} bytes)")
+            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         except OSError as e:
             raise GGUFFormatError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        finally:
+            os.close(fd)
         self._buf = memoryview(self._mm)
         self.size = size
         self._pos = 0

@@ -22,9 +22,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from .errors import ImatrixError, QuantError
+from .files import InputFileError, open_regular, read_bytes
 from .gguf_file import GGUFFile, StringArray
 
 _SUMS, _COUNTS = ".in_sum2", ".counts"
+# 235B-A22B's legacy file is ~0.6 GB (every expert's columns, float32): room for that, not for /dev/zero
+MAX_LEGACY_BYTES = 4 << 30
 _METADATA = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
 
 
@@ -55,10 +58,15 @@ def load_imatrix(path: str | os.PathLike) -> Imatrix:
     """Read a GGUF or legacy .dat imatrix file into per-column mean importances."""
     given, path = path, Path(path)
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
+        fd = open_regular(path, "imatrix file")
+    except InputFileError as e:
+        raise ImatrixError(str(e)) from None
+    try:
+        magic = os.pread(fd, 4, 0)
     except OSError as e:
         raise ImatrixError(f"{path}: cannot read imatrix: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
     m = _load_gguf(path) if magic == b"GGUF" else _load_legacy(path)
     m.source = os.fspath(given)
     for name, v in m.entries.items():
@@ -118,7 +126,10 @@ def _mean_per_expert(path: Path, name: str, sums: np.ndarray, counts: np.ndarray
 
 
 def _load_legacy(path: Path) -> Imatrix:
-    data = path.read_bytes()
+    try:
+        data = read_bytes(path, MAX_LEGACY_BYTES, "legacy imatrix file")
+    except InputFileError as e:
+        raise ImatrixError(str(e)) from None
     if not data:
         raise ImatrixError(f"{path}: empty file, not an imatrix")
     pos = 0

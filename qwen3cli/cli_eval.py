@@ -7,9 +7,13 @@ from pathlib import Path
 
 import typer
 
+from quant.files import read_text
+
 from .cli import app, err, out, user_errors
 from .cli_options import Model, Threads
 from .cli_run import UsageError, open_engine, set_threads
+
+MAX_TEXT = 64 << 20  # bytes: hours of scoring on a CPU already
 
 
 @app.command(name="eval")
@@ -29,10 +33,7 @@ def eval_(
     from .evaluate import evaluate, sample_text
 
     if text is not None:
-        try:
-            body = text.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"{text}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+        body = read_text(text, MAX_TEXT, "text file")
     else:
         body = sample_text()
     set_threads(threads)

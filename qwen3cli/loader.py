@@ -7,6 +7,7 @@ see identical tensors, metadata and checks. Repo ids are resolved by `hub` to on
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 from tokenizers import Tokenizer
 
+from quant.files import check_regular
 from quant.formats import get_format
 from quant.gguf_file import GGUFFile
 
@@ -54,7 +56,8 @@ def load(source: str | Path, quant: str = "q8_0", progress: Progress | None = No
     path = Path(source)
     if path.is_dir():
         return load_hf_dir(path, quant, progress)
-    if path.is_file():
+    if os.path.lexists(path):  # a file, a FIFO, a device, a dangling or looping link: not a repo id
+        check_regular(path, "GGUF file")
         return load_gguf(path)
     from . import hub  # a repo id, or a typo: hub decides which
 

@@ -78,5 +78,5 @@ def test_bad_files_are_one_typed_error_naming_the_file(tmp_path, make, match):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(ImatrixError, match="cannot read imatrix"):
+    with pytest.raises(ImatrixError, match="cannot read: no such file"):
         load_imatrix(tmp_path / "nope.dat")
