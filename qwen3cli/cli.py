@@ -7,6 +7,7 @@ Ctrl-C is exit 130. Nothing below this layer prints.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 from enum import Enum
 from functools import wraps
@@ -32,6 +33,16 @@ out = Console()
 err = Console(stderr=True)
 
 
+# C0/C1 controls (ESC sequences retitle windows, clear screens, fake output) and the bidi
+# overrides that reorder what a reader sees; a string from a file or a client shows them escaped
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(s: object) -> str:
+    """str(s) safe for a terminal or a log line: control characters as \\xNN / \\uNNNN escapes."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", str(s))
+
+
 def user_errors(fn):
     """Turn library errors into one red line and exit 1; Ctrl-C into exit 130."""
 
@@ -40,7 +51,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True, markup=True)
+            err.print(f"[red]error:[/red] {escape(printable(e))}", highlight=False, soft_wrap=True, markup=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]")
@@ -73,12 +84,12 @@ def print_fields(console: Console, rows: list[tuple[str, str]]) -> None:
         t.add_column(style="bold", no_wrap=True)
         t.add_column(overflow="fold")
         for label, value in rows:
-            t.add_row(Text(label), Text(value))
+            t.add_row(Text(printable(label)), Text(printable(value)))
         console.print(t, highlight=False)
         return
     w = max((len(label) for label, _ in rows), default=0)
     for label, value in rows:
-        console.print(f"{label:<{w}}  {value}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"{label:<{w}}  {printable(value)}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _size(n: float) -> str:
@@ -173,8 +184,8 @@ def _warn_imatrix_missing(p) -> None:
     missing, _ = p.imatrix_missing()
     if missing:  # llama-quantize says "did not find weights for ..." and goes on unweighted
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        err.print(f"[yellow]warning:[/yellow] the imatrix has no data for {', '.join(missing[:3])}{more}; "
-                  "quantized without it", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/yellow] the imatrix has no data for {escape(printable(', '.join(missing[:3])))}"
+                  f"{more}; quantized without it", highlight=False, soft_wrap=True)
 
 
 def _print_plan(p) -> None:
@@ -182,13 +193,13 @@ def _print_plan(p) -> None:
     for c, j in (("tensor", "left"), ("shape", "left"), ("type", "left"), ("size", "right")):
         t.add_column(c, justify=j, overflow="fold")
     for x in p.tensors:
-        t.add_row(Text(x.name), " x ".join(map(str, x.shape)), x.type.name, _size(x.nbytes))
+        t.add_row(Text(printable(x.name)), " x ".join(map(str, x.shape)), x.type.name, _size(x.nbytes))
     out.print(t)
     total = sum(x.nbytes for x in p.tensors)
     out.print(f"{len(p.tensors)} tensors, {_count(p.n_params)} parameters, {_size(total)} of tensor data "
               f"({8 * total / max(p.n_params, 1):.2f} bits per weight); nothing written", highlight=False)
     if p.imatrix is not None:
-        out.print(f"imatrix: {_imatrix_line(p)}", highlight=False, soft_wrap=True)
+        out.print(f"imatrix: {printable(_imatrix_line(p))}", highlight=False, soft_wrap=True, markup=False)
         _warn_imatrix_missing(p)
 
 
@@ -247,7 +258,30 @@ def main() -> None:
         raise SystemExit(128 + t.signum) from None
 
 
+def _click_exceptions():
+    try:  # recent typer vendors its own click
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def _main() -> None:
     logging.getLogger("gguf").setLevel(logging.ERROR)
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry chatter; failures reach us as errors
-    app()
+    ex = _click_exceptions()
+    try:
+        rv = app(standalone_mode=False)
+    except ex.NoArgsIsHelpError as e:
+        e.show()  # a bare command: its help, as before
+        raise SystemExit(e.exit_code) from None
+    except ex.ClickException as e:
+        # a usage mistake is one line like every other error (typer would draw a box), exit 2
+        hint = f" (see '{e.ctx.command_path} --help')" if getattr(e, "ctx", None) else ""
+        msg = " ".join(e.format_message().split())
+        err.print(f"[red]error:[/red] {escape(printable(msg + hint))}", highlight=False, soft_wrap=True)
+        raise SystemExit(e.exit_code) from None
+    except typer.Abort:
+        err.print("[yellow]interrupted[/yellow]")
+        raise SystemExit(130) from None
+    raise SystemExit(rv if isinstance(rv, int) else 0)

@@ -8,7 +8,7 @@ import time
 import typer
 from rich.table import Table
 
-from .cli import app, out, user_errors
+from .cli import app, out, printable, user_errors
 from .cli_options import Device, Model, Quant, Threads
 from .cli_run import UsageError, open_engine, set_threads
 
@@ -47,8 +47,8 @@ def bench(
              "runs": [round(x, 2) for x in r.runs]} for r in results]}))
         return
     where = "GPU" if info["device"] == "cuda" else f"{info['threads']} threads"
-    out.print(f"{info['model']} · {where} · weights {info['weights_mb']:.0f} MB · "
-              f"load {load_s:.2f} s · peak RSS {info['peak_rss_mb']:.0f} MB", highlight=False)
+    out.print(f"{printable(info['model'])} · {where} · weights {info['weights_mb']:.0f} MB · "
+              f"load {load_s:.2f} s · peak RSS {info['peak_rss_mb']:.0f} MB", highlight=False, markup=False)
     t = Table()
     for c in ("test", "tokens/s", "±"):
         t.add_column(c, justify="right")

@@ -19,9 +19,10 @@ from prompt_toolkit.key_binding import KeyBindings
 from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.text import Text
 
-from .cli import app, err, user_errors
+from .cli import app, err, printable, user_errors
 from .cli_options import Ctx, Device, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
 from .cli_run import UsageError, open_engine, set_threads
 from .conversation import SAMPLING_KEYS, ChatSettings, Conversation, Notice
@@ -447,6 +448,6 @@ def chat(
     ui = ChatUI(conv, console, make_prompt_session(), display=thinking, markdown=markdown)
     note = {"always": "this model always thinks", "never": "this model never thinks"}.get(engine.mode, "")
     gpu = "GPU · " if engine.model.device == "cuda" else ""
-    err.print(f"[dim]{engine.loaded.name} · {gpu}context {engine.ctx} · {note + ' · ' if note else ''}"
+    err.print(f"[dim]{escape(printable(engine.loaded.name))} · {gpu}context {engine.ctx} · {note + ' · ' if note else ''}"
               "/help for commands, Ctrl-D to exit[/dim]")
     ui.loop()

@@ -32,6 +32,8 @@ def eval_(
 
     from .evaluate import evaluate, sample_text
 
+    if ctx < 2:  # half of each chunk is scored
+        raise UsageError(f"--ctx must be at least 2, got {ctx}")
     if text is not None:
         body = read_text(text, MAX_TEXT, "text file")
     else:

@@ -85,12 +85,52 @@ def set_threads(n: int | None) -> None:
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
+def user_sampling(seed: int | None = None, **flags) -> tuple[dict, int | None]:
+    """The sampling flags the user set, checked before any model loads; --seed -1 means a
+    random seed, as in llama.cpp. Returns (flags that were set, seed)."""
+    from .sampler import SamplingError, SamplingParams
+
+    if seed == -1:
+        seed = None
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        SamplingParams(**{**SamplingParams().__dict__, **given, "seed": seed}).validate()
+    except SamplingError as e:
+        raise UsageError(str(e)) from None
+    return given, seed
+
+
+MAX_PROMPT_BYTES = 64 << 20  # a 128K-token context holds well under 1 MB of text: this is only a bound
+
+
 def read_prompt(prompt: str | None) -> str:
-    piped = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    piped = None
+    if sys.stdin is not None and not sys.stdin.isatty():
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None:  # a text stream (tests): it is already decoded
+            piped = sys.stdin.read(MAX_PROMPT_BYTES + 1)
+            raw = piped.encode("utf-8", "surrogatepass")
+        else:
+            raw = stream.read(MAX_PROMPT_BYTES + 1)
+        if len(raw) > MAX_PROMPT_BYTES:
+            raise UsageError(f"stdin: more than {MAX_PROMPT_BYTES >> 20} MB of prompt")
+        try:
+            piped = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"stdin: not UTF-8 text (byte {e.start})") from None
     parts = [p for p in (prompt, piped) if p and p.strip()]
     if not parts:
         raise UsageError("no prompt: give one as an argument or pipe it on stdin")
     return "\n\n".join(parts)
+
+
+def check_prompt_size(engine, text: str) -> None:
+    """Refuse a prompt that cannot fit before tokenizing it (a 10 MB prompt takes 10 s and
+    1.6 GB to tokenize): no token covers more bytes than the vocabulary's longest one."""
+    n = len(text.encode("utf-8", "surrogatepass"))
+    if n > engine.ctx and n > engine.ctx * max(map(len, engine.tokenizer.get_vocab())):
+        raise UsageError(f"the prompt has {n} bytes, more than the {engine.ctx}-token context can hold; "
+                         "raise --ctx or shorten the prompt")
 
 
 @app.command()
@@ -125,12 +165,15 @@ def run(
     from .sampler import Sampler, default_params
 
     t_start = time.perf_counter()
-    text = read_prompt(prompt)
     for name, v in (("--ctx", ctx), ("--max-tokens", max_tokens)):
         if v is not None and v < 1:
             raise UsageError(f"{name} must be at least 1, got {v}")
+    user, seed = user_sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                               presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
+    text = read_prompt(prompt)
     set_threads(threads)
     engine = open_engine(model, ctx, quant, device)
+    check_prompt_size(engine, text)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     p = engine.prompt(messages, enable_thinking=think)
     if len(p.ids) >= engine.ctx:
@@ -138,8 +181,7 @@ def run(
                           "raise --ctx or shorten the prompt")
     try:
         params = default_params(p.thinking, engine.loaded.metadata, p.thinking == engine.thinks(None),
-                                temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                                presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
+                                seed=seed, **user)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -8,6 +8,7 @@ Temperature 0 is greedy. Defaults come from Qwen's guidance by mode, then the fi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -31,11 +32,40 @@ class SamplingParams:
     repeat_last_n: int = 64
     seed: int | None = None
 
-    def validate(self) -> "SamplingParams":
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p <= 1 \
-                or self.repeat_penalty <= 0 or self.repeat_last_n < 0:
-            raise ValueError(f"invalid sampling parameters: {self}")
+    def validate(self, names: dict[str, str] | None = None) -> "SamplingParams":
+        """Self, or a SamplingError naming the first bad value as `names` call it (CLI flags by default)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            problem = _problem(f.name, v)
+            if problem:
+                raise SamplingError(f"{(names or FLAGS).get(f.name, f.name)} {problem}, got {v!r}")
         return self
+
+
+class SamplingError(ValueError):
+    """A sampling parameter out of its range; the message names it as its source does."""
+
+
+FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+         "presence_penalty": "--presence-penalty", "repeat_penalty": "--repeat-penalty", "seed": "--seed"}
+MAX_SEED = 2**64 - 1
+
+
+def _problem(name: str, v: Any) -> str | None:
+    """Why v cannot be this parameter (NaN fails every comparison, so ranges are written as
+    what must hold), or None."""
+    if name == "seed":
+        ok = v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED)
+        return None if ok else f"must be an integer from 0 to {MAX_SEED}"
+    if name in ("top_k", "repeat_last_n"):
+        ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31
+        return None if ok else "must be a whole number >= 0"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "must be a finite number"
+    ok, want = {"temperature": (v >= 0, ">= 0"), "top_p": (0 < v <= 1, "in (0, 1]"),
+                "min_p": (0 <= v <= 1, "in [0, 1]"), "presence_penalty": (-2 <= v <= 2, "in [-2, 2]"),
+                "repeat_penalty": (v > 0, "> 0")}[name]
+    return None if ok else f"must be {want}"
 
 
 def default_params(thinking: bool, metadata: dict[str, Any] | None = None, file_mode: bool = True,

@@ -225,7 +225,7 @@ def test_chat_command_bad_inputs(tmp_path):
     for args, needle in ((["chat", str(tmp_path / "none.gguf")], "no such file"),
                          (["chat", "x.gguf", "--thinking", "loud"], "--thinking"),
                          (["chat", "x.gguf", "--ctx", "0"], "--ctx"),
-                         (["chat", "x.gguf", "--temp", "-2"], "temperature")):
+                         (["chat", "x.gguf", "--temp", "-2"], "--temp must be >= 0")):
         r = CliRunner().invoke(app, args)
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         assert r.exit_code == 1 and len(lines) == 1 and needle in lines[0], (args, r.stderr)

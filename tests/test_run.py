@@ -113,7 +113,7 @@ def test_bad_inputs(tiny, tmp_path):
     _nan_scale(tiny, tmp_path / "nan.gguf", "blk.0.attn_q.weight")
     one_line_error(*run(tmp_path / "nan.gguf", "hi")[::2], "nan.gguf", "NaN")
     one_line_error(*run(tiny, "word " * 100, "--ctx", "32")[::2], "context", "--ctx")
-    one_line_error(*run(tiny, "hi", "--temp", "-1")[::2], "temperature")
+    one_line_error(*run(tiny, "hi", "--temp", "-1")[::2], "--temp must be >= 0")
     one_line_error(*run(tiny, "hi", "--ctx", "0")[::2], "--ctx")
     one_line_error(*run(tiny, input="")[::2], "no prompt")
 
