@@ -24,7 +24,7 @@ from rich.text import Text
 
 from .cli import app, err, printable, user_errors
 from .cli_options import Ctx, Device, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
-from .cli_run import UsageError, open_engine, set_threads
+from .cli_run import UsageError, open_engine, set_threads, user_sampling
 from .conversation import SAMPLING_KEYS, ChatSettings, Conversation, Notice
 from .errors import Qwen3CliError
 from .generate import BUDGET_NOTE, Done
@@ -424,20 +424,13 @@ def chat(
     markdown: bool = typer.Option(False, "--markdown", help="Render finished answers as Markdown."),
 ) -> None:
     """Chat with a model. /help inside lists the commands."""
-    from .sampler import default_params
-
     if thinking not in DISPLAYS:
         raise UsageError(f"--thinking must be one of {', '.join(DISPLAYS)}, got {thinking!r}")
     for name, v in (("--ctx", ctx), ("--max-tokens", max_tokens), ("--thinking-budget", thinking_budget)):
         if v is not None and v < 1:
             raise UsageError(f"{name} must be at least 1, got {v}")
-    sampling = {k: v for k, v in dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                                      presence_penalty=presence_penalty, repeat_penalty=repeat_penalty).items()
-                if v is not None}
-    try:
-        default_params(True, **sampling)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    sampling, seed = user_sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                                   presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
     set_threads(threads)
     engine = open_engine(model, ctx, quant, device)
     conv = Conversation(engine, ChatSettings(system=system, think=think, thinking_budget=thinking_budget,

@@ -96,3 +96,30 @@ def snapshot(d: Path) -> dict[str, tuple[int, float, int]]:
         st = p.lstat()
         out[str(p.relative_to(d))] = (st.st_size, st.st_mtime_ns, st.st_mode)
     return out
+
+
+def run_main(*args, input: bytes | None = None) -> Result:
+    """The same CLI entry point in this process (no rlimit, no fork): for the many cheap cases
+    whose memory and time are not in question. Signal handlers it installs are put back."""
+    import contextlib
+    import io
+    import signal
+
+    from qwen3cli.cli import main
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    out, err = io.StringIO(), io.StringIO()
+    stdin = io.TextIOWrapper(io.BytesIO(input or b""), encoding="utf-8")
+    argv, sys.argv = sys.argv, ["qwen3cli", *map(str, args)]
+    old_stdin, sys.stdin = sys.stdin, stdin
+    t0, code = time.monotonic(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv, sys.stdin = argv, old_stdin
+        for s, h in saved.items():
+            signal.signal(s, h)
+    return Result(code, out.getvalue(), err.getvalue(), time.monotonic() - t0, 0.0)
