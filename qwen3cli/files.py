@@ -13,8 +13,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 import stat
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
@@ -106,12 +108,14 @@ def _commit(tmp: Path, out: Path, replace: bool) -> None:
 def atomic_output(out: str | Path, replace: bool, binary: bool = True) -> Iterator[IO]:
     """A file object for `out`'s future contents: committed on success, removed on any exit."""
     out = check_output(out, replace)
+    tmp = None
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    except OSError as e:
-        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
-    tmp = Path(name)
-    try:
+        with _signals_held():  # a signal between creating the file and knowing its name would leak it
+            try:
+                fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+            except OSError as e:
+                raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
+            tmp = Path(name)
         os.fchmod(fd, _umask_mode())
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             yield f
@@ -121,7 +125,22 @@ def atomic_output(out: str | Path, replace: bool, binary: bool = True) -> Iterat
     except OSError as e:
         raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
     finally:  # also on Ctrl-C, SIGTERM/SIGHUP (the CLI turns them into exceptions) and errors
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
+        if tmp is not None:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+
+@contextmanager
+def _signals_held():
+    """Hold Ctrl-C, SIGTERM and SIGHUP for a few statements (main thread, where they land)."""
+    held = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -26,7 +26,7 @@ class Result:
     stdout: str
     stderr: str
     seconds: float
-    peak_mb: float  # the child's max RSS
+    peak_mb: float  # the child's peak RSS, polled every 20 ms (0 for in-process runs)
     timed_out: bool = False
 
 
@@ -59,9 +59,12 @@ def run_cli(*args, input: bytes | str | None = None, env: dict | None = None, cw
             p.stdin.close()
         except OSError:  # the child stopped reading: that is its business
             pass
-    timed_out, deadline = False, t0 + timeout
-    while True:  # wait4, not communicate: it gives this child's own peak RSS
-        pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+    timed_out, deadline, hwm = False, t0 + timeout, 0.0
+    while True:
+        # the child's peak RSS: VmHWM of its own (post-exec) memory, polled; rusage's maxrss
+        # would count the pytest pages the fork copied before exec
+        hwm = max(hwm, _vm_hwm_mb(p.pid))
+        pid, status, _ = os.wait4(p.pid, os.WNOHANG)
         if pid:
             break
         if time.monotonic() > deadline and not timed_out:
@@ -71,9 +74,21 @@ def run_cli(*args, input: bytes | str | None = None, env: dict | None = None, cw
     p.returncode = os.waitstatus_to_exitcode(status)
     for t in readers:
         t.join()
-    out, err, peak = chunks.get("out", b""), chunks.get("err", b""), usage.ru_maxrss / 1024
+    out, err, peak = chunks.get("out", b""), chunks.get("err", b""), hwm
+    _log(args, time.monotonic() - t0, peak, p.returncode, "child")
     return Result(p.returncode, out.decode(errors="replace"), err.decode(errors="replace"),
                   time.monotonic() - t0, peak, timed_out)
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def clean_error(r: Result, *needles: str) -> str:
@@ -122,4 +137,17 @@ def run_main(*args, input: bytes | None = None) -> Result:
         sys.argv, sys.stdin = argv, old_stdin
         for s, h in saved.items():
             signal.signal(s, h)
+    _log(args, time.monotonic() - t0, None, code, "in-process")
     return Result(code, out.getvalue(), err.getvalue(), time.monotonic() - t0, 0.0)
+
+
+def _log(args, seconds, peak_mb, code, how) -> None:
+    """With QWEN3CLI_HOSTILE_LOG=FILE, one JSON line a case: scripts/hostile_report.py sums them up."""
+    path = os.environ.get("QWEN3CLI_HOSTILE_LOG")
+    if path:
+        import json
+
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": test, "args": [str(a)[-60:] for a in args], "seconds": round(seconds, 3),
+                                "peak_mb": peak_mb, "code": code, "how": how}) + "\n")
