@@ -48,10 +48,10 @@ def peak_rss_mb() -> float:
 
 def run_bench(engine: Engine, prompt: int = 128, gen: int = 64, reps: int = 3) -> list[BenchResult]:
     m = engine.model
-    ids = [int(t) for t in np.random.default_rng(0).integers(0, engine.args.vocab_size, prompt)]
+    ids = [int(t) for t in np.random.default_rng(0).integers(0, engine.args.vocab_size, max(prompt, 1))]
     results = []
     if prompt:
-        pp = BenchResult(f"pp{prompt}", prompt)
+        pp = BenchResult(f"pp{prompt}", prompt)  # ids has `prompt` tokens here
         for r in range(reps + 1):
             cache = m.new_cache()
             t0 = time.perf_counter()

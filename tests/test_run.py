@@ -127,6 +127,9 @@ def test_bench_json(tiny):
     assert d["peak_rss_mb"] > 0 and d["load_s"] > 0 and d["weights_mb"] > 0 and d["device"] == "cpu"
     r = CliRunner().invoke(app, ["bench", str(tiny), "-p", "0", "-n", "0"])
     assert r.exit_code == 1 and r.stderr.startswith("error: ")
+    r = CliRunner().invoke(app, ["bench", str(tiny), "-p", "0", "-n", "3", "-r", "1", "--json"])  # decode only
+    assert r.exit_code == 0, r.stderr
+    assert [x["test"] for x in json.loads(r.stdout)["results"]] == ["tg3"]
 
 
 def test_device_choice(tiny, scripted, monkeypatch):
