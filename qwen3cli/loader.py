@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from quant.formats import get_format
 from quant.gguf_file import GGUFFile
 
-from . import convert
+from . import convert, memory
 from .config import ModelArgs, args_from_gguf
 from .errors import ConfigError
 from .meta import Fields
@@ -86,6 +86,8 @@ def load_hf_dir(directory: str | Path, quant: str = "q8_0", progress: Progress |
     p = convert.plan(directory, quant)
     md = {k: v.value for k, v in p.metadata.items()}
     total = sum(t.nbytes for t in p.tensors)
+    memory.require(total, f"converting {p.src} to {quant} in memory",
+                   "convert it to a GGUF file with `qwen3cli quantize` and run that")
     done = 0
     tensors: dict[str, tuple[tuple[int, ...], int, np.ndarray]] = {}
     for t in p.tensors:
