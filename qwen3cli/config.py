@@ -110,7 +110,7 @@ class ModelArgs:
         head_dim = _head_dim(f, "head_dim", hidden, n_heads)
 
         # transformers 5 keeps theta and scaling in rope_parameters; the hub's files in rope_scaling
-        rope = f.section("rope_parameters" if cfg.get("rope_parameters") else "rope_scaling")
+        rope = f.section("rope_parameters" if f.has("rope_parameters") else "rope_scaling")
         theta = (f if f.has("rope_theta") else rope).number("rope_theta", 1, MAX_ROPE_THETA, open_lo=True)
         scaling = _rope_scaling(rope)
 
@@ -196,9 +196,9 @@ def gguf_hparam(f: Fields, arch: str, suffix: str, default: Any = REQUIRED):
 def args_from_gguf(md: dict[str, Any], where: str = "GGUF") -> ModelArgs:
     """ModelArgs from a GGUF's `{arch}.*` keys, checked as strictly as a config.json."""
     f = Fields(md, where)
-    arch = md.get("general.architecture")
+    arch = f.text("general.architecture")
     if arch not in ("qwen3", "qwen3moe"):
-        raise ConfigError(f"{where}: architecture {describe(arch)} is not supported; expected qwen3 or qwen3moe")
+        raise ConfigError(f"{where}: architecture {arch!r} is not supported; expected qwen3 or qwen3moe")
 
     def get(suffix: str, default: Any = REQUIRED):
         return gguf_hparam(f, arch, suffix, default)
