@@ -32,8 +32,8 @@ def check_context(a, ctx: int, backend: str = "cpu") -> None:
         need, what = int(ctx) * a.head_dim * 16, f"the RoPE tables of a {ctx}-token context"
     else:
         need = kv_cache_nbytes(a, ctx)
-        what = (f"a {ctx}-token KV cache ({a.n_layers} layers x {a.n_kv_heads} KV heads x {a.head_dim} "
-                "x 2 x 4 bytes per token)")
+        what = (f"a {ctx}-token KV cache ({kv_cache_nbytes(a, 1)} bytes per token: {a.n_layers} layers, "
+                f"{a.n_kv_heads} KV heads of {a.head_dim}, K and V in float32)")
     memory.require(need, what, "use a smaller --ctx")
 
 
