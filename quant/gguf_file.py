@@ -205,7 +205,7 @@ class GGUFFile:
         align = self.metadata.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT)
         if type(align) is not int or not 0 < align < 1 << 32 or align & (align - 1):
             what = f"{align!r:.40}" if isinstance(align, (int, float, str)) else f"a {type(align).__name__}"
-            raise GGUFFormatError(f"{self.path}: {ALIGNMENT_KEY} must be a power of two below 2^32, got {what}")
+            raise GGUFFormatError(f"{self.path}: '{ALIGNMENT_KEY}' must be a power of two below 2^32, got {what}")
         self.alignment = align
         self.data_start = -(-self._pos // align) * align
         for name, shape, ttype, offset in infos:

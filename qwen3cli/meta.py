@@ -39,11 +39,13 @@ def describe(v: Any) -> str:
     if isinstance(v, str):
         return f"the string {v[:40]!r}" + ("..." if len(v) > 40 else "")
     if isinstance(v, StringArray):
-        return f"an array of {len(v)} strings"
+        return f"an array of {len(v)} string{'s' * (len(v) != 1)}"
     if isinstance(v, np.ndarray):
         return f"an array of {v.size} {v.dtype}"
     if isinstance(v, (list, tuple)):
-        return f"a list of {len(v)} items"
+        if len(v) <= 4 and not any(isinstance(x, (list, tuple, dict)) for x in v):
+            return "[" + ", ".join(repr(x[:20]) if isinstance(x, str) else describe(x) for x in v) + "]"
+        return f"a list of {len(v)} item{'s' * (len(v) != 1)}"
     if isinstance(v, dict):
         return "an object"
     return f"a {type(v).__name__}"

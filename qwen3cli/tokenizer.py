@@ -30,7 +30,7 @@ def from_gguf_metadata(md: dict, where: str = "GGUF") -> Tokenizer:
     types = f.ints("tokenizer.ggml.token_type", int(min(TokenType)), int(max(TokenType))).tolist()
     merges = f.texts("tokenizer.ggml.merges")
     if len(types) != len(tokens):
-        raise ConfigError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
+        raise ConfigError(f"{where}: 'tokenizer.ggml.token_type' has {len(types)} entries for {len(tokens)} tokens")
     vocab: dict[str, int] = {}
     for i, (t, ty) in enumerate(zip(tokens, types)):
         if ty == TokenType.NORMAL:
