@@ -692,3 +692,19 @@ def test_end_to_end_optional_files_warn(hostile_files):
     assert len(warnings) == 2 and any("README.md" in w for w in warnings) and any("'temperature'" in w for w in warnings)
     assert "Traceback" not in r.stderr
     print(f"quantize with a broken card and generation_config: {r.seconds:.2f} s, peak RSS {r.peak_mb:.0f} MB")
+
+
+def test_sizes_are_checked_against_memory_first(base_ggufs, tiny, tmp_path, monkeypatch):
+    from qwen3cli import memory
+    from qwen3cli.model import Model, kv_cache_nbytes
+
+    kv, tensors = base_ggufs["dense"]
+    m = load_gguf(write_gguf(tmp_path / "m.gguf", kv, tensors))
+    assert kv_cache_nbytes(m.args, 10**9) == 2 * 2 * 2 * 10**9 * 32 * 4  # exact, far past int32
+    monkeypatch.setattr(memory, "available", lambda: 10 << 20)
+    Model(m.weights, ctx=64)  # 64 KB of cache fits in 10 MB
+    with pytest.raises(memory.MemoryLimitError, match=r"a 100000-token KV cache \(1024 bytes per token.*more than the 10.5 MB"):
+        Model(m.weights, ctx=100_000)
+    monkeypatch.setattr(memory, "available", lambda: 100_000)  # the converted weights are 534 KB
+    with pytest.raises(memory.MemoryLimitError, match="converting .* in memory"):
+        load(tiny["dense"], "f32")
