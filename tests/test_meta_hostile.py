@@ -708,3 +708,26 @@ def test_sizes_are_checked_against_memory_first(base_ggufs, tiny, tmp_path, monk
     monkeypatch.setattr(memory, "available", lambda: 100_000)  # the converted weights are 534 KB
     with pytest.raises(memory.MemoryLimitError, match="converting .* in memory"):
         load(tiny["dense"], "f32")
+
+
+def test_parsers_meet_their_limits(scratch):
+    d = scratch("dense")
+    cfg = (d / "config.json").read_text()
+    (d / "config.json").write_text(cfg[:-1] + ', "vocab_size": ' + "9" * 5000 + "}")
+    assert "too many digits" in user_error_or_none(convert.plan, d)
+    (d / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in user_error_or_none(convert.plan, d)
+    d = scratch("dense")
+    shard = d / "model.safetensors"
+    blob = shard.read_bytes()
+    deep = b"[" * 50_000 + b"]" * 50_000
+    shard.write_bytes(struct.pack("<Q", len(deep)) + deep)
+    assert "not JSON" in user_error_or_none(convert.plan, d)
+    shard.write_bytes(blob)
+    # aliases nest nine lists nine deep: a walk of every item would take 9^9 steps
+    laughs = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+        f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi")) + "tags: *i\nbase_model: *i\n"
+    (d / "README.md").write_text(f"---\n{laughs}---\n")
+    assert len(convert.plan(d).warnings) == 2
+    (d / "README.md").write_text("---\n" + "[" * 100_000 + "\n---\n")
+    assert "nested too deeply" in convert.plan(d).warnings[0]
