@@ -22,7 +22,6 @@ import struct
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 import yaml
 from gguf import GGUF_MAGIC, GGUFValueType as VT
