@@ -71,7 +71,14 @@ def read_bytes(path: str | Path, limit: int, what: str = "file") -> bytes:
         if size > limit:
             raise InputFileError(f"{path}: {size} bytes, more than a {what} may have ({limit})")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)  # the file may have grown since fstat
+            # what fstat said, then on to EOF if the file grew meanwhile: never more than limit + 1
+            # bytes, and never a limit-sized buffer for a small file
+            data = f.read(min(size, limit) + 1)
+            while len(data) <= limit:
+                more = f.read(min(1 << 20, limit + 1 - len(data)))
+                if not more:
+                    break
+                data += more
     except OSError as e:
         raise InputFileError(f"{path}: {os_problem(e)}") from None
     finally:
@@ -97,3 +104,5 @@ def read_json(path: str | Path, limit: int, what: str = "JSON file"):
         raise InputFileError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except RecursionError:
         raise InputFileError(f"{path}: JSON nested too deeply") from None
+    except ValueError as e:  # Python's int() digit limit, as a plain ValueError
+        raise InputFileError(f"{path}: not valid JSON ({e})") from None

@@ -12,6 +12,7 @@ exist whole in memory. It is a small state machine and refuses out-of-order call
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -56,14 +57,14 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # a Python int: numpy's int64 product wraps around
 
 
 class StringArray:
     """A GGUF string array decoded on demand (the vocabulary has 151,936 of them)."""
 
-    def __init__(self, buf: memoryview, start: int, count: int):
-        self._buf, self._start, self._count = buf, start, count
+    def __init__(self, buf: memoryview, start: int, count: int, where: str = "string array"):
+        self._buf, self._start, self._count, self._where = buf, start, count, where
         self._items: list[str] | None = None
 
     def __len__(self) -> int:
@@ -72,9 +73,12 @@ class StringArray:
     def _decode(self) -> list[str]:
         if self._items is None:
             buf, pos, out = self._buf, self._start, []
-            for _ in range(self._count):
+            for i in range(self._count):
                 (n,) = struct.unpack_from("<Q", buf, pos)
-                out.append(bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8", "replace"))
+                try:  # a replacement character would silently change what the token means
+                    out.append(bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise GGUFFormatError(f"{self._where}[{i}] is not valid UTF-8") from None
                 pos += 8 + n
             self._items = out
         return self._items
@@ -150,22 +154,26 @@ class GGUFFile:
         except ValueError:
             raise self._fail(f"unknown metadata value type {raw}") from None
 
-    def _value(self, vt: VT, depth: int = 0):
+    def _value(self, vt: VT, key: str, depth: int = 0):
         if vt == VT.STRING:
             return self._str()
         if vt in _SCALARS:
             return self._scalar(vt)
         if depth > 0:
-            raise self._fail("nested arrays are not supported")
+            raise self._fail(f"{key}: nested arrays are not supported")
         sub = self._vtype()
         count = self._u64()
+        # each item takes at least 8 bytes (a string's length, an array's type and count):
+        # refuse a count the rest of the file cannot hold before looping over it
+        if sub in (VT.STRING, VT.ARRAY) and count * 8 > self.size - self._pos:
+            raise self._fail(f"{key}: an array of {count} items cannot fit in the file")
         if sub == VT.STRING:
             start = self._pos
             for _ in range(count):  # skip by length prefixes; decode later
                 self._take(self._u64())
-            return StringArray(self._buf, start, count)
+            return StringArray(self._buf, start, count, f"{self.path}: {key}")
         if sub == VT.ARRAY:
-            return [self._value(VT.ARRAY, depth + 1) for _ in range(count)]
+            return [self._value(VT.ARRAY, key, depth + 1) for _ in range(count)]
         fmt, dtype = _SCALARS[sub]
         start = self._take(count * struct.calcsize(fmt))
         return np.frombuffer(self._buf, dtype=np.dtype(dtype).newbyteorder("<"), count=count, offset=start)
@@ -185,7 +193,7 @@ class GGUFFile:
             key = self._str()
             if key in self.metadata:
                 raise self._fail(f"duplicate key {key!r}")
-            self.metadata[key] = self._value(self._vtype())
+            self.metadata[key] = self._value(self._vtype(), key)
         infos, seen = [], set()
         for _ in range(n_tensors):
             name = self._str()
@@ -200,9 +208,10 @@ class GGUFFile:
                 raise self._fail(f"duplicate tensor {name!r}")
             seen.add(name)
             infos.append((name, shape, ttype, offset))
-        align = int(self.metadata.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT))
-        if align <= 0 or align & (align - 1):
-            raise self._fail(f"bad alignment {align}")
+        align = self.metadata.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT)
+        if type(align) is not int or not 0 < align < 1 << 32 or align & (align - 1):
+            what = f"{align!r:.40}" if isinstance(align, (int, float, str)) else f"a {type(align).__name__}"
+            raise GGUFFormatError(f"{self.path}: '{ALIGNMENT_KEY}' must be a power of two below 2^32, got {what}")
         self.alignment = align
         self.data_start = -(-self._pos // align) * align
         for name, shape, ttype, offset in infos:
@@ -212,21 +221,21 @@ class GGUFFile:
                 raise UnsupportedQuantType(f"{self.path}: tensor {name!r} has unknown GGML type {ttype}") from None
             if shape[0] % block:
                 raise self._fail(f"tensor {name!r}: row of {shape[0]} is not a multiple of {block}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) // block * size
+            nbytes = math.prod(shape) // block * size  # exact: [2^32, 2^32] is not 0 bytes
             start = self.data_start + offset
             if offset % align:
                 raise self._fail(f"tensor {name!r} data offset {offset} is not aligned to {align}")
             if start + nbytes > self.size:
                 raise GGUFFormatError(
-                    f"{self.path}: truncated: tensor {name!r} needs bytes up to {start + nbytes}, "
-                    f"file has {self.size}"
+                    f"{self.path}: truncated: tensor {name!r} of shape {list(shape)} needs bytes up to "
+                    f"{start + nbytes}, file has {self.size}"
                 )
             self.tensors[name] = TensorInfo(name, shape, ttype, start, nbytes)
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as a read-only uint8 view, shaped (rows, row_bytes)."""
         t = self.tensors[name]
-        rows = int(np.prod(t.shape[1:], dtype=np.int64)) if len(t.shape) > 1 else 1
+        rows = math.prod(t.shape[1:])
         return np.frombuffer(self._buf, np.uint8, t.nbytes, t.offset).reshape(rows, t.nbytes // rows)
 
     def release_pages(self, name: str) -> None:

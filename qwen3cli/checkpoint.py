@@ -9,20 +9,26 @@ directory is opened, so a truncated download fails before any output is written.
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from quant.files import open_regular
 from quant.formats import bf16_to_f32
 
-from .config import ModelArgs
+from .config import ModelArgs, read_hf_config
 from .errors import CheckpointError
+from .meta import MB, Fields, describe, is_int, load_json
 
 DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
-MAX_HEADER = 100 << 20
+MAX_HEADER = 100 << 20  # the safetensors format's own limit
+MAX_DIMS = 8
 INDEX = "model.safetensors.index.json"
+INDEX_BYTES = 64 * MB
 
 
 @dataclass(frozen=True)
@@ -35,47 +41,75 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(DTYPES[self.dtype]).itemsize
+        return math.prod(self.shape) * np.dtype(DTYPES[self.dtype]).itemsize  # exact, never a wrapped int64
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
-    """Parse and validate one .safetensors file's header."""
+    """Parse and validate one .safetensors file's header: every entry's dtype, shape and
+    offsets are checked for type, against each other and against the file's size."""
+    fd = open_regular(path, "safetensors file")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors header")
-            raw = f.read(n)
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER:
+            raise CheckpointError(f"{path}: corrupt safetensors header: its length field says {n} bytes, "
+                                  f"more than the format allows ({MAX_HEADER})")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors header ({n} bytes from byte 8, "
+                                  f"file has {size})")
+        raw = os.pread(fd, n, 8)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and integers of too many digits
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header")
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + n
     out: dict[str, TensorRef] = {}
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}; only BF16, F16 and F32 are supported")
-        ref = TensorRef(name, path, dtype, shape, base + int(start))
-        if any(d < 0 for d in shape) or int(end) - int(start) != ref.nbytes or int(start) < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} has inconsistent shape and data offsets")
-        if base + int(end) > size:
-            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {base + int(end)}, file has {size}")
+        ref, start, end = _entry(path, name, info, base)
+        if base + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {base + end}, file has {size}")
         out[name] = ref
+        if end > start:
+            spans.append((start, end, name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:  # two tensors on the same bytes: a small file posing as a large model
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensors {a!r} and {b!r} overlap")
     return out
+
+
+def _entry(path: Path, name: str, info, base: int) -> tuple[TensorRef, int, int]:
+    """One header entry as (ref, start, end), its fields checked for type and consistency."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {describe(info)}, not an object")
+    f = Fields(info, path, prefix=f"{name}.", error=CheckpointError)
+    dtype = f.raw("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {describe(dtype)}; "
+                              "only BF16, F16 and F32 are supported")
+    shape, offsets = f.items("shape"), f.items("data_offsets")
+    if len(shape) > MAX_DIMS or not all(is_int(d) and d >= 0 for d in shape):
+        raise f.fail("shape", f"a list of at most {MAX_DIMS} non-negative integers", shape)
+    if len(offsets) != 2 or not all(is_int(o) and o >= 0 for o in offsets) or offsets[0] > offsets[1]:
+        raise f.fail("data_offsets", "[start, end] with 0 <= start <= end", offsets)
+    start, end = offsets
+    ref = TensorRef(name, path, dtype, tuple(shape), base + start)
+    if end - start != ref.nbytes:
+        raise CheckpointError(f"{path}: tensor {name!r} has inconsistent shape and data offsets "
+                              f"(shape {list(shape)} of {dtype} is {ref.nbytes} bytes, offsets span {end - start})")
+    return ref, start, end
 
 
 class Checkpoint:
@@ -87,7 +121,8 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: no such directory")
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: not a directory (expected a Hugging Face model directory)")
-        self.args = ModelArgs.from_hf_dir(self.dir)
+        self.config = read_hf_config(self.dir)
+        self.args = ModelArgs.from_hf_config(self.config, str(self.dir / "config.json"))
         self.tensors: dict[str, TensorRef] = {}
         for shard in self._shards():
             for name, ref in read_safetensors_header(shard).items():
@@ -97,18 +132,23 @@ class Checkpoint:
 
     def _shards(self) -> list[Path]:
         index = self.dir / INDEX
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                raise CheckpointError(f"{index}: corrupt index (expected a 'weight_map' object)") from None
+        if os.path.lexists(index):
+            data = load_json(index, INDEX_BYTES, "safetensors index", CheckpointError)
+            f = Fields(data, index, error=CheckpointError)
+            weight_map = f.section("weight_map", required=True)
+            files = set()
+            for tensor, name in weight_map.values.items():
+                if not isinstance(name, str) or not name or Path(name).name != name:
+                    raise weight_map.fail(tensor, "a file name in the model directory", name)
+                files.add(name)
             shards = []
-            for name in files:
+            for name in sorted(files):
                 p = self.dir / name
-                if Path(name).name != name or not p.is_file():
+                if not p.is_file():
                     raise CheckpointError(f"{index}: shard {name!r} is missing")
                 shards.append(p)
+            if not shards:
+                raise CheckpointError(f"{index}: 'weight_map' names no shards")
             return shards
         single = self.dir / "model.safetensors"
         if single.is_file():

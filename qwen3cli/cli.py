@@ -130,6 +130,7 @@ def quantize(
         raise OutputError("missing --output (-o): the GGUF file to write")
     convert.check_output(output, force)
     p = convert.plan(src, type.value, imatrix)
+    print_warnings(p.warnings)
     _warn_imatrix_missing(p)
     bytes_per_elem = p.input_bytes / max(p.n_params, 1)
     columns = (
@@ -188,7 +189,14 @@ def _warn_imatrix_missing(p) -> None:
                   f"{more}; quantized without it", highlight=False, soft_wrap=True)
 
 
+def print_warnings(lines: list[str]) -> None:
+    """The library's warnings (optional inputs it left out), one yellow line each."""
+    for line in lines:
+        err.print(f"[yellow]warning:[/yellow] {escape(printable(line))}", highlight=False, soft_wrap=True)
+
+
 def _print_plan(p) -> None:
+    print_warnings(p.warnings)
     t = Table(box=None, padding=(0, 2))
     for c, j in (("tensor", "left"), ("shape", "left"), ("type", "left"), ("size", "right")):
         t.add_column(c, justify=j, overflow="fold")

@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .cli import app, err, user_errors
+from .cli import app, err, print_warnings, user_errors
 from .cli_options import Ctx, Device, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
 from .errors import Qwen3CliError
 
@@ -58,6 +58,7 @@ def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto"):
     backend, note = pick(device)
     with load_progress() as progress:
         loaded = load(model, quant=quant, progress=progress)
+    print_warnings(loaded.warnings)
     if note:  # after the load, so that a bad file still gets one line of error
         err.print(f"[dim]{note}[/dim]", highlight=False)
     if backend == "cpu" and cache_is_warm():

@@ -7,6 +7,7 @@ beside `out` that is renamed at the end, or removed on any error or Ctrl-C.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from .checkpoint import Checkpoint
 from .config import ModelArgs
 from .errors import CheckpointError, OutputError
 from .files import atomic_output, check_output
+from .model_card import card_metadata
+from .sampler import read_generation_config
 from .vocab import gguf_vocab
 
 CHUNK_BYTES = 64 << 20  # float32 bytes converted at once: bounds peak memory on any model
@@ -101,6 +104,7 @@ class Plan:
     input_bytes: int
     n_params: int
     imatrix: Imatrix | None = None
+    warnings: list[str] = field(default_factory=list)  # optional files left out, for the CLI to show
 
     def imatrix_missing(self) -> tuple[list[str], int]:
         """Quantized tensors the imatrix has no data for (llama-quantize quantizes them
@@ -162,7 +166,7 @@ def count_params(tensors: list[OutTensor]) -> tuple[int, int, int, int]:
     """(total, shared, per-expert, experts), counted as gguf-py counts them for size labels."""
     total = shared = expert = expert_sum = n_exp = 0
     for t in tensors:
-        size = int(np.prod(t.shape, dtype=np.int64))
+        size = math.prod(t.shape)
         if "_exps." in t.name and len(t.shape) >= 3:
             expert += size // t.shape[2]
             expert_sum += t.shape[2]
@@ -226,18 +230,21 @@ def plan(src: str | Path, type_name: str = "q8_0", imatrix: str | Path | Imatrix
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise CheckpointError(f"{ck.tensors[extra[0]].file}: unexpected tensor {extra[0]!r}{more}")
     n_params = count_params(tensors)
-    metadata = _metadata(ck, a, file_type, n_params)
+    metadata, warnings = _metadata(ck, a, file_type, n_params)
     if has_imatrix:
         metadata.update(_imatrix_metadata(imatrix))
-    return Plan(ck.dir, a, file_type, tensors, metadata, ck.input_bytes, n_params[0], imatrix)
+    return Plan(ck.dir, a, file_type, tensors, metadata, ck.input_bytes, n_params[0], imatrix, warnings)
 
 
-def _metadata(ck: Checkpoint, a: ModelArgs, ft: FileType, n_params) -> dict[str, gguf.GGUFValue]:
-    """The KV pairs llama.cpp's converter + llama-quantize write, through gguf-py's helpers."""
-    vocab = gguf_vocab(ck.dir, a.vocab_size)
+def _metadata(ck: Checkpoint, a: ModelArgs, ft: FileType, n_params) -> tuple[dict[str, gguf.GGUFValue], list[str]]:
+    """The KV pairs llama.cpp's converter + llama-quantize write, through gguf-py's helpers, and
+    warnings about optional files (model card, generation_config.json) that were left out."""
+    vocab = gguf_vocab(ck.dir, a.vocab_size, ck.config)
+    sampling, warnings = read_generation_config(ck.dir)
+    meta, card_warnings = card_metadata(ck.dir, ck.config, n_params, sampling)
+    warnings += card_warnings
     w = gguf.GGUFWriter(path=None, arch=a.arch)  # used only to collect typed key/values
     w.add_type(gguf.GGUFType.MODEL)
-    meta = gguf.Metadata.load(None, ck.dir, None, n_params[0])
     if meta.name is None:
         meta.name = ck.dir.name
     if meta.size_label is None and n_params[0] > 0:
@@ -272,15 +279,20 @@ def _metadata(ck: Checkpoint, a: ModelArgs, ft: FileType, n_params) -> dict[str,
     w.add_tokenizer_pre(vocab.pre)
     w.add_token_list(vocab.tokens)
     w.add_token_types(vocab.types)
-    special = gguf.SpecialVocab(ck.dir, load_merges=True, n_vocab=a.vocab_size)
-    if not special.merges:
-        raise CheckpointError(f"{ck.dir / 'tokenizer.json'}: no BPE merges found")
+    w.add_token_merges(vocab.merges)
+    for typ, tid in vocab.special_ids.items():
+        if hasattr(w, f"add_{typ}_token_id"):  # gguf has no key for a cls token
+            getattr(w, f"add_{typ}_token_id")(tid)
+    add = dict(vocab.add_special)
     if vocab.byte_level_post:
         # Newer gguf-py (as in llama.cpp) reads a ByteLevel post-processor as "adds no BOS/EOS"
-        special.add_special_token.setdefault("bos", False)
-        special.add_special_token.setdefault("eos", False)
-    special.add_to_gguf(w, quiet=True)
-    return dict(w.kv_data[0])
+        add.setdefault("bos", False)
+        add.setdefault("eos", False)
+    for typ, value in add.items():
+        getattr(w, f"add_add_{typ}_token")(value)
+    if vocab.chat_template is not None:
+        w.add_chat_template(vocab.chat_template)
+    return dict(w.kv_data[0]), warnings
 
 
 def _imatrix_metadata(m: Imatrix) -> dict[str, gguf.GGUFValue]:

@@ -1,4 +1,5 @@
-"""A summary of a GGUF file for `qwen3cli info`: read from the header only, so it is fast."""
+"""A summary of a GGUF file for `qwen3cli info`: read from the header only, so it is fast.
+Sizes are Python ints: a crafted shape cannot wrap the parameter count around to a negative."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import numpy as np
 from gguf import LlamaFileType
 
 from quant.gguf_file import GGUFFile
+
+from .config import MAX_VOCAB, gguf_hparam
+from .meta import Fields
 
 HPARAMS = [  # (label, key suffix after "<arch>.")
     ("layers", "block_count"),
@@ -48,54 +52,53 @@ class ModelInfo:
     tied_embeddings: bool = False
 
 
-def _scalar(v: Any) -> Any:
-    if isinstance(v, (np.floating, float)):
-        return float(np.float32(v))
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
+def _shown(v: Any) -> Any:
+    # a float32 key printed as float32 holds it (1e-06, not 9.999999974752427e-07)
+    return float(np.float32(v)) if isinstance(v, float) else v
 
 
 def read_info(path: str | Path) -> ModelInfo:
+    """The summary; every key it shows is checked as the loader checks it (a ConfigError naming
+    the file and key otherwise), so `info` never prints a value that `run` would refuse."""
     with GGUFFile(path) as g:
         md = g.metadata
-        arch = str(md.get("general.architecture", "unknown"))
-        hp = [(label, _scalar(md[f"{arch}.{k}"])) for label, k in HPARAMS if f"{arch}.{k}" in md]
-        ft = md.get("general.file_type")
+        f = Fields(md, g.path)
+        arch = f.text("general.architecture", default="unknown")
+        hp = [(label, _shown(gguf_hparam(f, arch, k))) for label, k in HPARAMS if f"{arch}.{k}" in md]
+        ft = f.int("general.file_type", 0, (1 << 32) - 1, default=None)
         try:
-            ft_name = LlamaFileType(int(ft)).name.removeprefix("MOSTLY_").removeprefix("ALL_") if ft is not None else None
+            ft_name = LlamaFileType(ft).name.removeprefix("MOSTLY_").removeprefix("ALL_") if ft is not None else None
         except ValueError:
-            ft_name = f"#{int(ft)}"
-        tokens = md.get("tokenizer.ggml.tokens")
-        merges = md.get("tokenizer.ggml.merges")
+            ft_name = f"#{ft}"
+        tokens = f.texts("tokenizer.ggml.tokens", default=None, max_len=MAX_VOCAB)
+        merges = f.texts("tokenizer.ggml.merges", default=None)
+        n_tokens = len(tokens) if tokens is not None else 0
         tok: list[tuple[str, Any]] = [
-            ("model", md.get("tokenizer.ggml.model")),
-            ("pre-tokenizer", md.get("tokenizer.ggml.pre")),
-            ("tokens", len(tokens) if tokens is not None else 0),
+            ("model", f.text("tokenizer.ggml.model", default=None)),
+            ("pre-tokenizer", f.text("tokenizer.ggml.pre", default=None)),
+            ("tokens", n_tokens),
             ("merges", len(merges) if merges is not None else 0),
         ]
         for label, key in (("BOS", "bos_token_id"), ("EOS", "eos_token_id"), ("padding", "padding_token_id")):
-            tid = md.get(f"tokenizer.ggml.{key}")
+            tid = f.int(f"tokenizer.ggml.{key}", 0, n_tokens - 1 if tokens is not None else (1 << 32) - 1, default=None)
             if tid is not None:
-                tid = int(tid)
-                text = tokens[tid] if tokens is not None and 0 <= tid < len(tokens) else "?"
-                tok.append((label, f"{tid} {text}"))
-        if "tokenizer.ggml.add_bos_token" in md:
-            tok.append(("adds BOS", bool(md["tokenizer.ggml.add_bos_token"])))
-        template = md.get("tokenizer.chat_template")
-        n_params = sum(t.n_elements for t in g.tensors.values())
+                tok.append((label, f"{tid} {tokens[tid] if tokens is not None else '?'}"))
+        add_bos = f.flag("tokenizer.ggml.add_bos_token", default=None)
+        if add_bos is not None:
+            tok.append(("adds BOS", add_bos))
+        template = f.text("tokenizer.chat_template", default=None)
         return ModelInfo(
             path=g.path,
             size=g.size,
             architecture=arch,
-            name=md.get("general.name"),
+            name=f.text("general.name", default=None),
             file_type=ft_name,
             hparams=hp,
             tokenizer=tok,
-            has_chat_template=isinstance(template, str) and bool(template),
+            has_chat_template=bool(template),
             n_tensors=len(g.tensors),
             type_counts=Counter(t.type_name for t in g.tensors.values()),
-            n_params=n_params,
+            n_params=sum(t.n_elements for t in g.tensors.values()),
             data_bytes=sum(t.nbytes for t in g.tensors.values()),
             tied_embeddings="token_embd.weight" in g.tensors and "output.weight" not in g.tensors,
         )

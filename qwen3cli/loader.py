@@ -19,9 +19,11 @@ from quant.files import check_regular
 from quant.formats import get_format
 from quant.gguf_file import GGUFFile
 
-from . import convert
+from . import convert, memory
 from .config import ModelArgs, args_from_gguf
 from .errors import ConfigError
+from .meta import Fields
+from .sampler import file_params
 from .tokenizer import from_gguf_metadata, from_tokenizer_json
 from .weights import Weights, build_weights
 
@@ -40,6 +42,7 @@ class LoadedModel:
     stop_ids: frozenset[int]
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ... for templates
     _keep: Any = None  # the open GGUFFile whose map the weights view
+    warnings: list[str] = field(default_factory=list)  # optional inputs left out; the CLI shows them
 
     def release(self, tensor: str) -> None:
         """The engine copied this tensor into its own layout: let the file's pages go."""
@@ -86,6 +89,8 @@ def load_hf_dir(directory: str | Path, quant: str = "q8_0", progress: Progress |
     p = convert.plan(directory, quant)
     md = {k: v.value for k, v in p.metadata.items()}
     total = sum(t.nbytes for t in p.tensors)
+    memory.require(total, f"converting {p.src} to {quant} in memory",
+                   "convert it to a GGUF file with `qwen3cli quantize` and run that")
     done = 0
     tensors: dict[str, tuple[tuple[int, ...], int, np.ndarray]] = {}
     for t in p.tensors:
@@ -103,24 +108,29 @@ def load_hf_dir(directory: str | Path, quant: str = "q8_0", progress: Progress |
     args = args_from_gguf(md, str(p.src))
     weights = build_weights(args, tensors.get, set(tensors), str(p.src))
     tok = from_tokenizer_json(p.src / "tokenizer.json")
-    return _finish(str(p.src), args, weights, tok, md)
+    return _finish(str(p.src), args, weights, tok, md, warnings=p.warnings)
 
 
-def _finish(source, args, weights, tok, md, keep=None) -> LoadedModel:
+def _finish(source, args, weights, tok, md, keep=None, warnings=()) -> LoadedModel:
+    """The model with its stop tokens, special tokens and template; the keys these come from,
+    and the sampling defaults, are checked here so that a bad one names the file at load time."""
     args = _with_tie(args, weights)
+    f = Fields(md, source)
+    last_id = args.vocab_size - 1
     stop = frozenset(i for i in map(tok.token_to_id, STOP_TOKENS) if i is not None)
-    eos = md.get("tokenizer.ggml.eos_token_id")
+    eos = f.int("tokenizer.ggml.eos_token_id", 0, last_id, default=None)
     if eos is not None:
-        stop |= {int(eos)}
+        stop |= {eos}
     specials = {}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id")):
-        tid = md.get(f"tokenizer.ggml.{key}")
-        text = tok.id_to_token(int(tid)) if tid is not None else None
+        tid = f.int(f"tokenizer.ggml.{key}", 0, last_id, default=None)
+        text = tok.id_to_token(tid) if tid is not None else None
         if text is not None:
             specials[name] = text
-    template = md.get("tokenizer.chat_template")
-    return LoadedModel(source, args, weights, tok, md, template if isinstance(template, str) and template else None,
-                       stop, specials, keep)
+    f.text("general.name", default=None)
+    file_params(md, source)
+    template = f.text("tokenizer.chat_template", default=None)
+    return LoadedModel(source, args, weights, tok, md, template or None, stop, specials, keep, list(warnings))
 
 
 def _with_tie(args: ModelArgs, w: Weights) -> ModelArgs:

@@ -9,16 +9,80 @@ Temperature 0 is greedy. Defaults come from Qwen's guidance by mode, then the fi
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .errors import USER_ERRORS, ConfigError
+from .meta import MB, Fields, load_json
 
 THINKING = dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
 NON_THINKING = dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
 FILE_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.sampling.top_k",
              "top_p": "general.sampling.top_p", "min_p": "general.sampling.min_p",
              "repeat_penalty": "general.sampling.penalty_repeat", "repeat_last_n": "general.sampling.penalty_last_n"}
+GENERATION_CONFIG_BYTES = 1 * MB
+
+# Sampling settings a file may carry (general.sampling.<name> in a GGUF; generation_config.json
+# names them the same but for temperature), with the values that make sense
+SAMPLING_CHECKS: dict[str, tuple] = {
+    "temp": ("number", 0, 100, False), "top_k": ("int", 0, 1 << 30), "top_p": ("number", 0, 1, True),
+    "min_p": ("number", 0, 1, False), "penalty_repeat": ("number", 0, 100, True), "penalty_last_n": ("int", 0, 1 << 30),
+    "xtc_probability": ("number", 0, 1, False), "xtc_threshold": ("number", 0, 1, False),
+    "mirostat": ("int", 0, 2), "mirostat_tau": ("number", 0, 100, False), "mirostat_eta": ("number", 0, 1, False),
+    "sequence": ("text",),
+}
+GENERATION_CONFIG_KEYS = {("temperature" if name == "temp" else name): name for name in SAMPLING_CHECKS}
+
+
+def _sampling_value(f: Fields, key: str, name: str):
+    kind, *limits = SAMPLING_CHECKS[name]
+    if kind == "int":
+        return f.int(key, *limits, default=None)
+    if kind == "number":
+        lo, hi, open_lo = limits
+        return f.number(key, lo, hi, default=None, open_lo=open_lo)
+    return f.text(key, default=None)
+
+
+def file_params(metadata: dict[str, Any] | None, where: str = "the model file") -> dict[str, Any]:
+    """The general.sampling.* values the sampler uses, by SamplingParams field, checked: a bad one
+    is a ConfigError naming the file and key, not a complaint about the user's flags."""
+    f = Fields(metadata or {}, where)
+    kinds = {fl.name: fl.type for fl in fields(SamplingParams)}
+    out = {}
+    for field_name, key in FILE_KEYS.items():
+        v = _sampling_value(f, key, key.removeprefix("general.sampling."))
+        if v is not None:
+            out[field_name] = int(v) if kinds[field_name] == "int" else round(float(v), 6)
+    return out
+
+
+def read_generation_config(directory: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """generation_config.json's sampling settings as llama.cpp's converter reads them (by
+    gguf-py Metadata field name, without the sampling_ prefix), and a warning for each one left
+    out: the file is optional, so a broken one costs its defaults, not the conversion."""
+    path = Path(directory) / "generation_config.json"
+    if not os.path.lexists(path):
+        return {}, []
+    try:
+        data = load_json(path, GENERATION_CONFIG_BYTES, "generation_config.json")
+    except USER_ERRORS as e:
+        return {}, [f"{e}; its sampling defaults are not used"]
+    f = Fields(data, path)
+    values, warnings = {}, []
+    for key, name in GENERATION_CONFIG_KEYS.items():
+        try:
+            v = _sampling_value(f, key, name)
+        except ConfigError as e:
+            warnings.append(f"{e}; it is not used")
+            continue
+        if v is not None:
+            values[name] = v
+    return values, warnings
 
 
 @dataclass(frozen=True)
@@ -69,18 +133,15 @@ def _problem(name: str, v: Any) -> str | None:
 
 
 def default_params(thinking: bool, metadata: dict[str, Any] | None = None, file_mode: bool = True,
-                   **user: Any) -> SamplingParams:
+                   where: str = "the model file", **user: Any) -> SamplingParams:
     """Qwen's mode defaults < the file's general.sampling.* keys < the user's non-None values.
 
     The file's keys come from generation_config.json, written for the model's default mode
     (thinking, for the hybrid Qwen3): `file_mode` says whether this turn is in that mode, and
     only then do they apply, so /no_think still gets Qwen's non-thinking values."""
     p = SamplingParams(**(THINKING if thinking else NON_THINKING))
-    kinds = {f.name: f.type for f in fields(SamplingParams)}
-    for name, key in FILE_KEYS.items():
-        v = (metadata or {}).get(key) if file_mode else None
-        if v is not None:
-            p = replace(p, **{name: int(v) if kinds[name] == "int" else round(float(v), 6)})
+    if file_mode:
+        p = replace(p, **file_params(metadata, where))
     return replace(p, **{k: v for k, v in user.items() if v is not None}).validate()
 
 
