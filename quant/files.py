@@ -104,5 +104,5 @@ def read_json(path: str | Path, limit: int, what: str = "JSON file"):
         raise InputFileError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except RecursionError:
         raise InputFileError(f"{path}: JSON nested too deeply") from None
-    except ValueError as e:  # Python's int() digit limit, as a plain ValueError
-        raise InputFileError(f"{path}: not valid JSON ({e})") from None
+    except ValueError:  # Python's int() digit limit, as a plain ValueError
+        raise InputFileError(f"{path}: not valid JSON (a number with too many digits)") from None
