@@ -11,9 +11,6 @@ from .cli import app, err, user_errors
 from .cli_options import Ctx, Device, Model, Quant, Threads
 from .cli_run import UsageError, open_engine, set_threads
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def model_id(model: str) -> str:
     """What clients send as `model`: a file's name without .gguf, a directory's name, or the repo id."""
     p = Path(model)
@@ -31,6 +28,10 @@ def serve(
     api_key: str = typer.Option(None, "--api-key", envvar="QWEN3CLI_API_KEY",
                                 help="Require 'Authorization: Bearer KEY' on /v1 requests."),
     alias: str = typer.Option(None, "--alias", help="The model id clients use (default: the file's name)."),
+    cors_origin: list[str] = typer.Option(
+        None, "--cors-origin", metavar="ORIGIN",
+        help="Let web pages from ORIGIN (e.g. http://localhost:3000) call the server; repeatable; "
+             "'*' for any page. Default: none."),
     ctx: Ctx = None,
     threads: Threads = None,
     quant: Quant = "q8_0",
@@ -39,6 +40,7 @@ def serve(
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models)."""
     from .serve import make_server
+    from .serve.guard import is_loopback, valid_origin
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {port}")
@@ -46,19 +48,25 @@ def serve(
         raise UsageError(f"--ctx must be at least 1, got {ctx}")
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key must not be empty")
+    for o in cors_origin or []:
+        if not valid_origin(o):
+            raise UsageError(f"--cors-origin takes scheme://host[:port] or '*', got {o!r}")
     set_threads(threads)
     engine = open_engine(model, ctx, quant, device)
     name = alias or model_id(model)
     log = (lambda line: err.print(line, style="dim", highlight=False, markup=False)) if verbose else None
     try:
-        server = make_server(engine, host, port, model_id=name, api_key=api_key, log=log)
+        server = make_server(engine, host, port, model_id=name, api_key=api_key, log=log,
+                             cors_origins=cors_origin or ())
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     err.print(f"serving [bold]{escape(name)}[/bold] at {server.url} (context {engine.ctx} tokens, "
               f"{'GPU' if engine.model.device == 'cuda' else 'CPU'}); Ctrl-C stops",
               highlight=False)
-    if host not in LOOPBACK and api_key is None:
+    if not is_loopback(host) and api_key is None:
         err.print("[yellow]listening beyond this machine without --api-key: anyone who can reach it can use it[/yellow]")
+    if "*" in (cors_origin or []) and api_key is None:
+        err.print("[yellow]--cors-origin '*' without --api-key: any web page you visit can use the server[/yellow]")
     try:
         server.serve_forever()
     finally:

@@ -344,7 +344,7 @@ def test_a_client_that_leaves_stops_its_generation(client, server, script, engin
     body = json.dumps({"model": "tiny", "stream": streaming, "messages": M,
                        "chat_template_kwargs": {"enable_thinking": False}}).encode()
     s = socket.create_connection((host, port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\n\r\n" % len(body) + body)
     if streaming:
         got = b""

@@ -1,13 +1,15 @@
-"""The HTTP side: routes, bearer-key check, JSON replies and server-sent events, on the
-standard library's threading server. Every failure a request can cause ends as an OpenAI error
-object with a 4xx/5xx status; the server itself carries on."""
+"""The HTTP side: routes, the Host, Origin and key checks, JSON replies and server-sent events,
+on the standard library's threading server. Every failure a request can cause ends as an OpenAI
+error object with a 4xx/5xx status (or one log line, when the client is gone); the server itself
+carries on. Nothing a client sends is read before the checks its headers allow have passed."""
 
 from __future__ import annotations
 
 import hmac
 import json
-import select
 import socket
+import sys
+import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,40 +17,71 @@ from typing import Callable
 
 from ..engine import Engine
 from .answer import ToolCall
-from .protocol import APIError, parse_chat, parse_completion, tool_call_json
+from .conn import HeadBudget, TimedWriter, at_eof, linger, refuse_busy
+from .guard import Cors, Limits, body_length, is_loopback, names_loopback, preflight_headers, printable, single
+from .protocol import APIError, parse_chat, parse_completion, parse_json, tool_call_json
 from .worker import Content, Finish, Reasoning, Worker
 
-MAX_BODY = 32 << 20
+LINGER_S = 2.0  # how long a refused request's unread body is drained before the connection closes
 
 
 class OpenAIServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], worker: Worker, model_id: str, api_key: str | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, *, limits: Limits | None = None,
+                 cors: Cors | None = None):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
         self.worker, self.model_id, self.api_key, self.log = worker, model_id, api_key, log
+        self.limits, self.cors = limits or Limits(), cors or Cors()
         self.created = int(time.time())
+        # on loopback only this machine can connect, unless a web page's name resolves here
+        self.check_host = is_loopback(self.server_address[0])
+        self._slots = threading.BoundedSemaphore(self.limits.max_connections)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+    def note(self, line: str) -> None:
+        """One log line; whatever a client put in it comes out escaped, never as terminal codes."""
+        if self.log:
+            self.log(printable(line))
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.note(f"{client_address[0]} refused: {self.limits.max_connections} connections open")
+            refuse_busy(request, self.limits.max_connections)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started to give the slot back
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        # socketserver would print a traceback to stderr: a library must not, and a client that
+        # resets its connection is worth a line at most
+        e = sys.exc_info()[1]
+        self.note(f"{client_address[0]}: {type(e).__name__}: {e}")
 
 
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080, *, model_id: str,
-                api_key: str | None = None, log: Callable[[str], None] | None = None) -> OpenAIServer:
-    """Bind (port 0: any free port); call serve_forever() to serve."""
-    return OpenAIServer((host, port), Worker(engine), model_id, api_key, log)
-
-
-def client_gone(sock: socket.socket) -> bool:
-    """The peer closed its end: readable, and reading would give nothing."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
+                api_key: str | None = None, log: Callable[[str], None] | None = None,
+                limits: Limits | None = None, cors_origins: list[str] | tuple[str, ...] = ()) -> OpenAIServer:
+    """Bind (port 0: any free port); call serve_forever() to serve. `cors_origins`: the web
+    origins whose pages may call the server ('*': any)."""
+    return OpenAIServer((host, port), Worker(engine), model_id, api_key, log, limits=limits, cors=Cors(cors_origins))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -56,9 +89,42 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "qwen3cli"
     server: OpenAIServer
 
+    def setup(self):
+        super().setup()
+        lim = self.server.limits
+        self.connection.settimeout(lim.read_timeout)
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, lim.send_buffer)
+        self.wfile = TimedWriter(self.connection, lim.write_timeout, lim.read_timeout)
+        self._unread = False
+
+    def finish(self):
+        super().finish()
+        if self._unread:
+            linger(self.connection, LINGER_S, self.server.limits.max_body)
+
+    def parse_request(self):
+        rfile, self.rfile = self.rfile, HeadBudget(self.rfile, self.server.limits.max_head)
+        try:
+            return super().parse_request()
+        finally:
+            self.rfile = rfile
+
+    def handle_expect_100(self):
+        return True  # "100 Continue" goes out from _read_body, once the key and the length pass
+
     def log_message(self, format, *args):  # the library never prints; the CLI may listen
-        if self.server.log:
-            self.server.log(f"{self.address_string()} {format % args}")
+        self.server.note(f"{self.address_string()} {format % args}")
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a bad request line, too many headers...), as JSON."""
+        self.close_connection = True
+        self._unread, self._head_sent, self._origin = True, None, None  # the rest of the request is unread
+        if code == 501:  # a method with no do_ method here: to the client, one we do not allow
+            code, message = 405, f"use GET, POST or OPTIONS, not {self.command}"
+        reason = explain or message or self.responses.get(code, ("error",))[0]
+        self.log_error("code %d, %s", code, reason)
+        extra = [("Allow", "GET, POST, OPTIONS")] if code == 405 else []
+        self._send_json(code, APIError(reason, status=code).body(), extra)
 
     def do_GET(self):
         self._dispatch("GET")
@@ -67,15 +133,21 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("POST")
 
     def do_OPTIONS(self):
-        self._send_json(204, None)
+        self._dispatch("OPTIONS")
 
     # -- dispatch ---------------------------------------------------------------------------------
     def _dispatch(self, method: str) -> None:
-        self._id = None
+        self._id, self._head_sent, self._probed, self._origin = None, None, False, None
+        # a body not read stays in the socket: the connection cannot carry another request
+        self._unread = bool(self.headers.get_all("Transfer-Encoding")) or \
+            self.headers.get("Content-Length", "0").strip() not in ("", "0")
         try:
+            self._check_client()
             path = self.path.split("?", 1)[0].rstrip("/")
-            body = self._read_body() if method == "POST" else None
+            if method == "OPTIONS":
+                return self._preflight()
             if path == "/health":
+                self._only(method, "GET")
                 return self._send_json(200, self._health())
             self._check_key()
             if path == "/v1/models" or path.startswith("/v1/models/"):
@@ -83,55 +155,108 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._models(path)
             if path in ("/v1/chat/completions", "/v1/completions"):
                 self._only(method, "POST")
+                body = self._read_body()
                 return self._chat(body) if path == "/v1/chat/completions" else self._completion(body)
             raise APIError(f"no such endpoint: {method} {path}", status=404, code="not_found")
         except APIError as e:
-            self._send_json(e.status, e.body())
-        except (BrokenPipeError, ConnectionResetError):
+            self._reply_error(e)
+        except OSError as e:  # the client left, or stopped reading for longer than we wait
             self.close_connection = True
+            why = (f"stopped reading for {self.server.limits.write_timeout:g} s" if isinstance(e, TimeoutError)
+                   else f"connection lost ({type(e).__name__})")
+            self.server.note(f"{self.address_string()} {why}; \"{self.requestline}\" is ended")
         except Exception as e:  # a bug of ours must cost one request, not the server
             self.close_connection = True
             msg = f"internal error: {type(e).__name__}: {e}"
-            if self.server.log:
-                self.server.log(msg)
-            try:
-                self._send_json(500, APIError(msg, status=500, type="server_error").body())
-            except OSError:
-                pass
+            self.server.note(msg)
+            self._reply_error(APIError(msg, status=500, type="server_error"))
+
+    def _reply_error(self, e: APIError) -> None:
+        if self._head_sent == "text/event-stream":  # the stream has said so in its own way
+            return
+        try:
+            self._send_json(e.status, e.body())
+        except OSError as err:
+            self.close_connection = True
+            self.server.note(f"{self.address_string()} left before its {e.status} reply to \"{self.requestline}\" "
+                             f"({type(err).__name__})")
 
     def _only(self, method: str, allowed: str) -> None:
         if method != allowed:
             raise APIError(f"use {allowed} for {self.path}", status=405, code="method_not_allowed")
 
-    def _read_body(self):
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise APIError("the request needs a Content-Length header", status=411)
-        try:
-            n = int(length)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise APIError(f"bad Content-Length {length!r}") from None
-        if n > MAX_BODY:
-            self.close_connection = True
-            raise APIError(f"the request body is over {MAX_BODY >> 20} MB", status=413)
-        raw = self.rfile.read(n)
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    def _check_client(self) -> None:
+        """Host and Origin: that the request comes from this machine's user, not a web page."""
+        host = single(self.headers, "Host")
+        if self.server.check_host and host is not None and not names_loopback(host):
+            raise APIError(f"this server answers only requests addressed to this machine (localhost, "
+                           f"127.0.0.1 or [::1]), not {host!r}", status=403, code="host_not_allowed")
+        self._origin = single(self.headers, "Origin")
+        if self._origin is not None and not self.server.cors.allows(self._origin):
+            raise APIError(f"requests from web pages at {self._origin!r} are refused (serve --cors-origin "
+                           "allows an origin)", status=403, code="origin_not_allowed")
 
     def _check_key(self) -> None:
         key = self.server.api_key
         if key is None:
             return
-        given = self.headers.get("Authorization", "")
+        given = single(self.headers, "Authorization") or ""
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise APIError("missing or wrong API key (send 'Authorization: Bearer KEY')", status=401,
                            code="invalid_api_key")
+
+    def _read_body(self):
+        lim = self.server.limits
+        try:
+            n = body_length(self.headers, lim.max_body)
+        except APIError:  # where the body ends is unknown or too far: this connection is done
+            self._unread = True
+            raise
+        if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version >= "HTTP/1.1":
+            self.send_response_only(100)
+            self.end_headers()
+        try:
+            raw = self.rfile.read(n)
+        except TimeoutError:
+            raise APIError(f"the request body stopped arriving for {lim.read_timeout:g} s", status=408,
+                           code="timeout") from None
+        if len(raw) < n:
+            raise APIError(f"the request body ended after {len(raw)} of {n} bytes")
+        self._unread = False
+        return parse_json(raw, lim.max_depth)
+
+    def _parsed(self, parse, body):
+        try:
+            return parse(body, self.server.model_id)
+        except APIError:
+            raise
+        except Exception as e:  # a shape the checks missed is still the client's mistake
+            self.server.note(f"unexpected {type(e).__name__} while reading a request: {e}")
+            raise APIError(f"the request could not be read ({type(e).__name__})") from None
+
+    def _preflight(self) -> None:
+        """A browser asking whether a page may call us; only --cors-origin's origins hear yes."""
+        allowed = self._origin is not None and self.headers.get("Access-Control-Request-Method") is not None
+        extra = preflight_headers(self.headers.get("Access-Control-Request-Headers")) if allowed else []
+        self._send_json(204, None, [("Allow", "GET, POST, OPTIONS"), *extra])
+
+    def _client_left(self) -> bool:
+        """Asked between tokens, while this request holds the model."""
+        eof = at_eof(self.connection)
+        if eof is None:
+            return True
+        if eof and not self._probed:
+            # It closed, or only shut its sending side (printf ... | nc) and waits for the reply.
+            # A write tells which: a closed socket answers it with a reset, seen at the next call.
+            self._probed, self.close_connection = True, True
+            try:
+                if self._head_sent:
+                    self.wfile.write(b": \n\n")  # a comment: event streams skip it
+                else:
+                    self._start_reply("application/json")  # its length is not known yet
+            except OSError:
+                return True
+        return False
 
     # -- endpoints --------------------------------------------------------------------------------
     def _health(self) -> dict:
@@ -150,11 +275,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, card)
 
     def _chat(self, body) -> None:
-        req = parse_chat(body, self.server.model_id)
+        req = self._parsed(parse_chat, body)
         w = self.server.worker
         with w.queue:
             job = w.prepare_chat(req)
-            pieces = w.run_chat(job, lambda: client_gone(self.connection))
+            pieces = w.run_chat(job, self._client_left)
             if req.stream:
                 return self._stream_chat(pieces, req.include_usage)
             reasoning, content, calls, finish = [], [], [], None
@@ -176,11 +301,11 @@ class _Handler(BaseHTTPRequestHandler):
                               "usage": finish.usage})
 
     def _completion(self, body) -> None:
-        req = parse_completion(body, self.server.model_id)
+        req = self._parsed(parse_completion, body)
         w = self.server.worker
         with w.queue:
             job = w.prepare_completion(req)
-            pieces = w.run_completion(job, lambda: client_gone(self.connection))
+            pieces = w.run_completion(job, self._client_left)
             if req.stream:
                 return self._stream_completion(pieces, req.include_usage)
             *texts, finish = list(pieces) or [None]
@@ -249,18 +374,25 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(e, OSError):
             raise e
         err = e if isinstance(e, APIError) else APIError(f"{type(e).__name__}: {e}", status=500, type="server_error")
-        if self.server.log:
-            self.server.log(f"stream ended by an error: {err}")
+        self.server.note(f"stream ended by an error: {err}")
         self._event(err.body())
 
     # -- writing ----------------------------------------------------------------------------------
-    def _send_json(self, status: int, obj) -> None:
-        data = b"" if obj is None else json.dumps(obj, ensure_ascii=False).encode()
+    def _send_json(self, status: int, obj, extra: list[tuple[str, str]] = ()) -> None:
+        data = b"" if obj is None else _json(obj)
+        if self._head_sent:  # a half-closed client's reply, started before its answer was known
+            if self._head_sent == "application/json":
+                self.wfile.write(data)
+            return
+        if self._unread:
+            self.close_connection = True
         self.send_response(status)
         if obj is not None:
             self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self._cors()
+        if status != 204:
+            self.send_header("Content-Length", str(len(data)))
+        for k, v in [*extra, *self.server.cors.headers(self._origin)]:
+            self.send_header(k, v)
         if status == 401:
             self.send_header("WWW-Authenticate", "Bearer")
         if self.close_connection:
@@ -268,22 +400,29 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _cors(self) -> None:  # browser front ends on another local port
-        self.send_header("Access-Control-Allow-Origin", "*")
-        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
-
-    def _start_events(self) -> None:
-        # no length known: the stream ends when the connection closes
+    def _start_reply(self, content_type: str) -> None:
+        """A 200 whose body runs until the connection closes (its length is not known yet)."""
         self.close_connection = True
+        self._head_sent = content_type
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Content-Type", content_type)
+        if content_type == "text/event-stream":
+            self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
-        self._cors()
+        for k, v in self.server.cors.headers(self._origin):
+            self.send_header(k, v)
         self.end_headers()
 
+    def _start_events(self) -> None:
+        self._start_reply("text/event-stream")
+
     def _event(self, obj: dict) -> None:
-        self.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+        self.wfile.write(b"data: " + _json(obj) + b"\n\n")
 
     def _done(self) -> None:
         self.wfile.write(b"data: [DONE]\n\n")
+
+
+def _json(obj) -> bytes:
+    # a lone surrogate (from a client's text) comes out as its JSON escape instead of failing
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")

@@ -4,8 +4,12 @@ OpenAI's error fields, so the HTTP layer answers it and carries on."""
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from ..errors import Qwen3CliError
 
@@ -64,10 +68,63 @@ class CompletionRequest:
     echo: bool = False
 
 
+# -- the body ----------------------------------------------------------------------------------
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def parse_json(raw: bytes, max_depth: int) -> Any:
+    """The body as JSON, strictly: UTF-8, no NaN or Infinity, nested at most `max_depth` deep
+    (json.loads and the chat template both recurse), no unpaired surrogates (they cannot be
+    tokenized or written back out)."""
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise _too_deep(max_depth) from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if _depth(raw) > max_depth:
+        raise _too_deep(max_depth)
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError("the request body has an unpaired surrogate escape (\\ud800-\\udfff)",
+                           code="invalid_json") from None
+    return body
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _too_deep(max_depth: int) -> APIError:
+    return APIError(f"the request body is nested more than {max_depth} deep", code="invalid_json")
+
+
+def _depth(raw: bytes) -> int:
+    """How deep valid JSON text nests: brackets outside strings, counted at C speed (a walk of
+    the parsed value in Python would take seconds on a body of many tiny arrays). Only for text
+    json.loads accepted: there every string closes, which keeps the string pattern linear."""
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKET)
+    if not brackets:
+        return 0
+    a = np.frombuffer(brackets, np.uint8)
+    return int(np.cumsum(np.where((a == ord("[")) | (a == ord("{")), 1, -1)).max())
+
+
 # -- typed getters: each names the parameter it refuses ----------------------------------------
 
 def _bad(message: str, param: str | None, code: str | None = None) -> APIError:
     return APIError(message, param=param, code=code)
+
+
+def _shown(v: Any, limit: int = 60) -> str:
+    """A client's value quoted in an error, cut short (it could be megabytes)."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + "..."
 
 
 def _number(body: dict, name: str, lo: float, hi: float, *, integer: bool = False, where: str = "") -> Any:
@@ -76,25 +133,32 @@ def _number(body: dict, name: str, lo: float, hi: float, *, integer: bool = Fals
         return None
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
     if not ok or isinstance(v, bool):
-        raise _bad(f"'{where}{name}' must be {'an integer' if integer else 'a number'}, got {v!r}", where + name)
+        raise _bad(f"'{where}{name}' must be {'an integer' if integer else 'a number'}, got {_shown(v)}", where + name)
     if not lo <= v <= hi:
-        raise _bad(f"'{where}{name}' must be between {lo:g} and {hi:g}, got {v!r}", where + name)
+        raise _bad(f"'{where}{name}' must be between {lo:g} and {hi:g}, got {_shown(v)}", where + name)
     return v
 
 
 def _bool(body: dict, name: str, where: str = "") -> bool | None:
     v = body.get(name)
     if v is not None and not isinstance(v, bool):
-        raise _bad(f"'{where}{name}' must be true or false, got {v!r}", where + name)
+        raise _bad(f"'{where}{name}' must be true or false, got {_shown(v)}", where + name)
     return v
 
 
-def _object(body: dict, name: str) -> dict:
+def _object(body: dict, name: str, where: str = "") -> dict:
     v = body.get(name)
     if v is None:
         return {}
     if not isinstance(v, dict):
-        raise _bad(f"'{name}' must be an object", name)
+        raise _bad(f"'{where}{name}' must be an object", where + name)
+    return v
+
+
+def _string(body: dict, name: str, where: str = "") -> str | None:
+    v = body.get(name)
+    if v is not None and not isinstance(v, str):
+        raise _bad(f"'{where}{name}' must be a string, got {_shown(v)}", where + name)
     return v
 
 
@@ -105,16 +169,16 @@ def check_model(body: dict, model_id: str) -> None:
     if not isinstance(m, str):
         raise _bad("'model' must be a string", "model")
     if m != model_id:
-        raise APIError(f"the model '{m}' does not exist; this server serves '{model_id}'", status=404,
+        raise APIError(f"the model {_shown(m)} does not exist; this server serves '{model_id}'", status=404,
                        param="model", code="model_not_found")
 
 
 def _common(body: dict) -> dict:
-    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
+    if _number(body, "n", 0, 1 << 30, integer=True) not in (None, 1):
         raise _bad("only n=1 is supported", "n")
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+    if _bool(body, "logprobs") or _number(body, "top_logprobs", 0, 20, integer=True):
         raise _bad("logprobs are not supported", "logprobs")
-    if body.get("frequency_penalty") not in (None, 0, 0.0):
+    if _number(body, "frequency_penalty", -2, 2) not in (None, 0):
         raise _bad("frequency_penalty is not supported; use presence_penalty or repetition_penalty",
                    "frequency_penalty")
     top_k = _number(body, "top_k", -1, 1 << 30, integer=True)
@@ -148,20 +212,19 @@ def parse_chat(body: Any, model_id: str) -> ChatRequest:
         raise _bad("'messages' must be a non-empty list", "messages")
     messages = [_message(i, m) for i, m in enumerate(msgs)]
     common = _common(body)
-    max_tokens = _number(body, "max_completion_tokens", 1, 1 << 30, integer=True)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", 1, 1 << 30, integer=True)
+    # every spelling is checked, also the ones another one overrides
+    max_tokens = _number(body, "max_tokens", 1, 1 << 30, integer=True)
+    max_tokens = _number(body, "max_completion_tokens", 1, 1 << 30, integer=True) or max_tokens
     tools, parse_tools = _tools(body)
     kwargs = _object(body, "chat_template_kwargs")
-    think = _bool(kwargs, "enable_thinking", "chat_template_kwargs.")
-    if think is None:
-        think = _bool(body, "enable_thinking")  # DashScope's spelling
+    think = _bool(body, "enable_thinking")  # DashScope's spelling
+    think = _bool(kwargs, "enable_thinking", "chat_template_kwargs.") if "enable_thinking" in kwargs else think
     budget = _number(body, "thinking_budget", 0, 1 << 30, integer=True)
-    effort = body.get("reasoning_effort")
+    effort = _string(body, "reasoning_effort")
     if effort is not None:
         if effort != "none" and effort not in REASONING_EFFORT:
-            raise _bad(f"'reasoning_effort' must be one of none, {', '.join(REASONING_EFFORT)}; got {effort!r}",
-                       "reasoning_effort")
+            raise _bad(f"'reasoning_effort' must be one of none, {', '.join(REASONING_EFFORT)}; "
+                       f"got {_shown(effort)}", "reasoning_effort")
         if effort == "none":
             if think:
                 raise _bad("reasoning_effort 'none' contradicts enable_thinking true", "reasoning_effort")
@@ -180,8 +243,13 @@ def _text(content: Any, param: str, nullable: bool) -> str:
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"'{param}[{j}]': only text content parts are supported", f"{param}[{j}]")
+            where = f"{param}[{j}]"
+            if not isinstance(part, dict):
+                raise _bad(f"'{where}' must be a text part, {{\"type\": \"text\", \"text\": ...}}", where)
+            if part.get("type") != "text":
+                raise _bad(f"'{where}.type': only text content parts are supported", f"{where}.type")
+            if not isinstance(part.get("text"), str):
+                raise _bad(f"'{where}.text' must be a string", f"{where}.text")
             parts.append(part["text"])
         return "\n".join(parts)
     raise _bad(f"'{param}' must be a string or a list of text parts", param)
@@ -191,9 +259,10 @@ def _message(i: int, m: Any) -> dict[str, Any]:
     where = f"messages[{i}]"
     if not isinstance(m, dict):
         raise _bad(f"'{where}' must be an object", where)
-    role = "system" if m.get("role") == "developer" else m.get("role")
+    role = _string(m, "role", where + ".")
+    role = "system" if role == "developer" else role
     if role not in ROLES:
-        raise _bad(f"'{where}.role' must be one of {', '.join(ROLES)}; got {m.get('role')!r}", f"{where}.role")
+        raise _bad(f"'{where}.role' must be one of {', '.join(ROLES)}; got {_shown(m.get('role'))}", f"{where}.role")
     out: dict[str, Any] = {"role": role,
                            "content": _text(m.get("content"), f"{where}.content", nullable=role == "assistant")}
     if role == "assistant":
@@ -202,48 +271,82 @@ def _message(i: int, m: Any) -> dict[str, Any]:
             if not isinstance(calls, list):
                 raise _bad(f"'{where}.tool_calls' must be a list", f"{where}.tool_calls")
             out["tool_calls"] = [_tool_call(f"{where}.tool_calls[{j}]", c) for j, c in enumerate(calls)]
-        reasoning = m.get("reasoning_content")
-        if isinstance(reasoning, str):
+        reasoning = _string(m, "reasoning_content", where + ".")
+        if reasoning is not None:
             out["reasoning_content"] = reasoning
     return out
 
 
+def _function_type(d: dict, where: str) -> None:
+    if d.get("type", "function") != "function":
+        raise _bad(f"'{where}.type' must be \"function\", got {_shown(d.get('type'))}", f"{where}.type")
+
+
+def _name(f: dict, where: str) -> str:
+    name = _string(f, "name", where + ".")
+    if not name:
+        raise _bad(f"'{where}.name' must be a non-empty string", f"{where}.name")
+    return name
+
+
 def _tool_call(where: str, c: Any) -> dict:
-    f = c.get("function") if isinstance(c, dict) else None
-    if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+    if not isinstance(c, dict):
         raise _bad(f"'{where}' must be {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}", where)
+    _function_type(c, where)
+    _string(c, "id", where + ".")
+    f = c.get("function")
+    if not isinstance(f, dict):
+        raise _bad(f"'{where}.function' must be an object with a name and arguments", f"{where}.function")
+    name = _name(f, f"{where}.function")
     args = f.get("arguments", {})
     if not isinstance(args, (str, dict)):
         raise _bad(f"'{where}.function.arguments' must be a JSON string", f"{where}.function.arguments")
     # the template writes a string through as is and a dict as JSON: both give Qwen's own format
-    return {"type": "function", "function": {"name": f["name"], "arguments": args}}
+    return {"type": "function", "function": {"name": name, "arguments": args}}
 
 
 def _tools(body: dict) -> tuple[list[dict] | None, bool]:
     tools = body.get("tools")
-    if tools is None or tools == []:
-        return None, False
-    if not isinstance(tools, list):
+    if tools is not None and not isinstance(tools, list):
         raise _bad("'tools' must be a list", "tools")
-    names = []
-    for j, t in enumerate(tools):
-        f = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
-        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
-            raise _bad(f"'tools[{j}]' must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}",
-                       f"tools[{j}]")
-        names.append(f["name"])
-    choice = body.get("tool_choice", "auto")
-    if choice == "none":  # the model is not told about the tools, so it cannot call them
+    names = [_tool(f"tools[{j}]", t) for j, t in enumerate(tools or [])]
+    choice = _tool_choice("auto" if body.get("tool_choice") is None else body["tool_choice"])
+    if not names or choice == "none":  # the model is not told about the tools, so it cannot call them
+        if isinstance(choice, dict) or choice == "required":
+            raise _bad("'tool_choice' asks for a tool call, but there are no 'tools'", "tool_choice")
         return None, False
     if choice in ("auto", "required"):
         return tools, True
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    if not isinstance(name, str):
+    if choice["name"] not in names:
+        raise _bad(f"'tool_choice' names {_shown(choice['name'])}, which is not in 'tools'", "tool_choice")
+    return [t for t, n in zip(tools, names) if n == choice["name"]], True
+
+
+def _tool(where: str, t: Any) -> str:
+    """A tool's definition (the template shows it to the model as JSON); its name."""
+    if not isinstance(t, dict) or "function" not in t:
+        raise _bad(f"'{where}' must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}", where)
+    _function_type(t, where)
+    if not isinstance(t["function"], dict):
+        raise _bad(f"'{where}.function' must be an object with a name", f"{where}.function")
+    f, fw = t["function"], f"{where}.function"
+    _string(f, "description", fw + ".")
+    _object(f, "parameters", fw + ".")
+    _bool(f, "strict", fw + ".")
+    return _name(f, fw)
+
+
+def _tool_choice(choice: Any) -> str | dict:
+    """none, auto or required; or {"name": ...} for one named function."""
+    if choice in ("none", "auto", "required"):
+        return choice
+    if not isinstance(choice, dict):
         raise _bad("'tool_choice' must be none, auto, required or {\"type\": \"function\", "
                    "\"function\": {\"name\": ...}}", "tool_choice")
-    if name not in names:
-        raise _bad(f"'tool_choice' names '{name}', which is not in 'tools'", "tool_choice")
-    return [t for t, n in zip(tools, names) if n == name], True
+    _function_type(choice, "tool_choice")
+    if not isinstance(choice.get("function"), dict):
+        raise _bad("'tool_choice.function' must be an object with a name", "tool_choice.function")
+    return {"name": _name(choice["function"], "tool_choice.function")}
 
 
 # -- completions --------------------------------------------------------------------------------
