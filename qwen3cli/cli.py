@@ -7,7 +7,6 @@ Ctrl-C is exit 130. Nothing below this layer prints.
 from __future__ import annotations
 
 import logging
-import re
 import signal
 from enum import Enum
 from functools import wraps
@@ -23,6 +22,7 @@ from rich.text import Text
 
 from . import __version__
 from .errors import USER_ERRORS, OutputError
+from .safe_text import printable  # noqa: F401  (the cli_* modules take it from here)
 
 app = typer.Typer(
     add_completion=False,
@@ -31,16 +31,6 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
-
-
-# C0/C1 controls (ESC sequences retitle windows, clear screens, fake output) and the bidi
-# overrides that reorder what a reader sees; a string from a file or a client shows them escaped
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(s: object) -> str:
-    """str(s) safe for a terminal or a log line: control characters as \\xNN / \\uNNNN escapes."""
-    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", str(s))
 
 
 def user_errors(fn):

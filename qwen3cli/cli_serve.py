@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from .cli import app, err, user_errors
+from .cli import app, err, printable, user_errors
 from .cli_options import Ctx, Device, Model, Quant, Threads
 from .cli_run import UsageError, open_engine, set_threads
 
@@ -60,7 +60,7 @@ def serve(
                              cors_origins=cors_origin or ())
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    err.print(f"serving [bold]{escape(name)}[/bold] at {server.url} (context {engine.ctx} tokens, "
+    err.print(f"serving [bold]{escape(printable(name))}[/bold] at {server.url} (context {engine.ctx} tokens, "
               f"{'GPU' if engine.model.device == 'cuda' else 'CPU'}); Ctrl-C stops",
               highlight=False)
     if not is_loopback(host) and api_key is None:

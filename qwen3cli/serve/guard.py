@@ -136,11 +136,3 @@ def body_length(headers, max_body: int) -> int:
         raise APIError(f"the request body is {n} bytes; this server takes at most {max_body}", status=413,
                        code="request_too_large")
     return n
-
-
-def printable(text: str) -> str:
-    """`text` safe for a terminal or a log line: control characters (ESC, CR, newlines...),
-    invisible formatting (bidi overrides) and lone surrogates come out as escapes."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -16,9 +16,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from ..engine import Engine
+from ..safe_text import printable
 from .answer import ToolCall
 from .conn import HeadBudget, TimedWriter, at_eof, linger, refuse_busy
-from .guard import Cors, Limits, body_length, is_loopback, names_loopback, preflight_headers, printable, single
+from .guard import Cors, Limits, body_length, is_loopback, names_loopback, preflight_headers, single
 from .protocol import APIError, parse_chat, parse_completion, parse_json, tool_call_json
 from .worker import Content, Finish, Reasoning, Worker
 
