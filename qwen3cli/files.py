@@ -13,10 +13,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import signal
+import secrets
 import stat
-import tempfile
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
@@ -108,14 +106,24 @@ def _commit(tmp: Path, out: Path, replace: bool) -> None:
 def atomic_output(out: str | Path, replace: bool, binary: bool = True) -> Iterator[IO]:
     """A file object for `out`'s future contents: committed on success, removed on any exit."""
     out = check_output(out, replace)
+    # The name is chosen (and the cleanup below armed) before the file exists: a signal that
+    # lands between creating the file and learning its name, as mkstemp would return it, leaked
+    # the file (blocking signals in this thread does not help: the kernel may hand a SIGTERM
+    # to any of numba's threads, and Python then raises it here all the same).
     tmp = None
     try:
-        with _signals_held():  # a signal between creating the file and knowing its name would leak it
+        for _ in range(100):
+            tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
             try:
-                fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+                break
+            except FileExistsError:  # somebody else's: not ours to remove
+                tmp = None
             except OSError as e:
+                tmp = None
                 raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
-            tmp = Path(name)
+        else:
+            raise OutputError(f"{out}: cannot create a temporary file beside it")
         os.fchmod(fd, _umask_mode())
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             yield f
@@ -131,16 +139,3 @@ def atomic_output(out: str | Path, replace: bool, binary: bool = True) -> Iterat
             except FileNotFoundError:
                 pass
 
-
-@contextmanager
-def _signals_held():
-    """Hold Ctrl-C, SIGTERM and SIGHUP for a few statements (main thread, where they land)."""
-    held = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)

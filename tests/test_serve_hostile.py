@@ -22,7 +22,8 @@ from qwen3cli.engine import Engine
 from qwen3cli.loader import load
 from qwen3cli.sampler import Sampler
 from qwen3cli.serve import make_server
-from qwen3cli.serve.guard import Limits, is_loopback, names_loopback, printable
+from qwen3cli.safe_text import printable
+from qwen3cli.serve.guard import Limits, is_loopback, names_loopback
 
 CTX = 2048
 KEY = "sesame"
