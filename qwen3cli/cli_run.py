@@ -125,15 +125,6 @@ def read_prompt(prompt: str | None) -> str:
     return "\n\n".join(parts)
 
 
-def check_prompt_size(engine, text: str) -> None:
-    """Refuse a prompt that cannot fit before tokenizing it (a 10 MB prompt takes 10 s and
-    1.6 GB to tokenize): no token covers more bytes than the vocabulary's longest one."""
-    n = len(text.encode("utf-8", "surrogatepass"))
-    if n > engine.ctx and n > engine.ctx * max(map(len, engine.tokenizer.get_vocab())):
-        raise UsageError(f"the prompt has {n} bytes, more than the {engine.ctx}-token context can hold; "
-                         "raise --ctx or shorten the prompt")
-
-
 @app.command()
 @user_errors
 def run(
@@ -174,7 +165,7 @@ def run(
     text = read_prompt(prompt)
     set_threads(threads)
     engine = open_engine(model, ctx, quant, device)
-    check_prompt_size(engine, text)
+    engine.check_size(text)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     p = engine.prompt(messages, enable_thinking=think)
     if len(p.ids) >= engine.ctx:

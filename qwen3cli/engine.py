@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .chat_template import ChatTemplate
 from .generate import starts_in_thinking
 from .loader import LoadedModel
-from .model import Model
+from .model import ContextFull, Model
 
 DEFAULT_CTX = 8192
 
@@ -33,6 +33,7 @@ class Engine:
         self.model.source = loaded.source
         self.template = ChatTemplate(loaded.chat_template, loaded.special_tokens, where=loaded.source)
         self.mode = self.template.thinking_mode()
+        self._longest: int | None = None  # bytes of the vocabulary's longest token, when first needed
 
     @property
     def tokenizer(self):
@@ -46,5 +47,22 @@ class Engine:
 
     def prompt(self, messages: list[dict], enable_thinking: bool | None = None, tools: list | None = None) -> Prompt:
         text = self.template.render(messages, add_generation_prompt=True, enable_thinking=enable_thinking, tools=tools)
+        self.check_size(text)
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return Prompt(ids, text, self.thinks(enable_thinking), starts_in_thinking(text))
+
+    def check_size(self, text: str) -> None:
+        """Refuse text that cannot fit the context before tokenizing it (a 10 MB prompt takes
+        10 s and 1.6 GB to tokenize): no token covers more bytes than the vocabulary's longest."""
+        n = len(text.encode("utf-8", "surrogatepass"))
+        if n <= self.ctx:  # every token is at least one byte: the common case costs nothing
+            return
+        if self._longest is None:
+            self._longest = max(map(len, self.tokenizer.get_vocab()), default=1)
+        if n > self.ctx * self._longest:
+            raise PromptTooLong(f"the prompt has {n} bytes, more than a {self.ctx}-token context can hold; "
+                                "raise --ctx or shorten the prompt")
+
+
+class PromptTooLong(ContextFull):
+    """The prompt's text is longer than the context could hold, whatever it tokenizes to."""

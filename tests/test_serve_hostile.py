@@ -242,6 +242,18 @@ def test_the_examples_from_the_issue(server):
     still_serves(server)
 
 
+def test_a_prompt_too_long_to_fit_is_refused_before_tokenizing(server):
+    big = "word " * (CTX * 128 // 5 + 1000)  # more bytes than CTX tokens of the longest can cover
+    for path, body in (("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": big}]}),
+                       ("/v1/completions", {"model": "tiny", "prompt": big})):
+        t0 = time.monotonic()
+        status, _, reply_body = request(server, path=path, body=body)
+        e = error_of(status, reply_body)
+        assert e["code"] == "context_length_exceeded" and "bytes" in e["message"], e
+        assert time.monotonic() - t0 < 2.0  # tokenizing 1.3 MB would take over a second here
+    still_serves(server)
+
+
 @pytest.mark.parametrize("raw", [b'{"model": "tiny", "temperature": NaN}', b'{"model": Infinity}',
                                  b'\xff{"model": "tiny"}', '{"model": "tiny"}'.encode("utf-16"),
                                  b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',

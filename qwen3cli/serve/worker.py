@@ -13,6 +13,7 @@ import numpy as np
 from ..chat_template import TemplateError
 from ..engine import Engine
 from ..generate import Done
+from ..model import ContextFull
 from ..prefix_cache import PrefixCache, common_prefix
 from ..sampler import Sampler, default_params
 from ..tokenizer import StreamDecoder
@@ -104,11 +105,17 @@ class Worker:
             p = self.engine.prompt(req.messages, enable_thinking=req.enable_thinking, tools=req.tools)
         except TemplateError as err:  # e.g. the template's own raise_exception on a role order it refuses
             raise APIError(str(err), param="messages") from None
+        except ContextFull as err:  # too long to be worth tokenizing
+            raise APIError(str(err), param="messages", code="context_length_exceeded") from None
         self._fits(p.ids)
         return Job(p.ids, self._sampler(req.sampling, p.thinking), req.max_tokens, req.stop, opened=p.opened,
                    thinking_budget=req.thinking_budget if p.thinking else None, parse_tools=req.parse_tools)
 
     def prepare_completion(self, req: CompletionRequest) -> Job:
+        try:
+            self.engine.check_size(req.prompt)
+        except ContextFull as err:
+            raise APIError(str(err), param="prompt", code="context_length_exceeded") from None
         ids = self.engine.tokenizer.encode(req.prompt, add_special_tokens=False).ids
         self._fits(ids)
         return Job(ids, self._sampler(req.sampling, False), req.max_tokens, req.stop,
