@@ -1,89 +1,35 @@
 """Chat templates from model files, rendered as transformers' apply_chat_template does, in a
 sandbox with a budget.
 
-Templates come from strangers. jinja2's ImmutableSandboxedEnvironment refuses access to
-Python internals; on top of it every render has a budget: `range` draws from one shared
-iteration allowance, `*` and `**` cannot build huge values, the output is capped, and a
-deadline stops anything else that runs long. The environment mirrors transformers' (trim and
-lstrip blocks, loopcontrols, its tojson, raise_exception, strftime_now), so the text is the
-same, byte for byte.
+Templates come from strangers: they render in template_sandbox's environment, which refuses
+Python internals and stops any render that runs past its deadline or would build too much (see
+there). The environment mirrors transformers' (trim and lstrip blocks, loopcontrols, its
+tojson, raise_exception, strftime_now), so the text is the same, byte for byte.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime
-from functools import wraps
 from importlib import resources
 from typing import Any
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import Qwen3CliError
+from . import template_sandbox
+from .template_sandbox import MAX_TEXT, BudgetedEnvironment, OverBudget, TemplateError
 
-MAX_ITERATIONS = 1_000_000  # range() items per render, all calls together
-MAX_VALUE = 1_000_000  # elements a * or ** result may have
-MAX_OUTPUT = 16 << 20  # characters
-DEADLINE_S = 5.0
+__all__ = ["ChatTemplate", "TemplateError", "builtin_template"]
 
-
-class TemplateError(Qwen3CliError):
-    """The chat template is invalid, unsafe, over budget, or raised an error itself."""
+MAX_OUTPUT = MAX_TEXT  # characters
+MAX_SOURCE = 256 << 10  # characters: real templates are a few KB; compiling takes time that no deadline bounds
+MAX_MESSAGE = 300  # characters of an error's own text (raise_exception can be handed a whole document)
+STRFTIME_GROWTH = 256  # Python gives up on a strftime result longer than 256 times its format
 
 
 def builtin_template() -> str:
     return resources.files("qwen3cli").joinpath("data/qwen3.jinja").read_text(encoding="utf-8")
-
-
-class _Budget:
-    def __init__(self):
-        self.iterations = 0
-        self.deadline = time.monotonic() + DEADLINE_S
-
-    def check(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise TemplateError(f"chat template: rendering took longer than {DEADLINE_S:.0f} s")
-
-
-class _Env(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset(["*", "**"])
-    budget: _Budget
-
-    def call_binop(self, context, operator, left, right):
-        self.budget.check()
-        if operator == "**":
-            if isinstance(right, (int, float)) and abs(right) > 64 and abs(left) > 1:
-                raise TemplateError("chat template: exponent too large")
-            return left ** right
-        for seq, n in ((left, right), (right, left)):
-            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_VALUE:
-                raise TemplateError("chat template: repeats a value into something too large")
-        return left * right
-
-    def call(self, __context, __obj, *args, **kwargs):
-        self.budget.check()
-        _check_sizes(args, kwargs)
-        return super().call(__context, __obj, *args, **kwargs)
-
-
-def _check_sizes(args, kwargs) -> None:
-    # 'x'.ljust(10**9), range(10**9), lipsum(10**6), 'x'|center(10**9): one huge integer argument
-    # is how a template asks for a huge allocation or loop
-    for v in (*args, *kwargs.values()):
-        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_VALUE:
-            raise TemplateError(f"chat template: argument {v} is too large")
-
-
-def _bounded_filter(f):
-    @wraps(f)  # keeps jinja's pass_context / pass_environment marker
-    def g(*args, **kwargs):
-        _check_sizes(args, kwargs)
-        return f(*args, **kwargs)
-
-    return g
 
 
 class ChatTemplate:
@@ -92,25 +38,21 @@ class ChatTemplate:
         self.builtin = not source
         self.where = where
         self.special_tokens = dict(special_tokens or {})
-        env = _Env(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-        env.budget = _Budget()
-        env.filters["tojson"] = _tojson
-        env.filters = {k: _bounded_filter(f) for k, f in env.filters.items()}
-        env.globals.update(raise_exception=_raise, strftime_now=lambda f: datetime.now().strftime(f),
-                           range=self._range)
-        self._env = env
+        if len(self.source) > MAX_SOURCE:
+            raise TemplateError(f"{where}: chat template has {len(self.source)} characters, more than {MAX_SOURCE}")
+        self._env = BudgetedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols],
+                                        filters={"tojson": _tojson},
+                                        globals={"raise_exception": _raise, "strftime_now": _strftime_now})
+        self._env.new_budget()  # compiling folds constant expressions: filters run then too
         try:
-            self._template = env.from_string(self.source)
+            self._template = self._env.from_string(self.source)
         except jinja2.TemplateSyntaxError as e:
-            raise TemplateError(f"{where}: chat template has a syntax error at line {e.lineno}: {e.message}") from None
-
-    def _range(self, *args):
-        r = range(*args)
-        b = self._env.budget
-        b.iterations += len(r)
-        if b.iterations > MAX_ITERATIONS:
-            raise TemplateError(f"{self.where}: chat template loops more than {MAX_ITERATIONS} times")
-        return r
+            raise TemplateError(f"{where}: chat template has a syntax error at line {e.lineno}: "
+                                f"{_short(e.message)}") from None
+        except RecursionError:
+            raise TemplateError(f"{where}: chat template nests too deeply") from None
+        except Exception as e:  # jinja's generated Python may fail to compile (too many nested blocks ...)
+            raise TemplateError(f"{where}: chat template cannot be compiled: {type(e).__name__}: {_short(e)}") from None
 
     def thinking_mode(self) -> str:
         """"hybrid" (enable_thinking switches it), "always" (Thinking-2507) or "never" (Instruct-2507)."""
@@ -125,31 +67,43 @@ class ChatTemplate:
         ctx = {**self.special_tokens, **kwargs}
         if enable_thinking is not None:
             ctx["enable_thinking"] = enable_thinking
-        self._env.budget = _Budget()
+        budget = self._env.new_budget(template_sandbox.DEADLINE_S)
         out, n = [], 0
         try:
             for chunk in self._template.generate(messages=messages, tools=tools, documents=None,
                                                  add_generation_prompt=add_generation_prompt, **ctx):
                 n += len(chunk)
                 if n > MAX_OUTPUT:
-                    raise TemplateError(f"{self.where}: chat template output exceeds {MAX_OUTPUT} characters")
-                self._env.budget.check()
+                    raise OverBudget(f"output exceeds {MAX_OUTPUT} characters")
+                budget.tick()
                 out.append(chunk)
-        except TemplateError:
-            raise
+        except OverBudget as e:
+            raise TemplateError(f"{self.where}: chat template {e}") from None
         except jinja2.exceptions.SecurityError as e:
-            raise TemplateError(f"{self.where}: chat template refused by the sandbox: {e}") from None
+            raise TemplateError(f"{self.where}: chat template refused by the sandbox: {_short(e)}") from None
         except jinja2.TemplateError as e:
-            raise TemplateError(f"{self.where}: chat template error: {e}") from None
+            raise TemplateError(f"{self.where}: chat template error: {_short(e)}") from None
         except RecursionError:
             raise TemplateError(f"{self.where}: chat template recurses too deeply") from None
         except Exception as e:  # a template may fail in many Python ways; none of them is ours
-            raise TemplateError(f"{self.where}: chat template failed: {type(e).__name__}: {e}") from None
+            raise TemplateError(f"{self.where}: chat template failed: {type(e).__name__}: {_short(e)}") from None
         return "".join(out)
+
+
+def _short(e: object) -> str:
+    # a template can raise with a message of megabytes; the user needs its start
+    text = str(e)
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + f"... ({len(text)} characters)"
 
 
 def _raise(message):
     raise jinja2.TemplateError(message)
+
+
+def _strftime_now(fmt):
+    if isinstance(fmt, str) and len(fmt) * STRFTIME_GROWTH > MAX_TEXT:
+        raise OverBudget(f"passes strftime_now a format of {len(fmt)} characters")
+    return datetime.now().strftime(fmt)
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
