@@ -1,0 +1,323 @@
+"""Decode products with the activation quantized to 8 bits, as llama.cpp does on the CPU.
+
+x is quantized once per product (`quantize_x`, ggml's Q8_0 rounding: d = max|x| / 127, q =
+round(x / d) half away from zero, per 32 values); then each block of 32 weights meets its
+block of x as integers, summed exactly in int32, and only the block sum is scaled in float.
+
+numba cannot write that loop itself: it types int8 * int8 as int64, fully unrolls a 32-trip
+block loop, and with its SLP vectoriser off it then vectorises across blocks with strided
+loads, or not at all (measured 2-11x slower than the float kernel). A flat int16 -> int32
+loop over a whole row does give vpmaddwd, but a row has a scale per 32. So the inner step is
+a small intrinsic in generic LLVM vector IR (no x86 intrinsics, so any CPU LLVM targets):
+widen, multiply, add neighbouring lanes, which LLVM turns into vpmaddwd, and into vpdpwssd
+(multiply-add into the accumulator) where AVX-512-VNNI or AVX-VNNI exists. On this Zen 5
+(znver5; `python scripts/bench_int8.py --asm`) a group of 16 blocks is: Q8_0, 16 vpmovsxbw
+(weights, from memory) + 1 vpmaddwd + 15 vpdpwssd (x from memory); Q4_0, the nibbles split
+by vpand and vgf2p8affineqb (GFNI, the shift), 16 vpmovzxbw + 1 vpmaddwd + 15 vpdpwssd; then
+vcvtph2ps (16 scales), vcvtdq2ps and one vfmadd231ps. The tail blocks: vpmovsxbw/vpmovzxbw +
+vpmaddwd and a horizontal add. Not vpdpbusd / vpmaddubsw: LLVM only forms vpdpbusd from
+generic IR for a full horizontal sum, and vpmaddubsw saturates.
+
+Layout (`pack`): vector lanes are blocks, not elements. A row's blocks go in groups of 16;
+a group's weights are stored as 16 "pair steps" of 32 bytes, step p holding
+elements 2p and 2p + 1 of each of the 16 blocks (position 2t + e: block t, element 2p + e).
+One step is then one vpmaddwd (16 lanes, one per block) and a group's block sums come out in
+one register, scaled by 16 block scales at once, with no horizontal sum per block. x is laid
+out the same way, already widened to int16 (it is read by every row; L1-resident). Blocks
+after the last full group (nb % 16) are stored as in the file and summed one block at a time.
+Scales stay float16 (converted in the kernel, vcvtph2ps), so Q8_0 costs 1.0625 bytes a weight
+and Q4_0 0.5625, both exactly the file's size. Q4_0's bytes are only reordered: byte j of a
+file block holds elements j and j + 16; chunk c of a group holds in byte 2t + e the file's
+byte 2c + e of block t, so its low nibbles are pair step c and its high nibbles step c + 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+from ..qtensor import QTensor
+
+G = 16  # blocks per group = int32 lanes of one 512-bit register
+
+
+class _Vec(types.Type):
+    """<16 x float> in a register: a group's 16 block results, kept apart until the row ends."""
+
+    def __init__(self):
+        super().__init__(name="f32x16")
+
+
+F32X16 = _Vec()
+register_model(_Vec)(lambda dmm, fe: models.PrimitiveModel(dmm, fe, ir.VectorType(ir.FloatType(), G)))
+
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+
+
+def _vt(t, n):
+    return ir.VectorType(t, n)
+
+
+def _load(context, builder, aryty, ary, off, vty):
+    # vty's worth of elements at flat element offset off of a C-contiguous array
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.load(builder.bitcast(builder.gep(data, [off]), vty.as_pointer()), align=1)
+
+
+def _lanes(builder, v, n, start, step):
+    return builder.shuffle_vector(v, ir.Constant(v.type, None),
+                                  ir.Constant(_vt(_I32, n), [start + step * i for i in range(n)]))
+
+
+def _pair_sums(builder, w, x):
+    # w (<32 x i8|i16>, widened per its signedness by the caller) . x: sums of neighbouring
+    # products, 16 lanes; the shape LLVM maps to vpmaddwd / vpdpwssd
+    m = builder.mul(w, builder.sext(x, _vt(_I32, 32)))
+    return builder.add(_lanes(builder, m, G, 0, 2), _lanes(builder, m, G, 1, 2))
+
+
+def _c_arrays(*tys):
+    return all(isinstance(t, types.Array) and t.layout == "C" for t in tys)
+
+
+@intrinsic
+def _vzero(typingctx):
+    return F32X16(), lambda context, builder, sig, args: ir.Constant(_vt(_F32, G), [0.0] * G)
+
+
+@intrinsic
+def _hsum(typingctx, v):
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _vt(_F32, G)]),
+                                            "llvm.vector.reduce.fadd.v16f32")
+        return builder.call(fn, [ir.Constant(_F32, 0.0), args[0]], fastmath=("reassoc",))
+    return types.float32(v), codegen
+
+
+@intrinsic
+def _f16(typingctx, a, i):
+    """Element i of a uint16 array of float16 bits, as float32."""
+    def codegen(context, builder, sig, args):
+        h = _load(context, builder, sig.args[0], args[0], args[1], _I16)
+        return builder.fpext(builder.bitcast(h, ir.HalfType()), _F32)
+    return types.float32(a, i), codegen
+
+
+def _group(four_bit):
+    @intrinsic
+    def group(typingctx, acc, w, wo, x, xo, xs, xso, d, do, xd, xdo):
+        """acc + (16 block sums of group) * (d * xd): w at wo (512 int8, or 256 bytes of
+        nibbles), x at xo (512 int16 in the same order); Q4_0 subtracts 8 * xs (x's block sums)."""
+        if not _c_arrays(w, x, xs, d, xd):
+            return None
+
+        def codegen(context, builder, sig, args):
+            acc, w, wo, x, xo, xs, xso, d, do, xd, xdo = args
+            ta = sig.args
+            isum = None
+
+            def step(p, wv):
+                nonlocal isum
+                xv = _load(context, builder, ta[3], x, builder.add(xo, ir.Constant(xo.type, 32 * p)), _vt(_I16, 32))
+                s = _pair_sums(builder, wv, xv)
+                isum = s if isum is None else builder.add(isum, s)
+
+            for c in range(8 if four_bit else 16):
+                wv = _load(context, builder, ta[1], w, builder.add(wo, ir.Constant(wo.type, 32 * c)), _vt(_I8, 32))
+                if four_bit:
+                    lo = builder.and_(wv, ir.Constant(wv.type, [15] * 32))
+                    hi = builder.lshr(wv, ir.Constant(wv.type, [4] * 32))
+                    step(c, builder.zext(lo, _vt(_I32, 32)))
+                    step(c + 8, builder.zext(hi, _vt(_I32, 32)))
+                else:
+                    step(c, builder.sext(wv, _vt(_I32, 32)))
+            if four_bit:
+                xsv = _load(context, builder, ta[5], xs, xso, _vt(_I32, G))
+                isum = builder.sub(isum, builder.shl(xsv, ir.Constant(xsv.type, [3] * G)))
+            dh = _load(context, builder, ta[7], d, do, _vt(_I16, G))
+            scale = builder.fmul(builder.fpext(builder.bitcast(dh, _vt(ir.HalfType(), G)), _vt(_F32, G)),
+                                 _load(context, builder, ta[9], xd, xdo, _vt(_F32, G)))
+            prod = builder.fmul(builder.sitofp(isum, _vt(_F32, G)), scale, flags=("contract",))
+            return builder.fadd(acc, prod, flags=("contract",))
+        return F32X16(acc, w, wo, x, xo, xs, xso, d, do, xd, xdo), codegen
+    return group
+
+
+_q8_group = _group(False)
+_q4_group = _group(True)
+
+
+def _block(four_bit):
+    @intrinsic
+    def block(typingctx, w, wo, x, xo):
+        """Integer sum of one block in the file's order (the tail after the last full group);
+        Q4_0's nibbles unsigned (the caller subtracts 8 * the block sum of x)."""
+        if not _c_arrays(w, x):
+            return None
+
+        def codegen(context, builder, sig, args):
+            w, wo, x, xo = args
+            if four_bit:
+                b = _load(context, builder, sig.args[0], w, wo, _vt(_I8, 16))
+                lo = builder.and_(b, ir.Constant(b.type, [15] * 16))
+                hi = builder.lshr(b, ir.Constant(b.type, [4] * 16))
+                wv = builder.zext(builder.shuffle_vector(lo, hi, ir.Constant(_vt(_I32, 32), list(range(32)))),
+                                  _vt(_I32, 32))
+            else:
+                wv = builder.sext(_load(context, builder, sig.args[0], w, wo, _vt(_I8, 32)), _vt(_I32, 32))
+            xv = _load(context, builder, sig.args[2], x, xo, _vt(_I16, 32))
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_vt(_I32, G)]),
+                                                "llvm.vector.reduce.add.v16i32")
+            return builder.call(fn, [_pair_sums(builder, wv, xv)])
+        return types.int32(w, wo, x, xo), codegen
+    return block
+
+
+_q8_block = _block(False)
+_q4_block = _block(True)
+
+
+# -- the activation ------------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def _at(b, j, ng):
+    # where element j of block b goes: pair step j >> 1 of its group, or in place in the tail
+    if b < ng * G:
+        return (b // G) * 32 * G + (j >> 1) * 2 * G + 2 * (b % G) + (j & 1)
+    return b * 32 + j
+
+
+@njit(cache=True)
+def _quantize_x(x, xq, xd, xs):
+    nb = x.shape[0] // 32
+    ng = nb // G
+    for b in range(nb):
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(x[b * 32 + j]))
+        d = np.float32(amax / np.float32(127.0))
+        inv = np.float32(np.float32(1.0) / d) if d != 0 else np.float32(0.0)
+        s = 0
+        for j in range(32):
+            v = np.float64(np.float32(x[b * 32 + j] * inv))  # + 0.5 in float64 is exact
+            q = int(np.floor(v + 0.5)) if v >= 0 else -int(np.floor(0.5 - v))  # C's roundf
+            xq[_at(b, j, ng)] = q
+            s += q
+        xd[b] = d
+        xs[b] = s
+
+
+def quantize_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (k,) float32 -> (quants as int16 in the kernels' order, float32 scale per 32, int32 sum
+    of the quants per 32)."""
+    x = np.ascontiguousarray(x, np.float32)
+    nb = x.shape[0] // 32
+    xq, xd, xs = np.empty(nb * 32, np.int16), np.empty(nb, np.float32), np.empty(nb, np.int32)
+    _quantize_x(x, xq, xd, xs)
+    return xq, xd, xs
+
+
+# -- the weights (from the file's bytes, once) ---------------------------------------------
+
+@njit(parallel=True, cache=True)
+def _pack_q8_0(raw, rawi, q, d):
+    nb = d.shape[1]
+    ng = nb // G
+    for r in prange(raw.shape[0]):
+        for b in range(nb):
+            o = b * 34
+            d[r, b] = np.uint16(raw[r, o]) | (np.uint16(raw[r, o + 1]) << np.uint16(8))
+            for j in range(32):
+                q[r, _at(b, j, ng)] = rawi[r, o + 2 + j]
+
+
+@njit(parallel=True, cache=True)
+def _pack_q4_0(raw, q, d):
+    nb = d.shape[1]
+    ng = nb // G
+    for r in prange(raw.shape[0]):
+        for b in range(nb):
+            o = b * 18
+            d[r, b] = np.uint16(raw[r, o]) | (np.uint16(raw[r, o + 1]) << np.uint16(8))
+            for j in range(16):
+                # file byte j (elements j, j + 16) -> chunk j >> 1, byte 2 t + (j & 1)
+                at = (b // G) * 16 * G + (j >> 1) * 2 * G + 2 * (b % G) + (j & 1) if b < ng * G else b * 16 + j
+                q[r, at] = raw[r, o + 2 + j]
+
+
+@dataclass(frozen=True)
+class Int8Packed:
+    """A Q8_0 or Q4_0 matrix in this module's layout: q int8 (rows, k) or nibbles uint8
+    (rows, k / 2); d the float16 bits of the block scales, uint16 (rows, k / 32)."""
+    type: T
+    rows: int
+    k: int
+    q: np.ndarray
+    d: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.d.nbytes
+
+
+def pack(w: QTensor) -> Int8Packed:
+    if w.type not in (T.Q8_0, T.Q4_0) or w.n_mats != 1:
+        raise ValueError(f"{w.name}: int8 kernels take one Q8_0 or Q4_0 matrix, not {w.type.name} x {w.n_mats}")
+    R, k = w.rows, w.k
+    d = np.empty((R, k // 32), np.uint16)
+    if w.type == T.Q8_0:
+        q = np.empty((R, k), np.int8)
+        _pack_q8_0(w.raw, w.raw.view(np.int8), q, d)
+    else:
+        q = np.empty((R, k // 2), np.uint8)
+        _pack_q4_0(w.raw, q, d)
+    return Int8Packed(w.type, R, k, q, d)
+
+
+# -- the products --------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def _mv_q8_0(xq, xd, xs, q, d, out):
+    R, k = q.shape
+    nb = k // 32
+    ng = nb // G
+    for r in prange(R):
+        acc = _vzero()
+        for g in range(ng):
+            acc = _q8_group(acc, q, r * k + g * 32 * G, xq, g * 32 * G, xs, g * G, d, r * nb + g * G, xd, g * G)
+        s = _hsum(acc)
+        for b in range(ng * G, nb):
+            s += (_f16(d, r * nb + b) * xd[b]) * np.float32(_q8_block(q, r * k + b * 32, xq, b * 32))
+        out[r] = s
+
+
+@njit(parallel=True, cache=True)
+def _mv_q4_0(xq, xd, xs, q, d, out):
+    R, kh = q.shape
+    nb = kh // 16
+    ng = nb // G
+    for r in prange(R):
+        acc = _vzero()
+        for g in range(ng):
+            acc = _q4_group(acc, q, r * kh + g * 16 * G, xq, g * 32 * G, xs, g * G, d, r * nb + g * G, xd, g * G)
+        s = _hsum(acc)
+        for b in range(ng * G, nb):
+            isum = _q4_block(q, r * kh + b * 16, xq, b * 32) - 8 * xs[b]
+            s += (_f16(d, r * nb + b) * xd[b]) * np.float32(isum)
+        out[r] = s
+
+
+def matvec(x: np.ndarray, w: Int8Packed, out: np.ndarray | None = None) -> np.ndarray:
+    """x (k,) float32 @ W.T -> (rows,) float32, x quantized to 8 bits first."""
+    if x.shape != (w.k,):
+        raise ValueError(f"input of shape {x.shape}, weight expects ({w.k},)")
+    out = np.empty(w.rows, np.float32) if out is None else out
+    xq, xd, xs = quantize_x(x)
+    (_mv_q8_0 if w.type == T.Q8_0 else _mv_q4_0)(xq, xd, xs, w.q, w.d, out)
+    return out

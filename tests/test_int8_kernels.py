@@ -1,0 +1,146 @@
+"""The int8-activation decode kernels (quant/kernels/int8_cpu.py) against a numpy reference of
+the same arithmetic: ggml's Q8_0 rounding of x, exact integer block sums, one float scale per
+block. The references decode the GGUF bytes and place elements themselves (from the layout the
+module's docstring describes), so a wrong lane, nibble or rounding shows up here."""
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from quant.kernels import int8_cpu as k8
+from quant.kernels.matmul_cpu import matmul, pack as pack_float
+from quant.qtensor import QTensor
+
+G = 16
+BLOCK = {T.Q8_0: 34, T.Q4_0: 18}
+
+
+def kernel_order(nb):
+    """Position in the kernels' activation array of element j of block b: pair step j // 2 of a
+    group of 16 blocks (lane b % 16), or in place after the last full group."""
+    b, j = np.arange(nb)[:, None], np.arange(32)[None, :]
+    grouped = (b // G) * 32 * G + (j // 2) * 2 * G + 2 * (b % G) + j % 2
+    return np.where(b < nb // G * G, grouped, b * 32 + j)
+
+
+def ref_quantize(x):
+    """ggml's quantize_row_q8_0_ref: d = amax / 127, q = roundf(x * (1 / d)), all float32."""
+    xb = x.reshape(-1, 32)
+    d = (np.abs(xb).max(1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    v = (xb * inv[:, None]).astype(np.float32).astype(np.float64)
+    q = np.trunc(v + np.copysign(0.5, v)).astype(np.int64)  # half away from zero
+    return q, d
+
+
+def raw_weights(t, rows, k, seed):
+    """Random file bytes: every quant value (Q8_0's -128 too), finite fp16 scales of mixed sign."""
+    rng = np.random.default_rng(seed)
+    nb = k // 32
+    raw = rng.integers(0, 256, (rows, nb, BLOCK[t]), dtype=np.uint8)
+    raw[:, :, :2] = (rng.standard_normal((rows, nb, 1)) * 0.02).astype(np.float16).view(np.uint8)
+    return QTensor("w", t, rows, k, raw.reshape(rows, -1))
+
+
+def ref_weights(w):
+    """(integer quants (rows, nb, 32), float32 scales (rows, nb)) straight from the bytes."""
+    b = w.raw.reshape(w.rows, w.k // 32, BLOCK[w.type])
+    d = b[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    if w.type == T.Q8_0:
+        q = b[:, :, 2:].view(np.int8).astype(np.int64)
+    else:
+        q = np.concatenate([b[:, :, 2:] & 15, b[:, :, 2:] >> 4], axis=-1).astype(np.int64) - 8
+    return q, d
+
+
+def reference(w, x):
+    """(result, per-row sum of |block terms|) with exact integer block sums."""
+    wq, wd = ref_weights(w)
+    xq, xd = ref_quantize(x)
+    isum = np.einsum("rbj,bj->rb", wq, xq)  # int64: exact
+    terms = (wd * xd).astype(np.float64) * isum
+    return terms.sum(1), np.abs(terms).sum(1)
+
+
+def test_quantizer_rounds_like_ggml():
+    # block 0: amax 127 -> d = 1 exactly, so x * (1/d) lands on .5: roundf goes away from zero
+    # (np.rint would give 2, -2, 0, -0, 4); block 1 is zero: d = 0, quants 0
+    x = np.zeros(64, np.float32)
+    x[:6] = [127, 2.5, -2.5, 0.5, -0.5, 3.5]
+    xq, xd, xs = k8.quantize_x(x)
+    order = kernel_order(2)
+    assert list(xq[order[0, :6]]) == [127, 3, -3, 1, -1, 4]
+    assert xd[0] == 1 and xd[1] == 0 and not xq[order[1]].any()
+    assert xs[0] == 127 + 3 - 3 + 1 - 1 + 4 and xs[1] == 0
+
+
+@pytest.mark.parametrize("k", [32, 96, 512, 544, 1024, 4096, 4128])
+def test_quantizer_equals_reference(k):
+    rng = np.random.default_rng(k)
+    x = (rng.standard_normal(k) * rng.uniform(0.01, 100, k // 32).repeat(32)).astype(np.float32)
+    x[64:96] = 0  # a zero block when there is one
+    xq, xd, xs = k8.quantize_x(x)
+    q, d = ref_quantize(x)
+    assert xq.dtype == np.int16
+    np.testing.assert_array_equal(xq[kernel_order(k // 32)], q)
+    np.testing.assert_array_equal(xd, d)
+    np.testing.assert_array_equal(xs, q.sum(1))
+    assert np.abs(q).max() <= 127
+
+
+SHAPES = [(1, 32), (7, 64), (5, 480), (33, 512), (300, 544), (65, 1024), (3, 4096), (2, 4128)]
+
+
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,k", SHAPES)
+def test_kernel_equals_integer_reference(t, rows, k):
+    w = raw_weights(t, rows, k, seed=rows * k)
+    x = np.random.default_rng(k).standard_normal(k).astype(np.float32)
+    x[:32] *= 1000  # blocks of very different scales
+    ref, scale = reference(w, x)
+    got = k8.matvec(x, k8.pack(w))
+    assert got.shape == (rows,) and got.dtype == np.float32
+    assert (np.abs(got - ref) <= 1e-5 * scale).all(), np.abs(got - ref).max() / scale.max()
+
+
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+def test_layout_costs_the_file_size(t):
+    w = raw_weights(t, 9, 1056, seed=1)
+    assert k8.pack(w).nbytes == w.raw.nbytes
+
+
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,k", [(300, 1024), (77, 2080)])
+def test_close_to_float_kernel(t, rows, k):
+    # what the int8 path changes for a model: x rounded to 8 bits, ~0.5% of the output's size
+    rng = np.random.default_rng(7)
+    w = QTensor.from_f32("w", rng.standard_normal((rows, k)).astype(np.float32), t)
+    x = rng.standard_normal(k).astype(np.float32)
+    old = matmul(x[None], pack_float(w))[0]
+    new = k8.matvec(x, k8.pack(w))
+    assert np.linalg.norm(new - old) / np.linalg.norm(old) < 0.01
+
+
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+def test_zero_input_and_threads(t):
+    p = k8.pack(raw_weights(t, 257, 1056, seed=3))
+    assert not k8.matvec(np.zeros(1056, np.float32), p).any()
+    x = np.random.default_rng(4).standard_normal(1056).astype(np.float32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = k8.matvec(x, p)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(one, k8.matvec(x, p))  # rows are independent: bit for bit
+
+
+def test_refuses_other_formats_and_shapes():
+    w = QTensor.from_f32("w", np.ones((4, 256), np.float32), T.Q6_K)
+    with pytest.raises(ValueError):
+        k8.pack(w)
+    p = k8.pack(raw_weights(T.Q8_0, 4, 64, seed=0))
+    with pytest.raises(ValueError):
+        k8.matvec(np.ones(32, np.float32), p)
