@@ -144,3 +144,122 @@ def test_refuses_other_formats_and_shapes():
     p = k8.pack(raw_weights(T.Q8_0, 4, 64, seed=0))
     with pytest.raises(ValueError):
         k8.matvec(np.ones(32, np.float32), p)
+
+
+# -- Q4_K and Q6_K, x quantized as ggml's Q8_K --------------------------------------------
+
+from quant.kernels import int8_k_cpu as kk  # noqa: E402
+
+KBLOCK = {T.Q4_K: 144, T.Q6_K: 210}
+
+
+def k_order(nsb):
+    """Position of element i of super-block b: pair step (i % 16) // 2, lane i // 16."""
+    b, i = np.arange(nsb)[:, None], np.arange(256)[None, :]
+    return b * 256 + (i % 16) // 2 * 32 + 2 * (i // 16) + i % 2
+
+
+def ref_quantize_k(x):
+    """ggml's quantize_row_q8_K_ref: the signed value of largest |x| maps to -127, nearest_int
+    (half to even), clamped at 127; d = 1 / iscale."""
+    xb = x.reshape(-1, 256)
+    mx = xb[np.arange(len(xb)), np.abs(xb).argmax(1)]
+    with np.errstate(divide="ignore"):
+        iscale = np.where(mx != 0, np.float32(-127) / mx, 0).astype(np.float32)
+        d = np.where(mx != 0, np.float32(1) / iscale, 0).astype(np.float32)
+    q = np.minimum(127, np.rint((xb * iscale[:, None]).astype(np.float32))).astype(np.int64)
+    return q, d
+
+
+def raw_k(t, rows, k, seed):
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, k // 256, KBLOCK[t]), dtype=np.uint8)
+    h = lambda n: (rng.standard_normal((rows, k // 256, n)) * 0.01).astype(np.float16).view(np.uint8)  # noqa: E731
+    if t == T.Q4_K:
+        raw[:, :, :4] = h(2)  # d, dmin
+    else:
+        raw[:, :, 208:] = h(1)
+    return QTensor("w", t, rows, k, raw.reshape(rows, -1))
+
+
+def ref_k_weights(w):
+    """Integer quants (rows, nsb, 256), integer scales per element's sub-block, float scales."""
+    raw = w.raw.reshape(w.rows, w.k // 256, KBLOCK[w.type])
+    b = raw.astype(np.int64)
+    f16 = lambda i: raw[:, :, i:i + 2].copy().view(np.float16)[..., 0].astype(np.float32)  # noqa: E731
+    if w.type == T.Q4_K:
+        s = b[:, :, 4:16]
+        sc = np.concatenate([s[..., :4] & 63, (s[..., 8:] & 15) | ((s[..., :4] >> 6) << 4)], -1)
+        m = np.concatenate([s[..., 4:8] & 63, (s[..., 8:] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
+        qs = b[:, :, 16:].reshape(w.rows, -1, 4, 32)
+        q = np.stack([qs & 15, qs >> 4], 3).reshape(w.rows, -1, 256)  # sub-block 2c low, 2c + 1 high
+        return q, sc.repeat(32, -1), m.repeat(32, -1), f16(0), f16(2)
+    ql, qh = b[:, :, :128].reshape(w.rows, -1, 2, 64), b[:, :, 128:192].reshape(w.rows, -1, 2, 32)
+    quarters = [(ql[..., :32] & 15) | ((qh & 3) << 4), (ql[..., 32:] & 15) | (((qh >> 2) & 3) << 4),
+                (ql[..., :32] >> 4) | (((qh >> 4) & 3) << 4), (ql[..., 32:] >> 4) | (((qh >> 6) & 3) << 4)]
+    q = np.stack(quarters, 3).reshape(w.rows, -1, 256) - 32
+    sc = b[:, :, 192:208].astype(np.uint8).view(np.int8).astype(np.int64)
+    return q, sc.repeat(16, -1), None, f16(208), None
+
+
+def reference_k(w, x):
+    q, sc, m, d, dmin = ref_k_weights(w)
+    xq, xd = ref_quantize_k(x)
+    terms = d * xd * np.einsum("rbi,bi->rb", sc * q, xq).astype(np.float64)
+    if m is not None:
+        terms = np.concatenate([terms, -dmin * xd * np.einsum("rbi,bi->rb", m, xq).astype(np.float64)], 1)
+    return terms.sum(1), np.abs(terms).sum(1)
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_k_reference_decodes_like_the_codec(t):
+    w = raw_k(t, 5, 512, seed=9)
+    q, sc, m, d, dmin = ref_k_weights(w)
+    deq = d[..., None] * sc * q - (0 if m is None else dmin[..., None] * m)
+    np.testing.assert_allclose(deq.reshape(5, 512), w.dequant(), rtol=1e-6, atol=1e-6)
+
+
+def test_k_quantizer_rounds_like_ggml():
+    # super-block 0: max -127 -> iscale 1; 1: max +127 -> iscale -1 (d negative); ties go to
+    # even (np.floor(v + 0.5) would give 3, -3, 1 / -2); 2 is zero
+    x = np.zeros(768, np.float32)
+    x[:4] = [-127, 2.5, -3.5, 0.5]
+    x[256:258] = [127, 2.5]
+    xq, xd, xs = kk.quantize_x(x)
+    order = k_order(3)
+    assert list(xq[order[0, :4]]) == [-127, 2, -4, 0] and list(xq[order[1, :2]]) == [-127, -2]
+    assert list(xd) == [1, -1, 0]
+    assert xs[0] == -127 + 2 - 4 and xs[16] == -129 and not xs[32:].any()
+
+
+@pytest.mark.parametrize("k", [256, 1024, 4096])
+def test_k_quantizer_equals_reference(k):
+    rng = np.random.default_rng(k)
+    x = (rng.standard_normal(k) * rng.uniform(0.01, 100, k // 256).repeat(256)).astype(np.float32)
+    xq, xd, xs = kk.quantize_x(x)
+    q, d = ref_quantize_k(x)
+    np.testing.assert_array_equal(xq[k_order(k // 256)], q)
+    np.testing.assert_array_equal(xd, d)
+    np.testing.assert_array_equal(xs, q.reshape(-1, 16).sum(1))
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,k", [(1, 256), (7, 512), (33, 768), (300, 1024), (3, 4096)])
+def test_k_kernel_equals_integer_reference(t, rows, k):
+    w = raw_k(t, rows, k, seed=rows + k)
+    x = np.random.default_rng(k).standard_normal(k).astype(np.float32)
+    x[:256] *= 1000
+    ref, scale = reference_k(w, x)
+    p = kk.pack(w)
+    got = kk.matvec(x, p)
+    assert (np.abs(got - ref) <= 1e-5 * scale).all(), np.abs(got - ref).max() / scale.max()
+    assert p.nbytes <= w.raw.nbytes * 1.03
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_k_close_to_float_kernel(t):
+    rng = np.random.default_rng(8)
+    w = QTensor.from_f32("w", rng.standard_normal((200, 1024)).astype(np.float32), t)
+    x = rng.standard_normal(1024).astype(np.float32)
+    old = matmul(x[None], pack_float(w))[0]
+    assert np.linalg.norm(kk.matvec(x, kk.pack(w)) - old) / np.linalg.norm(old) < 0.01
