@@ -1,7 +1,7 @@
 """A/B of the int8-activation decode kernels (quant/kernels/int8_cpu.py) against today's float
 kernels (matmul_cpu.matmul on its packed layout), one row of x, Qwen3-0.6B and 1.7B shapes.
 
-    python scripts/bench_int8.py [--rounds 7] [--formats q8_0 q4_0] [--asm]
+    python scripts/bench_int8.py [--rounds 7] [--formats q8_0 q4_0 q4_k q6_k] [--asm]
 
 Both paths are timed as a model calls them (x's preparation included: the int8 path quantizes
 x, the 4-bit float path permutes it), in one process, old and new alternating, 2 threads then
@@ -32,12 +32,13 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from llvmlite import binding as llvm  # noqa: E402
 
 from quant.formats import FORMATS  # noqa: E402
-from quant.kernels import int8_cpu, matmul_cpu  # noqa: E402
+from quant.kernels import int8_cpu, int8_k_cpu, matmul_cpu  # noqa: E402
 from quant.qtensor import QTensor  # noqa: E402
 
 SHAPES = {"0.6B": [(1024, 1024), (3072, 1024), (1024, 3072), (151936, 1024)],
           "1.7B": [(2048, 2048), (6144, 2048), (2048, 6144)]}
 COLD_BYTES = 96 << 20
+HALVES = {T.Q8_0: [0], T.Q4_0: [0], T.Q4_K: [0, 2], T.Q6_K: [208]}  # fp16 scales in a block
 INSNS = ("vpdpbusd", "vpdpwssd", "vpmaddubsw", "vpmaddwd", "vpmovsxbw", "vpmovzxbw", "vcvtph2ps")
 
 
@@ -54,7 +55,9 @@ def random_raw(t: T, rows: int, k: int, rng) -> QTensor:
     """File bytes with every quant value and sane fp16 scales (quantizing 150M floats is slow)."""
     f = FORMATS[t]
     raw = rng.integers(0, 256, (rows, k // f.block_size, f.type_size), dtype=np.uint8)
-    raw[:, :, :2] = (rng.standard_normal((rows, k // f.block_size, 1)) * 0.01).astype(np.float16).view(np.uint8)
+    for o in HALVES[t]:
+        h = (rng.standard_normal((rows, k // f.block_size, 1)) * 0.01).astype(np.float16)
+        raw[:, :, o:o + 2] = h.view(np.uint8)
     return QTensor("w", t, rows, k, raw.reshape(rows, -1))
 
 
@@ -76,13 +79,14 @@ def bench(t: T, rows: int, k: int, threads: int, rounds: int, rng) -> str:
     n = max(1, min(64, COLD_BYTES // w.nbytes))
     raws = [w.raw] + [w.raw.copy() for _ in range(n - 1)]
     ws = [QTensor("w", t, rows, k, r) for r in raws]
+    mod = int8_k_cpu if t in (T.Q4_K, T.Q6_K) else int8_cpu
     olds = [matmul_cpu.pack(q) for q in ws]
-    news = [int8_cpu.pack(q) for q in ws]
+    news = [mod.pack(q) for q in ws]
     x = rng.standard_normal(k).astype(np.float32)
     x2, o1, o2 = x[None], np.empty((1, rows), np.float32), np.empty(rows, np.float32)
     numba.set_num_threads(threads)
-    old, new = best_pair(lambda i: matmul_cpu.matmul(x2, olds[i], o1), lambda i: int8_cpu.matvec(x, news[i], o2), n, 1)
-    old, new = best_pair(lambda i: matmul_cpu.matmul(x2, olds[i], o1), lambda i: int8_cpu.matvec(x, news[i], o2), n, rounds)
+    old, new = best_pair(lambda i: matmul_cpu.matmul(x2, olds[i], o1), lambda i: mod.matvec(x, news[i], o2), n, 1)
+    old, new = best_pair(lambda i: matmul_cpu.matmul(x2, olds[i], o1), lambda i: mod.matvec(x, news[i], o2), n, rounds)
     gb = w.nbytes / 1e9
     return (f"{t.name:5s} {rows:>6}x{k:<5} thr {threads}  old {old * 1e6:8.1f} us {gb / old:6.1f} GB/s   "
             f"new {new * 1e6:8.1f} us {gb / new:6.1f} GB/s   new/old {old / new:5.2f}   ({n} copies)")
@@ -90,8 +94,9 @@ def bench(t: T, rows: int, k: int, threads: int, rounds: int, rng) -> str:
 
 def asm_counts() -> None:
     x = np.ones(1024, np.float32)
-    for t, fn in ((T.Q8_0, int8_cpu._mv_q8_0), (T.Q4_0, int8_cpu._mv_q4_0)):
-        int8_cpu.matvec(x, int8_cpu.pack(QTensor.from_f32("w", np.ones((4, 1024), np.float32), t)))
+    for mod, t, fn in ((int8_cpu, T.Q8_0, int8_cpu._mv_q8_0), (int8_cpu, T.Q4_0, int8_cpu._mv_q4_0),
+                       (int8_k_cpu, T.Q4_K, int8_k_cpu._mv_q4_k), (int8_k_cpu, T.Q6_K, int8_k_cpu._mv_q6_k)):
+        mod.matvec(x, mod.pack(QTensor.from_f32("w", np.ones((4, 1024), np.float32), t)))
         text = "\n".join(fn.inspect_asm().values())
         counts = {i: sum(ln.split()[0] == i for ln in text.splitlines() if ln.strip()) for i in INSNS}
         print(f"asm {fn.py_func.__name__}: " + ", ".join(f"{i} x{c}" for i, c in counts.items() if c))
@@ -100,7 +105,7 @@ def asm_counts() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--formats", nargs="+", default=["q8_0", "q4_0"])
+    ap.add_argument("--formats", nargs="+", default=["q8_0", "q4_0", "q4_k", "q6_k"])
     ap.add_argument("--threads", nargs="+", type=int, default=[2, 1])
     ap.add_argument("--asm", action="store_true")
     a = ap.parse_args()
