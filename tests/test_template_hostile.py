@@ -26,7 +26,7 @@ from qwen3cli.chat_template import ChatTemplate, TemplateError, _tojson
 DEADLINE = 1.0  # seconds, for these tests (the real one is template_sandbox.DEADLINE_S)
 SLACK = 2.0  # one bounded step after the deadline, on a loaded machine
 PEAK_MB = 128  # refused before the allocation: what the attack built before its big step
-BUDGET_PEAK_MB = 320  # attacks on the memory budget itself: MAX_MEMORY (256 MB) and the rest
+BUDGET_PEAK_MB = 400  # attacks on the memory budget: MAX_MEMORY (256 MB), the step that passes it, their inputs
 CHILD_LIMIT = 2 << 30  # the child's address space: enough for the budget, not for an attack
 
 NS = "{% set ns = namespace(s='ab', l=[1], t=(1,), n=3) %}"
@@ -107,10 +107,10 @@ ATTACKS = {
                                      "{% set n.v = [ns.all[i - 1], ns.all[i - 1]] %}{% endfor %}{{ ns.all[63] }}",
     "string of a DAG": NS + "{% for i in range(64) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}{{ ns.l|string }}",
     # memory: many values, each within the size limits
-    "many big slices kept": NS + "{% set ns.s = 'é' * 10000000 %}{% set ns.l = [] %}"
-                                 "{% for i in range(1000) %}{% set ns.l = ns.l + [ns.s[i:]] %}{% endfor %}",
-    "many big copies kept": NS + "{% set ns.s = 'é' * 10000000 %}{% set ns.l = [] %}"
-                                 "{% for i in range(1000) %}{% set ns.l = ns.l + [ns.s.upper()] %}{% endfor %}",
+    "many big slices kept": NS + "{% set ns.s = '😀' * 5000000 %}{% set kept = namespace("
+                                 + ", ".join(f"a{i}=ns.s[{i}:]" for i in range(64)) + ") %}",
+    "many big copies kept": NS + "{% set ns.s = '😀' * 5000000 %}"
+                                 + "".join(f"{{% set v{i} = ns.s.upper() %}}" for i in range(64)),
     "output": "{% for i in range(100) %}{{ 'x' * 1000000 }}{% endfor %}",
 }
 TIME_ATTACKS = {"four silent loops", "loop filter that never passes", "macro doubling", "linked list growth"}
