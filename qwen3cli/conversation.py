@@ -31,7 +31,8 @@ SOFT_SWITCHES = {"/think": True, "/no_think": False}
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repeat_penalty")
 SAMPLING_RANGES = {"temperature": "a finite number, at least 0", "top_p": "a number above 0 and at most 1",
                    "top_k": "a whole number, at least 0 (0: off)", "min_p": "a number from 0 to 1",
-                   "presence_penalty": "a finite number", "repeat_penalty": "a finite number above 0"}
+                   "presence_penalty": "a number from -2 to 2", "repeat_penalty": "a finite number above 0"}
+MAX_SEED = 2**64 - 1  # what --seed takes
 MESSAGE_FIELDS = {"role": str, "content": str, "think": (bool, type(None)), "thinking": str, "finish_reason": str,
                   "interrupted": bool}
 FORMAT = "qwen3cli-chat"
@@ -92,6 +93,7 @@ def check_sampling(key: str, value: Any) -> float | int:
         ok = type(value) is int  # noqa: E721 (a bool is not a count)
     else:
         ok = type(value) in (int, float) and math.isfinite(value)
+        ok = ok and (key != "presence_penalty" or -2 <= value <= 2)  # OpenAI's range, as the server takes it
         value = float(value) if ok else value
     try:
         if ok:
@@ -115,7 +117,7 @@ def check_setting(key: str, value: Any, none: str = "null") -> Any:
             raise SettingError(f"sampling.{e.key}", e.wants, e.got) from None
     count = f"a whole number, at least 1, or {none}"
     wants = {"system": f"text or {none}", "think": f"true, false or {none}", "thinking_budget": count,
-             "max_tokens": count, "seed": f"a whole number, at least 0, or {none}"}.get(key)
+             "max_tokens": count, "seed": f"a whole number from 0 to {MAX_SEED}, or {none}"}.get(key)
     if wants is None:
         raise SettingError(key, "a chat setting", "an unknown setting")
     if value is None:
@@ -125,7 +127,7 @@ def check_setting(key: str, value: Any, none: str = "null") -> Any:
     elif key == "think":
         ok = isinstance(value, bool)
     else:  # true is not a seed, nor a count
-        ok = type(value) is int and value >= (0 if key == "seed" else 1)  # noqa: E721
+        ok = type(value) is int and (0 <= value <= MAX_SEED if key == "seed" else value >= 1)  # noqa: E721
     if not ok:
         raise SettingError(key, wants, _shown(value))
     return value

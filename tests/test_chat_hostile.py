@@ -49,7 +49,7 @@ json_values = st.recursive(
     max_leaves=6)
 VALID = {"system": st.none() | st.text(max_size=10), "think": st.none() | st.booleans(),
          "thinking_budget": st.none() | st.integers(1, 10**6), "max_tokens": st.none() | st.integers(1, 10**6),
-         "seed": st.none() | st.integers(0, 2**64), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
+         "seed": st.none() | st.integers(0, 2**64 - 1), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
          "top_k": st.integers(0, 100), "min_p": st.floats(0, 1), "presence_penalty": st.floats(-2, 2),
          "repeat_penalty": st.floats(0.5, 2), "think_field": st.none() | st.booleans(), "thinking": st.text(max_size=5),
          "finish_reason": st.sampled_from(["stop", "length"]), "interrupted": st.booleans()}
@@ -93,7 +93,8 @@ def test_loading_any_saved_chat_keeps_the_repl(engine, fake, tmp_path, saved_set
     assert answered(conv), out
 
 
-@pytest.mark.parametrize("bad", [{"seed": "abc"}, {"seed": -1}, {"seed": True}, {"seed": 1.5}, {"sampling": []},
+@pytest.mark.parametrize("bad", [{"seed": "abc"}, {"seed": -1}, {"seed": True}, {"seed": 1.5}, {"seed": 2**64},
+                                 {"sampling": []}, {"sampling": {"presence_penalty": 2.5}},
                                  {"sampling": {"temperature": "hot"}}, {"sampling": {"temperature": math.nan}},
                                  {"sampling": {"top_p": math.inf}}, {"sampling": {"top_k": 2.0}},
                                  {"sampling": {"min_p": 7}}, {"think": "yes"}, {"max_tokens": 0},
@@ -129,8 +130,9 @@ def test_unknown_keys_are_ignored_with_a_warning(engine, fake, tmp_path):  # noq
     ("/set temp hot", "temperature"), ("/set top_p nan", "top_p"), ("/set top_p 0", "top_p"),
     ("/set top_k 1e9", "top_k"), ("/set top_k -3", "top_k"), ("/set min_p 2", "min_p"),
     ("/set presence_penalty -inf", "presence_penalty"), ("/set repeat_penalty 0", "repeat_penalty"),
-    ("/set max_tokens 0", "max_tokens"), ("/set max_tokens lots", "max_tokens"), ("/set seed -1", "seed"),
-    ("/set seed 1.5", "seed")])
+    ("/set presence_penalty 3", "presence_penalty"), ("/set max_tokens 0", "max_tokens"),
+    ("/set max_tokens lots", "max_tokens"), ("/set seed -1", "seed"), ("/set seed 1.5", "seed"),
+    ("/set seed 18446744073709551616", "seed")])
 def test_set_refuses_bad_values_naming_the_setting(engine, fake, command, setting):  # noqa: F811
     fake()
     conv = Conversation(engine, ChatSettings(seed=3, sampling={"temperature": 0.5}))
