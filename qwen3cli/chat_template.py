@@ -2,9 +2,10 @@
 sandbox with a budget.
 
 Templates come from strangers: they render in template_sandbox's environment, which refuses
-Python internals and stops any render that runs past its deadline or would build too much (see
-there). The environment mirrors transformers' (trim and lstrip blocks, loopcontrols, its
-tojson, raise_exception, strftime_now), so the text is the same, byte for byte.
+Python internals and stops any render that runs past its deadline or would build too much
+(template_budget.py has the limits). The environment mirrors transformers' (trim and lstrip
+blocks, loopcontrols, its tojson, raise_exception, strftime_now), so the text is the same, byte
+for byte.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 import jinja2
 import jinja2.ext
 
-from . import template_sandbox
-from .template_sandbox import MAX_TEXT, BudgetedEnvironment, OverBudget, TemplateError
+from . import template_budget
+from .template_budget import MAX_TEXT, OverBudget, TemplateError
+from .template_sandbox import BudgetedEnvironment
 
 __all__ = ["ChatTemplate", "TemplateError", "builtin_template"]
 
@@ -67,7 +69,7 @@ class ChatTemplate:
         ctx = {**self.special_tokens, **kwargs}
         if enable_thinking is not None:
             ctx["enable_thinking"] = enable_thinking
-        budget = self._env.new_budget(template_sandbox.DEADLINE_S)
+        budget = self._env.new_budget(template_budget.DEADLINE_S)
         out, n = [], 0
         try:
             for chunk in self._template.generate(messages=messages, tools=tools, documents=None,

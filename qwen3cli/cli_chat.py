@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -25,7 +24,8 @@ from rich.text import Text
 from .cli import app, err, printable, user_errors
 from .cli_options import Ctx, Device, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
 from .cli_run import UsageError, open_engine, set_threads, user_sampling
-from .conversation import SAMPLING_KEYS, ChatSettings, Conversation, Notice
+from .conversation import (SAMPLING_KEYS, ChatSettings, Conversation, Notice, SettingError, check_sampling,
+                           check_setting)
 from .errors import Qwen3CliError
 from .generate import BUDGET_NOTE, Done
 
@@ -51,6 +51,20 @@ COMMANDS = {
     "/exit": "leave (also /quit, Ctrl-D)",
 }
 ALIASES = {"/clear": "/reset", "/quit": "/exit", "/bye": "/exit", "/?": "/help"}
+
+
+def _whole(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:  # '²' is a digit to str.isdigit, not to int
+        return None
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def data_dir() -> Path:
@@ -126,11 +140,18 @@ class ChatUI:
 
     def loop(self) -> None:
         while (text := self.read()) is not None:
-            if text.startswith("/") and not text.startswith("//"):
-                if self.command(text.strip()) == "exit":
-                    return
-                continue
-            self.turn(lambda: self.conv.send(text), text)
+            try:
+                if text.startswith("/") and not text.startswith("//"):
+                    if self.command(text.strip()) == "exit":
+                        return
+                    continue
+                self.turn(lambda: self.conv.send(text), text)
+            except Exception as e:  # the last line of defence: one input never ends the chat
+                self.unexpected(e)
+
+    def unexpected(self, e: Exception) -> None:
+        text = str(e) if len(str(e)) <= 300 else str(e)[:300] + "..."
+        self.say(f"error: unexpected {type(e).__name__}: {text} (the conversation is kept)", "red")
 
     # -- a turn ------------------------------------------------------------------------------
     def turn(self, start, text: str = "") -> None:
@@ -153,6 +174,9 @@ class ChatUI:
         except Qwen3CliError as e:
             r.finish()
             self.say(f"error: {e}", "red")
+        except Exception as e:
+            r.finish()  # stops a live display before the line is printed
+            self.unexpected(e)
 
     # -- commands ----------------------------------------------------------------------------
     def command(self, line: str) -> str | None:
@@ -185,12 +209,13 @@ class ChatUI:
             t = c.last_thinking
             self.console.print(Text(t, style="dim") if t else Text("(no thinking in the last reply)", style="dim"))
         elif name == "/budget":
+            n = _whole(arg)
             if arg == "off":
                 s.thinking_budget = None
                 self.say("thinking budget off")
-            elif arg.isdigit() and int(arg) > 0:
-                s.thinking_budget = int(arg)
-                self.say(f"thinking budget: {arg} tokens")
+            elif n is not None and n > 0:
+                s.thinking_budget = n
+                self.say(f"thinking budget: {n} tokens")
             else:
                 self.say(f"usage: /budget N|off (now {s.thinking_budget or 'off'})", "yellow")
         elif name == "/system":
@@ -221,7 +246,8 @@ class ChatUI:
                     if name == "/save":
                         self.say(f"saved to {c.save(arg)}")
                     else:
-                        c.load(arg)
+                        for warning in c.load(arg):
+                            self.say(warning, "yellow")
                         self.say(f"loaded {len(c.messages)} messages from {arg}")
                 except Qwen3CliError as e:
                     self.say(f"error: {e}", "red")
@@ -242,23 +268,24 @@ class ChatUI:
             self.console.print(f"  {'seed':<17}{s.seed if s.seed is not None else 'random'}", highlight=False)
             return
         key, _, value = arg.partition(" ")
-        key = SET_ALIASES.get(key)
-        try:
-            if key is None or not value.strip():
-                raise ValueError
-            if key in ("max_tokens", "seed"):
-                v = None if value.strip() in ("off", "none") else int(value)
-                if key == "max_tokens" and v is not None and v < 1:
-                    raise ValueError
-                c.set_seed(v) if key == "seed" else setattr(s, key, v)
-            else:
-                v = int(value) if key == "top_k" else float(value)
-                replace(c.params(c.thinks()), **{key: v}).validate()
-                s.sampling[key] = v
-        except (ValueError, TypeError):
+        key, value = SET_ALIASES.get(key), value.strip()
+        if key is None or not value:
             self.say(f"usage: /set {'|'.join(SET_ALIASES)} VALUE", "yellow")
             return
-        self.say(f"{key} = {value.strip()}")
+        number = _whole(value) if key in ("max_tokens", "seed", "top_k") else _float(value)
+        v = None if value in ("off", "none") else value if number is None else number
+        try:
+            v = check_sampling(key, v) if key in SAMPLING_KEYS else check_setting(key, v, none="off")
+        except SettingError as e:  # nothing changes: the conversation and its settings are kept
+            self.say(f"usage: /set {key} VALUE, {e.wants} (got {e.got})", "yellow")
+            return
+        if key == "seed":
+            c.set_seed(v)
+        elif key == "max_tokens":
+            s.max_tokens = v
+        else:
+            s.sampling[key] = v
+        self.say(f"{key} = {value}")
 
     def _stats(self) -> None:
         c, d = self.conv, self.conv.last
@@ -436,7 +463,8 @@ def chat(
     conv = Conversation(engine, ChatSettings(system=system, think=think, thinking_budget=thinking_budget,
                                              max_tokens=max_tokens, seed=seed, sampling=sampling))
     if load_file is not None:
-        conv.load(load_file)
+        for warning in conv.load(load_file):
+            err.print(Text(f"warning: {warning}", style="yellow"))
     console = Console(highlight=False)
     ui = ChatUI(conv, console, make_prompt_session(), display=thinking, markdown=markdown)
     note = {"always": "this model always thinks", "never": "this model never thinks"}.get(engine.mode, "")

@@ -20,13 +20,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from checkpoints import TOKENIZER
 from hostile import clean_error, run_cli
-from qwen3cli import template_sandbox
+from qwen3cli import template_budget
 from qwen3cli.chat_template import ChatTemplate, TemplateError, _tojson
 
-DEADLINE = 1.0  # seconds, for these tests (the real one is template_sandbox.DEADLINE_S)
+DEADLINE = 1.0  # seconds, for these tests (the real one is template_budget.DEADLINE_S)
 SLACK = 2.0  # one bounded step after the deadline, on a loaded machine
 PEAK_MB = 128  # refused before the allocation: what the attack built before its big step
-BUDGET_PEAK_MB = 320  # attacks on the memory budget itself: MAX_MEMORY (256 MB) and the rest
+BUDGET_PEAK_MB = 400  # attacks on the memory budget: MAX_MEMORY (256 MB), the step that passes it, their inputs
 CHILD_LIMIT = 2 << 30  # the child's address space: enough for the budget, not for an attack
 
 NS = "{% set ns = namespace(s='ab', l=[1], t=(1,), n=3) %}"
@@ -107,10 +107,10 @@ ATTACKS = {
                                      "{% set n.v = [ns.all[i - 1], ns.all[i - 1]] %}{% endfor %}{{ ns.all[63] }}",
     "string of a DAG": NS + "{% for i in range(64) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}{{ ns.l|string }}",
     # memory: many values, each within the size limits
-    "many big slices kept": NS + "{% set ns.s = 'é' * 10000000 %}{% set ns.l = [] %}"
-                                 "{% for i in range(1000) %}{% set ns.l = ns.l + [ns.s[i:]] %}{% endfor %}",
-    "many big copies kept": NS + "{% set ns.s = 'é' * 10000000 %}{% set ns.l = [] %}"
-                                 "{% for i in range(1000) %}{% set ns.l = ns.l + [ns.s.upper()] %}{% endfor %}",
+    "many big slices kept": NS + "{% set ns.s = '😀' * 5000000 %}{% set kept = namespace("
+                                 + ", ".join(f"a{i}=ns.s[{i}:]" for i in range(64)) + ") %}",
+    "many big copies kept": NS + "{% set ns.s = '😀' * 5000000 %}"
+                                 + "".join(f"{{% set v{i} = ns.s.upper() %}}" for i in range(64)),
     "output": "{% for i in range(100) %}{{ 'x' * 1000000 }}{% endfor %}",
 }
 TIME_ATTACKS = {"four silent loops", "loop filter that never passes", "macro doubling", "linked list growth"}
@@ -122,8 +122,8 @@ CHILD = """
 import json, resource, sys, time, tracemalloc
 limit, deadline = json.loads(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-from qwen3cli import template_sandbox
-template_sandbox.DEADLINE_S = deadline
+from qwen3cli import template_budget
+template_budget.DEADLINE_S = deadline
 from qwen3cli.chat_template import ChatTemplate, TemplateError, _tojson
 for name, src in json.load(sys.stdin).items():
     tracemalloc.start()
@@ -235,7 +235,7 @@ def _plain(src):
 def test_generated_templates_stay_in_budget(src):
     import tracemalloc
 
-    saved, template_sandbox.DEADLINE_S = template_sandbox.DEADLINE_S, 0.5
+    saved, template_budget.DEADLINE_S = template_budget.DEADLINE_S, 0.5
     tracemalloc.start()
     t0 = time.perf_counter()
     try:
@@ -247,7 +247,7 @@ def test_generated_templates_stay_in_budget(src):
     finally:
         seconds, peak = time.perf_counter() - t0, tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
-        template_sandbox.DEADLINE_S = saved
+        template_budget.DEADLINE_S = saved
     assert seconds < 0.5 + SLACK and peak < BUDGET_PEAK_MB, (seconds, peak, src)
     if out is not None:  # what the budget lets through renders exactly as jinja renders it
         assert out == _plain(src)
