@@ -269,3 +269,14 @@ def test_summary_keeps_long_paths_at_80_columns(good, tmp_path):
     assert all(len(ln) <= 80 for ln in text.splitlines()) and len(text.splitlines()) > 2
     assert str(dest) in re.sub(r"\s+", "", text)
     assert "[/oops] not markup" in text
+
+
+def test_help_does_not_load_the_engine():
+    """`qwen3cli --help` and the command table stay light (0.6 s -> 0.2 s): the engine, numba,
+    numpy and the chat UI load when a command runs, not when the CLI is imported."""
+    code = ("import sys, qwen3cli.cli; heavy = ('numba', 'numpy', 'prompt_toolkit', 'qwen3cli.conversation', "
+            "'qwen3cli.engine', 'tokenizers'); print([m for m in heavy if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout
+    r = subprocess.run([sys.executable, "-m", "qwen3cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "chat" in r.stdout and "quantize" in r.stdout
