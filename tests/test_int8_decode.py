@@ -118,6 +118,18 @@ def test_kernel_matches_reference(t, shape):
         assert np.all(np.abs(out[i] - y) <= 1e-5 * mag), np.abs(out[i] - y).max() / mag.max()
 
 
+@pytest.mark.parametrize("k", [32, 96, 224])
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+def test_blocks_after_the_last_four(t, k):
+    # the kernels take blocks four at a time; rows of 1, 3 or 7 blocks end in the one-block loop
+    w = make(t, [(5, k)])
+    x = np.random.default_rng(6).standard_normal((1, k)).astype(np.float32)
+    out = np.empty((1, 5), np.float32)
+    i8.matmul(x, w, out)
+    y, mag = reference(w, x[0])
+    assert np.all(np.abs(out[0] - y) <= 1e-5 * mag)
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """Which decode kernel matmul ran: the int8 one or the float Q8_0 one."""

@@ -94,25 +94,46 @@ def quantize_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 # -- the products --------------------------------------------------------------------------
 
+@intrinsic
+def _vadd(typingctx, a, b):
+    return F32X16(a, b), lambda context, builder, sig, args: builder.fadd(args[0], args[1])
+
+
+# Four accumulators, blocks dealt round-robin: one accumulator makes every block wait for the
+# previous block's multiply-add (4 cycles on Zen 5), which measured as the loop's bound.
+
 @njit(parallel=True, cache=True)
 def _mv_q8_0(xq, xd, q, d, out):
     R, k = q.shape
+    nb = k // 32
     for r in prange(R):
-        acc = _vzero()
-        for b in range(k // 32):
+        a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+        for b in range(0, nb - 3, 4):
+            o = r * k + b * 32
+            s0, s1, s2, s3 = d[r, b] * xd[b], d[r, b + 1] * xd[b + 1], d[r, b + 2] * xd[b + 2], d[r, b + 3] * xd[b + 3]
+            a0 = _q8_step(a0, q, o, xq, b * 32, s0, s0)
+            a1 = _q8_step(a1, q, o + 32, xq, b * 32 + 32, s1, s1)
+            a2 = _q8_step(a2, q, o + 64, xq, b * 32 + 64, s2, s2)
+            a3 = _q8_step(a3, q, o + 96, xq, b * 32 + 96, s3, s3)
+        for b in range(nb - nb % 4, nb):
             s = d[r, b] * xd[b]
-            acc = _q8_step(acc, q, r * k + b * 32, xq, b * 32, s, s)
-        out[r] = _hsum(acc)
+            a0 = _q8_step(a0, q, r * k + b * 32, xq, b * 32, s, s)
+        out[r] = _hsum(_vadd(_vadd(a0, a1), _vadd(a2, a3)))
 
 
 @njit(parallel=True, cache=True)
 def _mv_q6_k(xq, xd, q, d, out):
+    # k is a multiple of 256: no tail
     R, k = q.shape
     for r in prange(R):
-        acc = _vzero()
-        for b in range(k // 32):
-            acc = _q8_step(acc, q, r * k + b * 32, xq, b * 32, d[r, 2 * b] * xd[b], d[r, 2 * b + 1] * xd[b])
-        out[r] = _hsum(acc)
+        a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+        for b in range(0, k // 32, 4):
+            o, g = r * k + b * 32, 2 * b
+            a0 = _q8_step(a0, q, o, xq, b * 32, d[r, g] * xd[b], d[r, g + 1] * xd[b])
+            a1 = _q8_step(a1, q, o + 32, xq, b * 32 + 32, d[r, g + 2] * xd[b + 1], d[r, g + 3] * xd[b + 1])
+            a2 = _q8_step(a2, q, o + 64, xq, b * 32 + 64, d[r, g + 4] * xd[b + 2], d[r, g + 5] * xd[b + 2])
+            a3 = _q8_step(a3, q, o + 96, xq, b * 32 + 96, d[r, g + 6] * xd[b + 3], d[r, g + 7] * xd[b + 3])
+        out[r] = _hsum(_vadd(_vadd(a0, a1), _vadd(a2, a3)))
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -121,14 +142,21 @@ def _mv_q4(xq, xd, xds, q, d, o, factor, out):
     R, kh = q.shape
     nb = kh // 16
     for r in prange(R):
-        acc = _vzero()
-        for b in range(nb):
+        a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+        for b in range(0, nb - 3, 4):
+            w = r * kh + b * 16
+            s0, s1, s2, s3 = d[r, b] * xd[b], d[r, b + 1] * xd[b + 1], d[r, b + 2] * xd[b + 2], d[r, b + 3] * xd[b + 3]
+            a0 = _q4_step(a0, q, w, xq, b * 32, s0, s0)
+            a1 = _q4_step(a1, q, w + 16, xq, b * 32 + 32, s1, s1)
+            a2 = _q4_step(a2, q, w + 32, xq, b * 32 + 64, s2, s2)
+            a3 = _q4_step(a3, q, w + 48, xq, b * 32 + 96, s3, s3)
+        for b in range(nb - nb % 4, nb):
             s = d[r, b] * xd[b]
-            acc = _q4_step(acc, q, r * kh + b * 16, xq, b * 32, s, s)
+            a0 = _q4_step(a0, q, r * kh + b * 16, xq, b * 32, s, s)
         c = np.float32(0.0)
         for b in range(nb):
             c += o[r, b] * xds[b]
-        out[r] = _hsum(acc) - factor * c
+        out[r] = _hsum(_vadd(_vadd(a0, a1), _vadd(a2, a3))) - factor * c
 
 
 def matvec(x: np.ndarray, w, out: np.ndarray) -> None:
