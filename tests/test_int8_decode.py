@@ -140,14 +140,14 @@ def calls(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("n", [1, 3, mc.SMALL_N + 1])
+@pytest.mark.parametrize("n", [1, 3, mc.SMALL_N, mc.SMALL_N + 1])
 @pytest.mark.parametrize("flag", [False, True])
 def test_matmul_dispatch(monkeypatch, calls, flag, n):
     monkeypatch.setattr(mc, "INT8", flag)
     w = make(T.Q8_0, [(16, 256), (8, 256)])
     x = np.random.default_rng(5).standard_normal((n, 256)).astype(np.float32)
     got = mc.matmul(x, w)
-    want = "_prefill" if n > mc.SMALL_N else "matmul" if flag else "_mv_q8_0"
+    want = "_prefill" if n > mc.SMALL_N else "matmul" if flag and n <= i8.MAX_ROWS[T.Q8_0] else "_mv_q8_0"
     assert calls == [want]
     if want == "matmul":
         for i in range(n):

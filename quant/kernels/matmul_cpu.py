@@ -394,7 +394,7 @@ def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) ->
     if out is None:
         out = np.empty((n, w.rows), np.float32)
     if isinstance(w, Packed) and n <= SMALL_N:
-        if INT8 and w.type in int8.TYPES:
+        if INT8 and n <= int8.MAX_ROWS.get(w.type, 0):
             int8.matmul(x, w, out)
         elif w.type == T.Q8_0:
             _mv_q8_0(x, w.q, w.d, out)
