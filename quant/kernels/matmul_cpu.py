@@ -7,7 +7,8 @@ the 32-element block loops over raw GGUF bytes did not (FEASIBILITY.md: 3-10x sl
 rows of x (decode) go through those loops, every weight byte read once per token; many rows
 (prefill) dequantize a tile of W at a time and hand it to BLAS. Q4_1, Q5_0, Q5_1 and Q5_K
 become int8 with a scale and an offset per 32; Q2_K and Q3_K keep their 2-bit quants
-(lowbit_cpu.py). BF16 / F16 have direct decode kernels.
+(lowbit_cpu.py). BF16 / F16 have direct decode kernels. With QWEN3CLI_INT8=1, decode of Q8_0,
+Q6_K, Q4_0 and Q4_K quantizes x to 8 bits and multiplies integers (int8_decode_cpu.py).
 """
 
 from __future__ import annotations
