@@ -7,11 +7,13 @@ the 32-element block loops over raw GGUF bytes did not (FEASIBILITY.md: 3-10x sl
 rows of x (decode) go through those loops, every weight byte read once per token; many rows
 (prefill) dequantize a tile of W at a time and hand it to BLAS. Q4_1, Q5_0, Q5_1 and Q5_K
 become int8 with a scale and an offset per 32; Q2_K and Q3_K keep their 2-bit quants
-(lowbit_cpu.py). BF16 / F16 have direct decode kernels.
+(lowbit_cpu.py). BF16 / F16 have direct decode kernels. With QWEN3CLI_INT8=1, decode of Q8_0,
+Q6_K, Q4_0 and Q4_K quantizes x to 8 bits and multiplies integers (int8_decode_cpu.py).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -21,12 +23,16 @@ from numba import njit, prange
 from ..formats import FORMATS
 from ..qtensor import QTensor
 from . import experts_cpu as experts
+from . import int8_decode_cpu as int8
 from . import lowbit_cpu as lowbit
 from . import threads
 from .half import half
 
 SMALL_N = 8  # rows of x up to which the direct kernels beat dequantize + BLAS
 TILE_ELEMS = 1 << 20  # float32 elements dequantized at once (4 MiB, stays in L3 for BLAS)
+# Opt-in (issue 14): decode products with x quantized to 8 bits (int8_decode_cpu.py). Off by
+# default: it changes the logits (x's rounding), read once so a run cannot mix the two.
+INT8 = os.environ.get("QWEN3CLI_INT8") == "1"
 
 
 @dataclass(frozen=True)
@@ -389,7 +395,9 @@ def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) ->
     if out is None:
         out = np.empty((n, w.rows), np.float32)
     if isinstance(w, Packed) and n <= SMALL_N:
-        if w.type == T.Q8_0:
+        if INT8 and n <= int8.MAX_ROWS.get(w.type, 0):
+            int8.matmul(x, w, out)
+        elif w.type == T.Q8_0:
             _mv_q8_0(x, w.q, w.d, out)
         elif w.type == T.Q6_K:
             _mv_q6_k(x, w.q, w.d, out)
