@@ -165,7 +165,6 @@ def run(
     text = read_prompt(prompt)
     set_threads(threads)
     engine = open_engine(model, ctx, quant, device)
-    engine.check_size(text)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     p = engine.prompt(messages, enable_thinking=think)
     if len(p.ids) >= engine.ctx:

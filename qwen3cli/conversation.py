@@ -166,7 +166,6 @@ class Conversation:
         self.rng = np.random.default_rng(self.settings.seed)
         self.last: Done | None = None
         self.total_reused = 0
-        self._token_chars: int | None = None
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -268,7 +267,7 @@ class Conversation:
         """The first exchange from which the history may fit: no token stands for more characters
         than the longest in the vocabulary, so a longer history cannot fit and is not rendered."""
         # (and never more than a template may render, or the first render would fail instead)
-        most = min(room * self._longest_token(), MAX_OUTPUT // 2)
+        most = min(room * self.engine.longest_token(), MAX_OUTPUT // 2)
         chars, first = 0, len(starts) - 1
         for j in range(len(starts) - 1, -1, -1):  # from the newest exchange back
             end = starts[j + 1] if j + 1 < len(starts) else len(self.messages)
@@ -277,15 +276,6 @@ class Conversation:
                 break
             first = j
         return first
-
-    def _longest_token(self) -> int:
-        if self._token_chars is None:
-            try:
-                vocab = self.engine.tokenizer.get_vocab(with_added_tokens=True)
-                self._token_chars = max(map(len, vocab), default=1)
-            except Exception:  # a tokenizer without a vocabulary to read: no cut by length
-                self._token_chars = 1 << 30
-        return self._token_chars
 
     def _dropped(self, start: int) -> list[Notice]:
         if not start:

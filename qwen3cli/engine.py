@@ -51,15 +51,22 @@ class Engine:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return Prompt(ids, text, self.thinks(enable_thinking), starts_in_thinking(text))
 
+    def longest_token(self) -> int:
+        """Bytes (byte-level BPE: characters) of the vocabulary's longest token: no token stands for more."""
+        if self._longest is None:
+            try:
+                self._longest = max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+            except Exception:  # a tokenizer without a vocabulary to read: no bound from it
+                self._longest = 1 << 30
+        return self._longest
+
     def check_size(self, text: str) -> None:
         """Refuse text that cannot fit the context before tokenizing it (a 10 MB prompt takes
         10 s and 1.6 GB to tokenize): no token covers more bytes than the vocabulary's longest."""
         n = len(text.encode("utf-8", "surrogatepass"))
         if n <= self.ctx:  # every token is at least one byte: the common case costs nothing
             return
-        if self._longest is None:
-            self._longest = max(map(len, self.tokenizer.get_vocab()), default=1)
-        if n > self.ctx * self._longest:
+        if n > self.ctx * self.longest_token():
             raise PromptTooLong(f"the prompt has {n} bytes, more than a {self.ctx}-token context can hold; "
                                 "raise --ctx or shorten the prompt")
 

@@ -11,20 +11,11 @@ from qwen3cli.loader import load
 from qwen3cli.model import Model
 from quant.kernels import int8_decode_cpu as i8
 from quant.kernels import matmul_cpu as mc
+from test_int8_kernels import ref_quantize  # ggml's Q8_0 rounding, as the step-1 tests check it
 
 TYPES = [T.Q8_0, T.Q6_K, T.Q4_0, T.Q4_K]
 # (rows, k) of one matrix, or of the parts fused into one (q|k|v, gate|up)
 SHAPES = [[(3, 256)], [(17, 512)], [(64, 1024)], [(32, 256), (16, 256), (16, 256)], [(40, 512), (40, 512)]]
-
-
-def ref_quantize(x):
-    """ggml's Q8_0 rounding of x per 32: d = amax / 127, q = roundf(x * (1 / d)), in float32."""
-    xb = x.reshape(-1, 32)
-    d = (np.abs(xb).max(1) / np.float32(127)).astype(np.float32)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-    v = (xb * inv[:, None]).astype(np.float32).astype(np.float64)
-    return np.trunc(v + np.copysign(0.5, v)).astype(np.int64), d
 
 
 def random_packed(t, rows, k, seed):

@@ -194,10 +194,9 @@ def _at(b, j, ng):
 
 
 @njit(cache=True)
-def _quantize_x(x, xq, xd, xs):
-    nb = x.shape[0] // 32
-    ng = nb // G
-    for b in range(nb):
+def _quantize_x(x, xq, xd, xs, ng):
+    # ng: the blocks laid out in the kernels' groups of G (0: every block in x's own order)
+    for b in range(x.shape[0] // 32):
         amax = np.float32(0.0)
         for j in range(32):
             amax = max(amax, abs(x[b * 32 + j]))
@@ -219,7 +218,7 @@ def quantize_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     x = np.ascontiguousarray(x, np.float32)
     nb = x.shape[0] // 32
     xq, xd, xs = np.empty(nb * 32, np.int16), np.empty(nb, np.float32), np.empty(nb, np.int32)
-    _quantize_x(x, xq, xd, xs)
+    _quantize_x(x, xq, xd, xs, x.shape[0] // 32 // G)
     return xq, xd, xs
 
 

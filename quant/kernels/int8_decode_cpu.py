@@ -24,7 +24,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .int8_cpu import F32X16, G, _F32, _I8, _I32, _c_arrays, _hsum, _load, _pair_sums, _vt, _vzero
+from .int8_cpu import F32X16, G, _F32, _I8, _I32, _c_arrays, _hsum, _load, _pair_sums, _quantize_x, _vt, _vzero
 
 _I16 = ir.IntType(16)
 # Rows of x up to which a product per row beats the float kernel: the Q8_0 / Q6_K float kernels
@@ -68,30 +68,12 @@ _q4_step = _step(True)
 
 # -- the activation ------------------------------------------------------------------------
 
-@njit(cache=True)
-def _quantize_x(x, xq, xd, xs):
-    for b in range(x.shape[0] // 32):
-        amax = np.float32(0.0)
-        for j in range(32):
-            amax = max(amax, abs(x[b * 32 + j]))
-        d = np.float32(amax / np.float32(127.0))
-        inv = np.float32(np.float32(1.0) / d) if d != 0 else np.float32(0.0)
-        s = 0
-        for j in range(32):
-            v = np.float64(np.float32(x[b * 32 + j] * inv))  # + 0.5 in float64 is exact
-            q = int(np.floor(v + 0.5)) if v >= 0 else -int(np.floor(0.5 - v))  # C's roundf
-            xq[b * 32 + j] = q
-            s += q
-        xd[b] = d
-        xs[b] = s
-
-
 def quantize_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x (k,) float32 -> (quants as int16 in x's order, float32 scale per 32, int32 quant sum per 32)."""
     x = np.ascontiguousarray(x, np.float32)
     nb = x.shape[0] // 32
     xq, xd, xs = np.empty(nb * 32, np.int16), np.empty(nb, np.float32), np.empty(nb, np.int32)
-    _quantize_x(x, xq, xd, xs)
+    _quantize_x(x, xq, xd, xs, 0)  # ggml's Q8_0 rounding, in x's order
     return xq, xd, xs
 
 
