@@ -33,7 +33,7 @@ byte 2c + e of block t, so its low nibbles are pair step c and its high nibbles 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -252,23 +252,31 @@ def _pack_q4_0(raw, q, d):
 
 @dataclass(frozen=True)
 class Int8Packed:
-    """A Q8_0 or Q4_0 matrix in this module's layout: q int8 (rows, k) or nibbles uint8
-    (rows, k / 2); d the float16 bits of the block scales, uint16 (rows, k / 32)."""
+    """A Q8_0 or Q4_0 matrix (or a stack of n_mats experts, expert e at rows e * rows ..) in
+    this module's layout: q int8 (R, k) or nibbles uint8 (R, k / 2); d the float16 bits of the
+    block scales, uint16 (R, k / 32); R = n_mats * rows."""
     type: T
     rows: int
     k: int
     q: np.ndarray
     d: np.ndarray
+    n_mats: int = 1
 
     @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.d.nbytes
 
+    def expert(self, e: int) -> "Int8Packed":
+        s = slice(e * self.rows, (e + 1) * self.rows)
+        return replace(self, q=self.q[s], d=self.d[s], n_mats=1)
+
 
 def pack(w: QTensor) -> Int8Packed:
-    if w.type not in (T.Q8_0, T.Q4_0) or w.n_mats != 1:
-        raise ValueError(f"{w.name}: int8 kernels take one Q8_0 or Q4_0 matrix, not {w.type.name} x {w.n_mats}")
-    R, k = w.rows, w.k
+    """A matrix or an expert stack (every row packs alike, so a stack is its experts' packs
+    one after another)."""
+    if w.type not in (T.Q8_0, T.Q4_0):
+        raise ValueError(f"{w.name}: int8 kernels take Q8_0 or Q4_0, not {w.type.name}")
+    R, k = w.n_mats * w.rows, w.k
     d = np.empty((R, k // 32), np.uint16)
     if w.type == T.Q8_0:
         q = np.empty((R, k), np.int8)
@@ -276,7 +284,7 @@ def pack(w: QTensor) -> Int8Packed:
     else:
         q = np.empty((R, k // 2), np.uint8)
         _pack_q4_0(w.raw, q, d)
-    return Int8Packed(w.type, R, k, q, d)
+    return Int8Packed(w.type, w.rows, k, q, d, w.n_mats)
 
 
 # -- the products --------------------------------------------------------------------------
@@ -316,6 +324,8 @@ def matvec(x: np.ndarray, w: Int8Packed, out: np.ndarray | None = None) -> np.nd
     """x (k,) float32 @ W.T -> (rows,) float32, x quantized to 8 bits first."""
     if x.shape != (w.k,):
         raise ValueError(f"input of shape {x.shape}, weight expects ({w.k},)")
+    if w.n_mats != 1:
+        raise ValueError(f"a stack of {w.n_mats} experts: multiply one (w.expert(e)) or use int8_experts_cpu")
     out = np.empty(w.rows, np.float32) if out is None else out
     xq, xd, xs = quantize_x(x)
     (_mv_q8_0 if w.type == T.Q8_0 else _mv_q4_0)(xq, xd, xs, w.q, w.d, out)

@@ -20,7 +20,7 @@ vgf2p8affineqb shifts, vpternlogq); then vpmulld by the sub-block scales, vcvtdq
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -185,8 +185,9 @@ def _pack_q6_k(raw, rawi, q, sc, d):
 
 @dataclass(frozen=True)
 class KPacked:
-    """Q4_K: q (rows, k/2) nibbles, s (rows, k/16) uint8 (per super-block 8 scales, 8 minimums),
-    d and dmin float16 bits (rows, k/256). Q6_K: q (rows, k*3/4), s int8 (rows, k/16), d."""
+    """Q4_K: q (R, k/2) nibbles, s (R, k/16) uint8 (per super-block 8 scales, 8 minimums),
+    d and dmin float16 bits (R, k/256). Q6_K: q (R, k*3/4), s int8 (R, k/16), d. R = n_mats *
+    rows: a stack of experts, expert e at rows e * rows ..."""
     type: T
     rows: int
     k: int
@@ -194,24 +195,31 @@ class KPacked:
     s: np.ndarray
     d: np.ndarray
     dmin: np.ndarray | None = None
+    n_mats: int = 1
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.q, self.s, self.d, self.dmin) if a is not None)
 
+    def expert(self, e: int) -> "KPacked":
+        s = slice(e * self.rows, (e + 1) * self.rows)
+        return replace(self, q=self.q[s], s=self.s[s], d=self.d[s],
+                       dmin=None if self.dmin is None else self.dmin[s], n_mats=1)
+
 
 def pack(w: QTensor) -> KPacked:
-    if w.type not in (T.Q4_K, T.Q6_K) or w.n_mats != 1:
-        raise ValueError(f"{w.name}: these kernels take one Q4_K or Q6_K matrix, not {w.type.name} x {w.n_mats}")
-    R, nsb = w.rows, w.k // 256
+    """A matrix or an expert stack (rows pack alike: a stack is its experts' packs in turn)."""
+    if w.type not in (T.Q4_K, T.Q6_K):
+        raise ValueError(f"{w.name}: these kernels take Q4_K or Q6_K, not {w.type.name}")
+    R, nsb = w.n_mats * w.rows, w.k // 256
     d = np.empty((R, nsb), np.uint16)
     if w.type == T.Q4_K:
         q, s, dmin = np.empty((R, nsb * 128), np.uint8), np.empty((R, nsb * 16), np.uint8), np.empty_like(d)
         _pack_q4_k(w.raw, q, s, d, dmin)
-        return KPacked(w.type, R, w.k, q, s, d, dmin)
+        return KPacked(w.type, w.rows, w.k, q, s, d, dmin, w.n_mats)
     q, s = np.empty((R, nsb * 192), np.uint8), np.empty((R, nsb * 16), np.int8)
     _pack_q6_k(w.raw, w.raw.view(np.int8), q, s, d)
-    return KPacked(w.type, R, w.k, q, s, d)
+    return KPacked(w.type, w.rows, w.k, q, s, d, n_mats=w.n_mats)
 
 
 # -- the products --------------------------------------------------------------------------
@@ -243,6 +251,8 @@ def matvec(x: np.ndarray, w: KPacked, out: np.ndarray | None = None) -> np.ndarr
     """x (k,) float32 @ W.T -> (rows,) float32, x quantized per 256 first."""
     if x.shape != (w.k,):
         raise ValueError(f"input of shape {x.shape}, weight expects ({w.k},)")
+    if w.n_mats != 1:
+        raise ValueError(f"a stack of {w.n_mats} experts: multiply one (w.expert(e)) or use int8_experts_cpu")
     out = np.empty(w.rows, np.float32) if out is None else out
     xq, xd, xs = quantize_x(x)
     if w.type == T.Q4_K:
