@@ -1,0 +1,157 @@
+"""MoE decode over the int8 layouts: the selected experts' products in one launch per stack.
+
+experts_cpu.py does this for the float kernels: output slot s is x[xi[s]] @ expert ids[s] of
+the stack, and all slots' rows share one parallel loop, since a launch per expert (8 of 128 in
+Qwen3-30B-A3B, two stacks a layer) costs about what its small product does. Here the stacks
+are int8_cpu.pack / int8_k_cpu.pack of an expert stack, and the inner steps are those modules'
+intrinsics. Each distinct row of x is quantized once (the slots that share a row share its
+quants), as Q8_0 per 32 for Q8_0 / Q4_0 and as Q8_K per 256 for Q4_K / Q6_K, in the modules'
+lane order.
+
+Q8_0 / Q4_0 rows whose block count is not a multiple of 16 (the down projection, k = 768: one
+group and 8 blocks) keep those blocks in the file's order; they go through int8_decode_cpu's
+block step, which adds a block's pair sums times its scale into the group accumulator, so the
+row still ends with one horizontal add instead of one per block. Q4_0's - 8 on those blocks is
+taken from x's exact quant sums, once per row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from numba import njit, prange
+
+from . import int8_cpu, int8_k_cpu
+from .int8_cpu import G, Int8Packed, _f16, _hsum, _q4_group, _q8_group, _vzero
+from .int8_decode_cpu import _q4_step, _q8_step
+from .int8_k_cpu import KPacked, _q4_k_sb, _q6_k_sb
+
+# -- the activation: each row of x once ------------------------------------------------------
+
+
+@njit(cache=True)
+def _quantize_rows_q8_0(x, xq, xd, xs):
+    for i in range(x.shape[0]):
+        int8_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], x.shape[1] // 32 // G)
+
+
+@njit(cache=True)
+def _quantize_rows_q8_k(x, xq, xd, xs):
+    for i in range(x.shape[0]):
+        int8_k_cpu._quantize_x(x[i], xq[i], xd[i], xs[i])
+
+
+def quantize_rows(x: np.ndarray, k_quants: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (m, k) float32 -> per row what int8_cpu.quantize_x (k_quants: int8_k_cpu's) returns,
+    stacked: quants int16 (m, k), scales float32 (m, k / 32 | k / 256), sums int32 (m, k / 32 | k / 16)."""
+    m, k = x.shape
+    xq = np.empty((m, k), np.int16)
+    if k_quants:
+        xd, xs = np.empty((m, k // 256), np.float32), np.empty((m, k // 16), np.int32)
+        _quantize_rows_q8_k(x, xq, xd, xs)
+    else:
+        xd, xs = np.empty((m, k // 32), np.float32), np.empty((m, k // 32), np.int32)
+        _quantize_rows_q8_0(x, xq, xd, xs)
+    return xq, xd, xs
+
+
+# -- the products: one (slot, row) per iteration -----------------------------------------------
+# Offsets into the intrinsics' arrays are flat element offsets (they load from the data pointer):
+# row `row` of the stack, row `xr` of x.
+
+@njit(parallel=True, cache=True)
+def _ids_q8_0(xq, xd, xs, ids, xi, rows, q, d, out):
+    k = q.shape[1]
+    nb = k // 32
+    ng = nb // G
+    for t in prange(ids.shape[0] * rows):
+        s, r = t // rows, t % rows
+        row, xr = ids[s] * rows + r, xi[s]
+        acc = _vzero()
+        for g in range(ng):
+            acc = _q8_group(acc, q, row * k + g * 32 * G, xq, xr * k + g * 32 * G, xs, xr * nb + g * G,
+                            d, row * nb + g * G, xd, xr * nb + g * G)
+        for b in range(ng * G, nb):
+            sc = _f16(d, row * nb + b) * xd[xr, b]
+            acc = _q8_step(acc, q, row * k + b * 32, xq, xr * k + b * 32, sc, sc)
+        out[s, r] = _hsum(acc)
+
+
+@njit(parallel=True, cache=True)
+def _ids_q4_0(xq, xd, xs, ids, xi, rows, q, d, out):
+    kh = q.shape[1]
+    k, nb = 2 * kh, kh // 16
+    ng = nb // G
+    for t in prange(ids.shape[0] * rows):
+        s, r = t // rows, t % rows
+        row, xr = ids[s] * rows + r, xi[s]
+        acc = _vzero()
+        for g in range(ng):
+            acc = _q4_group(acc, q, row * kh + g * 16 * G, xq, xr * k + g * 32 * G, xs, xr * nb + g * G,
+                            d, row * nb + g * G, xd, xr * nb + g * G)
+        c = np.float32(0.0)  # the tail's sum of scale * x's quant sum: its nibbles are q + 8
+        for b in range(ng * G, nb):
+            sc = _f16(d, row * nb + b) * xd[xr, b]
+            acc = _q4_step(acc, q, row * kh + b * 16, xq, xr * k + b * 32, sc, sc)
+            c += sc * np.float32(xs[xr, b])
+        out[s, r] = _hsum(acc) - np.float32(8.0) * c
+
+
+@njit(parallel=True, cache=True)
+def _ids_q4_k(xq, xd, xs, ids, xi, rows, q, sm, d, dmin, out):
+    nsb = d.shape[1]
+    k = nsb * 256
+    for t in prange(ids.shape[0] * rows):
+        s, r = t // rows, t % rows
+        row, xr = ids[s] * rows + r, xi[s]
+        acc = _vzero()
+        for b in range(nsb):
+            i = row * nsb + b
+            acc = _q4_k_sb(acc, q, i * 128, sm, i * 16, xq, xr * k + b * 256, xs, xr * nsb * 16 + b * 16,
+                           _f16(d, i) * xd[xr, b], _f16(dmin, i) * xd[xr, b])
+        out[s, r] = _hsum(acc)
+
+
+@njit(parallel=True, cache=True)
+def _ids_q6_k(xq, xd, xs, ids, xi, rows, q, sc, d, out):
+    nsb = d.shape[1]
+    k = nsb * 256
+    for t in prange(ids.shape[0] * rows):
+        s, r = t // rows, t % rows
+        row, xr = ids[s] * rows + r, xi[s]
+        acc = _vzero()
+        for b in range(nsb):
+            i = row * nsb + b
+            acc = _q6_k_sb(acc, q, i * 192, sc, i * 16, xq, xr * k + b * 256, xs, xr * nsb * 16 + b * 16,
+                           _f16(d, i) * xd[xr, b], np.float32(0))
+        out[s, r] = _hsum(acc)
+
+
+def matmul_ids(x: np.ndarray, w: Int8Packed | KPacked, ids: np.ndarray, xi: np.ndarray,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """out[s] = x[xi[s]] @ (expert ids[s] of the stack w).T: x (m, k) float32, out (len(ids), w.rows)."""
+    x = np.ascontiguousarray(x, np.float32)
+    ids, xi = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(xi, np.int64)
+    if x.ndim != 2 or x.shape[1] != w.k:
+        raise ValueError(f"input of shape {x.shape}, weight expects (m, {w.k})")
+    if ids.ndim != 1 or ids.shape != xi.shape:
+        raise ValueError(f"ids {ids.shape} and xi {xi.shape}: one expert and one row of x per slot")
+    # the kernels load through raw pointers: an index out of range would read outside the arrays
+    if len(ids) and (ids.min() < 0 or ids.max() >= w.n_mats or xi.min() < 0 or xi.max() >= x.shape[0]):
+        raise ValueError(f"expert ids must lie in [0, {w.n_mats}) and rows of x in [0, {x.shape[0]})")
+    if out is None:
+        out = np.empty((len(ids), w.rows), np.float32)
+    elif out.shape != (len(ids), w.rows) or out.dtype != np.float32:
+        raise ValueError(f"out {out.shape} {out.dtype}, expected ({len(ids)}, {w.rows}) float32")
+    if w.type in (T.Q8_0, T.Q4_0):
+        xq, xd, xs = quantize_rows(x, k_quants=False)
+        (_ids_q8_0 if w.type == T.Q8_0 else _ids_q4_0)(xq, xd, xs, ids, xi, w.rows, w.q, w.d, out)
+    elif w.type == T.Q4_K:
+        xq, xd, xs = quantize_rows(x, k_quants=True)
+        _ids_q4_k(xq, xd, xs, ids, xi, w.rows, w.q, w.s, w.d, w.dmin, out)
+    elif w.type == T.Q6_K:
+        xq, xd, xs = quantize_rows(x, k_quants=True)
+        _ids_q6_k(xq, xd, xs, ids, xi, w.rows, w.q, w.s, w.d, out)
+    else:
+        raise ValueError(f"no int8 expert kernel for {w.type.name}")
+    return out
