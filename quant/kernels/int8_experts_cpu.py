@@ -55,26 +55,32 @@ def quantize_rows(x: np.ndarray, k_quants: bool) -> tuple[np.ndarray, np.ndarray
     return xq, xd, xs
 
 
-# -- the products: one (slot, row) per iteration -----------------------------------------------
+# -- the products: CHUNK rows of one slot per iteration -------------------------------------
 # Offsets into the intrinsics' arrays are flat element offsets (they load from the data pointer):
-# row `row` of the stack, row `xr` of x.
+# row `row` of the stack, row `xr` of x. A row of the down projection is ~100 cycles of work, so
+# the iteration's divisions and index loads are paid once per CHUNK rows, not per row.
+CHUNK = 16
+
 
 @njit(parallel=True, cache=True)
 def _ids_q8_0(xq, xd, xs, ids, xi, rows, q, d, out):
     k = q.shape[1]
     nb = k // 32
     ng = nb // G
-    for t in prange(ids.shape[0] * rows):
-        s, r = t // rows, t % rows
-        row, xr = ids[s] * rows + r, xi[s]
-        acc = _vzero()
-        for g in range(ng):
-            acc = _q8_group(acc, q, row * k + g * 32 * G, xq, xr * k + g * 32 * G, xs, xr * nb + g * G,
-                            d, row * nb + g * G, xd, xr * nb + g * G)
-        for b in range(ng * G, nb):
-            sc = _f16(d, row * nb + b) * xd[xr, b]
-            acc = _q8_step(acc, q, row * k + b * 32, xq, xr * k + b * 32, sc, sc)
-        out[s, r] = _hsum(acc)
+    n = (rows + CHUNK - 1) // CHUNK
+    for t in prange(ids.shape[0] * n):
+        s, c = t // n, t % n
+        xr, e0 = xi[s], ids[s] * rows
+        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
+            row = e0 + r
+            acc = _vzero()
+            for g in range(ng):
+                acc = _q8_group(acc, q, row * k + g * 32 * G, xq, xr * k + g * 32 * G, xs, xr * nb + g * G,
+                                d, row * nb + g * G, xd, xr * nb + g * G)
+            for b in range(ng * G, nb):
+                sc = _f16(d, row * nb + b) * xd[xr, b]
+                acc = _q8_step(acc, q, row * k + b * 32, xq, xr * k + b * 32, sc, sc)
+            out[s, r] = _hsum(acc)
 
 
 @njit(parallel=True, cache=True)
@@ -82,49 +88,58 @@ def _ids_q4_0(xq, xd, xs, ids, xi, rows, q, d, out):
     kh = q.shape[1]
     k, nb = 2 * kh, kh // 16
     ng = nb // G
-    for t in prange(ids.shape[0] * rows):
-        s, r = t // rows, t % rows
-        row, xr = ids[s] * rows + r, xi[s]
-        acc = _vzero()
-        for g in range(ng):
-            acc = _q4_group(acc, q, row * kh + g * 16 * G, xq, xr * k + g * 32 * G, xs, xr * nb + g * G,
-                            d, row * nb + g * G, xd, xr * nb + g * G)
-        c = np.float32(0.0)  # the tail's sum of scale * x's quant sum: its nibbles are q + 8
-        for b in range(ng * G, nb):
-            sc = _f16(d, row * nb + b) * xd[xr, b]
-            acc = _q4_step(acc, q, row * kh + b * 16, xq, xr * k + b * 32, sc, sc)
-            c += sc * np.float32(xs[xr, b])
-        out[s, r] = _hsum(acc) - np.float32(8.0) * c
+    n = (rows + CHUNK - 1) // CHUNK
+    for t in prange(ids.shape[0] * n):
+        s, c = t // n, t % n
+        xr, e0 = xi[s], ids[s] * rows
+        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
+            row = e0 + r
+            acc = _vzero()
+            for g in range(ng):
+                acc = _q4_group(acc, q, row * kh + g * 16 * G, xq, xr * k + g * 32 * G, xs, xr * nb + g * G,
+                                d, row * nb + g * G, xd, xr * nb + g * G)
+            c = np.float32(0.0)  # the tail's sum of scale * x's quant sum: its nibbles are q + 8
+            for b in range(ng * G, nb):
+                sc = _f16(d, row * nb + b) * xd[xr, b]
+                acc = _q4_step(acc, q, row * kh + b * 16, xq, xr * k + b * 32, sc, sc)
+                c += sc * np.float32(xs[xr, b])
+            out[s, r] = _hsum(acc) - np.float32(8.0) * c
 
 
 @njit(parallel=True, cache=True)
 def _ids_q4_k(xq, xd, xs, ids, xi, rows, q, sm, d, dmin, out):
     nsb = d.shape[1]
     k = nsb * 256
-    for t in prange(ids.shape[0] * rows):
-        s, r = t // rows, t % rows
-        row, xr = ids[s] * rows + r, xi[s]
-        acc = _vzero()
-        for b in range(nsb):
-            i = row * nsb + b
-            acc = _q4_k_sb(acc, q, i * 128, sm, i * 16, xq, xr * k + b * 256, xs, xr * nsb * 16 + b * 16,
-                           _f16(d, i) * xd[xr, b], _f16(dmin, i) * xd[xr, b])
-        out[s, r] = _hsum(acc)
+    n = (rows + CHUNK - 1) // CHUNK
+    for t in prange(ids.shape[0] * n):
+        s, c = t // n, t % n
+        xr, e0 = xi[s], ids[s] * rows
+        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
+            row = e0 + r
+            acc = _vzero()
+            for b in range(nsb):
+                i = row * nsb + b
+                acc = _q4_k_sb(acc, q, i * 128, sm, i * 16, xq, xr * k + b * 256, xs, xr * nsb * 16 + b * 16,
+                               _f16(d, i) * xd[xr, b], _f16(dmin, i) * xd[xr, b])
+            out[s, r] = _hsum(acc)
 
 
 @njit(parallel=True, cache=True)
 def _ids_q6_k(xq, xd, xs, ids, xi, rows, q, sc, d, out):
     nsb = d.shape[1]
     k = nsb * 256
-    for t in prange(ids.shape[0] * rows):
-        s, r = t // rows, t % rows
-        row, xr = ids[s] * rows + r, xi[s]
-        acc = _vzero()
-        for b in range(nsb):
-            i = row * nsb + b
-            acc = _q6_k_sb(acc, q, i * 192, sc, i * 16, xq, xr * k + b * 256, xs, xr * nsb * 16 + b * 16,
-                           _f16(d, i) * xd[xr, b], np.float32(0))
-        out[s, r] = _hsum(acc)
+    n = (rows + CHUNK - 1) // CHUNK
+    for t in prange(ids.shape[0] * n):
+        s, c = t // n, t % n
+        xr, e0 = xi[s], ids[s] * rows
+        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
+            row = e0 + r
+            acc = _vzero()
+            for b in range(nsb):
+                i = row * nsb + b
+                acc = _q6_k_sb(acc, q, i * 192, sc, i * 16, xq, xr * k + b * 256, xs, xr * nsb * 16 + b * 16,
+                               _f16(d, i) * xd[xr, b], np.float32(0))
+            out[s, r] = _hsum(acc)
 
 
 def matmul_ids(x: np.ndarray, w: Int8Packed | KPacked, ids: np.ndarray, xi: np.ndarray,
