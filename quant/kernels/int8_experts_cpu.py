@@ -98,12 +98,12 @@ def _ids_q4_0(xq, xd, xs, ids, xi, rows, q, d, out):
             for g in range(ng):
                 acc = _q4_group(acc, q, row * kh + g * 16 * G, xq, xr * k + g * 32 * G, xs, xr * nb + g * G,
                                 d, row * nb + g * G, xd, xr * nb + g * G)
-            c = np.float32(0.0)  # the tail's sum of scale * x's quant sum: its nibbles are q + 8
+            tail = np.float32(0.0)  # the tail's sum of scale * x's quant sum: its nibbles are q + 8
             for b in range(ng * G, nb):
                 sc = _f16(d, row * nb + b) * xd[xr, b]
                 acc = _q4_step(acc, q, row * kh + b * 16, xq, xr * k + b * 32, sc, sc)
-                c += sc * np.float32(xs[xr, b])
-            out[s, r] = _hsum(acc) - np.float32(8.0) * c
+                tail += sc * np.float32(xs[xr, b])
+            out[s, r] = _hsum(acc) - np.float32(8.0) * tail
 
 
 @njit(parallel=True, cache=True)
