@@ -331,17 +331,19 @@ def _deq_q5_0(q, h, d, rows, out):
     ng = nb // G
     for n in range(rows.shape[0]):
         r = rows[n]
-        for b in range(nb):
+        for b in range(ng * G):
+            dd, g, t = _f16(d, r * nb + b), b // G, b % G
+            for u in range(2):  # steps 8u + s: chunk s, nibble u; fifth bits: chunk u, bit s
+                for e in range(2):
+                    hb = h[r, g * 4 * G + 32 * u + 2 * t + e]
+                    for s in range(8):
+                        nib = (q[r, g * 16 * G + s * 2 * G + 2 * t + e] >> (4 * u)) & 15
+                        out[n, b * 32 + 16 * u + 2 * s + e] = dd * np.float32((nib | (((hb >> s) & 1) << 4)) - 16)
+        for b in range(ng * G, nb):
             dd = _f16(d, r * nb + b)
-            g, t = b // G, b % G
             for j in range(32):
-                p, e = j >> 1, j & 1
-                if b < ng * G:
-                    nib = (q[r, g * 16 * G + (p & 7) * 2 * G + 2 * t + e] >> (4 * (p >> 3))) & 15
-                    bit = (h[r, g * 4 * G + 32 * (p >> 3) + 2 * t + e] >> (p & 7)) & 1
-                else:
-                    nib = (q[r, b * 16 + (j & 15)] >> (4 * (j >> 4))) & 15
-                    bit = (h[r, b * 4 + (j >> 3)] >> (j & 7)) & 1
+                nib = (q[r, b * 16 + (j & 15)] >> (4 * (j >> 4))) & 15
+                bit = (h[r, b * 4 + (j >> 3)] >> (j & 7)) & 1
                 out[n, b * 32 + j] = dd * np.float32((nib | (bit << 4)) - 16)
 
 
