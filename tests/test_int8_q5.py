@@ -12,6 +12,7 @@ from test_int8_kernels import ref_k_weights, ref_quantize, ref_quantize_k  # ggm
 
 from quant.errors import UnsupportedQuantType
 from quant.kernels import int8_q5_cpu as k5
+from quant.kernels.matmul_cpu import matmul, pack as pack_float
 from quant.qtensor import QTensor
 
 BLOCK = {T.Q5_K: (256, 176), T.Q5_0: (32, 22)}  # elements, bytes
@@ -93,6 +94,16 @@ def test_kernel_equals_integer_reference(t, k):
     # and close to the float product with the file's weights (x's 8-bit rounding only)
     exact = gguf_floats(w).astype(np.float64) @ x
     assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.01
+
+
+@pytest.mark.parametrize("t", FORMATS, ids=lambda t: t.name)
+def test_close_to_float_kernel_on_quantized_floats(t):
+    # weights as the quantizer writes them (not random bytes), against today's decode path
+    rng = np.random.default_rng(8)
+    w = QTensor.from_f32("w", rng.standard_normal((200, 1024)).astype(np.float32), t)
+    x = rng.standard_normal(1024).astype(np.float32)
+    old = matmul(x[None], pack_float(w))[0]
+    assert np.linalg.norm(k5.matvec(x, k5.pack(w)) - old) / np.linalg.norm(old) < 0.01
 
 
 @pytest.mark.parametrize("t", FORMATS, ids=lambda t: t.name)
