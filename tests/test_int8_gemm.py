@@ -2,11 +2,12 @@
 gguf-py's dequantizer of the file's bytes (bit for bit), and the many-rows product against a
 numpy reference of the same integer arithmetic and against the decode kernels row by row."""
 
+import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
-from test_int8_kernels import raw_k, raw_weights
+from test_int8_kernels import raw_k, raw_weights, ref_k_weights, ref_quantize_k, reference, reference_k
 
 from quant.kernels import int8_cpu as k8
 from quant.kernels import int8_gemm_cpu as gemm
@@ -51,3 +52,77 @@ def test_dequant_refuses_bad_rows_and_out():
         gemm.dequant(p, 3, 5)
     with pytest.raises(ValueError):
         gemm.dequant(p, 0, 2, out=np.empty((3, 64), np.float32))
+
+
+def lane_scale_k(w, x):
+    """Sum of |terms| per 16 elements (the kernels' lanes, which may cancel inside a
+    super-block): the size float32 rounding scales with, (n, rows)."""
+    q, sc, m, d, dmin = ref_k_weights(w)
+    out = np.zeros((len(x), w.rows))
+    for i, xi in enumerate(x):
+        xq, xd = ref_quantize_k(xi)
+        lanes = np.einsum("rbli,bli->rbl", (sc * q).reshape(w.rows, -1, 16, 16), xq.reshape(-1, 16, 16))
+        out[i] = np.abs(d[..., None] * xd[:, None] * lanes.astype(np.float64)).sum((1, 2))
+        if m is not None:
+            mins = np.einsum("rbli,bli->rbl", m.reshape(w.rows, -1, 16, 16), xq.reshape(-1, 16, 16))
+            out[i] += np.abs(dmin[..., None] * xd[:, None] * mins.astype(np.float64)).sum((1, 2))
+    return out
+
+
+def reference_rows(w, x):
+    """(n, rows) result and per-entry sum of |block terms| (per 16 elements for Q4_K / Q6_K):
+    the decode tests' numpy reference (x quantized as ggml does, exact int64 block sums, then
+    the float scales), row by row."""
+    if w.type in (T.Q8_0, T.Q4_0):
+        pairs = [reference(w, xi) for xi in x]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    return np.stack([reference_k(w, xi)[0] for xi in x]), lane_scale_k(w, x)
+
+
+def gemm_cases():
+    for t in TYPES:
+        for k in [1024, 3072] + ([768] if t in (T.Q8_0, T.Q4_0) else []):
+            for n in (2, 5, 17, 130):
+                if k == 3072 and n == 130 and t != T.Q8_0:
+                    continue  # the largest once is enough (the reference is slow)
+                yield t, k, n
+
+
+@pytest.mark.parametrize("t,k,n", list(gemm_cases()), ids=lambda v: getattr(v, "name", str(v)))
+def test_matmul_equals_integer_reference_and_decode(t, k, n):
+    rows = 33  # odd: the last pair of weight rows is one row
+    w, p = make(t, rows, k, seed=n + k)
+    x = np.random.default_rng(n).standard_normal((n, k)).astype(np.float32)
+    x[:, :256] *= 1000  # blocks of very different scales
+    x[n // 2, 256:512] = 0  # a zero block
+    out = np.full((n, rows), np.nan, np.float32)
+    assert gemm.matmul(x, p, out) is out
+    ref, scale = reference_rows(w, x)
+    err = np.abs(out - ref)
+    assert (err <= 1e-5 * scale).all(), (err / scale).max()
+    mv = k8.matvec if t in (T.Q8_0, T.Q4_0) else kk.matvec
+    decode = np.stack([mv(xi, p) for xi in x])
+    assert (np.abs(out - decode) <= 1e-6 * scale).all()
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_matmul_threads_and_zero_input(t):
+    _, p = make(t, 70, 1024, seed=5)
+    x = np.random.default_rng(6).standard_normal((9, 1024)).astype(np.float32)
+    two = gemm.matmul(x, p, np.empty((9, 70), np.float32))
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = gemm.matmul(x, p, np.empty((9, 70), np.float32))
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(one, two)  # entries are independent: bit for bit
+    assert not gemm.matmul(np.zeros((3, 1024), np.float32), p, np.empty((3, 70), np.float32)).any()
+
+
+def test_matmul_refuses_bad_shapes():
+    _, p = make(T.Q4_0, 4, 512, seed=2)
+    with pytest.raises(ValueError):
+        gemm.matmul(np.ones((3, 256), np.float32), p, np.empty((3, 4), np.float32))
+    with pytest.raises(ValueError):
+        gemm.matmul(np.ones((3, 512), np.float32), p, np.empty((4, 3), np.float32))

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
-from .int8_cpu import G, Int8Packed, _f16
-from .int8_k_cpu import KPacked
+from . import int8_cpu, int8_k_cpu
+from .int8_cpu import F32X16, G, _F32, _I8, _I16, _I32, Int8Packed, _c_arrays, _f16, _hsum, _load, _pair_sums, _vt, _vzero
+from .int8_k_cpu import KPacked, _splat
 
 # -- dequantization -------------------------------------------------------------------------
 
@@ -134,3 +137,253 @@ def dequant(w: Int8Packed | KPacked, lo: int = 0, hi: int | None = None, out: np
 def take(w: Int8Packed | KPacked, ids) -> np.ndarray:
     """Rows ids of w as float32 (len(ids), k) (embedding lookup), exactly as `dequant`."""
     return _deq_rows(w, np.ascontiguousarray(ids, np.int64).reshape(-1), None)
+
+
+# -- the product: tiles of RW weight rows x NX rows of x -------------------------------------
+
+RW, NX = 2, 4  # weight rows x x rows per register tile: RW * NX <16 x float> accumulators
+RT = 32  # weight rows per parallel task: their bytes stay in L2 while every x tile passes
+
+
+def _c(t, v, n):
+    return ir.Constant(_vt(t, n), v if isinstance(v, list) else [v] * n)
+
+
+def _steps(kind, builder, load):
+    """A group's / super-block's pair steps of one weight row, each 32 weights widened to
+    <32 x i32> (the shape _pair_sums wants): (step, vector). load(offset, n) reads n bytes."""
+    if kind == "q8_0":
+        return [(p, builder.sext(load(32 * p, 32), _vt(_I32, 32))) for p in range(16)]
+    out = []
+    half = 8 if kind == "q4_0" else 4  # a nibble chunk c holds steps c and c + half
+    hq = [load(128 + 32 * u, 32) for u in range(2)] if kind == "q6_k" else []
+    for c in range(half):
+        ch = load(32 * c, 32)
+        for h, v in enumerate((builder.and_(ch, _c(_I8, 15, 32)), builder.lshr(ch, _c(_I8, 4, 32)))):
+            p = c + half * h
+            if kind == "q6_k":  # the high bit pairs of step p: chunk p >> 2, bits 2 (p & 3)
+                hb = builder.and_(builder.lshr(hq[p >> 2], _c(_I8, 2 * (p & 3), 32)), _c(_I8, 3, 32))
+                v = builder.or_(v, builder.shl(hb, _c(_I8, 4, 32)))
+            out.append((p, builder.zext(v, _vt(_I32, 32))))
+    return out
+
+
+def _scalar_f16(context, builder, aryty, ary, off):
+    h = _load(context, builder, aryty, ary, off, _I16)
+    return builder.fpext(builder.bitcast(h, ir.HalfType()), _F32)
+
+
+def _tile(kind):
+    """One group (Q8_0 / Q4_0: 16 blocks of 32) or super-block (Q4_K / Q6_K) of RW weight rows
+    against NX rows of x: the RW * NX accumulators, each + its 16 lanes' scaled integer sums."""
+    @intrinsic
+    def tile(typingctx, acc, w, wo, ws, s, so, ss, d, dmin, do, ds, x, xo, xst, xs, xso, xss, xd, xdo, xds):
+        if not _c_arrays(w, s, d, dmin, x, xs, xd):
+            return None
+
+        def codegen(context, builder, sig, args):
+            (acc, w, wo, ws, s, so, ss, d, dmin, do, ds, x, xo, xst, xs, xso, xss, xd, xdo, xds) = args
+            ta = dict(zip(("w", "s", "d", "dmin", "x", "xs", "xd"), (sig.args[i] for i in (1, 4, 7, 8, 11, 14, 17))))
+
+            def ld(name, ary, base, stride, j, off, vty):
+                o = builder.add(base, builder.mul(stride, ir.Constant(base.type, j)))
+                return _load(context, builder, ta[name], ary, builder.add(o, ir.Constant(base.type, off)), vty)
+
+            isum = [[None] * NX for _ in range(RW)]
+
+            def add(r, i, v):
+                isum[r][i] = v if isum[r][i] is None else builder.add(isum[r][i], v)
+
+            for r in range(RW):  # weights widened once for NX rows of x (int16, element offsets)
+                for p, wv in _steps(kind, builder, lambda o, m: ld("w", w, wo, ws, r, o, _vt(_I8, m))):
+                    for i in range(NX):
+                        add(r, i, _pair_sums(builder, wv, ld("x", x, xo, xst, i, 32 * p, _vt(_I16, 32))))
+
+            out = []
+            for r in range(RW):
+                if kind in ("q8_0", "q4_0"):  # 16 block scales
+                    dh = ld("d", d, do, ds, r, 0, _vt(_I16, G))
+                    dv = builder.fpext(builder.bitcast(dh, _vt(ir.HalfType(), G)), _vt(_F32, G))
+                else:
+                    dr = _scalar_f16(context, builder, ta["d"], d, builder.add(do, builder.mul(ds, ir.Constant(do.type, r))))
+                    if kind == "q6_k":
+                        scv = builder.sext(ld("s", s, so, ss, r, 0, _vt(_I8, G)), _vt(_I32, G))
+                    else:  # a sub-block's scale and minimum serve its two lanes
+                        pairs = _c(_I32, [j // 2 for j in range(G)], G)
+                        s8, m8 = (ld("s", s, so, ss, r, o, _vt(_I8, 8)) for o in (0, 8))
+                        scv = builder.zext(builder.shuffle_vector(s8, s8, pairs), _vt(_I32, G))
+                        mv = builder.zext(builder.shuffle_vector(m8, m8, pairs), _vt(_I32, G))
+                        dmr = _scalar_f16(context, builder, ta["dmin"], dmin,
+                                          builder.add(do, builder.mul(ds, ir.Constant(do.type, r))))
+                for i in range(NX):
+                    a = builder.extract_value(acc, r * NX + i)
+                    v = isum[r][i]
+                    if kind in ("q4_0", "q6_k"):  # the quants' offset: 8 or 32 times x's sums
+                        xsv = ld("xs", xs, xso, xss, i, 0, _vt(_I32, G))
+                        v = builder.sub(v, builder.shl(xsv, _c(_I32, 3 if kind == "q4_0" else 5, G)))
+                    if kind in ("q8_0", "q4_0"):
+                        scale = builder.fmul(dv, ld("xd", xd, xdo, xds, i, 0, _vt(_F32, G)))
+                        a = builder.fadd(a, builder.fmul(builder.sitofp(v, _vt(_F32, G)), scale, flags=("contract",)),
+                                         flags=("contract",))
+                    else:
+                        xdi = ld("xd", xd, xdo, xds, i, 0, _F32)
+                        f = builder.sitofp(builder.mul(v, scv), _vt(_F32, G))
+                        a = builder.fadd(a, builder.fmul(f, _splat(builder, builder.fmul(dr, xdi)), flags=("contract",)),
+                                         flags=("contract",))
+                        if kind == "q4_k":
+                            xsv = ld("xs", xs, xso, xss, i, 0, _vt(_I32, G))
+                            b = builder.sitofp(builder.mul(xsv, mv), _vt(_F32, G))
+                            a = builder.fsub(a, builder.fmul(b, _splat(builder, builder.fmul(dmr, xdi)),
+                                                             flags=("contract",)), flags=("contract",))
+                    out.append(a)
+            return context.make_tuple(builder, sig.return_type, out)
+        return types.UniTuple(F32X16, RW * NX)(acc, w, wo, ws, s, so, ss, d, dmin, do, ds, x, xo, xst, xs, xso, xss,
+                                               xd, xdo, xds), codegen
+    return tile
+
+
+_t_q8_0, _t_q4_0, _t_q4_k, _t_q6_k = (_tile(k) for k in ("q8_0", "q4_0", "q4_k", "q6_k"))
+
+
+# -- the activation: all rows quantized once, as the decode kernels quantize one -----------------------------
+
+@njit(parallel=True, cache=True)
+def _quantize_q8_0_rows(x, xq, xd, xs, ng):
+    for i in prange(x.shape[0]):
+        int8_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], ng)
+
+
+@njit(parallel=True, cache=True)
+def _quantize_q8_k_rows(x, xq, xd, xs):
+    for i in prange(x.shape[0]):
+        int8_k_cpu._quantize_x(x[i], xq[i], xd[i], xs[i])
+
+
+def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (n, k) -> (int16 quants (npad, k) in the decode kernels' order, scales, quant sums),
+    npad = n rounded up to NX with zero rows; each row exactly as the decode modules'
+    quantize_x: Q8_0 / Q4_0 weights, ggml's Q8_0 (scale and sum per 32); Q4_K / Q6_K, ggml's
+    Q8_K (scale per 256, sums per 16)."""
+    n, k = x.shape
+    npad = -(-n // NX) * NX
+    xq = np.zeros((npad, k), np.int16)
+    if w.type in (T.Q8_0, T.Q4_0):
+        xd, xs = np.zeros((npad, k // 32), np.float32), np.zeros((npad, k // 32), np.int32)
+        _quantize_q8_0_rows(x, xq, xd, xs, k // 32 // G)
+    else:
+        xd, xs = np.zeros((npad, k // 256), np.float32), np.zeros((npad, k // 16), np.int32)
+        _quantize_q8_k_rows(x, xq, xd, xs)
+    return xq, xd, xs
+
+
+# -- the products ------------------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def _zeros():
+    z = _vzero()
+    return (z, z, z, z, z, z, z, z)
+
+
+@njit(cache=True, inline="always")
+def _store(acc, extra, out, r, r1, i, n):
+    # the tile's sums; extra (RW * NX) holds each pair's tail blocks
+    for a in range(RW):
+        rr = r if a == 0 else r1
+        if a == 0 or r1 != r:
+            for b in range(NX):
+                if i + b < n:
+                    out[i + b, rr] = _hsum(acc[a * NX + b]) + extra[a * NX + b]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _mm_q8_0(xq, xd, xs, q, d, out):
+    n, (R, k) = out.shape[0], q.shape
+    nb = k // 32
+    ng = nb // G
+    extra = np.zeros(RW * NX, np.float32)
+    for tile in prange(-(-R // RT)):
+        ex = extra.copy()
+        for i in range(0, xq.shape[0], NX):
+            for r in range(tile * RT, min(R, tile * RT + RT), RW):
+                r1 = min(r + 1, R - 1)
+                acc = _zeros()
+                for g in range(ng):
+                    acc = _t_q8_0(acc, q, r * k + g * 32 * G, (r1 - r) * k, d, 0, 0, d, d, r * nb + g * G,
+                                  (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, 0, 0, xd, i * nb + g * G, nb)
+                for a in range(RW * NX):
+                    rr, ii = r + (r1 - r) * (a // NX), i + a % NX
+                    s = np.float32(0)
+                    for b in range(ng * G, nb):
+                        s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(
+                            int8_cpu._q8_block(q, rr * k + b * 32, xq, ii * k + b * 32))
+                    ex[a] = s
+                _store(acc, ex, out, r, r1, i, n)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _mm_q4_0(xq, xd, xs, q, d, out):
+    n, (R, kh) = out.shape[0], q.shape
+    k, nb = 2 * kh, kh // 16
+    ng = nb // G
+    extra = np.zeros(RW * NX, np.float32)
+    for tile in prange(-(-R // RT)):
+        ex = extra.copy()
+        for i in range(0, xq.shape[0], NX):
+            for r in range(tile * RT, min(R, tile * RT + RT), RW):
+                r1 = min(r + 1, R - 1)
+                acc = _zeros()
+                for g in range(ng):
+                    acc = _t_q4_0(acc, q, r * kh + g * 16 * G, (r1 - r) * kh, d, 0, 0, d, d, r * nb + g * G,
+                                  (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, i * nb + g * G, nb, xd,
+                                  i * nb + g * G, nb)
+                for a in range(RW * NX):
+                    rr, ii = r + (r1 - r) * (a // NX), i + a % NX
+                    s = np.float32(0)
+                    for b in range(ng * G, nb):  # tail blocks, in the file's order
+                        isum = int8_cpu._q4_block(q, rr * kh + b * 16, xq, ii * k + b * 32) - 8 * xs[ii, b]
+                        s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(isum)
+                    ex[a] = s
+                _store(acc, ex, out, r, r1, i, n)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _mm_k(xq, xd, xs, q, s, d, dmin, out, q6):
+    n, (R, nsb) = out.shape[0], d.shape
+    k, bw = nsb * 256, q.shape[1] // nsb  # bytes per super-block: 128 (Q4_K) or 192 (Q6_K)
+    ex = np.zeros(RW * NX, np.float32)
+    for tile in prange(-(-R // RT)):
+        for i in range(0, xq.shape[0], NX):
+            for r in range(tile * RT, min(R, tile * RT + RT), RW):
+                r1 = min(r + 1, R - 1)
+                acc = _zeros()
+                for b in range(nsb):
+                    if q6:
+                        acc = _t_q6_k(acc, q, r * nsb * bw + b * bw, (r1 - r) * nsb * bw, s, r * nsb * 16 + b * 16,
+                                      (r1 - r) * nsb * 16, d, d, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256, k,
+                                      xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
+                    else:
+                        acc = _t_q4_k(acc, q, r * nsb * bw + b * bw, (r1 - r) * nsb * bw, s, r * nsb * 16 + b * 16,
+                                      (r1 - r) * nsb * 16, d, dmin, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256,
+                                      k, xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
+                _store(acc, ex, out, r, r1, i, n)
+
+
+def matmul(x: np.ndarray, w: Int8Packed | KPacked, out: np.ndarray) -> np.ndarray:
+    """out (n, rows) = x (n, k) float32 @ W.T, x quantized to 8 bits once (as the decode
+    kernels quantize it) and multiplied as integers."""
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim != 2 or x.shape[1] != w.k:
+        raise ValueError(f"input of shape {x.shape}, weight expects (n, {w.k})")
+    if out.shape != (x.shape[0], w.rows) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 of shape {(x.shape[0], w.rows)}, not {out.dtype} {out.shape}")
+    if w.type not in (T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K):
+        raise ValueError(f"no int8 layout for {w.type.name}")
+    xq, xd, xs = quantize_rows(x, w)
+    if w.type == T.Q8_0:
+        _mm_q8_0(xq, xd, xs, w.q, w.d, out)
+    elif w.type == T.Q4_0:
+        _mm_q4_0(xq, xd, xs, w.q, w.d, out)
+    else:
+        dmin = w.dmin if w.type == T.Q4_K else w.d
+        _mm_k(xq, xd, xs, w.q, w.s, w.d, dmin, out, w.type == T.Q6_K)
+    return out
