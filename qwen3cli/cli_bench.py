@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .cli import app, out, printable, user_errors
-from .cli_options import Device, Model, Quant, Threads
+from .cli_options import Device, Exact, Model, Quant, Threads
 from .cli_run import UsageError, open_engine, set_threads
 
 
@@ -23,6 +23,7 @@ def bench(
     threads: Threads = None,
     quant: Quant = "q8_0",
     device: Device = "auto",
+    exact: Exact = False,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Measure prefill and decode speed, like llama-bench."""
@@ -34,13 +35,13 @@ def bench(
         raise UsageError("-p and -n must be >= 0 (not both 0) and -r >= 1")
     set_threads(threads)
     t0 = time.perf_counter()
-    engine = open_engine(model, max(prompt, 1) + gen + 1, quant, device)
+    engine = open_engine(model, max(prompt, 1) + gen + 1, quant, device, exact)
     load_s = time.perf_counter() - t0
     results = run_bench(engine, prompt, gen, reps)
     info = {"model": engine.loaded.name, "source": engine.loaded.source, "device": engine.model.device,
             "threads": numba.get_num_threads(),
             "load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-            "weights_mb": round(engine.model.w.nbytes / 1e6, 1)}
+            "weights_mb": round(engine.model.w.nbytes / 1e6, 1), "exact": exact}
     if as_json:
         out.print_json(json.dumps({**info, "results": [
             {"test": r.test, "tokens": r.tokens, "tokens_per_s": round(r.mean, 2), "std": round(r.std, 2),

@@ -10,7 +10,7 @@ import typer
 from quant.files import read_text
 
 from .cli import app, err, out, user_errors
-from .cli_options import Model, Threads
+from .cli_options import Exact, Model, Threads
 from .cli_run import UsageError, open_engine, set_threads
 
 MAX_TEXT = 64 << 20  # bytes: hours of scoring on a CPU already
@@ -25,6 +25,7 @@ def eval_(
     ctx: int = typer.Option(256, "--ctx", "-c", help="Tokens per chunk; the second half of each is scored."),
     ref_quant: str = typer.Option("bf16", "--ref-quant", help="Type an HF directory or repo reference is loaded as."),
     threads: Threads = None,
+    exact: Exact = False,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Compare MODEL with REF on a text, like llama-perplexity --kl-divergence."""
@@ -39,7 +40,7 @@ def eval_(
     else:
         body = sample_text()
     set_threads(threads)
-    m = open_engine(model, max(ctx, 8), "q8_0")
+    m = open_engine(model, max(ctx, 8), "q8_0", exact=exact)
     r = open_engine(ref, max(ctx, 8), ref_quant)
     with err.status("evaluating…"):
         res = evaluate(m, r, body, ctx)

@@ -23,3 +23,6 @@ Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU thr
 Quant = Annotated[str, typer.Option("--quant", help="Type a Hugging Face directory or repo is converted to.")]
 Device = Annotated[str, typer.Option("--device", help="auto (a CUDA GPU when numba-cuda finds one, else the CPU), "
                                                      "cpu or cuda.")]
+Exact = Annotated[bool, typer.Option("--exact", help="Float activations in every product: the reference "
+                                                   "implementation's numerics, slower. Default: quantized weights meet "
+                                                   "8-bit activations, as in llama.cpp.")]

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .cli import app, err, print_warnings, user_errors
-from .cli_options import Ctx, Device, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
+from .cli_options import Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
 from .errors import Qwen3CliError
 
 
@@ -46,7 +46,7 @@ def load_progress():
             bar.stop()
 
 
-def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto"):
+def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto", exact: bool = False):
     """Pick the device, load (with a bar when it takes a while), then build the engine; while
     kernels compile (a first CPU run, every GPU run), say so instead of looking frozen."""
     from quant.kernels.matmul_cpu import cache_is_warm, warm_up
@@ -62,10 +62,10 @@ def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto"):
     if note:  # after the load, so that a bad file still gets one line of error
         err.print(f"[dim]{note}[/dim]", highlight=False)
     if backend == "cpu" and cache_is_warm():
-        return Engine(loaded, ctx)
+        return Engine(loaded, ctx, exact=exact)
     with err.status("compiling kernels (first run only, about a minute)…" if backend == "cpu" else
                     "uploading the weights and compiling the GPU kernels…"):
-        engine = Engine(loaded, ctx, device=backend)
+        engine = Engine(loaded, ctx, device=backend, exact=exact)
         if backend == "cuda":
             err.print(f"[dim]{escape(engine.model.ops.summary)}[/dim]", highlight=False)
 
@@ -146,6 +146,7 @@ def run(
     threads: Threads = None,
     quant: Quant = "q8_0",
     device: Device = "auto",
+    exact: Exact = False,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, thinking, finish_reason, counts, timings."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speeds to stderr at the end."),
 ) -> None:
@@ -164,7 +165,7 @@ def run(
                                presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
     text = read_prompt(prompt)
     set_threads(threads)
-    engine = open_engine(model, ctx, quant, device)
+    engine = open_engine(model, ctx, quant, device, exact)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     p = engine.prompt(messages, enable_thinking=think)
     if len(p.ids) >= engine.ctx:

@@ -25,11 +25,11 @@ class Prompt:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, ctx: int | None = None, device: str = "cpu"):
+    def __init__(self, loaded: LoadedModel, ctx: int | None = None, device: str = "cpu", exact: bool = False):
         self.loaded = loaded
         self.args = loaded.args
         self.ctx = int(ctx) if ctx else min(DEFAULT_CTX, loaded.args.context_length)
-        self.model = Model(loaded.weights, self.ctx, release=loaded.release, backend=device)
+        self.model = Model(loaded.weights, self.ctx, release=loaded.release, backend=device, exact=exact)
         self.model.source = loaded.source
         self.template = ChatTemplate(loaded.chat_template, loaded.special_tokens, where=loaded.source)
         self.mode = self.template.thinking_mode()

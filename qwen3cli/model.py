@@ -38,7 +38,9 @@ def check_context(a, ctx: int, backend: str = "cpu") -> None:
 
 
 class Model:
-    def __init__(self, w: Weights, ctx: int | None = None, release=None, backend: str = "cpu"):
+    def __init__(self, w: Weights, ctx: int | None = None, release=None, backend: str = "cpu", exact: bool = False):
+        """exact: float activations in every product (the reference's numerics, for parity
+        checks) instead of llama.cpp's 8-bit ones on quantized weights; the GPU is always exact."""
         a = w.args
         self.args = a
         self.ctx = int(ctx or a.context_length)
@@ -48,7 +50,7 @@ class Model:
             from .ops_cuda import CudaOps
             self.ops = CudaOps(a, self.rope, self.ctx)
         else:
-            self.ops = CpuOps(a, self.rope)
+            self.ops = CpuOps(a, self.rope, exact)
         self.device = self.ops.name
         self.w = self.ops.prepare(w, release)
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from quant.kernels import layer_cpu as layer
 from quant.kernels import threads
+from quant.kernels.layouts import Mat
 from quant.kernels.matmul_cpu import SMALL_N, Packed, fuse, matmul, matmul_experts, pack
 from quant.qtensor import QTensor
 
@@ -72,53 +73,56 @@ class Fused:
         self.qkv, self.gate_up = qkv, gate_up
 
 
-def pack_tensor(t, release=None):
+def pack_tensor(t, release=None, exact: bool = True):
     """t in the kernels' layout (vectors and unpackable types as they are)."""
     if not isinstance(t, QTensor):
         return t
-    p = pack(t)
+    p = pack(t, exact)
     if p is not t and release is not None:
         release(t.name)
     return p
 
 
-def prepare_layer(ly: LayerWeights, release=None) -> Fused:
+def prepare_layer(ly: LayerWeights, release=None, exact: bool = True) -> Fused:
     """A layer in the kernels' layout: q|k|v and gate|up stacked into one matrix each (one
-    launch, one read of the input), quantized formats repacked; `release(name)` is told of each
-    tensor copied, so the file's pages can go and memory stays near the file size."""
+    launch, one read of the input), quantized formats repacked (exact: float32 scales and float
+    activations; else the int8 layouts of quant/kernels/layouts.py); `release(name)` is told of
+    each tensor copied, so the file's pages can go and memory stays near the file size."""
     groups = {"qkv": ("q", "k", "v"),
               "gate_up": ("gate_exps", "up_exps") if ly.router is not None else ("gate", "up")}
     fused, parts = {}, {}
     for key, names in groups.items():
-        f = fuse([getattr(ly, n) for n in names])
-        fused[key] = pack_tensor(f, release)
+        f = fuse([getattr(ly, n) for n in names], exact)
+        fused[key] = pack_tensor(f, release, exact)
         if f is not None:  # keep only the stacked copy
             parts.update({n: None for n in names})
             for n in names:
                 if release is not None:
                     release(getattr(ly, n).name)
-    ly = replace(ly, **{f.name: pack_tensor(getattr(ly, f.name), release) for f in fields(ly) if f.name not in parts}, **parts)
+    ly = replace(ly, **{f.name: pack_tensor(getattr(ly, f.name), release, exact)
+                        for f in fields(ly) if f.name not in parts}, **parts)
     return Fused(ly, fused["qkv"], fused["gate_up"])
 
 
-def prepare(w: Weights, release=None) -> Weights:
+def prepare(w: Weights, release=None, exact: bool = True) -> Weights:
     """The same weights in the kernels' layout, layer by layer (see prepare_layer)."""
-    layers = [prepare_layer(ly, release) for ly in w.layers]
-    output = pack_tensor(w.output, release)
+    layers = [prepare_layer(ly, release, exact) for ly in w.layers]
+    output = pack_tensor(w.output, release, exact)
     # tied: look tokens up in the packed matrix, so the file's copy is not kept in memory too
-    embd = output if w.output is w.token_embd and isinstance(output, Packed) else w.token_embd
+    embd = output if w.output is w.token_embd and isinstance(output, (Packed, Mat)) else w.token_embd
     return replace(w, layers=layers, output=output, token_embd=embd)
 
 
 class CpuOps:
     name = "cpu"
 
-    def __init__(self, args, rope: Rope):
+    def __init__(self, args, rope: Rope, exact: bool = False):
         self.args, self.rope, self.eps = args, rope, args.rms_norm_eps
+        self.exact = exact  # float activations (the reference's numerics) instead of int8 ones
         self._rope_at: tuple = (None, None)
 
     def prepare(self, w: Weights, release=None) -> Weights:
-        return prepare(w, release)
+        return prepare(w, release, self.exact)
 
     def new_cache(self, ctx: int) -> KVCache:
         a = self.args

@@ -55,7 +55,8 @@ class Weights:
     def nbytes(self) -> int:
         seen, total = set(), 0
         for t in [self.token_embd, self.output, *[v for ly in self.layers for v in vars(ly).values()]]:
-            key = getattr(t, "raw", getattr(t, "q", None))  # QTensor or the kernels' packed form
+            # a QTensor, the exact packed form or an int8 layout's matrix
+            key = getattr(t, "raw", getattr(t, "q", getattr(t, "arrays", None)))
             if key is not None and id(key) not in seen:
                 seen.add(id(key))
                 total += t.nbytes

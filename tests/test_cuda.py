@@ -99,7 +99,7 @@ MOE = {"attn": T.Q8_0, "gate_exps": T.Q8_0, "up_exps": T.Q4_0, "down_exps": T.Q8
 def test_model_steps_match_cpu(moe):
     a = tiny_args(moe)
     w = tiny_weights(a, MOE if moe else MIXED)
-    cpu, gpu = Model(w, ctx=16), Model(w, ctx=16, backend="cuda")
+    cpu, gpu = Model(w, ctx=16, exact=True), Model(w, ctx=16, backend="cuda")
     assert gpu.device == "cuda" and cpu.device == "cpu"
     assert "GB for the weights and a 16-token KV cache" in gpu.ops.summary
     cc, gc = cpu.new_cache(), gpu.new_cache()
@@ -111,7 +111,7 @@ def test_model_steps_match_cpu(moe):
 def test_routing_matches_cpu():
     a = tiny_args(True)
     w = tiny_weights(a, MOE)
-    cpu, gpu = Model(w, ctx=8), Model(w, ctx=8, backend="cuda")
+    cpu, gpu = Model(w, ctx=8, exact=True), Model(w, ctx=8, backend="cuda")
     h = np.random.default_rng(3).standard_normal((5, 32)).astype(np.float32)
     (ct, cw), (gt, gw) = cpu.route(cpu.w.layers[0], h), gpu.route(gpu.w.layers[0], h)
     np.testing.assert_array_equal(gt, ct)

@@ -40,7 +40,7 @@ def test_f32_logits_match_transformers(gguf_model, case):
     ref = reference_logits(hf_dir)
     m = load(path)
     assert m.args.tie_word_embeddings == CASES[case].get("tied", True)
-    got = our_logits(Model(m.weights, ctx=64))
+    got = our_logits(Model(m.weights, ctx=64, exact=True))
     err = np.abs(got - ref).max() / (ref.max() - ref.min())
     assert err <= 1e-4, f"max abs diff {err:.2e} of the logit range"
 
@@ -83,8 +83,14 @@ def test_quantized_logits_match_transformers_on_the_same_weights(gguf_model, cas
     path, hf_dir = gguf_model(type_name, **CASES[case])
     w = load(path).weights
     ref = reference_with(hf_dir, w)
-    got = our_logits(Model(w, ctx=64))
+    got = our_logits(Model(w, ctx=64, exact=True))
     assert np.abs(got - ref).max() / (ref.max() - ref.min()) <= 1e-4
+    # the default int8 activations move the logits, but by what 8-bit rounding of x can do
+    # (measured 1.3-1.5% of the range; MoE layers can also route a token differently, so there
+    # only the exact path is bounded)
+    fast = our_logits(Model(w, ctx=64))
+    err = np.abs(fast - ref).max() / (ref.max() - ref.min())
+    assert err > 0 and (case.startswith("moe") or err <= 0.05), f"int8 path: max abs diff {err:.2e} of the range"
 
 
 # Random weights at std 0.2 amplify any perturbation layer by layer, and 151,936 random logits
@@ -93,19 +99,22 @@ def test_quantized_logits_match_transformers_on_the_same_weights(gguf_model, cas
 WELL_CONDITIONED = dict(dtype="f32", std=0.05, peaked=True)
 
 
+@pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("moe", [False, True])
-def test_q8_0_argmax_agrees_with_f32_transformers(gguf_model, moe):
+def test_q8_0_argmax_agrees_with_f32_transformers(gguf_model, moe, exact):
     kw = dict(WELL_CONDITIONED, moe=moe, experts=8) if moe else WELL_CONDITIONED
     path, hf_dir = gguf_model("q8_0", **kw)
     ref = reference_logits(hf_dir)
-    got = our_logits(Model(load(path).weights, ctx=64))
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+    got = our_logits(Model(load(path).weights, ctx=64, exact=exact))
+    # 8-bit activations (llama.cpp's numerics) may flip a near-tie: one position in 40 measured
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= (0.99 if exact else 0.95)
 
 
+@pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("type_name", ["f32", "q8_0", "q4_0"])
-def test_prefill_equals_step_decode(gguf_model, type_name):
+def test_prefill_equals_step_decode(gguf_model, type_name, exact):
     path, _ = gguf_model(type_name, **CASES["untied-gqa4-headdim"])
-    model = Model(load(path).weights, ctx=64)
+    model = Model(load(path).weights, ctx=64, exact=exact)
     ids = PROMPT + STEPS[:8]
     batch = model.forward(ids, model.new_cache(), all_logits=True)
     cache = model.new_cache()

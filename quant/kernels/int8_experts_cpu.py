@@ -9,8 +9,8 @@ quants), as Q8_0 per 32 for Q8_0 / Q4_0 and as Q8_K per 256 for Q4_K / Q6_K, in 
 lane order.
 
 Q8_0 / Q4_0 rows whose block count is not a multiple of 16 (the down projection, k = 768: one
-group and 8 blocks) keep those blocks in the file's order; they go through int8_decode_cpu's
-block step, which adds a block's pair sums times its scale into the group accumulator, so the
+group and 8 blocks) keep those blocks in the file's order; they go through the block step
+(`_step`), which adds a block's pair sums times its scale into the group accumulator, so the
 row still ends with one horizontal add instead of one per block. Q4_0's - 8 on those blocks is
 taken from x's exact quant sums, once per row.
 """
@@ -19,12 +19,50 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from . import int8_cpu, int8_k_cpu
-from .int8_cpu import G, Int8Packed, _f16, _hsum, _q4_group, _q8_group, _vzero
-from .int8_decode_cpu import _q4_step, _q8_step
-from .int8_k_cpu import KPacked, _q4_k_sb, _q6_k_sb
+from .int8_cpu import (F32X16, G, _F32, _I8, _I32, Int8Packed, _c_arrays, _f16, _hsum, _load, _pair_sums,
+                       _q4_group, _q8_group, _vt, _vzero)
+from .int8_k_cpu import _I16, KPacked, _q4_k_sb, _q6_k_sb
+
+# -- one block of 32 in the file's order (the blocks after the last group of 16) -------------
+
+
+def _step(four_bit):
+    @intrinsic
+    def step(typingctx, acc, w, wo, x, xo, s0, s1):
+        """acc + (pair sums of block w[wo:] . x[xo:]) * scales, s0 on lanes 0-7, s1 on 8-15."""
+        if not _c_arrays(w, x) or s0 != types.float32 or s1 != types.float32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            acc, w, wo, x, xo, s0, s1 = args
+            ta = sig.args
+            if four_bit:
+                b = _load(context, builder, ta[1], w, wo, _vt(_I8, 16))
+                lo = builder.and_(b, ir.Constant(b.type, [15] * 16))
+                hi = builder.lshr(b, ir.Constant(b.type, [4] * 16))
+                both = builder.shuffle_vector(lo, hi, ir.Constant(_vt(_I32, 32), list(range(32))))
+                wv = builder.zext(both, _vt(_I32, 32))
+            else:
+                wv = builder.sext(_load(context, builder, ta[1], w, wo, _vt(_I8, 32)), _vt(_I32, 32))
+            xv = _load(context, builder, ta[3], x, xo, _vt(_I16, 32))
+            isum = _pair_sums(builder, wv, xv)
+            two = builder.insert_element(ir.Constant(_vt(_F32, 2), None), s0, ir.Constant(_I32, 0))
+            two = builder.insert_element(two, s1, ir.Constant(_I32, 1))
+            scale = builder.shuffle_vector(two, two, ir.Constant(_vt(_I32, G), [0] * 8 + [1] * 8))
+            prod = builder.fmul(builder.sitofp(isum, _vt(_F32, G)), scale, flags=("contract",))
+            return builder.fadd(acc, prod, flags=("contract",))
+        return F32X16(acc, w, wo, x, xo, s0, s1), codegen
+    return step
+
+
+_q8_step = _step(False)
+_q4_step = _step(True)
+
 
 # -- the activation: each row of x once ------------------------------------------------------
 

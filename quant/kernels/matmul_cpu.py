@@ -7,13 +7,13 @@ the 32-element block loops over raw GGUF bytes did not (FEASIBILITY.md: 3-10x sl
 rows of x (decode) go through those loops, every weight byte read once per token; many rows
 (prefill) dequantize a tile of W at a time and hand it to BLAS. Q4_1, Q5_0, Q5_1 and Q5_K
 become int8 with a scale and an offset per 32; Q2_K and Q3_K keep their 2-bit quants
-(lowbit_cpu.py). BF16 / F16 have direct decode kernels. With QWEN3CLI_INT8=1, decode of Q8_0,
-Q6_K, Q4_0 and Q4_K quantizes x to 8 bits and multiplies integers (int8_decode_cpu.py).
+(lowbit_cpu.py). BF16 / F16 have direct decode kernels. This is the exact path (float
+activations); by default the engine keeps Q8_0, Q4_0, Q4_K, Q5_K, Q5_0 and Q6_K in the int8
+layouts of layouts.py, whose `Mat` matrices are dispatched to their registry entries here.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -23,16 +23,13 @@ from numba import njit, prange
 from ..formats import FORMATS
 from ..qtensor import QTensor
 from . import experts_cpu as experts
-from . import int8_decode_cpu as int8
 from . import lowbit_cpu as lowbit
 from . import threads
 from .half import half
+from .layouts import Mat, int8_layout, pack_int8
 
 SMALL_N = 8  # rows of x up to which the direct kernels beat dequantize + BLAS
 TILE_ELEMS = 1 << 20  # float32 elements dequantized at once (4 MiB, stays in L3 for BLAS)
-# Opt-in (issue 14): decode products with x quantized to 8 bits (int8_decode_cpu.py). Off by
-# default: it changes the logits (x's rounding), read once so a run cannot mix the two.
-INT8 = os.environ.get("QWEN3CLI_INT8") == "1"
 
 
 @dataclass(frozen=True)
@@ -218,8 +215,11 @@ def _pack_into(t: T, raw: np.ndarray, a: dict[str, np.ndarray]) -> None:
             q[lo:lo + step], d[lo:lo + step], o[lo:lo + step] = FORMATS[t].unpack(raw[lo:lo + step], q.shape[1])
 
 
-def pack(w: QTensor) -> QTensor | Packed:
-    """The kernels' layout (formats without one are returned as they are)."""
+def pack(w: QTensor, exact: bool = True) -> QTensor | Packed | Mat:
+    """The kernels' layout (formats without one are returned as they are): with exact=False
+    the int8 layout where the type has one (layouts.py), else the float32-scale `Packed`."""
+    if not exact and int8_layout(w) is not None:
+        return pack_int8(w)
     if not _packable(w):
         return w
     a = _empty_packed(w.type, w.raw.shape[0], w.k)
@@ -394,10 +394,15 @@ def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) ->
         raise ValueError(f"{w.name}: input has {x.shape[1]} features, weight expects {w.k}")
     if out is None:
         out = np.empty((n, w.rows), np.float32)
-    if isinstance(w, Packed) and n <= SMALL_N:
-        if INT8 and n <= int8.MAX_ROWS.get(w.type, 0):
-            int8.matmul(x, w, out)
-        elif w.type == T.Q8_0:
+    if isinstance(w, Mat):
+        if n == 1:
+            w.layout.decode(x[0], w.arrays, out[0])
+        elif w.layout.prefill is not None:
+            w.layout.prefill(x, w.arrays, out)
+        else:
+            _prefill(x, w, out)
+    elif isinstance(w, Packed) and n <= SMALL_N:
+        if w.type == T.Q8_0:
             _mv_q8_0(x, w.q, w.d, out)
         elif w.type == T.Q6_K:
             _mv_q6_k(x, w.q, w.d, out)
@@ -432,7 +437,9 @@ def matmul_experts(x: np.ndarray, w: QTensor | Packed, ids: np.ndarray, xi: np.n
     x = np.ascontiguousarray(x, np.float32)
     ids, xi = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(xi, np.int64)
     out = np.empty((len(ids), w.rows), np.float32)
-    if isinstance(w, Packed) and w.type in (T.Q8_0, T.Q6_K):
+    if isinstance(w, Mat) and w.layout.experts is not None:
+        w.layout.experts(x, w.arrays, ids, xi, out)
+    elif isinstance(w, Packed) and w.type in (T.Q8_0, T.Q6_K):
         (experts.mv_q6_k_ids if w.type == T.Q6_K else experts.mv_q8_0_ids)(x, xi, ids, w.rows, w.q, w.d, out)
     elif isinstance(w, Packed) and w.type in (T.Q4_0, T.Q4_K):
         parts = [_split_x(row) for row in x]
@@ -454,7 +461,7 @@ def _prefill(x: np.ndarray, w, out: np.ndarray) -> None:
     f32 = w.raw.view(np.float32) if w.type == T.F32 and isinstance(w, QTensor) else None
 
     def part(i: int, m: int) -> None:
-        tile = _scratch(i, step * w.k) if isinstance(w, Packed) else None
+        tile = _scratch(i, step * w.k) if isinstance(w, (Packed, Mat)) else None
         for lo in range(i * step, w.rows, m * step):
             hi = min(w.rows, lo + step)
             if f32 is not None:
@@ -493,16 +500,23 @@ def warm_up(forward) -> None:
     forward(1)
 
 
-def fuse(ws: list) -> QTensor | Packed | None:
+def fuse(ws: list, exact: bool = True) -> QTensor | Packed | Mat | None:
     """Stack matrices that multiply the same input (q|k|v, gate|up) into one, so one kernel
     launch reads the input once; expert stacks are interleaved per expert. GGUF tensors that
-    have a packed layout are packed straight into the stack (one copy, not two). None when the
-    parts differ in type, row length or expert count."""
+    have a packed layout are packed straight into the stack (one copy, not two; the int8
+    layouts pack the stacked file bytes). None when the parts differ in type, row length or
+    expert count."""
     a = ws[0]
     if any(type(w) is not type(a) or w.type != a.type or w.k != a.k or w.n_mats != a.n_mats for w in ws):
         return None
     E, rows = a.n_mats, sum(w.rows for w in ws)
     name = "+".join(w.name for w in ws)
+
+    def cat(arrs):
+        return np.concatenate([x.reshape(E, -1, x.shape[-1]) for x in arrs], axis=1).reshape(E * rows, -1)
+
+    if isinstance(a, QTensor) and not exact and int8_layout(a) is not None:
+        return pack_int8(QTensor(name, a.type, rows, a.k, cat([w.raw for w in ws]), E))
     if isinstance(a, QTensor) and _packable(a):
         arrs = _empty_packed(a.type, E * rows, a.k)
         for e in range(E):
@@ -511,10 +525,6 @@ def fuse(ws: list) -> QTensor | Packed | None:
                 _pack_into(a.type, w.raw[e * w.rows:(e + 1) * w.rows], {n: x[at:at + w.rows] for n, x in arrs.items()})
                 at += w.rows
         return Packed(name, a.type, rows, a.k, n_mats=E, **arrs)
-
-    def cat(arrs):
-        return np.concatenate([x.reshape(E, -1, x.shape[-1]) for x in arrs], axis=1).reshape(E * rows, -1)
-
     if isinstance(a, Packed):
         return Packed(name, a.type, rows, a.k, n_mats=E, **{n: cat([getattr(w, n) for w in ws]) for n in a.arrays()})
     return QTensor(name, a.type, rows, a.k, cat([w.raw for w in ws]), E)

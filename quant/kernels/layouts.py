@@ -1,0 +1,141 @@
+"""The runtime layouts: for each GGUF type, how the engine keeps a matrix and which kernel runs it.
+
+Two modes. The default ("int8") is llama.cpp's method: the weights stay at the file's size
+(float16 scales, quants packed as in the file or only reordered) and x is quantized to 8 bits
+once per product, so the inner loops are integer multiply-adds (int8_cpu.py, int8_k_cpu.py).
+"exact" keeps matmul_cpu's float32-scale `Packed` and float activations: the numerics of the
+reference implementation, used by the transformers-parity tests and `--exact`; F32 / F16 /
+BF16 files always run exact (there is nothing to quantize x against).
+
+An entry names, per role: `pack` (file bytes -> the kernels' arrays, once at load), `decode`
+(one row of x), `prefill` (many rows), `experts` (decode of a MoE stack: slot s = x[xi[s]] @
+expert ids[s]), `dequant` / `take` (rows back to float32: embedding lookups, fallbacks).
+A type or role without an entry falls back to the exact layout, so adding a format, or a
+faster kernel for one role, is one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from ..qtensor import QTensor
+
+
+@dataclass(frozen=True)
+class Layout:
+    pack: Callable[[QTensor], Any]
+    decode: Callable[[np.ndarray, Any, np.ndarray], Any]  # x (k,), arrays, out (rows,)
+    prefill: Callable[[np.ndarray, Any, np.ndarray], Any] | None  # x (n, k), arrays, out (n, rows)
+    experts: Callable[..., Any] | None  # (x (m, k), arrays, ids, xi, out (slots, rows))
+    dequant: Callable[..., np.ndarray] | None  # (arrays, lo, hi, out=None) -> (hi - lo, k)
+    take: Callable[..., np.ndarray] | None  # (arrays, ids) -> (len(ids), k)
+
+
+def _int8_cpu():
+    from . import int8_cpu
+    return int8_cpu
+
+
+def _int8_k_cpu():
+    from . import int8_k_cpu
+    return int8_k_cpu
+
+
+def _gemm():
+    from . import int8_gemm_cpu
+    return int8_gemm_cpu
+
+
+def _int8_q5_cpu():
+    from . import int8_q5_cpu
+    return int8_q5_cpu
+
+
+def _experts():
+    from . import int8_experts_cpu
+    return int8_experts_cpu
+
+
+def _entry(mod, rows=None, gemm: bool = True, experts: bool = True) -> Layout:
+    """A layout whose pack, decode (and dequant, where `rows` is that module) live in `mod`
+    (imported when first used: numba compiles or loads kernels at import), the rest in the
+    shared GEMM / experts modules; gemm=False: prefill dequantizes tiles into BLAS."""
+    rows = rows or _gemm
+    return Layout(
+        pack=lambda w: mod().pack(w),
+        decode=lambda x, m, out: mod().matvec(x, m, out),
+        prefill=(lambda x, m, out: _gemm().matmul(x, m, out)) if gemm else None,
+        experts=(lambda x, m, ids, xi, out: _experts().matmul_ids(x, m, ids, xi, out)) if experts else None,
+        dequant=lambda m, lo, hi, out=None: rows().dequant(m, lo, hi, out),
+        take=lambda m, ids: rows().take(m, ids),
+    )
+
+
+INT8: dict[T, Layout] = {
+    T.Q8_0: _entry(_int8_cpu),
+    T.Q4_0: _entry(_int8_cpu),
+    T.Q4_K: _entry(_int8_k_cpu),
+    T.Q6_K: _entry(_int8_k_cpu),
+    T.Q5_K: _entry(_int8_q5_cpu, rows=_int8_q5_cpu, gemm=False, experts=False),
+    T.Q5_0: _entry(_int8_q5_cpu, rows=_int8_q5_cpu, gemm=False, experts=False),
+}
+
+
+@dataclass(frozen=True)
+class Mat:
+    """A matrix (or a stack of n_mats experts of `rows` rows each) in an int8 layout: `arrays`
+    is the layout's own object, every array's first axis its rows, so row ranges are views."""
+    name: str
+    type: T
+    rows: int
+    k: int
+    layout: Layout
+    arrays: Any
+    n_mats: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in _arrays(self.arrays).values())
+
+    def _rows(self, lo: int, hi: int):
+        extra = {"rows": hi - lo} if "rows" in _names(self.arrays) else {}
+        if "n_mats" in _names(self.arrays):
+            extra["n_mats"] = 1
+        return replace(self.arrays, **extra, **{n: a[lo:hi] for n, a in _arrays(self.arrays).items()})
+
+    def expert(self, e: int) -> "Mat":
+        lo = e * self.rows
+        return replace(self, name=f"{self.name}[{e}]", n_mats=1, arrays=self._rows(lo, lo + self.rows))
+
+    def dequant(self, lo: int = 0, hi: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        hi = self.rows * self.n_mats if hi is None else hi
+        return self.layout.dequant(self.arrays, lo, hi, out)
+
+    def take(self, ids) -> np.ndarray:
+        return self.layout.take(self.arrays, np.asarray(ids, np.int64))
+
+
+def _names(obj) -> set[str]:
+    return {f.name for f in fields(obj)}
+
+
+def _arrays(obj) -> dict[str, np.ndarray]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj) if isinstance(getattr(obj, f.name), np.ndarray)}
+
+
+def int8_layout(w: QTensor) -> Layout | None:
+    """w's int8 layout, or None where the exact one serves (no entry; a MoE stack before the
+    layout has an experts kernel)."""
+    lay = INT8.get(w.type)
+    if lay is None or (w.n_mats > 1 and lay.experts is None):
+        return None
+    return lay
+
+
+def pack_int8(w: QTensor) -> Mat:
+    lay = INT8[w.type]
+    return Mat(w.name, w.type, w.rows, w.k, lay, lay.pack(w), w.n_mats)
