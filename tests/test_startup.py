@@ -139,3 +139,54 @@ def test_load_uses_the_cache(files, cache):
 
     load(files[0])
     assert len(entries(cache)) == 1
+
+
+def test_compile_watch_sees_compiles_not_cache_loads(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    from qwen3cli.compiling import CompileWatch
+
+    src = tmp_path / "kern.py"  # numba caches it in tmp_path/__pycache__
+    src.write_text("from numba import njit\n\n\n@njit\ndef inner(x):\n    return x + 1\n\n\n"
+                   "@njit(cache=True)\ndef outer(x):\n    return inner(x) * 2\n")
+    calls = []
+    watch = CompileWatch(lambda: calls.append("start"), lambda: calls.append("end")).install()
+    try:
+        for name in ("kern_a", "kern_b"):  # the second is a fresh dispatcher over the same cached source
+            spec = importlib.util.spec_from_file_location(name, src)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+            assert mod.outer(3) == 8
+            assert mod.outer(4) == 10
+    finally:
+        watch.remove()
+        sys.modules.pop("kern_a", None), sys.modules.pop("kern_b", None)
+    assert watch.count == 1 and calls == ["start", "end"]
+
+
+def test_open_engine_warms_up_only_after_a_compile(files, monkeypatch):
+    import numba
+
+    from quant.kernels import matmul_cpu
+    from qwen3cli import cli, engine  # cli first: it imports the command modules in its order
+    from qwen3cli import cli_run
+
+    warmed = []
+    monkeypatch.setattr(matmul_cpu, "warm_up", lambda forward: warmed.append(forward))
+    cli_run.open_engine(str(files[0]), 64, "q8_0", "cpu")  # this process may compile here: not asserted
+    warmed.clear()
+    cli_run.open_engine(str(files[0]), 64, "q8_0", "cpu")
+    assert warmed == []  # every kernel the engine uses is loaded: no warm-up
+
+    class Compiling(engine.Engine):  # an engine whose packing compiles a kernel, as on a first run
+        def __init__(self, *a, **kw):
+            numba.njit(lambda x: x + 1)(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(engine, "Engine", Compiling)
+    e = cli_run.open_engine(str(files[0]), 64, "q8_0", "cpu")
+    assert len(warmed) == 1
+    warmed[0](2)  # the warm-up runs the engine's forward
+    assert e.model.ctx == 64
