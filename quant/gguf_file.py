@@ -67,6 +67,7 @@ class StringArray:
         self._buf, self._start, self._count, self._where = buf, start, count, where
         self._end = end
         self._items: list[str] | None = None
+        self._offsets: list[int] | None = None  # of each item, once one is asked for alone
 
     def __len__(self) -> int:
         return self._count
@@ -91,7 +92,22 @@ class StringArray:
         return self._items
 
     def __getitem__(self, i):
-        return self._decode()[i]
+        if self._items is not None or not isinstance(i, int) or not -self._count <= i < self._count:
+            return self._decode()[i]
+        # one item (info's BOS / EOS names): find it by the offsets, a third of a full decode
+        i %= self._count
+        if self._offsets is None:
+            self._offsets = offsets = []
+            pos = self._start
+            for _ in range(self._count):
+                offsets.append(pos)
+                pos += 8 + _U64(self._buf, pos)[0]
+        pos = self._offsets[i]
+        (n,) = _U64(self._buf, pos)
+        try:
+            return bytes(self._buf[pos + 8 : pos + 8 + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise GGUFFormatError(f"{self._where}[{i}] is not valid UTF-8") from None
 
     def __iter__(self):
         return iter(self._decode())
