@@ -35,6 +35,7 @@ from .tokenizer import from_gguf_metadata
 ENV = "QWEN3CLI_CACHE_DIR"
 MAGIC = "qwen3cli-tokenizer"
 MAX_ENTRY_BYTES = 256 << 20  # a 151,936-token entry is ~5 MB: anything far larger is not ours
+MAX_ENTRIES = 16  # ~5 MB each; entries of an older builder are never asked for again
 KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
         "tokenizer.ggml.merges")
 
@@ -115,3 +116,15 @@ def _write(path: Path, key: str, tok: Tokenizer) -> None:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        return
+    _prune(path.parent)
+
+
+def _prune(d: Path) -> None:
+    """Keep the MAX_ENTRIES most recently written entries."""
+    try:
+        entries = sorted((p.stat().st_mtime, p) for p in d.glob("*.json"))
+        for _, p in entries[:-MAX_ENTRIES]:
+            p.unlink()
+    except OSError:  # another process pruned first, or the directory went: nothing to keep tidy
+        pass

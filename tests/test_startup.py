@@ -190,3 +190,16 @@ def test_open_engine_warms_up_only_after_a_compile(files, monkeypatch):
     assert len(warmed) == 1
     warmed[0](2)  # the warm-up runs the engine's forward
     assert e.model.ctx == 64
+
+
+def test_the_cache_keeps_the_newest_entries(files, cache, monkeypatch):
+    import os
+
+    monkeypatch.setattr(tokenizer_cache, "MAX_ENTRIES", 2)
+    cache.mkdir(parents=True)
+    for i, name in enumerate(("old.json", "newer.json")):
+        (cache / name).write_text("{}")
+        os.utime(cache / name, (1000 + i, 1000 + i))
+    with GGUFFile(files[0]) as g:
+        load_tokenizer(g.metadata)
+        assert entries(cache) == sorted(["newer.json", tokenizer_key(g.metadata) + ".json"])
