@@ -5,10 +5,11 @@ about 1.5x as long as loading the built tokenizer back from its JSON, at every s
 
 An entry's key is a SHA-256 of the tokenizer metadata as the file holds it (model and
 pre-tokenizer names, the raw bytes of tokens, token types and merges), of tokenizer.py's
-source and of the `tokenizers` version: every Qwen3 GGUF shares one entry, a tokenizer that
-differs by one byte gets its own, and a change to the builder or the library starts afresh.
-Hashing the ~5 MB takes milliseconds; a key from the path, size and mtime would be cheaper
-but goes wrong for a file rewritten in place, and would give each copy of a model its own entry.
+source, its split regex and the `tokenizers` version: every Qwen3 GGUF shares one entry, a
+tokenizer that differs by one byte gets its own, and a change to the builder or the library
+starts afresh. Hashing the ~5 MB takes milliseconds; a key from the path, size and mtime
+would be cheaper but goes wrong for a file rewritten in place, and would give each copy of a
+model its own entry.
 
 An entry is one header line (the key, and the SHA-256 of the rest) followed by the JSON of
 `Tokenizer.to_str()`. One that cannot be read, is cut short or altered, or belongs to another
@@ -31,6 +32,7 @@ from quant.gguf_file import StringArray
 
 from . import tokenizer as _builder
 from .tokenizer import from_gguf_metadata
+from .vocab import QWEN2_SPLIT
 
 ENV = "QWEN3CLI_CACHE_DIR"
 MAGIC = "qwen3cli-tokenizer"
@@ -53,8 +55,8 @@ def tokenizer_key(md: dict) -> str | None:
     """The cache key of a GGUF's tokenizer metadata; None when it is not held as a file's raw
     arrays (metadata built in memory), which then is simply not cached."""
     h = hashlib.sha256()
-    h.update(Path(_builder.__file__).read_bytes())
-    h.update(tokenizers.__version__.encode())
+    for part in (Path(_builder.__file__).read_bytes(), QWEN2_SPLIT.encode(), tokenizers.__version__.encode()):
+        h.update(len(part).to_bytes(8, "little") + part)
     for k in KEYS:
         v = md.get(k)
         if isinstance(v, str):
@@ -97,8 +99,10 @@ def _read(path: Path, key: str, n_tokens: int) -> Tokenizer | None:
         if not sep or head.decode("ascii").split(" ") != [MAGIC, key, hashlib.sha256(body).hexdigest()]:
             return None
         tok = Tokenizer.from_str(body.decode("utf-8"))
-    except Exception:  # missing, unreadable, not ASCII / UTF-8, or JSON tokenizers refuses: rebuild
-        return None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # missing, unreadable, not ASCII / UTF-8, or JSON tokenizers refuses, some
+        return None  # of it with a Rust panic, which is a BaseException: rebuild
     return tok if tok.get_vocab_size(with_added_tokens=True) == n_tokens else None
 
 

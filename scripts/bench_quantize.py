@@ -50,7 +50,8 @@ def shapes(c=QWEN3_06B) -> dict[str, tuple[int, ...]]:
             out[p + "mlp.gate.weight"] = (E, H)
             for e in range(E):
                 x = f"{p}mlp.experts.{e}."
-                out.update({x + "gate_proj.weight": (M, H), x + "up_proj.weight": (M, H), x + "down_proj.weight": (H, M)})
+                out.update({x + "gate_proj.weight": (M, H), x + "up_proj.weight": (M, H),
+                            x + "down_proj.weight": (H, M)})
         else:
             out.update({p + "mlp.gate_proj.weight": (F, H), p + "mlp.up_proj.weight": (F, H),
                         p + "mlp.down_proj.weight": (H, F)})

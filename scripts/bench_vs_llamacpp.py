@@ -238,7 +238,8 @@ def report(rows, firsts, a) -> None:
         o, ll = r["ours"], r["llama.cpp"]
         print(f"{shape + ' ' + t:<20}{f'pp{p}/tg{n}':>13}{mean(o, 'pp'):>9.1f}{mean(ll, 'pp'):>10.1f}"
               f"{ratio(mean(o, 'pp'), mean(ll, 'pp'))}{mean(o, 'tg'):>9.1f}{mean(ll, 'tg'):>10.1f}"
-              f"{ratio(mean(o, 'tg'), mean(ll, 'tg'))}{mean(o, 'peak_rss_mb'):>7.0f} MB{mean(ll, 'peak_rss_mb'):>8.0f} MB")
+              f"{ratio(mean(o, 'tg'), mean(ll, 'tg'))}"
+              f"{mean(o, 'peak_rss_mb'):>7.0f} MB{mean(ll, 'peak_rss_mb'):>8.0f} MB")
     print(f"\nstart to first token (s, whole process, --ctx {FIRST_CTX}; llama in-process: import + load + eval)")
     print(f"{'model':<20}{'ours':>8}{'llama':>8}{'ratio':>8}{'llama in-process':>18}")
     for shape, t, f in firsts:
