@@ -103,14 +103,14 @@ def llama(path: Path, p: int, n: int, t: int, kv: str | None) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def first_token(path: Path, t: int, kv: str | None) -> dict:
+def first_token(path: Path, t: int, kv: str | None, baseline: bool) -> dict:
     """Start to first token, wall time of a whole process, ours then llama.cpp's."""
     kv_flag = ["--cache-type", kv] if kv else []
     t0 = time.perf_counter()
     _run([sys.executable, "-m", "qwen3cli", "run", str(path), "Hello", "-n", "1", "--ctx", str(FIRST_CTX),
           "--threads", str(t), *kv_flag])
     res = {"ours_s": time.perf_counter() - t0}
-    if have_llama_cpp(False):
+    if baseline:
         t0 = time.perf_counter()
         r = _run([sys.executable, "-c", LLAMA_FIRST, str(path), str(t), kv or "", str(FIRST_CTX), HELLO])
         res["llama_s"] = time.perf_counter() - t0
@@ -214,7 +214,7 @@ def main() -> None:
                     r["ours"].append(ours(f, p, n, a.threads, a.cache_type))
                     if baseline:
                         r["llama.cpp"].append(llama(f, p, n, a.threads, a.cache_type))
-                first.append(first_token(f, a.threads, a.cache_type))
+                first.append(first_token(f, a.threads, a.cache_type, baseline))
             rows += [(shape, t, p, n, r) for (p, n), r in runs.items()]
             firsts.append((shape, t, first))
             print(f"done {shape} {t}", file=sys.stderr, flush=True)
@@ -231,7 +231,8 @@ def report(rows, firsts, a) -> None:
 
     print(f"\nhost: {host_cpu()}")
     kv = f", KV cache {a.cache_type}" if a.cache_type else ""
-    print(f"{a.threads} threads{kv}, mean of {a.rounds} alternating rounds (tokens/s)")
+    print(f"{a.threads} threads{kv}, mean of {a.rounds} alternating rounds (tokens/s; ratio ours/llama.cpp, "
+          "> 1 is faster)")
     print(f"{'model':<20}{'test':>13}{'ours pp':>9}{'llama pp':>10}{'ratio':>8}{'ours tg':>9}{'llama tg':>10}"
           f"{'ratio':>8}{'ours RSS':>10}{'llama RSS':>11}")
     for shape, t, p, n, r in rows:
@@ -240,7 +241,8 @@ def report(rows, firsts, a) -> None:
               f"{ratio(mean(o, 'pp'), mean(ll, 'pp'))}{mean(o, 'tg'):>9.1f}{mean(ll, 'tg'):>10.1f}"
               f"{ratio(mean(o, 'tg'), mean(ll, 'tg'))}"
               f"{mean(o, 'peak_rss_mb'):>7.0f} MB{mean(ll, 'peak_rss_mb'):>8.0f} MB")
-    print(f"\nstart to first token (s, whole process, --ctx {FIRST_CTX}; llama in-process: import + load + eval)")
+    print(f"\nstart to first token (s, whole process, --ctx {FIRST_CTX}; ratio ours/llama.cpp, > 1 is slower; "
+          "llama in-process: import + load + eval)")
     print(f"{'model':<20}{'ours':>8}{'llama':>8}{'ratio':>8}{'llama in-process':>18}")
     for shape, t, f in firsts:
         o, ll = mean(f, "ours_s"), mean(f, "llama_s")
