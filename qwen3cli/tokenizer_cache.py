@@ -43,9 +43,11 @@ KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "
 
 
 def cache_dir() -> Path:
-    """Where qwen3cli keeps what it rebuilds between runs (QWEN3CLI_CACHE_DIR, else the user cache)."""
-    if os.environ.get(ENV):
-        return Path(os.environ[ENV])
+    """Where qwen3cli keeps what it rebuilds between runs: QWEN3CLI_CACHE_DIR, else the hub
+    conversions' QWEN3CLI_CACHE (hub.py), else the per-user cache directory of the OS."""
+    for name in (ENV, "QWEN3CLI_CACHE"):
+        if os.environ.get(name):
+            return Path(os.environ[name])
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("qwen3cli", appauthor=False))

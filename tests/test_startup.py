@@ -203,3 +203,16 @@ def test_the_cache_keeps_the_newest_entries(files, cache, monkeypatch):
     with GGUFFile(files[0]) as g:
         load_tokenizer(g.metadata)
         assert entries(cache) == sorted(["newer.json", tokenizer_key(g.metadata) + ".json"])
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    from qwen3cli.tokenizer_cache import cache_dir
+
+    monkeypatch.setenv("QWEN3CLI_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("QWEN3CLI_CACHE_DIR", str(tmp_path / "ours"))
+    assert cache_dir() == tmp_path / "ours"
+    monkeypatch.delenv("QWEN3CLI_CACHE_DIR")
+    assert cache_dir() == tmp_path / "hub"
+    monkeypatch.delenv("QWEN3CLI_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "qwen3cli"
