@@ -49,7 +49,7 @@ def load_progress():
 def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto", exact: bool = False):
     """Pick the device, load (with a bar when it takes a while), then build the engine; while
     kernels compile (a first CPU run, every GPU run), say so instead of looking frozen."""
-    from quant.kernels.matmul_cpu import cache_is_warm, warm_up
+    from quant.kernels.matmul_cpu import warm_up
 
     from .device import pick
     from .engine import Engine
@@ -61,19 +61,37 @@ def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto", e
     print_warnings(loaded.warnings)
     if note:  # after the load, so that a bad file still gets one line of error
         err.print(f"[dim]{note}[/dim]", highlight=False)
-    if backend == "cpu" and cache_is_warm():
-        return Engine(loaded, ctx, exact=exact)
-    with err.status("compiling kernels (first run only, about a minute)…" if backend == "cpu" else
-                    "uploading the weights and compiling the GPU kernels…"):
+
+    def forward(n: int) -> None:  # a cache of n positions: on a GPU a full-context one is gigabytes
+        engine.model.forward([0] * n, engine.model.ops.new_cache(n))
+
+    if backend == "cpu":
+        watch = compile_watch()
+        compiled = watch.count
+        engine = Engine(loaded, ctx, exact=exact)
+        if watch.count > compiled:  # packing compiled its kernels: a first run, so compile the rest now
+            warm_up(forward)
+        return engine
+    with err.status("uploading the weights and compiling the GPU kernels…"):
         engine = Engine(loaded, ctx, device=backend, exact=exact)
-        if backend == "cuda":
-            err.print(f"[dim]{escape(engine.model.ops.summary)}[/dim]", highlight=False)
-
-        def forward(n: int) -> None:  # a cache of n positions: on a GPU a full-context one is gigabytes
-            engine.model.forward([0] * n, engine.model.ops.new_cache(n))
-
+        err.print(f"[dim]{escape(engine.model.ops.summary)}[/dim]", highlight=False)
         warm_up(forward)
     return engine
+
+
+_WATCH = None
+
+
+def compile_watch():
+    """The process's CompileWatch: a transient line while numba compiles, which a run with a
+    warm cache never shows, whatever layouts its file uses."""
+    global _WATCH
+    if _WATCH is None:
+        from .compiling import CompileWatch
+
+        status = err.status("compiling kernels (first run only, about a minute)…")
+        _WATCH = CompileWatch(status.start, status.stop).install()
+    return _WATCH
 
 
 def set_threads(n: int | None) -> None:

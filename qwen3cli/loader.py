@@ -24,7 +24,8 @@ from .config import ModelArgs, args_from_gguf
 from .errors import ConfigError
 from .meta import Fields
 from .sampler import file_params
-from .tokenizer import from_gguf_metadata, from_tokenizer_json
+from .tokenizer import from_tokenizer_json
+from .tokenizer_cache import load_tokenizer
 from .weights import Weights, build_weights
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -81,7 +82,7 @@ def load_gguf(path: str | Path) -> LoadedModel:
         return t.shape, t.type, g.raw(name)
 
     weights = build_weights(args, lookup, set(g.tensors), str(g.path))
-    tok = from_gguf_metadata(md, str(g.path))
+    tok = load_tokenizer(md, str(g.path))
     return _finish(str(g.path), args, weights, tok, md, keep=g)
 
 

@@ -26,12 +26,17 @@ sys.path.insert(0, str(ROOT))
 
 QWEN3_06B = dict(vocab=151936, hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, ffn=3072)
 QWEN3_17B = dict(vocab=151936, hidden=2048, layers=28, heads=16, kv_heads=8, head_dim=128, ffn=6144)
-SHAPES = {"0.6b": QWEN3_06B, "1.7b": QWEN3_17B}
+# Qwen3-30B-A3B: 48 MoE layers of 128 experts (8 used), untied output; a bench takes a few layers
+QWEN3_30B_A3B = dict(vocab=151936, hidden=2048, layers=48, heads=32, kv_heads=4, head_dim=128, ffn=6144,
+                     experts=128, experts_used=8, moe_ffn=768, tied=False)
+SHAPES = {"0.6b": QWEN3_06B, "1.7b": QWEN3_17B, "30b-a3b": QWEN3_30B_A3B}
 
 
 def shapes(c=QWEN3_06B) -> dict[str, tuple[int, ...]]:
     H, q, kv, F = c["hidden"], c["heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"], c["ffn"]
     out = {"model.embed_tokens.weight": (c["vocab"], H), "model.norm.weight": (H,)}
+    if not c.get("tied", True):
+        out["lm_head.weight"] = (c["vocab"], H)
     for i in range(c["layers"]):
         p = f"model.layers.{i}."
         out.update({
@@ -39,8 +44,17 @@ def shapes(c=QWEN3_06B) -> dict[str, tuple[int, ...]]:
             p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
             p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
             p + "self_attn.q_norm.weight": (c["head_dim"],), p + "self_attn.k_norm.weight": (c["head_dim"],),
-            p + "mlp.gate_proj.weight": (F, H), p + "mlp.up_proj.weight": (F, H), p + "mlp.down_proj.weight": (H, F),
         })
+        if "experts" in c:  # the hub's per-expert names, as Qwen3-30B-A3B's safetensors hold them
+            E, M = c["experts"], c["moe_ffn"]
+            out[p + "mlp.gate.weight"] = (E, H)
+            for e in range(E):
+                x = f"{p}mlp.experts.{e}."
+                out.update({x + "gate_proj.weight": (M, H), x + "up_proj.weight": (M, H),
+                            x + "down_proj.weight": (H, M)})
+        else:
+            out.update({p + "mlp.gate_proj.weight": (F, H), p + "mlp.up_proj.weight": (F, H),
+                        p + "mlp.down_proj.weight": (H, F)})
     return out
 
 
@@ -70,7 +84,12 @@ def write_checkpoint(d: Path, c=QWEN3_06B) -> None:
             f.write(((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes())
     cfg = json.loads((ROOT / "tests/data/qwen3-0.6B-configs/config.json").read_text())
     cfg.update(hidden_size=c["hidden"], num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
-               num_key_value_heads=c["kv_heads"], head_dim=c["head_dim"], intermediate_size=c["ffn"])
+               num_key_value_heads=c["kv_heads"], head_dim=c["head_dim"], intermediate_size=c["ffn"],
+               tie_word_embeddings=c.get("tied", True))
+    if "experts" in c:
+        cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=c["experts"],
+                   num_experts_per_tok=c["experts_used"], moe_intermediate_size=c["moe_ffn"], norm_topk_prob=True,
+                   decoder_sparse_step=1, mlp_only_layers=[])
     (d / "config.json").write_text(json.dumps(cfg))
     shutil.copy(ROOT / "tests/data/qwen3-0.6B-configs/generation_config.json", d)
     for f in ("tokenizer.json", "tokenizer_config.json"):

@@ -1,13 +1,19 @@
 """Our engine against llama.cpp on the same files, same threads, runs alternating.
 
-    python scripts/bench_vs_llamacpp.py [--shapes 0.6b 1.7b] [--types q8_0 q4_0 q4_k_m] [--rounds 3]
-                                        [--threads 2] [-p 128] [-n 64] [--install-llama-cpp]
+    python scripts/bench_vs_llamacpp.py [--shapes 0.6b 1.7b 30b-a3b] [--moe-layers 4]
+        [--types q8_0 q4_0 q4_k_m q5_k_m q6_k] [--tests pp128/tg64 pp512/tg128] [--rounds 3]
+        [--threads 2] [--cache-type q8_0] [--install-llama-cpp]
 
-Builds random BF16 checkpoints with the exact Qwen3 shapes in --workdir (once) and quantizes
-them with `qwen3cli quantize` (the K-quant presets we do not write yet with llama.cpp's
-quantizer from our BF16 file). Then, per file, runs `qwen3cli bench --json` and the same pp/tg
-tests in llama.cpp (llama-cpp-python, a separate process each time) alternately, --rounds
-times, and prints tokens/s (mean of the rounds), our/llama.cpp ratios and peak RSS.
+Builds random BF16 checkpoints with the exact Qwen3 shapes in --workdir (once; 30b-a3b is
+Qwen3-30B-A3B with only --moe-layers of its 48 layers) and quantizes them with `qwen3cli
+quantize`, or, for the types it does not write, with llama.cpp's quantizer from our BF16 file.
+Then, per file and round, alternately: `qwen3cli bench --json` and the same pp/tg test in
+llama.cpp (llama-cpp-python, a separate process each time) for each --tests pair, and the start
+to first token of both: the wall time of `qwen3cli run FILE "Hello" -n 1` and of a process
+that imports llama_cpp, loads the file and evaluates the same chat prompt (both at --ctx 4096).
+Prints the host CPU, tokens/s (mean of the rounds), our/llama.cpp ratios, peak RSS and the
+first-token times. --cache-type goes to both (ours: --cache-type; llama.cpp: type_k/type_v,
+with flash attention for a quantized cache, which llama.cpp needs for the V cache).
 llama-cpp-python is not a test requirement (it compiles llama.cpp, 15-20 minutes on 2 cores):
 --install-llama-cpp pip-installs it when missing.
 """
@@ -16,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,49 +34,100 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_quantize import SHAPES, write_checkpoint  # noqa: E402
 
-LLAMA = r"""
+FIRST_CTX = 4096
+HELLO = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+
+# argv: path threads cache_type ("" for the default) then the mode's own
+LLAMA_COMMON = r"""
 import json, resource, sys, time
+t_start = time.perf_counter()
 import numpy as np, llama_cpp
-path, p, n, t = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path, t, kv = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+kw = {}
+if kv:
+    kw["type_k"] = kw["type_v"] = getattr(llama_cpp, "GGML_TYPE_" + kv.upper())
+    kw["flash_attn"] = kv.lower() not in ("f32", "f16", "bf16")
+def load(n_ctx):
+    return llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=t, n_threads_batch=t, n_batch=512, verbose=False, **kw)
+def peak_mb():
+    hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+    return (hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+"""
+
+LLAMA_BENCH = LLAMA_COMMON + r"""
+p, n = int(sys.argv[4]), int(sys.argv[5])
 t0 = time.perf_counter()
-llm = llama_cpp.Llama(path, n_ctx=p + n + 8, n_threads=t, n_threads_batch=t, n_batch=512, verbose=False)
-load = time.perf_counter() - t0
-ids = [int(x) for x in np.random.default_rng(0).integers(0, 151936, p)]
+llm = load(p + n + 8)
+load_s = time.perf_counter() - t0
+ids = [int(x) for x in np.random.default_rng(0).integers(0, 151936, max(p, 8))]
 llm.eval(ids[:8]); llm.reset()
-t0 = time.perf_counter(); llm.eval(ids); pp = p / (time.perf_counter() - t0)
+pp = tg = float("nan")
+if p:
+    t0 = time.perf_counter(); llm.eval(ids[:p]); pp = p / (time.perf_counter() - t0)
 llm.reset(); llm.eval(ids[:1])
-t0 = time.perf_counter()
-for _ in range(n):
-    llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-tg = n / (time.perf_counter() - t0)
-hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")]
-print(json.dumps({"pp": pp, "tg": tg, "load_s": load,
-                  "peak_rss_mb": (hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024}))
+if n:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    tg = n / (time.perf_counter() - t0)
+print(json.dumps({"pp": pp, "tg": tg, "load_s": load_s, "peak_rss_mb": peak_mb()}))
+"""
+
+LLAMA_FIRST = LLAMA_COMMON + r"""
+llm = load(int(sys.argv[4]))
+llm.eval(llm.tokenize(sys.argv[5].encode(), add_bos=False, special=True))
+int(np.argmax(llm.scores[llm.n_tokens - 1]))
+print(json.dumps({"in_process_s": time.perf_counter() - t_start, "peak_rss_mb": peak_mb()}))
 """
 
 
-def ours(path: Path, p: int, n: int, t: int) -> dict:
-    r = subprocess.run([sys.executable, "-m", "qwen3cli", "bench", str(path), "-p", str(p), "-n", str(n), "-r", "1",
-                        "--threads", str(t), "--json"], capture_output=True, text=True, check=True)
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:4])} ... failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return r
+
+
+def ours(path: Path, p: int, n: int, t: int, kv: str | None) -> dict:
+    kv_flag = ["--cache-type", kv] if kv else []
+    r = _run([sys.executable, "-m", "qwen3cli", "bench", str(path), "-p", str(p), "-n", str(n), "-r", "1",
+              "--threads", str(t), "--json", *kv_flag])
     d = json.loads(r.stdout)
     res = {x["test"][:2]: x["tokens_per_s"] for x in d["results"]}
-    return {"pp": res["pp"], "tg": res["tg"], "load_s": d["load_s"], "peak_rss_mb": d["peak_rss_mb"]}
+    return {"pp": res.get("pp", float("nan")), "tg": res.get("tg", float("nan")), "load_s": d["load_s"],
+            "peak_rss_mb": d["peak_rss_mb"]}
 
 
-def llama(path: Path, p: int, n: int, t: int) -> dict:
-    r = subprocess.run([sys.executable, "-c", LLAMA, str(path), str(p), str(n), str(t)],
-                       capture_output=True, text=True, check=True)
+def llama(path: Path, p: int, n: int, t: int, kv: str | None) -> dict:
+    r = _run([sys.executable, "-c", LLAMA_BENCH, str(path), str(t), kv or "", str(p), str(n)])
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-LLAMA_FTYPES = {"q5_1": 9, "q3_k_m": 12, "q2_k": 10}  # types we do not write
+def first_token(path: Path, t: int, kv: str | None, baseline: bool) -> dict:
+    """Start to first token, wall time of a whole process, ours then llama.cpp's."""
+    kv_flag = ["--cache-type", kv] if kv else []
+    t0 = time.perf_counter()
+    _run([sys.executable, "-m", "qwen3cli", "run", str(path), "Hello", "-n", "1", "--ctx", str(FIRST_CTX),
+          "--threads", str(t), *kv_flag])
+    res = {"ours_s": time.perf_counter() - t0}
+    if baseline:
+        t0 = time.perf_counter()
+        r = _run([sys.executable, "-c", LLAMA_FIRST, str(path), str(t), kv or "", str(FIRST_CTX), HELLO])
+        res["llama_s"] = time.perf_counter() - t0
+        res["llama_in_process_s"] = json.loads(r.stdout.strip().splitlines()[-1])["in_process_s"]
+    return res
+
+
+def our_types() -> set[str]:
+    from quant.policy import FILE_TYPES
+
+    return set(FILE_TYPES)
 
 
 def make_file(src: Path, out: Path, t: str, baseline: bool) -> None:
-    """Our quantize for the types it writes; K-quants through llama.cpp's quantizer (from our BF16)."""
-    if t not in LLAMA_FTYPES:
-        subprocess.run([sys.executable, "-m", "qwen3cli", "quantize", str(src), "-o", str(out), "-t", t],
-                       check=True, capture_output=True)
+    """Our quantize for the types it writes; others through llama.cpp's quantizer (from our BF16)."""
+    if t in our_types():
+        _run([sys.executable, "-m", "qwen3cli", "quantize", str(src), "-o", str(out), "-t", t])
         return
     if not baseline:
         sys.exit(f"{t}: made with llama.cpp's quantizer, which needs llama-cpp-python")
@@ -79,8 +138,11 @@ def make_file(src: Path, out: Path, t: str, baseline: bool) -> None:
 
     import llama_cpp
 
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{t.upper()}", None)
+    if ftype is None:
+        sys.exit(f"{t}: neither qwen3cli nor llama.cpp's quantizer knows this type")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPES[t]
+    params.ftype = ftype
     if llama_cpp.llama_model_quantize(str(bf16).encode(), str(out).encode(), ctypes.byref(params)) != 0:
         sys.exit(f"llama.cpp could not quantize {bf16} to {t}")
 
@@ -96,48 +158,95 @@ def have_llama_cpp(install: bool) -> bool:
     return subprocess.run([sys.executable, "-m", "pip", "install", "llama-cpp-python"]).returncode == 0
 
 
+def host_cpu() -> str:
+    name = "unknown CPU"
+    try:
+        name = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import llvmlite.binding as llvm
+
+        return f"{name} (LLVM target: {llvm.get_host_cpu_name()})"
+    except Exception:  # llvmlite is numba's; a broken install only loses the target name
+        return name
+
+
+def parse_test(s: str) -> tuple[int, int]:
+    m = re.fullmatch(r"pp(\d+)/tg(\d+)", s)
+    if not m or int(m[1]) + int(m[2]) == 0:
+        raise argparse.ArgumentTypeError(f"{s!r}: want ppN/tgM, e.g. pp128/tg64")
+    return int(m[1]), int(m[2])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qwen3bench"))
-    ap.add_argument("--shapes", nargs="+", default=["0.6b", "1.7b"], choices=list(SHAPES))
-    ap.add_argument("--types", nargs="+", default=["q8_0", "q4_0", "q4_k_m"])
+    ap.add_argument("--shapes", nargs="+", default=["0.6b", "1.7b", "30b-a3b"], choices=list(SHAPES))
+    ap.add_argument("--moe-layers", type=int, default=4, help="layers of the MoE shapes (Qwen3-30B-A3B has 48)")
+    ap.add_argument("--types", nargs="+", default=["q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"])
+    ap.add_argument("--tests", nargs="+", type=parse_test, default=[(128, 64), (512, 128)], metavar="ppN/tgM")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("-p", type=int, default=128)
-    ap.add_argument("-n", type=int, default=64)
+    ap.add_argument("--cache-type", help="KV cache type for both engines (e.g. q8_0); default: each one's own")
     ap.add_argument("--install-llama-cpp", action="store_true")
     a = ap.parse_args()
     baseline = have_llama_cpp(a.install_llama_cpp)
     if not baseline:
         print("llama-cpp-python is not installed (--install-llama-cpp installs it): our numbers only")
-    rows = []
+    rows, firsts = [], []
     for shape in a.shapes:
+        c = dict(SHAPES[shape])
+        if "experts" in c:
+            c["layers"] = min(a.moe_layers, c["layers"])
+            shape = f"{shape}-{c['layers']}l"
         src = a.workdir / f"Qwen3-{shape.upper()}-random"
         if not (src / "model.safetensors").exists():
-            write_checkpoint(src, SHAPES[shape])
+            write_checkpoint(src, c)
         for t in a.types:
             f = a.workdir / f"qwen3-{shape}-{t}.gguf"
             if not f.exists():
                 make_file(src, f, t, baseline)
-            runs = {"ours": [], "llama.cpp": []}
+            runs = {(p, n): {"ours": [], "llama.cpp": []} for p, n in a.tests}
+            first = []
             for _ in range(a.rounds):  # alternate, so drifts in machine load hit both alike
-                runs["ours"].append(ours(f, a.p, a.n, a.threads))
-                if baseline:
-                    runs["llama.cpp"].append(llama(f, a.p, a.n, a.threads))
-            rows.append((shape, t, runs))
+                for (p, n), r in runs.items():
+                    r["ours"].append(ours(f, p, n, a.threads, a.cache_type))
+                    if baseline:
+                        r["llama.cpp"].append(llama(f, p, n, a.threads, a.cache_type))
+                first.append(first_token(f, a.threads, a.cache_type, baseline))
+            rows += [(shape, t, p, n, r) for (p, n), r in runs.items()]
+            firsts.append((shape, t, first))
             print(f"done {shape} {t}", file=sys.stderr, flush=True)
+    report(rows, firsts, a)
 
+
+def report(rows, firsts, a) -> None:
     def mean(rs, k):
-        return statistics.fmean(r[k] for r in rs) if rs else float("nan")
+        vals = [r[k] for r in rs if k in r]
+        return statistics.fmean(vals) if vals else float("nan")
 
-    print(f"\n{a.threads} threads, pp{a.p} / tg{a.n}, mean of {a.rounds} alternating rounds (tokens/s)")
-    print(f"{'model':<14}{'ours pp':>10}{'llama pp':>10}{'ratio':>8}{'ours tg':>10}{'llama tg':>10}{'ratio':>8}"
-          f"{'ours RSS':>10}{'llama RSS':>11}")
-    for shape, t, r in rows:
+    def ratio(x, y):
+        return f"{x / y:>7.2f}x" if y == y and y else f"{'-':>8}"
+
+    print(f"\nhost: {host_cpu()}")
+    kv = f", KV cache {a.cache_type}" if a.cache_type else ""
+    print(f"{a.threads} threads{kv}, mean of {a.rounds} alternating rounds (tokens/s; ratio ours/llama.cpp, "
+          "> 1 is faster)")
+    print(f"{'model':<20}{'test':>13}{'ours pp':>9}{'llama pp':>10}{'ratio':>8}{'ours tg':>9}{'llama tg':>10}"
+          f"{'ratio':>8}{'ours RSS':>10}{'llama RSS':>11}")
+    for shape, t, p, n, r in rows:
         o, ll = r["ours"], r["llama.cpp"]
-        print(f"{shape + ' ' + t:<14}{mean(o, 'pp'):>10.1f}{mean(ll, 'pp'):>10.1f}{mean(o, 'pp') / mean(ll, 'pp'):>7.2f}x"
-              f"{mean(o, 'tg'):>10.1f}{mean(ll, 'tg'):>10.1f}{mean(o, 'tg') / mean(ll, 'tg'):>7.2f}x"
-              f"{mean(o, 'peak_rss_mb'):>8.0f} MB{mean(ll, 'peak_rss_mb'):>8.0f} MB")
+        print(f"{shape + ' ' + t:<20}{f'pp{p}/tg{n}':>13}{mean(o, 'pp'):>9.1f}{mean(ll, 'pp'):>10.1f}"
+              f"{ratio(mean(o, 'pp'), mean(ll, 'pp'))}{mean(o, 'tg'):>9.1f}{mean(ll, 'tg'):>10.1f}"
+              f"{ratio(mean(o, 'tg'), mean(ll, 'tg'))}"
+              f"{mean(o, 'peak_rss_mb'):>7.0f} MB{mean(ll, 'peak_rss_mb'):>8.0f} MB")
+    print(f"\nstart to first token (s, whole process, --ctx {FIRST_CTX}; ratio ours/llama.cpp, > 1 is slower; "
+          "llama in-process: import + load + eval)")
+    print(f"{'model':<20}{'ours':>8}{'llama':>8}{'ratio':>8}{'llama in-process':>18}")
+    for shape, t, f in firsts:
+        o, ll = mean(f, "ours_s"), mean(f, "llama_s")
+        print(f"{shape + ' ' + t:<20}{o:>8.2f}{ll:>8.2f}{ratio(o, ll)}{mean(f, 'llama_in_process_s'):>18.2f}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from checkpoints import make_checkpoint  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """No test writes to the real per-user cache (tokenizer_cache.py); CLI subprocesses inherit it."""
+    os.environ["QWEN3CLI_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))
+
+
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
     """make_checkpoint, cached per set of arguments for the whole session."""

@@ -159,3 +159,27 @@ def test_unknown_tensor_type_is_an_error(tmp_path):
 def test_not_a_file(tmp_path):
     with pytest.raises(GGUFFormatError, match="cannot read"):
         GGUFFile(tmp_path / "missing.gguf")
+
+
+def test_string_array_items_alone_raw_bytes_and_bad_utf8(tmp_path, tensors):
+    path = tmp_path / "s.gguf"
+    _write_ours(path, tensors)
+    data = path.read_bytes()
+    with GGUFFile(path) as g:
+        toks = g.metadata["tokenizer.ggml.tokens"]
+        assert [toks[i] for i in (2, 0, -1, -4, 1)] == ["<|im_end|>", "a", "", "a", "ü"]  # before any full decode
+        with pytest.raises(IndexError):
+            toks[4]
+        assert toks[1:3] == ["ü", "<|im_end|>"] and list(toks) == ["a", "ü", "<|im_end|>", ""]
+        want = b"".join(struct.pack("<Q", len(s)) + s for s in (b"a", "ü".encode(), b"<|im_end|>", b""))
+        assert bytes(toks.raw) == want
+    bad = data.replace(struct.pack("<Q", 2) + "ü".encode(), struct.pack("<Q", 2) + b"\xc3\x28", 1)
+    assert bad != data
+    (tmp_path / "bad.gguf").write_bytes(bad)
+    with GGUFFile(tmp_path / "bad.gguf") as g:
+        toks = g.metadata["tokenizer.ggml.tokens"]
+        assert toks[2] == "<|im_end|>"
+        with pytest.raises(GGUFFormatError, match=r"tokens\[1\] is not valid UTF-8"):
+            toks[1]
+        with pytest.raises(GGUFFormatError, match=r"tokens\[1\] is not valid UTF-8"):
+            list(toks)

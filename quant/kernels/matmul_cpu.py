@@ -485,15 +485,6 @@ def _scratch(i: int, n: int) -> np.ndarray:
     return _SCRATCH[i]
 
 
-def cache_is_warm() -> bool:
-    """Whether numba's on-disk cache holds these kernels for this source (else the first run
-    compiles them, ~1 minute). Uses numba's cache index; if that cannot be read, says yes."""
-    try:
-        return all(bool(k._cache._cache_file._load_index()) for k in (_mv_q8_0, _deq_q8_0, _pack_q8_0))
-    except Exception:
-        return True
-
-
 def warm_up(forward) -> None:
     """Compile (or load) the decode and prefill kernels of a model before the user waits on them."""
     forward(SMALL_N + 1)

@@ -1,0 +1,136 @@
+"""The tokenizer rebuilt from a GGUF's metadata, cached per user as tokenizers' JSON.
+
+Rebuilding Qwen3's 151,936 tokens and 151,387 merges (checking every merge in Python) took
+about 1.5x as long as loading the built tokenizer back from its JSON, at every start.
+
+An entry's key is a SHA-256 of the tokenizer metadata as the file holds it (model and
+pre-tokenizer names, the raw bytes of tokens, token types and merges), of tokenizer.py's
+source, its split regex and the `tokenizers` version: every Qwen3 GGUF shares one entry, a
+tokenizer that differs by one byte gets its own, and a change to the builder or the library
+starts afresh. Hashing the ~5 MB takes milliseconds; a key from the path, size and mtime
+would be cheaper but goes wrong for a file rewritten in place, and would give each copy of a
+model its own entry.
+
+An entry is one header line (the key, and the SHA-256 of the rest) followed by the JSON of
+`Tokenizer.to_str()`. One that cannot be read, is cut short or altered, or belongs to another
+key is rebuilt and rewritten: never an error, never a wrong tokenizer. A cache directory that
+cannot be written only means no cache. QWEN3CLI_CACHE_DIR moves the cache (tests use it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from gguf import TokenType
+from tokenizers import Tokenizer
+
+from quant.gguf_file import StringArray
+
+from . import tokenizer as _builder
+from .tokenizer import from_gguf_metadata
+from .vocab import QWEN2_SPLIT
+
+ENV = "QWEN3CLI_CACHE_DIR"
+MAGIC = "qwen3cli-tokenizer"
+MAX_ENTRY_BYTES = 256 << 20  # a 151,936-token entry is ~5 MB: anything far larger is not ours
+MAX_ENTRIES = 16  # ~5 MB each; entries of an older builder are never asked for again
+KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges")
+
+
+def cache_dir() -> Path:
+    """Where qwen3cli keeps what it rebuilds between runs: QWEN3CLI_CACHE_DIR, else the hub
+    conversions' QWEN3CLI_CACHE (hub.py), else the per-user cache directory of the OS."""
+    for name in (ENV, "QWEN3CLI_CACHE"):
+        if os.environ.get(name):
+            return Path(os.environ[name])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("qwen3cli", appauthor=False))
+
+
+def tokenizer_key(md: dict) -> str | None:
+    """The cache key of a GGUF's tokenizer metadata; None when it is not held as a file's raw
+    arrays (metadata built in memory), which then is simply not cached."""
+    h = hashlib.sha256()
+    for part in (Path(_builder.__file__).read_bytes(), QWEN2_SPLIT.encode(), tokenizers.__version__.encode()):
+        h.update(len(part).to_bytes(8, "little") + part)
+    for k in KEYS:
+        v = md.get(k)
+        if isinstance(v, str):
+            data, tag = v.encode("utf-8"), b"s"
+        elif isinstance(v, StringArray) and v.raw is not None:
+            data, tag = v.raw, b"a"
+        elif isinstance(v, np.ndarray) and v.ndim == 1:
+            data, tag = np.ascontiguousarray(v).view(np.uint8), v.dtype.str.encode()
+        else:
+            return None
+        # each field's name, kind and length first: no two different metadata hash the same bytes
+        h.update(f"{k}\0".encode() + tag + len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def load_tokenizer(md: dict, where: str = "GGUF") -> Tokenizer:
+    """from_gguf_metadata(md), from the cache when an entry for this metadata checks out."""
+    key = tokenizer_key(md)
+    if key is None:
+        return from_gguf_metadata(md, where)
+    path = cache_dir() / "tokenizers" / f"{key}.json"
+    tok = _read(path, key, _n_kept(md["tokenizer.ggml.token_type"]))
+    if tok is None:
+        tok = from_gguf_metadata(md, where)
+        _write(path, key, tok)
+    return tok
+
+
+def _n_kept(types: np.ndarray) -> int:
+    """Tokens the builder keeps: normal ones and added ones (a file's [PAD<i>] slots are not)."""
+    return int(np.isin(types, [TokenType.NORMAL, TokenType.CONTROL, TokenType.USER_DEFINED]).sum())
+
+
+def _read(path: Path, key: str, n_tokens: int) -> Tokenizer | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_ENTRY_BYTES + 1)
+        head, sep, body = data.partition(b"\n")
+        if not sep or head.decode("ascii").split(" ") != [MAGIC, key, hashlib.sha256(body).hexdigest()]:
+            return None
+        tok = Tokenizer.from_str(body.decode("utf-8"))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # missing, unreadable, not ASCII / UTF-8, or JSON tokenizers refuses, some
+        return None  # of it with a Rust panic, which is a BaseException: rebuild
+    return tok if tok.get_vocab_size(with_added_tokens=True) == n_tokens else None
+
+
+def _write(path: Path, key: str, tok: Tokenizer) -> None:
+    body = tok.to_str().encode("utf-8")
+    data = f"{MAGIC} {key} {hashlib.sha256(body).hexdigest()}\n".encode("ascii") + body
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # readers see the old entry or the whole new one, never half
+    except OSError:  # read-only or full: run without the cache
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return
+    _prune(path.parent)
+
+
+def _prune(d: Path) -> None:
+    """Keep the MAX_ENTRIES most recently written entries."""
+    try:
+        entries = sorted((p.stat().st_mtime, p) for p in d.glob("*.json"))
+        for _, p in entries[:-MAX_ENTRIES]:
+            p.unlink()
+    except OSError:  # another process pruned first, or the directory went: nothing to keep tidy
+        pass

@@ -1,0 +1,218 @@
+"""Start-up: the tokenizer cache (tokenizer_cache.py) gives the tokenizer the metadata builds,
+whatever state its entries are in."""
+
+import json
+
+import pytest
+
+from checkpoints import DATA
+from quant.gguf_file import GGUFFile
+from qwen3cli import tokenizer_cache
+from qwen3cli.tokenizer import from_gguf_metadata
+from qwen3cli.tokenizer_cache import load_tokenizer, tokenizer_key
+
+CASES = json.loads((DATA / "expected_encodings.json").read_text())
+TEXTS = [c["text"] for c in CASES["encodings"]] + [r["text"] for r in CASES["chat_renders"]] + [
+    "<|im_end|> and <|im_eNd|>", "naïve 你好 🦙 😶‍🌫️\n\n\tdone", ""]
+
+
+@pytest.fixture(scope="module")
+def files(gguf_model, tmp_path_factory):
+    """The tiny model's GGUF, and a copy whose tokenizer renames <|im_end|> (same length, so
+    the file stays valid): two files, two tokenizers."""
+    a, _ = gguf_model("q8_0")
+    data = a.read_bytes()
+    assert data.count(b"<|im_end|>") > 0
+    b = tmp_path_factory.mktemp("other") / "renamed.gguf"
+    b.write_bytes(data.replace(b"<|im_end|>", b"<|im_eNd|>"))
+    return a, b
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN3CLI_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "tokenizers"
+
+
+def same(tok, ref):
+    for text in TEXTS:
+        ids = ref.encode(text, add_special_tokens=False).ids
+        assert tok.encode(text, add_special_tokens=False).ids == ids, text
+        assert tok.decode(ids, skip_special_tokens=False) == ref.decode(ids, skip_special_tokens=False)
+
+
+def entries(cache):
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+
+def load_from_cache_only(md):
+    """load_tokenizer, failing if it would have to build."""
+    def refuse(*a, **kw):
+        raise AssertionError("rebuilt although the cache holds the entry")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tokenizer_cache, "from_gguf_metadata", refuse)
+    try:
+        return load_tokenizer(md)
+    finally:
+        mp.undo()
+
+
+def test_cached_tokenizer_is_the_built_one(files, cache):
+    with GGUFFile(files[0]) as g:
+        fresh = from_gguf_metadata(g.metadata)
+        assert fresh.encode("Hello <|im_end|>").ids[-1] == 151645
+        first = load_tokenizer(g.metadata)
+        assert entries(cache) == [tokenizer_key(g.metadata) + ".json"]
+        again = load_from_cache_only(g.metadata)
+    same(first, fresh)
+    same(again, fresh)
+    for case in CASES["encodings"]:
+        assert again.encode(case["text"]).ids == case["ids"], case["text"]
+
+
+def test_files_with_different_tokenizers_do_not_share_an_entry(files, cache):
+    (ga, gb) = (GGUFFile(files[0]), GGUFFile(files[1]))
+    with ga, gb:
+        assert tokenizer_key(ga.metadata) != tokenizer_key(gb.metadata)
+        load_tokenizer(ga.metadata)
+        load_tokenizer(gb.metadata)
+        assert len(entries(cache)) == 2
+        a, b = load_from_cache_only(ga.metadata), load_from_cache_only(gb.metadata)
+        same(b, from_gguf_metadata(gb.metadata))
+    assert a.token_to_id("<|im_end|>") == b.token_to_id("<|im_eNd|>") == 151645
+    assert a.token_to_id("<|im_eNd|>") is None and b.token_to_id("<|im_end|>") is None
+
+
+def _swap_token(data: bytes) -> bytes:
+    """Still valid JSON and a valid tokenizer, but another one: only the checksum can tell."""
+    assert b'"<|im_end|>"' in data
+    return data.replace(b'"<|im_end|>"', b'"<|im_eNd|>"')
+
+
+CORRUPTIONS = {
+    "empty": lambda d: b"",
+    "truncated": lambda d: d[: len(d) // 2],
+    "no header": lambda d: d.partition(b"\n")[2],
+    "other key": lambda d: d.replace(d[19:83], b"0" * 64, 1),
+    "token changed": _swap_token,
+    "not UTF-8": lambda d: d[:-10] + b"\xff" * 10,
+}
+
+
+@pytest.mark.parametrize("how", list(CORRUPTIONS))
+def test_a_corrupt_entry_is_rebuilt(files, cache, how):
+    with GGUFFile(files[0]) as g:
+        fresh = from_gguf_metadata(g.metadata)
+        load_tokenizer(g.metadata)
+        (entry,) = cache.iterdir()
+        good = entry.read_bytes()
+        entry.write_bytes(CORRUPTIONS[how](good))
+        assert entry.read_bytes() != good
+        tok = load_tokenizer(g.metadata)
+        same(tok, fresh)
+        assert entry.read_bytes() == good  # rewritten
+        load_from_cache_only(g.metadata)
+
+
+def test_an_entry_that_is_a_directory_or_an_unwritable_cache_is_no_error(files, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("QWEN3CLI_CACHE_DIR", str(blocker))
+    with GGUFFile(files[0]) as g:
+        same(load_tokenizer(g.metadata), from_gguf_metadata(g.metadata))
+        monkeypatch.setenv("QWEN3CLI_CACHE_DIR", str(tmp_path / "c"))
+        (tmp_path / "c" / "tokenizers" / f"{tokenizer_key(g.metadata)}.json").mkdir(parents=True)
+        same(load_tokenizer(g.metadata), from_gguf_metadata(g.metadata))
+
+
+def test_metadata_not_read_from_a_file_is_built_not_cached(files, cache):
+    with GGUFFile(files[0]) as g:
+        md = dict(g.metadata, **{"tokenizer.ggml.tokens": list(g.metadata["tokenizer.ggml.tokens"])})
+        assert tokenizer_key(md) is None
+        same(load_tokenizer(md), from_gguf_metadata(g.metadata))
+    assert entries(cache) == []
+
+
+def test_load_uses_the_cache(files, cache):
+    from qwen3cli.loader import load
+
+    load(files[0])
+    assert len(entries(cache)) == 1
+
+
+def test_compile_watch_sees_compiles_not_cache_loads(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    from qwen3cli.compiling import CompileWatch
+
+    src = tmp_path / "kern.py"  # numba caches it in tmp_path/__pycache__
+    src.write_text("from numba import njit\n\n\n@njit\ndef inner(x):\n    return x + 1\n\n\n"
+                   "@njit(cache=True)\ndef outer(x):\n    return inner(x) * 2\n")
+    calls = []
+    watch = CompileWatch(lambda: calls.append("start"), lambda: calls.append("end")).install()
+    try:
+        for name in ("kern_a", "kern_b"):  # the second is a fresh dispatcher over the same cached source
+            spec = importlib.util.spec_from_file_location(name, src)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+            assert mod.outer(3) == 8
+            assert mod.outer(4) == 10
+    finally:
+        watch.remove()
+        sys.modules.pop("kern_a", None), sys.modules.pop("kern_b", None)
+    assert watch.count == 1 and calls == ["start", "end"]
+
+
+def test_open_engine_warms_up_only_after_a_compile(files, monkeypatch):
+    import numba
+
+    from quant.kernels import matmul_cpu
+    from qwen3cli import cli, engine  # cli first: it imports the command modules in its order
+    from qwen3cli import cli_run
+
+    warmed = []
+    monkeypatch.setattr(matmul_cpu, "warm_up", lambda forward: warmed.append(forward))
+    cli_run.open_engine(str(files[0]), 64, "q8_0", "cpu")  # this process may compile here: not asserted
+    warmed.clear()
+    cli_run.open_engine(str(files[0]), 64, "q8_0", "cpu")
+    assert warmed == []  # every kernel the engine uses is loaded: no warm-up
+
+    class Compiling(engine.Engine):  # an engine whose packing compiles a kernel, as on a first run
+        def __init__(self, *a, **kw):
+            numba.njit(lambda x: x + 1)(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(engine, "Engine", Compiling)
+    e = cli_run.open_engine(str(files[0]), 64, "q8_0", "cpu")
+    assert len(warmed) == 1
+    warmed[0](2)  # the warm-up runs the engine's forward
+    assert e.model.ctx == 64
+
+
+def test_the_cache_keeps_the_newest_entries(files, cache, monkeypatch):
+    import os
+
+    monkeypatch.setattr(tokenizer_cache, "MAX_ENTRIES", 2)
+    cache.mkdir(parents=True)
+    for i, name in enumerate(("old.json", "newer.json")):
+        (cache / name).write_text("{}")
+        os.utime(cache / name, (1000 + i, 1000 + i))
+    with GGUFFile(files[0]) as g:
+        load_tokenizer(g.metadata)
+        assert entries(cache) == sorted(["newer.json", tokenizer_key(g.metadata) + ".json"])
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    from qwen3cli.tokenizer_cache import cache_dir
+
+    monkeypatch.setenv("QWEN3CLI_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("QWEN3CLI_CACHE_DIR", str(tmp_path / "ours"))
+    assert cache_dir() == tmp_path / "ours"
+    monkeypatch.delenv("QWEN3CLI_CACHE_DIR")
+    assert cache_dir() == tmp_path / "hub"
+    monkeypatch.delenv("QWEN3CLI_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "qwen3cli"
