@@ -3,7 +3,7 @@ int8_k_cpu's layouts) against today's float path (matmul_cpu.pack + matmul_cpu.m
 dequantizes tiles of W into single-threaded BLAS on each prefill thread, as the engine runs it),
 on Qwen3-0.6B's fused shapes.
 
-    python scripts/bench_int8_gemm.py [--rounds 3] [--n 128 512] [--formats q8_0 q4_0 q4_k q6_k] [--asm]
+    python scripts/bench_int8_gemm.py [--rounds 3] [--n 128 512] [--threads 2] [--formats q8_0 q4_0 q4_k q6_k] [--asm]
 
 Both are timed as a model calls them (the int8 path quantizes x inside), old and new
 alternating call by call; each figure is the fastest call (shared cores: a call that lost its
@@ -87,8 +87,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n", nargs="+", type=int, default=[128, 512])
     ap.add_argument("--formats", nargs="+", default=["q8_0", "q4_0", "q4_k", "q6_k"])
+    ap.add_argument("--threads", type=int, default=None, help="numba threads (default: numba's, as the engine)")
     ap.add_argument("--asm", action="store_true")
     a = ap.parse_args()
+    if a.threads:
+        numba.set_num_threads(a.threads)  # prefill's BLAS threads follow it (threads.parts)
     print(cpu_names())
     print(f"numba {numba.__version__} threads {numba.get_num_threads()}, numpy {np.__version__}; "
           f"load average at start {os.getloadavg()[0]:.2f}")
