@@ -7,7 +7,9 @@ on Qwen3-0.6B's fused shapes.
 
 Both are timed as a model calls them (the int8 path quantizes x inside), old and new
 alternating call by call; each figure is the fastest call (shared cores: a call that lost its
-core carries a scheduler quantum, the minimum does not). GOPS = 2 n rows k / s for both.
+core carries a scheduler quantum, the minimum does not). With --threads 1 the clock is the
+thread's CPU time (steady on a loaded machine; both paths run on the calling thread then).
+GOPS = 2 n rows k / s for both.
 --asm counts the instructions of each GEMM kernel's innermost loop (compiled afresh: numba
 does not disassemble cached code).
 """
@@ -42,12 +44,15 @@ KERNELS = {T.Q8_0: "_mm_q8_0", T.Q4_0: "_mm_q4_0", T.Q4_K: "_mm_k", T.Q6_K: "_mm
 
 
 def best_pair(old, new, rounds: int) -> tuple[float, float]:
+    # one thread: this thread's CPU time (both paths then run on it), which a process that
+    # takes the core away does not inflate; more threads: wall time
+    clock = time.thread_time if numba.get_num_threads() == 1 else time.perf_counter
     best = [np.inf, np.inf]
     for _ in range(rounds):
         for i, fn in enumerate((old, new)):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
+            best[i] = min(best[i], clock() - t0)
     return best[0], best[1]
 
 
@@ -65,8 +70,8 @@ def bench(t: T, rows: int, k: int, n: int, rounds: int, rng) -> tuple[float, str
 
 
 def inner_loop_counts(t: T) -> Counter:
-    """Instruction mnemonics of the kernel's hottest loop: the basic block (between labels)
-    with the most vpmaddubsw / vpdpwssd / vpmaddwd."""
+    """Instruction mnemonics of the kernel's innermost loop: the basic block that jumps back
+    to its own label, with the most vpdpwssd / vpmaddwd / vpmaddubsw."""
     k = 1024
     w = random_raw(t, 4, k, np.random.default_rng(0))
     p = (int8_k_cpu if t in (T.Q4_K, T.Q6_K) else int8_cpu).pack(w)
@@ -74,8 +79,12 @@ def inner_loop_counts(t: T) -> Counter:
     fn = getattr(int8_gemm_cpu, KERNELS[t])
     best = Counter()
     for text in fn.inspect_asm().values():
-        for block in re.split(r"\n\.?LBB[\w]+:", text):
-            c = Counter(ln.split()[0] for ln in block.splitlines() if ln.startswith("\t") and not ln.strip().startswith("."))
+        for m in re.finditer(r"^(\.?LBB\w+):.*?\n(.*?)(?=^\.?LBB\w+:|\Z)", text, re.S | re.M):
+            lines = [ln.split() for ln in m.group(2).splitlines() if ln.startswith("\t") and not ln.strip().startswith(".")]
+            back = [j for j, ln in enumerate(lines) if ln and ln[0].startswith("j") and ln[-1] == m.group(1)]
+            if not back:
+                continue
+            c = Counter(ln[0] for ln in lines[:back[0] + 1] if ln)
             key = lambda c: c["vpmaddubsw"] + c["vpdpwssd"] + c["vpmaddwd"]  # noqa: E731
             if key(c) > key(best):
                 best = c

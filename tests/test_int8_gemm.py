@@ -103,6 +103,8 @@ def test_matmul_equals_integer_reference_and_decode(t, k, n):
     mv = k8.matvec if t in (T.Q8_0, T.Q4_0) else kk.matvec
     decode = np.stack([mv(xi, p) for xi in x])
     assert (np.abs(out - decode) <= 1e-6 * scale).all()
+    if t in (T.Q8_0, T.Q4_0) and k % 512 == 0:  # no tail blocks: the decode kernels' own arithmetic
+        np.testing.assert_array_equal(out, decode)
 
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
