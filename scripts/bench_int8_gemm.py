@@ -40,7 +40,7 @@ from quant.kernels import int8_cpu, int8_gemm_cpu, int8_k_cpu, matmul_cpu  # noq
 
 # Qwen3-0.6B: q|k|v fused, o, gate|up fused, down (rows, k)
 SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]
-KERNELS = {T.Q8_0: "_mm_q8_0", T.Q4_0: "_mm_q4_0", T.Q4_K: "_mm_k", T.Q6_K: "_mm_k"}
+KERNELS = {T.Q8_0: "_mm_q8_0", T.Q4_0: "_mm_q4_0", T.Q4_K: "_mm_q4_k", T.Q6_K: "_mm_q6_k"}
 
 
 def best_pair(old, new, rounds: int) -> tuple[float, float]:

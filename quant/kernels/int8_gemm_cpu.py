@@ -44,6 +44,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import int8_cpu, int8_k_cpu
@@ -182,14 +183,14 @@ def _c(t, v, n):
 
 
 def _steps_loop(kind, builder, isum, load_w, load_x):
-    """The pair steps of a group (Q8_0 / Q4_0: 16) or super-block (Q4_K / Q6_K: 8) as an IR
-    loop over half as many chunks, each steps c and c + half (a nibble chunk's low and high
-    halves), isum[r][i] (RW x NX <16 x i32>) summed in phis. Unrolled, LLVM's scheduler hoists
-    every x load of the group ahead and spills them (Q4_0 at 2 x 4: 400 instructions a group
-    against 263, 1.7x slower). Each weight step is widened once for NX rows of x, each x step
-    (int16: element offsets) loaded once for RW weight rows."""
+    """Q8_0 / Q6_K: the pair steps of a group (16) / super-block (8) as an IR loop over half as
+    many chunks, each steps c and c + half (Q6_K: a nibble chunk's low and high halves, and
+    their high bit pairs), isum[r][i] (RW x NX <16 x i32>) summed in phis. Unrolled, LLVM's
+    scheduler hoists every x load of the group ahead and spills them (1.5-1.7x slower). Each
+    weight step is widened once for NX rows of x, each x step (int16: element offsets) loaded
+    once for RW weight rows: vpmovsxbw / vpmovzxbw, then vpdpwssd."""
     i64 = ir.IntType(64)
-    half = 8 if kind in ("q8_0", "q4_0") else 4
+    half = 8 if kind == "q8_0" else 4
     pre = builder.block
     hq0 = [[load_w(r, ir.Constant(i64, 128 + 32 * u), 32) for u in range(2)] for r in range(RW)] if kind == "q6_k" else []
     body = builder.append_basic_block("steps")
@@ -236,12 +237,73 @@ def _steps_loop(kind, builder, isum, load_w, load_x):
     builder.position_at_end(done)
 
 
+def _mubs(builder, w, x):
+    # u8 w . s8 x, neighbouring products summed, saturated to i16: the generic IR that LLVM
+    # selects as vpmaddubsw, as long as w and x come straight from memory (see the module
+    # docstring). Never saturates here: 2 x 15 x 127 at most
+    def half(v, ext, e):
+        h = builder.shuffle_vector(v, ir.Constant(v.type, None), _c(_I32, [2 * i + e for i in range(32)], 32))
+        return ext(h, _vt(_I32, 32))
+    s = builder.add(builder.mul(half(w, builder.zext, 0), half(x, builder.sext, 0)),
+                    builder.mul(half(w, builder.zext, 1), half(x, builder.sext, 1)))
+    fty = ir.FunctionType(s.type, [s.type, s.type])
+    lo = builder.call(cgutils.get_or_insert_function(builder.module, fty, "llvm.smax.v32i32"), [s, _c(_I32, -32768, 32)])
+    hi = builder.call(cgutils.get_or_insert_function(builder.module, fty, "llvm.smin.v32i32"), [lo, _c(_I32, 32767, 32)])
+    return builder.trunc(hi, _vt(_I16, 32))
+
+
+def _halves(builder, v):
+    # <32 x i16> -> <16 x i32>: lane t + lane t + 16 (a unit's two steps of lane t)
+    s = builder.sext(v, _vt(_I32, 32))
+    und = ir.Constant(s.type, None)
+    return builder.add(builder.shuffle_vector(s, und, _c(_I32, list(range(G)), G)),
+                       builder.shuffle_vector(s, und, _c(_I32, list(range(G, 2 * G)), G)))
+
+
+def _units_loop(kind, builder, isum, load_w, load_x):
+    """Q4_0 / Q4_K: weights unpacked to a byte each (`_unpack_q4_0`, `_unpack_q4_k`) against int8
+    x in the same order, an IR loop over the 64-byte units of a group (8) / super-block (4),
+    each steps c and c + half: vpmaddubsw into i16 lane sums (exact: 8 x 2 x 15 x 127 < 2^15),
+    widened at the end (lanes t and t + 16 are the same block)."""
+    i64 = ir.IntType(64)
+    units = 8 if kind == "q4_0" else 4
+    pre = builder.block
+    body = builder.append_basic_block("units")
+    done = builder.append_basic_block("units.done")
+    builder.branch(body)
+    builder.position_at_end(body)
+    c = builder.phi(i64)
+    c.add_incoming(ir.Constant(i64, 0), pre)
+    phis = [[builder.phi(_vt(_I16, 32)) for _ in range(NX)] for _ in range(RW)]
+    for row in phis:
+        for ph in row:
+            ph.add_incoming(ir.Constant(ph.type, None), pre)
+    off = builder.mul(c, ir.Constant(i64, 64))
+    wv = [load_w(r, off) for r in range(RW)]
+    new = [list(row) for row in phis]
+    for i in range(NX):
+        xv = load_x(i, off)
+        for r in range(RW):
+            new[r][i] = builder.add(new[r][i], _mubs(builder, wv[r], xv))
+    end = builder.block
+    cn = builder.add(c, ir.Constant(i64, 1))
+    c.add_incoming(cn, end)
+    for r in range(RW):
+        for i in range(NX):
+            phis[r][i].add_incoming(new[r][i], end)
+    builder.cbranch(builder.icmp_unsigned("<", cn, ir.Constant(i64, units)), body, done)
+    builder.position_at_end(done)
+    for r in range(RW):
+        for i in range(NX):
+            isum[r][i] = _halves(builder, new[r][i])
+
+
 def _scalar_f16(context, builder, aryty, ary, off):
     h = _load(context, builder, aryty, ary, off, _I16)
     return builder.fpext(builder.bitcast(h, ir.HalfType()), _F32)
 
 
-def _tile(kind):
+def _tile(kind, u8=False):
     """One group (Q8_0 / Q4_0: 16 blocks of 32) or super-block (Q4_K / Q6_K) of RW weight rows
     against NX rows of x: the RW * NX accumulators, each + its 16 lanes' scaled integer sums."""
     @intrinsic
@@ -260,8 +322,12 @@ def _tile(kind):
 
             isum = [[None] * NX for _ in range(RW)]
 
-            _steps_loop(kind, builder, isum, lambda r, o, m: ld("w", w, wo, ws, r, o, _vt(_I8, m)),
-                        lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I16, 32)))
+            if u8:
+                _units_loop(kind, builder, isum, lambda r, o: ld("w", w, wo, ws, r, o, _vt(_I8, 64)),
+                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I8, 64)))
+            else:
+                _steps_loop(kind, builder, isum, lambda r, o, m: ld("w", w, wo, ws, r, o, _vt(_I8, m)),
+                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I16, 32)))
 
             # per weight row: its 16 lane scales as float (K: d * the sub-block scale, exact);
             # per (row, x row): 4 vector instructions, the x side's sums prepared by
@@ -302,37 +368,62 @@ def _tile(kind):
     return tile
 
 
-_t_q8_0, _t_q4_0, _t_q4_k, _t_q6_k = (_tile(k) for k in ("q8_0", "q4_0", "q4_k", "q6_k"))
+_t_q8_0, _t_q6_k = _tile("q8_0"), _tile("q6_k")  # int16 x, weights widened in the loop
+_u_q4_0, _u_q4_k = _tile("q4_0", True), _tile("q4_k", True)  # int8 x, weights unpacked per task
 
 
-# -- the activation: all rows quantized once, as the decode kernels quantize one -----------------------------
+# -- the activation: all rows quantized once, as the decode kernels quantize one -------------
+
+@njit(cache=True, inline="always")
+def _to_units(src, dst, full, span, half):
+    # decode order -> _units_loop's: unit c of a span holds its steps c and c + half (32
+    # elements each); elements from `full` on (Q4_0's tail blocks) stay in place
+    for o in range(0, full, span):
+        for c in range(half):
+            for h in range(2):
+                dst[o + 64 * c + 32 * h:o + 64 * c + 32 * h + 32] = src[o + 32 * (c + half * h):o + 32 * (c + half * h) + 32]
+    dst[full:] = src[full:]
+
 
 @njit(parallel=True, cache=True)
-def _quantize_q8_0_rows(x, xq, xd, xs, ng):
+def _quantize_q8_0_rows(x, xq, xd, xs, ng, units):
+    k = x.shape[1]
     for i in prange(x.shape[0]):
-        int8_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], ng)
+        if not units:
+            int8_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], ng)
+        else:
+            tmp = np.empty(k, np.int16)
+            int8_cpu._quantize_x(x[i], tmp, xd[i], xs[i], ng)
+            _to_units(tmp, xq[i], ng * 32 * G, 32 * G, 8)
 
 
 @njit(parallel=True, cache=True)
-def _quantize_q8_k_rows(x, xq, xd, xs):
+def _quantize_q8_k_rows(x, xq, xd, xs, units):
+    k = x.shape[1]
     for i in prange(x.shape[0]):
-        int8_k_cpu._quantize_x(x[i], xq[i], xd[i], xs[i])
+        if not units:
+            int8_k_cpu._quantize_x(x[i], xq[i], xd[i], xs[i])
+        else:
+            tmp = np.empty(k, np.int8)
+            int8_k_cpu._quantize_x(x[i], tmp, xd[i], xs[i])
+            _to_units(tmp, xq[i], k, 256, 4)
 
 
 def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x (n, k) -> (int16 quants (npad, k) in the decode kernels' order, scales, quant sums),
-    npad = n rounded up to NX with zero rows; each row exactly as the decode modules'
-    quantize_x: Q8_0 / Q4_0 weights, ggml's Q8_0 (scale and sum per 32); Q4_K / Q6_K, ggml's
-    Q8_K (scale per 256, sums per 16)."""
+    """x (n, k) -> (quants (npad, k), scales, quant sums), npad = n rounded up to NX with zero
+    rows, each row exactly as the decode modules' quantize_x rounds it: for Q8_0 / Q4_0 weights
+    ggml's Q8_0 (scale and sum per 32), for Q4_K / Q6_K ggml's Q8_K (scale per 256, sums per 16).
+    Q8_0 / Q6_K: int16 in the decode kernels' order; Q4_0 / Q4_K: int8 in _units_loop's."""
     n, k = x.shape
     npad = -(-n // NX) * NX
-    xq = np.zeros((npad, k), np.int16)
+    units = w.type in (T.Q4_0, T.Q4_K)
+    xq = np.zeros((npad, k), np.int8 if units else np.int16)
     if w.type in (T.Q8_0, T.Q4_0):
         xd, xs = np.zeros((npad, k // 32), np.float32), np.zeros((npad, k // 32), np.int32)
-        _quantize_q8_0_rows(x, xq, xd, xs, k // 32 // G)
+        _quantize_q8_0_rows(x, xq, xd, xs, k // 32 // G, units)
     else:
         xd, xs = np.zeros((npad, k // 256), np.float32), np.zeros((npad, k // 16), np.int32)
-        _quantize_q8_k_rows(x, xq, xd, xs)
+        _quantize_q8_k_rows(x, xq, xd, xs, units)
     return xq, xd, xs
 
 
@@ -342,6 +433,32 @@ def _prepared_sums(xs: np.ndarray, t: T) -> np.ndarray:
     if t == T.Q4_K:
         return xs.astype(np.float32)
     return xs * np.int32(8 if t == T.Q4_0 else 32) if t in (T.Q4_0, T.Q6_K) else xs
+
+
+# -- the weights of a task, a byte each (for vpmaddubsw) ---------------------------------------
+
+@njit(cache=True, inline="always")
+def _unpack_q4_0(q, r0, r1, ws):
+    # rows r0..r1 of Q4_0's full groups, unit c of a group = its chunk c's low, high nibbles
+    k = 2 * q.shape[1]
+    full = k // (32 * G) * 16 * G
+    for r in range(r0, r1):
+        for o in range(0, full, 32):
+            for j in range(32):
+                v = q[r, o + j]
+                ws[(r - r0) * k + 2 * o + j] = v & 15
+                ws[(r - r0) * k + 2 * o + 32 + j] = v >> 4
+
+
+@njit(cache=True, inline="always")
+def _unpack_q4_k(q, r0, r1, ws):
+    # rows r0..r1 of Q4_K, unit c of a super-block = its chunk c's low, high nibbles
+    for r in range(r0, r1):
+        for o in range(0, q.shape[1], 32):
+            for j in range(32):
+                v = q[r, o + j]
+                ws[(r - r0) * 2 * q.shape[1] + 2 * o + j] = v & 15
+                ws[(r - r0) * 2 * q.shape[1] + 2 * o + 32 + j] = v >> 4
 
 
 # -- the products ------------------------------------------------------------------------------
@@ -392,34 +509,63 @@ def _mm_q8_0(xq, xd, xs, q, d, out):
 
 @njit(parallel=True, cache=True, nogil=True)
 def _mm_q4_0(xq, xd, xs, q, d, out):
+    # xq: int8 in _units_loop's order (tail blocks in the file's), xs: 8 x the quant sums
     n, (R, kh) = out.shape[0], q.shape
     k, nb = 2 * kh, kh // 16
     ng = nb // G
     extra = np.zeros(RW * NX, np.float32)
     for tile in prange(-(-R // RT)):
         ex = extra.copy()
+        r0, rt = tile * RT, min(R, tile * RT + RT)
+        ws = np.empty(RT * k, np.uint8)
+        _unpack_q4_0(q, r0, rt, ws)
         for i in range(0, xq.shape[0], NX):
-            for r in range(tile * RT, min(R, tile * RT + RT), RW):
+            for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros()
                 for g in range(ng):
-                    acc = _t_q4_0(acc, q, r * kh + g * 16 * G, (r1 - r) * kh, d, 0, 0, d, d, r * nb + g * G,
+                    acc = _u_q4_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, 0, 0, d, d, r * nb + g * G,
                                   (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, i * nb + g * G, nb, xd,
                                   i * nb + g * G, nb)
                 for a in range(RW * NX):
                     rr, ii = r + (r1 - r) * (a // NX), i + a % NX
                     s = np.float32(0)
                     for b in range(ng * G, nb):  # tail blocks, in the file's order
-                        isum = int8_cpu._q4_block(q, rr * kh + b * 16, xq, ii * k + b * 32) - xs[ii, b]  # xs: 8 x sums
+                        isum = -xs[ii, b]
+                        for j in range(16):
+                            v = np.int32(q[rr, b * 16 + j])
+                            isum += (v & 15) * np.int32(xq[ii, b * 32 + j]) + (v >> 4) * np.int32(xq[ii, b * 32 + 16 + j])
                         s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(isum)
                     ex[a] = s
                 _store(acc, ex, out, r, r1, i, n)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _mm_k(xq, xd, xs, q, s, d, dmin, out, q6):
+def _mm_q4_k(xq, xd, xs, q, s, d, dmin, out):
+    # xq: int8 in _units_loop's order, xs: the quant sums per 16 as float
     n, (R, nsb) = out.shape[0], d.shape
-    k, bw = nsb * 256, q.shape[1] // nsb  # bytes per super-block: 128 (Q4_K) or 192 (Q6_K)
+    k = nsb * 256
+    ex = np.zeros(RW * NX, np.float32)
+    for tile in prange(-(-R // RT)):
+        r0, rt = tile * RT, min(R, tile * RT + RT)
+        ws = np.empty(RT * k, np.uint8)
+        _unpack_q4_k(q, r0, rt, ws)
+        for i in range(0, xq.shape[0], NX):
+            for r in range(r0, rt, RW):
+                r1 = min(r + RW - 1, R - 1)
+                acc = _zeros()
+                for b in range(nsb):
+                    acc = _u_q4_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, s, r * nsb * 16 + b * 16,
+                                  (r1 - r) * nsb * 16, d, dmin, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256,
+                                  k, xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
+                _store(acc, ex, out, r, r1, i, n)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _mm_q6_k(xq, xd, xs, q, s, d, out):
+    # xq: int16 in the decode order, xs: 32 x the quant sums per 16
+    n, (R, nsb) = out.shape[0], d.shape
+    k = nsb * 256
     ex = np.zeros(RW * NX, np.float32)
     for tile in prange(-(-R // RT)):
         for i in range(0, xq.shape[0], NX):
@@ -427,14 +573,9 @@ def _mm_k(xq, xd, xs, q, s, d, dmin, out, q6):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros()
                 for b in range(nsb):
-                    if q6:
-                        acc = _t_q6_k(acc, q, r * nsb * bw + b * bw, (r1 - r) * nsb * bw, s, r * nsb * 16 + b * 16,
-                                      (r1 - r) * nsb * 16, d, d, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256, k,
-                                      xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
-                    else:
-                        acc = _t_q4_k(acc, q, r * nsb * bw + b * bw, (r1 - r) * nsb * bw, s, r * nsb * 16 + b * 16,
-                                      (r1 - r) * nsb * 16, d, dmin, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256,
-                                      k, xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
+                    acc = _t_q6_k(acc, q, r * nsb * 192 + b * 192, (r1 - r) * nsb * 192, s, r * nsb * 16 + b * 16,
+                                  (r1 - r) * nsb * 16, d, d, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256, k,
+                                  xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
                 _store(acc, ex, out, r, r1, i, n)
 
 
@@ -454,7 +595,8 @@ def matmul(x: np.ndarray, w: Int8Packed | KPacked, out: np.ndarray) -> np.ndarra
         _mm_q8_0(xq, xd, xs, w.q, w.d, out)
     elif w.type == T.Q4_0:
         _mm_q4_0(xq, xd, xs, w.q, w.d, out)
+    elif w.type == T.Q4_K:
+        _mm_q4_k(xq, xd, xs, w.q, w.s, w.d, w.dmin, out)
     else:
-        dmin = w.dmin if w.type == T.Q4_K else w.d
-        _mm_k(xq, xd, xs, w.q, w.s, w.d, dmin, out, w.type == T.Q6_K)
+        _mm_q6_k(xq, xd, xs, w.q, w.s, w.d, out)
     return out
