@@ -182,44 +182,27 @@ def _c(t, v, n):
     return ir.Constant(_vt(t, n), v if isinstance(v, list) else [v] * n)
 
 
-def _steps_loop(kind, builder, isum, load_w, load_x):
-    """Q8_0 / Q6_K: the pair steps of a group (16) / super-block (8) as an IR loop over half as
-    many chunks, each steps c and c + half (Q6_K: a nibble chunk's low and high halves, and
-    their high bit pairs), isum[r][i] (RW x NX <16 x i32>) summed in phis. Unrolled, LLVM's
-    scheduler hoists every x load of the group ahead and spills them (1.5-1.7x slower). Each
-    weight step is widened once for NX rows of x, each x step (int16: element offsets) loaded
-    once for RW weight rows: vpmovsxbw / vpmovzxbw, then vpdpwssd."""
+def _steps_loop(builder, isum, load_w, load_x):
+    """Q8_0: a group's 16 pair steps as an IR loop over 8 iterations, steps c and c + 8, isum[r][i]
+    (RW x NX <16 x i32>) summed in phis. Unrolled, LLVM's scheduler hoists every x load of the
+    group ahead and spills them (1.5-1.7x slower). Each weight step is widened once for NX rows
+    of x (vpmovsxbw), each x step (int16: element offsets) loaded once for RW weight rows."""
     i64 = ir.IntType(64)
-    half = 8 if kind == "q8_0" else 4
     pre = builder.block
-    hq0 = [[load_w(r, ir.Constant(i64, 128 + 32 * u), 32) for u in range(2)] for r in range(RW)] if kind == "q6_k" else []
     body = builder.append_basic_block("steps")
     done = builder.append_basic_block("steps.done")
     builder.branch(body)
     builder.position_at_end(body)
-
-    def phi(init):
-        ph = builder.phi(init.type)
-        ph.add_incoming(init, pre)
-        return ph
-
-    c = phi(ir.Constant(i64, 0))
-    phis = [[phi(ir.Constant(_vt(_I32, G), None)) for _ in range(NX)] for _ in range(RW)]
-    hq = [[phi(v) for v in row] for row in hq0]  # Q6_K's high bit pairs, shifted 2 a chunk
-    c32 = builder.mul(c, ir.Constant(i64, 32))
-    c32_hi = builder.add(c32, ir.Constant(i64, 32 * half))
-    vecs = []
-    for r in range(RW):
-        if kind == "q8_0":  # steps c and c + 8 of the int8 weights
-            vecs.append([builder.sext(load_w(r, o, 32), _vt(_I32, 32)) for o in (c32, c32_hi)])
-            continue
-        ch = load_w(r, c32, 32)  # chunk c: low nibbles step c, high ones step c + half
-        vs = [builder.and_(ch, _c(_I8, 15, 32)), builder.lshr(ch, _c(_I8, 4, 32))]
-        if kind == "q6_k":  # bits 2c of chunk 0 / 1 of the high pairs: steps c / c + 4
-            vs = [builder.or_(v, builder.shl(builder.and_(h, _c(_I8, 3, 32)), _c(_I8, 4, 32))) for v, h in zip(vs, hq[r])]
-        vecs.append([builder.zext(v, _vt(_I32, 32)) for v in vs])
+    c = builder.phi(i64)
+    c.add_incoming(ir.Constant(i64, 0), pre)
+    phis = [[builder.phi(_vt(_I32, G)) for _ in range(NX)] for _ in range(RW)]
+    for row in phis:
+        for ph in row:
+            ph.add_incoming(ir.Constant(ph.type, None), pre)
+    offs = (builder.mul(c, ir.Constant(i64, 32)), builder.mul(builder.add(c, ir.Constant(i64, 8)), ir.Constant(i64, 32)))
+    vecs = [[builder.sext(load_w(r, o, 32), _vt(_I32, 32)) for o in offs] for r in range(RW)]
     new = [list(row) for row in phis]
-    for h, xoff in enumerate((c32, c32_hi)):
+    for h, xoff in enumerate(offs):
         for i in range(NX):
             xv = load_x(i, xoff)
             for r in range(RW):
@@ -231,9 +214,7 @@ def _steps_loop(kind, builder, isum, load_w, load_x):
         for i in range(NX):
             phis[r][i].add_incoming(new[r][i], end)
             isum[r][i] = new[r][i]
-        for ph in hq[r] if hq else ():
-            ph.add_incoming(builder.lshr(ph, _c(_I8, 2, 32)), end)
-    builder.cbranch(builder.icmp_unsigned("<", cn, ir.Constant(i64, half)), body, done)
+    builder.cbranch(builder.icmp_unsigned("<", cn, ir.Constant(i64, 8)), body, done)
     builder.position_at_end(done)
 
 
@@ -252,50 +233,70 @@ def _mubs(builder, w, x):
     return builder.trunc(hi, _vt(_I16, 32))
 
 
-def _halves(builder, v):
-    # <32 x i16> -> <16 x i32>: lane t + lane t + 16 (a unit's two steps of lane t)
+def _words(builder, v):
+    # <32 x i16> -> <16 x i32>, neighbouring lanes summed: vpmaddwd / vpdpwssd by ones (woven
+    # units put a lane's i16 sums side by side)
     s = builder.sext(v, _vt(_I32, 32))
     und = ir.Constant(s.type, None)
-    return builder.add(builder.shuffle_vector(s, und, _c(_I32, list(range(G)), G)),
-                       builder.shuffle_vector(s, und, _c(_I32, list(range(G, 2 * G)), G)))
+    return builder.add(builder.shuffle_vector(s, und, _c(_I32, list(range(0, 32, 2)), G)),
+                       builder.shuffle_vector(s, und, _c(_I32, list(range(1, 32, 2)), G)))
+
+
+# units and i16 window: vpmaddubsw sums stay exact in i16 over `window` units
+# (Q4: 8 x 2 x 15 x 127 = 30480; Q6_K: 2 x 2 x 63 x 127 = 32004)
+_UNITS = {"q4_0": (8, 8), "q4_k": (4, 4), "q6_k": (4, 2)}
 
 
 def _units_loop(kind, builder, isum, load_w, load_x):
-    """Q4_0 / Q4_K: weights unpacked to a byte each (`_unpack_q4_0`, `_unpack_q4_k`) against int8
-    x in the same order, an IR loop over the 64-byte units of a group (8) / super-block (4),
-    each steps c and c + half: vpmaddubsw into i16 lane sums (exact: 8 x 2 x 15 x 127 < 2^15),
-    widened at the end (lanes t and t + 16 are the same block)."""
+    """Q4_0 / Q4_K / Q6_K: weights unpacked to a byte each (`_unpack`) against int8 x in the
+    same order, an IR loop over the 64-byte units of a group (8) / super-block (4), each steps c
+    and c + half woven (byte 4t + 2h + e: lane t, step h, element e): vpmaddubsw into i16 sums,
+    widened by vpdpwssd against ones once a window."""
     i64 = ir.IntType(64)
-    units = 8 if kind == "q4_0" else 4
+    units, window = _UNITS[kind]
+    per_iter = 1 if window == units else window
     pre = builder.block
     body = builder.append_basic_block("units")
     done = builder.append_basic_block("units.done")
     builder.branch(body)
     builder.position_at_end(body)
+
+    def phis(ty):
+        out = [[builder.phi(ty) for _ in range(NX)] for _ in range(RW)]
+        for row in out:
+            for ph in row:
+                ph.add_incoming(ir.Constant(ty, None), pre)
+        return out
+
     c = builder.phi(i64)
     c.add_incoming(ir.Constant(i64, 0), pre)
-    phis = [[builder.phi(_vt(_I16, 32)) for _ in range(NX)] for _ in range(RW)]
-    for row in phis:
-        for ph in row:
-            ph.add_incoming(ir.Constant(ph.type, None), pre)
-    off = builder.mul(c, ir.Constant(i64, 64))
-    wv = [load_w(r, off) for r in range(RW)]
-    new = [list(row) for row in phis]
-    for i in range(NX):
-        xv = load_x(i, off)
-        for r in range(RW):
-            new[r][i] = builder.add(new[r][i], _mubs(builder, wv[r], xv))
+    p16 = phis(_vt(_I16, 32)) if per_iter == 1 else None  # the window spans the loop
+    p32 = phis(_vt(_I32, G)) if per_iter > 1 else None  # a window per iteration
+    s16 = [list(row) for row in p16] if p16 else [[None] * NX for _ in range(RW)]
+    for u in range(per_iter):
+        off = builder.mul(builder.add(c, ir.Constant(i64, u)), ir.Constant(i64, 64))
+        wv = [load_w(r, off) for r in range(RW)]
+        for i in range(NX):
+            xv = load_x(i, off)
+            for r in range(RW):
+                m = _mubs(builder, wv[r], xv)
+                s16[r][i] = m if s16[r][i] is None else builder.add(s16[r][i], m)
     end = builder.block
-    cn = builder.add(c, ir.Constant(i64, 1))
+    cn = builder.add(c, ir.Constant(i64, per_iter))
     c.add_incoming(cn, end)
     for r in range(RW):
         for i in range(NX):
-            phis[r][i].add_incoming(new[r][i], end)
+            if p16:
+                p16[r][i].add_incoming(s16[r][i], end)
+            else:
+                isum[r][i] = builder.add(p32[r][i], _words(builder, s16[r][i]))
+                p32[r][i].add_incoming(isum[r][i], end)
     builder.cbranch(builder.icmp_unsigned("<", cn, ir.Constant(i64, units)), body, done)
     builder.position_at_end(done)
-    for r in range(RW):
-        for i in range(NX):
-            isum[r][i] = _halves(builder, new[r][i])
+    if p16:
+        for r in range(RW):
+            for i in range(NX):
+                isum[r][i] = _words(builder, s16[r][i])
 
 
 def _scalar_f16(context, builder, aryty, ary, off):
@@ -303,7 +304,7 @@ def _scalar_f16(context, builder, aryty, ary, off):
     return builder.fpext(builder.bitcast(h, ir.HalfType()), _F32)
 
 
-def _tile(kind, u8=False):
+def _tile(kind):
     """One group (Q8_0 / Q4_0: 16 blocks of 32) or super-block (Q4_K / Q6_K) of RW weight rows
     against NX rows of x: the RW * NX accumulators, each + its 16 lanes' scaled integer sums."""
     @intrinsic
@@ -322,12 +323,12 @@ def _tile(kind, u8=False):
 
             isum = [[None] * NX for _ in range(RW)]
 
-            if u8:
+            if kind == "q8_0":  # int16 x, the weights widened in the loop
+                _steps_loop(builder, isum, lambda r, o, m: ld("w", w, wo, ws, r, o, _vt(_I8, m)),
+                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I16, 32)))
+            else:  # int8 x, the weights unpacked per task
                 _units_loop(kind, builder, isum, lambda r, o: ld("w", w, wo, ws, r, o, _vt(_I8, 64)),
                             lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I8, 64)))
-            else:
-                _steps_loop(kind, builder, isum, lambda r, o, m: ld("w", w, wo, ws, r, o, _vt(_I8, m)),
-                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I16, 32)))
 
             # per weight row: its 16 lane scales as float (K: d * the sub-block scale, exact);
             # per (row, x row): 4 vector instructions, the x side's sums prepared by
@@ -368,20 +369,22 @@ def _tile(kind, u8=False):
     return tile
 
 
-_t_q8_0, _t_q6_k = _tile("q8_0"), _tile("q6_k")  # int16 x, weights widened in the loop
-_u_q4_0, _u_q4_k = _tile("q4_0", True), _tile("q4_k", True)  # int8 x, weights unpacked per task
+_t_q8_0, _t_q4_0, _t_q4_k, _t_q6_k = (_tile(k) for k in ("q8_0", "q4_0", "q4_k", "q6_k"))
 
 
 # -- the activation: all rows quantized once, as the decode kernels quantize one -------------
 
 @njit(cache=True, inline="always")
 def _to_units(src, dst, full, span, half):
-    # decode order -> _units_loop's: unit c of a span holds its steps c and c + half (32
-    # elements each); elements from `full` on (Q4_0's tail blocks) stay in place
-    for o in range(0, full, span):
+    # decode order (pair step s at 32 s, byte 2t + e) -> _units_loop's: unit c of a span holds
+    # steps c and c + half woven, step h's pair of lane t at 4t + 2h; elements from `full` on
+    # (Q4_0's tail blocks) stay in place
+    s16, d16 = src.view(np.int16), dst.view(np.int16)  # an element pair at a time
+    for o in range(0, full // 2, span // 2):
         for c in range(half):
-            for h in range(2):
-                dst[o + 64 * c + 32 * h:o + 64 * c + 32 * h + 32] = src[o + 32 * (c + half * h):o + 32 * (c + half * h) + 32]
+            for t in range(G):
+                d16[o + 32 * c + 2 * t] = s16[o + 16 * c + t]
+                d16[o + 32 * c + 2 * t + 1] = s16[o + 16 * (c + half) + t]
     dst[full:] = src[full:]
 
 
@@ -392,7 +395,7 @@ def _quantize_q8_0_rows(x, xq, xd, xs, ng, units):
         if not units:
             int8_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], ng)
         else:
-            tmp = np.empty(k, np.int16)
+            tmp = np.empty(k, np.int8)
             int8_cpu._quantize_x(x[i], tmp, xd[i], xs[i], ng)
             _to_units(tmp, xq[i], ng * 32 * G, 32 * G, 8)
 
@@ -413,10 +416,10 @@ def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked) -> tuple[np.ndarray, n
     """x (n, k) -> (quants (npad, k), scales, quant sums), npad = n rounded up to NX with zero
     rows, each row exactly as the decode modules' quantize_x rounds it: for Q8_0 / Q4_0 weights
     ggml's Q8_0 (scale and sum per 32), for Q4_K / Q6_K ggml's Q8_K (scale per 256, sums per 16).
-    Q8_0 / Q6_K: int16 in the decode kernels' order; Q4_0 / Q4_K: int8 in _units_loop's."""
+    Q8_0: int16 in the decode kernels' order; Q4_0 / Q4_K / Q6_K: int8 in _units_loop's."""
     n, k = x.shape
     npad = -(-n // NX) * NX
-    units = w.type in (T.Q4_0, T.Q4_K)
+    units = w.type != T.Q8_0
     xq = np.zeros((npad, k), np.int8 if units else np.int16)
     if w.type in (T.Q8_0, T.Q4_0):
         xd, xs = np.zeros((npad, k // 32), np.float32), np.zeros((npad, k // 32), np.int32)
@@ -438,27 +441,25 @@ def _prepared_sums(xs: np.ndarray, t: T) -> np.ndarray:
 # -- the weights of a task, a byte each (for vpmaddubsw) ---------------------------------------
 
 @njit(cache=True, inline="always")
-def _unpack_q4_0(q, r0, r1, ws):
-    # rows r0..r1 of Q4_0's full groups, unit c of a group = its chunk c's low, high nibbles
-    k = 2 * q.shape[1]
-    full = k // (32 * G) * 16 * G
+def _unpack(q, r0, r1, ws, k, span, q6):
+    # rows r0..r1 (their full groups / super-blocks) to a byte a weight in _units_loop's order:
+    # chunk c's low nibbles are step c, its high ones step c + half (Q6_K: with the high bit
+    # pairs, bits 2c of chunk 0 / 1 at byte 128 / 160 of the super-block)
+    nbytes = 192 if q6 else span // 2  # packed bytes of a group / super-block
+    half = span // 64
     for r in range(r0, r1):
-        for o in range(0, full, 32):
-            for j in range(32):
-                v = q[r, o + j]
-                ws[(r - r0) * k + 2 * o + j] = v & 15
-                ws[(r - r0) * k + 2 * o + 32 + j] = v >> 4
-
-
-@njit(cache=True, inline="always")
-def _unpack_q4_k(q, r0, r1, ws):
-    # rows r0..r1 of Q4_K, unit c of a super-block = its chunk c's low, high nibbles
-    for r in range(r0, r1):
-        for o in range(0, q.shape[1], 32):
-            for j in range(32):
-                v = q[r, o + j]
-                ws[(r - r0) * 2 * q.shape[1] + 2 * o + j] = v & 15
-                ws[(r - r0) * 2 * q.shape[1] + 2 * o + 32 + j] = v >> 4
+        for g in range(k // span):
+            src, dst = g * nbytes, (r - r0) * k + g * span
+            for c in range(half):
+                for t in range(G):
+                    for e in range(2):
+                        v = q[r, src + 32 * c + 2 * t + e]
+                        lo, hi = v & 15, v >> 4
+                        if q6:
+                            lo |= ((q[r, src + 128 + 2 * t + e] >> (2 * c)) & 3) << 4
+                            hi |= ((q[r, src + 160 + 2 * t + e] >> (2 * c)) & 3) << 4
+                        ws[dst + 64 * c + 4 * t + e] = lo
+                        ws[dst + 64 * c + 4 * t + 2 + e] = hi
 
 
 # -- the products ------------------------------------------------------------------------------
@@ -518,13 +519,13 @@ def _mm_q4_0(xq, xd, xs, q, d, out):
         ex = extra.copy()
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
-        _unpack_q4_0(q, r0, rt, ws)
+        _unpack(q, r0, rt, ws, k, 32 * G, False)
         for i in range(0, xq.shape[0], NX):
             for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros()
                 for g in range(ng):
-                    acc = _u_q4_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, 0, 0, d, d, r * nb + g * G,
+                    acc = _t_q4_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, 0, 0, d, d, r * nb + g * G,
                                   (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, i * nb + g * G, nb, xd,
                                   i * nb + g * G, nb)
                 for a in range(RW * NX):
@@ -549,13 +550,13 @@ def _mm_q4_k(xq, xd, xs, q, s, d, dmin, out):
     for tile in prange(-(-R // RT)):
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
-        _unpack_q4_k(q, r0, rt, ws)
+        _unpack(q, r0, rt, ws, k, 256, False)
         for i in range(0, xq.shape[0], NX):
             for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros()
                 for b in range(nsb):
-                    acc = _u_q4_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, s, r * nsb * 16 + b * 16,
+                    acc = _t_q4_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, s, r * nsb * 16 + b * 16,
                                   (r1 - r) * nsb * 16, d, dmin, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256,
                                   k, xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
                 _store(acc, ex, out, r, r1, i, n)
@@ -563,17 +564,20 @@ def _mm_q4_k(xq, xd, xs, q, s, d, dmin, out):
 
 @njit(parallel=True, cache=True, nogil=True)
 def _mm_q6_k(xq, xd, xs, q, s, d, out):
-    # xq: int16 in the decode order, xs: 32 x the quant sums per 16
+    # xq: int8 in _units_loop's order, xs: 32 x the quant sums per 16
     n, (R, nsb) = out.shape[0], d.shape
     k = nsb * 256
     ex = np.zeros(RW * NX, np.float32)
     for tile in prange(-(-R // RT)):
+        r0, rt = tile * RT, min(R, tile * RT + RT)
+        ws = np.empty(RT * k, np.uint8)
+        _unpack(q, r0, rt, ws, k, 256, True)
         for i in range(0, xq.shape[0], NX):
-            for r in range(tile * RT, min(R, tile * RT + RT), RW):
+            for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros()
                 for b in range(nsb):
-                    acc = _t_q6_k(acc, q, r * nsb * 192 + b * 192, (r1 - r) * nsb * 192, s, r * nsb * 16 + b * 16,
+                    acc = _t_q6_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, s, r * nsb * 16 + b * 16,
                                   (r1 - r) * nsb * 16, d, d, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256, k,
                                   xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
                 _store(acc, ex, out, r, r1, i, n)
