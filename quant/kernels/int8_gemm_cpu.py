@@ -7,35 +7,45 @@ so they equal `gguf.quants.dequantize` of the file's bytes bit for bit.
 
 `matmul` quantizes all n rows of x once, each exactly as the decode kernels quantize their one
 (the decode modules' own quantizers: ggml's Q8_0 per 32 for Q8_0 / Q4_0, Q8_K per 256 for Q4_K /
-Q6_K; int16 in the decode lane order), then multiplies integers in register tiles of RW = 2
-weight rows x NX = 4 rows of x: each weight pair step (16 lanes = 16 blocks or sub-blocks, two
-elements each) is widened once for 4 rows of x and each x step loaded once for 2 weight rows,
-8 vpdpwssd on 8 int32 accumulators. A group's / super-block's steps run as a small IR loop (2
-steps an iteration): unrolled, LLVM hoisted every x load of the group and spilled (1.5-1.7x
-slower). At the group's end the exact int32 lane sums are scaled (Q4_0 / Q6_K first subtract 8 /
-32 times x's quant sums, Q4_K the float minimums) into 8 <16 x float> accumulators; one
-horizontal sum per output. Tasks are tiles of RT = 32 weight rows (prange), whose bytes stay in
-L2 while the x tiles pass. Entries are independent of the thread count, and Q8_0 / Q4_0 equal
-the decode kernels bit for bit when k is a multiple of 512.
+Q6_K), then multiplies integers in register tiles of RW = 2 weight rows x NX = 4 rows of x.
+Tasks (prange) are RT = 32 weight rows, which stay in L2 while every x tile passes; at the end
+of a group / super-block the exact int32 lane sums are scaled into 8 <16 x float> accumulators
+(Q4_0 / Q6_K first subtract 8 / 32 times x's quant sums, Q4_K the float minimums: 4 vector
+instructions per tile entry), and each output is one horizontal sum. Entries do not depend on
+the thread count; Q8_0 / Q4_0 equal the decode kernels bit for bit when k is a multiple of 512.
 
-Innermost loop on Zen 5 (znver5; `python scripts/bench_int8_gemm.py --asm`), two pair steps of
-2 x 4: Q8_0 31 instructions, 16 vpdpwssd + 4 vpmovsxbw + 8 x loads; Q4_0 37, 16 vpdpwssd + 4
-vpmovzxbw + nibble split (vpandq, vgf2p8affineqb); Q6_K 51, the same + the high bit pairs
-(vpsrlw, vpsllw, vpternlog). Then per group / super-block and tile entry: vpsubd (Q4_0 / Q6_K),
-vcvtdq2ps, vmulps, vfmadd231ps.
+- Q8_0: x int16 in the decode lane order; each weight pair step (16 lanes = 16 blocks, two
+  elements each) is widened once (vpmovsxbw) for 4 rows of x, each x step loaded once for 2
+  weight rows: 8 vpdpwssd a step.
+- Q4_0 / Q4_K / Q6_K: each task first unpacks its weight rows to a byte a weight (0..15 / 0..63;
+  L2-resident, reused by all n / 4 x tiles) and x is quantized to int8 in the same order: 64-byte
+  units holding two pair steps woven (byte 4t + 2h + e: lane t, step h, element e). Then
+  vpmaddubsw (u8 x s8, 64 MACs) into i16 sums, exact below 2^15 over a window (Q4: the whole
+  group / super-block, 8 x 2 x 15 x 127; Q6_K: 2 units, 2 x 2 x 2 x 63 x 127), widened by one
+  vpdpwssd against ones. vpmaddubsw comes from generic IR (even / odd products, clamp to i16)
+  only if both operands reach the backend as loads: computed in the loop (nibble split),
+  InstCombine knows the weights are < 16, drops the clamp and multiplies in i16 (vpmullw, 2.5x
+  the instructions), and folds any shuffle into the even / odd split.
 
-Measured (`python scripts/bench_int8_gemm.py --threads 1`, one core's CPU time, Qwen3-0.6B's
-four fused shapes, n = 128 / 512): int8 GEMM 250-300 GOPS (Q8_0, Q4_0) and ~200 GOPS (Q4_K,
-Q6_K) against 100-120 for the float path (dequantized tiles into BLAS): 2.3x, 2.3-2.6x, 1.8-1.9x,
-1.8x. One core's vpdpwssd peak is 32 MACs x 2 ops x (1 to 2 a cycle, Zen 5) x ~3.5 GHz =
-225-450 GOPS: Q8_0 / Q4_0 run at about 60% of the upper figure, the K types lose the rest to
-the per-super-block scaling (4-5 instructions per 8 vpdpwssd). Two cores roughly double it.
+Both loops run a group / super-block as a small IR loop (2 pair steps an iteration): unrolled,
+LLVM's scheduler hoisted every x load of the group and spilled (1.5-1.7x slower). No x86
+intrinsics are used, so any CPU LLVM targets compiles these kernels.
 
-Not vpmaddubsw (u8 x s8, 64 MACs an instruction, never saturating for 4-bit weights): LLVM
-selects it from generic IR (even / odd products, clamp to i16) only while InstCombine leaves
-that shape alone; over nibbles it knows the weights are < 16, proves the clamp idle and
-narrows to vpmullw, and it folds any shuffle into the even / odd split (measured: 2.5x the
-instructions). No x86 intrinsics are used, so any CPU LLVM targets compiles these kernels.
+Innermost loop on Zen 5 (znver5; `python scripts/bench_int8_gemm.py --asm`), per iteration of a
+2 x 4 tile: Q8_0 31 instructions (16 vpdpwssd, 4 vpmovsxbw, 8 loads: 512 MACs); Q4_0 / Q4_K 25
+(8 vpmaddubsw, 8 vpaddw, 6 loads: 512 MACs); Q6_K 49 (16 vpmaddubsw, 8 vpaddw, 8 vpdpwssd,
+12 loads: 1024 MACs).
+
+Measured (`python scripts/bench_int8_gemm.py --threads 1 --rounds 5`: one core, its CPU time,
+Qwen3-0.6B's four fused shapes, n = 128 and 512, random weights), int8 GEMM against the float
+path (dequantized tiles into BLAS, 100-120 GOPS): Q8_0 250-290 GOPS (2.2-2.7x), Q4_0 230-355
+(2.3-3.0x), Q4_K 200-275 (2.0-2.3x), Q6_K 180-285 (1.7-2.5x); n = 128 pays the unpack (Q6_K
+3 ms for 6144 x 1024). Against one core's peak, at an assumed 3.5 GHz: vpdpwssd 32 MACs and
+vpmaddubsw 64 MACs an instruction, 1 or 2 a cycle, 225 or 450 / 450 or 900 GOPS. Q8_0's 275
+is above the 1-a-cycle figure, so this core issues 2: Q8_0 runs at ~60% of 450, Q4_0 / Q4_K
+at 30-40% of 900 (a vpaddw per vpmaddubsw, the scaling per group or super-block and the
+horizontal sum per output are the rest). Two threads split the row tiles (timed by wall
+clock, which on this shared machine swung 0.3-12x between calls: not quoted).
 """
 
 from __future__ import annotations
