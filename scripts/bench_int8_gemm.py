@@ -80,7 +80,8 @@ def inner_loop_counts(t: T) -> Counter:
     best = Counter()
     for text in fn.inspect_asm().values():
         for m in re.finditer(r"^(\.?LBB\w+):.*?\n(.*?)(?=^\.?LBB\w+:|\Z)", text, re.S | re.M):
-            lines = [ln.split() for ln in m.group(2).splitlines() if ln.startswith("\t") and not ln.strip().startswith(".")]
+            lines = [ln.split() for ln in m.group(2).splitlines()
+                     if ln.startswith("\t") and not ln.strip().startswith(".")]
             back = [j for j, ln in enumerate(lines) if ln and ln[0].startswith("j") and ln[-1] == m.group(1)]
             if not back:
                 continue

@@ -20,12 +20,13 @@ the thread count; Q8_0 / Q4_0 equal the decode kernels bit for bit when k is a m
 - Q4_0 / Q4_K / Q6_K: each task first unpacks its weight rows to a byte a weight (0..15 / 0..63;
   L2-resident, reused by all n / 4 x tiles) and x is quantized to int8 in the same order: 64-byte
   units holding two pair steps woven (byte 4t + 2h + e: lane t, step h, element e). Then
-  vpmaddubsw (u8 x s8, 64 MACs) into i16 sums, exact below 2^15 over a window (Q4: the whole
-  group / super-block, 8 x 2 x 15 x 127; Q6_K: 2 units, 2 x 2 x 2 x 63 x 127), widened by one
-  vpdpwssd against ones. vpmaddubsw comes from generic IR (even / odd products, clamp to i16)
-  only if both operands reach the backend as loads: computed in the loop (nibble split),
-  InstCombine knows the weights are < 16, drops the clamp and multiplies in i16 (vpmullw, 2.5x
-  the instructions), and folds any shuffle into the even / odd split.
+  vpmaddubsw (u8 x s8, 64 MACs) into i16 sums, exact below 2^15 over a window (Q4_0: a
+  group's 8 units, 8 x 2 x 15 x 127 = 30480; Q4_K: a super-block's 4; Q6_K: 2 units, 2 x 2 x 63
+  x 127 = 32004), widened by one vpdpwssd against ones. vpmaddubsw comes from generic IR
+  (even / odd products, clamp to i16) only if both operands reach the backend as loads:
+  computed in the loop (nibble split), InstCombine knows the weights are < 16, drops the clamp
+  and multiplies in i16 (vpmullw, 2.5x the instructions), and folds any shuffle into the even /
+  odd split.
 
 Both loops run a group / super-block as a small IR loop (2 pair steps an iteration): unrolled,
 LLVM's scheduler hoisted every x load of the group and spilled (1.5-1.7x slower). No x86
@@ -209,7 +210,8 @@ def _steps_loop(builder, isum, load_w, load_x):
     for row in phis:
         for ph in row:
             ph.add_incoming(ir.Constant(ph.type, None), pre)
-    offs = (builder.mul(c, ir.Constant(i64, 32)), builder.mul(builder.add(c, ir.Constant(i64, 8)), ir.Constant(i64, 32)))
+    c32 = builder.mul(c, ir.Constant(i64, 32))
+    offs = (c32, builder.add(c32, ir.Constant(i64, 256)))
     vecs = [[builder.sext(load_w(r, o, 32), _vt(_I32, 32)) for o in offs] for r in range(RW)]
     new = [list(row) for row in phis]
     for h, xoff in enumerate(offs):
@@ -231,15 +233,15 @@ def _steps_loop(builder, isum, load_w, load_x):
 def _mubs(builder, w, x):
     # u8 w . s8 x, neighbouring products summed, saturated to i16: the generic IR that LLVM
     # selects as vpmaddubsw, as long as w and x come straight from memory (see the module
-    # docstring). Never saturates here: 2 x 15 x 127 at most
+    # docstring). Never saturates here: 2 x 63 x 127 at most
     def half(v, ext, e):
         h = builder.shuffle_vector(v, ir.Constant(v.type, None), _c(_I32, [2 * i + e for i in range(32)], 32))
         return ext(h, _vt(_I32, 32))
     s = builder.add(builder.mul(half(w, builder.zext, 0), half(x, builder.sext, 0)),
                     builder.mul(half(w, builder.zext, 1), half(x, builder.sext, 1)))
     fty = ir.FunctionType(s.type, [s.type, s.type])
-    lo = builder.call(cgutils.get_or_insert_function(builder.module, fty, "llvm.smax.v32i32"), [s, _c(_I32, -32768, 32)])
-    hi = builder.call(cgutils.get_or_insert_function(builder.module, fty, "llvm.smin.v32i32"), [lo, _c(_I32, 32767, 32)])
+    smax, smin = (cgutils.get_or_insert_function(builder.module, fty, f"llvm.{f}.v32i32") for f in ("smax", "smin"))
+    hi = builder.call(smin, [builder.call(smax, [s, _c(_I32, -32768, 32)]), _c(_I32, 32767, 32)])
     return builder.trunc(hi, _vt(_I16, 32))
 
 
@@ -548,7 +550,8 @@ def _mm_q4_0(xq, xd, xs, q, d, out):
                         isum = -xs[ii, b]
                         for j in range(16):
                             v = np.int32(q[rr, b * 16 + j])
-                            isum += (v & 15) * np.int32(xq[ii, b * 32 + j]) + (v >> 4) * np.int32(xq[ii, b * 32 + 16 + j])
+                            isum += ((v & 15) * np.int32(xq[ii, b * 32 + j])
+                                     + (v >> 4) * np.int32(xq[ii, b * 32 + 16 + j]))
                         s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(isum)
                     ex[a] = s
                 _store(acc, ex, out, r, r1, i, n)
@@ -603,7 +606,8 @@ def matmul(x: np.ndarray, w: Int8Packed | KPacked, out: np.ndarray) -> np.ndarra
     if x.ndim != 2 or x.shape[1] != w.k:
         raise ValueError(f"input of shape {x.shape}, weight expects (n, {w.k})")
     if out.shape != (x.shape[0], w.rows) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be C-contiguous float32 of shape {(x.shape[0], w.rows)}, not {out.dtype} {out.shape}")
+        raise ValueError(f"out must be C-contiguous float32 of shape {(x.shape[0], w.rows)}, "
+                         f"not {out.dtype} {out.shape}")
     if w.type not in (T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K):
         raise ValueError(f"no int8 layout for {w.type.name}")
     xq, xd, xs = quantize_rows(x, w)
