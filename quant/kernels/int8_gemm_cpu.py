@@ -457,7 +457,7 @@ def _unpack(q, r0, r1, ws, k, span, q6):
     # rows r0..r1 (their full groups / super-blocks) to a byte a weight in _units_loop's order:
     # chunk c's low nibbles are step c, its high ones step c + half (Q6_K: with the high bit
     # pairs, bits 2c of chunk 0 / 1 at byte 128 / 160 of the super-block). A lane's element
-    # pair at a time (uint16), so the loop vectorises (3 ms -> 0.x for 6144 x 1024)
+    # pair at a time (uint16): 1.7 ms for a Q4 6144 x 1024 on one core, 3.1 a byte at a time
     nbytes = 192 if q6 else span // 2  # packed bytes of a group / super-block
     half = span // 64
     w16 = ws.view(np.uint16)
