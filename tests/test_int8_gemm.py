@@ -82,7 +82,7 @@ def reference_rows(w, x):
 
 def gemm_cases():
     for t in TYPES:
-        for k in [1024, 3072] + ([768] if t in (T.Q8_0, T.Q4_0) else []):
+        for k in [1024, 3072] + ([768, 256] if t in (T.Q8_0, T.Q4_0) else []):  # tails; all tail
             for n in (2, 5, 17, 130):
                 if k == 3072 and n == 130 and t != T.Q8_0:
                     continue  # the largest once is enough (the reference is slow)
