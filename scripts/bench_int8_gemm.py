@@ -3,11 +3,13 @@ int8_k_cpu's layouts) against today's float path (matmul_cpu.pack + matmul_cpu.m
 dequantizes tiles of W into single-threaded BLAS on each prefill thread, as the engine runs it),
 on Qwen3-0.6B's fused shapes.
 
-    python scripts/bench_int8_gemm.py [--rounds 3] [--n 128 512] [--formats q8_0 q4_0 q4_k q6_k] [--asm]
+    python scripts/bench_int8_gemm.py [--rounds 3] [--n 128 512] [--threads 2] [--formats q8_0 q4_0 q4_k q6_k] [--asm]
 
 Both are timed as a model calls them (the int8 path quantizes x inside), old and new
 alternating call by call; each figure is the fastest call (shared cores: a call that lost its
-core carries a scheduler quantum, the minimum does not). GOPS = 2 n rows k / s for both.
+core carries a scheduler quantum, the minimum does not). With --threads 1 the clock is the
+thread's CPU time (steady on a loaded machine; both paths run on the calling thread then).
+GOPS = 2 n rows k / s for both.
 --asm counts the instructions of each GEMM kernel's innermost loop (compiled afresh: numba
 does not disassemble cached code).
 """
@@ -38,16 +40,19 @@ from quant.kernels import int8_cpu, int8_gemm_cpu, int8_k_cpu, matmul_cpu  # noq
 
 # Qwen3-0.6B: q|k|v fused, o, gate|up fused, down (rows, k)
 SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]
-KERNELS = {T.Q8_0: "_mm_q8_0", T.Q4_0: "_mm_q4_0", T.Q4_K: "_mm_k", T.Q6_K: "_mm_k"}
+KERNELS = {T.Q8_0: "_mm_q8_0", T.Q4_0: "_mm_q4_0", T.Q4_K: "_mm_q4_k", T.Q6_K: "_mm_q6_k"}
 
 
 def best_pair(old, new, rounds: int) -> tuple[float, float]:
+    # one thread: this thread's CPU time (both paths then run on it), which a process that
+    # takes the core away does not inflate; more threads: wall time
+    clock = time.thread_time if numba.get_num_threads() == 1 else time.perf_counter
     best = [np.inf, np.inf]
     for _ in range(rounds):
         for i, fn in enumerate((old, new)):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
+            best[i] = min(best[i], clock() - t0)
     return best[0], best[1]
 
 
@@ -65,8 +70,8 @@ def bench(t: T, rows: int, k: int, n: int, rounds: int, rng) -> tuple[float, str
 
 
 def inner_loop_counts(t: T) -> Counter:
-    """Instruction mnemonics of the kernel's hottest loop: the basic block (between labels)
-    with the most vpmaddubsw / vpdpwssd / vpmaddwd."""
+    """Instruction mnemonics of the kernel's innermost loop: the basic block that jumps back
+    to its own label, with the most vpdpwssd / vpmaddwd / vpmaddubsw."""
     k = 1024
     w = random_raw(t, 4, k, np.random.default_rng(0))
     p = (int8_k_cpu if t in (T.Q4_K, T.Q6_K) else int8_cpu).pack(w)
@@ -74,8 +79,13 @@ def inner_loop_counts(t: T) -> Counter:
     fn = getattr(int8_gemm_cpu, KERNELS[t])
     best = Counter()
     for text in fn.inspect_asm().values():
-        for block in re.split(r"\n\.?LBB[\w]+:", text):
-            c = Counter(ln.split()[0] for ln in block.splitlines() if ln.startswith("\t") and not ln.strip().startswith("."))
+        for m in re.finditer(r"^(\.?LBB\w+):.*?\n(.*?)(?=^\.?LBB\w+:|\Z)", text, re.S | re.M):
+            lines = [ln.split() for ln in m.group(2).splitlines()
+                     if ln.startswith("\t") and not ln.strip().startswith(".")]
+            back = [j for j, ln in enumerate(lines) if ln and ln[0].startswith("j") and ln[-1] == m.group(1)]
+            if not back:
+                continue
+            c = Counter(ln[0] for ln in lines[:back[0] + 1] if ln)
             key = lambda c: c["vpmaddubsw"] + c["vpdpwssd"] + c["vpmaddwd"]  # noqa: E731
             if key(c) > key(best):
                 best = c
@@ -87,8 +97,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n", nargs="+", type=int, default=[128, 512])
     ap.add_argument("--formats", nargs="+", default=["q8_0", "q4_0", "q4_k", "q6_k"])
+    ap.add_argument("--threads", type=int, default=None, help="numba threads (default: numba's, as the engine)")
     ap.add_argument("--asm", action="store_true")
     a = ap.parse_args()
+    if a.threads:
+        numba.set_num_threads(a.threads)  # prefill's BLAS threads follow it (threads.parts)
     print(cpu_names())
     print(f"numba {numba.__version__} threads {numba.get_num_threads()}, numpy {np.__version__}; "
           f"load average at start {os.getloadavg()[0]:.2f}")

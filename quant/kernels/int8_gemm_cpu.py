@@ -4,6 +4,49 @@ dequantization (embedding rows, fallbacks) and the many-rows product.
 `dequant` / `take` undo the layouts element for element and compute gguf-py's float32
 arithmetic in its order (Q8_0 / Q4_0: d * q; Q4_K: (d * sc) * q - dmin * m; Q6_K: (d * sc) * q),
 so they equal `gguf.quants.dequantize` of the file's bytes bit for bit.
+
+`matmul` quantizes all n rows of x once, each exactly as the decode kernels quantize their one
+(the decode modules' own quantizers: ggml's Q8_0 per 32 for Q8_0 / Q4_0, Q8_K per 256 for Q4_K /
+Q6_K), then multiplies integers in register tiles of RW = 2 weight rows x NX = 4 rows of x.
+Tasks (prange) are RT = 32 weight rows, which stay in L2 while every x tile passes; at the end
+of a group / super-block the exact int32 lane sums are scaled into 8 <16 x float> accumulators
+(Q4_0 / Q6_K first subtract 8 / 32 times x's quant sums, Q4_K the float minimums: 4 vector
+instructions per tile entry), and each output is one horizontal sum. Entries do not depend on
+the thread count; Q8_0 / Q4_0 equal the decode kernels bit for bit when k is a multiple of 512.
+
+- Q8_0: x int16 in the decode lane order; each weight pair step (16 lanes = 16 blocks, two
+  elements each) is widened once (vpmovsxbw) for 4 rows of x, each x step loaded once for 2
+  weight rows: 8 vpdpwssd a step.
+- Q4_0 / Q4_K / Q6_K: each task first unpacks its weight rows to a byte a weight (0..15 / 0..63;
+  L2-resident, reused by all n / 4 x tiles) and x is quantized to int8 in the same order: 64-byte
+  units holding two pair steps woven (byte 4t + 2h + e: lane t, step h, element e). Then
+  vpmaddubsw (u8 x s8, 64 MACs) into i16 sums, exact below 2^15 over a window (Q4_0: a
+  group's 8 units, 8 x 2 x 15 x 127 = 30480; Q4_K: a super-block's 4; Q6_K: 2 units, 2 x 2 x 63
+  x 127 = 32004), widened by one vpdpwssd against ones. vpmaddubsw comes from generic IR
+  (even / odd products, clamp to i16) only if both operands reach the backend as loads:
+  computed in the loop (nibble split), InstCombine knows the weights are < 16, drops the clamp
+  and multiplies in i16 (vpmullw, 2.5x the instructions), and folds any shuffle into the even /
+  odd split.
+
+Both loops run a group / super-block as a small IR loop (2 pair steps an iteration): unrolled,
+LLVM's scheduler hoisted every x load of the group and spilled (1.5-1.7x slower). No x86
+intrinsics are used, so any CPU LLVM targets compiles these kernels.
+
+Innermost loop on Zen 5 (znver5; `python scripts/bench_int8_gemm.py --asm`), per iteration of a
+2 x 4 tile: Q8_0 31 instructions (16 vpdpwssd, 4 vpmovsxbw, 8 loads: 512 MACs); Q4_0 / Q4_K 25
+(8 vpmaddubsw, 8 vpaddw, 6 loads: 512 MACs); Q6_K 49 (16 vpmaddubsw, 8 vpaddw, 8 vpdpwssd,
+12 loads: 1024 MACs).
+
+Measured (`python scripts/bench_int8_gemm.py --threads 1 --rounds 5`: one core, its CPU time,
+Qwen3-0.6B's four fused shapes, n = 128 and 512, random weights), int8 GEMM against the float
+path (dequantized tiles into BLAS, 100-120 GOPS): Q8_0 250-290 GOPS (2.2-2.7x), Q4_0 230-355
+(2.3-3.0x), Q4_K 200-275 (2.0-2.3x), Q6_K 180-285 (1.7-2.5x); n = 128 pays the unpack (Q6_K
+3 ms for 6144 x 1024). Against one core's peak, at an assumed 3.5 GHz: vpdpwssd 32 MACs and
+vpmaddubsw 64 MACs an instruction, 1 or 2 a cycle, 225 or 450 / 450 or 900 GOPS. Q8_0's 275
+is above the 1-a-cycle figure, so this core issues 2: Q8_0 runs at ~60% of 450, Q4_0 / Q4_K
+at 30-40% of 900 (a vpaddw per vpmaddubsw, the scaling per group or super-block and the
+horizontal sum per output are the rest). Two threads split the row tiles (timed by wall
+clock, which on this shared machine swung 0.3-12x between calls: not quoted).
 """
 
 from __future__ import annotations
@@ -12,10 +55,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import int8_cpu, int8_k_cpu
-from .int8_cpu import F32X16, G, _F32, _I8, _I16, _I32, Int8Packed, _c_arrays, _f16, _hsum, _load, _pair_sums, _vt, _vzero
+from .int8_cpu import F32X16, G, _F32, _I8, _I16, _I32, Int8Packed, _c_arrays, _f16, _hsum, _load, _pair_sums, _vt
 from .int8_k_cpu import KPacked, _splat
 
 # -- dequantization -------------------------------------------------------------------------
@@ -141,7 +185,7 @@ def take(w: Int8Packed | KPacked, ids) -> np.ndarray:
 
 # -- the product: tiles of RW weight rows x NX rows of x -------------------------------------
 
-RW, NX = 2, 4  # weight rows x x rows per register tile: RW * NX <16 x float> accumulators
+RW, NX = 2, 4  # weight rows (1 or 2) x x rows per register tile
 RT = 32  # weight rows per parallel task: their bytes stay in L2 while every x tile passes
 
 
@@ -149,23 +193,122 @@ def _c(t, v, n):
     return ir.Constant(_vt(t, n), v if isinstance(v, list) else [v] * n)
 
 
-def _steps(kind, builder, load):
-    """A group's / super-block's pair steps of one weight row, each 32 weights widened to
-    <32 x i32> (the shape _pair_sums wants): (step, vector). load(offset, n) reads n bytes."""
-    if kind == "q8_0":
-        return [(p, builder.sext(load(32 * p, 32), _vt(_I32, 32))) for p in range(16)]
-    out = []
-    half = 8 if kind == "q4_0" else 4  # a nibble chunk c holds steps c and c + half
-    hq = [load(128 + 32 * u, 32) for u in range(2)] if kind == "q6_k" else []
-    for c in range(half):
-        ch = load(32 * c, 32)
-        for h, v in enumerate((builder.and_(ch, _c(_I8, 15, 32)), builder.lshr(ch, _c(_I8, 4, 32)))):
-            p = c + half * h
-            if kind == "q6_k":  # the high bit pairs of step p: chunk p >> 2, bits 2 (p & 3)
-                hb = builder.and_(builder.lshr(hq[p >> 2], _c(_I8, 2 * (p & 3), 32)), _c(_I8, 3, 32))
-                v = builder.or_(v, builder.shl(hb, _c(_I8, 4, 32)))
-            out.append((p, builder.zext(v, _vt(_I32, 32))))
-    return out
+def _steps_loop(builder, isum, load_w, load_x):
+    """Q8_0: a group's 16 pair steps as an IR loop over 8 iterations, steps c and c + 8, isum[r][i]
+    (RW x NX <16 x i32>) summed in phis. Unrolled, LLVM's scheduler hoists every x load of the
+    group ahead and spills them (1.5-1.7x slower). Each weight step is widened once for NX rows
+    of x (vpmovsxbw), each x step (int16: element offsets) loaded once for RW weight rows."""
+    i64 = ir.IntType(64)
+    pre = builder.block
+    body = builder.append_basic_block("steps")
+    done = builder.append_basic_block("steps.done")
+    builder.branch(body)
+    builder.position_at_end(body)
+    c = builder.phi(i64)
+    c.add_incoming(ir.Constant(i64, 0), pre)
+    phis = [[builder.phi(_vt(_I32, G)) for _ in range(NX)] for _ in range(RW)]
+    for row in phis:
+        for ph in row:
+            ph.add_incoming(ir.Constant(ph.type, None), pre)
+    c32 = builder.mul(c, ir.Constant(i64, 32))
+    offs = (c32, builder.add(c32, ir.Constant(i64, 256)))
+    vecs = [[builder.sext(load_w(r, o, 32), _vt(_I32, 32)) for o in offs] for r in range(RW)]
+    new = [list(row) for row in phis]
+    for h, xoff in enumerate(offs):
+        for i in range(NX):
+            xv = load_x(i, xoff)
+            for r in range(RW):
+                new[r][i] = builder.add(new[r][i], _pair_sums(builder, vecs[r][h], xv))
+    end = builder.block
+    cn = builder.add(c, ir.Constant(i64, 1))
+    c.add_incoming(cn, end)
+    for r in range(RW):
+        for i in range(NX):
+            phis[r][i].add_incoming(new[r][i], end)
+            isum[r][i] = new[r][i]
+    builder.cbranch(builder.icmp_unsigned("<", cn, ir.Constant(i64, 8)), body, done)
+    builder.position_at_end(done)
+
+
+def _mubs(builder, w, x):
+    # u8 w . s8 x, neighbouring products summed, saturated to i16: the generic IR that LLVM
+    # selects as vpmaddubsw, as long as w and x come straight from memory (see the module
+    # docstring). Never saturates here: 2 x 63 x 127 at most
+    def half(v, ext, e):
+        h = builder.shuffle_vector(v, ir.Constant(v.type, None), _c(_I32, [2 * i + e for i in range(32)], 32))
+        return ext(h, _vt(_I32, 32))
+    s = builder.add(builder.mul(half(w, builder.zext, 0), half(x, builder.sext, 0)),
+                    builder.mul(half(w, builder.zext, 1), half(x, builder.sext, 1)))
+    fty = ir.FunctionType(s.type, [s.type, s.type])
+    smax, smin = (cgutils.get_or_insert_function(builder.module, fty, f"llvm.{f}.v32i32") for f in ("smax", "smin"))
+    hi = builder.call(smin, [builder.call(smax, [s, _c(_I32, -32768, 32)]), _c(_I32, 32767, 32)])
+    return builder.trunc(hi, _vt(_I16, 32))
+
+
+def _words(builder, v):
+    # <32 x i16> -> <16 x i32>, neighbouring lanes summed: vpmaddwd / vpdpwssd by ones (woven
+    # units put a lane's i16 sums side by side)
+    s = builder.sext(v, _vt(_I32, 32))
+    und = ir.Constant(s.type, None)
+    return builder.add(builder.shuffle_vector(s, und, _c(_I32, list(range(0, 32, 2)), G)),
+                       builder.shuffle_vector(s, und, _c(_I32, list(range(1, 32, 2)), G)))
+
+
+# units and i16 window: vpmaddubsw sums stay exact in i16 over `window` units
+# (Q4: 8 x 2 x 15 x 127 = 30480; Q6_K: 2 x 2 x 63 x 127 = 32004)
+_UNITS = {"q4_0": (8, 8), "q4_k": (4, 4), "q6_k": (4, 2)}
+
+
+def _units_loop(kind, builder, isum, load_w, load_x):
+    """Q4_0 / Q4_K / Q6_K: weights unpacked to a byte each (`_unpack`) against int8 x in the
+    same order, an IR loop over the 64-byte units of a group (8) / super-block (4), each steps c
+    and c + half woven (byte 4t + 2h + e: lane t, step h, element e): vpmaddubsw into i16 sums,
+    widened by vpdpwssd against ones once a window."""
+    i64 = ir.IntType(64)
+    units, window = _UNITS[kind]
+    per_iter = 1 if window == units else window
+    pre = builder.block
+    body = builder.append_basic_block("units")
+    done = builder.append_basic_block("units.done")
+    builder.branch(body)
+    builder.position_at_end(body)
+
+    def phis(ty):
+        out = [[builder.phi(ty) for _ in range(NX)] for _ in range(RW)]
+        for row in out:
+            for ph in row:
+                ph.add_incoming(ir.Constant(ty, None), pre)
+        return out
+
+    c = builder.phi(i64)
+    c.add_incoming(ir.Constant(i64, 0), pre)
+    p16 = phis(_vt(_I16, 32)) if per_iter == 1 else None  # the window spans the loop
+    p32 = phis(_vt(_I32, G)) if per_iter > 1 else None  # a window per iteration
+    s16 = [list(row) for row in p16] if p16 else [[None] * NX for _ in range(RW)]
+    for u in range(per_iter):
+        off = builder.mul(builder.add(c, ir.Constant(i64, u)), ir.Constant(i64, 64))
+        wv = [load_w(r, off) for r in range(RW)]
+        for i in range(NX):
+            xv = load_x(i, off)
+            for r in range(RW):
+                m = _mubs(builder, wv[r], xv)
+                s16[r][i] = m if s16[r][i] is None else builder.add(s16[r][i], m)
+    end = builder.block
+    cn = builder.add(c, ir.Constant(i64, per_iter))
+    c.add_incoming(cn, end)
+    for r in range(RW):
+        for i in range(NX):
+            if p16:
+                p16[r][i].add_incoming(s16[r][i], end)
+            else:
+                isum[r][i] = builder.add(p32[r][i], _words(builder, s16[r][i]))
+                p32[r][i].add_incoming(isum[r][i], end)
+    builder.cbranch(builder.icmp_unsigned("<", cn, ir.Constant(i64, units)), body, done)
+    builder.position_at_end(done)
+    if p16:
+        for r in range(RW):
+            for i in range(NX):
+                isum[r][i] = _words(builder, s16[r][i])
 
 
 def _scalar_f16(context, builder, aryty, ary, off):
@@ -187,55 +330,51 @@ def _tile(kind):
 
             def ld(name, ary, base, stride, j, off, vty):
                 o = builder.add(base, builder.mul(stride, ir.Constant(base.type, j)))
-                return _load(context, builder, ta[name], ary, builder.add(o, ir.Constant(base.type, off)), vty)
+                off = ir.Constant(base.type, off) if isinstance(off, int) else off
+                return _load(context, builder, ta[name], ary, builder.add(o, off), vty)
 
             isum = [[None] * NX for _ in range(RW)]
 
-            def add(r, i, v):
-                isum[r][i] = v if isum[r][i] is None else builder.add(isum[r][i], v)
+            if kind == "q8_0":  # int16 x, the weights widened in the loop
+                _steps_loop(builder, isum, lambda r, o, m: ld("w", w, wo, ws, r, o, _vt(_I8, m)),
+                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I16, 32)))
+            else:  # int8 x, the weights unpacked per task
+                _units_loop(kind, builder, isum, lambda r, o: ld("w", w, wo, ws, r, o, _vt(_I8, 64)),
+                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I8, 64)))
 
-            for r in range(RW):  # weights widened once for NX rows of x (int16, element offsets)
-                for p, wv in _steps(kind, builder, lambda o, m: ld("w", w, wo, ws, r, o, _vt(_I8, m))):
-                    for i in range(NX):
-                        add(r, i, _pair_sums(builder, wv, ld("x", x, xo, xst, i, 32 * p, _vt(_I16, 32))))
-
+            # per weight row: its 16 lane scales as float (K: d * the sub-block scale, exact);
+            # per (row, x row): 4 vector instructions, the x side's sums prepared by
+            # quantize_rows (Q4_0 / Q6_K: 8 / 32 times the quant sums; Q4_K: as float)
+            fl = _vt(_F32, G)
             out = []
             for r in range(RW):
-                if kind in ("q8_0", "q4_0"):  # 16 block scales
+                if kind in ("q8_0", "q4_0"):
                     dh = ld("d", d, do, ds, r, 0, _vt(_I16, G))
-                    dv = builder.fpext(builder.bitcast(dh, _vt(ir.HalfType(), G)), _vt(_F32, G))
+                    dv = builder.fpext(builder.bitcast(dh, _vt(ir.HalfType(), G)), fl)
                 else:
-                    dr = _scalar_f16(context, builder, ta["d"], d, builder.add(do, builder.mul(ds, ir.Constant(do.type, r))))
+                    dro = builder.add(do, builder.mul(ds, ir.Constant(do.type, r)))
                     if kind == "q6_k":
-                        scv = builder.sext(ld("s", s, so, ss, r, 0, _vt(_I8, G)), _vt(_I32, G))
+                        scv = builder.sitofp(ld("s", s, so, ss, r, 0, _vt(_I8, G)), fl)
                     else:  # a sub-block's scale and minimum serve its two lanes
                         pairs = _c(_I32, [j // 2 for j in range(G)], G)
                         s8, m8 = (ld("s", s, so, ss, r, o, _vt(_I8, 8)) for o in (0, 8))
-                        scv = builder.zext(builder.shuffle_vector(s8, s8, pairs), _vt(_I32, G))
-                        mv = builder.zext(builder.shuffle_vector(m8, m8, pairs), _vt(_I32, G))
-                        dmr = _scalar_f16(context, builder, ta["dmin"], dmin,
-                                          builder.add(do, builder.mul(ds, ir.Constant(do.type, r))))
+                        scv = builder.uitofp(builder.shuffle_vector(s8, s8, pairs), fl)
+                        mv = builder.fmul(builder.uitofp(builder.shuffle_vector(m8, m8, pairs), fl),
+                                          _splat(builder, _scalar_f16(context, builder, ta["dmin"], dmin, dro)))
+                    dv = builder.fmul(scv, _splat(builder, _scalar_f16(context, builder, ta["d"], d, dro)))
                 for i in range(NX):
                     a = builder.extract_value(acc, r * NX + i)
                     v = isum[r][i]
-                    if kind in ("q4_0", "q6_k"):  # the quants' offset: 8 or 32 times x's sums
-                        xsv = ld("xs", xs, xso, xss, i, 0, _vt(_I32, G))
-                        v = builder.sub(v, builder.shl(xsv, _c(_I32, 3 if kind == "q4_0" else 5, G)))
-                    if kind in ("q8_0", "q4_0"):
-                        scale = builder.fmul(dv, ld("xd", xd, xdo, xds, i, 0, _vt(_F32, G)))
-                        a = builder.fadd(a, builder.fmul(builder.sitofp(v, _vt(_F32, G)), scale, flags=("contract",)),
-                                         flags=("contract",))
+                    if kind in ("q4_0", "q6_k"):  # the quants' offset
+                        v = builder.sub(v, ld("xs", xs, xso, xss, i, 0, _vt(_I32, G)))
+                    if kind in ("q8_0", "q4_0"):  # the decode kernels' order: bit for bit theirs
+                        f, scale = builder.sitofp(v, fl), builder.fmul(dv, ld("xd", xd, xdo, xds, i, 0, fl))
                     else:
-                        xdi = ld("xd", xd, xdo, xds, i, 0, _F32)
-                        f = builder.sitofp(builder.mul(v, scv), _vt(_F32, G))
-                        a = builder.fadd(a, builder.fmul(f, _splat(builder, builder.fmul(dr, xdi)), flags=("contract",)),
-                                         flags=("contract",))
+                        f = builder.fmul(builder.sitofp(v, fl), dv)
                         if kind == "q4_k":
-                            xsv = ld("xs", xs, xso, xss, i, 0, _vt(_I32, G))
-                            b = builder.sitofp(builder.mul(xsv, mv), _vt(_F32, G))
-                            a = builder.fsub(a, builder.fmul(b, _splat(builder, builder.fmul(dmr, xdi)),
-                                                             flags=("contract",)), flags=("contract",))
-                    out.append(a)
+                            f = builder.fsub(f, builder.fmul(ld("xs", xs, xso, xss, i, 0, fl), mv), flags=("contract",))
+                        scale = _splat(builder, ld("xd", xd, xdo, xds, i, 0, _F32))
+                    out.append(builder.fadd(a, builder.fmul(f, scale, flags=("contract",)), flags=("contract",)))
             return context.make_tuple(builder, sig.return_type, out)
         return types.UniTuple(F32X16, RW * NX)(acc, w, wo, ws, s, so, ss, d, dmin, do, ds, x, xo, xst, xs, xso, xss,
                                                xd, xdo, xds), codegen
@@ -245,43 +384,107 @@ def _tile(kind):
 _t_q8_0, _t_q4_0, _t_q4_k, _t_q6_k = (_tile(k) for k in ("q8_0", "q4_0", "q4_k", "q6_k"))
 
 
-# -- the activation: all rows quantized once, as the decode kernels quantize one -----------------------------
+# -- the activation: all rows quantized once, as the decode kernels quantize one -------------
+
+@njit(cache=True, inline="always")
+def _to_units(src, dst, full, span, half):
+    # decode order (pair step s at 32 s, byte 2t + e) -> _units_loop's: unit c of a span holds
+    # steps c and c + half woven, step h's pair of lane t at 4t + 2h; elements from `full` on
+    # (Q4_0's tail blocks) stay in place
+    s16, d16 = src.view(np.int16), dst.view(np.int16)  # an element pair at a time
+    for o in range(0, full // 2, span // 2):
+        for c in range(half):
+            for t in range(G):
+                d16[o + 32 * c + 2 * t] = s16[o + 16 * c + t]
+                d16[o + 32 * c + 2 * t + 1] = s16[o + 16 * (c + half) + t]
+    dst[full:] = src[full:]
+
 
 @njit(parallel=True, cache=True)
-def _quantize_q8_0_rows(x, xq, xd, xs, ng):
+def _quantize_q8_0_rows(x, xq, xd, xs, ng, units):
+    k = x.shape[1]
     for i in prange(x.shape[0]):
-        int8_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], ng)
+        if not units:
+            int8_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], ng)
+        else:
+            tmp = np.empty(k, np.int8)
+            int8_cpu._quantize_x(x[i], tmp, xd[i], xs[i], ng)
+            _to_units(tmp, xq[i], ng * 32 * G, 32 * G, 8)
 
 
 @njit(parallel=True, cache=True)
-def _quantize_q8_k_rows(x, xq, xd, xs):
+def _quantize_q8_k_rows(x, xq, xd, xs, units):
+    k = x.shape[1]
     for i in prange(x.shape[0]):
-        int8_k_cpu._quantize_x(x[i], xq[i], xd[i], xs[i])
+        if not units:
+            int8_k_cpu._quantize_x(x[i], xq[i], xd[i], xs[i])
+        else:
+            tmp = np.empty(k, np.int8)
+            int8_k_cpu._quantize_x(x[i], tmp, xd[i], xs[i])
+            _to_units(tmp, xq[i], k, 256, 4)
 
 
 def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x (n, k) -> (int16 quants (npad, k) in the decode kernels' order, scales, quant sums),
-    npad = n rounded up to NX with zero rows; each row exactly as the decode modules'
-    quantize_x: Q8_0 / Q4_0 weights, ggml's Q8_0 (scale and sum per 32); Q4_K / Q6_K, ggml's
-    Q8_K (scale per 256, sums per 16)."""
+    """x (n, k) -> (quants (npad, k), scales, quant sums), npad = n rounded up to NX with zero
+    rows, each row exactly as the decode modules' quantize_x rounds it: for Q8_0 / Q4_0 weights
+    ggml's Q8_0 (scale and sum per 32), for Q4_K / Q6_K ggml's Q8_K (scale per 256, sums per 16).
+    Q8_0: int16 in the decode kernels' order; Q4_0 / Q4_K / Q6_K: int8 in _units_loop's."""
     n, k = x.shape
     npad = -(-n // NX) * NX
-    xq = np.zeros((npad, k), np.int16)
+    units = w.type != T.Q8_0
+    xq = np.zeros((npad, k), np.int8 if units else np.int16)
     if w.type in (T.Q8_0, T.Q4_0):
         xd, xs = np.zeros((npad, k // 32), np.float32), np.zeros((npad, k // 32), np.int32)
-        _quantize_q8_0_rows(x, xq, xd, xs, k // 32 // G)
+        _quantize_q8_0_rows(x, xq, xd, xs, k // 32 // G, units)
     else:
         xd, xs = np.zeros((npad, k // 256), np.float32), np.zeros((npad, k // 16), np.int32)
-        _quantize_q8_k_rows(x, xq, xd, xs)
+        _quantize_q8_k_rows(x, xq, xd, xs, units)
     return xq, xd, xs
+
+
+def _prepared_sums(xs: np.ndarray, t: T) -> np.ndarray:
+    """x's quant sums as the tiles subtract them: the unsigned quants' offset (Q4_0: 8, Q6_K: 32)
+    times them, or (Q4_K, against float minimums) as float32 (exact: |sum| < 2^24)."""
+    if t == T.Q4_K:
+        return xs.astype(np.float32)
+    return xs * np.int32(8 if t == T.Q4_0 else 32) if t in (T.Q4_0, T.Q6_K) else xs
+
+
+# -- the weights of a task, a byte each (for vpmaddubsw) ---------------------------------------
+
+@njit(cache=True, inline="always")
+def _unpack(q, r0, r1, ws, k, span, q6):
+    # rows r0..r1 (their full groups / super-blocks) to a byte a weight in _units_loop's order:
+    # chunk c's low nibbles are step c, its high ones step c + half (Q6_K: with the high bit
+    # pairs, bits 2c of chunk 0 / 1 at byte 128 / 160 of the super-block). A lane's element
+    # pair at a time (uint16): 1.7 ms for a Q4 6144 x 1024 on one core, 3.1 a byte at a time
+    nbytes = 192 if q6 else span // 2  # packed bytes of a group / super-block
+    half = span // 64
+    w16 = ws.view(np.uint16)
+    for r in range(r0, r1):
+        q16 = q[r].view(np.uint16)
+        for g in range(k // span):
+            src, dst = g * nbytes // 2, ((r - r0) * k + g * span) // 2
+            for c in range(half):
+                for t in range(G):
+                    v = q16[src + 16 * c + t]
+                    lo, hi = v & np.uint16(0x0F0F), (v >> np.uint16(4)) & np.uint16(0x0F0F)
+                    if q6:
+                        sh = np.uint16(2 * c)
+                        lo |= ((q16[src + 64 + t] >> sh) & np.uint16(0x0303)) << np.uint16(4)
+                        hi |= ((q16[src + 80 + t] >> sh) & np.uint16(0x0303)) << np.uint16(4)
+                    w16[dst + 32 * c + 2 * t] = lo
+                    w16[dst + 32 * c + 2 * t + 1] = hi
 
 
 # -- the products ------------------------------------------------------------------------------
 
-@njit(cache=True, inline="always")
-def _zeros():
-    z = _vzero()
-    return (z, z, z, z, z, z, z, z)
+@intrinsic
+def _zeros(typingctx):
+    """The RW * NX accumulators of a tile, zero."""
+    ty = types.UniTuple(F32X16, RW * NX)
+    return ty(), lambda context, builder, sig, args: context.make_tuple(
+        builder, ty, [ir.Constant(_vt(_F32, G), [0.0] * G)] * (RW * NX))
 
 
 @njit(cache=True, inline="always")
@@ -305,7 +508,7 @@ def _mm_q8_0(xq, xd, xs, q, d, out):
         ex = extra.copy()
         for i in range(0, xq.shape[0], NX):
             for r in range(tile * RT, min(R, tile * RT + RT), RW):
-                r1 = min(r + 1, R - 1)
+                r1 = min(r + RW - 1, R - 1)
                 acc = _zeros()
                 for g in range(ng):
                     acc = _t_q8_0(acc, q, r * k + g * 32 * G, (r1 - r) * k, d, 0, 0, d, d, r * nb + g * G,
@@ -322,49 +525,77 @@ def _mm_q8_0(xq, xd, xs, q, d, out):
 
 @njit(parallel=True, cache=True, nogil=True)
 def _mm_q4_0(xq, xd, xs, q, d, out):
+    # xq: int8 in _units_loop's order (tail blocks in the file's), xs: 8 x the quant sums
     n, (R, kh) = out.shape[0], q.shape
     k, nb = 2 * kh, kh // 16
     ng = nb // G
     extra = np.zeros(RW * NX, np.float32)
     for tile in prange(-(-R // RT)):
         ex = extra.copy()
+        r0, rt = tile * RT, min(R, tile * RT + RT)
+        ws = np.empty(RT * k, np.uint8)
+        _unpack(q, r0, rt, ws, k, 32 * G, False)
         for i in range(0, xq.shape[0], NX):
-            for r in range(tile * RT, min(R, tile * RT + RT), RW):
-                r1 = min(r + 1, R - 1)
+            for r in range(r0, rt, RW):
+                r1 = min(r + RW - 1, R - 1)
                 acc = _zeros()
                 for g in range(ng):
-                    acc = _t_q4_0(acc, q, r * kh + g * 16 * G, (r1 - r) * kh, d, 0, 0, d, d, r * nb + g * G,
+                    acc = _t_q4_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, 0, 0, d, d, r * nb + g * G,
                                   (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, i * nb + g * G, nb, xd,
                                   i * nb + g * G, nb)
                 for a in range(RW * NX):
                     rr, ii = r + (r1 - r) * (a // NX), i + a % NX
                     s = np.float32(0)
                     for b in range(ng * G, nb):  # tail blocks, in the file's order
-                        isum = int8_cpu._q4_block(q, rr * kh + b * 16, xq, ii * k + b * 32) - 8 * xs[ii, b]
+                        isum = -xs[ii, b]
+                        for j in range(16):
+                            v = np.int32(q[rr, b * 16 + j])
+                            isum += ((v & 15) * np.int32(xq[ii, b * 32 + j])
+                                     + (v >> 4) * np.int32(xq[ii, b * 32 + 16 + j]))
                         s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(isum)
                     ex[a] = s
                 _store(acc, ex, out, r, r1, i, n)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _mm_k(xq, xd, xs, q, s, d, dmin, out, q6):
+def _mm_q4_k(xq, xd, xs, q, s, d, dmin, out):
+    # xq: int8 in _units_loop's order, xs: the quant sums per 16 as float
     n, (R, nsb) = out.shape[0], d.shape
-    k, bw = nsb * 256, q.shape[1] // nsb  # bytes per super-block: 128 (Q4_K) or 192 (Q6_K)
+    k = nsb * 256
     ex = np.zeros(RW * NX, np.float32)
     for tile in prange(-(-R // RT)):
+        r0, rt = tile * RT, min(R, tile * RT + RT)
+        ws = np.empty(RT * k, np.uint8)
+        _unpack(q, r0, rt, ws, k, 256, False)
         for i in range(0, xq.shape[0], NX):
-            for r in range(tile * RT, min(R, tile * RT + RT), RW):
-                r1 = min(r + 1, R - 1)
+            for r in range(r0, rt, RW):
+                r1 = min(r + RW - 1, R - 1)
                 acc = _zeros()
                 for b in range(nsb):
-                    if q6:
-                        acc = _t_q6_k(acc, q, r * nsb * bw + b * bw, (r1 - r) * nsb * bw, s, r * nsb * 16 + b * 16,
-                                      (r1 - r) * nsb * 16, d, d, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256, k,
-                                      xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
-                    else:
-                        acc = _t_q4_k(acc, q, r * nsb * bw + b * bw, (r1 - r) * nsb * bw, s, r * nsb * 16 + b * 16,
-                                      (r1 - r) * nsb * 16, d, dmin, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256,
-                                      k, xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
+                    acc = _t_q4_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, s, r * nsb * 16 + b * 16,
+                                  (r1 - r) * nsb * 16, d, dmin, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256,
+                                  k, xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
+                _store(acc, ex, out, r, r1, i, n)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _mm_q6_k(xq, xd, xs, q, s, d, out):
+    # xq: int8 in _units_loop's order, xs: 32 x the quant sums per 16
+    n, (R, nsb) = out.shape[0], d.shape
+    k = nsb * 256
+    ex = np.zeros(RW * NX, np.float32)
+    for tile in prange(-(-R // RT)):
+        r0, rt = tile * RT, min(R, tile * RT + RT)
+        ws = np.empty(RT * k, np.uint8)
+        _unpack(q, r0, rt, ws, k, 256, True)
+        for i in range(0, xq.shape[0], NX):
+            for r in range(r0, rt, RW):
+                r1 = min(r + RW - 1, R - 1)
+                acc = _zeros()
+                for b in range(nsb):
+                    acc = _t_q6_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, s, r * nsb * 16 + b * 16,
+                                  (r1 - r) * nsb * 16, d, d, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256, k,
+                                  xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
                 _store(acc, ex, out, r, r1, i, n)
 
 
@@ -375,15 +606,18 @@ def matmul(x: np.ndarray, w: Int8Packed | KPacked, out: np.ndarray) -> np.ndarra
     if x.ndim != 2 or x.shape[1] != w.k:
         raise ValueError(f"input of shape {x.shape}, weight expects (n, {w.k})")
     if out.shape != (x.shape[0], w.rows) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be C-contiguous float32 of shape {(x.shape[0], w.rows)}, not {out.dtype} {out.shape}")
+        raise ValueError(f"out must be C-contiguous float32 of shape {(x.shape[0], w.rows)}, "
+                         f"not {out.dtype} {out.shape}")
     if w.type not in (T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K):
         raise ValueError(f"no int8 layout for {w.type.name}")
     xq, xd, xs = quantize_rows(x, w)
+    xs = _prepared_sums(xs, w.type)
     if w.type == T.Q8_0:
         _mm_q8_0(xq, xd, xs, w.q, w.d, out)
     elif w.type == T.Q4_0:
         _mm_q4_0(xq, xd, xs, w.q, w.d, out)
+    elif w.type == T.Q4_K:
+        _mm_q4_k(xq, xd, xs, w.q, w.s, w.d, w.dmin, out)
     else:
-        dmin = w.dmin if w.type == T.Q4_K else w.d
-        _mm_k(xq, xd, xs, w.q, w.s, w.d, dmin, out, w.type == T.Q6_K)
+        _mm_q6_k(xq, xd, xs, w.q, w.s, w.d, out)
     return out
