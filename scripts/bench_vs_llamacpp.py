@@ -190,6 +190,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-type", help="KV cache type for both engines (e.g. q8_0); default: each one's own")
     ap.add_argument("--install-llama-cpp", action="store_true")
+    ap.add_argument("--prepare", action="store_true", help="only write the checkpoints and files (for a later quiet run)")
     a = ap.parse_args()
     baseline = have_llama_cpp(a.install_llama_cpp)
     if not baseline:
@@ -207,6 +208,8 @@ def main() -> None:
             f = a.workdir / f"qwen3-{shape}-{t}.gguf"
             if not f.exists():
                 make_file(src, f, t, baseline)
+            if a.prepare:
+                continue
             runs = {(p, n): {"ours": [], "llama.cpp": []} for p, n in a.tests}
             first = []
             for _ in range(a.rounds):  # alternate, so drifts in machine load hit both alike
@@ -218,7 +221,8 @@ def main() -> None:
             rows += [(shape, t, p, n, r) for (p, n), r in runs.items()]
             firsts.append((shape, t, first))
             print(f"done {shape} {t}", file=sys.stderr, flush=True)
-    report(rows, firsts, a)
+    if not a.prepare:
+        report(rows, firsts, a)
 
 
 def report(rows, firsts, a) -> None:

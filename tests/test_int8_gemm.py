@@ -148,3 +148,24 @@ def test_matmul_largest_quants(t, sign):
     ref, scale = reference_rows(w, x)
     out = gemm.matmul(x, p, np.empty((6, 9), np.float32))
     assert (np.abs(out - ref) <= 1e-5 * scale).all()
+
+
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_activation_is_not_rounded_away(t, bad):
+    # the int8 path quantizes x: a NaN must not vanish into an int (max() passes it over), or
+    # corrupt weights would give finite, wrong logits instead of the engine's NaN error
+    from quant.formats import FORMATS
+    from quant.kernels.matmul_cpu import matmul, matmul_experts, pack
+    from quant.qtensor import QTensor
+
+    rng = np.random.default_rng(3)
+    k, rows = 512, 16
+    raw = FORMATS[t].quantize(rng.standard_normal((2 * rows, k)).astype(np.float32))
+    stack = pack(QTensor("w", t, rows, k, raw, 2), exact=False)
+    w = stack.expert(1)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    x[:, 100] = bad
+    assert np.isnan(matmul(x[:1], w)).all()  # decode
+    assert np.isnan(matmul(x, w)).all()  # prefill
+    assert np.isnan(matmul_experts(x[:2], stack, np.array([0, 1]), np.array([0, 1]))).all()

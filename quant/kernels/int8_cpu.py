@@ -193,6 +193,9 @@ def _at(b, j, ng):
     return b * 32 + j
 
 
+_BIG = np.float32(np.finfo(np.float32).max)
+
+
 @njit(cache=True)
 def _quantize_x(x, xq, xd, xs, ng):
     # ng: the blocks laid out in the kernels' groups of G (0: every block in x's own order).
@@ -200,10 +203,12 @@ def _quantize_x(x, xq, xd, xs, ng):
     q = np.empty(32, np.int32)
     for b in range(x.shape[0] // 32):
         o = b * 32
-        amax = np.float32(0.0)
+        amax, finite = np.float32(0.0), True
         for j in range(32):
             amax = max(amax, abs(x[o + j]))
-        d = np.float32(amax / np.float32(127.0))
+            finite &= abs(x[o + j]) <= _BIG
+        # max() passes a NaN over: a NaN scale keeps a broken activation visible downstream
+        d = np.float32(amax / np.float32(127.0)) if finite else np.float32(np.nan)
         inv = np.float32(np.float32(1.0) / d) if d != 0 else np.float32(0.0)
         s = 0
         for j in range(32):

@@ -29,7 +29,7 @@ from numba import njit, prange
 from numba.extending import intrinsic
 
 from ..qtensor import QTensor
-from .int8_cpu import F32X16, G, _F32, _I8, _I32, _c_arrays, _f16, _hsum, _load, _pair_sums, _vt, _vzero
+from .int8_cpu import _BIG, F32X16, G, _F32, _I8, _I32, _c_arrays, _f16, _hsum, _load, _pair_sums, _vt, _vzero
 
 _I16 = ir.IntType(16)
 
@@ -100,10 +100,13 @@ _q6_k_sb = _super_block(True)
 def _quantize_x(x, xq, xd, xs):
     for b in range(x.shape[0] // 256):
         o = b * 256
-        amax, mx = np.float32(0.0), np.float32(0.0)
+        amax, mx, finite = np.float32(0.0), np.float32(0.0), True
         for i in range(256):
             if abs(x[o + i]) > amax:
                 amax, mx = abs(x[o + i]), x[o + i]
+            finite &= abs(x[o + i]) <= _BIG
+        if not finite:  # quants 0, scale NaN (below): a broken activation stays visible downstream
+            amax = np.float32(0.0)
         iscale = np.float32(np.float32(-127.0) / mx) if amax != 0 else np.float32(0.0)
         for t in range(16):
             s = 0
@@ -113,6 +116,8 @@ def _quantize_x(x, xq, xd, xs):
                 s += q
             xs[b * 16 + t] = s
         xd[b] = np.float32(np.float32(1.0) / iscale) if amax != 0 else np.float32(0.0)
+        if not finite:
+            xd[b] = np.float32(np.nan)
 
 
 def quantize_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
