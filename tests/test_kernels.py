@@ -119,3 +119,30 @@ def test_expert_products_equal_per_expert_matmuls(t):
     for w in (stack, pack(stack)):
         got = matmul_experts(x, w, ids, xi)
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.Q5_K], ids=lambda t: t.name)
+def test_int8_stack_packs_each_part_into_its_rows(t):
+    # fuse packs q|k|v straight into the stack's rows: the same bytes as packing the stacked
+    # file bytes, and as the parts' own packs one after another (per expert for stacks)
+    from quant.kernels.layouts import _arrays, pack_int8
+    from quant.kernels.matmul_cpu import fuse
+
+    k = 608 if t in (T.Q8_0, T.Q4_0, T.Q5_0) else 512  # 19 blocks of 32: a group and a tail
+    for E in (1, 3) if t not in (T.Q5_0, T.Q5_K) else (1,):
+        parts = []
+        for i, r in enumerate((16, 8, 8)):
+            raw = weights(t, E * r, k, seed=i).raw
+            ro = np.frombuffer(raw.tobytes(), np.uint8).reshape(raw.shape)  # read-only, as a mapped file
+            parts.append(QTensor(f"p{i}", t, r, k, ro, E))
+        f = fuse(parts, exact=False)
+        assert (f.rows, f.n_mats, f.k) == (32, E, k)
+        cat = np.concatenate([p.raw.reshape(E, -1, p.raw.shape[1]) for p in parts], axis=1)
+        whole = pack_int8(QTensor("qkv", t, 32, k, cat.reshape(E * 32, -1), E))
+        one = [_arrays(pack_int8(QTensor("p", t, p.rows, k, p.raw[e * p.rows:(e + 1) * p.rows])).arrays)
+               for e in range(E) for p in parts]
+        for name, a in _arrays(f.arrays).items():
+            np.testing.assert_array_equal(a, _arrays(whole.arrays)[name])
+            np.testing.assert_array_equal(a, np.concatenate([o[name] for o in one]))
+    with pytest.raises(ValueError, match="cannot stack"):
+        pack_int8(parts[0], QTensor("w", t, 8, 2 * k, weights(t, 8, 2 * k).raw))

@@ -40,10 +40,10 @@ from numba import njit, prange
 from numba.extending import intrinsic
 
 from ..errors import UnsupportedQuantType
-from ..qtensor import QTensor
+from ..qtensor import QTensor, stack_parts, u16
 from . import int8_cpu, int8_k_cpu
 from .int8_cpu import F32X16, G, _F32, _I8, _I32, _c_arrays, _f16, _hsum, _load, _pair_sums, _vt, _vzero
-from .int8_k_cpu import _I16, _const, _splat
+from .int8_k_cpu import _I16, _const, _nibbles_q4_k, _scales_q4_k, _splat
 
 
 def _fifth(builder, h, s, n=32):
@@ -139,69 +139,57 @@ def _q5_0_tail(q, qo, h, ho, xq, xo):
 
 # -- the weights (from the file's bytes, once) ---------------------------------------------
 
+# The repacks move 2-byte pairs (uint16 views, qtensor.u16) as int8_cpu's and int8_k_cpu's do.
+
 @njit(cache=True, inline="always")
-def _u16(raw, r, o):
-    return np.uint16(raw[r, o]) | (np.uint16(raw[r, o + 1]) << np.uint16(8))
+def _even_bits(x):
+    # bits 0, 2, .., 14 of x -> bits 0..7
+    x &= 0x5555
+    x = (x | (x >> 1)) & 0x3333
+    x = (x | (x >> 2)) & 0x0F0F
+    return (x | (x >> 4)) & 0x00FF
 
 
 @njit(parallel=True, cache=True)
-def _pack_q5_k(raw, q, h, sm, d, dmin):
+def _pack_q5_k(raw, w, q, h, sm, d, dmin):
+    # w: raw as uint16 (R, 88 nsb): d, dmin, 6 pairs of scale bytes, 16 of fifth bits (element
+    # E: bit E >> 5 of byte E % 32), 64 of nibbles (as Q4_K's); q, h as uint16
     for r in prange(raw.shape[0]):
         for b in range(d.shape[1]):
-            o = b * 176  # d, dmin, 12 bytes of scales, 32 of fifth bits, 128 of nibbles
-            d[r, b], dmin[r, b] = _u16(raw, r, o), _u16(raw, r, o + 2)
-            s = o + 4  # 6-bit scales and minimums, the top bits of 4..7 spread over 0..7 (as Q4_K)
-            for j in range(8):
-                if j < 4:
-                    sc, mn = raw[r, s + j] & 63, raw[r, s + j + 4] & 63
-                else:
-                    sc = (raw[r, s + j + 4] & 15) | ((raw[r, s + j - 4] >> 6) << 4)
-                    mn = (raw[r, s + j + 4] >> 4) | ((raw[r, s + j] >> 6) << 4)
-                sm[r, b * 16 + j], sm[r, b * 16 + 8 + j] = sc, mn
-            for t in range(16):
-                for e in range(2):
-                    # element E (step p = (E % 16) // 2): fifth bit E >> 5 of qh[E % 32], nibble
-                    # of qs[32 (E >> 6) + E % 32], high for odd sub-blocks
-                    hb = np.uint8(0)
-                    for p in range(8):
-                        E = 16 * t + 2 * p + e
-                        hb |= np.uint8(((raw[r, o + 16 + (E & 31)] >> (E >> 5)) & 1) << p)
-                    h[r, b * 32 + 2 * t + e] = hb
-                    for c in range(4):
-                        nib = np.uint8(0)
-                        for half in range(2):
-                            E = 16 * t + 2 * (c + 4 * half) + e
-                            v = (raw[r, o + 48 + 32 * (E >> 6) + (E & 31)] >> (4 * ((E >> 5) & 1))) & 15
-                            nib |= np.uint8(v << (4 * half))
-                        q[r, b * 128 + 32 * c + 2 * t + e] = nib
+            o = 88 * b
+            d[r, b], dmin[r, b] = w[r, o], w[r, o + 1]
+            _scales_q4_k(raw, r, 176 * b + 4, sm, 16 * b)
+            _nibbles_q4_k(w, r, o + 24, q, 64 * b)
+            for t in range(16):  # pair t: bit p of byte e holds step p's element 16t + 2p + e
+                i, sh = o + 8 + 8 * (t & 1), t >> 1
+                v = 0
+                for p in range(8):
+                    v |= ((w[r, i + p] >> sh) & 0x0101) << p
+                h[r, 16 * b + t] = v
 
 
 @njit(parallel=True, cache=True)
-def _pack_q5_0(raw, q, h, d):
+def _pack_q5_0(raw, w, q, h, d):
+    # w: raw as uint16 (R, 11 nb): d, 2 pairs of qh (bit j: element j), 8 of nibble bytes
+    # (file bytes 2c, 2c + 1 -> chunk c, as int8_cpu's Q4_0); q, h as uint16
     nb = d.shape[1]
     ng = nb // G
     for r in prange(raw.shape[0]):
         for b in range(nb):
-            o = b * 22  # d, 4 bytes of qh (bit j: element j), 16 of nibbles (j low, j + 16 high)
-            d[r, b] = _u16(raw, r, o)
-            if b >= ng * G:
-                for j in range(16):
-                    q[r, b * 16 + j] = raw[r, o + 6 + j]
-                for j in range(4):
-                    h[r, b * 4 + j] = raw[r, o + 2 + j]
-                continue
-            g, t = b // G, b % G
-            for j in range(16):  # file byte j -> chunk j >> 1, byte 2t + (j & 1), as int8_cpu's Q4_0
-                q[r, g * 16 * G + (j >> 1) * 2 * G + 2 * t + (j & 1)] = raw[r, o + 6 + j]
-            qh = np.uint32(0)
-            for j in range(4):
-                qh |= np.uint32(raw[r, o + 2 + j]) << np.uint32(8 * j)
+            d[r, b] = w[r, 11 * b]
+        for g in range(ng):
+            for c in range(8):
+                for t in range(G):
+                    q[r, 128 * g + 16 * c + t] = w[r, 11 * (G * g + t) + 3 + c]
+            for u in range(2):  # pair u of lane t: step 8u + s (elements 16u + 2s + e) at bit s
+                for t in range(G):
+                    x = w[r, 11 * (G * g + t) + 1 + u]
+                    h[r, 32 * g + 16 * u + t] = _even_bits(x) | (_even_bits(x >> 1) << 8)
+        for b in range(ng * G, nb):  # the file's order: 8 pairs of nibbles, 2 of qh
+            for c in range(8):
+                q[r, 8 * b + c] = w[r, 11 * b + 3 + c]
             for u in range(2):
-                for e in range(2):
-                    hb = np.uint8(0)
-                    for s in range(8):  # step 8u + s holds elements 2(8u + s) + e
-                        hb |= np.uint8(((qh >> np.uint32(2 * (8 * u + s) + e)) & np.uint32(1)) << s)
-                    h[r, g * 4 * G + 32 * u + 2 * t + e] = hb
+                h[r, 2 * b + u] = w[r, 11 * b + 1 + u]
 
 
 @dataclass(frozen=True)
@@ -231,19 +219,25 @@ class Q5Packed:
         return replace(self, rows=hi - lo, **{n: a[lo:hi] for n, a in self.arrays().items()})
 
 
-def pack(w: QTensor) -> Q5Packed:
+def pack(*ws: QTensor) -> Q5Packed:
+    """A matrix, or several stacked into one (qtensor.stack_parts), each packed into its rows."""
+    w = ws[0]
     if w.type not in (T.Q5_K, T.Q5_0):
         raise UnsupportedQuantType(f"{w.name}: these kernels take Q5_K or Q5_0, not {w.type.name}")
-    R, k = w.raw.shape[0], w.k
+    rows, parts = stack_parts(list(ws))
+    R, k = w.n_mats * rows, w.k
     q, h = np.empty((R, k // 2), np.uint8), np.empty((R, k // 8), np.uint8)
-    if w.type == T.Q5_K:
-        d, dmin = np.empty((R, k // 256), np.uint16), np.empty((R, k // 256), np.uint16)
-        s = np.empty((R, k // 16), np.uint8)
-        _pack_q5_k(w.raw, q, h, s, d, dmin)
-        return Q5Packed(w.type, R, k, q, h, d, s, dmin)
-    d = np.empty((R, k // 32), np.uint16)
-    _pack_q5_0(w.raw, q, h, d)
-    return Q5Packed(w.type, R, k, q, h, d)
+    k5 = w.type == T.Q5_K
+    d = np.empty((R, k // (256 if k5 else 32)), np.uint16)
+    s, dmin = (np.empty((R, k // 16), np.uint8), np.empty_like(d)) if k5 else (None, None)
+    q16, h16 = q.view(np.uint16), h.view(np.uint16)
+    for raw, at in parts:
+        n, raw = raw.shape[0], np.ascontiguousarray(raw)
+        if k5:
+            _pack_q5_k(raw, u16(raw), q16[at:at + n], h16[at:at + n], s[at:at + n], d[at:at + n], dmin[at:at + n])
+        else:
+            _pack_q5_0(raw, u16(raw), q16[at:at + n], h16[at:at + n], d[at:at + n])
+    return Q5Packed(w.type, R, k, q, h, d, s, dmin)
 
 
 # -- the products --------------------------------------------------------------------------

@@ -7,7 +7,8 @@ once per product, so the inner loops are integer multiply-adds (int8_cpu.py, int
 reference implementation, used by the transformers-parity tests and `--exact`; F32 / F16 /
 BF16 files always run exact (there is nothing to quantize x against).
 
-An entry names, per role: `pack` (file bytes -> the kernels' arrays, once at load), `decode`
+An entry names, per role: `pack` (file bytes -> the kernels' arrays, once at load; several
+matrices that multiply the same input are packed straight into one stack), `decode`
 (one row of x), `prefill` (many rows), `experts` (decode of a MoE stack: slot s = x[xi[s]] @
 expert ids[s]), `dequant` / `take` (rows back to float32: embedding lookups, fallbacks).
 A type or role without an entry falls back to the exact layout, so adding a format, or a
@@ -27,7 +28,7 @@ from ..qtensor import QTensor
 
 @dataclass(frozen=True)
 class Layout:
-    pack: Callable[[QTensor], Any]
+    pack: Callable[..., Any]  # (*ws: QTensor) -> arrays of ws stacked (qtensor.stack_parts)
     decode: Callable[[np.ndarray, Any, np.ndarray], Any]  # x (k,), arrays, out (rows,)
     prefill: Callable[[np.ndarray, Any, np.ndarray], Any] | None  # x (n, k), arrays, out (n, rows)
     experts: Callable[..., Any] | None  # (x (m, k), arrays, ids, xi, out (slots, rows))
@@ -66,7 +67,7 @@ def _entry(mod, rows=None, gemm: bool = True, experts: bool = True) -> Layout:
     shared GEMM / experts modules; gemm=False: prefill dequantizes tiles into BLAS."""
     rows = rows or _gemm
     return Layout(
-        pack=lambda w: mod().pack(w),
+        pack=lambda *ws: mod().pack(*ws),
         decode=lambda x, m, out: mod().matvec(x, m, out),
         prefill=(lambda x, m, out: _gemm().matmul(x, m, out)) if gemm else None,
         experts=(lambda x, m, ids, xi, out: _experts().matmul_ids(x, m, ids, xi, out)) if experts else None,
@@ -136,6 +137,8 @@ def int8_layout(w: QTensor) -> Layout | None:
     return lay
 
 
-def pack_int8(w: QTensor) -> Mat:
+def pack_int8(*ws: QTensor) -> Mat:
+    """ws (one matrix, or several stacked: q|k|v, gate|up) in their type's int8 layout."""
+    w = ws[0]
     lay = INT8[w.type]
-    return Mat(w.name, w.type, w.rows, w.k, lay, lay.pack(w), w.n_mats)
+    return Mat("+".join(x.name for x in ws), w.type, sum(x.rows for x in ws), w.k, lay, lay.pack(*ws), w.n_mats)

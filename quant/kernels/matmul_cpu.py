@@ -494,9 +494,8 @@ def warm_up(forward) -> None:
 def fuse(ws: list, exact: bool = True) -> QTensor | Packed | Mat | None:
     """Stack matrices that multiply the same input (q|k|v, gate|up) into one, so one kernel
     launch reads the input once; expert stacks are interleaved per expert. GGUF tensors that
-    have a packed layout are packed straight into the stack (one copy, not two; the int8
-    layouts pack the stacked file bytes). None when the parts differ in type, row length or
-    expert count."""
+    have a packed layout are packed straight into the stack (one copy, not two). None when the
+    parts differ in type, row length or expert count."""
     a = ws[0]
     if any(type(w) is not type(a) or w.type != a.type or w.k != a.k or w.n_mats != a.n_mats for w in ws):
         return None
@@ -507,7 +506,7 @@ def fuse(ws: list, exact: bool = True) -> QTensor | Packed | Mat | None:
         return np.concatenate([x.reshape(E, -1, x.shape[-1]) for x in arrs], axis=1).reshape(E * rows, -1)
 
     if isinstance(a, QTensor) and not exact and int8_layout(a) is not None:
-        return pack_int8(QTensor(name, a.type, rows, a.k, cat([w.raw for w in ws]), E))
+        return pack_int8(*ws)
     if isinstance(a, QTensor) and _packable(a):
         arrs = _empty_packed(a.type, E * rows, a.k)
         for e in range(E):
