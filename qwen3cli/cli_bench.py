@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .cli import app, out, printable, user_errors
-from .cli_options import Device, Model, Quant, Threads
+from .cli_options import Cache, Device, Model, Quant, Threads, cache_value
 from .cli_run import UsageError, open_engine, set_threads
 
 
@@ -23,6 +23,7 @@ def bench(
     threads: Threads = None,
     quant: Quant = "q8_0",
     device: Device = "auto",
+    cache: Cache = None,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Measure prefill and decode speed, like llama-bench."""
@@ -34,11 +35,11 @@ def bench(
         raise UsageError("-p and -n must be >= 0 (not both 0) and -r >= 1")
     set_threads(threads)
     t0 = time.perf_counter()
-    engine = open_engine(model, max(prompt, 1) + gen + 1, quant, device)
+    engine = open_engine(model, max(prompt, 1) + gen + 1, quant, device, cache_value(cache))
     load_s = time.perf_counter() - t0
     results = run_bench(engine, prompt, gen, reps)
     info = {"model": engine.loaded.name, "source": engine.loaded.source, "device": engine.model.device,
-            "threads": numba.get_num_threads(),
+            "cache_type": engine.model.cache_type, "threads": numba.get_num_threads(),
             "load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
             "weights_mb": round(engine.model.w.nbytes / 1e6, 1)}
     if as_json:
@@ -48,7 +49,7 @@ def bench(
         return
     where = "GPU" if info["device"] == "cuda" else f"{info['threads']} threads"
     out.print(f"{printable(info['model'])} · {where} · weights {info['weights_mb']:.0f} MB · "
-              f"load {load_s:.2f} s · peak RSS {info['peak_rss_mb']:.0f} MB", highlight=False, markup=False)
+              f"KV cache {info['cache_type']} · load {load_s:.2f} s · peak RSS {info['peak_rss_mb']:.0f} MB", highlight=False, markup=False)
     t = Table()
     for c in ("test", "tokens/s", "±"):
         t.add_column(c, justify="right")

@@ -11,6 +11,7 @@ import typer
 
 from .cli import app, err, printable, user_errors
 from .cli_options import Ctx, Device, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
+from .cli_options import Cache, cache_value
 from .cli_run import UsageError, open_engine, set_threads, user_sampling
 
 
@@ -44,6 +45,7 @@ def chat(
     threads: Threads = None,
     quant: Quant = "q8_0",
     device: Device = "auto",
+    cache: Cache = None,
     load_file: Path = typer.Option(None, "--load", help="Resume a chat saved with /save."),
     markdown: bool = typer.Option(False, "--markdown", help="Render finished answers as Markdown."),
 ) -> None:
@@ -63,7 +65,7 @@ def chat(
     sampling, seed = user_sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                                    presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
     set_threads(threads)
-    engine = open_engine(model, ctx, quant, device)
+    engine = open_engine(model, ctx, quant, device, cache_value(cache))
     conv = Conversation(engine, ChatSettings(system=system, think=think, thinking_budget=thinking_budget,
                                              max_tokens=max_tokens, seed=seed, sampling=sampling))
     if load_file is not None:

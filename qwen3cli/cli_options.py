@@ -1,7 +1,8 @@
-"""Options shared by `run`, `chat` and `bench`, declared once."""
+"""Options shared by `run`, `chat`, `bench` and `serve`, declared once."""
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -23,3 +24,18 @@ Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU thr
 Quant = Annotated[str, typer.Option("--quant", help="Type a Hugging Face directory or repo is converted to.")]
 Device = Annotated[str, typer.Option("--device", help="auto (a CUDA GPU when numba-cuda finds one, else the CPU), "
                                                      "cpu or cuda.")]
+
+
+class CacheType(str, Enum):  # kv_cache.CACHE_TYPES (not imported here: it loads numba)
+    f32 = "f32"
+    f16 = "f16"
+    q8_0 = "q8_0"
+
+
+Cache = Annotated[Optional[CacheType], typer.Option(
+    "--cache-type", help="KV cache type: f16 (the CPU's default, as llama.cpp's: half of f32's memory), "
+                         "q8_0 (about a quarter) or f32 (the only one on a GPU).")]
+
+
+def cache_value(c: CacheType | None) -> str | None:
+    return c.value if c is not None else None

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from .cli import app, err, print_warnings, user_errors
 from .cli_options import Ctx, Device, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
+from .cli_options import Cache, cache_value
 from .errors import Qwen3CliError
 
 
@@ -46,9 +47,10 @@ def load_progress():
             bar.stop()
 
 
-def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto"):
+def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto", cache_type: str | None = None):
     """Pick the device, load (with a bar when it takes a while), then build the engine; while
-    kernels compile (a first CPU run, every GPU run), say so instead of looking frozen."""
+    kernels compile (a first CPU run, every GPU run), say so instead of looking frozen.
+    cache_type: the KV cache's f32, f16 or q8_0 (None: the device's default)."""
     from quant.kernels.matmul_cpu import cache_is_warm, warm_up
 
     from .device import pick
@@ -62,10 +64,10 @@ def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto"):
     if note:  # after the load, so that a bad file still gets one line of error
         err.print(f"[dim]{note}[/dim]", highlight=False)
     if backend == "cpu" and cache_is_warm():
-        return Engine(loaded, ctx)
+        return Engine(loaded, ctx, cache_type=cache_type)
     with err.status("compiling kernels (first run only, about a minute)…" if backend == "cpu" else
                     "uploading the weights and compiling the GPU kernels…"):
-        engine = Engine(loaded, ctx, device=backend)
+        engine = Engine(loaded, ctx, device=backend, cache_type=cache_type)
         if backend == "cuda":
             err.print(f"[dim]{escape(engine.model.ops.summary)}[/dim]", highlight=False)
 
@@ -146,6 +148,7 @@ def run(
     threads: Threads = None,
     quant: Quant = "q8_0",
     device: Device = "auto",
+    cache: Cache = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, thinking, finish_reason, counts, timings."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speeds to stderr at the end."),
 ) -> None:
@@ -164,7 +167,7 @@ def run(
                                presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
     text = read_prompt(prompt)
     set_threads(threads)
-    engine = open_engine(model, ctx, quant, device)
+    engine = open_engine(model, ctx, quant, device, cache_value(cache))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     p = engine.prompt(messages, enable_thinking=think)
     if len(p.ids) >= engine.ctx:
