@@ -21,6 +21,7 @@ def bench(
     gen: int = typer.Option(64, "-n", "--gen", help="Tokens for the decode test (0: skip)."),
     reps: int = typer.Option(3, "-r", "--reps", help="Repetitions of each test (after one warm-up)."),
     threads: Threads = None,
+    ctx: int = typer.Option(None, "--ctx", "-c", help="Context the KV cache is made for (default: what the tests use)."),
     quant: Quant = "q8_0",
     device: Device = "auto",
     cache: Cache = None,
@@ -33,13 +34,16 @@ def bench(
 
     if prompt < 0 or gen < 0 or reps < 1 or prompt + gen == 0:
         raise UsageError("-p and -n must be >= 0 (not both 0) and -r >= 1")
+    need = max(prompt, 1) + gen + 1
+    if ctx is not None and ctx < need:
+        raise UsageError(f"--ctx must be at least {need} for -p {prompt} -n {gen}, got {ctx}")
     set_threads(threads)
     t0 = time.perf_counter()
-    engine = open_engine(model, max(prompt, 1) + gen + 1, quant, device, cache_value(cache))
+    engine = open_engine(model, ctx or need, quant, device, cache_value(cache))
     load_s = time.perf_counter() - t0
     results = run_bench(engine, prompt, gen, reps)
     info = {"model": engine.loaded.name, "source": engine.loaded.source, "device": engine.model.device,
-            "cache_type": engine.model.cache_type, "threads": numba.get_num_threads(),
+            "ctx": engine.ctx, "cache_type": engine.model.cache_type, "threads": numba.get_num_threads(),
             "load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
             "weights_mb": round(engine.model.w.nbytes / 1e6, 1)}
     if as_json:
