@@ -39,7 +39,7 @@ def bench(
         raise UsageError(f"--ctx must be at least {need} for -p {prompt} -n {gen}, got {ctx}")
     set_threads(threads)
     t0 = time.perf_counter()
-    engine = open_engine(model, ctx or need, quant, device, cache_value(cache))
+    engine = open_engine(model, ctx or need, quant, device, cache_type=cache_value(cache))
     load_s = time.perf_counter() - t0
     results = run_bench(engine, prompt, gen, reps)
     info = {"model": engine.loaded.name, "source": engine.loaded.source, "device": engine.model.device,

@@ -65,7 +65,7 @@ def chat(
     sampling, seed = user_sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                                    presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
     set_threads(threads)
-    engine = open_engine(model, ctx, quant, device, cache_value(cache))
+    engine = open_engine(model, ctx, quant, device, cache_type=cache_value(cache))
     conv = Conversation(engine, ChatSettings(system=system, think=think, thinking_budget=thinking_budget,
                                              max_tokens=max_tokens, seed=seed, sampling=sampling))
     if load_file is not None:

@@ -167,7 +167,7 @@ def run(
                                presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
     text = read_prompt(prompt)
     set_threads(threads)
-    engine = open_engine(model, ctx, quant, device, cache_value(cache))
+    engine = open_engine(model, ctx, quant, device, cache_type=cache_value(cache))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     p = engine.prompt(messages, enable_thinking=think)
     if len(p.ids) >= engine.ctx:

@@ -53,7 +53,7 @@ def serve(
         if not valid_origin(o):
             raise UsageError(f"--cors-origin takes scheme://host[:port] or '*', got {o!r}")
     set_threads(threads)
-    engine = open_engine(model, ctx, quant, device, cache_value(cache))
+    engine = open_engine(model, ctx, quant, device, cache_type=cache_value(cache))
     name = alias or model_id(model)
     log = (lambda line: err.print(line, style="dim", highlight=False, markup=False)) if verbose else None
     try:

@@ -3,13 +3,16 @@
 A cache is an array of rows (..., D) plus, for Q8_0, one scale per 32 values (..., D // 32).
 The element type says the format: float32 rows are f32, uint16 rows are f16 (numba has no
 float16 on the CPU: the bits are converted here, exactly, for all 65536 values), int8 rows are
-Q8_0 quants with float16 scales, ggml's block byte for byte (tested against quant/formats.py).
+Q8_0 quants with float16 scales, ggml's block byte for byte (tests/test_kv_cache.py checks both
+against numpy).
 
-`kv_store`, `kv_load`, `kv_dot` and `kv_axpy` are one name per operation whose implementation numba picks
+`kv_store`, `kv_load`, `kv_dot` and `kv_axpy` are one name per operation whose body numba picks
 from the cache's element type, so decode attention (layer_cpu.attend_one) is written once.
 The half-to-float conversion is integer and float arithmetic without a table or branch, so the
-dot products over a row still vectorise (measured on AVX-512: 1.2x the time of float32 rows
-for the same count, half the bytes); writes are one row per token and need not be fast.
+dot products over a row still vectorise. Per 128-value row in L1, one core (AVX-512), dot /
+axpy: f32 4 / 10 ns, f16 8 / 13 ns, q8_0 15 / 39 ns: q8_0's per-block scales keep LLVM from the
+simple loops (unrolled blocks get vectorised across blocks, with gathers). Writes are one row
+per token per head and need not be fast.
 """
 
 from __future__ import annotations
