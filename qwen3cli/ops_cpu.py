@@ -16,7 +16,7 @@ from quant.kernels import threads
 from quant.kernels.matmul_cpu import SMALL_N, Packed, fuse, matmul, matmul_experts, pack
 from quant.qtensor import QTensor
 
-from .kv_cache import KVCache, lazy_zeros  # noqa: F401  (re-exported: ops_cuda, model)
+from .kv_cache import KVCache
 from .rope import Rope, apply_rope
 from .weights import LayerWeights, Weights
 
