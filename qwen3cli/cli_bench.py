@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .cli import app, out, printable, user_errors
-from .cli_options import Device, Exact, Model, Quant, Threads
+from .cli_options import Cache, Device, Exact, Model, Quant, Threads, cache_value
 from .cli_run import UsageError, open_engine, set_threads
 
 
@@ -21,9 +21,11 @@ def bench(
     gen: int = typer.Option(64, "-n", "--gen", help="Tokens for the decode test (0: skip)."),
     reps: int = typer.Option(3, "-r", "--reps", help="Repetitions of each test (after one warm-up)."),
     threads: Threads = None,
+    ctx: int = typer.Option(None, "--ctx", "-c", help="Context the KV cache is made for (default: what the tests use)."),
     quant: Quant = "q8_0",
     device: Device = "auto",
     exact: Exact = False,
+    cache: Cache = None,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Measure prefill and decode speed, like llama-bench."""
@@ -33,13 +35,16 @@ def bench(
 
     if prompt < 0 or gen < 0 or reps < 1 or prompt + gen == 0:
         raise UsageError("-p and -n must be >= 0 (not both 0) and -r >= 1")
+    need = max(prompt, 1) + gen + 1
+    if ctx is not None and ctx < need:
+        raise UsageError(f"--ctx must be at least {need} for -p {prompt} -n {gen}, got {ctx}")
     set_threads(threads)
     t0 = time.perf_counter()
-    engine = open_engine(model, max(prompt, 1) + gen + 1, quant, device, exact)
+    engine = open_engine(model, ctx or need, quant, device, exact, cache_type=cache_value(cache))
     load_s = time.perf_counter() - t0
     results = run_bench(engine, prompt, gen, reps)
     info = {"model": engine.loaded.name, "source": engine.loaded.source, "device": engine.model.device,
-            "threads": numba.get_num_threads(),
+            "ctx": engine.ctx, "cache_type": engine.model.cache_type, "threads": numba.get_num_threads(),
             "load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
             "weights_mb": round(engine.model.w.nbytes / 1e6, 1), "exact": exact}
     if as_json:
@@ -49,7 +54,7 @@ def bench(
         return
     where = "GPU" if info["device"] == "cuda" else f"{info['threads']} threads"
     out.print(f"{printable(info['model'])} · {where} · weights {info['weights_mb']:.0f} MB · "
-              f"load {load_s:.2f} s · peak RSS {info['peak_rss_mb']:.0f} MB", highlight=False, markup=False)
+              f"KV cache {info['cache_type']} · load {load_s:.2f} s · peak RSS {info['peak_rss_mb']:.0f} MB", highlight=False, markup=False)
     t = Table()
     for c in ("test", "tokens/s", "±"):
         t.add_column(c, justify="right")

@@ -10,7 +10,8 @@ from pathlib import Path
 import typer
 
 from .cli import app, err, printable, user_errors
-from .cli_options import Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
+from .cli_options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads,
+                          TopK, TopP, cache_value)
 from .cli_run import UsageError, open_engine, set_threads, user_sampling
 
 
@@ -45,6 +46,7 @@ def chat(
     quant: Quant = "q8_0",
     device: Device = "auto",
     exact: Exact = False,
+    cache: Cache = None,
     load_file: Path = typer.Option(None, "--load", help="Resume a chat saved with /save."),
     markdown: bool = typer.Option(False, "--markdown", help="Render finished answers as Markdown."),
 ) -> None:
@@ -64,7 +66,7 @@ def chat(
     sampling, seed = user_sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                                    presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
     set_threads(threads)
-    engine = open_engine(model, ctx, quant, device, exact)
+    engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
     conv = Conversation(engine, ChatSettings(system=system, think=think, thinking_budget=thinking_budget,
                                              max_tokens=max_tokens, seed=seed, sampling=sampling))
     if load_file is not None:

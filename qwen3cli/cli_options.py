@@ -1,7 +1,8 @@
-"""Options shared by `run`, `chat` and `bench`, declared once."""
+"""Options shared by `run`, `chat`, `bench` and `serve`, declared once."""
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -26,3 +27,18 @@ Device = Annotated[str, typer.Option("--device", help="auto (a CUDA GPU when num
 Exact = Annotated[bool, typer.Option("--exact", help="Float activations in every product: the reference "
                                                    "implementation's numerics, slower. Default: quantized weights meet "
                                                    "8-bit activations, as in llama.cpp.")]
+
+
+class CacheType(str, Enum):  # kv_cache.CACHE_TYPES (not imported here: it loads numba)
+    f32 = "f32"
+    f16 = "f16"
+    q8_0 = "q8_0"
+
+
+Cache = Annotated[Optional[CacheType], typer.Option(
+    "--cache-type", help="KV cache type: f16 (the CPU's default, as llama.cpp's: half of f32's memory), "
+                         "q8_0 (about a quarter) or f32 (the only one on a GPU).")]
+
+
+def cache_value(c: CacheType | None) -> str | None:
+    return c.value if c is not None else None

@@ -15,7 +15,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .cli import app, err, print_warnings, user_errors
-from .cli_options import Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads, TopK, TopP
+from .cli_options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads,
+                          TopK, TopP, cache_value)
 from .errors import Qwen3CliError
 
 
@@ -46,9 +47,12 @@ def load_progress():
             bar.stop()
 
 
-def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto", exact: bool = False):
+def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto", exact: bool = False,
+                cache_type: str | None = None):
     """Pick the device, load (with a bar when it takes a while), then build the engine; while
-    kernels compile (a first CPU run, every GPU run), say so instead of looking frozen."""
+    kernels compile (a first CPU run, every GPU run), say so instead of looking frozen.
+    exact: float activations (Model's); cache_type: the KV cache's f32, f16 or q8_0 (None: the
+    device's default)."""
     from quant.kernels.matmul_cpu import warm_up
 
     from .device import pick
@@ -165,6 +169,7 @@ def run(
     quant: Quant = "q8_0",
     device: Device = "auto",
     exact: Exact = False,
+    cache: Cache = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, thinking, finish_reason, counts, timings."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speeds to stderr at the end."),
 ) -> None:
@@ -183,7 +188,7 @@ def run(
                                presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
     text = read_prompt(prompt)
     set_threads(threads)
-    engine = open_engine(model, ctx, quant, device, exact)
+    engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     p = engine.prompt(messages, enable_thinking=think)
     if len(p.ids) >= engine.ctx:

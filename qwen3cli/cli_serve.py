@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from .cli import app, err, printable, user_errors
-from .cli_options import Ctx, Device, Exact, Model, Quant, Threads
+from .cli_options import Cache, Ctx, Device, Exact, Model, Quant, Threads, cache_value
 from .cli_run import UsageError, open_engine, set_threads
 
 def model_id(model: str) -> str:
@@ -37,6 +37,7 @@ def serve(
     quant: Quant = "q8_0",
     device: Device = "auto",
     exact: Exact = False,
+    cache: Cache = None,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each request to stderr."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models)."""
@@ -53,7 +54,7 @@ def serve(
         if not valid_origin(o):
             raise UsageError(f"--cors-origin takes scheme://host[:port] or '*', got {o!r}")
     set_threads(threads)
-    engine = open_engine(model, ctx, quant, device, exact)
+    engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
     name = alias or model_id(model)
     log = (lambda line: err.print(line, style="dim", highlight=False, markup=False)) if verbose else None
     try:

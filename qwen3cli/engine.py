@@ -25,11 +25,15 @@ class Prompt:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, ctx: int | None = None, device: str = "cpu", exact: bool = False):
+    def __init__(self, loaded: LoadedModel, ctx: int | None = None, device: str = "cpu", exact: bool = False,
+                 cache_type: str | None = None):
+        """exact: float activations (Model's); cache_type: the KV cache's f32, f16 or q8_0; None
+        for the device's default (kv_cache.py)."""
         self.loaded = loaded
         self.args = loaded.args
         self.ctx = int(ctx) if ctx else min(DEFAULT_CTX, loaded.args.context_length)
-        self.model = Model(loaded.weights, self.ctx, release=loaded.release, backend=device, exact=exact)
+        self.model = Model(loaded.weights, self.ctx, release=loaded.release, backend=device, exact=exact,
+                           cache_type=cache_type)
         self.model.source = loaded.source
         self.template = ChatTemplate(loaded.chat_template, loaded.special_tokens, where=loaded.source)
         self.mode = self.template.thinking_mode()

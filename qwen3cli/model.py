@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import memory
+from . import kv_cache, memory
 from .errors import Qwen3CliError
 from .ops_cpu import CpuOps, KVCache  # noqa: F401  (KVCache re-exported for generate.py)
 from .rope import make_rope, scaling_for_context
@@ -19,38 +19,43 @@ class ContextFull(Qwen3CliError):
     """The tokens do not fit in the context window."""
 
 
-def kv_cache_nbytes(a, ctx: int) -> int:
-    """K and V in float32 for every layer, KV head and position: Python ints, exact at any size."""
-    return 2 * a.n_layers * a.n_kv_heads * int(ctx) * a.head_dim * 4
+def kv_cache_nbytes(a, ctx: int, cache_type: str) -> int:
+    """K and V of `cache_type` for every layer, KV head and position: Python ints, exact at any size."""
+    return 2 * a.n_layers * a.n_kv_heads * int(ctx) * kv_cache.row_nbytes(cache_type, a.head_dim)
 
 
-def check_context(a, ctx: int, backend: str = "cpu") -> None:
+def check_context(a, ctx: int, backend: str = "cpu", cache_type: str = kv_cache.DEFAULT["cpu"]) -> None:
     """Refuse a context whose host-side tables cannot fit, before anything is allocated: the
     CPU's KV cache, or the RoPE tables the CUDA backend builds on the host (it checks the GPU's
     memory for the cache itself)."""
     if backend == "cuda":  # float64 angles, their cos and sin, and float32 copies of both
         need, what = int(ctx) * a.head_dim * 16, f"the RoPE tables of a {ctx}-token context"
     else:
-        need = kv_cache_nbytes(a, ctx)
-        what = (f"a {ctx}-token KV cache ({kv_cache_nbytes(a, 1)} bytes per token: {a.n_layers} layers, "
-                f"{a.n_kv_heads} KV heads of {a.head_dim}, K and V in float32)")
-    memory.require(need, what, "use a smaller --ctx")
+        need = kv_cache_nbytes(a, ctx, cache_type)
+        what = (f"a {ctx}-token KV cache ({kv_cache_nbytes(a, 1, cache_type)} bytes per token: {a.n_layers} layers, "
+                f"{a.n_kv_heads} KV heads of {a.head_dim}, K and V in {cache_type})")
+    smaller = backend == "cpu" and cache_type != "q8_0" and a.head_dim % kv_cache.QK == 0
+    hint = "use a smaller --ctx" + (" or --cache-type q8_0" if smaller else "")
+    memory.require(need, what, hint)
 
 
 class Model:
-    def __init__(self, w: Weights, ctx: int | None = None, release=None, backend: str = "cpu", exact: bool = False):
+    def __init__(self, w: Weights, ctx: int | None = None, release=None, backend: str = "cpu", exact: bool = False,
+                 cache_type: str | None = None):
         """exact: float activations in every product (the reference's numerics, for parity
-        checks) instead of llama.cpp's 8-bit ones on quantized weights; the GPU is always exact."""
+        checks) instead of llama.cpp's 8-bit ones on quantized weights; the GPU is always exact.
+        cache_type: the KV cache's f32, f16 or q8_0 (kv_cache.py); None for the backend's default."""
         a = w.args
         self.args = a
         self.ctx = int(ctx or a.context_length)
-        check_context(a, self.ctx, backend)
+        self.cache_type = kv_cache.check_type(cache_type, a.head_dim, backend)
+        check_context(a, self.ctx, backend, self.cache_type)
         self.rope = make_rope(a, scaling_for_context(a, self.ctx))
         if backend == "cuda":
             from .ops_cuda import CudaOps
             self.ops = CudaOps(a, self.rope, self.ctx)
         else:
-            self.ops = CpuOps(a, self.rope, exact)
+            self.ops = CpuOps(a, self.rope, self.cache_type, exact)
         self.device = self.ops.name
         self.w = self.ops.prepare(w, release)
 

@@ -7,7 +7,6 @@ CUDA backend (ops_cuda.py) is tested against.
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import fields, replace
 
 import numpy as np
@@ -18,37 +17,11 @@ from quant.kernels.layouts import Mat
 from quant.kernels.matmul_cpu import SMALL_N, Packed, fuse, matmul, matmul_experts, pack
 from quant.qtensor import QTensor
 
+from .kv_cache import KVCache
 from .rope import Rope, apply_rope
 from .weights import LayerWeights, Weights
 
 Q_CHUNK = 256  # query rows per attention block: bounds the score matrix in long prefills
-
-
-def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """Zeroed float32 memory whose pages appear as they are first written, in small pages:
-    each (layer, head) row of the cache is touched a few KB at a time, and with transparent huge
-    pages every first touch would zero 2 MB (measured: 2.1 s for a 128-token prompt on the
-    0.6B shape at ctx 8192, against 0.03 s with 4 KB pages)."""
-    n = int(np.prod(shape)) * 4
-    try:
-        m = mmap.mmap(-1, max(n, 1))
-        if hasattr(mmap, "MADV_NOHUGEPAGE"):
-            m.madvise(mmap.MADV_NOHUGEPAGE)
-    except (OSError, ValueError):
-        return np.zeros(shape, np.float32)
-    return np.frombuffer(m, np.float32, int(np.prod(shape))).reshape(shape)
-
-
-class KVCache:
-    def __init__(self, n_layers: int, n_kv: int, ctx: int, head_dim: int, alloc=lazy_zeros):
-        self.k = alloc((n_layers, n_kv, ctx, head_dim))
-        self.v = alloc((n_layers, n_kv, ctx, head_dim))
-        self.ctx = ctx
-        self.n = 0  # positions filled
-
-    def truncate(self, n: int) -> None:
-        """Forget everything after the first n positions (to reuse a shared prefix)."""
-        self.n = min(self.n, n)
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -116,8 +89,9 @@ def prepare(w: Weights, release=None, exact: bool = True) -> Weights:
 class CpuOps:
     name = "cpu"
 
-    def __init__(self, args, rope: Rope, exact: bool = False):
+    def __init__(self, args, rope: Rope, cache_type: str = "f16", exact: bool = False):
         self.args, self.rope, self.eps = args, rope, args.rms_norm_eps
+        self.cache_type = cache_type
         self.exact = exact  # float activations (the reference's numerics) instead of int8 ones
         self._rope_at: tuple = (None, None)
 
@@ -126,7 +100,7 @@ class CpuOps:
 
     def new_cache(self, ctx: int) -> KVCache:
         a = self.args
-        return KVCache(a.n_layers, a.n_kv_heads, ctx, a.head_dim)
+        return KVCache(a.n_layers, a.n_kv_heads, ctx, a.head_dim, self.cache_type)
 
     def embed(self, table, ids: np.ndarray) -> np.ndarray:
         return table.take(ids)
@@ -188,32 +162,30 @@ class CpuOps:
         if n == 1:
             out = np.empty((1, Hq * D), np.float32)
             layer.attend_one(np.ascontiguousarray(q[0]), np.ascontiguousarray(k[0]), np.ascontiguousarray(v[0]),
-                             ly.q_norm, ly.k_norm, np.float32(self.eps), cos[0], sin[0], cache.k, cache.v, li, p, out[0])
+                             ly.q_norm, ly.k_norm, np.float32(self.eps), cos[0], sin[0], cache.k, cache.v, cache.ks, cache.vs,
+                             li, p, out[0])
             return out
         q = apply_rope(rms_norm(q.reshape(n, Hq, D), ly.q_norm, self.eps), cos, sin)
         k = apply_rope(rms_norm(k.reshape(n, Hkv, D), ly.k_norm, self.eps), cos, sin)
-        cache.k[li, :, p:p + n] = k.transpose(1, 0, 2)
-        cache.v[li, :, p:p + n] = v.reshape(n, Hkv, D).transpose(1, 0, 2)
+        cache.write(li, p, k.transpose(1, 0, 2), v.reshape(n, Hkv, D).transpose(1, 0, 2))
         T = p + n
-        K, V = cache.k[li, :, :T], cache.v[li, :, :T]  # (Hkv, T, D)
         G = Hq // Hkv
         qg = np.ascontiguousarray(q.reshape(n, Hkv, G, D).transpose(1, 2, 0, 3))  # (Hkv, G, n, D)
         out = np.empty((Hkv, G, n, D), np.float32)
         scale = np.float32(D ** -0.5)
-        Kt = K.transpose(0, 2, 1)  # (Hkv, D, T): a strided view BLAS takes as is
 
         def heads(i: int, m: int) -> None:  # kv heads i, i + m, ...: prefill splits them over threads
-            h = slice(i, Hkv, m)
-            for s in range(0, n, Q_CHUNK):
-                e = min(n, s + Q_CHUNK)
-                c = e - s
-                scores = np.matmul(np.ascontiguousarray(qg[h, :, s:e]).reshape(-1, G * c, D), Kt[h])
-                scores = scores.reshape(-1, G, c, T)
-                scores *= scale
-                if c > 1:  # causal: query i (position p+s+i) sees keys up to its own position
-                    future = np.arange(T)[None, :] > (p + np.arange(s, e))[:, None]
-                    scores[:, :, future] = -np.inf
-                out[h, :, s:e] = np.matmul(softmax(scores).reshape(-1, G * c, T), V[h]).reshape(-1, G, c, D)
+            for h in range(i, Hkv, m):
+                K, V = cache.read(li, h, T)  # (T, D) float32: the cache's own values, as decode reads them
+                for s in range(0, n, Q_CHUNK):
+                    e = min(n, s + Q_CHUNK)
+                    c = e - s
+                    scores = (np.ascontiguousarray(qg[h, :, s:e]).reshape(G * c, D) @ K.T).reshape(G, c, T)
+                    scores *= scale
+                    if c > 1:  # causal: query i (position p+s+i) sees keys up to its own position
+                        future = np.arange(T)[None, :] > (p + np.arange(s, e))[:, None]
+                        scores[:, future] = -np.inf
+                    out[h, :, s:e] = (softmax(scores).reshape(G * c, T) @ V).reshape(G, c, D)
 
         threads.run(heads, 1 if n == 1 else min(threads.parts(), Hkv))
         return out.transpose(2, 0, 1, 3).reshape(n, Hq * D)

@@ -136,7 +136,7 @@ class CudaOps:
 
     def new_cache(self, ctx: int) -> KVCache:
         a = self.args
-        return KVCache(a.n_layers, a.n_kv_heads, ctx, a.head_dim, alloc=lambda s: cuda.device_array(s, np.float32))
+        return KVCache(a.n_layers, a.n_kv_heads, ctx, a.head_dim, "f32", alloc=cuda.device_array)
 
     # -- steps ------------------------------------------------------------------------------
     def embed(self, table, ids):

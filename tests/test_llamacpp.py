@@ -125,7 +125,9 @@ def test_our_logits_match_llama_cpp_on_the_same_file(gguf_model, monkeypatch, ty
     # Without the Q8 activations a Q4_0 MoE differs by up to 8% of the range (router near-ties
     # flip); with them, by under 1%: what is left is Q8_K vs Q8_0 rounding and summation order.
     monkeypatch.setattr(ops_cpu, "matmul", _q8_activations(ops_cpu.matmul))
-    model = model_mod.Model(load(path).weights, ctx=64)
+    # an f32 cache: with f16 the Q4_0 MoE flips one more router near-tie (1.7% of the range, the
+    # other cases move by under 0.1%), which is the cache's rounding, not what this test measures
+    model = model_mod.Model(load(path).weights, ctx=64, cache_type="f32")
     ours = model.forward(prompt, model.new_cache(), all_logits=True)
     bound = (1e-3 if type_name == "f32" else 1.5e-2) * (theirs.max() - theirs.min())
     assert np.abs(ours - theirs).max() <= bound

@@ -699,10 +699,10 @@ def test_sizes_are_checked_against_memory_first(base_ggufs, tiny, tmp_path, monk
 
     kv, tensors = base_ggufs["dense"]
     m = load_gguf(write_gguf(tmp_path / "m.gguf", kv, tensors))
-    assert kv_cache_nbytes(m.args, 10**9) == 2 * 2 * 2 * 10**9 * 32 * 4  # exact, far past int32
+    assert kv_cache_nbytes(m.args, 10**9, "f32") == 2 * 2 * 2 * 10**9 * 32 * 4  # exact, far past int32
     monkeypatch.setattr(memory, "available", lambda: 10 << 20)
-    Model(m.weights, ctx=64)  # 64 KB of cache fits in 10 MB
-    with pytest.raises(memory.MemoryLimitError, match=r"a 100000-token KV cache \(1024 bytes per token.*more than the 10.5 MB"):
+    Model(m.weights, ctx=64)  # 32 KB of f16 cache (the default) fits in 10 MB
+    with pytest.raises(memory.MemoryLimitError, match=r"a 100000-token KV cache \(512 bytes per token.*more than the 10.5 MB"):
         Model(m.weights, ctx=100_000)
     monkeypatch.setattr(memory, "available", lambda: 100_000)  # the converted weights are 534 KB
     with pytest.raises(memory.MemoryLimitError, match="converting .* in memory"):

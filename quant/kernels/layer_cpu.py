@@ -13,6 +13,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .kv_cpu import kv_axpy, kv_dot, kv_store
+
 # reassociation for vectorised sums, but NaN and inf kept: a corrupt file's NaN must reach the
 # logits, where generate() reports it (full fastmath let max() drop it)
 FAST = {"reassoc", "contract", "arcp"}
@@ -56,18 +58,20 @@ def _norm_rope(src, o, nw, eps, cos, sin, dst):
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
-def attend_one(q, k, v, qn, kn, eps, cos, sin, kc, vc, li, p, out):
+def attend_one(q, k, v, qn, kn, eps, cos, sin, kc, vc, ks, vs, li, p, out):
     """One token at position p: its k / v into layer li of the cache, then causal attention of
-    every q head over positions 0..p. q (Hq D,), k, v (Hkv D,), out (Hq D,)."""
+    every q head over positions 0..p. q (Hq D,), k, v (Hkv D,), out (Hq D,); kc, vc
+    (L, Hkv, ctx, D) in any of kv_cpu's formats, ks, vs their Q8_0 scales (unused otherwise)."""
     Hkv, D = kc.shape[1], kc.shape[3]
     Hq = q.shape[0] // D
     G = Hq // Hkv
     T = p + 1
     scale = np.float32(1.0 / math.sqrt(D))
+    row = np.empty(D, np.float32)
     for h in range(Hkv):
-        _norm_rope(k, h * D, kn, eps, cos, sin, kc[li, h, p])
-        for d in range(D):
-            vc[li, h, p, d] = v[h * D + d]
+        _norm_rope(k, h * D, kn, eps, cos, sin, row)
+        kv_store(row, kc, ks, li, h, p)
+        kv_store(v[h * D:(h + 1) * D], vc, vs, li, h, p)
     for h in prange(Hq):
         qh = np.empty(D, np.float32)
         _norm_rope(q, h * D, qn, eps, cos, sin, qh)
@@ -75,10 +79,7 @@ def attend_one(q, k, v, qn, kn, eps, cos, sin, kc, vc, li, p, out):
         s = np.empty(T, np.float32)
         mx = -np.inf
         for t in range(T):
-            a = np.float32(0.0)
-            for d in range(D):
-                a += qh[d] * kc[li, kvh, t, d]
-            s[t] = a * scale
+            s[t] = kv_dot(qh, kc, ks, li, kvh, t) * scale
             mx = max(mx, s[t])
         tot = np.float32(0.0)
         for t in range(T):
@@ -86,7 +87,6 @@ def attend_one(q, k, v, qn, kn, eps, cos, sin, kc, vc, li, p, out):
             tot += s[t]
         acc = np.zeros(D, np.float32)
         for t in range(T):
-            for d in range(D):
-                acc[d] += s[t] * vc[li, kvh, t, d]
+            kv_axpy(acc, s[t], vc, vs, li, kvh, t)
         for d in range(D):
             out[h * D + d] = acc[d] / tot
