@@ -72,12 +72,12 @@ def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto", e
     if backend == "cpu":
         watch = compile_watch()
         compiled = watch.count
-        engine = Engine(loaded, ctx, exact=exact)
+        engine = Engine(loaded, ctx, exact=exact, cache_type=cache_type)
         if watch.count > compiled:  # packing compiled its kernels: a first run, so compile the rest now
             warm_up(forward)
         return engine
     with err.status("uploading the weights and compiling the GPU kernels…"):
-        engine = Engine(loaded, ctx, device=backend, exact=exact)
+        engine = Engine(loaded, ctx, device=backend, exact=exact, cache_type=cache_type)
         err.print(f"[dim]{escape(engine.model.ops.summary)}[/dim]", highlight=False)
         warm_up(forward)
     return engine
@@ -87,14 +87,22 @@ _WATCH = None
 
 
 def compile_watch():
-    """The process's CompileWatch: a transient line while numba compiles, which a run with a
-    warm cache never shows, whatever layouts its file uses."""
+    """The process's CompileWatch: one line on a terminal when numba first compiles, which a
+    run with a warm cache never shows, whatever layouts its file uses. A line, not a live
+    status: compiles can start under another live display (eval's, chat's), and rich's nested
+    lives recursed without end when the outer one stopped first."""
     global _WATCH
     if _WATCH is None:
         from .compiling import CompileWatch
 
-        status = err.status("compiling kernels (first run only, about a minute)…")
-        _WATCH = CompileWatch(status.start, status.stop).install()
+        said = []
+
+        def started() -> None:
+            if err.is_terminal and not said:
+                said.append(True)
+                err.print("[dim]compiling kernels (first run only, about a minute)…[/dim]", highlight=False)
+
+        _WATCH = CompileWatch(started).install()
     return _WATCH
 
 
