@@ -276,14 +276,22 @@ class GGUFFile:
         rows = math.prod(t.shape[1:])
         return np.frombuffer(self._buf, np.uint8, t.nbytes, t.offset).reshape(rows, t.nbytes // rows)
 
-    def release_pages(self, name: str) -> None:
-        """Drop the tensor's pages from this process (they stay in the page cache and come back
-        on the next read): for tensors copied into another layout, so memory is not held twice."""
+    def release_pages(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Drop the tensor's pages (or those of its raw rows lo:hi) from this process: they stay
+        in the page cache and come back on the next read, so a page shared with bytes not yet
+        read costs only a re-fault. For tensors copied into another layout, so memory is not
+        held twice."""
         t = self.tensors[name]
+        lo, hi = t.offset, t.offset + t.nbytes
+        if rows is not None:
+            row_bytes = t.nbytes // math.prod(t.shape[1:])
+            lo, hi = t.offset + rows[0] * row_bytes, min(hi, t.offset + rows[1] * row_bytes)
         page = mmap.PAGESIZE
-        start = t.offset // page * page
+        start = lo // page * page
+        if hi <= start:
+            return
         try:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+            self._mm.madvise(mmap.MADV_DONTNEED, start, hi - start)
         except (AttributeError, OSError, ValueError):  # no madvise here: only memory is lost
             pass
 

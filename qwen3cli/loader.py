@@ -45,10 +45,11 @@ class LoadedModel:
     _keep: Any = None  # the open GGUFFile whose map the weights view
     warnings: list[str] = field(default_factory=list)  # optional inputs left out; the CLI shows them
 
-    def release(self, tensor: str) -> None:
-        """The engine copied this tensor into its own layout: let the file's pages go."""
+    def release(self, tensor: str, rows: tuple[int, int] | None = None) -> None:
+        """The engine copied this tensor (or its raw rows lo:hi) into its own layout: let the
+        file's pages go."""
         if self._keep is not None and tensor in self._keep.tensors:
-            self._keep.release_pages(tensor)
+            self._keep.release_pages(tensor, rows)
 
     @property
     def name(self) -> str:

@@ -146,3 +146,24 @@ def test_int8_stack_packs_each_part_into_its_rows(t):
             np.testing.assert_array_equal(a, np.concatenate([o[name] for o in one]))
     with pytest.raises(ValueError, match="cannot stack"):
         pack_int8(parts[0], QTensor("w", t, 8, 2 * k, weights(t, 8, 2 * k).raw))
+
+
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_K], ids=lambda t: t.name)
+def test_large_matrix_packs_in_steps_releasing_each(monkeypatch, t):
+    # the embedding / output matrix is packed a slice at a time and each slice's file pages are
+    # let go before the next: the same bytes as one pack, and every row released exactly once
+    from qwen3cli import ops_cpu
+
+    rng = np.random.default_rng(5)
+    rows, k = 100, 512
+    q = QTensor("big", t, rows, k, FORMATS[t].quantize(rng.standard_normal((rows, k)).astype(np.float32)))
+    monkeypatch.setattr(ops_cpu, "RELEASE_STEP", 8 * q.raw.shape[1])
+    calls = []
+    got = ops_cpu.pack_tensor(q, lambda name, rows=None: calls.append((name, rows)), exact=False)
+    want = pack(q, exact=False)
+    assert got.name == "big" and got.rows == rows
+    for f in ("q", "d", "s", "dmin"):
+        a, b = getattr(got.arrays, f, None), getattr(want.arrays, f, None)
+        assert (a is None and b is None) or np.array_equal(a, b), f
+    assert [n for n, _ in calls] == ["big"] * len(calls) and len(calls) == -(-rows // 8)
+    assert [r for _, r in calls] == [(lo, min(rows, lo + 8)) for lo in range(0, rows, 8)]

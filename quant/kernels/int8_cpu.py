@@ -298,7 +298,7 @@ class Int8Packed:
         return replace(self, q=self.q[s], d=self.d[s], n_mats=1)
 
 
-def pack(*ws: QTensor) -> Int8Packed:
+def pack(*ws: QTensor, after=None) -> Int8Packed:
     """A matrix or an expert stack (every row packs alike, so a stack is its experts' packs
     one after another); several matrices are stacked into one (q|k|v, per expert for stacks:
     qtensor.stack_parts), each packed straight into its rows."""
@@ -313,6 +313,8 @@ def pack(*ws: QTensor) -> Int8Packed:
     for raw, at in parts:
         n = raw.shape[0]
         kernel(u16(raw), q16[at:at + n], d[at:at + n])
+        if after is not None:  # the caller may let this part's file pages go
+            after(at, n)
     return Int8Packed(w.type, rows, k, q, d, w.n_mats)
 
 

@@ -220,7 +220,7 @@ class KPacked:
                        dmin=None if self.dmin is None else self.dmin[s], n_mats=1)
 
 
-def pack(*ws: QTensor) -> KPacked:
+def pack(*ws: QTensor, after=None) -> KPacked:
     """A matrix or an expert stack (rows pack alike: a stack is its experts' packs in turn);
     several matrices are stacked into one (qtensor.stack_parts), each packed into its rows."""
     w = ws[0]
@@ -240,6 +240,8 @@ def pack(*ws: QTensor) -> KPacked:
             _pack_q4_k(raw, u16(raw), q16[at:at + n], s[at:at + n], d[at:at + n], dmin[at:at + n])
         else:
             _pack_q6_k(raw.view(np.int8), u16(raw), q16[at:at + n], s[at:at + n], d[at:at + n])
+        if after is not None:  # the caller may let this part's file pages go
+            after(at, n)
     return KPacked(w.type, rows, w.k, q, s, d, dmin, w.n_mats)
 
 

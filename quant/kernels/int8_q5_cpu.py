@@ -219,7 +219,7 @@ class Q5Packed:
         return replace(self, rows=hi - lo, **{n: a[lo:hi] for n, a in self.arrays().items()})
 
 
-def pack(*ws: QTensor) -> Q5Packed:
+def pack(*ws: QTensor, after=None) -> Q5Packed:
     """A matrix, or several stacked into one (qtensor.stack_parts), each packed into its rows."""
     w = ws[0]
     if w.type not in (T.Q5_K, T.Q5_0):
@@ -237,6 +237,8 @@ def pack(*ws: QTensor) -> Q5Packed:
             _pack_q5_k(raw, u16(raw), q16[at:at + n], h16[at:at + n], s[at:at + n], d[at:at + n], dmin[at:at + n])
         else:
             _pack_q5_0(raw, u16(raw), q16[at:at + n], h16[at:at + n], d[at:at + n])
+        if after is not None:  # the caller may let this part's file pages go
+            after(at, n)
     return Q5Packed(w.type, R, k, q, h, d, s, dmin)
 
 

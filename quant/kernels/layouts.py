@@ -67,7 +67,7 @@ def _entry(mod, rows=None, gemm: bool = True, experts: bool = True) -> Layout:
     shared GEMM / experts modules; gemm=False: prefill dequantizes tiles into BLAS."""
     rows = rows or _gemm
     return Layout(
-        pack=lambda *ws: mod().pack(*ws),
+        pack=lambda *ws, after=None: mod().pack(*ws, after=after),
         decode=lambda x, m, out: mod().matvec(x, m, out),
         prefill=(lambda x, m, out: _gemm().matmul(x, m, out)) if gemm else None,
         experts=(lambda x, m, ids, xi, out: _experts().matmul_ids(x, m, ids, xi, out)) if experts else None,
@@ -137,8 +137,10 @@ def int8_layout(w: QTensor) -> Layout | None:
     return lay
 
 
-def pack_int8(*ws: QTensor) -> Mat:
-    """ws (one matrix, or several stacked: q|k|v, gate|up) in their type's int8 layout."""
+def pack_int8(*ws: QTensor, after=None, name: str | None = None) -> Mat:
+    """ws (one matrix, or several stacked: q|k|v, gate|up) in their type's int8 layout;
+    after(row, n) is called once each part's n raw rows, stacked at `row`, are packed."""
     w = ws[0]
     lay = INT8[w.type]
-    return Mat("+".join(x.name for x in ws), w.type, sum(x.rows for x in ws), w.k, lay, lay.pack(*ws), w.n_mats)
+    return Mat(name or "+".join(x.name for x in ws), w.type, sum(x.rows for x in ws), w.k, lay,
+               lay.pack(*ws, after=after), w.n_mats)
