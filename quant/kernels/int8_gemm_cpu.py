@@ -42,11 +42,13 @@ Innermost loop on Zen 5 (znver5; `python scripts/bench_int8_gemm.py --asm`), per
 
 Measured (`python scripts/bench_int8_gemm.py --threads 1 --rounds 5`: one core, its CPU time,
 Qwen3-0.6B's four fused shapes, n = 128 and 512, random weights), int8 GEMM against the float
-path (dequantized tiles into BLAS, 100-120 GOPS): Q8_0 250-290 GOPS (2.2-2.7x), Q4_0 230-355
-(2.3-3.0x), Q4_K 200-275 (2.0-2.3x), Q6_K 180-285 (1.7-2.5x), Q5_K 215-265 (2.1-2.3x), Q5_0
-225-325 (2.2-2.8x); n = 128 pays the unpack (Q6_K 3 ms for 6144 x 1024). Against one core's peak, at an assumed 3.5 GHz: vpdpwssd 32 MACs and
-vpmaddubsw 64 MACs an instruction, 1 or 2 a cycle, 225 or 450 / 450 or 900 GOPS. Q8_0's 275
-is above the 1-a-cycle figure, so this core issues 2: Q8_0 runs at ~60% of 450, Q4_0 / Q4_K
+path (dequantized tiles into BLAS, 100-125 GOPS): Q8_0 260-320 GOPS (2.2-2.8x), Q4_0 300-385
+(2.5-3.6x), Q4_K 260-285 (2.2-2.7x), Q6_K 290-320 (2.6-2.9x), Q5_K 270-300 (2.2-2.8x), Q5_0
+310-345 (2.6-3.1x). The unpack (`_unit`, vectors) takes 0.1 ms for 6144 x 1024 on one core
+(scalar it took 1.7 ms for Q4, 3.1 for Q6_K, 3.3 for Q5: a third of Q6_K's product at
+n = 128, 9 ms then, 5.5 now). Against one core's peak, at an assumed 3.5 GHz: vpdpwssd 32 MACs
+and vpmaddubsw 64 MACs an instruction, 1 or 2 a cycle, 225 or 450 / 450 or 900 GOPS. Q8_0's
+275 is above the 1-a-cycle figure, so this core issues 2: Q8_0 runs at ~60% of 450, Q4_0 / Q4_K
 at 30-40% of 900 (a vpaddw per vpmaddubsw, the scaling per group or super-block and the
 horizontal sum per output are the rest). Two threads split the row tiles (timed by wall
 clock, which on this shared machine swung 0.3-12x between calls: not quoted).
@@ -459,51 +461,75 @@ def _prepared_sums(xs: np.ndarray, t: T) -> np.ndarray:
 
 # -- the weights of a task, a byte each (for vpmaddubsw) ---------------------------------------
 
+def _unit(bits):
+    """One 64-byte unit of unpacked weights: 32 bytes of nibbles at qo (lane t's element pair at
+    2t; low nibbles step c, high ones step c + half) to ws at wo, woven as _units_loop reads them
+    (lane t's low pair at 4t, its high pair at 4t + 2), or'ed with `bits` high bits per quant
+    (Q5: 1, Q6_K: 2) that the pairs of h at h0 / h1 hold at bit s0 / s1 of each byte, moved to
+    bit 4. Vectors of 16 element pairs (i16): 2-4 loads, a few shifts and masks, a word
+    interleave and one store; the scalar loop that did this ran 4-5x longer."""
+    @intrinsic
+    def unit(typingctx, q, qo, h, h0, h1, s0, s1, ws, wo):
+        if not _c_arrays(q, h, ws):
+            return None
+
+        def codegen(context, builder, sig, args):
+            q, qo, h, h0, h1, s0, s1, ws, wo = args
+            v16 = _vt(_I16, G)
+
+            def splat(s):
+                s = builder.trunc(s, _I16)
+                v = builder.insert_element(ir.Constant(v16, None), s, ir.Constant(_I32, 0))
+                return builder.shuffle_vector(v, v, _c(_I32, 0, G))
+
+            v = _load(context, builder, sig.args[0], q, qo, v16)
+            m4 = _c(_I16, 0x0F0F, G)
+            lo, hi = builder.and_(v, m4), builder.and_(builder.lshr(v, _c(_I16, 4, G)), m4)
+            if bits:
+                mask = _c(_I16, 0x0101 * ((1 << bits) - 1), G)
+                top = [builder.shl(builder.and_(builder.lshr(_load(context, builder, sig.args[2], h, o, v16), splat(sh)),
+                                                mask), _c(_I16, 4, G)) for o, sh in ((h0, s0), (h1, s1))]
+                lo, hi = builder.or_(lo, top[0]), builder.or_(hi, top[1])
+            out = builder.shuffle_vector(lo, hi, _c(_I32, [j // 2 + G * (j % 2) for j in range(2 * G)], 2 * G))
+            data = context.make_array(sig.args[7])(context, builder, ws).data
+            builder.store(out, builder.bitcast(builder.gep(data, [wo]), out.type.as_pointer()), align=1)
+            return context.get_dummy_value()
+        return types.none(q, qo, h, h0, h1, s0, s1, ws, wo), codegen
+    return unit
+
+
+_unit4, _unit5, _unit6 = (_unit(b) for b in (0, 1, 2))
+
+
 @njit(cache=True, inline="always")
 def _unpack(q, r0, r1, ws, k, span, q6):
     # rows r0..r1 (their full groups / super-blocks) to a byte a weight in _units_loop's order:
     # chunk c's low nibbles are step c, its high ones step c + half (Q6_K: with the high bit
-    # pairs, bits 2c of chunk 0 / 1 at byte 128 / 160 of the super-block). A lane's element
-    # pair at a time (uint16): 1.7 ms for a Q4 6144 x 1024 on one core, 3.1 a byte at a time
+    # pairs, bits 2c of chunk 0 / 1 at byte 128 / 160 of the super-block). 0.07 ms for a Q4
+    # 6144 x 1024 on one core, 0.12 for Q6_K / Q5 (`_unit`; element pairs as uint16 in a
+    # numba loop: 1.7 and 3.1-3.3 ms)
     nbytes = 192 if q6 else span // 2  # packed bytes of a group / super-block
-    half = span // 64
-    w16 = ws.view(np.uint16)
     for r in range(r0, r1):
-        q16 = q[r].view(np.uint16)
         for g in range(k // span):
-            src, dst = g * nbytes // 2, ((r - r0) * k + g * span) // 2
-            for c in range(half):
-                for t in range(G):
-                    v = q16[src + 16 * c + t]
-                    lo, hi = v & np.uint16(0x0F0F), (v >> np.uint16(4)) & np.uint16(0x0F0F)
-                    if q6:
-                        sh = np.uint16(2 * c)
-                        lo |= ((q16[src + 64 + t] >> sh) & np.uint16(0x0303)) << np.uint16(4)
-                        hi |= ((q16[src + 80 + t] >> sh) & np.uint16(0x0303)) << np.uint16(4)
-                    w16[dst + 32 * c + 2 * t] = lo
-                    w16[dst + 32 * c + 2 * t + 1] = hi
+            src, dst = r * q.shape[1] + g * nbytes, (r - r0) * k + g * span
+            for c in range(span // 64):
+                if q6:
+                    _unit6(q, src + 32 * c, q, src + 128, src + 160, 2 * c, 2 * c, ws, dst + 64 * c)
+                else:
+                    _unit4(q, src + 32 * c, q, 0, 0, 0, 0, ws, dst + 64 * c)
 
 
 @njit(cache=True, inline="always")
-def _unpack_q5(q, h, r0, r1, ws, k, span, hi_word, hi_bit):
+def _unpack_q5(q, h, r0, r1, ws, k, span, hi_off, hi_bit):
     # Q5Packed (int8_q5_cpu) as _unpack, each nibble or'ed with its fifth bit (bit 4: 0..31).
-    # A lane's fifth bits of steps 0..7 are one uint16 (bit p of its bytes e = 0, 1: step p's
-    # elements e). Step c (the low nibbles) is at bit c of word t; step c + half (the high ones)
-    # at bit c + 4 of the same word for Q5_K (hi_word, hi_bit = 0, 4), at bit c of the next
-    # chunk's (16, 0) for Q5_0
-    half = span // 64
-    w16 = ws.view(np.uint16)
+    # Bit p of a lane's pair of fifth-bit bytes: step p. Step c (the low nibbles) is at bit c of
+    # the group's first 32 bytes; step c + half (the high ones) at bit c + 4 of the same bytes
+    # for Q5_K (hi_off, hi_bit = 0, 4), at bit c of the next 32 for Q5_0 (32, 0)
     for r in range(r0, r1):
-        q16, h16 = q[r].view(np.uint16), h[r].view(np.uint16)
         for g in range(k // span):
-            src, hsrc, dst = g * span // 4, g * span // 16, ((r - r0) * k + g * span) // 2
-            for c in range(half):
-                for t in range(G):
-                    v = q16[src + 16 * c + t]
-                    f0 = (h16[hsrc + t] >> np.uint16(c)) & np.uint16(0x0101)
-                    f1 = (h16[hsrc + hi_word + t] >> np.uint16(c + hi_bit)) & np.uint16(0x0101)
-                    w16[dst + 32 * c + 2 * t] = (v & np.uint16(0x0F0F)) | (f0 << np.uint16(4))
-                    w16[dst + 32 * c + 2 * t + 1] = ((v >> np.uint16(4)) & np.uint16(0x0F0F)) | (f1 << np.uint16(4))
+            src, hsrc, dst = r * q.shape[1] + g * span // 2, r * h.shape[1] + g * span // 8, (r - r0) * k + g * span
+            for c in range(span // 64):
+                _unit5(q, src + 32 * c, h, hsrc, hsrc + hi_off, c, c + hi_bit, ws, dst + 64 * c)
 
 
 # -- the products ------------------------------------------------------------------------------
@@ -622,7 +648,7 @@ def _mm_q5_0(xq, xd, xs, q, h, d, out):
         ex = extra.copy()
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
-        _unpack_q5(q, h, r0, rt, ws, k, 32 * G, 16, 0)
+        _unpack_q5(q, h, r0, rt, ws, k, 32 * G, 32, 0)
         for i in range(0, xq.shape[0], NX):
             for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
