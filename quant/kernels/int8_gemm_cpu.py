@@ -8,12 +8,13 @@ so they equal `gguf.quants.dequantize` of the file's bytes bit for bit.
 
 `matmul` quantizes all n rows of x once, each exactly as the decode kernels quantize their one
 (the decode modules' own quantizers: ggml's Q8_0 per 32 for Q8_0 / Q4_0 / Q5_0, Q8_K per 256
-for Q4_K / Q5_K / Q6_K), then multiplies integers in register tiles of RW = 2 weight rows x NX = 4 rows of x.
-Tasks (prange) are RT = 32 weight rows, which stay in L2 while every x tile passes; at the end
-of a group / super-block the exact int32 lane sums are scaled into 8 <16 x float> accumulators
-(Q4_0 / Q6_K first subtract 8 / 32 times x's quant sums, Q4_K the float minimums: 4 vector
-instructions per tile entry), and each output is one horizontal sum. Entries do not depend on
-the thread count; Q8_0 / Q4_0 equal the decode kernels bit for bit when k is a multiple of 512.
+for Q4_K / Q5_K / Q6_K), then multiplies integers in register tiles of RW = 2 weight rows x
+NX = 4 rows of x. Tasks (prange) are RT = 32 weight rows, which stay in L2 while every x tile
+passes; at the end of a group / super-block the exact int32 lane sums are scaled into 8
+<16 x float> accumulators (Q4_0 / Q5_0 / Q6_K first subtract 8 / 16 / 32 times x's quant sums,
+Q4_K / Q5_K the float minimums: 4 vector instructions per tile entry), and each output is one
+horizontal sum. Entries do not depend on the thread count; Q8_0 / Q4_0 / Q5_0 equal the decode
+kernels bit for bit when k is a multiple of 512.
 
 - Q8_0: x int16 in the decode lane order; each weight pair step (16 lanes = 16 blocks, two
   elements each) is widened once (vpmovsxbw) for 4 rows of x, each x step loaded once for 2
@@ -36,9 +37,10 @@ LLVM's scheduler hoisted every x load of the group and spilled (1.5-1.7x slower)
 intrinsics are used, so any CPU LLVM targets compiles these kernels.
 
 Innermost loop on Zen 5 (znver5; `python scripts/bench_int8_gemm.py --asm`), per iteration of a
-2 x 4 tile: Q8_0 31 instructions (16 vpdpwssd, 4 vpmovsxbw, 8 loads: 512 MACs); Q4_0 / Q4_K 25
-(8 vpmaddubsw, 8 vpaddw, 6 loads: 512 MACs); Q6_K 49 (16 vpmaddubsw, 8 vpaddw, 8 vpdpwssd,
-12 loads: 1024 MACs).
+2 x 4 tile: Q8_0 31 instructions (16 vpdpwssd, 4 vpmovsxbw, 8 loads: 512 MACs); Q4_0 / Q4_K /
+Q5_K 25 (8 vpmaddubsw, 8 vpaddw, 6 loads: 512 MACs); Q6_K 49 (16 vpmaddubsw, 8 vpaddw, 8
+vpdpwssd, 12 loads: 1024 MACs); Q5_0 93 (32 vpmaddubsw, 24 vpaddw, 8 vpdpwssd, 24 loads:
+2048 MACs).
 
 Measured (`python scripts/bench_int8_gemm.py --threads 1 --rounds 5`: one core, its CPU time,
 Qwen3-0.6B's four fused shapes, n = 128 and 512, random weights), int8 GEMM against the float
@@ -267,10 +269,10 @@ _UNITS = {"q4_0": (8, 8), "q4_k": (4, 4), "q5_0": (8, 4), "q6_k": (4, 2)}
 
 
 def _units_loop(kind, builder, isum, load_w, load_x):
-    """Q4_0 / Q4_K / Q6_K: weights unpacked to a byte each (`_unpack`) against int8 x in the
-    same order, an IR loop over the 64-byte units of a group (8) / super-block (4), each steps c
-    and c + half woven (byte 4t + 2h + e: lane t, step h, element e): vpmaddubsw into i16 sums,
-    widened by vpdpwssd against ones once a window."""
+    """Q4_0 / Q4_K / Q5_0 / Q5_K / Q6_K: weights unpacked to a byte each (`_unpack`) against
+    int8 x in the same order, an IR loop over the 64-byte units of a group (8) / super-block
+    (4), each steps c and c + half woven (byte 4t + 2h + e: lane t, step h, element e):
+    vpmaddubsw into i16 sums, widened by vpdpwssd against ones once a window."""
     i64 = ir.IntType(64)
     units, window = _UNITS[kind]
     per_iter = 1 if window == units else window
@@ -324,8 +326,8 @@ def _scalar_f16(context, builder, aryty, ary, off):
 
 
 def _tile(kind):
-    """One group (Q8_0 / Q4_0 / Q5_0: 16 blocks of 32) or super-block (Q4_K / Q6_K) of RW weight rows
-    against NX rows of x: the RW * NX accumulators, each + its 16 lanes' scaled integer sums."""
+    """One group (Q8_0 / Q4_0 / Q5_0: 16 blocks of 32) or super-block (Q4_K / Q5_K / Q6_K) of RW
+    weight rows against NX rows of x: the RW * NX accumulators, each + its 16 lanes' scaled integer sums."""
     @intrinsic
     def tile(typingctx, acc, w, wo, ws, s, so, ss, d, dmin, do, ds, x, xo, xst, xs, xso, xss, xd, xdo, xds):
         if not _c_arrays(w, s, d, dmin, x, xs, xd):
@@ -351,7 +353,8 @@ def _tile(kind):
 
             # per weight row: its 16 lane scales as float (K: d * the sub-block scale, exact);
             # per (row, x row): 4 vector instructions, the x side's sums prepared by
-            # quantize_rows (Q4_0 / Q6_K: 8 / 32 times the quant sums; Q4_K: as float)
+            # quantize_rows (Q4_0 / Q5_0 / Q6_K: 8 / 16 / 32 times the quant sums; Q4_K / Q5_K:
+            # as float)
             fl = _vt(_F32, G)
             out = []
             for r in range(RW):
@@ -487,8 +490,9 @@ def _unit(bits):
             lo, hi = builder.and_(v, m4), builder.and_(builder.lshr(v, _c(_I16, 4, G)), m4)
             if bits:
                 mask = _c(_I16, 0x0101 * ((1 << bits) - 1), G)
-                top = [builder.shl(builder.and_(builder.lshr(_load(context, builder, sig.args[2], h, o, v16), splat(sh)),
-                                                mask), _c(_I16, 4, G)) for o, sh in ((h0, s0), (h1, s1))]
+                top = [builder.lshr(_load(context, builder, sig.args[2], h, o, v16), splat(sh))
+                       for o, sh in ((h0, s0), (h1, s1))]
+                top = [builder.shl(builder.and_(v, mask), _c(_I16, 4, G)) for v in top]
                 lo, hi = builder.or_(lo, top[0]), builder.or_(hi, top[1])
             out = builder.shuffle_vector(lo, hi, _c(_I32, [j // 2 + G * (j % 2) for j in range(2 * G)], 2 * G))
             data = context.make_array(sig.args[7])(context, builder, ws).data
