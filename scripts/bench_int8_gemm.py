@@ -1,9 +1,9 @@
 """Prefill products: the int8 GEMM (quant/kernels/int8_gemm_cpu.py, over int8_cpu's /
-int8_k_cpu's layouts) against today's float path (matmul_cpu.pack + matmul_cpu.matmul, which
+int8_k_cpu's / int8_q5_cpu's layouts) against today's float path (matmul_cpu.pack + matmul_cpu.matmul, which
 dequantizes tiles of W into single-threaded BLAS on each prefill thread, as the engine runs it),
 on Qwen3-0.6B's fused shapes.
 
-    python scripts/bench_int8_gemm.py [--rounds 3] [--n 128 512] [--threads 2] [--formats q8_0 q4_0 q4_k q6_k] [--asm]
+    python scripts/bench_int8_gemm.py [--rounds 3] [--n 128 512] [--threads 2] [--formats q8_0 q4_0 q4_k q6_k q5_k q5_0] [--asm]
 
 Both are timed as a model calls them (the int8 path quantizes x inside), old and new
 alternating call by call; each figure is the fastest call (shared cores: a call that lost its
@@ -36,11 +36,18 @@ import numpy as np  # noqa: E402
 from bench_int8 import cpu_names, random_raw  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from quant.kernels import int8_cpu, int8_gemm_cpu, int8_k_cpu, matmul_cpu  # noqa: E402
+from quant.kernels import int8_cpu, int8_gemm_cpu, int8_k_cpu, int8_q5_cpu, matmul_cpu  # noqa: E402
 
 # Qwen3-0.6B: q|k|v fused, o, gate|up fused, down (rows, k)
 SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]
-KERNELS = {T.Q8_0: "_mm_q8_0", T.Q4_0: "_mm_q4_0", T.Q4_K: "_mm_q4_k", T.Q6_K: "_mm_q6_k"}
+KERNELS = {T.Q8_0: "_mm_q8_0", T.Q4_0: "_mm_q4_0", T.Q4_K: "_mm_q4_k", T.Q6_K: "_mm_q6_k",
+           T.Q5_K: "_mm_q4_k", T.Q5_0: "_mm_q5_0"}  # Q5_K: Q4_K's kernel, its fifth-bit unpack
+
+
+def pack(w):
+    """w in its int8 layout."""
+    t = w.type
+    return (int8_k_cpu if t in (T.Q4_K, T.Q6_K) else int8_q5_cpu if t in (T.Q5_K, T.Q5_0) else int8_cpu).pack(w)
 
 
 def best_pair(old, new, rounds: int) -> tuple[float, float]:
@@ -59,7 +66,7 @@ def best_pair(old, new, rounds: int) -> tuple[float, float]:
 def bench(t: T, rows: int, k: int, n: int, rounds: int, rng) -> tuple[float, str]:
     w = random_raw(t, rows, k, rng)
     old_w = matmul_cpu.pack(w)
-    new_w = (int8_k_cpu if t in (T.Q4_K, T.Q6_K) else int8_cpu).pack(w)
+    new_w = pack(w)
     x = rng.standard_normal((n, k)).astype(np.float32)
     o1, o2 = np.empty((n, rows), np.float32), np.empty((n, rows), np.float32)
     old, new = best_pair(lambda: matmul_cpu.matmul(x, old_w, o1), lambda: int8_gemm_cpu.matmul(x, new_w, o2), 1)
@@ -74,7 +81,7 @@ def inner_loop_counts(t: T) -> Counter:
     to its own label, with the most vpdpwssd / vpmaddwd / vpmaddubsw."""
     k = 1024
     w = random_raw(t, 4, k, np.random.default_rng(0))
-    p = (int8_k_cpu if t in (T.Q4_K, T.Q6_K) else int8_cpu).pack(w)
+    p = pack(w)
     int8_gemm_cpu.matmul(np.ones((4, k), np.float32), p, np.empty((4, 4), np.float32))
     fn = getattr(int8_gemm_cpu, KERNELS[t])
     best = Counter()
@@ -96,7 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n", nargs="+", type=int, default=[128, 512])
-    ap.add_argument("--formats", nargs="+", default=["q8_0", "q4_0", "q4_k", "q6_k"])
+    ap.add_argument("--formats", nargs="+", default=["q8_0", "q4_0", "q4_k", "q6_k", "q5_k", "q5_0"])
     ap.add_argument("--threads", type=int, default=None, help="numba threads (default: numba's, as the engine)")
     ap.add_argument("--asm", action="store_true")
     a = ap.parse_args()

@@ -1,6 +1,8 @@
 """Prefill over the int8 layouts (quant/kernels/int8_gemm_cpu.py): dequant / take against
 gguf-py's dequantizer of the file's bytes (bit for bit), and the many-rows product against a
-numpy reference of the same integer arithmetic and against the decode kernels row by row."""
+numpy reference of the same integer arithmetic and against the decode kernels row by row
+(Q5_K / Q5_0: int8_q5_cpu's layouts and references, test_int8_q5.py; their dequant is tested
+there)."""
 
 import numba
 import numpy as np
@@ -8,22 +10,34 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from test_int8_kernels import raw_k, raw_weights, ref_k_weights, ref_quantize_k, reference, reference_k
+from test_int8_q5 import raw_q5, ref_q5_weights
+from test_int8_q5 import reference as reference_q5
 
 from quant.kernels import int8_cpu as k8
 from quant.kernels import int8_gemm_cpu as gemm
 from quant.kernels import int8_k_cpu as kk
+from quant.kernels import int8_q5_cpu as k5
 
-TYPES = [T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K]
-BLOCK_BYTES = {T.Q8_0: 34, T.Q4_0: 18, T.Q4_K: 144, T.Q6_K: 210}
+TYPES = [T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K]  # dequant here; the GEMM also takes Q5_K / Q5_0
+GEMM_TYPES = TYPES + [T.Q5_K, T.Q5_0]
+BLOCK_BYTES = {T.Q8_0: 34, T.Q4_0: 18, T.Q4_K: 144, T.Q6_K: 210, T.Q5_K: 176, T.Q5_0: 22}
+BLOCK32 = (T.Q8_0, T.Q4_0, T.Q5_0)  # x as Q8_0 per 32; the others Q8_K per 256
+
+
+def module(t):
+    """The layout's module: pack and the decode kernel (matvec)."""
+    return k8 if t in (T.Q8_0, T.Q4_0) else k5 if t in (T.Q5_K, T.Q5_0) else kk
 
 
 def make(t, rows, k, seed):
     """(file tensor, packed) with random valid bytes of type t."""
     if t in (T.Q8_0, T.Q4_0):
         w = raw_weights(t, rows, k, seed)
-        return w, k8.pack(w)
-    w = raw_k(t, rows, k, seed)
-    return w, kk.pack(w)
+    elif t in (T.Q5_K, T.Q5_0):
+        w = raw_q5(t, rows, k, seed)
+    else:
+        w = raw_k(t, rows, k, seed)
+    return w, module(t).pack(w)
 
 
 def shapes(t):
@@ -58,7 +72,7 @@ def test_dequant_refuses_bad_rows_and_out():
 def lane_scale_k(w, x):
     """Sum of |terms| per 16 elements (the kernels' lanes, which may cancel inside a
     super-block): the size float32 rounding scales with, (n, rows)."""
-    q, sc, m, d, dmin = ref_k_weights(w)
+    q, sc, m, d, dmin = (ref_q5_weights if w.type == T.Q5_K else ref_k_weights)(w)
     out = np.zeros((len(x), w.rows))
     for i, xi in enumerate(x):
         xq, xd = ref_quantize_k(xi)
@@ -74,15 +88,17 @@ def reference_rows(w, x):
     """(n, rows) result and per-entry sum of |block terms| (per 16 elements for Q4_K / Q6_K):
     the decode tests' numpy reference (x quantized as ggml does, exact int64 block sums, then
     the float scales), row by row."""
-    if w.type in (T.Q8_0, T.Q4_0):
-        pairs = [reference(w, xi) for xi in x]
+    if w.type in BLOCK32:
+        pairs = [(reference_q5 if w.type == T.Q5_0 else reference)(w, xi) for xi in x]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-    return np.stack([reference_k(w, xi)[0] for xi in x]), lane_scale_k(w, x)
+    ref = reference_q5 if w.type == T.Q5_K else reference_k
+    return np.stack([ref(w, xi)[0] for xi in x]), lane_scale_k(w, x)
 
 
 def gemm_cases():
-    for t in TYPES:
-        for k in [1024, 3072] + ([768, 256] if t in (T.Q8_0, T.Q4_0) else []):  # tails; all tail
+    for t in GEMM_TYPES:
+        # Q8_0 / Q4_0 / Q5_0: 768 has tail blocks, 256 is all tail; Q5_K: one super-block
+        for k in [1024, 3072] + ([768, 256] if t in BLOCK32 else [256] if t == T.Q5_K else []):
             for n in (2, 5, 17, 130):
                 if k == 3072 and n == 130 and t != T.Q8_0:
                     continue  # the largest once is enough (the reference is slow)
@@ -101,14 +117,13 @@ def test_matmul_equals_integer_reference_and_decode(t, k, n):
     ref, scale = reference_rows(w, x)
     err = np.abs(out - ref)
     assert (err <= 1e-5 * scale).all(), (err / scale).max()
-    mv = k8.matvec if t in (T.Q8_0, T.Q4_0) else kk.matvec
-    decode = np.stack([mv(xi, p) for xi in x])
+    decode = np.stack([module(t).matvec(xi, p) for xi in x])
     assert (np.abs(out - decode) <= 1e-6 * scale).all()
-    if t in (T.Q8_0, T.Q4_0) and k % 512 == 0:  # no tail blocks: the decode kernels' own arithmetic
+    if t in BLOCK32 and k % 512 == 0:  # no tail blocks: the decode kernels' own arithmetic
         np.testing.assert_array_equal(out, decode)
 
 
-@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("t", GEMM_TYPES, ids=lambda t: t.name)
 def test_matmul_threads_and_zero_input(t):
     _, p = make(t, 70, 1024, seed=5)
     x = np.random.default_rng(6).standard_normal((9, 1024)).astype(np.float32)
@@ -131,41 +146,46 @@ def test_matmul_refuses_bad_shapes():
         gemm.matmul(np.ones((3, 512), np.float32), p, np.empty((4, 3), np.float32))
 
 
-QUANT_BYTES = {T.Q8_0: slice(2, 34), T.Q4_0: slice(2, 18), T.Q4_K: slice(16, 144), T.Q6_K: slice(0, 192)}
+QUANT_BYTES = {T.Q8_0: slice(2, 34), T.Q4_0: slice(2, 18), T.Q4_K: slice(16, 144), T.Q6_K: slice(0, 192),
+               T.Q5_K: slice(16, 176), T.Q5_0: slice(2, 22)}  # Q5: the fifth bits and the nibbles
 
 
-@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("t", GEMM_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("sign", [1, -1])
 def test_matmul_largest_quants(t, sign):
-    # every weight quant at its largest magnitude (Q8_0: -128; 4 / 6 bits: 15 / 63) against x
-    # quantized to +-127 everywhere: the widest integer sums the kernels hold (Q4_0 sums 8
-    # vpmaddubsw results, 30480, in int16)
+    # every weight quant at its largest magnitude (Q8_0: -128; 4 / 5 / 6 bits: 15 / 31 / 63)
+    # against x quantized to +-127 everywhere: the widest integer sums the kernels hold in int16
+    # (Q4_0: 8 vpmaddubsw results, 30480; Q5: 4, 31496; Q6_K: 2, 32004)
     w, _ = make(t, 9, 1024, seed=3)
     raw = w.raw.reshape(9, -1, BLOCK_BYTES[t])
     raw[:, :, QUANT_BYTES[t]] = 0x80 if t == T.Q8_0 else 0xFF
-    p = (k8 if t in (T.Q8_0, T.Q4_0) else kk).pack(w)
+    p = module(t).pack(w)
     x = np.full((6, 1024), sign, np.float32)
     ref, scale = reference_rows(w, x)
     out = gemm.matmul(x, p, np.empty((6, 9), np.float32))
     assert (np.abs(out - ref) <= 1e-5 * scale).all()
 
 
-@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", GEMM_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_activation_is_not_rounded_away(t, bad):
     # the int8 path quantizes x: a NaN must not vanish into an int (max() passes it over), or
     # corrupt weights would give finite, wrong logits instead of the engine's NaN error
     from quant.formats import FORMATS
+    from quant.kernels.layouts import INT8, Mat
     from quant.kernels.matmul_cpu import matmul, matmul_experts, pack
     from quant.qtensor import QTensor
 
     rng = np.random.default_rng(3)
     k, rows = 512, 16
-    raw = FORMATS[t].quantize(rng.standard_normal((2 * rows, k)).astype(np.float32))
-    stack = pack(QTensor("w", t, rows, k, raw, 2), exact=False)
-    w = stack.expert(1)
+    n_mats = 2 if INT8[t].experts else 1  # a stack without an experts kernel stays exact
+    raw = FORMATS[t].quantize(rng.standard_normal((n_mats * rows, k)).astype(np.float32))
+    stack = pack(QTensor("w", t, rows, k, raw, n_mats), exact=False)
+    w = stack.expert(n_mats - 1)
+    assert isinstance(w, Mat) and w.layout.prefill is not None
     x = rng.standard_normal((5, k)).astype(np.float32)
     x[:, 100] = bad
     assert np.isnan(matmul(x[:1], w)).all()  # decode
     assert np.isnan(matmul(x, w)).all()  # prefill
-    assert np.isnan(matmul_experts(x[:2], stack, np.array([0, 1]), np.array([0, 1]))).all()
+    if n_mats == 2:
+        assert np.isnan(matmul_experts(x[:2], stack, np.array([0, 1]), np.array([0, 1]))).all()

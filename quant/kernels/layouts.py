@@ -81,8 +81,8 @@ INT8: dict[T, Layout] = {
     T.Q4_0: _entry(_int8_cpu),
     T.Q4_K: _entry(_int8_k_cpu),
     T.Q6_K: _entry(_int8_k_cpu),
-    T.Q5_K: _entry(_int8_q5_cpu, rows=_int8_q5_cpu, gemm=False, experts=False),
-    T.Q5_0: _entry(_int8_q5_cpu, rows=_int8_q5_cpu, gemm=False, experts=False),
+    T.Q5_K: _entry(_int8_q5_cpu, rows=_int8_q5_cpu, experts=False),
+    T.Q5_0: _entry(_int8_q5_cpu, rows=_int8_q5_cpu, experts=False),
 }
 
 
