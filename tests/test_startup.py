@@ -216,3 +216,35 @@ def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("QWEN3CLI_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "qwen3cli"
+
+
+def _cache_dir_of(env: dict) -> str:
+    import subprocess
+    import sys
+
+    code = "import os, quant.kernels; print(os.environ.get('NUMBA_CACHE_DIR', ''))"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_numba_cache_is_per_kernel_sources(tmp_path, monkeypatch):
+    # numba checks a cached kernel against its own file only, while inlined callees from other
+    # modules are compiled in: the cache folder is named by a hash of every kernel source
+    import hashlib
+    import os
+    from pathlib import Path
+
+    import quant.kernels
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["QWEN3CLI_NUMBA_CACHE"] = str(tmp_path / "numba")
+    h = hashlib.sha256()
+    for p in sorted(Path(quant.kernels.__file__).parent.glob("*.py")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    assert _cache_dir_of(env) == str(tmp_path / "numba" / h.hexdigest()[:16])
+    for i in range(6):  # older folders are pruned: the four newest stay
+        (tmp_path / "numba" / f"old{i}").mkdir()
+        os.utime(tmp_path / "numba" / f"old{i}", (i, i))
+    _cache_dir_of(env)
+    assert len(list((tmp_path / "numba").iterdir())) == 4
+    assert _cache_dir_of({**env, "NUMBA_CACHE_DIR": str(tmp_path / "mine")}) == str(tmp_path / "mine")

@@ -13,6 +13,43 @@ import os
 
 from .threads import pin_blas
 
+
+def _numba_cache_dir() -> None:
+    """numba's disk cache checks a kernel against its own file's time stamp only, but the
+    machine code it keeps has the functions it calls from other modules compiled in: after an
+    edit of int8_cpu.py alone, int8_gemm_cpu's cached kernels kept the old quantizer. So the
+    cache lives in a folder named by a hash of every kernel source, and any edit starts a fresh
+    one (the four newest are kept: worktrees and versions side by side). A NUMBA_CACHE_DIR the
+    user set wins; QWEN3CLI_NUMBA_CACHE moves the folders' parent."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    import hashlib
+    import shutil
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for p in sorted(here.glob("*.py")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    base = os.environ.get("QWEN3CLI_NUMBA_CACHE")
+    if not base:
+        import platformdirs
+        base = os.path.join(platformdirs.user_cache_dir("qwen3cli"), "numba")
+    d = Path(base) / h.hexdigest()[:16]
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        os.utime(d)  # the newest used, for pruning
+        for old in sorted(Path(base).iterdir(), key=lambda p: p.stat().st_mtime)[:-4]:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError:  # no writable cache: numba's default place, as before
+        return
+    os.environ["NUMBA_CACHE_DIR"] = str(d)
+    if "numba.core.config" in sys.modules:  # numba read its settings already
+        sys.modules["numba.core.config"].CACHE_DIR = str(d)
+
+
+_numba_cache_dir()
 BLAS_PINNED = pin_blas()
 if not BLAS_PINNED and "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
