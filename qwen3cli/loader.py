@@ -84,6 +84,7 @@ def load_gguf(path: str | Path) -> LoadedModel:
 
     weights = build_weights(args, lookup, set(g.tensors), str(g.path))
     tok = load_tokenizer(md, str(g.path))
+    memory.trim_heap()
     return _finish(str(g.path), args, weights, tok, md, keep=g)
 
 
