@@ -46,23 +46,39 @@ def peak_rss_mb() -> float:
     return kb / (1 << 20) if sys.platform == "darwin" else kb / 1024
 
 
-def run_bench(engine: Engine, prompt: int = 128, gen: int = 64, reps: int = 3) -> list[BenchResult]:
+def run_bench(engine: Engine, prompt: int = 128, gen: int = 64, reps: int = 3, depth: int = 0) -> list[BenchResult]:
+    """pp / tg tests; with depth, both run after `depth` tokens already in the cache (llama-bench's
+    -d): the context is filled once and cut back to it before every run."""
     m = engine.model
-    ids = [int(t) for t in np.random.default_rng(0).integers(0, engine.args.vocab_size, max(prompt, 1))]
+    ids = [int(t) for t in np.random.default_rng(0).integers(0, engine.args.vocab_size, max(prompt, 1) + depth)]
+    ids, context = ids[depth:], ids[:depth]
+    at = f" @ d{depth}" if depth else ""
+    base = None
+
+    def fresh():
+        nonlocal base
+        if not depth:
+            return m.new_cache()
+        if base is None:
+            base = m.new_cache()
+            m.forward(context, base)
+        base.truncate(depth)
+        return base
+
     results = []
     if prompt:
-        pp = BenchResult(f"pp{prompt}", prompt)  # ids has `prompt` tokens here
+        pp = BenchResult(f"pp{prompt}{at}", prompt)  # ids has `prompt` tokens here
         for r in range(reps + 1):
-            cache = m.new_cache()
+            cache = fresh()
             t0 = time.perf_counter()
             m.forward(ids, cache)
             if r:  # the first is the warm-up
                 pp.runs.append(prompt / (time.perf_counter() - t0))
         results.append(pp)
     if gen:
-        tg = BenchResult(f"tg{gen}", gen)
+        tg = BenchResult(f"tg{gen}{at}", gen)
         for r in range(reps + 1):
-            cache = m.new_cache()
+            cache = fresh()
             logits = m.forward(ids[:1], cache)
             t0 = time.perf_counter()
             for _ in range(gen):

@@ -20,6 +20,8 @@ def bench(
     prompt: int = typer.Option(128, "-p", "--prompt", help="Prompt tokens for the prefill test (0: skip)."),
     gen: int = typer.Option(64, "-n", "--gen", help="Tokens for the decode test (0: skip)."),
     reps: int = typer.Option(3, "-r", "--reps", help="Repetitions of each test (after one warm-up)."),
+    depth: int = typer.Option(0, "-d", "--depth", help="Tokens already in the context when each test starts "
+                                                      "(llama-bench's -d)."),
     threads: Threads = None,
     ctx: int = typer.Option(None, "--ctx", "-c", help="Context the KV cache is made for (default: what the tests use)."),
     quant: Quant = "q8_0",
@@ -33,18 +35,19 @@ def bench(
 
     from .bench import peak_rss_mb, run_bench
 
-    if prompt < 0 or gen < 0 or reps < 1 or prompt + gen == 0:
-        raise UsageError("-p and -n must be >= 0 (not both 0) and -r >= 1")
-    need = max(prompt, 1) + gen + 1
+    if prompt < 0 or gen < 0 or reps < 1 or prompt + gen == 0 or depth < 0:
+        raise UsageError("-p, -n and -d must be >= 0 (-p and -n not both 0) and -r >= 1")
+    need = depth + max(prompt, 1) + gen + 1
     if ctx is not None and ctx < need:
-        raise UsageError(f"--ctx must be at least {need} for -p {prompt} -n {gen}, got {ctx}")
+        raise UsageError(f"--ctx must be at least {need} for -d {depth} -p {prompt} -n {gen}, got {ctx}")
     set_threads(threads)
     t0 = time.perf_counter()
     engine = open_engine(model, ctx or need, quant, device, exact, cache_type=cache_value(cache))
     load_s = time.perf_counter() - t0
-    results = run_bench(engine, prompt, gen, reps)
+    results = run_bench(engine, prompt, gen, reps, depth)
     info = {"model": engine.loaded.name, "source": engine.loaded.source, "device": engine.model.device,
-            "ctx": engine.ctx, "cache_type": engine.model.cache_type, "threads": numba.get_num_threads(),
+            "ctx": engine.ctx, "depth": depth, "cache_type": engine.model.cache_type,
+            "threads": numba.get_num_threads(),
             "load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
             "weights_mb": round(engine.model.w.nbytes / 1e6, 1), "exact": exact}
     if as_json:

@@ -132,6 +132,35 @@ def test_bench_json(tiny):
     assert [x["test"] for x in json.loads(r.stdout)["results"]] == ["tg3"]
 
 
+def test_bench_at_depth(tiny):
+    # llama-bench's -d: the context is filled once, and every timed run starts `depth` tokens in
+    from qwen3cli.bench import run_bench
+    from qwen3cli.engine import Engine
+    from qwen3cli.loader import load
+
+    engine = Engine(load(tiny), ctx=64)
+    calls, forward = [], engine.model.forward
+
+    def spy(tokens, cache, *a, **kw):
+        calls.append((len(tokens), cache.n))
+        return forward(tokens, cache, *a, **kw)
+
+    engine.model.forward = spy
+    res = run_bench(engine, prompt=5, gen=3, reps=2, depth=20)
+    assert [r.test for r in res] == ["pp5 @ d20", "tg3 @ d20"]
+    assert calls[0] == (20, 0) and calls.count((20, 0)) == 1  # the context, once
+    runs = [c for c in calls[1:] if c[1] == 20]  # each pp run and each tg run's first token
+    assert runs == [(5, 20)] * 3 + [(1, 20)] * 3
+    assert all(n == 1 for n, _ in calls[1:] if _ != 20)  # the rest is decode
+    r = CliRunner().invoke(app, ["bench", str(tiny), "-d", "16", "-p", "4", "-n", "2", "-r", "1", "--json"])
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["depth"] == 16 and d["ctx"] >= 16 + 4 + 2
+    assert [x["test"] for x in d["results"]] == ["pp4 @ d16", "tg2 @ d16"]
+    r = CliRunner().invoke(app, ["bench", str(tiny), "-d", "40", "--ctx", "32"])
+    assert r.exit_code == 1 and "--ctx must be at least" in r.stderr
+
+
 def test_device_choice(tiny, scripted, monkeypatch):
     import importlib.util
 
