@@ -18,6 +18,7 @@ faster kernel for one role, is one entry here.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from functools import cache
 from typing import Any, Callable
 
 import numpy as np
@@ -36,26 +37,31 @@ class Layout:
     take: Callable[..., np.ndarray] | None  # (arrays, ids) -> (len(ids), k)
 
 
+@cache  # an import statement per product costs ~1 us on decode's path
 def _int8_cpu():
     from . import int8_cpu
     return int8_cpu
 
 
+@cache
 def _int8_k_cpu():
     from . import int8_k_cpu
     return int8_k_cpu
 
 
+@cache
 def _gemm():
     from . import int8_gemm_cpu
     return int8_gemm_cpu
 
 
+@cache
 def _int8_q5_cpu():
     from . import int8_q5_cpu
     return int8_q5_cpu
 
 
+@cache
 def _experts():
     from . import int8_experts_cpu
     return int8_experts_cpu
