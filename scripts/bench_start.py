@@ -1,5 +1,5 @@
 """Where start to first token goes (issue 14): CPU time (user, sys) and page faults per stage,
-and what each numba cache load costs, for one GGUF file.
+and what each numba cache load costs, for one GGUF file; resident memory after each stage.
 
     python scripts/bench_start.py FILE [--rounds 3] [--loads]
 
@@ -27,8 +27,14 @@ CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[2])
 stages, last = [], None
+mem = []
+def status():
+    f = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+    return {k: int(f[k].split()[0]) // 1024 for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM") if k in f}
 def mark(name):
     global last
+    if name:
+        mem.append((name, status()))
     r = resource.getrusage(resource.RUSAGE_SELF)
     now = (r.ru_utime, r.ru_stime, r.ru_minflt, time.perf_counter())
     if last is not None:
@@ -47,12 +53,17 @@ from qwen3cli.engine import Engine
 from qwen3cli.loader import load
 mark("import")
 loaded = load(sys.argv[1]); mark("load")
-e = Engine(loaded, None); mark("engine")
-p = e.prompt([{"role": "user", "content": "Hello"}])
+n = int(sys.argv[3])
+e = Engine(loaded, n + 2 if n else None); mark("engine")
+if n:  # bench -p n's prompt: pseudo-random ids
+    import numpy as np
+    ids = [int(t) for t in np.random.default_rng(0).integers(0, e.args.vocab_size, n)]
+else:
+    ids = e.prompt([{"role": "user", "content": "Hello"}]).ids
 c = e.model.ops.new_cache(e.ctx)
-e.model.forward(p.ids, c); mark("prefill")
+e.model.forward(ids, c); mark("prefill")
 e.model.forward([1], c); mark("decode")
-print(json.dumps({"stages": stages, "loads": loads}))
+print(json.dumps({"stages": stages, "loads": loads, "mem": mem}))
 """
 
 
@@ -61,10 +72,13 @@ def main() -> None:
     ap.add_argument("file")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--loads", action="store_true", help="list each numba cache load")
+    ap.add_argument("-p", "--prompt", type=int, default=0,
+                    help="prefill this many pseudo-random tokens (bench -p's) in a context of that size, "
+                         "not the templated Hello")
     a = ap.parse_args()
     runs = []
     for _ in range(a.rounds):
-        out = subprocess.run([sys.executable, "-c", CHILD, a.file, str(ROOT)], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", CHILD, a.file, str(ROOT), str(a.prompt)], capture_output=True, text=True,
                              check=True, env=os.environ)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{Path(a.file).name}, NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', 'default')}, "
@@ -73,6 +87,9 @@ def main() -> None:
         cols = [f"{n} {u:.2f}/{s:.2f} {f / 1000:.0f}k {w:.2f}" for n, u, s, f, w in r["stages"]]
         total = sum(u + s for _, u, s, _, _ in r["stages"])
         print(f"  run {i + 1}: " + "  ".join(cols) + f"  | cpu {total:.2f}")
+    print("  memory after each stage (last run), MB: RSS (anon + file), peak so far")
+    for name, m in runs[-1]["mem"]:
+        print(f"    {name:8s} {m['VmRSS']:5d} ({m['RssAnon']} + {m['RssFile']}), peak {m['VmHWM']}")
     if a.loads:
         for name, t, hit in runs[-1]["loads"]:
             print(f"  {name:60s} {t * 1000:6.1f} ms{'' if hit else '  (miss: compiled)'}")
