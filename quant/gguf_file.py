@@ -295,6 +295,15 @@ class GGUFFile:
         except (AttributeError, OSError, ValueError):  # no madvise here: only memory is lost
             pass
 
+    def release_header(self) -> None:
+        """Drop the pages of the header (metadata: a Qwen3 tokenizer's ~5 MB of tokens and
+        merges) from this process, once what reads them has: as release_pages, a later read
+        only faults them back in."""
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, 0, self.data_start // mmap.PAGESIZE * mmap.PAGESIZE)
+        except (AttributeError, OSError, ValueError):
+            pass
+
     def close(self) -> None:
         try:
             self._buf.release()

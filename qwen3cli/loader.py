@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ from .errors import ConfigError
 from .meta import Fields
 from .sampler import file_params
 from .tokenizer import from_tokenizer_json
-from .tokenizer_cache import load_tokenizer
+from .tokenizer_cache import Pending, start_tokenizer
 from .weights import Weights, build_weights
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -37,13 +38,31 @@ class LoadedModel:
     source: str
     args: ModelArgs
     weights: Weights
-    tokenizer: Tokenizer
+    _tokenizer: Tokenizer | Pending  # a GGUF's may still be parsing (tokenizer_cache.start_tokenizer)
     metadata: dict[str, Any]
     chat_template: str | None
-    stop_ids: frozenset[int]
-    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ... for templates
+    eos_id: int | None  # the file's EOS id, a stop token besides STOP_TOKENS
+    special_ids: dict[str, int] = field(default_factory=dict)  # bos_token, eos_token, ... -> their ids
     _keep: Any = None  # the open GGUFFile whose map the weights view
     warnings: list[str] = field(default_factory=list)  # optional inputs left out; the CLI shows them
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if isinstance(self._tokenizer, Pending):
+            self._tokenizer = self._tokenizer.result()
+        return self._tokenizer
+
+    @cached_property
+    def stop_ids(self) -> frozenset[int]:
+        tok = self.tokenizer
+        stop = frozenset(i for i in map(tok.token_to_id, STOP_TOKENS) if i is not None)
+        return stop | {self.eos_id} if self.eos_id is not None else stop
+
+    @cached_property
+    def special_tokens(self) -> dict[str, str]:
+        """bos_token, eos_token, ... as text, for templates."""
+        texts = {name: self.tokenizer.id_to_token(tid) for name, tid in self.special_ids.items()}
+        return {name: text for name, text in texts.items() if text is not None}
 
     def release(self, tensor: str, rows: tuple[int, int] | None = None) -> None:
         """The engine copied this tensor (or its raw rows lo:hi) into its own layout: let the
@@ -83,9 +102,12 @@ def load_gguf(path: str | Path) -> LoadedModel:
         return t.shape, t.type, g.raw(name)
 
     weights = build_weights(args, lookup, set(g.tensors), str(g.path))
-    tok = load_tokenizer(md, str(g.path))
+    # parsed beside the engine's repack; its freed parse buffers (tens of MB) go back at its end
+    tok = start_tokenizer(md, str(g.path), done=memory.trim_heap)
     memory.trim_heap()
-    return _finish(str(g.path), args, weights, tok, md, keep=g)
+    loaded = _finish(str(g.path), args, weights, tok, md, keep=g)
+    g.release_header()  # hashed (and, on a first run, built from): the tokenizer is its own copy
+    return loaded
 
 
 def load_hf_dir(directory: str | Path, quant: str = "q8_0", progress: Progress | None = None) -> LoadedModel:
@@ -120,20 +142,16 @@ def _finish(source, args, weights, tok, md, keep=None, warnings=()) -> LoadedMod
     args = _with_tie(args, weights)
     f = Fields(md, source)
     last_id = args.vocab_size - 1
-    stop = frozenset(i for i in map(tok.token_to_id, STOP_TOKENS) if i is not None)
     eos = f.int("tokenizer.ggml.eos_token_id", 0, last_id, default=None)
-    if eos is not None:
-        stop |= {eos}
     specials = {}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id")):
         tid = f.int(f"tokenizer.ggml.{key}", 0, last_id, default=None)
-        text = tok.id_to_token(tid) if tid is not None else None
-        if text is not None:
-            specials[name] = text
+        if tid is not None:
+            specials[name] = tid
     f.text("general.name", default=None)
     file_params(md, source)
     template = f.text("tokenizer.chat_template", default=None)
-    return LoadedModel(source, args, weights, tok, md, template or None, stop, specials, keep, list(warnings))
+    return LoadedModel(source, args, weights, tok, md, template or None, eos, specials, keep, list(warnings))
 
 
 def _with_tie(args: ModelArgs, w: Weights) -> ModelArgs:

@@ -270,3 +270,50 @@ print(before - anon(), len(t.get_vocab()))
     r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     freed, vocab = map(int, r.stdout.split())
     assert vocab > 150_000 and freed >= 10, f"trim_heap gave back {freed} MB"
+
+
+def test_a_cached_tokenizer_is_parsed_on_a_thread(files, cache):
+    import threading
+
+    from qwen3cli.tokenizer_cache import start_tokenizer
+
+    with GGUFFile(files[0]) as g:
+        fresh = load_tokenizer(g.metadata)  # writes the entry
+        seen = []
+        pending = start_tokenizer(g.metadata, done=lambda: seen.append(threading.current_thread()))
+        tok = pending.result()
+    assert seen and seen[0] is not threading.main_thread()
+    assert tok.to_str() == fresh.to_str()
+    same(tok, fresh)
+
+
+def test_a_parse_that_fails_on_the_thread_is_rebuilt_on_the_callers(files, cache, monkeypatch):
+    from qwen3cli.tokenizer_cache import start_tokenizer
+
+    with GGUFFile(files[0]) as g:
+        fresh = load_tokenizer(g.metadata)
+        monkeypatch.setattr(tokenizer_cache, "_parse", lambda body, n: None)
+        tok = start_tokenizer(g.metadata).result()
+    same(tok, fresh)
+
+
+def test_load_lets_the_headers_pages_go(files, cache):
+    # the metadata (the tokenizer's ~5 MB) is read once: its pages should not stay resident
+    import os
+
+    from qwen3cli.loader import load
+
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("no /proc/self/smaps")
+    m = load(files[0])
+    header = m._keep.data_start
+    path = str(files[0])
+    rss, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if not line.split()[0].endswith(":"):  # a mapping's first line: its address range, ..., its path
+            inside = line.rstrip().endswith(path)
+        elif inside and line.startswith("Rss:"):
+            rss += int(line.split()[1]) * 1024
+    assert header > 4 << 20
+    assert rss < header / 4, f"{rss} bytes of the file resident, header {header}"
+    assert m.tokenizer.token_to_id("<|im_end|>") in m.stop_ids
