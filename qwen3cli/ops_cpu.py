@@ -46,7 +46,7 @@ class Fused:
         self.qkv, self.gate_up = qkv, gate_up
 
 
-RELEASE_STEP = 32 << 20  # file bytes packed between two releases of the file's pages
+RELEASE_STEP = 8 << 20  # file bytes packed between two releases of the file's pages
 
 
 def pack_tensor(t, release=None, exact: bool = True):
