@@ -1,13 +1,15 @@
 """Where start to first token goes (issue 14): CPU time (user, sys) and page faults per stage,
 and what each numba cache load costs, for one GGUF file; resident memory after each stage.
 
-    python scripts/bench_start.py FILE [--rounds 3] [--loads]
+    python scripts/bench_start.py FILE [--rounds 3] [--loads] [-p 512]
 
 Stages, each in a fresh interpreter (as `qwen3cli run` starts): import (the CLI and the
 kernels' modules, numba itself), load (header, tokenizer), engine (the repack into the
-kernels' layouts, and numba's first cache load, which initialises its CPU target), prefill of
-the chat-templated "Hello", one decode step. Run it with NUMBA_NUM_THREADS=1 on a shared
-machine: the OpenMP workers spin at every parallel region's barrier while the other core is
+kernels' layouts, and numba's first cache load, which initialises its CPU target; the
+tokenizer's parse runs beside it on a thread), prefill of the chat-templated "Hello" (or, with
+-p N, of bench -p N's tokens in an N-token context: where bench's peak RSS is reached), one
+decode step. RSS is split into anonymous memory and file pages (mapped weights, libraries).
+Run it with NUMBA_NUM_THREADS=1 on a shared machine: the OpenMP workers spin at every parallel region's barrier while the other core is
 taken, which counts as CPU time and can double it. `--loads` lists every kernel loaded from
 numba's cache with its CPU time (numba.core.caching is patched in the child only).
 """
