@@ -9,9 +9,10 @@ kernels' layouts, and numba's first cache load, which initialises its CPU target
 tokenizer's parse runs beside it on a thread), prefill of the chat-templated "Hello" (or, with
 -p N, of bench -p N's tokens in an N-token context: where bench's peak RSS is reached), one
 decode step. RSS is split into anonymous memory and file pages (mapped weights, libraries).
-Run it with NUMBA_NUM_THREADS=1 on a shared machine: the OpenMP workers spin at every parallel region's barrier while the other core is
-taken, which counts as CPU time and can double it. `--loads` lists every kernel loaded from
-numba's cache with its CPU time (numba.core.caching is patched in the child only).
+Run it with NUMBA_NUM_THREADS=1 on a shared machine: the OpenMP workers spin at every parallel
+region's barrier while the other core is taken, which counts as CPU time and can double it.
+`--loads` lists every kernel loaded from numba's cache with its CPU time (numba.core.caching
+is patched in the child only).
 """
 
 from __future__ import annotations
