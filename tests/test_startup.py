@@ -309,11 +309,12 @@ def test_load_lets_the_headers_pages_go(files, cache):
     header = m._keep.data_start
     path = str(files[0])
     rss, inside = 0, False
-    for line in open("/proc/self/smaps"):
-        if not line.split()[0].endswith(":"):  # a mapping's first line: its address range, ..., its path
-            inside = line.rstrip().endswith(path)
-        elif inside and line.startswith("Rss:"):
-            rss += int(line.split()[1]) * 1024
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if not line.split()[0].endswith(":"):  # a mapping's first line: its address range, ..., its path
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                rss += int(line.split()[1]) * 1024
     assert header > 4 << 20
     assert rss < header / 4, f"{rss} bytes of the file resident, header {header}"
     assert m.tokenizer.token_to_id("<|im_end|>") in m.stop_ids
