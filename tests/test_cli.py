@@ -246,7 +246,7 @@ def test_summary_keeps_long_paths_at_80_columns(good, tmp_path):
 
     from rich.console import Console
 
-    from qwen3cli.cli import err, print_fields
+    from qwen3cli.cli.base import err, print_fields
 
     assert err.width == 80  # conftest pins it: the test means what it says on any machine
     deep = tmp_path / ("d" * 40)

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from hostile import clean_error, run_cli, run_main, snapshot
 from qwen3cli import convert
-import qwen3cli.cli  # noqa: F401  (registers the commands before cli_run is imported alone)
-from qwen3cli.cli_run import UsageError, user_sampling
+from qwen3cli.cli.base import UsageError
+from qwen3cli.cli.options import user_sampling
 from qwen3cli.errors import OutputError
 from qwen3cli.files import atomic_output
 

@@ -8,9 +8,9 @@ import time
 import typer
 from rich.table import Table
 
-from .cli import app, out, printable, user_errors
-from .cli_options import Cache, Device, Exact, Model, Quant, Threads, cache_value
-from .cli_run import UsageError, open_engine, set_threads
+from .base import UsageError, app, out, printable, user_errors
+from .load import open_engine
+from .options import Cache, Device, Exact, Model, Quant, Threads, cache_value, set_threads
 
 
 @app.command()
@@ -33,7 +33,7 @@ def bench(
     """Measure prefill and decode speed, like llama-bench."""
     import numba
 
-    from .bench import peak_rss_mb, run_bench
+    from ..bench import peak_rss_mb, run_bench
 
     if prompt < 0 or gen < 0 or reps < 1 or prompt + gen == 0 or depth < 0:
         raise UsageError("-p, -n and -d must be >= 0 (-p and -n not both 0) and -r >= 1")

@@ -9,9 +9,9 @@ import typer
 
 from quant.files import read_text
 
-from .cli import app, err, out, user_errors
-from .cli_options import Exact, Model, Threads
-from .cli_run import UsageError, open_engine, set_threads
+from .base import UsageError, app, err, out, user_errors
+from .load import open_engine
+from .options import Exact, Model, Threads, set_threads
 
 MAX_TEXT = 64 << 20  # bytes: hours of scoring on a CPU already
 
@@ -31,7 +31,7 @@ def eval_(
     """Compare MODEL with REF on a text, like llama-perplexity --kl-divergence."""
     from dataclasses import asdict
 
-    from .evaluate import evaluate, sample_text
+    from ..evaluate import evaluate, sample_text
 
     if ctx < 2:  # half of each chunk is scored
         raise UsageError(f"--ctx must be at least 2, got {ctx}")

@@ -1,4 +1,4 @@
-"""Options shared by `run`, `chat`, `bench` and `serve`, declared once."""
+"""Options shared by `run`, `chat`, `bench`, `eval` and `serve`, declared once, and their checks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from enum import Enum
 from typing import Annotated, Optional
 
 import typer
+
+from .base import UsageError
 
 Model = Annotated[str, typer.Argument(help="A GGUF file, a Hugging Face model directory, or a hub repo id "
                                            "(Qwen/Qwen3-0.6B, Qwen/Qwen3-8B-GGUF:Q8_0).")]
@@ -42,3 +44,28 @@ Cache = Annotated[Optional[CacheType], typer.Option(
 
 def cache_value(c: CacheType | None) -> str | None:
     return c.value if c is not None else None
+
+
+def set_threads(n: int | None) -> None:
+    if n is None:
+        return
+    import numba
+
+    if n < 1:
+        raise UsageError(f"--threads must be at least 1, got {n}")
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def user_sampling(seed: int | None = None, **flags) -> tuple[dict, int | None]:
+    """The sampling flags the user set, checked before any model loads; --seed -1 means a
+    random seed, as in llama.cpp. Returns (flags that were set, seed)."""
+    from ..sampler import SamplingError, SamplingParams
+
+    if seed == -1:
+        seed = None
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        SamplingParams(**{**SamplingParams().__dict__, **given, "seed": seed}).validate()
+    except SamplingError as e:
+        raise UsageError(str(e)) from None
+    return given, seed

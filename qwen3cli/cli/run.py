@@ -8,128 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
 
 import typer
-from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .cli import app, err, print_warnings, user_errors
-from .cli_options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads,
-                          TopK, TopP, cache_value)
-from .errors import Qwen3CliError
-
-
-class UsageError(Qwen3CliError):
-    pass
-
-
-@contextmanager
-def load_progress():
-    """A transient bar for long loads (converting a directory, downloading); started only if needed."""
-    bar: Progress | None = None
-    tasks: dict[str, int] = {}
-
-    def update(what: str, done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                           TimeRemainingColumn(), console=err, transient=True)
-            bar.start()
-        if what not in tasks:
-            tasks[what] = bar.add_task(what, total=total)
-        bar.update(tasks[what], completed=done, total=total)
-
-    try:
-        yield update
-    finally:
-        if bar is not None:
-            bar.stop()
-
-
-def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto", exact: bool = False,
-                cache_type: str | None = None):
-    """Pick the device, load (with a bar when it takes a while), then build the engine; while
-    kernels compile (a first CPU run, every GPU run), say so instead of looking frozen.
-    exact: float activations (Model's); cache_type: the KV cache's f32, f16 or q8_0 (None: the
-    device's default)."""
-    from quant.kernels.matmul_cpu import warm_up
-
-    from .device import pick
-    from .engine import Engine
-    from .loader import load
-
-    backend, note = pick(device)
-    with load_progress() as progress:
-        loaded = load(model, quant=quant, progress=progress)
-    print_warnings(loaded.warnings)
-    if note:  # after the load, so that a bad file still gets one line of error
-        err.print(f"[dim]{note}[/dim]", highlight=False)
-
-    def forward(n: int) -> None:  # a cache of n positions: on a GPU a full-context one is gigabytes
-        engine.model.forward([0] * n, engine.model.ops.new_cache(n))
-
-    if backend == "cpu":
-        watch = compile_watch()
-        compiled = watch.count
-        engine = Engine(loaded, ctx, exact=exact, cache_type=cache_type)
-        if watch.count > compiled:  # packing compiled its kernels: a first run, so compile the rest now
-            warm_up(forward)
-        return engine
-    with err.status("uploading the weights and compiling the GPU kernels…"):
-        engine = Engine(loaded, ctx, device=backend, exact=exact, cache_type=cache_type)
-        err.print(f"[dim]{escape(engine.model.ops.summary)}[/dim]", highlight=False)
-        warm_up(forward)
-    return engine
-
-
-_WATCH = None
-
-
-def compile_watch():
-    """The process's CompileWatch: one line on a terminal when numba first compiles, which a
-    run with a warm cache never shows, whatever layouts its file uses. A line, not a live
-    status: compiles can start under another live display (eval's, chat's), and rich's nested
-    lives recursed without end when the outer one stopped first."""
-    global _WATCH
-    if _WATCH is None:
-        from .compiling import CompileWatch
-
-        said = []
-
-        def started() -> None:
-            if err.is_terminal and not said:
-                said.append(True)
-                err.print("[dim]compiling kernels (first run only, about a minute)…[/dim]", highlight=False)
-
-        _WATCH = CompileWatch(started).install()
-    return _WATCH
-
-
-def set_threads(n: int | None) -> None:
-    if n is None:
-        return
-    import numba
-
-    if n < 1:
-        raise UsageError(f"--threads must be at least 1, got {n}")
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-
-
-def user_sampling(seed: int | None = None, **flags) -> tuple[dict, int | None]:
-    """The sampling flags the user set, checked before any model loads; --seed -1 means a
-    random seed, as in llama.cpp. Returns (flags that were set, seed)."""
-    from .sampler import SamplingError, SamplingParams
-
-    if seed == -1:
-        seed = None
-    given = {k: v for k, v in flags.items() if v is not None}
-    try:
-        SamplingParams(**{**SamplingParams().__dict__, **given, "seed": seed}).validate()
-    except SamplingError as e:
-        raise UsageError(str(e)) from None
-    return given, seed
-
+from .base import UsageError, app, err, user_errors
+from .load import open_engine
+from .options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads,
+                      TopK, TopP, cache_value, set_threads, user_sampling)
 
 MAX_PROMPT_BYTES = 64 << 20  # a 128K-token context holds well under 1 MB of text: this is only a bound
 
@@ -184,9 +69,9 @@ def run(
     """Answer one prompt and exit."""
     import time
 
-    from .generate import Done, generate
-    from .model import ContextFull
-    from .sampler import Sampler, default_params
+    from ..generate import Done, generate
+    from ..model import ContextFull
+    from ..sampler import Sampler, default_params
 
     t_start = time.perf_counter()
     for name, v in (("--ctx", ctx), ("--max-tokens", max_tokens)):
