@@ -328,3 +328,20 @@ print(before - anon(), len(t.get_vocab()))
     freed, vocab = map(int, r.stdout.split())
     assert vocab > 150_000 and freed >= 10, f"trim_heap gave back {freed} MB"
 
+
+def test_cli_modules_leave_the_engine_unloaded():
+    """Each CLI module, imported alone, loads neither numba, numpy, the kernels nor the engine:
+    `qwen3cli --help` and a usage error stay fast, whichever command module a user's code or a
+    test imports first."""
+    from test_imports import ROOT, import_each, modules_under
+
+    heavy = ("numba", "numpy", "quant.kernels", "qwen3cli.engine", "qwen3cli.model", "qwen3cli.conversation",
+             "prompt_toolkit", "tokenizers", "jinja2")
+    names = [n for n in modules_under(ROOT) if n == "qwen3cli.cli" or n.startswith("qwen3cli.cli.")]
+    assert "qwen3cli.cli.run" in names and "qwen3cli.cli.quantize" in names
+    results = import_each(names, watch=heavy)
+    assert {n: loaded for n, (ok, _, loaded) in results.items() if loaded or not ok} == {}
+    # the watch sees what a heavy import loads: the library factory's own module pulls the engine in
+    (ok, _, loaded), = import_each(["qwen3cli.engine"], watch=heavy).values()
+    assert ok and "numba" in loaded and "qwen3cli.engine" in loaded
+
