@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from quant.gguf_split import part_paths
+
 from .errors import ConfigError
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?::(?P<tag>[\w.-]+))?$")
@@ -93,6 +95,19 @@ def pick_gguf(repo: str, ggufs: list[str], tag: str | None) -> str:
     return sorted(ggufs)[0]
 
 
+def _with_parts(repo: str, name: str, ggufs: list[str]) -> list[str]:
+    """The file, or every part of a split file (llama.cpp loads them from one directory)."""
+    parts = part_paths(name)
+    if parts is None:
+        return [name]
+    names = [p.as_posix() for p in parts]
+    missing = [n for n in names if n not in ggufs]
+    if missing:
+        raise HubError(f"{repo}: {Path(name).name} is split into {len(names)} parts but "
+                       f"{Path(missing[0]).name} is not in the repo")
+    return names
+
+
 def resolve(spec: str, quant: str = "q8_0", progress: Progress | None = None) -> Path:
     """A local GGUF file or model directory for a repo id."""
     m = REPO_ID.match(spec)
@@ -106,9 +121,10 @@ def resolve(spec: str, quant: str = "q8_0", progress: Progress | None = None) ->
     ggufs = [f for f in files if f.endswith(".gguf") and "mmproj" not in f.lower()]
     try:
         if ggufs:
-            name = pick_gguf(repo, ggufs, tag)
-            return Path(hf_hub_download(repo, name, local_files_only=_offline(),
-                                        tqdm_class=_tqdm_class(progress, f"downloading {Path(name).name}")))
+            names = _with_parts(repo, pick_gguf(repo, ggufs, tag), ggufs)
+            return [Path(hf_hub_download(repo, n, local_files_only=_offline(),
+                                         tqdm_class=_tqdm_class(progress, f"downloading {Path(n).name}")))
+                    for n in names][0]
         if "config.json" not in files:
             raise HubError(f"{repo}: neither GGUF files nor a Hugging Face checkpoint (no config.json)")
         if tag:
