@@ -60,6 +60,7 @@ class SplitGGUF:
         self.size = sum(g.size for g in parts)
         self.alignment = first.alignment
         self.metadata: dict[str, Any] = first.metadata
+        self.value_types = first.value_types
         self.tensors: dict[str, TensorInfo] = {}
         self._owner: dict[str, GGUFFile] = {}
         for g in parts:

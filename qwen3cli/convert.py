@@ -351,5 +351,10 @@ def write(p: Plan, out: str | Path, force: bool = False,
 
 def quantize(src: str | Path, out: str | Path, type_name: str = "q8_0", force: bool = False,
              progress: Callable[[str, int], None] | None = None,
-             imatrix: str | Path | Imatrix | None = None, split_max_size: int | None = None) -> Summary:
-    return write(plan(src, type_name, imatrix), out, force=force, progress=progress, split_max_size=split_max_size)
+             imatrix: str | Path | Imatrix | None = None, split_max_size: int | None = None,
+             allow_requantize: bool = False) -> Summary:
+    """Quantize a checkpoint directory or a GGUF file (requantize.py) to `out`."""
+    from .requantize import is_gguf, plan_gguf
+
+    p = plan_gguf(src, type_name, imatrix, allow_requantize) if is_gguf(src) else plan(src, type_name, imatrix)
+    return write(p, out, force=force, progress=progress, split_max_size=split_max_size)

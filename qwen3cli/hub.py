@@ -108,8 +108,9 @@ def _with_parts(repo: str, name: str, ggufs: list[str]) -> list[str]:
     return names
 
 
-def resolve(spec: str, quant: str = "q8_0", progress: Progress | None = None) -> Path:
-    """A local GGUF file or model directory for a repo id."""
+def fetch(spec: str, progress: Progress | None = None) -> Path:
+    """A repo id's files on disk: the GGUF file its tag picks (with every part of a split
+    one), or its checkpoint directory."""
     m = REPO_ID.match(spec)
     if not m or spec.endswith(".gguf") or spec.startswith(("./", "../", "/", "~")):
         raise ConfigError(f"{spec}: no such file or directory")
@@ -129,11 +130,18 @@ def resolve(spec: str, quant: str = "q8_0", progress: Progress | None = None) ->
             raise HubError(f"{repo}: neither GGUF files nor a Hugging Face checkpoint (no config.json)")
         if tag:
             raise HubError(f"{repo}: has no GGUF files, so no {tag!r} to pick; use --quant for the type to convert to")
-        snap = Path(snapshot_download(repo, allow_patterns=CHECKPOINT_FILES, local_files_only=_offline(),
+        return Path(snapshot_download(repo, allow_patterns=CHECKPOINT_FILES, local_files_only=_offline(),
                                       tqdm_class=_tqdm_class(progress, f"downloading {repo}")))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise HubError(f"{repo}: download failed: {str(e).splitlines()[0][:160]}") from None
-    return _quantized(repo, snap, quant, progress)
+
+
+def resolve(spec: str, quant: str = "q8_0", progress: Progress | None = None) -> Path:
+    """A local GGUF file for a repo id: a checkpoint repo is quantized to `quant` once."""
+    path = fetch(spec, progress)
+    if path.is_dir():
+        return _quantized(REPO_ID.match(spec)["repo"], path, quant, progress)
+    return path
 
 
 def _quantized(repo: str, snap: Path, quant: str, progress: Progress | None) -> Path:
