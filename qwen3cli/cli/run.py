@@ -69,9 +69,9 @@ def run(
     """Answer one prompt and exit."""
     import time
 
-    from ..generate import Done, generate
+    from ..generation import Done, generate
     from ..model import ContextFull
-    from ..sampler import Sampler, default_params
+    from ..sampler import Overrides, Sampler
 
     t_start = time.perf_counter()
     for name, v in (("--ctx", ctx), ("--max-tokens", max_tokens)):
@@ -88,8 +88,7 @@ def run(
         raise ContextFull(f"the prompt has {len(p.ids)} tokens but the context holds {engine.ctx}; "
                           "raise --ctx or shorten the prompt")
     try:
-        params = default_params(p.thinking, engine.loaded.metadata, p.thinking == engine.thinks(None),
-                                seed=seed, **user)
+        params = engine.sampling(p.thinking, Overrides(seed=seed, **user))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
