@@ -354,7 +354,13 @@ def quantize(src: str | Path, out: str | Path, type_name: str = "q8_0", force: b
              imatrix: str | Path | Imatrix | None = None, split_max_size: int | None = None,
              allow_requantize: bool = False) -> Summary:
     """Quantize a checkpoint directory or a GGUF file (requantize.py) to `out`."""
+    p = plan_source(src, type_name, imatrix, allow_requantize)
+    return write(p, out, force=force, progress=progress, split_max_size=split_max_size)
+
+
+def plan_source(src: str | Path, type_name: str = "q8_0", imatrix: str | Path | Imatrix | None = None,
+                allow_requantize: bool = False) -> Plan:
+    """`plan` for a checkpoint directory, requantize.plan_gguf for a GGUF file."""
     from .requantize import is_gguf, plan_gguf
 
-    p = plan_gguf(src, type_name, imatrix, allow_requantize) if is_gguf(src) else plan(src, type_name, imatrix)
-    return write(p, out, force=force, progress=progress, split_max_size=split_max_size)
+    return plan_gguf(src, type_name, imatrix, allow_requantize) if is_gguf(src) else plan(src, type_name, imatrix)

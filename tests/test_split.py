@@ -139,3 +139,27 @@ def test_sizes_and_plans():
             parse_size(bad)
     assert plan_parts([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]]
     assert plan_parts([3, 3], 100) == [[0, 1]]
+
+
+def test_cli_quantize_splits_requantizes_and_refuses(ckpt, tmp_path):
+    from test_cli import leftovers, one_line_error, run
+
+    src, _ = ckpt(dtype="bf16", std=0.05)  # bf16 values: the BF16 file holds them exactly
+    code, _, err = run("quantize", src, "-o", tmp_path / "bf16.gguf", "--type", "bf16", "--split-max-size", "60k")
+    assert code == 0, err
+    parts = leftovers(tmp_path)
+    assert len(parts) > 1 and parts[0] == f"bf16-00001-of-{len(parts):05d}.gguf" and f"in {len(parts)} parts" in err
+    code, _, err = run("quantize", tmp_path / parts[-1], "-o", tmp_path / "q8.gguf", "--type", "q8_0")
+    assert code == 0, err
+    want = quantize(src, tmp_path / "direct.gguf", "q8_0").out
+    with GGUFFile(tmp_path / "q8.gguf") as a, GGUFFile(want) as b:
+        assert all(np.array_equal(a.raw(n), b.raw(n)) for n in b.tensors) and list(a.tensors) == list(b.tensors)
+    code, _, err = run("quantize", tmp_path / "q8.gguf", "-o", tmp_path / "q4.gguf", "--type", "q4_0")
+    assert code == 1
+    one_line_error(err, "q8.gguf: already quantized (Q8_0)", "--allow-requantize")
+    code, _, err = run("quantize", tmp_path / "q8.gguf", "-o", tmp_path / "q4.gguf", "--type", "q4_0", "--allow-requantize")
+    assert code == 0, err
+    code, _, err = run("quantize", src, "-o", tmp_path / "x.gguf", "--split-max-size", "lots")
+    assert code == 1
+    one_line_error(err, "--split-max-size", "'lots' is not a size")
+    assert "x.gguf" not in leftovers(tmp_path) and not any(n.startswith(".") for n in leftovers(tmp_path))

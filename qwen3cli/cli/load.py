@@ -15,11 +15,11 @@ def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto", e
     from ..loading import open_engine as load_engine
 
     compile_watch()  # before the load: packing the weights is where a first run compiles
-    with _LoadView() as view:
+    with LoadView() as view:
         return load_engine(model, ctx, quant, device, exact, cache_type, hooks=view.hooks())
 
 
-class _LoadView:
+class LoadView:
     """One load's display. The bar starts only if the load reports progress (a download or a
     conversion; a GGUF file opens too fast for one), and stops before anything else is shown:
     rich's live displays must not nest."""

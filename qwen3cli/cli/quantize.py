@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import OutputError
-from .base import app, count_text, err, out, print_fields, print_warnings, printable, size_text, user_errors
+from .base import UsageError, app, count_text, err, out, print_fields, print_warnings, printable, size_text, user_errors
 
 
 class QuantType(str, Enum):
@@ -32,7 +33,8 @@ class QuantType(str, Enum):
 @app.command()
 @user_errors
 def quantize(
-    src: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer)."),
+    source: str = typer.Argument(..., metavar="SRC", help="Hugging Face model directory (config.json, *.safetensors, "
+                                 "tokenizer), a BF16/F16/F32 GGUF file, or a hub repo id (downloaded first)."),
     output: Path = typer.Option(None, "-o", "--output", help="The GGUF file to write."),
     type: QuantType = typer.Option(QuantType.q8_0, "--type", "-t", help="Tensor type of the weight matrices."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUTPUT if it exists."),
@@ -42,16 +44,31 @@ def quantize(
     imatrix: str = typer.Option(None, "--imatrix", metavar="FILE", help="llama.cpp importance matrix (llama-imatrix's GGUF or "
                                                           ".dat file) to weight the quantization error, as "
                                                           "llama-quantize --imatrix does."),
+    split_max_size: str = typer.Option(None, "--split-max-size", metavar="SIZE",
+                                       help="Write parts of at most SIZE of tensor data (e.g. 50G, 500M) as "
+                                            "llama-gguf-split does: OUTPUT-00001-of-0000N.gguf, ..."),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize",
+                                          help="Quantize an already-quantized GGUF again (adds a second rounding "
+                                               "error), as llama-quantize --allow-requantize."),
 ) -> None:
-    """Convert and quantize a Qwen3 / Qwen3-MoE checkpoint to a GGUF file llama.cpp loads."""
+    """Convert and quantize a Qwen3 / Qwen3-MoE checkpoint (or a BF16/F16/F32 GGUF) to a GGUF file llama.cpp loads."""
+    from quant.gguf_split import parse_size
+
     from .. import convert
 
+    max_bytes = None
+    if split_max_size is not None:
+        try:
+            max_bytes = parse_size(split_max_size)
+        except ValueError as e:
+            raise UsageError(f"--split-max-size: {e}") from None
+    src = _source(source)
     if dry_run:
-        return _print_plan(convert.plan(src, type.value, imatrix))
+        return _print_plan(convert.plan_source(src, type.value, imatrix, allow_requantize))
     if output is None:
         raise OutputError("missing --output (-o): the GGUF file to write")
     convert.check_output(output, force)
-    p = convert.plan(src, type.value, imatrix)
+    p = convert.plan_source(src, type.value, imatrix, allow_requantize)
     print_warnings(p.warnings)
     _warn_imatrix_missing(p)
     bytes_per_elem = p.input_bytes / max(p.n_params, 1)
@@ -69,7 +86,7 @@ def quantize(
                 done_names.append(name)
             bar.update(task, advance=n_elements * bytes_per_elem, tensors=f"{len(done_names)}/{n} tensors")
 
-        s = convert.write(p, output, force=force, progress=progress)
+        s = convert.write(p, output, force=force, progress=progress, split_max_size=max_bytes)
         bar.update(task, completed=p.input_bytes, tensors=f"{n}/{n} tensors")
 
     print_fields(err, _summary_rows(src, p, s))
@@ -83,10 +100,22 @@ def quantize(
         err.print(f"check: {res.line()}", highlight=False, soft_wrap=True)
 
 
+def _source(source: str) -> Path:
+    """The directory or file to quantize: a repo id (not a path here) is downloaded first."""
+    from .. import hub
+    from .load import LoadView
+
+    p = Path(source).expanduser()
+    if os.path.lexists(p) or not hub.REPO_ID.match(source):
+        return p
+    with LoadView() as view:
+        return hub.fetch(source, view.hooks().progress)
+
+
 def _summary_rows(src, p, s) -> list[tuple[str, str]]:
     rows = [
         ("input", f"{src}  ({size_text(s.input_bytes)})"),
-        ("output", f"{s.out}  ({size_text(s.output_bytes)})"),
+        ("output", f"{s.out}  ({size_text(s.output_bytes)}" + (f" in {s.parts} parts)" if s.parts > 1 else ")")),
         ("parameters", f"{count_text(s.n_params)}  ({s.bits_per_weight:.2f} bits per weight)"),
         ("tensor types", ", ".join(f"{k} {v}" for k, v in sorted(s.type_counts.items()))),
     ]
