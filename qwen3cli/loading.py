@@ -9,7 +9,7 @@ converting), then `warning` and `note` lines, then `stage` around the slow steps
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 Progress = Callable[[str, int, int], None]  # (what, done, total): the loader's progress
 
@@ -23,10 +23,10 @@ class LoadHooks:
     note(line): information, such as auto falling back to the CPU or the GPU backend's summary.
     stage(text): a slow step starts (text says which) or, with None, the step ended."""
 
-    progress: Optional[Progress] = None
-    warning: Optional[Callable[[str], None]] = None
-    note: Optional[Callable[[str], None]] = None
-    stage: Optional[Callable[[Optional[str]], None]] = None
+    progress: Progress | None = None
+    warning: Callable[[str], None] | None = None
+    note: Callable[[str], None] | None = None
+    stage: Callable[[str | None], None] | None = None
 
 
 GPU_STAGE = "uploading the weights and compiling the GPU kernels"

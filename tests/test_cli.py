@@ -280,3 +280,38 @@ def test_help_does_not_load_the_engine():
     assert r.stdout.strip() == "[]", r.stdout
     r = subprocess.run([sys.executable, "-m", "qwen3cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "chat" in r.stdout and "quantize" in r.stdout
+
+
+def test_the_cli_draws_the_load_hooks_one_live_display_at_a_time(monkeypatch):
+    """The bar, the warnings and the GPU status of a load (loading.open_engine's hooks): rich
+    allows one live display at a time, so the bar stops before a line or a status, and a failed
+    load leaves none running."""
+    import io
+
+    from rich.console import Console
+
+    from qwen3cli import loading
+    from qwen3cli.cli import base, load
+    from qwen3cli.errors import Qwen3CliError
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=80, color_system=None)
+    monkeypatch.setattr(base, "err", console)
+    monkeypatch.setattr(load, "err", console)
+    lives = []
+
+    def fake_open_engine(model, ctx, quant, device, exact, cache_type, hooks):
+        hooks.progress("downloading", 10, 100)
+        lives.append(len(console._live_stack))
+        hooks.warning("left out [b]x[/b]")
+        lives.append(len(console._live_stack))
+        hooks.stage(loading.GPU_STAGE)
+        lives.append(len(console._live_stack))
+        hooks.note("4 GB on [the GPU]")
+        raise Qwen3CliError("out of GPU memory")
+
+    monkeypatch.setattr(loading, "open_engine", fake_open_engine)
+    with pytest.raises(Qwen3CliError):
+        load.open_engine("model.gguf", None, "q8_0", "cuda")
+    assert lives == [1, 0, 1] and console._live_stack == []
+    text = console.file.getvalue()
+    assert "warning: left out [b]x[/b]" in text and "4 GB on [the GPU]" in text
