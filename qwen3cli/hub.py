@@ -30,9 +30,13 @@ class HubError(ConfigError):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("QWEN3CLI_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qwen3cli")
-    return Path(base)
+    """Where converted checkpoints are kept: QWEN3CLI_CACHE, else the OS's per-user cache
+    directory (platformdirs: ~/.cache/qwen3cli on Linux, ~/Library/Caches on macOS, ...)."""
+    if os.environ.get("QWEN3CLI_CACHE"):
+        return Path(os.environ["QWEN3CLI_CACHE"])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("qwen3cli", appauthor=False))
 
 
 def _tqdm_class(progress: Progress | None, what: str):
@@ -108,9 +112,21 @@ def _with_parts(repo: str, name: str, ggufs: list[str]) -> list[str]:
     return names
 
 
+HUB_PREFIXES = ("https://huggingface.co/", "https://hf.co/", "huggingface.co/", "hf.co/")
+
+
+def normalize(spec: str) -> str:
+    """ollama's `hf.co/OWNER/REPO:TAG` (and a pasted huggingface.co address) as a repo id."""
+    for prefix in HUB_PREFIXES:
+        if spec.startswith(prefix):
+            return spec[len(prefix):].rstrip("/")
+    return spec
+
+
 def fetch(spec: str, progress: Progress | None = None) -> Path:
     """A repo id's files on disk: the GGUF file its tag picks (with every part of a split
     one), or its checkpoint directory."""
+    spec = normalize(spec)
     m = REPO_ID.match(spec)
     if not m or spec.endswith(".gguf") or spec.startswith(("./", "../", "/", "~")):
         raise ConfigError(f"{spec}: no such file or directory")
@@ -140,7 +156,7 @@ def resolve(spec: str, quant: str = "q8_0", progress: Progress | None = None) ->
     """A local GGUF file for a repo id: a checkpoint repo is quantized to `quant` once."""
     path = fetch(spec, progress)
     if path.is_dir():
-        return _quantized(REPO_ID.match(spec)["repo"], path, quant, progress)
+        return _quantized(REPO_ID.match(normalize(spec))["repo"], path, quant, progress)
     return path
 
 

@@ -7,7 +7,7 @@ parts (numba, the engine, the chat UI) when it runs, so that `qwen3cli --help` s
 """
 
 # registers the commands, in the order --help lists them
-from . import quantize, info, run, bench, chat, eval, serve  # noqa: F401,I001
+from . import quantize, info, run, bench, chat, eval, serve, models  # noqa: F401,I001
 from .base import app
 from .entry import main
 

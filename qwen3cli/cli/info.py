@@ -11,11 +11,20 @@ from .base import app, count_text, out, print_fields, size_text, user_errors
 
 @app.command()
 @user_errors
-def info(file: Path = typer.Argument(..., help="A GGUF file.")) -> None:
+def info(file: Path = typer.Argument(..., help="A GGUF file (any part of a split one)."),
+         as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table.")) -> None:
     """Show a GGUF file's architecture, hyperparameters, tokenizer and tensor types."""
     from ..info import read_info
 
     i = read_info(file)
+    if as_json:
+        import json
+        from dataclasses import asdict
+
+        d = {**asdict(i), "path": str(i.path), "type_counts": dict(i.type_counts),
+             "hparams": dict(i.hparams), "tokenizer": dict(i.tokenizer)}
+        print(json.dumps(d, ensure_ascii=False, default=str))
+        return
     rows = [
         ("file", f"{i.path}  ({size_text(i.size)})"),
         ("name", str(i.name)),
