@@ -315,3 +315,21 @@ def test_the_cli_draws_the_load_hooks_one_live_display_at_a_time(monkeypatch):
     assert lives == [1, 0, 1] and console._live_stack == []
     text = console.file.getvalue()
     assert "warning: left out [b]x[/b]" in text and "4 GB on [the GPU]" in text
+
+
+def test_a_command_loading_two_models_shows_a_note_once(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from qwen3cli import loading
+    from qwen3cli.cli import load
+
+    console = Console(file=io.StringIO(), width=80, color_system=None)
+    monkeypatch.setattr(load, "err", console)
+    monkeypatch.setattr(loading, "open_engine", lambda *a, hooks: hooks.note("running on the CPU: no CUDA GPU found"))
+    seen: set[str] = set()
+    load.open_engine("a.gguf", None, "q8_0", seen=seen)
+    load.open_engine("b.gguf", None, "q8_0", seen=seen)  # eval's reference, quantize --check's checkpoint
+    load.open_engine("c.gguf", None, "q8_0")  # another command: shown again
+    assert console.file.getvalue().count("running on the CPU") == 2

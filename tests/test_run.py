@@ -179,6 +179,8 @@ def test_device_choice(tiny, scripted, monkeypatch):
     assert code == 0 and "running on the CPU: no CUDA GPU found" in errs
     monkeypatch.setattr("qwen3cli.device._driver_present", lambda: False)
     one_line_error(*run(tiny, "hi", "--device", "cuda")[::2], "no NVIDIA driver found")
+    code, _, errs = run(tiny, "hi", "-n", "3")  # the extra but no driver: nobody expected a GPU here
+    assert code == 0 and "running on" not in errs
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "numba_cuda" else real(n, *a))
     one_line_error(*run(tiny, "hi", "--device", "cuda")[::2], "numba-cuda is not installed", "qwen3cli[cuda]")

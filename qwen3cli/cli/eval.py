@@ -40,8 +40,9 @@ def eval_(
     else:
         body = sample_text()
     set_threads(threads)
-    m = open_engine(model, max(ctx, 8), "q8_0", exact=exact)
-    r = open_engine(ref, max(ctx, 8), ref_quant)
+    seen: set[str] = set()
+    m = open_engine(model, max(ctx, 8), "q8_0", exact=exact, seen=seen)
+    r = open_engine(ref, max(ctx, 8), ref_quant, seen=seen)
     with err.status("evaluating…"):
         res = evaluate(m, r, body, ctx)
     if as_json:

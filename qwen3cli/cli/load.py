@@ -10,12 +10,13 @@ from .base import err, print_warnings
 
 
 def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto", exact: bool = False,
-                cache_type: str | None = None):
-    """loading.open_engine with the CLI's hooks; the same arguments."""
+                cache_type: str | None = None, seen: set[str] | None = None):
+    """loading.open_engine with the CLI's hooks; the same arguments. seen: notes already shown
+    by this command (a command that loads two models shares it, so a line shows once)."""
     from ..loading import open_engine as load_engine
 
     compile_watch()  # before the load: packing the weights is where a first run compiles
-    with LoadView() as view:
+    with LoadView(seen) as view:
         return load_engine(model, ctx, quant, device, exact, cache_type, hooks=view.hooks())
 
 
@@ -24,7 +25,8 @@ class LoadView:
     conversion; a GGUF file opens too fast for one), and stops before anything else is shown:
     rich's live displays must not nest."""
 
-    def __init__(self):
+    def __init__(self, seen: set[str] | None = None):
+        self._seen = seen if seen is not None else set()
         self._bar: Progress | None = None
         self._tasks: dict[str, int] = {}
         self._status = None
@@ -54,6 +56,9 @@ class LoadView:
 
     def _note(self, line: str) -> None:
         self._end_bar()
+        if line in self._seen:  # eval and --check load two models: the same fallback line once
+            return
+        self._seen.add(line)
         err.print(f"[dim]{escape(line)}[/dim]", highlight=False)
 
     def _stage(self, text: str | None) -> None:

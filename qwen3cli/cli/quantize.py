@@ -94,7 +94,8 @@ def quantize(
         from ..evaluate import evaluate, sample_text
         from .load import open_engine
 
-        model, ref = open_engine(str(s.out), 256, "q8_0"), open_engine(str(src), 256, "bf16")
+        seen: set[str] = set()
+        model, ref = open_engine(str(s.out), 256, "q8_0", seen=seen), open_engine(str(src), 256, "bf16", seen=seen)
         with err.status("checking against the checkpoint…"):
             res = evaluate(model, ref, sample_text(), 256)
         err.print(f"check: {res.line()}", highlight=False, soft_wrap=True)
