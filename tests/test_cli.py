@@ -195,7 +195,7 @@ def test_info_on_bad_files(tmp_path):
 
 def test_console_script_end_to_end(good, tmp_path):
     out = tmp_path / "m.gguf"
-    r = subprocess.run([sys.executable, "-m", "qwen3cli", "quantize", str(good), "-o", str(out), "-t", "f16"],
+    r = subprocess.run([sys.executable, "-m", "qwen3cli", "quantize", str(good), "-o", str(out), "--type", "f16"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "qwen3cli", "quantize", str(good), "-o", str(out)],
@@ -217,12 +217,12 @@ def test_imatrix_option(good, tmp_path):
     from checkpoints import imatrix_for, write_imatrix_dat
 
     im = imatrix_for(convert.plan(good, "q4_0"), tmp_path / "m.imatrix", skip=("blk.0.attn_k.weight",))
-    code, out, err = run("quantize", good, "-t", "q4_0", "--imatrix", im, "--dry-run")
+    code, out, err = run("quantize", good, "--type", "q4_0", "--imatrix", im, "--dry-run")
     assert code == 0, err
     assert "covers 8 of 9 quantized tensors" in out
     assert "no data for blk.0.attn_k.weight" in err and "error" not in err
     dest = tmp_path / "m.gguf"
-    code, _, err = run("quantize", good, "-t", "q4_0", "--imatrix", im, "-o", dest)
+    code, _, err = run("quantize", good, "--type", "q4_0", "--imatrix", im, "-o", dest)
     assert code == 0 and "covers 8 of 9" in err and dest.exists()
     # bad files: one line naming the file and the problem, nothing written
     bad = {"garbage.dat": b"\x00\x01" * 40, "empty.dat": b""}
@@ -233,7 +233,7 @@ def test_imatrix_option(good, tmp_path):
                          (tmp_path / "missing.dat", "cannot read"), (wrong, "32 importance values"),
                          (good / "config.json", "neither a GGUF nor")]:
         out2 = tmp_path / "x.gguf"
-        code, _, err = run("quantize", good, "-t", "q4_0", "--imatrix", path, "-o", out2)
+        code, _, err = run("quantize", good, "--type", "q4_0", "--imatrix", path, "-o", out2)
         assert code == 1
         one_line_error(err, str(path), needle)
         assert not out2.exists()
@@ -253,7 +253,7 @@ def test_summary_keeps_long_paths_at_80_columns(good, tmp_path):
     dest = deep / ("model-" + "x" * max(0, 150 - len(str(deep)) - 12) + ".gguf")
     assert len(str(dest)) >= 150
     deep.mkdir(parents=True)
-    code, _, stderr = run("quantize", good, "-t", "q8_0", "-o", dest)
+    code, _, stderr = run("quantize", good, "--type", "q8_0", "-o", dest)
     assert code == 0 and dest.exists(), stderr
     assert "..." not in stderr and "…" not in stderr
     lines = {ln.split()[0]: ln for ln in stderr.splitlines() if ln.strip()}

@@ -121,7 +121,7 @@ def test_signal_during_quantize_leaves_nothing(slow_src, tmp_path, sig):
     out.mkdir()
     env = {**os.environ, "COLUMNS": "80", "NUMBA_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "qwen3cli", "quantize", str(slow_src), "-o", str(out / "m.gguf"),
-                          "-t", "q4_k_m"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                          "--type", "q4_k_m"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 60
     while not any(out.iterdir()) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

@@ -23,7 +23,7 @@ def bench(
     depth: int = typer.Option(0, "-d", "--depth", help="Tokens already in the context when each test starts "
                                                       "(llama-bench's -d)."),
     threads: Threads = None,
-    ctx: int = typer.Option(None, "--ctx", "-c", help="Context the KV cache is made for (default: what the tests use)."),
+    ctx: int = typer.Option(None, "--ctx", "--ctx-size", "-c", help="Context the KV cache is made for (default: what the tests use)."),
     quant: Quant = "q8_0",
     device: Device = "auto",
     exact: Exact = False,

@@ -22,7 +22,7 @@ def eval_(
     model: Model,
     ref: str = typer.Option(..., "--ref", help="The reference: the unquantized model (GGUF, HF directory or repo id)."),
     text: Path = typer.Option(None, "--text", help="A UTF-8 text file (default: a sample shipped with qwen3cli)."),
-    ctx: int = typer.Option(256, "--ctx", "-c", help="Tokens per chunk; the second half of each is scored."),
+    ctx: int = typer.Option(256, "--ctx", "--ctx-size", "-c", help="Tokens per chunk; the second half of each is scored."),
     ref_quant: str = typer.Option("bf16", "--ref-quant", help="Type an HF directory or repo reference is loaded as."),
     threads: Threads = None,
     exact: Exact = False,

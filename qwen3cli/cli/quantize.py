@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import OutputError
+from .options import Threads, set_threads
 from .base import UsageError, app, count_text, err, out, print_fields, print_warnings, printable, size_text, user_errors
 
 
@@ -36,8 +37,8 @@ def quantize(
     source: str = typer.Argument(..., metavar="SRC", help="Hugging Face model directory (config.json, *.safetensors, "
                                  "tokenizer), a BF16/F16/F32 GGUF file, or a hub repo id (downloaded first)."),
     output: Path = typer.Option(None, "-o", "--output", help="The GGUF file to write."),
-    type: QuantType = typer.Option(QuantType.q8_0, "--type", "-t", help="Tensor type of the weight matrices."),
-    force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUTPUT if it exists."),
+    type: QuantType = typer.Option(QuantType.q8_0, "--type", help="Tensor type of the weight matrices."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print each tensor's planned type and size; write nothing."),
     check: bool = typer.Option(False, "--check", help="Afterwards, compare the file with the checkpoint on a short "
                                                       "text (perplexity, KL divergence, top-1 agreement)."),
@@ -47,6 +48,7 @@ def quantize(
     split_max_size: str = typer.Option(None, "--split-max-size", metavar="SIZE",
                                        help="Write parts of at most SIZE of tensor data (e.g. 50G, 500M) as "
                                             "llama-gguf-split does: OUTPUT-00001-of-0000N.gguf, ..."),
+    threads: Threads = None,
     allow_requantize: bool = typer.Option(False, "--allow-requantize",
                                           help="Quantize an already-quantized GGUF again (adds a second rounding "
                                                "error), as llama-quantize --allow-requantize."),
@@ -56,6 +58,7 @@ def quantize(
 
     from .. import convert
 
+    set_threads(threads)
     max_bytes = None
     if split_max_size is not None:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 
@@ -19,7 +20,16 @@ from .options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, R
 MAX_PROMPT_BYTES = 64 << 20  # a 128K-token context holds well under 1 MB of text: this is only a bound
 
 
-def read_prompt(prompt: str | None) -> str:
+def read_prompt(prompt: str | None, file: Path | None = None) -> str:
+    """The prompt: the argument, then the file's text (-f, as llama-cli's), then what stdin pipes."""
+    from quant.files import InputFileError, read_text
+
+    text_file = None
+    if file is not None:
+        try:
+            text_file = read_text(file, MAX_PROMPT_BYTES, "prompt file")
+        except InputFileError as e:
+            raise UsageError(str(e)) from None
     piped = None
     if sys.stdin is not None and not sys.stdin.isatty():
         stream = getattr(sys.stdin, "buffer", None)
@@ -34,7 +44,7 @@ def read_prompt(prompt: str | None) -> str:
             piped = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UsageError(f"stdin: not UTF-8 text (byte {e.start})") from None
-    parts = [p for p in (prompt, piped) if p and p.strip()]
+    parts = [p for p in (prompt, text_file, piped) if p and p.strip()]
     if not parts:
         raise UsageError("no prompt: give one as an argument or pipe it on stdin")
     return "\n\n".join(parts)
@@ -45,6 +55,7 @@ def read_prompt(prompt: str | None) -> str:
 def run(
     model: Model,
     prompt: str = typer.Argument(None, help="The prompt; read from stdin when piped (both are joined)."),
+    file: Path = typer.Option(None, "--file", "-f", help="Read the prompt (or more of it) from FILE, as llama-cli -f."),
     think: bool = typer.Option(None, "--think/--no-think", help="Thinking on or off (default: the model's)."),
     show_thinking: bool = typer.Option(True, "--show-thinking/--hide-thinking",
                                        help="Stream the thinking to stderr, dimmed (stdout gets only the answer)."),
@@ -79,7 +90,7 @@ def run(
             raise UsageError(f"{name} must be at least 1, got {v}")
     user, seed = user_sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                                presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
-    text = read_prompt(prompt)
+    text = read_prompt(prompt, file)
     set_threads(threads)
     engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]

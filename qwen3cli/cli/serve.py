@@ -25,7 +25,7 @@ def model_id(model: str) -> str:
 def serve(
     model: Model,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
-    port: int = typer.Option(8080, "--port", "-p", help="Port to listen on (0: any free port)."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port)."),
     api_key: str = typer.Option(None, "--api-key", envvar="QWEN3CLI_API_KEY",
                                 help="Require 'Authorization: Bearer KEY' on /v1 requests."),
     alias: str = typer.Option(None, "--alias", help="The model id clients use (default: the file's name)."),
