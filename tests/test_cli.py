@@ -333,3 +333,16 @@ def test_a_command_loading_two_models_shows_a_note_once(monkeypatch):
     load.open_engine("b.gguf", None, "q8_0", seen=seen)  # eval's reference, quantize --check's checkpoint
     load.open_engine("c.gguf", None, "q8_0")  # another command: shown again
     assert console.file.getvalue().count("running on the CPU") == 2
+
+
+def test_help_shows_no_bool_values_and_names_arguments_in_capitals():
+    from qwen3cli.cli import app
+
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__
+        r = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "200"})
+        assert r.exit_code == 0, name
+        flags = [ln for ln in r.stdout.splitlines() if "<bool>" in ln and "--help" not in ln]  # typer's own row
+        assert not flags, (name, flags)
+        usage = next(line for line in r.stdout.splitlines() if "Usage:" in line)
+        assert usage == usage.replace(usage.split("[OPTIONS]")[-1], usage.split("[OPTIONS]")[-1].upper()), usage

@@ -8,7 +8,9 @@ parts (numba, the engine, the chat UI) when it runs, so that `qwen3cli --help` s
 
 # registers the commands, in the order --help lists them
 from . import quantize, info, run, bench, chat, eval, serve, models  # noqa: F401,I001
-from .base import app
+from .base import app, tidy_help
 from .entry import main
+
+tidy_help(app)
 
 __all__ = ["app", "main"]

@@ -94,3 +94,23 @@ def print_warnings(lines: list[str]) -> None:
     """The library's warnings (optional inputs it left out), one yellow line each."""
     for line in lines:
         err.print(f"[yellow]warning:[/yellow] {escape(printable(line))}", highlight=False, soft_wrap=True)
+
+
+def tidy_help(app: typer.Typer) -> None:
+    """Help as a CLI user reads it: a flag shows no `<bool>` value column, and an argument
+    without its own metavar is named in capitals (MODEL, not typer's `{model}`). Set once on
+    every registered command's parameters, so no command has to remember."""
+    import inspect
+    import typing
+
+    for command in app.registered_commands:
+        for name, p in inspect.signature(command.callback, eval_str=True).parameters.items():
+            ann, info = p.annotation, p.default
+            if typing.get_origin(ann) is typing.Annotated:
+                ann, info = typing.get_args(ann)[0], typing.get_args(ann)[1]
+            if getattr(info, "metavar", "") is not None:
+                continue
+            if isinstance(info, typer.models.ArgumentInfo):
+                info.metavar = name.upper()
+            elif ann in (bool, typing.Optional[bool]):
+                info.metavar = ""
