@@ -152,6 +152,7 @@ class GGUFFile:
         self.size = size
         self._pos = 0
         self.metadata: dict[str, Any] = {}
+        self.value_types: dict[str, tuple[VT, VT | None]] = {}  # key -> (type, array item type)
         self.tensors: dict[str, TensorInfo] = {}
         self._parse()
 
@@ -199,6 +200,7 @@ class GGUFFile:
         if depth > 0:
             raise self._fail(f"{key}: nested arrays are not supported")
         sub = self._vtype()
+        self.value_types[key] = (vt, sub)
         count = self._u64()
         # each item takes at least 8 bytes (a string's length, an array's type and count):
         # refuse a count the rest of the file cannot hold before looping over it
@@ -231,7 +233,9 @@ class GGUFFile:
             key = self._str()
             if key in self.metadata:
                 raise self._fail(f"duplicate key {key!r}")
-            self.metadata[key] = self._value(self._vtype(), key)
+            vt = self._vtype()
+            self.value_types[key] = (vt, None)  # an array's item type is filled in by _value
+            self.metadata[key] = self._value(vt, key)
         infos, seen = [], set()
         for _ in range(n_tensors):
             name = self._str()

@@ -7,7 +7,6 @@ warm-up; results carry the mean and standard deviation of tokens/s.
 
 from __future__ import annotations
 
-import resource
 import statistics
 import sys
 import time
@@ -42,6 +41,10 @@ def peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return float("nan")
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (1 << 20) if sys.platform == "darwin" else kb / 1024
 

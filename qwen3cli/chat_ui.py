@@ -23,7 +23,7 @@ from rich.text import Text
 from .conversation import (SAMPLING_KEYS, Conversation, Notice, SettingError, check_sampling,
                            check_setting)
 from .errors import Qwen3CliError
-from .generate import BUDGET_NOTE, Done
+from .generation import BUDGET_NOTE, Done
 
 DISPLAYS = ("show", "collapse", "hide")
 SET_ALIASES = {"temp": "temperature", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",

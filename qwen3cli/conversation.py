@@ -22,10 +22,10 @@ from .chat_template import MAX_OUTPUT
 from .engine import Engine, PromptTooLong
 from .errors import Qwen3CliError
 from .files import atomic_output
-from .generate import Done, Token
+from .generation import Done, Token
 from .model import ContextFull
 from .prefix_cache import PrefixCache, common_prefix  # noqa: F401  (common_prefix: part of this module's API)
-from .sampler import Sampler, SamplingParams, default_params
+from .sampler import Overrides, Sampler, SamplingParams, default_params
 
 SOFT_SWITCHES = {"/think": True, "/no_think": False}
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repeat_penalty")
@@ -180,8 +180,7 @@ class Conversation:
         return self.engine.thinks(self.settings.think if override is None else override)
 
     def params(self, thinking: bool) -> SamplingParams:
-        return default_params(thinking, self.engine.loaded.metadata, thinking == self.engine.thinks(None),
-                              **self.settings.sampling)
+        return self.engine.sampling(thinking, Overrides(**self.settings.sampling))
 
     @property
     def last_thinking(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,7 @@ from gguf import GGMLQuantizationType as T
 
 from quant.formats import get_format
 from quant.gguf_file import GGUFStreamWriter
+from quant.gguf_split import part_name, plan_parts, split_kv
 from quant.imatrix import Imatrix, load_imatrix
 from quant.policy import FILE_TYPES, FileType, tensor_type
 
@@ -122,6 +124,7 @@ class Summary:
     bits_per_weight: float
     seconds: float
     type_counts: Counter = field(default_factory=Counter)
+    parts: int = 1  # files written (split GGUF parts; `out` is the first)
 
 
 def _row_parts(ck: Checkpoint, name: str, shape: tuple[int, ...]) -> list[Part]:
@@ -312,30 +315,52 @@ def _imatrix_metadata(m: Imatrix) -> dict[str, gguf.GGUFValue]:
 
 
 def write(p: Plan, out: str | Path, force: bool = False,
-          progress: Callable[[str, int], None] | None = None) -> Summary:
-    """Write the planned file to `out`. `progress(tensor_name, n_elements)` after each part."""
-    out = check_output(out, force)
+          progress: Callable[[str, int], None] | None = None, split_max_size: int | None = None) -> Summary:
+    """Write the planned file to `out`. `progress(tensor_name, n_elements)` after each part.
+    split_max_size: bytes of tensor data per file, written as llama-gguf-split's parts
+    (OUT-00001-of-0000N.gguf, the metadata in the first); one part keeps the plain name."""
+    out = Path(out)
     t0 = time.perf_counter()
-    with atomic_output(out, replace=force) as f:
-        w = GGUFStreamWriter(f)
-        for t in p.tensors:
-            w.add_tensor(t.name, t.shape, t.type, t.nbytes)
-        w.write_header(p.metadata)
-        for t in p.tensors:
-            fmt = get_format(t.type, t.name)
-            for i, part in enumerate(t.parts):
-                x = part()
-                w.write(fmt.quantize(x, t.part_importance(i)))
-                if progress:
-                    progress(t.name, x.size)
-        w.finish()
-    size = out.stat().st_size
+    try:
+        groups = plan_parts([t.nbytes for t in p.tensors], split_max_size) if split_max_size else [list(range(len(p.tensors)))]
+    except ValueError as e:
+        raise OutputError(f"{out}: {e}") from None
+    stem = out.name[:-5] if out.name.endswith(".gguf") else out.name
+    paths = [out] if len(groups) == 1 else [out.with_name(part_name(stem, i + 1, len(groups))) for i in range(len(groups))]
+    paths = [check_output(path, force) for path in paths]  # all refused before any is written
+    with ExitStack() as files:  # every part is committed only when all are written
+        for no, (path, group) in enumerate(zip(paths, groups)):
+            w = GGUFStreamWriter(files.enter_context(atomic_output(path, replace=force)))
+            for t in (p.tensors[i] for i in group):
+                w.add_tensor(t.name, t.shape, t.type, t.nbytes)
+            kv = split_kv(no, len(groups), len(p.tensors)) if len(groups) > 1 else {}
+            w.write_header({**p.metadata, **kv} if no == 0 else kv)
+            for t in (p.tensors[i] for i in group):
+                fmt = get_format(t.type, t.name)
+                for i, part in enumerate(t.parts):
+                    x = part()
+                    w.write(fmt.quantize(x, t.part_importance(i)))
+                    if progress:
+                        progress(t.name, x.size)
+            w.finish()
+    size = sum(path.stat().st_size for path in paths)
     data = sum(t.nbytes for t in p.tensors)
-    return Summary(out, p.input_bytes, size, p.n_params, 8 * data / max(p.n_params, 1),
-                   time.perf_counter() - t0, Counter(t.type.name for t in p.tensors))
+    return Summary(paths[0], p.input_bytes, size, p.n_params, 8 * data / max(p.n_params, 1),
+                   time.perf_counter() - t0, Counter(t.type.name for t in p.tensors), len(paths))
 
 
 def quantize(src: str | Path, out: str | Path, type_name: str = "q8_0", force: bool = False,
              progress: Callable[[str, int], None] | None = None,
-             imatrix: str | Path | Imatrix | None = None) -> Summary:
-    return write(plan(src, type_name, imatrix), out, force=force, progress=progress)
+             imatrix: str | Path | Imatrix | None = None, split_max_size: int | None = None,
+             allow_requantize: bool = False) -> Summary:
+    """Quantize a checkpoint directory or a GGUF file (requantize.py) to `out`."""
+    p = plan_source(src, type_name, imatrix, allow_requantize)
+    return write(p, out, force=force, progress=progress, split_max_size=split_max_size)
+
+
+def plan_source(src: str | Path, type_name: str = "q8_0", imatrix: str | Path | Imatrix | None = None,
+                allow_requantize: bool = False) -> Plan:
+    """`plan` for a checkpoint directory, requantize.plan_gguf for a GGUF file."""
+    from .requantize import is_gguf, plan_gguf
+
+    return plan_gguf(src, type_name, imatrix, allow_requantize) if is_gguf(src) else plan(src, type_name, imatrix)

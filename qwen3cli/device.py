@@ -48,7 +48,7 @@ def cuda_unusable() -> str | None:
 
 def pick(device: str) -> tuple[str, str | None]:
     """(backend, note): the backend to build, and a line to show when auto fell back to the CPU
-    although the cuda extra is installed (without it nobody expected a GPU: no line). auto never
+    although the cuda extra is installed and an NVIDIA driver is present. auto never
     picks numba's CUDA simulator (a test tool, 10^5 times slower); --device cuda does."""
     if device not in DEVICES:
         raise DeviceError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
@@ -63,5 +63,7 @@ def pick(device: str) -> tuple[str, str | None]:
 
     if why is None and not config.ENABLE_CUDASIM:
         return "cuda", None
-    quiet = config.ENABLE_CUDASIM or importlib.util.find_spec("numba_cuda") is None
+    # a line only where a GPU could have been meant: the extra installed and a driver present
+    # (no driver: nobody expects this machine to use a GPU, so every command saying so is noise)
+    quiet = config.ENABLE_CUDASIM or importlib.util.find_spec("numba_cuda") is None or not _driver_present()
     return "cpu", None if quiet else f"running on the CPU: {why}"

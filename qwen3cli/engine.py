@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .chat_template import ChatTemplate
-from .generate import starts_in_thinking
+from .generation import starts_in_thinking
 from .loader import LoadedModel
 from .model import ContextFull, Model
+from .sampler import Overrides, SamplingParams, default_params
 
 DEFAULT_CTX = 8192
 
@@ -48,6 +49,12 @@ class Engine:
         if self.mode != "hybrid":
             return self.mode == "always"
         return True if enable_thinking is None else enable_thinking
+
+    def sampling(self, thinking: bool, overrides: Overrides | None = None) -> SamplingParams:
+        """The sampling of a turn: Qwen's defaults for its mode, the file's keys (written for
+        the model's default mode, so only when the turn is in it), then what the user set."""
+        given = overrides.given() if overrides is not None else {}
+        return default_params(thinking, self.loaded.metadata, thinking == self.thinks(None), **given)
 
     def prompt(self, messages: list[dict], enable_thinking: bool | None = None, tools: list | None = None) -> Prompt:
         text = self.template.render(messages, add_generation_prompt=True, enable_thinking=enable_thinking, tools=tools)

@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from quant.gguf_split import part_paths
+
 from .errors import ConfigError
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?::(?P<tag>[\w.-]+))?$")
@@ -28,9 +30,13 @@ class HubError(ConfigError):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("QWEN3CLI_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qwen3cli")
-    return Path(base)
+    """Where converted checkpoints are kept: QWEN3CLI_CACHE, else the OS's per-user cache
+    directory (platformdirs: ~/.cache/qwen3cli on Linux, ~/Library/Caches on macOS, ...)."""
+    if os.environ.get("QWEN3CLI_CACHE"):
+        return Path(os.environ["QWEN3CLI_CACHE"])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("qwen3cli", appauthor=False))
 
 
 def _tqdm_class(progress: Progress | None, what: str):
@@ -93,8 +99,34 @@ def pick_gguf(repo: str, ggufs: list[str], tag: str | None) -> str:
     return sorted(ggufs)[0]
 
 
-def resolve(spec: str, quant: str = "q8_0", progress: Progress | None = None) -> Path:
-    """A local GGUF file or model directory for a repo id."""
+def _with_parts(repo: str, name: str, ggufs: list[str]) -> list[str]:
+    """The file, or every part of a split file (llama.cpp loads them from one directory)."""
+    parts = part_paths(name)
+    if parts is None:
+        return [name]
+    names = [p.as_posix() for p in parts]
+    missing = [n for n in names if n not in ggufs]
+    if missing:
+        raise HubError(f"{repo}: {Path(name).name} is split into {len(names)} parts but "
+                       f"{Path(missing[0]).name} is not in the repo")
+    return names
+
+
+HUB_PREFIXES = ("https://huggingface.co/", "https://hf.co/", "huggingface.co/", "hf.co/")
+
+
+def normalize(spec: str) -> str:
+    """ollama's `hf.co/OWNER/REPO:TAG` (and a pasted huggingface.co address) as a repo id."""
+    for prefix in HUB_PREFIXES:
+        if spec.startswith(prefix):
+            return spec[len(prefix):].rstrip("/")
+    return spec
+
+
+def fetch(spec: str, progress: Progress | None = None) -> Path:
+    """A repo id's files on disk: the GGUF file its tag picks (with every part of a split
+    one), or its checkpoint directory."""
+    spec = normalize(spec)
     m = REPO_ID.match(spec)
     if not m or spec.endswith(".gguf") or spec.startswith(("./", "../", "/", "~")):
         raise ConfigError(f"{spec}: no such file or directory")
@@ -106,18 +138,26 @@ def resolve(spec: str, quant: str = "q8_0", progress: Progress | None = None) ->
     ggufs = [f for f in files if f.endswith(".gguf") and "mmproj" not in f.lower()]
     try:
         if ggufs:
-            name = pick_gguf(repo, ggufs, tag)
-            return Path(hf_hub_download(repo, name, local_files_only=_offline(),
-                                        tqdm_class=_tqdm_class(progress, f"downloading {Path(name).name}")))
+            names = _with_parts(repo, pick_gguf(repo, ggufs, tag), ggufs)
+            return [Path(hf_hub_download(repo, n, local_files_only=_offline(),
+                                         tqdm_class=_tqdm_class(progress, f"downloading {Path(n).name}")))
+                    for n in names][0]
         if "config.json" not in files:
             raise HubError(f"{repo}: neither GGUF files nor a Hugging Face checkpoint (no config.json)")
         if tag:
             raise HubError(f"{repo}: has no GGUF files, so no {tag!r} to pick; use --quant for the type to convert to")
-        snap = Path(snapshot_download(repo, allow_patterns=CHECKPOINT_FILES, local_files_only=_offline(),
+        return Path(snapshot_download(repo, allow_patterns=CHECKPOINT_FILES, local_files_only=_offline(),
                                       tqdm_class=_tqdm_class(progress, f"downloading {repo}")))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise HubError(f"{repo}: download failed: {str(e).splitlines()[0][:160]}") from None
-    return _quantized(repo, snap, quant, progress)
+
+
+def resolve(spec: str, quant: str = "q8_0", progress: Progress | None = None) -> Path:
+    """A local GGUF file for a repo id: a checkpoint repo is quantized to `quant` once."""
+    path = fetch(spec, progress)
+    if path.is_dir():
+        return _quantized(REPO_ID.match(normalize(spec))["repo"], path, quant, progress)
+    return path
 
 
 def _quantized(repo: str, snap: Path, quant: str, progress: Progress | None) -> Path:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from gguf import LlamaFileType
 
-from quant.gguf_file import GGUFFile
+from quant.gguf_split import open_gguf
 
 from .config import MAX_VOCAB, gguf_hparam
 from .meta import Fields
@@ -60,7 +60,7 @@ def _shown(v: Any) -> Any:
 def read_info(path: str | Path) -> ModelInfo:
     """The summary; every key it shows is checked as the loader checks it (a ConfigError naming
     the file and key otherwise), so `info` never prints a value that `run` would refuse."""
-    with GGUFFile(path) as g:
+    with open_gguf(path) as g:
         md = g.metadata
         f = Fields(md, g.path)
         arch = f.text("general.architecture", default="unknown")

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from quant.files import check_regular
 from quant.formats import get_format
-from quant.gguf_file import GGUFFile
+from quant.gguf_split import open_gguf
 
 from . import convert, memory
 from .config import ModelArgs, args_from_gguf
@@ -89,7 +89,7 @@ def load(source: str | Path, quant: str = "q8_0", progress: Progress | None = No
 
 
 def load_gguf(path: str | Path) -> LoadedModel:
-    g = GGUFFile(path)
+    g = open_gguf(path)
     md = g.metadata
     args = args_from_gguf(md, str(g.path))
     embd = g.tensors.get("token_embd.weight")

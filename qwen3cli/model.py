@@ -10,7 +10,7 @@ import numpy as np
 
 from . import kv_cache, memory
 from .errors import Qwen3CliError
-from .ops_cpu import CpuOps, KVCache  # noqa: F401  (KVCache re-exported for generate.py)
+from .ops_cpu import CpuOps, KVCache  # noqa: F401  (KVCache re-exported for generation.py)
 from .rope import make_rope, scaling_for_context
 from .weights import Weights
 

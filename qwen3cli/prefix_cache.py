@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .generate import Event, Token, generate
+from .generation import Event, Token, generate
 from .model import Model
 
 

@@ -132,6 +132,22 @@ def _problem(name: str, v: Any) -> str | None:
     return None if ok else f"must be {want}"
 
 
+@dataclass
+class Overrides:
+    """The sampling values a user set, wherever they came from (CLI flags, /set, a saved chat,
+    a server request, the Python API); None leaves the model's default for the turn's mode."""
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = None
+
+    def given(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
 def default_params(thinking: bool, metadata: dict[str, Any] | None = None, file_mode: bool = True,
                    where: str = "the model file", **user: Any) -> SamplingParams:
     """Qwen's mode defaults < the file's general.sampling.* keys < the user's non-None values.

@@ -51,7 +51,7 @@ def timed(self, sig, target_context):
     loads.append((self._name, time.process_time() - c, r is not None))
     return r
 caching.Cache.load_overload = timed
-import qwen3cli.cli, qwen3cli.generate  # noqa
+import qwen3cli.cli, qwen3cli.generation  # noqa
 from qwen3cli.engine import Engine
 from qwen3cli.loader import load
 mark("import")

@@ -14,10 +14,10 @@ from rich.console import Console
 from checkpoints import TOKENIZER
 from qwen3cli import conversation as conv_mod
 from qwen3cli import prefix_cache as prefix_mod
-from qwen3cli.cli_chat import ChatUI, make_prompt_session
+from qwen3cli.cli.chat import ChatUI, make_prompt_session
 from qwen3cli.conversation import ChatSettings, Conversation, Notice, common_prefix, split_soft_switch
 from qwen3cli.engine import Engine
-from qwen3cli.generate import BUDGET_NOTE, Done
+from qwen3cli.generation import BUDGET_NOTE, Done
 from qwen3cli.loader import load
 
 

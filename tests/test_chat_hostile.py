@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from hostile import clean_error, run_cli
 from qwen3cli import conversation as conv_mod
-from qwen3cli.cli_chat import ChatUI
+from qwen3cli.cli.chat import ChatUI
 from qwen3cli.conversation import SAMPLING_KEYS, ChatSettings, Conversation, Notice
 from qwen3cli.sampler import Sampler
 from test_chat import drive, engine, fake  # noqa: F401 (fixtures)

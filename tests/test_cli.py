@@ -195,7 +195,7 @@ def test_info_on_bad_files(tmp_path):
 
 def test_console_script_end_to_end(good, tmp_path):
     out = tmp_path / "m.gguf"
-    r = subprocess.run([sys.executable, "-m", "qwen3cli", "quantize", str(good), "-o", str(out), "-t", "f16"],
+    r = subprocess.run([sys.executable, "-m", "qwen3cli", "quantize", str(good), "-o", str(out), "--type", "f16"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "qwen3cli", "quantize", str(good), "-o", str(out)],
@@ -217,12 +217,12 @@ def test_imatrix_option(good, tmp_path):
     from checkpoints import imatrix_for, write_imatrix_dat
 
     im = imatrix_for(convert.plan(good, "q4_0"), tmp_path / "m.imatrix", skip=("blk.0.attn_k.weight",))
-    code, out, err = run("quantize", good, "-t", "q4_0", "--imatrix", im, "--dry-run")
+    code, out, err = run("quantize", good, "--type", "q4_0", "--imatrix", im, "--dry-run")
     assert code == 0, err
     assert "covers 8 of 9 quantized tensors" in out
     assert "no data for blk.0.attn_k.weight" in err and "error" not in err
     dest = tmp_path / "m.gguf"
-    code, _, err = run("quantize", good, "-t", "q4_0", "--imatrix", im, "-o", dest)
+    code, _, err = run("quantize", good, "--type", "q4_0", "--imatrix", im, "-o", dest)
     assert code == 0 and "covers 8 of 9" in err and dest.exists()
     # bad files: one line naming the file and the problem, nothing written
     bad = {"garbage.dat": b"\x00\x01" * 40, "empty.dat": b""}
@@ -233,7 +233,7 @@ def test_imatrix_option(good, tmp_path):
                          (tmp_path / "missing.dat", "cannot read"), (wrong, "32 importance values"),
                          (good / "config.json", "neither a GGUF nor")]:
         out2 = tmp_path / "x.gguf"
-        code, _, err = run("quantize", good, "-t", "q4_0", "--imatrix", path, "-o", out2)
+        code, _, err = run("quantize", good, "--type", "q4_0", "--imatrix", path, "-o", out2)
         assert code == 1
         one_line_error(err, str(path), needle)
         assert not out2.exists()
@@ -246,14 +246,14 @@ def test_summary_keeps_long_paths_at_80_columns(good, tmp_path):
 
     from rich.console import Console
 
-    from qwen3cli.cli import err, print_fields
+    from qwen3cli.cli.base import err, print_fields
 
     assert err.width == 80  # conftest pins it: the test means what it says on any machine
     deep = tmp_path / ("d" * 40)
     dest = deep / ("model-" + "x" * max(0, 150 - len(str(deep)) - 12) + ".gguf")
     assert len(str(dest)) >= 150
     deep.mkdir(parents=True)
-    code, _, stderr = run("quantize", good, "-t", "q8_0", "-o", dest)
+    code, _, stderr = run("quantize", good, "--type", "q8_0", "-o", dest)
     assert code == 0 and dest.exists(), stderr
     assert "..." not in stderr and "…" not in stderr
     lines = {ln.split()[0]: ln for ln in stderr.splitlines() if ln.strip()}
@@ -280,3 +280,69 @@ def test_help_does_not_load_the_engine():
     assert r.stdout.strip() == "[]", r.stdout
     r = subprocess.run([sys.executable, "-m", "qwen3cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "chat" in r.stdout and "quantize" in r.stdout
+
+
+def test_the_cli_draws_the_load_hooks_one_live_display_at_a_time(monkeypatch):
+    """The bar, the warnings and the GPU status of a load (loading.open_engine's hooks): rich
+    allows one live display at a time, so the bar stops before a line or a status, and a failed
+    load leaves none running."""
+    import io
+
+    from rich.console import Console
+
+    from qwen3cli import loading
+    from qwen3cli.cli import base, load
+    from qwen3cli.errors import Qwen3CliError
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=80, color_system=None)
+    monkeypatch.setattr(base, "err", console)
+    monkeypatch.setattr(load, "err", console)
+    lives = []
+
+    def fake_open_engine(model, ctx, quant, device, exact, cache_type, hooks):
+        hooks.progress("downloading", 10, 100)
+        lives.append(len(console._live_stack))
+        hooks.warning("left out [b]x[/b]")
+        lives.append(len(console._live_stack))
+        hooks.stage(loading.GPU_STAGE)
+        lives.append(len(console._live_stack))
+        hooks.note("4 GB on [the GPU]")
+        raise Qwen3CliError("out of GPU memory")
+
+    monkeypatch.setattr(loading, "open_engine", fake_open_engine)
+    with pytest.raises(Qwen3CliError):
+        load.open_engine("model.gguf", None, "q8_0", "cuda")
+    assert lives == [1, 0, 1] and console._live_stack == []
+    text = console.file.getvalue()
+    assert "warning: left out [b]x[/b]" in text and "4 GB on [the GPU]" in text
+
+
+def test_a_command_loading_two_models_shows_a_note_once(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from qwen3cli import loading
+    from qwen3cli.cli import load
+
+    console = Console(file=io.StringIO(), width=80, color_system=None)
+    monkeypatch.setattr(load, "err", console)
+    monkeypatch.setattr(loading, "open_engine", lambda *a, hooks: hooks.note("running on the CPU: no CUDA GPU found"))
+    seen: set[str] = set()
+    load.open_engine("a.gguf", None, "q8_0", seen=seen)
+    load.open_engine("b.gguf", None, "q8_0", seen=seen)  # eval's reference, quantize --check's checkpoint
+    load.open_engine("c.gguf", None, "q8_0")  # another command: shown again
+    assert console.file.getvalue().count("running on the CPU") == 2
+
+
+def test_help_shows_no_bool_values_and_names_arguments_in_capitals():
+    from qwen3cli.cli import app
+
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__
+        r = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "200"})
+        assert r.exit_code == 0, name
+        flags = [ln for ln in r.stdout.splitlines() if "<bool>" in ln and "--help" not in ln]  # typer's own row
+        assert not flags, (name, flags)
+        usage = next(line for line in r.stdout.splitlines() if "Usage:" in line)
+        assert usage == usage.replace(usage.split("[OPTIONS]")[-1], usage.split("[OPTIONS]")[-1].upper()), usage

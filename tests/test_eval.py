@@ -45,7 +45,7 @@ def test_cli_eval_and_quantize_check(gguf_model, tmp_path):
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["kl_mean"] == 0
     out = tmp_path / "m.gguf"
-    r = CliRunner().invoke(app, ["quantize", str(src), "-o", str(out), "-t", "q4_k_m", "--check"])
+    r = CliRunner().invoke(app, ["quantize", str(src), "-o", str(out), "--type", "q4_k_m", "--check"])
     assert r.exit_code == 0, r.stderr
     assert "check: PPL" in r.stderr and "KL mean" in r.stderr
     r = CliRunner().invoke(app, ["eval", str(f32), "--ref", str(f32), "--text", str(tmp_path / "none.txt")])

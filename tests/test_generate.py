@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qwen3cli.engine import Engine
-from qwen3cli.generate import Done, Token, collect, generate
+from qwen3cli.generation import Done, Token, collect, generate
 from qwen3cli.loader import load
 from qwen3cli.sampler import Sampler, SamplingParams
 

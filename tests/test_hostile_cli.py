@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from hostile import clean_error, run_cli, run_main, snapshot
 from qwen3cli import convert
-import qwen3cli.cli  # noqa: F401  (registers the commands before cli_run is imported alone)
-from qwen3cli.cli_run import UsageError, user_sampling
+from qwen3cli.cli.base import UsageError
+from qwen3cli.cli.options import user_sampling
 from qwen3cli.errors import OutputError
 from qwen3cli.files import atomic_output
 
@@ -121,7 +121,7 @@ def test_signal_during_quantize_leaves_nothing(slow_src, tmp_path, sig):
     out.mkdir()
     env = {**os.environ, "COLUMNS": "80", "NUMBA_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "qwen3cli", "quantize", str(slow_src), "-o", str(out / "m.gguf"),
-                          "-t", "q4_k_m"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                          "--type", "q4_k_m"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 60
     while not any(out.iterdir()) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

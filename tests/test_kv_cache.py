@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from qwen3cli import memory
 from qwen3cli.cli import app
-from qwen3cli.cli_options import CacheType
+from qwen3cli.cli.options import CacheType
 from qwen3cli.engine import Engine
-from qwen3cli.generate import Done, Token, generate
+from qwen3cli.generation import Done, Token, generate
 from qwen3cli.kv_cache import CACHE_TYPES, CacheTypeError, KVCache, check_type
 from qwen3cli.loader import load
 from qwen3cli.model import Model, check_context, kv_cache_nbytes

@@ -179,8 +179,25 @@ def test_device_choice(tiny, scripted, monkeypatch):
     assert code == 0 and "running on the CPU: no CUDA GPU found" in errs
     monkeypatch.setattr("qwen3cli.device._driver_present", lambda: False)
     one_line_error(*run(tiny, "hi", "--device", "cuda")[::2], "no NVIDIA driver found")
+    code, _, errs = run(tiny, "hi", "-n", "3")  # the extra but no driver: nobody expected a GPU here
+    assert code == 0 and "running on" not in errs
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "numba_cuda" else real(n, *a))
     one_line_error(*run(tiny, "hi", "--device", "cuda")[::2], "numba-cuda is not installed", "qwen3cli[cuda]")
     code, _, errs = run(tiny, "hi", "-n", "3")  # no extra, no expectation of a GPU: no line
     assert code == 0 and "running on" not in errs
+
+
+def test_llama_cpp_flag_habits(tiny, tmp_path):
+    """-f FILE is the prompt file, -s the seed, --ctx-size the context, -sys / --system-prompt
+    the system prompt: one meaning per short flag, llama.cpp's where it has one."""
+    (tmp_path / "p.txt").write_text("Tell me about cats.")
+    base = ["--no-think", "-n", "6", "--json", "--temp", "0.9"]
+    code, a, err = run(tiny, "-f", tmp_path / "p.txt", "-s", "5", "--ctx-size", "96", *base)
+    assert code == 0, err
+    code, b, err = run(tiny, "Tell me about cats.", "--seed", "5", "--ctx", "96", *base)
+    assert code == 0 and json.loads(a) | {"timings": 0} == json.loads(b) | {"timings": 0}
+    code, c, _ = run(tiny, "Tell me about cats.", "-sys", "Be brief.", "--seed", "5", *base)
+    code, d, _ = run(tiny, "Tell me about cats.", "--system-prompt", "Be brief.", "--seed", "5", *base)
+    assert json.loads(c)["prompt_tokens"] == json.loads(d)["prompt_tokens"] > json.loads(b)["prompt_tokens"]
+    one_line_error(*run(tiny, "-f", tmp_path / "missing.txt")[::2], "missing.txt")

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from checkpoints import TOKENIZER
 from qwen3cli.engine import Engine
-from qwen3cli.generate import BUDGET_NOTE
+from qwen3cli.generation import BUDGET_NOTE
 from qwen3cli.loader import load
 from qwen3cli.sampler import Sampler
 from qwen3cli.serve import make_server

@@ -170,14 +170,14 @@ def test_open_engine_warms_up_only_after_a_compile(files, monkeypatch):
     import numba
 
     from quant.kernels import matmul_cpu
-    from qwen3cli import cli, engine  # cli first: it imports the command modules in its order
-    from qwen3cli import cli_run
+    from qwen3cli import engine
+    from qwen3cli.loading import open_engine
 
     warmed = []
     monkeypatch.setattr(matmul_cpu, "warm_up", lambda forward: warmed.append(forward))
-    cli_run.open_engine(str(files[0]), 64, "q8_0", "cpu")  # this process may compile here: not asserted
+    open_engine(str(files[0]), 64, "q8_0", "cpu")  # this process may compile here: not asserted
     warmed.clear()
-    cli_run.open_engine(str(files[0]), 64, "q8_0", "cpu")
+    open_engine(str(files[0]), 64, "q8_0", "cpu")
     assert warmed == []  # every kernel the engine uses is loaded: no warm-up
 
     class Compiling(engine.Engine):  # an engine whose packing compiles a kernel, as on a first run
@@ -186,10 +186,67 @@ def test_open_engine_warms_up_only_after_a_compile(files, monkeypatch):
             super().__init__(*a, **kw)
 
     monkeypatch.setattr(engine, "Engine", Compiling)
-    e = cli_run.open_engine(str(files[0]), 64, "q8_0", "cpu")
+    e = open_engine(str(files[0]), 64, "q8_0", "cpu")
     assert len(warmed) == 1
     warmed[0](2)  # the warm-up runs the engine's forward
     assert e.model.ctx == 64
+
+
+def _recording_hooks(events):
+    from qwen3cli.loading import LoadHooks
+
+    return LoadHooks(progress=lambda what, done, total: events.append(("progress", what)),
+                     warning=lambda line: events.append(("warning", line)),
+                     note=lambda line: events.append(("note", line)), stage=lambda text: events.append(("stage", text)))
+
+
+def test_open_engine_reports_through_hooks_and_prints_nothing(gguf_model, capfd):
+    """A directory converts while it loads: progress first, then the loader's warnings, and not a
+    byte on stdout or stderr (the CLI draws them)."""
+    from qwen3cli.loader import load
+    from qwen3cli.loading import open_engine
+
+    _, src = gguf_model("q8_0")
+    want = load(src).warnings
+    capfd.readouterr()
+    events = []
+    e = open_engine(str(src), 32, "q8_0", "cpu", hooks=_recording_hooks(events))
+    assert capfd.readouterr() == ("", "")
+    assert e.ctx == 32 and e.model.device == "cpu"
+    kinds = [k for k, _ in events]
+    assert "progress" in kinds and kinds == sorted(kinds, key=lambda k: k != "progress"), kinds
+    assert [line for k, line in events if k == "warning"] == want
+    assert "stage" not in kinds  # the CPU has no slow step after the load to announce
+
+
+def test_open_engine_announces_the_gpu_steps_and_ends_them_on_failure(files, monkeypatch):
+    from quant.kernels import matmul_cpu
+    from qwen3cli import device, engine
+    from qwen3cli.errors import Qwen3CliError
+    from qwen3cli.loading import GPU_STAGE, open_engine
+
+    events = []
+    monkeypatch.setattr(device, "pick", lambda d: ("cuda", None))
+    monkeypatch.setattr(matmul_cpu, "warm_up", lambda forward: events.append(("warm_up", None)))
+
+    class FakeGpuEngine:
+        def __init__(self, loaded, ctx, device, exact, cache_type):
+            assert device == "cuda" and events == [("stage", GPU_STAGE)]
+            self.model = type("M", (), {"ops": type("O", (), {"summary": "a summary"})()})()
+
+    monkeypatch.setattr(engine, "Engine", FakeGpuEngine)
+    open_engine(str(files[0]), 16, hooks=_recording_hooks(events))
+    assert events == [("stage", GPU_STAGE), ("note", "a summary"), ("warm_up", None), ("stage", None)]
+
+    class Broken(FakeGpuEngine):
+        def __init__(self, *a, **kw):
+            raise Qwen3CliError("no room on the GPU")
+
+    events.clear()
+    monkeypatch.setattr(engine, "Engine", Broken)
+    with pytest.raises(Qwen3CliError, match="no room"):
+        open_engine(str(files[0]), 16, hooks=_recording_hooks(events))
+    assert events == [("stage", GPU_STAGE), ("stage", None)]  # the CLI's status is stopped
 
 
 def test_the_cache_keeps_the_newest_entries(files, cache, monkeypatch):
@@ -318,3 +375,20 @@ def test_load_lets_the_headers_pages_go(files, cache):
     assert header > 4 << 20
     assert rss < header / 4, f"{rss} bytes of the file resident, header {header}"
     assert m.tokenizer.token_to_id("<|im_end|>") in m.stop_ids
+
+
+def test_cli_modules_leave_the_engine_unloaded():
+    """Each CLI module, imported alone, loads neither numba, numpy, the kernels nor the engine:
+    `qwen3cli --help` and a usage error stay fast, whichever command module a user's code or a
+    test imports first."""
+    from test_imports import ROOT, import_each, modules_under
+
+    heavy = ("numba", "numpy", "quant.kernels", "qwen3cli.engine", "qwen3cli.model", "qwen3cli.conversation",
+             "prompt_toolkit", "tokenizers", "jinja2")
+    names = [n for n in modules_under(ROOT) if n == "qwen3cli.cli" or n.startswith("qwen3cli.cli.")]
+    assert "qwen3cli.cli.run" in names and "qwen3cli.cli.quantize" in names
+    results = import_each(names, watch=heavy)
+    assert {n: loaded for n, (ok, _, loaded) in results.items() if loaded or not ok} == {}
+    # the watch sees what a heavy import loads: the library factory's own module pulls the engine in
+    (ok, _, loaded), = import_each(["qwen3cli.engine"], watch=heavy).values()
+    assert ok and "numba" in loaded and "qwen3cli.engine" in loaded

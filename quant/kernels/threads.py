@@ -11,9 +11,6 @@ against OpenBLAS's own threads with a short OpenMP spin: decode +7-8%, prefill t
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -21,23 +18,12 @@ _POOL: list = [None, 0]
 
 
 def pin_blas() -> bool:
-    """Set numpy's bundled OpenBLAS to one thread; False when numpy uses another BLAS."""
-    import numpy as np
+    """Set numpy's BLAS to one thread (OpenBLAS, MKL, BLIS or FlexiBLAS, whichever numpy
+    loaded: threadpoolctl finds it); False when it found none it can set."""
+    import numpy  # noqa: F401  (threadpoolctl sees only libraries already loaded)
+    from threadpoolctl import threadpool_limits
 
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn.argtypes = [ctypes.c_int]
-                fn(1)
-                return True
-    return False
+    return bool(threadpool_limits(limits=1, user_api="blas").get_original_num_threads().get("blas"))
 
 
 def parts() -> int:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import Qwen3CliError
+from ..sampler import Overrides as Sampling  # what the request set
 
 ROLES = ("system", "user", "assistant", "tool")
 # reasoning_effort -> thinking budget in tokens ("none": no thinking; None: no budget)
@@ -29,18 +30,6 @@ class APIError(Qwen3CliError):
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
-
-
-@dataclass
-class Sampling:
-    """What the request set; the rest comes from the model's defaults for the turn's mode."""
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    repeat_penalty: float | None = None
-    seed: int | None = None
 
 
 @dataclass

@@ -5,17 +5,17 @@ prefills only what is new). Yields what the reply is made of; the HTTP layer sha
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 
 from ..chat_template import TemplateError
 from ..engine import Engine
-from ..generate import Done
+from ..generation import Done
 from ..model import ContextFull
 from ..prefix_cache import PrefixCache, common_prefix
-from ..sampler import Sampler, default_params
+from ..sampler import Sampler
 from ..tokenizer import StreamDecoder
 from .answer import AnswerSplitter, ToolCall
 from .protocol import APIError, ChatRequest, CompletionRequest, Sampling, usage
@@ -89,7 +89,7 @@ class Worker:
     def _sampler(self, s: Sampling, thinking: bool) -> Sampler:
         e = self.engine
         try:
-            params = default_params(thinking, e.loaded.metadata, thinking == e.thinks(None), **asdict(s))
+            params = e.sampling(thinking, s)
         except ValueError as err:
             raise APIError(str(err), param="temperature") from None
         return Sampler(params, rng=None if params.seed is not None else self.rng)

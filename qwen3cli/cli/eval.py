@@ -9,9 +9,9 @@ import typer
 
 from quant.files import read_text
 
-from .cli import app, err, out, user_errors
-from .cli_options import Exact, Model, Threads
-from .cli_run import UsageError, open_engine, set_threads
+from .base import UsageError, app, err, out, user_errors
+from .load import open_engine
+from .options import Exact, Model, Threads, set_threads
 
 MAX_TEXT = 64 << 20  # bytes: hours of scoring on a CPU already
 
@@ -22,7 +22,7 @@ def eval_(
     model: Model,
     ref: str = typer.Option(..., "--ref", help="The reference: the unquantized model (GGUF, HF directory or repo id)."),
     text: Path = typer.Option(None, "--text", help="A UTF-8 text file (default: a sample shipped with qwen3cli)."),
-    ctx: int = typer.Option(256, "--ctx", "-c", help="Tokens per chunk; the second half of each is scored."),
+    ctx: int = typer.Option(256, "--ctx", "--ctx-size", "-c", help="Tokens per chunk; the second half of each is scored."),
     ref_quant: str = typer.Option("bf16", "--ref-quant", help="Type an HF directory or repo reference is loaded as."),
     threads: Threads = None,
     exact: Exact = False,
@@ -31,7 +31,7 @@ def eval_(
     """Compare MODEL with REF on a text, like llama-perplexity --kl-divergence."""
     from dataclasses import asdict
 
-    from .evaluate import evaluate, sample_text
+    from ..evaluate import evaluate, sample_text
 
     if ctx < 2:  # half of each chunk is scored
         raise UsageError(f"--ctx must be at least 2, got {ctx}")
@@ -40,8 +40,9 @@ def eval_(
     else:
         body = sample_text()
     set_threads(threads)
-    m = open_engine(model, max(ctx, 8), "q8_0", exact=exact)
-    r = open_engine(ref, max(ctx, 8), ref_quant)
+    seen: set[str] = set()
+    m = open_engine(model, max(ctx, 8), "q8_0", exact=exact, seen=seen)
+    r = open_engine(ref, max(ctx, 8), ref_quant, seen=seen)
     with err.status("evaluating…"):
         res = evaluate(m, r, body, ctx)
     if as_json:

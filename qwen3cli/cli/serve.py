@@ -7,9 +7,10 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from .cli import app, err, printable, user_errors
-from .cli_options import Cache, Ctx, Device, Exact, Model, Quant, Threads, cache_value
-from .cli_run import UsageError, open_engine, set_threads
+from .base import UsageError, app, err, printable, user_errors
+from .load import open_engine
+from .options import Cache, Ctx, Device, Exact, Model, Quant, Threads, cache_value, set_threads
+
 
 def model_id(model: str) -> str:
     """What clients send as `model`: a file's name without .gguf, a directory's name, or the repo id."""
@@ -24,7 +25,7 @@ def model_id(model: str) -> str:
 def serve(
     model: Model,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
-    port: int = typer.Option(8080, "--port", "-p", help="Port to listen on (0: any free port)."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port)."),
     api_key: str = typer.Option(None, "--api-key", envvar="QWEN3CLI_API_KEY",
                                 help="Require 'Authorization: Bearer KEY' on /v1 requests."),
     alias: str = typer.Option(None, "--alias", help="The model id clients use (default: the file's name)."),
@@ -41,8 +42,8 @@ def serve(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each request to stderr."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models)."""
-    from .serve import make_server
-    from .serve.guard import is_loopback, valid_origin
+    from ..serve import make_server
+    from ..serve.guard import is_loopback, valid_origin
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {port}")

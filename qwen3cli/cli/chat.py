@@ -9,15 +9,15 @@ from pathlib import Path
 
 import typer
 
-from .cli import app, err, printable, user_errors
-from .cli_options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads,
-                          TopK, TopP, cache_value)
-from .cli_run import UsageError, open_engine, set_threads, user_sampling
+from .base import UsageError, app, err, printable, user_errors
+from .load import open_engine
+from .options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads,
+                      TopK, TopP, cache_value, set_threads, user_sampling)
 
 
 def __getattr__(name: str):
     """The UI's names (ChatUI, make_prompt_session, ...) stay importable from here, loaded on use."""
-    from . import chat_ui
+    from .. import chat_ui
 
     try:
         return getattr(chat_ui, name)
@@ -55,8 +55,8 @@ def chat(
     from rich.markup import escape
     from rich.text import Text
 
-    from .chat_ui import DISPLAYS, ChatUI, make_prompt_session
-    from .conversation import ChatSettings, Conversation
+    from ..chat_ui import DISPLAYS, ChatUI, make_prompt_session
+    from ..conversation import ChatSettings, Conversation
 
     if thinking not in DISPLAYS:
         raise UsageError(f"--thinking must be one of {', '.join(DISPLAYS)}, got {thinking!r}")

@@ -8,133 +8,28 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
+from pathlib import Path
 
 import typer
-from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .cli import app, err, print_warnings, user_errors
-from .cli_options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads,
-                          TopK, TopP, cache_value)
-from .errors import Qwen3CliError
-
-
-class UsageError(Qwen3CliError):
-    pass
-
-
-@contextmanager
-def load_progress():
-    """A transient bar for long loads (converting a directory, downloading); started only if needed."""
-    bar: Progress | None = None
-    tasks: dict[str, int] = {}
-
-    def update(what: str, done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                           TimeRemainingColumn(), console=err, transient=True)
-            bar.start()
-        if what not in tasks:
-            tasks[what] = bar.add_task(what, total=total)
-        bar.update(tasks[what], completed=done, total=total)
-
-    try:
-        yield update
-    finally:
-        if bar is not None:
-            bar.stop()
-
-
-def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto", exact: bool = False,
-                cache_type: str | None = None):
-    """Pick the device, load (with a bar when it takes a while), then build the engine; while
-    kernels compile (a first CPU run, every GPU run), say so instead of looking frozen.
-    exact: float activations (Model's); cache_type: the KV cache's f32, f16 or q8_0 (None: the
-    device's default)."""
-    from quant.kernels.matmul_cpu import warm_up
-
-    from .device import pick
-    from .engine import Engine
-    from .loader import load
-
-    backend, note = pick(device)
-    with load_progress() as progress:
-        loaded = load(model, quant=quant, progress=progress)
-    print_warnings(loaded.warnings)
-    if note:  # after the load, so that a bad file still gets one line of error
-        err.print(f"[dim]{note}[/dim]", highlight=False)
-
-    def forward(n: int) -> None:  # a cache of n positions: on a GPU a full-context one is gigabytes
-        engine.model.forward([0] * n, engine.model.ops.new_cache(n))
-
-    if backend == "cpu":
-        watch = compile_watch()
-        compiled = watch.count
-        engine = Engine(loaded, ctx, exact=exact, cache_type=cache_type)
-        if watch.count > compiled:  # packing compiled its kernels: a first run, so compile the rest now
-            warm_up(forward)
-        return engine
-    with err.status("uploading the weights and compiling the GPU kernels…"):
-        engine = Engine(loaded, ctx, device=backend, exact=exact, cache_type=cache_type)
-        err.print(f"[dim]{escape(engine.model.ops.summary)}[/dim]", highlight=False)
-        warm_up(forward)
-    return engine
-
-
-_WATCH = None
-
-
-def compile_watch():
-    """The process's CompileWatch: one line on a terminal when numba first compiles, which a
-    run with a warm cache never shows, whatever layouts its file uses. A line, not a live
-    status: compiles can start under another live display (eval's, chat's), and rich's nested
-    lives recursed without end when the outer one stopped first."""
-    global _WATCH
-    if _WATCH is None:
-        from .compiling import CompileWatch
-
-        said = []
-
-        def started() -> None:
-            if err.is_terminal and not said:
-                said.append(True)
-                err.print("[dim]compiling kernels (first run only, about a minute)…[/dim]", highlight=False)
-
-        _WATCH = CompileWatch(started).install()
-    return _WATCH
-
-
-def set_threads(n: int | None) -> None:
-    if n is None:
-        return
-    import numba
-
-    if n < 1:
-        raise UsageError(f"--threads must be at least 1, got {n}")
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-
-
-def user_sampling(seed: int | None = None, **flags) -> tuple[dict, int | None]:
-    """The sampling flags the user set, checked before any model loads; --seed -1 means a
-    random seed, as in llama.cpp. Returns (flags that were set, seed)."""
-    from .sampler import SamplingError, SamplingParams
-
-    if seed == -1:
-        seed = None
-    given = {k: v for k, v in flags.items() if v is not None}
-    try:
-        SamplingParams(**{**SamplingParams().__dict__, **given, "seed": seed}).validate()
-    except SamplingError as e:
-        raise UsageError(str(e)) from None
-    return given, seed
-
+from .base import UsageError, app, err, user_errors
+from .load import open_engine
+from .options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads,
+                      TopK, TopP, cache_value, set_threads, user_sampling)
 
 MAX_PROMPT_BYTES = 64 << 20  # a 128K-token context holds well under 1 MB of text: this is only a bound
 
 
-def read_prompt(prompt: str | None) -> str:
+def read_prompt(prompt: str | None, file: Path | None = None) -> str:
+    """The prompt: the argument, then the file's text (-f, as llama-cli's), then what stdin pipes."""
+    from quant.files import InputFileError, read_text
+
+    text_file = None
+    if file is not None:
+        try:
+            text_file = read_text(file, MAX_PROMPT_BYTES, "prompt file")
+        except InputFileError as e:
+            raise UsageError(str(e)) from None
     piped = None
     if sys.stdin is not None and not sys.stdin.isatty():
         stream = getattr(sys.stdin, "buffer", None)
@@ -149,7 +44,7 @@ def read_prompt(prompt: str | None) -> str:
             piped = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UsageError(f"stdin: not UTF-8 text (byte {e.start})") from None
-    parts = [p for p in (prompt, piped) if p and p.strip()]
+    parts = [p for p in (prompt, text_file, piped) if p and p.strip()]
     if not parts:
         raise UsageError("no prompt: give one as an argument or pipe it on stdin")
     return "\n\n".join(parts)
@@ -160,6 +55,7 @@ def read_prompt(prompt: str | None) -> str:
 def run(
     model: Model,
     prompt: str = typer.Argument(None, help="The prompt; read from stdin when piped (both are joined)."),
+    file: Path = typer.Option(None, "--file", "-f", help="Read the prompt (or more of it) from FILE, as llama-cli -f."),
     think: bool = typer.Option(None, "--think/--no-think", help="Thinking on or off (default: the model's)."),
     show_thinking: bool = typer.Option(True, "--show-thinking/--hide-thinking",
                                        help="Stream the thinking to stderr, dimmed (stdout gets only the answer)."),
@@ -184,9 +80,9 @@ def run(
     """Answer one prompt and exit."""
     import time
 
-    from .generate import Done, generate
-    from .model import ContextFull
-    from .sampler import Sampler, default_params
+    from ..generation import Done, generate
+    from ..model import ContextFull
+    from ..sampler import Overrides, Sampler
 
     t_start = time.perf_counter()
     for name, v in (("--ctx", ctx), ("--max-tokens", max_tokens)):
@@ -194,7 +90,7 @@ def run(
             raise UsageError(f"{name} must be at least 1, got {v}")
     user, seed = user_sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                                presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
-    text = read_prompt(prompt)
+    text = read_prompt(prompt, file)
     set_threads(threads)
     engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
@@ -203,8 +99,7 @@ def run(
         raise ContextFull(f"the prompt has {len(p.ids)} tokens but the context holds {engine.ctx}; "
                           "raise --ctx or shorten the prompt")
     try:
-        params = default_params(p.thinking, engine.loaded.metadata, p.thinking == engine.thinks(None),
-                                seed=seed, **user)
+        params = engine.sampling(p.thinking, Overrides(seed=seed, **user))
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -1,4 +1,4 @@
-"""Options shared by `run`, `chat`, `bench` and `serve`, declared once."""
+"""Options shared by `run`, `chat`, `bench`, `eval` and `serve`, declared once, and their checks."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from .base import UsageError
+
 Model = Annotated[str, typer.Argument(help="A GGUF file, a Hugging Face model directory, or a hub repo id "
                                            "(Qwen/Qwen3-0.6B, Qwen/Qwen3-8B-GGUF:Q8_0).")]
-System = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.")]
-Ctx = Annotated[Optional[int], typer.Option("--ctx", "-c", help="Context size in tokens (default: 8192, or the "
+System = Annotated[Optional[str], typer.Option("--system", "--system-prompt", "-sys", help="System prompt.")]
+Ctx = Annotated[Optional[int], typer.Option("--ctx", "--ctx-size", "-c", help="Context size in tokens (default: 8192, or the "
                                                                "model's if less); past the native length YaRN is applied.")]
 Temp = Annotated[Optional[float], typer.Option("--temp", help="Temperature (0 = greedy). Default by mode: 0.6 "
                                                              "thinking, 0.7 not.")]
@@ -19,7 +21,7 @@ TopP = Annotated[Optional[float], typer.Option("--top-p", help="Top-p. Default 0
 MinP = Annotated[Optional[float], typer.Option("--min-p", help="Min-p. Default 0.")]
 Presence = Annotated[Optional[float], typer.Option("--presence-penalty", help="Presence penalty (0-2). Default 0.")]
 Repeat = Annotated[Optional[float], typer.Option("--repeat-penalty", help="Repetition penalty (1 = off). Default 1.")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed, for reproducible sampling.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed, for reproducible sampling.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all cores).")]
 Quant = Annotated[str, typer.Option("--quant", help="Type a Hugging Face directory or repo is converted to.")]
 Device = Annotated[str, typer.Option("--device", help="auto (a CUDA GPU when numba-cuda finds one, else the CPU), "
@@ -42,3 +44,28 @@ Cache = Annotated[Optional[CacheType], typer.Option(
 
 def cache_value(c: CacheType | None) -> str | None:
     return c.value if c is not None else None
+
+
+def set_threads(n: int | None) -> None:
+    if n is None:
+        return
+    import numba
+
+    if n < 1:
+        raise UsageError(f"--threads must be at least 1, got {n}")
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def user_sampling(seed: int | None = None, **flags) -> tuple[dict, int | None]:
+    """The sampling flags the user set, checked before any model loads; --seed -1 means a
+    random seed, as in llama.cpp. Returns (flags that were set, seed)."""
+    from ..sampler import SamplingError, SamplingParams
+
+    if seed == -1:
+        seed = None
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        SamplingParams(**{**SamplingParams().__dict__, **given, "seed": seed}).validate()
+    except SamplingError as e:
+        raise UsageError(str(e)) from None
+    return given, seed

@@ -8,9 +8,9 @@ import time
 import typer
 from rich.table import Table
 
-from .cli import app, out, printable, user_errors
-from .cli_options import Cache, Device, Exact, Model, Quant, Threads, cache_value
-from .cli_run import UsageError, open_engine, set_threads
+from .base import UsageError, app, out, printable, user_errors
+from .load import open_engine
+from .options import Cache, Device, Exact, Model, Quant, Threads, cache_value, set_threads
 
 
 @app.command()
@@ -23,7 +23,7 @@ def bench(
     depth: int = typer.Option(0, "-d", "--depth", help="Tokens already in the context when each test starts "
                                                       "(llama-bench's -d)."),
     threads: Threads = None,
-    ctx: int = typer.Option(None, "--ctx", "-c", help="Context the KV cache is made for (default: what the tests use)."),
+    ctx: int = typer.Option(None, "--ctx", "--ctx-size", "-c", help="Context the KV cache is made for (default: what the tests use)."),
     quant: Quant = "q8_0",
     device: Device = "auto",
     exact: Exact = False,
@@ -33,7 +33,7 @@ def bench(
     """Measure prefill and decode speed, like llama-bench."""
     import numba
 
-    from .bench import peak_rss_mb, run_bench
+    from ..bench import peak_rss_mb, run_bench
 
     if prompt < 0 or gen < 0 or reps < 1 or prompt + gen == 0 or depth < 0:
         raise UsageError("-p, -n and -d must be >= 0 (-p and -n not both 0) and -r >= 1")

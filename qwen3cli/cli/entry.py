@@ -1,0 +1,63 @@
+"""The process around the app: signals, logging levels, and click's errors as one line."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import typer
+from rich.markup import escape
+
+from .base import app, err, printable
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so that every cleanup (temporary files,
+    the terminal's state) runs as it does for Ctrl-C; not an Exception, so nothing swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+def main() -> None:
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _terminate)
+    try:
+        _main()
+    except Terminated as t:
+        raise SystemExit(128 + t.signum) from None
+
+
+def _click_exceptions():
+    try:  # recent typer vendors its own click
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def _main() -> None:
+    logging.getLogger("gguf").setLevel(logging.ERROR)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry chatter; failures reach us as errors
+    ex = _click_exceptions()
+    try:
+        rv = app(standalone_mode=False)
+    except ex.NoArgsIsHelpError as e:
+        e.show()  # a bare command: its help, as before
+        raise SystemExit(e.exit_code) from None
+    except ex.ClickException as e:
+        # a usage mistake is one line like every other error (typer would draw a box), exit 2
+        hint = f" (see '{e.ctx.command_path} --help')" if getattr(e, "ctx", None) else ""
+        msg = " ".join(e.format_message().split())
+        err.print(f"[red]error:[/red] {escape(printable(msg + hint))}", highlight=False, soft_wrap=True)
+        raise SystemExit(e.exit_code) from None
+    except typer.Abort:
+        err.print("[yellow]interrupted[/yellow]")
+        raise SystemExit(130) from None
+    raise SystemExit(rv if isinstance(rv, int) else 0)
