@@ -27,6 +27,36 @@ BQ = 32  # query tokens per attention job: with G heads per KV head, G * BQ rows
 BK = 64  # keys per tile: K, V and the scores of one tile stay in L1 / L2
 
 
+@njit(cache=True, inline="always", fastmath=FAST)
+def _exp(x):
+    """e**x for float32 x <= 0 (a score minus its row's max, or -|g|), vectorisable where
+    numba's np.exp is a libm call per value. Worked in float64: x = k ln2 + f, |f| <= ln2 / 2,
+    e**f by its Taylor series to f**10 (relative error < 1e-11), times 2**k, rounded once to
+    float32: the correctly rounded value, as glibc's expf gives, but where the exact one lies
+    within ~1e-11 of a halfway point. So prefill's softmax rounds as decode's (np.exp in
+    layer_cpu.attend_one): a last-bit difference there flips 8-bit activations downstream
+    (measured: a 0.8% move of the logits of a tiny q8_0 model from token 4 on). Below -87 the
+    result is 0 (a subnormal for numpy, nothing a sum can see); NaN stays NaN."""
+    y = np.float64(max(x, np.float32(-87.0)))
+    kf = math.floor(y * 1.4426950408889634 + 0.5)
+    kf = kf if kf == kf else 0.0  # a NaN's exponent bits: any finite will do
+    f = (y - kf * 0.6931471803691238) - kf * 1.9082149292705877e-10
+    e = 1.0 / 3628800.0
+    e = e * f + 1.0 / 362880.0
+    e = e * f + 1.0 / 40320.0
+    e = e * f + 1.0 / 5040.0
+    e = e * f + 1.0 / 720.0
+    e = e * f + 1.0 / 120.0
+    e = e * f + 1.0 / 24.0
+    e = e * f + 1.0 / 6.0
+    e = e * f + 0.5
+    e = e * f + 1.0
+    e = e * f + 1.0
+    r = np.float32(e * np.float64(_bits_f32(np.uint32(np.int32(kf) + 127) << np.uint32(23))))
+    r = r if x >= np.float32(-87.0) else np.float32(0.0)
+    return r if x == x else x
+
+
 @njit(parallel=True, cache=True, fastmath=FAST)
 def rms_norm(x, w, eps, out):
     """out = x / rms(x) * w, row by row."""
@@ -42,12 +72,15 @@ def rms_norm(x, w, eps, out):
 
 @njit(parallel=True, cache=True, fastmath=FAST)
 def silu_mul(gu, out):
-    """out = silu(gate) * up of the stacked gate|up rows."""
+    """out = silu(gate) * up of the stacked gate|up rows; the sigmoid from e**-|g| (<= 1, so
+    _exp's range), which vectorises where np.exp was a libm call per value, slower than numpy's."""
     n, half = out.shape
     for i in prange(n):
         for j in range(half):
             g = gu[i, j]
-            out[i, j] = g / (np.float32(1.0) + np.exp(-g)) * gu[i, j + half]
+            e = _exp(-abs(g))
+            sig = (np.float32(1.0) if g >= np.float32(0.0) else e) / (np.float32(1.0) + e)
+            out[i, j] = g * sig * gu[i, j + half]
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -78,28 +111,6 @@ def qk_rope_store(q, k, v, qn, kn, eps, cos, sin, kc, vc, ks, vs, li, p, qout):
             kv_store(row, vc, vs, li, h, p + i)
 
 
-@njit(cache=True, inline="always", fastmath=FAST)
-def _exp(x):
-    """e**x for x <= 0 (a score minus its row's max), vectorisable where numba's np.exp is a
-    libm call per value: x = k ln2 + f, |f| <= ln2 / 2, e**f by its Taylor series to f**6
-    (relative error < 1.3e-7, about one float32 ulp), 2**k put into the exponent bits. Below
-    -87 the result is ~1e-38 instead of a subnormal or 0, nothing a softmax sum can see; NaN
-    stays NaN."""
-    y = max(x, np.float32(-87.0))
-    kf = math.floor(y * np.float32(1.4426950408889634) + np.float32(0.5))
-    kf = kf if kf == kf else np.float32(0.0)  # a NaN's exponent bits: any finite will do
-    f = (y - kf * np.float32(0.693145751953125)) - kf * np.float32(1.4286068203094172e-06)
-    e = np.float32(1.0 / 720.0)
-    e = e * f + np.float32(1.0 / 120.0)
-    e = e * f + np.float32(1.0 / 24.0)
-    e = e * f + np.float32(1.0 / 6.0)
-    e = e * f + np.float32(0.5)
-    e = e * f + np.float32(1.0)
-    e = e * f + np.float32(1.0)
-    r = e * _bits_f32(np.uint32(np.int32(kf) + 127) << np.uint32(23))
-    return r if x == x else x
-
-
 @njit(parallel=True, cache=True, fastmath=FAST)
 def attend(q, kc, vc, ks, vs, li, p, out):
     """Causal attention of tokens p..p+n over the cache's positions 0..p+n of layer li.
@@ -125,9 +136,9 @@ def attend(q, kc, vc, ks, vs, li, p, out):
         m = np.full(R, -np.inf, np.float32)
         tot = np.zeros(R, np.float32)
         s = np.empty(BK, np.float32)
-        for r in range(R):  # the scale folded into q once, not into every score
+        for r in range(R):
             for d in range(D):
-                qs[r, d] = q[h * G + r // c, s0 + r % c, d] * scale
+                qs[r, d] = q[h * G + r // c, s0 + r % c, d]
         end = p + s0 + c  # keys 0..end: up to the block's last token
         for t0 in range(0, end, BK):
             b = min(end, t0 + BK) - t0
@@ -147,13 +158,13 @@ def attend(q, kc, vc, ks, vs, li, p, out):
                         a1 += x * K[t + 1, d]
                         a2 += x * K[t + 2, d]
                         a3 += x * K[t + 3, d]
-                    s[t], s[t + 1], s[t + 2], s[t + 3] = a0, a1, a2, a3
+                    s[t], s[t + 1], s[t + 2], s[t + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
                     t += 4
                 for t in range(t, lim):
                     a = np.float32(0.0)
                     for d in range(D):
                         a += qs[r, d] * K[t, d]
-                    s[t] = a
+                    s[t] = a * scale
                 mx = m[r]
                 for t in range(lim):
                     mx = max(mx, s[t])
@@ -180,6 +191,5 @@ def attend(q, kc, vc, ks, vs, li, p, out):
                         acc[r, d] += e0 * V[t, d]
         for r in range(R):
             o = (h * G + r // c) * D
-            inv = np.float32(1.0) / tot[r]
-            for d in range(D):
-                out[s0 + r % c, o + d] = acc[r, d] * inv
+            for d in range(D):  # as decode's attend_one: scale after the dot, divide at the end
+                out[s0 + r % c, o + d] = acc[r, d] / tot[r]
