@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from quant.kernels import prefill_cpu as pre
 from qwen3cli.kv_cache import CACHE_TYPES, KVCache
 from qwen3cli.loader import load
 from qwen3cli.model import Model
 from qwen3cli.ops_cpu import CpuOps, rms_norm, silu
 from qwen3cli.rope import Rope, apply_rope
-from quant.kernels import prefill_cpu as pre
 
 EPS = np.float32(1e-6)
 

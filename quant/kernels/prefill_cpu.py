@@ -39,7 +39,7 @@ def _exp(x):
     result is 0 (a subnormal for numpy, nothing a sum can see); NaN stays NaN."""
     y = np.float64(max(x, np.float32(-87.0)))
     kf = math.floor(y * 1.4426950408889634 + 0.5)
-    kf = kf if kf == kf else 0.0  # a NaN's exponent bits: any finite will do
+    kf = 0.0 if math.isnan(kf) else kf  # a NaN's exponent bits: any finite will do
     f = (y - kf * 0.6931471803691238) - kf * 1.9082149292705877e-10
     e = 1.0 / 3628800.0
     e = e * f + 1.0 / 362880.0
@@ -54,7 +54,7 @@ def _exp(x):
     e = e * f + 1.0
     r = np.float32(e * np.float64(_bits_f32(np.uint32(np.int32(kf) + 127) << np.uint32(23))))
     r = r if x >= np.float32(-87.0) else np.float32(0.0)
-    return r if x == x else x
+    return x if math.isnan(x) else r
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -160,11 +160,11 @@ def attend(q, kc, vc, ks, vs, li, p, out):
                         a3 += x * K[t + 3, d]
                     s[t], s[t + 1], s[t + 2], s[t + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
                     t += 4
-                for t in range(t, lim):
+                for u in range(t, lim):
                     a = np.float32(0.0)
                     for d in range(D):
-                        a += qs[r, d] * K[t, d]
-                    s[t] = a * scale
+                        a += qs[r, d] * K[u, d]
+                    s[u] = a * scale
                 mx = m[r]
                 for t in range(lim):
                     mx = max(mx, s[t])
@@ -185,10 +185,10 @@ def attend(q, kc, vc, ks, vs, li, p, out):
                     for d in range(D):
                         acc[r, d] += (e0 * V[t, d] + e1 * V[t + 1, d]) + (e2 * V[t + 2, d] + e3 * V[t + 3, d])
                     t += 4
-                for t in range(t, lim):
-                    e0 = s[t]
+                for u in range(t, lim):
+                    e0 = s[u]
                     for d in range(D):
-                        acc[r, d] += e0 * V[t, d]
+                        acc[r, d] += e0 * V[u, d]
         for r in range(R):
             o = (h * G + r // c) * D
             for d in range(D):  # as decode's attend_one: scale after the dot, divide at the end
