@@ -3,7 +3,8 @@ whole attention of one new token (q/k norms, RoPE, the cache write, all heads).
 
 In numpy each of these is a handful of ufunc calls on vectors of a few thousand floats, and
 a decode step makes ~20 of them per layer: about a quarter of a 0.6B model's step went to call
-overhead. Prefill keeps the numpy/BLAS path (ops_cpu.py), which these match to float32 rounding.
+overhead. Prefill's counterparts, threaded over rows and query blocks, are in prefill_cpu.py;
+ops_cpu.py's numpy path (kept for --exact) matches both to float32 rounding.
 """
 
 from __future__ import annotations
