@@ -86,6 +86,7 @@ def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *
     n_thinking, reason = 0, "length"
     fresh = True  # at the start of a thinking or answer segment: drop the template's newlines
     forced: list[int] = []  # tokens the budget makes us write instead of sampling
+    n_forced = 0  # of them written: outside max_tokens and the thinking count, which are the model's
     budget_hit = False
     t1 = time.perf_counter()
     while True:
@@ -96,7 +97,9 @@ def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *
         if not forced and not np.isfinite(logits).all():
             raise NonFiniteLogits(f"{getattr(model, 'source', 'the model')}: the model computed NaN or infinite "
                                   "logits; its weights are corrupt or not what their types say")
+        was_forced = bool(forced)
         tid = forced.pop(0) if forced else sampler(logits, generated)
+        n_forced += was_forced
         generated.append(tid)
         if tid in stop_ids:
             reason = "stop"
@@ -105,17 +108,17 @@ def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *
             thinking, fresh = True, True
             yield Token(tid, "", True)
         elif tid == close_id and thinking:
-            n_thinking += 1
+            n_thinking += not was_forced
             thinking, fresh = False, True
             yield Token(tid, "", True)
         else:
-            n_thinking += thinking
+            n_thinking += thinking and not was_forced
             text = decoder.push(tid)
             if fresh:
                 text = text.lstrip("\n")
                 fresh = not text
             yield Token(tid, text, thinking)
-        if max_tokens is not None and len(generated) >= max_tokens:
+        if max_tokens is not None and len(generated) - n_forced >= max_tokens and not forced:
             break
         if cache.n >= cache.ctx:
             reason = "context_full"

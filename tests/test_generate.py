@@ -110,3 +110,28 @@ def test_done_speeds(engine):
                         stop_ids=frozenset(), max_tokens=5))
     d = evs[-1]
     assert isinstance(d, Done) and d.prefill_tps > 0 and d.decode_tps > 0 and d.prompt_tokens == len(p.ids)
+
+
+class Counting:
+    """Returns the given ids in order of its own calls (forced tokens do not advance it)."""
+
+    def __init__(self, ids):
+        self.ids, self.n = list(ids), 0
+
+    def __call__(self, logits, generated):
+        self.n += 1
+        return self.ids[self.n - 1]
+
+
+def test_the_budget_note_is_outside_max_tokens_and_the_thinking_count(engine):
+    from qwen3cli.generation import BUDGET_NOTE
+
+    p = engine.prompt([{"role": "user", "content": "Hi"}])
+    hmm = ids(engine, " hmm")
+    s = script(engine, "<think>") + hmm * 3 + ids(engine, " yes yes yes yes")  # the model, after the note
+    r = collect(generate(engine.model, engine.tokenizer, p.ids, Counting(s), stop_ids=engine.loaded.stop_ids,
+                         max_tokens=1 + 3 * len(hmm) + 2, thinking_budget=3 * len(hmm)))
+    note = len(ids(engine, BUDGET_NOTE)) + 1  # and the closing tag
+    assert r.done.budget_hit and r.done.thinking_tokens == 3 * len(hmm)
+    assert r.answer.strip() == "yes yes" and r.done.finish_reason == "length"  # -n left room for the answer
+    assert r.done.completion_tokens == 1 + 3 * len(hmm) + 2 + note

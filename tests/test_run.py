@@ -201,3 +201,31 @@ def test_llama_cpp_flag_habits(tiny, tmp_path):
     code, d, _ = run(tiny, "Tell me about cats.", "--system-prompt", "Be brief.", "--seed", "5", *base)
     assert json.loads(c)["prompt_tokens"] == json.loads(d)["prompt_tokens"] > json.loads(b)["prompt_tokens"]
     one_line_error(*run(tiny, "-f", tmp_path / "missing.txt")[::2], "missing.txt")
+
+
+@pytest.fixture(scope="module")
+def always_thinks(tmp_path_factory):
+    """A tiny model with Qwen3-Thinking-2507's template: the prompt opens <think>, --no-think cannot switch it."""
+    from checkpoints import DATA, make_checkpoint
+    from qwen3cli.convert import quantize
+
+    d = tmp_path_factory.mktemp("thinking2507")
+    src, _ = make_checkpoint(d / "ck", dtype="f32", std=0.05)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (DATA / "templates" / "Qwen-Qwen3-4B-Thinking-2507.jinja").read_text()
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return quantize(src, d / "m.gguf", "q8_0").out
+
+
+def test_run_thinking_budget_display_and_mode_note(always_thinks):
+    # a random model never closes its thinking: the budget does, and -n still leaves room for an answer
+    code, out, err = run(always_thinks, "hi", "--thinking-budget", "3", "-n", "6", "--json", "--temp", "0")
+    assert code == 0, err
+    j = json.loads(out)
+    assert j["thinking_tokens"] == 3 and j["finish_reason"] == "length", j
+    code, out, err = run(always_thinks, "hi", "--thinking-budget", "3", "-n", "6", "--thinking", "collapse",
+                         "--no-think")
+    assert code == 0 and "this model always thinks: --no-think has no effect" in err
+    assert "(thought for 3 tokens, budget hit" in err
+    code, _, err = run(always_thinks, "hi", "--thinking", "loud")
+    assert code == 1 and "--thinking must be one of show, collapse, hide" in err

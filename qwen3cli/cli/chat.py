@@ -11,8 +11,8 @@ import typer
 
 from .base import UsageError, app, err, printable, user_errors
 from .load import open_engine
-from .options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads,
-                      TopK, TopP, cache_value, set_threads, user_sampling)
+from .options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp,
+                      ThinkingBudget, ThinkingDisplay, Threads, TopK, TopP, cache_value, set_threads, user_sampling)
 
 
 def __getattr__(name: str):
@@ -31,8 +31,8 @@ def chat(
     model: Model,
     system: System = None,
     think: bool = typer.Option(None, "--think/--no-think", help="Start with thinking on or off (default: the model's)."),
-    thinking: str = typer.Option("show", "--thinking", help="Thinking display: show, collapse or hide."),
-    thinking_budget: int = typer.Option(None, "--thinking-budget", help="Close the thinking after N tokens."),
+    thinking: ThinkingDisplay = "show",
+    thinking_budget: ThinkingBudget = None,
     ctx: Ctx = None,
     max_tokens: int = typer.Option(None, "--max-tokens", "-n", help="Longest reply in tokens."),
     temp: Temp = None,

@@ -69,3 +69,16 @@ def user_sampling(seed: int | None = None, **flags) -> tuple[dict, int | None]:
     except SamplingError as e:
         raise UsageError(str(e)) from None
     return given, seed
+
+THINKING_DISPLAYS = ("show", "collapse", "hide")  # chat_ui.DISPLAYS: the chat draws them
+ThinkingBudget = Annotated[Optional[int], typer.Option(
+    "--thinking-budget", help="Close the thinking after N tokens (Qwen's note, then the answer); not counted in -n.")]
+ThinkingDisplay = Annotated[str, typer.Option("--thinking", help="Thinking display: show, collapse (one summary "
+                                                                "line) or hide.")]
+
+
+def mode_note(engine, think: bool | None) -> str | None:
+    """A line when --think / --no-think asks what the model cannot do (it always or never thinks)."""
+    if think is None or engine.mode == "hybrid" or (think == (engine.mode == "always")):
+        return None
+    return f"this model {engine.mode} thinks: --{'no-' if not think else ''}think has no effect"
