@@ -21,7 +21,7 @@ from .answer import ToolCall
 from .conn import HeadBudget, TimedWriter, at_eof, linger, refuse_busy
 from .guard import Cors, Limits, body_length, is_loopback, names_loopback, preflight_headers, single
 from .protocol import APIError, parse_chat, parse_completion, parse_json, tool_call_json
-from .worker import Content, Finish, Reasoning, Worker
+from .worker import Content, Defaults, Finish, Reasoning, Worker
 
 LINGER_S = 2.0  # how long a refused request's unread body is drained before the connection closes
 
@@ -79,10 +79,12 @@ class OpenAIServer(ThreadingHTTPServer):
 
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080, *, model_id: str,
                 api_key: str | None = None, log: Callable[[str], None] | None = None,
-                limits: Limits | None = None, cors_origins: list[str] | tuple[str, ...] = ()) -> OpenAIServer:
+                limits: Limits | None = None, cors_origins: list[str] | tuple[str, ...] = (),
+                defaults: Defaults | None = None) -> OpenAIServer:
     """Bind (port 0: any free port); call serve_forever() to serve. `cors_origins`: the web
-    origins whose pages may call the server ('*': any)."""
-    return OpenAIServer((host, port), Worker(engine), model_id, api_key, log, limits=limits, cors=Cors(cors_origins))
+    origins whose pages may call the server ('*': any); `defaults`: what requests leave out."""
+    return OpenAIServer((host, port), Worker(engine, defaults), model_id, api_key, log, limits=limits,
+                        cors=Cors(cors_origins))
 
 
 class _Handler(BaseHTTPRequestHandler):
