@@ -48,7 +48,9 @@ class Done:
 
     @property
     def prefill_tps(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        """Tokens computed per second: those reused from the cache took no time."""
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tps(self) -> float:

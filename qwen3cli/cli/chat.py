@@ -70,8 +70,11 @@ def chat(
     conv = Conversation(engine, ChatSettings(system=system, think=think, thinking_budget=thinking_budget,
                                              max_tokens=max_tokens, seed=seed, sampling=sampling))
     if load_file is not None:
-        for warning in conv.load(load_file):
+        # what this command line says wins over what the file saved
+        for warning in conv.load(load_file, keep=conv.settings):
             err.print(Text(f"warning: {printable(warning)}", style="yellow"))
+        err.print(Text(f"loaded {len(conv.messages)} messages from {printable(str(load_file))} "
+                       f"({conv.context_used} tokens of context)", style="dim"))
     console = Console(highlight=False)
     ui = ChatUI(conv, console, make_prompt_session(), display=thinking, markdown=markdown)
     note = {"always": "this model always thinks", "never": "this model never thinks"}.get(engine.mode, "")
