@@ -11,8 +11,9 @@ import typer
 
 from .base import UsageError, app, err, printable, user_errors
 from .load import open_engine
-from .options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp,
-                      ThinkingBudget, ThinkingDisplay, Threads, TopK, TopP, cache_value, set_threads, user_sampling)
+from .options import (Cache, Ctx, Device, Exact, MinP, OptionalModel, Presence, Quant, Repeat, Seed, System, Temp,
+                      ThinkingBudget, ThinkingDisplay, Threads, TopK, TopP, cache_value, model_or_default,
+                      set_threads, user_sampling)
 
 
 def __getattr__(name: str):
@@ -28,7 +29,7 @@ def __getattr__(name: str):
 @app.command()
 @user_errors
 def chat(
-    model: Model,
+    model: OptionalModel = None,
     system: System = None,
     think: bool = typer.Option(None, "--think/--no-think", help="Start with thinking on or off (default: the model's)."),
     thinking: ThinkingDisplay = "show",
@@ -66,6 +67,7 @@ def chat(
     sampling, seed = user_sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                                    presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
     set_threads(threads)
+    model = model_or_default(model)
     engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
     conv = Conversation(engine, ChatSettings(system=system, think=think, thinking_budget=thinking_budget,
                                              max_tokens=max_tokens, seed=seed, sampling=sampling))

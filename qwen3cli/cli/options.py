@@ -11,6 +11,30 @@ from .base import UsageError
 
 Model = Annotated[str, typer.Argument(help="A GGUF file, a Hugging Face model directory, or a hub repo id "
                                            "(Qwen/Qwen3-0.6B, Qwen/Qwen3-8B-GGUF:Q8_0).")]
+DEFAULT_MODEL = "Qwen/Qwen3-0.6B-GGUF:Q8_0"  # the smallest Qwen3, in the format that runs best here
+OptionalModel = Annotated[Optional[str], typer.Argument(
+    help=f"A GGUF file, a Hugging Face model directory, or a hub repo id (default: {DEFAULT_MODEL}).")]
+
+
+def model_or_default(model: str | None) -> str:
+    """MODEL, or the default model with one line saying so (run, chat and serve without MODEL)."""
+    if model is not None:
+        return model
+    from .base import err
+
+    err.print(f"[dim]no MODEL given: using {DEFAULT_MODEL} (downloaded once; `qwen3cli list` shows what "
+              "you have)[/dim]", highlight=False)
+    return DEFAULT_MODEL
+
+
+def looks_like_model(text: str) -> bool:
+    """Whether run's first argument names a model (a path that exists, a repo id) or is the prompt."""
+    import os
+
+    from ..hub import REPO_ID, normalize
+
+    return os.path.lexists(os.path.expanduser(text)) or text.endswith(".gguf") or \
+        REPO_ID.match(normalize(text)) is not None
 System = Annotated[Optional[str], typer.Option("--system", "--system-prompt", "-sys", help="System prompt.")]
 Ctx = Annotated[Optional[int], typer.Option("--ctx", "--ctx-size", "-c", help="Context size in tokens (default: 8192, or the "
                                                                "model's if less); past the native length YaRN is applied.")]

@@ -14,9 +14,9 @@ import typer
 
 from .base import UsageError, app, err, user_errors
 from .load import open_engine
-from .options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp,
-                      THINKING_DISPLAYS, ThinkingBudget, ThinkingDisplay, Threads, TopK, TopP, cache_value, mode_note, set_threads,
-                      user_sampling)
+from .options import (Cache, Ctx, Device, Exact, MinP, OptionalModel, Presence, Quant, Repeat, Seed, System, Temp,
+                      THINKING_DISPLAYS, ThinkingBudget, ThinkingDisplay, Threads, TopK, TopP, cache_value,
+                      looks_like_model, mode_note, model_or_default, set_threads, user_sampling)
 
 MAX_PROMPT_BYTES = 64 << 20  # a 128K-token context holds well under 1 MB of text: this is only a bound
 
@@ -54,7 +54,7 @@ def read_prompt(prompt: str | None, file: Path | None = None) -> str:
 @app.command()
 @user_errors
 def run(
-    model: Model,
+    model: OptionalModel = None,
     prompt: str = typer.Argument(None, help="The prompt; read from stdin when piped (both are joined)."),
     file: Path = typer.Option(None, "--file", "-f", help="Read the prompt (or more of it) from FILE, as llama-cli -f."),
     think: bool = typer.Option(None, "--think/--no-think", help="Thinking on or off (default: the model's)."),
@@ -97,7 +97,10 @@ def run(
             raise UsageError(f"{name} must be at least 1, got {v}")
     user, seed = user_sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                                presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
+    if model is not None and prompt is None and not looks_like_model(model):  # `run "a question"`
+        model, prompt = None, model
     text = read_prompt(prompt, file)
+    model = model_or_default(model)
     set_threads(threads)
     engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]

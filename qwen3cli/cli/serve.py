@@ -9,8 +9,8 @@ from rich.markup import escape
 
 from .base import UsageError, app, err, printable, user_errors
 from .load import open_engine
-from .options import (Cache, Ctx, Device, Exact, Model, Quant, Temp, Threads, TopK, TopP, cache_value, set_threads,
-                      user_sampling)
+from .options import (Cache, Ctx, Device, Exact, OptionalModel, Quant, Temp, Threads, TopK, TopP, cache_value,
+                      model_or_default, set_threads, user_sampling)
 
 
 def model_id(model: str) -> str:
@@ -24,7 +24,7 @@ def model_id(model: str) -> str:
 @app.command()
 @user_errors
 def serve(
-    model: Model,
+    model: OptionalModel = None,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port)."),
     api_key: str = typer.Option(None, "--api-key", envvar="QWEN3CLI_API_KEY",
@@ -75,6 +75,7 @@ def serve(
         think, reasoning_budget = False if think is None else think, None
     defaults = Defaults(Sampling(**sampling), think, max_tokens, reasoning_budget)
     set_threads(threads)
+    model = model_or_default(model)
     engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
     name = alias or model_id(model)
     log = (lambda line: err.print(line, style="dim", highlight=False, markup=False)) if verbose else None
