@@ -229,3 +229,17 @@ def test_run_thinking_budget_display_and_mode_note(always_thinks):
     assert "(thought for 3 tokens, budget hit" in err
     code, _, err = run(always_thinks, "hi", "--thinking", "loud")
     assert code == 1 and "--thinking must be one of show, collapse, hide" in err
+
+
+def test_bench_sweeps_like_llama_bench(tiny):
+    r = CliRunner().invoke(app, ["bench", str(tiny), "-p", "4,8", "-n", "2,3", "-d", "0,6", "-r", "1", "--json"])
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert [(x["test"], x["depth"]) for x in d["results"]] == [
+        ("pp4", 0), ("pp8", 0), ("tg2", 0), ("tg3", 0), ("pp4 @ d6", 6), ("pp8 @ d6", 6), ("tg2 @ d6", 6),
+        ("tg3 @ d6", 6)]
+    assert d["params"] > 0 and d["ctx"] >= 6 + 8 + 3
+    r = CliRunner().invoke(app, ["bench", str(tiny), "-p", "4", "-n", "2", "-r", "1"], env={"COLUMNS": "160"})
+    assert r.exit_code == 0 and "params" in r.stdout and "pp4" in r.stdout and "CPU" in r.stdout
+    r = CliRunner().invoke(app, ["bench", str(tiny), "-p", "4,x"])
+    assert r.exit_code == 1 and "-p takes whole numbers" in r.stderr
