@@ -437,3 +437,19 @@ def test_server_defaults_fill_what_requests_leave_out(engine, script):
         Worker._sampler = real
         srv.shutdown()
         srv.server_close()
+
+
+def test_the_server_binds_before_the_model_loads(engine):
+    srv = start(None)
+    try:
+        status, body = raw(srv, "GET", "/health")
+        assert status == 503 and body["status"] == "loading"
+        status, body = raw(srv, "POST", "/v1/chat/completions", {"model": "tiny", "messages": []})
+        assert status == 503 and body["error"]["code"] == "model_loading"
+        assert raw(srv, "GET", "/v1/models")[0] == 200
+        srv.ready(engine)
+        status, body = raw(srv, "GET", "/health")
+        assert status == 200 and body["status"] == "ok"
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import typer
@@ -9,7 +10,7 @@ from rich.markup import escape
 
 from .base import UsageError, app, err, printable, user_errors
 from .load import open_engine
-from .options import (Cache, Ctx, Device, Exact, OptionalModel, Quant, Temp, Threads, TopK, TopP, cache_value,
+from .options import (Cache, looks_like_model, Ctx, Device, Exact, OptionalModel, Quant, Temp, Threads, TopK, TopP, cache_value,
                       model_or_default, set_threads, user_sampling)
 
 
@@ -76,22 +77,29 @@ def serve(
     defaults = Defaults(Sampling(**sampling), think, max_tokens, reasoning_budget)
     set_threads(threads)
     model = model_or_default(model)
-    engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
+    if not looks_like_model(model):  # a typo fails before the port is taken
+        raise UsageError(f"{model}: no such file or directory")
     name = alias or model_id(model)
     log = (lambda line: err.print(line, style="dim", highlight=False, markup=False)) if verbose else None
-    try:
-        server = make_server(engine, host, port, model_id=name, api_key=api_key, log=log,
+    try:  # bind before loading: a port in use fails at once, and clients can poll /health meanwhile
+        server = make_server(None, host, port, model_id=name, api_key=api_key, log=log,
                              cors_origins=cors_origin or (), defaults=defaults)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    err.print(f"serving [bold]{escape(printable(name))}[/bold] at {server.url} (context {engine.ctx} tokens, "
-              f"{'GPU' if engine.model.device == 'cuda' else 'CPU'}); Ctrl-C stops",
-              highlight=False)
     if not is_loopback(host) and api_key is None:
         err.print("[yellow]listening beyond this machine without --api-key: anyone who can reach it can use it[/yellow]")
     if "*" in (cors_origin or []) and api_key is None:
         err.print("[yellow]--cors-origin '*' without --api-key: any web page you visit can use the server[/yellow]")
+    thread = threading.Thread(target=server.serve_forever, name="qwen3cli-http", daemon=True)
+    thread.start()
     try:
-        server.serve_forever()
+        engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
+        server.ready(engine, defaults)
+        err.print(f"serving [bold]{escape(printable(name))}[/bold] at {server.url} (context {engine.ctx} tokens, "
+                  f"{'GPU' if engine.model.device == 'cuda' else 'CPU'}); Ctrl-C stops",
+                  highlight=False)
+        while thread.is_alive():
+            thread.join(0.5)  # the main thread stays free for Ctrl-C
     finally:
+        server.shutdown()
         server.server_close()
