@@ -192,8 +192,8 @@ class Conversation:
     def thinks(self, override: bool | None = None) -> bool:
         return self.engine.thinks(self.settings.think if override is None else override)
 
-    def params(self, thinking: bool) -> SamplingParams:
-        return self.engine.sampling(thinking, Overrides(**self.settings.sampling))
+    def params(self, thinks: bool) -> SamplingParams:
+        return self.engine.sampling(thinks, Overrides(**self.settings.sampling))
 
     @property
     def last_thinking(self) -> str:
@@ -309,15 +309,15 @@ class Conversation:
                 self.messages.pop()
             raise
         yield from notices
-        sampler = Sampler(self.params(p.thinking), rng=self.rng)
+        sampler = Sampler(self.params(p.thinks), rng=self.rng)
         reply = {"role": "assistant", "content": "", "thinking": ""}
         think, answer = [], []
         done = None
         try:
             for ev in self.prefix.generate(self.engine.tokenizer, p.ids, sampler,
                                            stop_ids=self.engine.loaded.stop_ids, max_tokens=self.settings.max_tokens,
-                                           thinking=p.opened,
-                                           thinking_budget=self.settings.thinking_budget if p.thinking else None):
+                                           opened=p.opened,
+                                           thinking_budget=self.settings.thinking_budget if p.thinks else None):
                 if isinstance(ev, Done):
                     done = ev
                 else:

@@ -45,7 +45,7 @@ def script(engine, *parts):
 
 def test_thinking_then_answer(engine):
     p = engine.prompt([{"role": "user", "content": "Hi"}])
-    assert p.thinking and not p.opened
+    assert p.thinks and not p.opened
     s = script(engine, "<think>", "\nLet me pónder 😀.\n", "</think>", "\n\nHello wörld", "<|im_end|>")
     events = list(generate(engine.model, engine.tokenizer, p.ids, Scripted(s), stop_ids=engine.loaded.stop_ids))
     r = collect(iter(events))
@@ -61,13 +61,13 @@ def test_opened_by_prompt(engine):
     prompt = p.ids + ids(engine, "<think>\n")
     s = script(engine, "an idea", "</think>", "\n\nanswer", "<|endoftext|>")
     r = collect(generate(engine.model, engine.tokenizer, prompt, Scripted(s), stop_ids=engine.loaded.stop_ids,
-                         thinking=True))
+                         opened=True))
     assert (r.thinking, r.answer, r.done.finish_reason) == ("an idea", "answer", "stop")
 
 
 def test_no_think_prompt_has_empty_block_and_answer_only(engine):
     p = engine.prompt([{"role": "user", "content": "Hi"}], enable_thinking=False)
-    assert not p.thinking and p.text.endswith("<think>\n\n</think>\n\n")
+    assert not p.thinks and p.text.endswith("<think>\n\n</think>\n\n")
     r = collect(generate(engine.model, engine.tokenizer, p.ids, Scripted(script(engine, "plain", "<|im_end|>")),
                          stop_ids=engine.loaded.stop_ids))
     assert (r.thinking, r.answer) == ("", "plain")

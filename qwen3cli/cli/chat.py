@@ -32,7 +32,7 @@ def chat(
     model: OptionalModel = None,
     system: System = None,
     think: bool = typer.Option(None, "--think/--no-think", help="Start with thinking on or off (default: the model's)."),
-    thinking: ThinkingDisplay = "show",
+    thinking_display: ThinkingDisplay = "show",
     thinking_budget: ThinkingBudget = None,
     ctx: Ctx = None,
     max_tokens: int = typer.Option(None, "--max-tokens", "-n", help="Longest reply in tokens."),
@@ -59,8 +59,8 @@ def chat(
     from ..chat_ui import DISPLAYS, ChatUI, make_prompt_session
     from ..conversation import ChatSettings, Conversation
 
-    if thinking not in DISPLAYS:
-        raise UsageError(f"--thinking must be one of {', '.join(DISPLAYS)}, got {thinking!r}")
+    if thinking_display not in DISPLAYS:
+        raise UsageError(f"--thinking must be one of {', '.join(DISPLAYS)}, got {thinking_display!r}")
     for name, v in (("--ctx", ctx), ("--max-tokens", max_tokens), ("--thinking-budget", thinking_budget)):
         if v is not None and v < 1:
             raise UsageError(f"{name} must be at least 1, got {v}")
@@ -78,7 +78,7 @@ def chat(
         err.print(Text(f"loaded {len(conv.messages)} messages from {printable(str(load_file))} "
                        f"({conv.context_used} tokens of context)", style="dim"))
     console = Console(highlight=False)
-    ui = ChatUI(conv, console, make_prompt_session(), display=thinking, markdown=markdown)
+    ui = ChatUI(conv, console, make_prompt_session(), display=thinking_display, markdown=markdown)
     note = {"always": "this model always thinks", "never": "this model never thinks"}.get(engine.mode, "")
     gpu = "GPU · " if engine.model.device == "cuda" else ""
     err.print(f"[dim]{escape(printable(engine.loaded.name))} · {gpu}context {engine.ctx} · {note + ' · ' if note else ''}"

@@ -112,15 +112,15 @@ def run(
         raise ContextFull(f"the prompt has {len(p.ids)} tokens but the context holds {engine.ctx}; "
                           "raise --ctx or shorten the prompt")
     try:
-        params = engine.sampling(p.thinking, Overrides(seed=seed, **user))
+        params = engine.sampling(p.thinks, Overrides(seed=seed, **user))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
     answer, thinking, done, first_token_s = [], [], None, None
     in_think_display = False
     for ev in generate(engine.model, engine.tokenizer, p.ids, Sampler(params), stop_ids=engine.loaded.stop_ids,
-                       max_tokens=max_tokens, thinking=p.opened,
-                       thinking_budget=thinking_budget if p.thinking else None):
+                       max_tokens=max_tokens, opened=p.opened,
+                       thinking_budget=thinking_budget if p.thinks else None):
         if isinstance(ev, Done):
             done = ev
             break

@@ -96,10 +96,10 @@ class Worker:
         self.reused_tokens = 0  # prompt tokens whose KV came from an earlier request
 
     # -- preparing: everything that can refuse a request, before any reply is sent --------------
-    def _sampler(self, s: Sampling, thinking: bool) -> Sampler:
+    def _sampler(self, s: Sampling, thinks: bool) -> Sampler:
         e = self.engine
         try:
-            params = e.sampling(thinking, s)
+            params = e.sampling(thinks, s)
         except ValueError as err:
             raise APIError(str(err), param="temperature") from None
         return Sampler(params, rng=None if params.seed is not None else self.rng)
@@ -125,8 +125,8 @@ class Worker:
         except ContextFull as err:  # too long to be worth tokenizing
             raise APIError(str(err), param="messages", code="context_length_exceeded") from None
         self._fits(p.ids)
-        return Job(p.ids, self._sampler(self._sampling(req.sampling), p.thinking), max_tokens, req.stop,
-                   opened=p.opened, thinking_budget=budget if p.thinking else None, parse_tools=req.parse_tools)
+        return Job(p.ids, self._sampler(self._sampling(req.sampling), p.thinks), max_tokens, req.stop,
+                   opened=p.opened, thinking_budget=budget if p.thinks else None, parse_tools=req.parse_tools)
 
     def prepare_completion(self, req: CompletionRequest) -> Job:
         try:
@@ -139,13 +139,13 @@ class Worker:
                    echo=req.prompt if req.echo else "")
 
     # -- running ----------------------------------------------------------------------------------
-    def _events(self, job: Job, thinking: bool):
+    def _events(self, job: Job, opened: bool):
         cached = min(common_prefix(self.prefix.ids, job.ids), len(job.ids) - 1)
         self.requests += 1
         self.reused_tokens += cached
         events = self.prefix.generate(self.engine.tokenizer, job.ids, job.sampler,
                                       stop_ids=self.engine.loaded.stop_ids, max_tokens=job.max_tokens,
-                                      thinking=thinking, thinking_budget=job.thinking_budget)
+                                      opened=opened, thinking_budget=job.thinking_budget)
         return events, cached
 
     def run_chat(self, job: Job, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Piece]:
