@@ -172,10 +172,10 @@ def stream_generate(model: Engine, prompt: Messages, *, think: bool | None = Non
             raise APIUsageError(f"{name} must be a whole number, at least 1, got {v!r}")
     over = _overrides(sampling)
     p = model.prompt(_messages(prompt, system), enable_thinking=think, tools=tools)
-    sampler = Sampler(model.sampling(p.thinking, over))
+    sampler = Sampler(model.sampling(p.thinks, over))
     return Stream(_events(model.model, model.tokenizer, p.ids, sampler, stop_ids=model.loaded.stop_ids,
-                          max_tokens=max_tokens, thinking=p.opened,
-                          thinking_budget=thinking_budget if p.thinking else None))
+                          max_tokens=max_tokens, opened=p.opened,
+                          thinking_budget=thinking_budget if p.thinks else None))
 
 
 def generate(model: Engine, prompt: Messages, **kw: Any) -> Reply:

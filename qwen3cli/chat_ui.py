@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import Completer, Completion
-from prompt_toolkit.history import FileHistory, InMemoryHistory
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 from rich.console import Console
 from rich.live import Live
@@ -26,6 +26,7 @@ from .errors import Qwen3CliError
 from .generation import BUDGET_NOTE, Done
 
 DISPLAYS = ("show", "collapse", "hide")
+MIN_RATE_TOKENS = 8  # fewer prefilled tokens than this get no tokens/s: the time is mostly overhead
 SET_ALIASES = {"temp": "temperature", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                "min_p": "min_p", "presence_penalty": "presence_penalty", "repeat_penalty": "repeat_penalty",
                "max_tokens": "max_tokens", "seed": "seed"}
@@ -84,6 +85,19 @@ class SlashCompleter(Completer):
                 yield Completion(name, -len(text), display_meta=COMMANDS.get(name, f"= {ALIASES.get(name)}"))
 
 
+def _suggest(name: str, arg: str) -> str:
+    """'; did you mean /x?' for a mistyped command: the commands it starts, the one whose
+    argument was given (/thi hide -> /thinking), else the closest spelling."""
+    import difflib
+
+    names = [*COMMANDS, *ALIASES]
+    close = [n for n in names if n.startswith(name)] if len(name) > 1 else []
+    if arg in DISPLAYS and "/thinking" in close:
+        close = ["/thinking"]
+    close = close or difflib.get_close_matches(name, names, n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(close[:3])}?" if close else ""
+
+
 class ChatUI:
     def __init__(self, conv: Conversation, console: Console, session: PromptSession, display: str = "show",
                  markdown: bool = False):
@@ -126,13 +140,23 @@ class ChatUI:
 
     def _block(self, first: str) -> str:
         lines = [first]
-        while not lines[-1].rstrip().endswith('"""'):
-            try:
-                lines.append(self.session.prompt("... "))
-            except (KeyboardInterrupt, EOFError):
-                return ""
+        history = self.session.history if isinstance(self.session.history, BlockHistory) else None
+        if history is not None:
+            history.hold = True  # the lines go into history as one block, below
+        try:
+            while not lines[-1].rstrip().endswith('"""'):
+                try:
+                    lines.append(self.session.prompt("... "))
+                except (KeyboardInterrupt, EOFError):
+                    return ""
+        finally:
+            if history is not None:
+                history.hold = False
         lines[-1] = lines[-1].rstrip()[:-3]
-        return "\n".join(lines).strip("\n")
+        text = "\n".join(lines).strip("\n")
+        if history is not None and text.strip():
+            history.add_block(text)
+        return text
 
     def loop(self) -> None:
         while (text := self.read()) is not None:
@@ -233,6 +257,7 @@ class ChatUI:
             self.say("dropped the last exchange" if c.undo() else "nothing to undo")
         elif name == "/reset":
             c.reset()
+            self.last_tps = 0.0
             self.say("conversation cleared")
         elif name in ("/save", "/load"):
             if not arg:
@@ -248,8 +273,7 @@ class ChatUI:
                 except Qwen3CliError as e:
                     self.say(f"error: {e}", "red")
         else:
-            close = [n for n in [*COMMANDS, *ALIASES] if n.startswith(name[:3])]
-            hint = f"; did you mean {close[0]}?" if close else ""
+            hint = _suggest(name, arg)
             self.say(f"unknown command {name}{hint} (/help lists them; start with // to send a literal /)", "yellow")
         return None
 
@@ -289,9 +313,10 @@ class ChatUI:
                            highlight=False)
         if d is None:
             return
+        prefilled = d.prompt_tokens - d.cached_tokens
+        rate = f" at {d.prefill_tps:.1f} tok/s" if prefilled >= MIN_RATE_TOKENS else ""  # a few tokens time noise
         self.console.print(f"  last turn    prompt {d.prompt_tokens} tokens (reused {d.cached_tokens} from the "
-                           f"cache, prefilled {d.prompt_tokens - d.cached_tokens}) at {d.prefill_tps:.1f} tok/s",
-                           highlight=False)
+                           f"cache, prefilled {prefilled}){rate}", highlight=False)
         self.console.print(f"               generated {d.completion_tokens} tokens ({d.thinking_tokens} thinking) "
                            f"at {d.decode_tps:.1f} tok/s", highlight=False)
         self.console.print(f"  session      reused {c.total_reused} prompt tokens in all", highlight=False)
@@ -369,7 +394,7 @@ class _TurnRenderer:
             self.live = Live(Text(""), console=self.con, transient=True, auto_refresh=False)
             self.live.start()
         if self.ui.markdown:
-            self.live.update(Text("".join(self.answer)), refresh=True)
+            self.live.update(Text(_tail("".join(self.answer), self.con.size.height - 2)), refresh=True)
 
     def _close(self, budget_hit: bool = False) -> None:
         if not self.answer_started:
@@ -405,6 +430,36 @@ class _TurnRenderer:
         self.ui.say("[interrupted: the partial reply is kept]", "yellow")
 
 
+def _tail(text: str, rows: int) -> str:
+    """The end of a streaming reply that fits `rows` terminal rows: a live display crops at the
+    terminal's height (with "..."), so it shows the newest lines; the whole reply is rendered
+    once it ends."""
+    lines = text.split("\n")
+    return "\n".join(lines[-max(1, rows):])
+
+
+class BlockHistory(History):
+    """The prompt history, with a \"\"\" block kept as one entry (recalled whole) instead of one
+    entry per line typed."""
+
+    def __init__(self, inner: History):
+        super().__init__()
+        self.inner, self.hold = inner, False
+
+    def load_history_strings(self):
+        yield from self.inner.load_history_strings()
+
+    def store_string(self, string: str) -> None:
+        self.inner.store_string(string)
+
+    def append_string(self, string: str) -> None:
+        if not self.hold and not string.lstrip().startswith('"""'):
+            super().append_string(string)
+
+    def add_block(self, text: str) -> None:
+        super().append_string(f'"""{text}"""')
+
+
 def make_prompt_session(**kw) -> PromptSession:
     kb = KeyBindings()
 
@@ -419,5 +474,6 @@ def make_prompt_session(**kw) -> PromptSession:
             kw["history"] = FileHistory(str(d / "chat_history"))
         except OSError:
             kw["history"] = InMemoryHistory()
+    kw["history"] = BlockHistory(kw["history"])
     return PromptSession(key_bindings=kb, completer=SlashCompleter(), complete_while_typing=False,
                          enable_history_search=False, **kw)

@@ -166,6 +166,7 @@ class Conversation:
         self.rng = np.random.default_rng(self.settings.seed)
         self.last: Done | None = None
         self.total_reused = 0
+        self._history_tokens: tuple = (None, 0)  # (what it was counted for, tokens)
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -174,13 +175,25 @@ class Conversation:
 
     @property
     def context_used(self) -> int:
-        return self.cache.n
+        """Tokens of context in use: the cache's, or before the first reply of a loaded chat
+        (whose history is not computed yet) what the history will take."""
+        if self.cache.n or not self.messages:
+            return self.cache.n
+        key = (len(self.messages), self.settings.system)
+        if self._history_tokens[0] != key:
+            try:
+                text = self.engine.template.render(self.template_messages(), add_generation_prompt=False)
+                n = len(self.engine.tokenizer.encode(text, add_special_tokens=False).ids)
+            except Exception:  # a status figure: a history the template refuses shows 0, the turn says why
+                n = 0
+            self._history_tokens = (key, n)
+        return self._history_tokens[1]
 
     def thinks(self, override: bool | None = None) -> bool:
         return self.engine.thinks(self.settings.think if override is None else override)
 
-    def params(self, thinking: bool) -> SamplingParams:
-        return self.engine.sampling(thinking, Overrides(**self.settings.sampling))
+    def params(self, thinks: bool) -> SamplingParams:
+        return self.engine.sampling(thinks, Overrides(**self.settings.sampling))
 
     @property
     def last_thinking(self) -> str:
@@ -225,6 +238,8 @@ class Conversation:
     def reset(self) -> None:
         self.messages.clear()
         self.prefix.clear()
+        self.last = None  # /stats' "last turn" and the session's figures start over too
+        self.total_reused = 0
 
     def _prompt(self, override: bool | None) -> tuple[Any, list[Notice]]:
         """The prompt for the next reply; when the history does not fit, the oldest exchanges go,
@@ -294,15 +309,15 @@ class Conversation:
                 self.messages.pop()
             raise
         yield from notices
-        sampler = Sampler(self.params(p.thinking), rng=self.rng)
+        sampler = Sampler(self.params(p.thinks), rng=self.rng)
         reply = {"role": "assistant", "content": "", "thinking": ""}
         think, answer = [], []
         done = None
         try:
             for ev in self.prefix.generate(self.engine.tokenizer, p.ids, sampler,
                                            stop_ids=self.engine.loaded.stop_ids, max_tokens=self.settings.max_tokens,
-                                           thinking=p.opened,
-                                           thinking_budget=self.settings.thinking_budget if p.thinking else None):
+                                           opened=p.opened,
+                                           thinking_budget=self.settings.thinking_budget if p.thinks else None):
                 if isinstance(ev, Done):
                     done = ev
                 else:
@@ -329,8 +344,9 @@ class Conversation:
             json.dump(data, f, ensure_ascii=False, indent=1)
         return path
 
-    def load(self, path: str | Path) -> list[str]:
+    def load(self, path: str | Path, keep: ChatSettings | None = None) -> list[str]:
         """Replace the conversation with a saved one; returns warnings (fields it ignored).
+        keep: settings that win over the file's where they are set (a command line's flags).
 
         A setting of the wrong type or out of range refuses the whole file, naming the setting:
         loading the rest would resume a different chat than the one saved. Fields this version
@@ -362,7 +378,15 @@ class Conversation:
                 raise ChatFileError(f"{path}: settings.{e}") from None
         warnings = [f"{path}: ignored unknown {what}: {_listed(names)}"
                     for what, names in (("settings", ignored), ("message fields", sorted(unknown_fields))) if names]
-        self.settings = ChatSettings(**values)
+        settings = ChatSettings(**values)
+        if keep is not None:
+            for f in fields(ChatSettings):
+                mine = getattr(keep, f.name)
+                if f.name == "sampling":
+                    settings.sampling = {**settings.sampling, **mine}
+                elif mine is not None:
+                    setattr(settings, f.name, mine)
+        self.settings = settings
         self.set_seed(self.settings.seed)
         self.messages = msgs
         self.prefix.clear()

@@ -21,7 +21,7 @@ DEFAULT_CTX = 8192
 class Prompt:
     ids: list[int]
     text: str
-    thinking: bool  # the model is expected to think in this turn (sampling defaults follow it)
+    thinks: bool  # the model is expected to think in this turn (sampling defaults follow it)
     opened: bool  # the prompt itself opened the think block
 
 
@@ -50,11 +50,11 @@ class Engine:
             return self.mode == "always"
         return True if enable_thinking is None else enable_thinking
 
-    def sampling(self, thinking: bool, overrides: Overrides | None = None) -> SamplingParams:
+    def sampling(self, thinks: bool, overrides: Overrides | None = None) -> SamplingParams:
         """The sampling of a turn: Qwen's defaults for its mode, the file's keys (written for
         the model's default mode, so only when the turn is in it), then what the user set."""
         given = overrides.given() if overrides is not None else {}
-        return default_params(thinking, self.loaded.metadata, thinking == self.thinks(None), **given)
+        return default_params(thinks, self.loaded.metadata, thinks == self.thinks(None), **given)
 
     def prompt(self, messages: list[dict], enable_thinking: bool | None = None, tools: list | None = None) -> Prompt:
         text = self.template.render(messages, add_generation_prompt=True, enable_thinking=enable_thinking, tools=tools)

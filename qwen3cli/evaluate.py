@@ -9,7 +9,7 @@ tokens before it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Callable
 
@@ -31,6 +31,7 @@ class EvalResult:
     kl_mean: float
     kl_p99: float
     top1: float  # fraction of positions where the argmaxes agree
+    warnings: list[str] = field(default_factory=list)  # the two are not one model in two precisions
 
     def line(self) -> str:
         return (f"PPL {self.ppl:.4g} (reference {self.ref_ppl:.4g}), KL mean {self.kl_mean:.4g} "
@@ -47,10 +48,27 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
+SHAPE = (("architecture", "arch"), ("layers", "n_layers"), ("hidden size", "hidden_size"), ("heads", "n_heads"),
+         ("KV heads", "n_kv_heads"), ("experts", "n_experts"))
+LOW_AGREEMENT = 0.3  # quantizations of one model agree on most tokens (Q4_0 of a 0.6B: ~90%)
+
+
+def unrelated(model: Engine, ref: Engine) -> list[str]:
+    """Why MODEL and REF look like two different models rather than one in two precisions."""
+    diff = [f"{label} {getattr(model.args, key)} vs {getattr(ref.args, key)}" for label, key in SHAPE
+            if getattr(model.args, key) != getattr(ref.args, key)]
+    if not diff:
+        return []
+    return [f"MODEL and REF are different models ({', '.join(diff)}): the figures compare two models, "
+            "not a quantization with its reference"]
+
+
 def evaluate(model: Engine, ref: Engine, text: str, ctx: int = 256,
              progress: Callable[[int, int], None] | None = None) -> EvalResult:
     if model.args.vocab_size != ref.args.vocab_size:
         raise EvalError(f"the models have different vocabularies ({model.args.vocab_size} and {ref.args.vocab_size} tokens)")
+    if model.tokenizer.get_vocab(with_added_tokens=True) != ref.tokenizer.get_vocab(with_added_tokens=True):
+        raise EvalError("the models have different tokenizers: the same token id means different text in each")
     ids = model.tokenizer.encode(text, add_special_tokens=False).ids
     ctx = min(ctx, model.ctx, ref.ctx)
     n_chunks = len(ids) // ctx
@@ -71,5 +89,8 @@ def evaluate(model: Engine, ref: Engine, text: str, ctx: int = 256,
         if progress:
             progress(c + 1, n_chunks)
     nll, ref_nll, kl, agree = (np.concatenate(v) for v in (nll, ref_nll, kls, agree))
+    warnings = unrelated(model, ref)
+    if not warnings and agree.mean() < LOW_AGREEMENT:
+        warnings.append(f"top-1 agreement is only {100 * agree.mean():.0f}%: is REF really this model's source?")
     return EvalResult(len(nll), float(np.exp(nll.mean())), float(np.exp(ref_nll.mean())), float(kl.mean()),
-                      float(np.percentile(kl, 99)), float(agree.mean()))
+                      float(np.percentile(kl, 99)), float(agree.mean()), warnings)

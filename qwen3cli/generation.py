@@ -48,7 +48,9 @@ class Done:
 
     @property
     def prefill_tps(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        """Tokens computed per second: those reused from the cache took no time."""
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tps(self) -> float:
@@ -66,8 +68,8 @@ def starts_in_thinking(prompt_text: str) -> bool:
 
 def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *, stop_ids: frozenset[int],
              max_tokens: int | None = None, cache: KVCache | None = None,
-             thinking: bool = False, thinking_budget: int | None = None) -> Iterator[Event]:
-    """Yield events until a stop token, max_tokens or the context end. `thinking`: the prompt
+             opened: bool = False, thinking_budget: int | None = None) -> Iterator[Event]:
+    """Yield events until a stop token, max_tokens or the context end. `opened`: the prompt
     already opened a think block. The cache may hold a prefix of prompt_ids (it is reused).
     After `thinking_budget` thinking tokens the thinking is closed for the model (BUDGET_NOTE)."""
     open_id, close_id = tokenizer.token_to_id(THINK_OPEN), tokenizer.token_to_id(THINK_CLOSE)
@@ -83,46 +85,50 @@ def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *
     prefill_s = time.perf_counter() - t0
     decoder = StreamDecoder(tokenizer)
     generated: list[int] = []
+    in_think = opened  # inside the think block now
     n_thinking, reason = 0, "length"
     fresh = True  # at the start of a thinking or answer segment: drop the template's newlines
     forced: list[int] = []  # tokens the budget makes us write instead of sampling
+    n_forced = 0  # of them written: outside max_tokens and the thinking count, which are the model's
     budget_hit = False
     t1 = time.perf_counter()
     while True:
-        if thinking and thinking_budget is not None and n_thinking >= thinking_budget and not budget_hit \
+        if in_think and thinking_budget is not None and n_thinking >= thinking_budget and not budget_hit \
                 and close_id is not None:
             budget_hit = True
             forced = tokenizer.encode(BUDGET_NOTE, add_special_tokens=False).ids + [close_id]
         if not forced and not np.isfinite(logits).all():
             raise NonFiniteLogits(f"{getattr(model, 'source', 'the model')}: the model computed NaN or infinite "
                                   "logits; its weights are corrupt or not what their types say")
+        was_forced = bool(forced)
         tid = forced.pop(0) if forced else sampler(logits, generated)
+        n_forced += was_forced
         generated.append(tid)
         if tid in stop_ids:
             reason = "stop"
             break
-        if tid == open_id and not thinking:
-            thinking, fresh = True, True
+        if tid == open_id and not in_think:
+            in_think, fresh = True, True
             yield Token(tid, "", True)
-        elif tid == close_id and thinking:
-            n_thinking += 1
-            thinking, fresh = False, True
+        elif tid == close_id and in_think:
+            n_thinking += not was_forced
+            in_think, fresh = False, True
             yield Token(tid, "", True)
         else:
-            n_thinking += thinking
+            n_thinking += in_think and not was_forced
             text = decoder.push(tid)
             if fresh:
                 text = text.lstrip("\n")
                 fresh = not text
-            yield Token(tid, text, thinking)
-        if max_tokens is not None and len(generated) >= max_tokens:
+            yield Token(tid, text, in_think)
+        if max_tokens is not None and len(generated) - n_forced >= max_tokens and not forced:
             break
         if cache.n >= cache.ctx:
             reason = "context_full"
             break
         logits = model.forward([tid], cache)
     decode_s = time.perf_counter() - t1
-    if reason != "stop" and thinking:
+    if reason != "stop" and in_think:
         reason += "_in_thinking"
     yield Done(reason, len(prompt_ids), len(generated), n_thinking, prefill_s, decode_s, budget_hit, cached)
 

@@ -53,7 +53,7 @@ def in_process(path: str, texts: list[str], max_tokens: int, reuse: bool = False
         t0 = time.perf_counter()
         p = engine.prompt([{"role": "user", "content": text}], enable_thinking=False)
         first = None
-        kw = dict(stop_ids=engine.loaded.stop_ids, max_tokens=max_tokens, thinking=p.opened)
+        kw = dict(stop_ids=engine.loaded.stop_ids, max_tokens=max_tokens, opened=p.opened)
         events = prefix.generate(engine.tokenizer, p.ids, sampler, **kw) if reuse else \
             generate(engine.model, engine.tokenizer, p.ids, sampler, **kw)
         for ev in events:

@@ -229,3 +229,57 @@ def test_chat_command_bad_inputs(tmp_path):
         r = CliRunner().invoke(app, args)
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         assert r.exit_code == 1 and len(lines) == 1 and needle in lines[0], (args, r.stderr)
+
+
+def test_flags_win_over_a_loaded_chat_and_its_context_shows(engine, fake, tmp_path):
+    fake()
+    save = tmp_path / "chat.json"
+    conv, _ = drive(engine, f"/set max_tokens 50\r/budget 9\r/set temp 0.3\rone\r/save {save}\r/exit\r",
+                    settings=ChatSettings(system="Old."))
+    fresh = Conversation(engine, ChatSettings(max_tokens=3, sampling={"top_k": 4}))
+    fresh.load(save, keep=fresh.settings)
+    s = fresh.settings
+    assert (s.max_tokens, s.thinking_budget, s.system, s.sampling) == (3, 9, "Old.", {"temperature": 0.3, "top_k": 4})
+    assert fresh.cache.n == 0 and fresh.context_used > 10  # what the history will take, before it is computed
+
+
+def test_block_is_one_history_entry_reset_forgets_stats_and_suggestions_fit(engine, fake):
+    fake()
+    conv = Conversation(engine, ChatSettings())
+    out = io.StringIO()
+    with create_pipe_input() as inp:
+        session = make_prompt_session(input=inp, output=DummyOutput(), history=InMemoryHistory())
+        ui = ChatUI(conv, Console(file=out, width=120), session)
+        inp.send_text('"""line one\rline two"""\r/stats\r/reset\r/stats\r/thi hide\r/exit\r')
+        ui.loop()
+        history = list(session.history.get_strings())
+    text = out.getvalue()
+    assert conv.messages == []  # reset
+    assert '"""line one\nline two"""' in history and not any(h.startswith("line two") for h in history)
+    assert text.count("last turn") == 1  # the /stats after /reset has no last turn
+    assert "did you mean /thinking?" in text
+
+
+def test_stats_give_no_rate_for_a_few_prefilled_tokens(engine):
+    conv = Conversation(engine, ChatSettings())
+    out = io.StringIO()
+    ui = ChatUI(conv, Console(file=out, width=120), None)
+    conv.last = Done("stop", 40, 5, 0, 1e-5, 0.1, cached_tokens=39)
+    ui.command("/stats")
+    assert "prefilled 1)" in out.getvalue() and "tok/s" not in out.getvalue().split("last turn")[1].split("\n")[0]
+    assert conv.last.prefill_tps == 1 / 1e-5  # the rate counts computed tokens only
+
+
+def test_markdown_streams_a_tail_that_fits_then_renders_whole(engine, fake):
+    from qwen3cli import chat_ui
+
+    assert chat_ui._tail("a\nb\nc\nd", 2) == "c\nd" and chat_ui._tail("a", 0) == "a"
+    fake(answer="\n".join(f"line {i}" for i in range(60)))
+    conv = Conversation(engine, ChatSettings(think=False))
+    out = io.StringIO()
+    with create_pipe_input() as inp:
+        session = make_prompt_session(input=inp, output=DummyOutput(), history=InMemoryHistory())
+        ui = ChatUI(conv, Console(file=out, width=80, height=10), session, markdown=True)
+        inp.send_text("go\r/exit\r")
+        ui.loop()
+    assert all(f"line {i}" in out.getvalue() for i in range(60))  # the end render has every line

@@ -33,6 +33,17 @@ def test_q4_against_f32_diverges(pair):
     assert r.kl_mean > 0 and r.kl_p99 >= r.kl_mean and 0 < r.top1 <= 1 and r.ppl != r.ref_ppl
 
 
+def test_unrelated_models_are_said_to_be(pair, gguf_model):
+    ref, q4 = pair
+    assert evaluate(q4, ref, sample_text(), ctx=64).warnings == []  # a quantization of its reference
+    other, _ = gguf_model("q8_0", dtype="f32", std=0.05, peaked=True)  # another shape, the same tokenizer
+    r = evaluate(Engine(load(other), ctx=64), ref, sample_text(), ctx=64)
+    assert len(r.warnings) == 1 and "different models (hidden size 64 vs 256, heads 4 vs 8)" in r.warnings[0]
+    same_shape, _ = gguf_model("q8_0", **{**KW, "seed": 9})  # the same shape, other weights
+    r = evaluate(Engine(load(same_shape), ctx=64), ref, sample_text(), ctx=64)
+    assert r.top1 < 0.3 and "top-1 agreement is only" in r.warnings[0]
+
+
 def test_text_too_short(pair):
     ref, _ = pair
     with pytest.raises(EvalError, match="at least one chunk"):

@@ -45,7 +45,7 @@ def script(engine, *parts):
 
 def test_thinking_then_answer(engine):
     p = engine.prompt([{"role": "user", "content": "Hi"}])
-    assert p.thinking and not p.opened
+    assert p.thinks and not p.opened
     s = script(engine, "<think>", "\nLet me pónder 😀.\n", "</think>", "\n\nHello wörld", "<|im_end|>")
     events = list(generate(engine.model, engine.tokenizer, p.ids, Scripted(s), stop_ids=engine.loaded.stop_ids))
     r = collect(iter(events))
@@ -61,13 +61,13 @@ def test_opened_by_prompt(engine):
     prompt = p.ids + ids(engine, "<think>\n")
     s = script(engine, "an idea", "</think>", "\n\nanswer", "<|endoftext|>")
     r = collect(generate(engine.model, engine.tokenizer, prompt, Scripted(s), stop_ids=engine.loaded.stop_ids,
-                         thinking=True))
+                         opened=True))
     assert (r.thinking, r.answer, r.done.finish_reason) == ("an idea", "answer", "stop")
 
 
 def test_no_think_prompt_has_empty_block_and_answer_only(engine):
     p = engine.prompt([{"role": "user", "content": "Hi"}], enable_thinking=False)
-    assert not p.thinking and p.text.endswith("<think>\n\n</think>\n\n")
+    assert not p.thinks and p.text.endswith("<think>\n\n</think>\n\n")
     r = collect(generate(engine.model, engine.tokenizer, p.ids, Scripted(script(engine, "plain", "<|im_end|>")),
                          stop_ids=engine.loaded.stop_ids))
     assert (r.thinking, r.answer) == ("", "plain")
@@ -110,3 +110,28 @@ def test_done_speeds(engine):
                         stop_ids=frozenset(), max_tokens=5))
     d = evs[-1]
     assert isinstance(d, Done) and d.prefill_tps > 0 and d.decode_tps > 0 and d.prompt_tokens == len(p.ids)
+
+
+class Counting:
+    """Returns the given ids in order of its own calls (forced tokens do not advance it)."""
+
+    def __init__(self, ids):
+        self.ids, self.n = list(ids), 0
+
+    def __call__(self, logits, generated):
+        self.n += 1
+        return self.ids[self.n - 1]
+
+
+def test_the_budget_note_is_outside_max_tokens_and_the_thinking_count(engine):
+    from qwen3cli.generation import BUDGET_NOTE
+
+    p = engine.prompt([{"role": "user", "content": "Hi"}])
+    hmm = ids(engine, " hmm")
+    s = script(engine, "<think>") + hmm * 3 + ids(engine, " yes yes yes yes")  # the model, after the note
+    r = collect(generate(engine.model, engine.tokenizer, p.ids, Counting(s), stop_ids=engine.loaded.stop_ids,
+                         max_tokens=1 + 3 * len(hmm) + 2, thinking_budget=3 * len(hmm)))
+    note = len(ids(engine, BUDGET_NOTE)) + 1  # and the closing tag
+    assert r.done.budget_hit and r.done.thinking_tokens == 3 * len(hmm)
+    assert r.answer.strip() == "yes yes" and r.done.finish_reason == "length"  # -n left room for the answer
+    assert r.done.completion_tokens == 1 + 3 * len(hmm) + 2 + note

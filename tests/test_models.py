@@ -71,3 +71,21 @@ def test_info_json(gguf_model):
     assert code == 0, err
     d = json.loads(stdout)
     assert d["architecture"] == "qwen3" and d["file_type"] == "Q8_0" and d["n_tensors"] > 0
+
+
+def test_no_model_means_the_default_one_said_once(offline_cache, gguf_model):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from qwen3cli.cli import app
+
+    cache, _ = offline_cache
+    q8, _ = gguf_model("q8_0", dtype="f32", std=0.05, peaked=True)
+    fake_repo(cache, "Qwen/Qwen3-0.6B-GGUF", {"Qwen3-0.6B-Q8_0.gguf": q8})
+    (tmp := cache.parent / "q.txt").write_text("Add them.")
+    for args in (["run", "What is 2+2?"], ["run", "-f", str(tmp), "What is 2+2?"]):
+        r = CliRunner().invoke(app, [*args, "-n", "2", "--no-think", "--json"])
+        assert r.exit_code == 0, r.stderr
+        assert r.stderr.count("no MODEL given: using Qwen/Qwen3-0.6B-GGUF:Q8_0") == 1
+        assert json.loads(r.stdout)["prompt_tokens"] > 5
+    r = CliRunner().invoke(app, ["run", "Qwen/Qwen3-Tiny-GGUF:Q8_0", "hi", "-n", "1", "--json"])  # a model named
+    assert r.exit_code == 0 and "no MODEL given" not in r.stderr

@@ -201,3 +201,45 @@ def test_llama_cpp_flag_habits(tiny, tmp_path):
     code, d, _ = run(tiny, "Tell me about cats.", "--system-prompt", "Be brief.", "--seed", "5", *base)
     assert json.loads(c)["prompt_tokens"] == json.loads(d)["prompt_tokens"] > json.loads(b)["prompt_tokens"]
     one_line_error(*run(tiny, "-f", tmp_path / "missing.txt")[::2], "missing.txt")
+
+
+@pytest.fixture(scope="module")
+def always_thinks(tmp_path_factory):
+    """A tiny model with Qwen3-Thinking-2507's template: the prompt opens <think>, --no-think cannot switch it."""
+    from checkpoints import DATA, make_checkpoint
+    from qwen3cli.convert import quantize
+
+    d = tmp_path_factory.mktemp("thinking2507")
+    src, _ = make_checkpoint(d / "ck", dtype="f32", std=0.05)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (DATA / "templates" / "Qwen-Qwen3-4B-Thinking-2507.jinja").read_text()
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return quantize(src, d / "m.gguf", "q8_0").out
+
+
+def test_run_thinking_budget_display_and_mode_note(always_thinks):
+    # a random model never closes its thinking: the budget does, and -n still leaves room for an answer
+    code, out, err = run(always_thinks, "hi", "--thinking-budget", "3", "-n", "6", "--json", "--temp", "0")
+    assert code == 0, err
+    j = json.loads(out)
+    assert j["thinking_tokens"] == 3 and j["finish_reason"] == "length", j
+    code, out, err = run(always_thinks, "hi", "--thinking-budget", "3", "-n", "6", "--thinking", "collapse",
+                         "--no-think")
+    assert code == 0 and "this model always thinks: --no-think has no effect" in err
+    assert "(thought for 3 tokens, budget hit" in err
+    code, _, err = run(always_thinks, "hi", "--thinking", "loud")
+    assert code == 1 and "--thinking must be one of show, collapse, hide" in err
+
+
+def test_bench_sweeps_like_llama_bench(tiny):
+    r = CliRunner().invoke(app, ["bench", str(tiny), "-p", "4,8", "-n", "2,3", "-d", "0,6", "-r", "1", "--json"])
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert [(x["test"], x["depth"]) for x in d["results"]] == [
+        ("pp4", 0), ("pp8", 0), ("tg2", 0), ("tg3", 0), ("pp4 @ d6", 6), ("pp8 @ d6", 6), ("tg2 @ d6", 6),
+        ("tg3 @ d6", 6)]
+    assert d["params"] > 0 and d["ctx"] >= 6 + 8 + 3
+    r = CliRunner().invoke(app, ["bench", str(tiny), "-p", "4", "-n", "2", "-r", "1"], env={"COLUMNS": "160"})
+    assert r.exit_code == 0 and "params" in r.stdout and "pp4" in r.stdout and "CPU" in r.stdout
+    r = CliRunner().invoke(app, ["bench", str(tiny), "-p", "4,x"])
+    assert r.exit_code == 1 and "-p takes whole numbers" in r.stderr

@@ -400,7 +400,56 @@ def test_serve_command_bad_inputs(tmp_path):
     from qwen3cli.cli import app
 
     for args, needle in ((["serve", str(tmp_path / "none.gguf")], "no such file"),
-                         (["serve", "x.gguf", "--port", "70000"], "--port")):
+                         (["serve", "x.gguf", "--port", "70000"], "--port"),
+                         (["serve", "x.gguf", "--max-tokens", "0"], "--max-tokens must be at least 1"),
+                         (["serve", "x.gguf", "--reasoning-budget", "-1"], "--reasoning-budget must be at least 0"),
+                         (["serve", "x.gguf", "--temp", "-1"], "--temp")):
         r = CliRunner().invoke(app, args)
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         assert r.exit_code == 1 and len(lines) == 1 and needle in lines[0], (args, r.stderr)
+
+
+def test_response_format_is_refused_until_supported(client, script):
+    script.say("{}")
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        ask(client, response_format={"type": "json_object"})
+    assert ask(client, response_format={"type": "text"}).choices[0].message.content == "{}"
+
+
+def test_server_defaults_fill_what_requests_leave_out(engine, script):
+    from qwen3cli.serve.protocol import Sampling
+    from qwen3cli.serve.worker import Defaults
+
+    seen = []
+    real = Worker._sampler
+    Worker._sampler = lambda self, s, thinking: seen.append(s) or real(self, s, thinking)
+    srv = start(engine, defaults=Defaults(Sampling(temperature=0.1, top_k=5), think=False, max_tokens=2))
+    try:
+        c = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=60)
+        script.say("one two three four")
+        r = ask(c)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2  # --max-tokens
+        assert script.prompts[-1].endswith("<think>\n\n</think>\n\n")  # --no-think
+        assert (seen[-1].temperature, seen[-1].top_k) == (0.1, 5)
+        ask(c, temperature=0.9, max_tokens=3, extra_body={"enable_thinking": True})  # the request wins
+        assert (seen[-1].temperature, seen[-1].top_k) == (0.9, 5) and not script.prompts[-1].endswith("</think>\n\n")
+    finally:
+        Worker._sampler = real
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_the_server_binds_before_the_model_loads(engine):
+    srv = start(None)
+    try:
+        status, body = raw(srv, "GET", "/health")
+        assert status == 503 and body["status"] == "loading"
+        status, body = raw(srv, "POST", "/v1/chat/completions", {"model": "tiny", "messages": []})
+        assert status == 503 and body["error"]["code"] == "model_loading"
+        assert raw(srv, "GET", "/v1/models")[0] == 200
+        srv.ready(engine)
+        status, body = raw(srv, "GET", "/health")
+        assert status == 200 and body["status"] == "ok"
+    finally:
+        srv.shutdown()
+        srv.server_close()

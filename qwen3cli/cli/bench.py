@@ -17,11 +17,12 @@ from .options import Cache, Device, Exact, Model, Quant, Threads, cache_value, s
 @user_errors
 def bench(
     model: Model,
-    prompt: int = typer.Option(128, "-p", "--prompt", help="Prompt tokens for the prefill test (0: skip)."),
-    gen: int = typer.Option(64, "-n", "--gen", help="Tokens for the decode test (0: skip)."),
+    prompt: str = typer.Option("128", "-p", "--prompt", metavar="N[,N...]",
+                               help="Prompt tokens for the prefill test; a list sweeps, as llama-bench (0: skip)."),
+    gen: str = typer.Option("64", "-n", "--gen", metavar="N[,N...]", help="Tokens for the decode test (0: skip)."),
     reps: int = typer.Option(3, "-r", "--reps", help="Repetitions of each test (after one warm-up)."),
-    depth: int = typer.Option(0, "-d", "--depth", help="Tokens already in the context when each test starts "
-                                                      "(llama-bench's -d)."),
+    depth: str = typer.Option("0", "-d", "--depth", metavar="N[,N...]",
+                              help="Tokens already in the context when each test starts (llama-bench's -d)."),
     threads: Threads = None,
     ctx: int = typer.Option(None, "--ctx", "--ctx-size", "-c", help="Context the KV cache is made for (default: what the tests use)."),
     quant: Quant = "q8_0",
@@ -35,32 +36,66 @@ def bench(
 
     from ..bench import peak_rss_mb, run_bench
 
-    if prompt < 0 or gen < 0 or reps < 1 or prompt + gen == 0 or depth < 0:
-        raise UsageError("-p, -n and -d must be >= 0 (-p and -n not both 0) and -r >= 1")
-    need = depth + max(prompt, 1) + gen + 1
+    ps, ns, ds = _counts(prompt, "-p"), _counts(gen, "-n"), _counts(depth, "-d")
+    if reps < 1 or not any(ps + ns):
+        raise UsageError("-p, -n and -d must be >= 0 (-p and -n not all 0) and -r >= 1")
+    need = max(ds) + max(max(ps), 1) + max(ns) + 1
     if ctx is not None and ctx < need:
         raise UsageError(f"--ctx must be at least {need} for -d {depth} -p {prompt} -n {gen}, got {ctx}")
     set_threads(threads)
     t0 = time.perf_counter()
     engine = open_engine(model, ctx or need, quant, device, exact, cache_type=cache_value(cache))
     load_s = time.perf_counter() - t0
-    results = run_bench(engine, prompt, gen, reps, depth)
+    results, depths = [], []
+    for d in ds:  # llama-bench's order: every prefill test, then every decode test, per depth
+        for p in (p for p in ps if p):
+            results += run_bench(engine, p, 0, reps, d)
+            depths.append(d)
+        for n in (n for n in ns if n):
+            results += run_bench(engine, 0, n, reps, d)
+            depths.append(d)
     info = {"model": engine.loaded.name, "source": engine.loaded.source, "device": engine.model.device,
-            "ctx": engine.ctx, "depth": depth, "cache_type": engine.model.cache_type,
+            "ctx": engine.ctx, "depth": ds[0] if len(ds) == 1 else ds, "cache_type": engine.model.cache_type,
             "threads": numba.get_num_threads(),
             "load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-            "weights_mb": round(engine.model.w.nbytes / 1e6, 1), "exact": exact}
+            "weights_mb": round(engine.model.w.nbytes / 1e6, 1), "params": _params(engine), "exact": exact}
     if as_json:
         out.print_json(json.dumps({**info, "results": [
-            {"test": r.test, "tokens": r.tokens, "tokens_per_s": round(r.mean, 2), "std": round(r.std, 2),
-             "runs": [round(x, 2) for x in r.runs]} for r in results]}))
+            {"test": r.test, "tokens": r.tokens, "depth": d, "tokens_per_s": round(r.mean, 2), "std": round(r.std, 2),
+             "runs": [round(x, 2) for x in r.runs]} for r, d in zip(results, depths)]}))
         return
-    where = "GPU" if info["device"] == "cuda" else f"{info['threads']} threads"
-    out.print(f"{printable(info['model'])} · {where} · weights {info['weights_mb']:.0f} MB · "
-              f"KV cache {info['cache_type']} · load {load_s:.2f} s · peak RSS {info['peak_rss_mb']:.0f} MB", highlight=False, markup=False)
-    t = Table()
-    for c in ("test", "tokens/s", "±"):
-        t.add_column(c, justify="right")
+    where = "CUDA" if info["device"] == "cuda" else "CPU"
+    out.print(f"KV cache {info['cache_type']} · load {load_s:.2f} s · peak RSS {info['peak_rss_mb']:.0f} MB",
+              highlight=False, markup=False)
+    t = Table()  # llama-bench's columns
+    for c in ("model", "size", "params", "backend", "threads", "test", "t/s"):
+        t.add_column(c, justify="left" if c in ("model", "backend") else "right")
     for r in results:
-        t.add_row(r.test, f"{r.mean:.2f}", f"{r.std:.2f}")
+        t.add_row(printable(info["model"]), f"{info['weights_mb'] / 1024:.2f} GiB" if info["weights_mb"] >= 1024
+                  else f"{info['weights_mb']:.0f} MiB", _label(info["params"]), where,
+                  str(info["threads"]) if where == "CPU" else "-", r.test, f"{r.mean:.2f} ± {r.std:.2f}")
     out.print(t)
+
+
+def _counts(text: str, flag: str) -> list[int]:
+    """'128,512' -> [128, 512]: llama-bench's comma lists."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 for v in values):
+        raise UsageError(f"{flag} takes whole numbers >= 0, comma-separated (e.g. 128,512), got {text!r}")
+    return values
+
+
+def _params(engine) -> int:
+    import math
+
+    from ..weights import expected_shapes
+
+    tied = engine.args.tie_word_embeddings
+    return sum(math.prod(s) for n, s in expected_shapes(engine.args).items() if n != "output.weight" or not tied)
+
+
+def _label(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"

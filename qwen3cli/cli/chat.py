@@ -11,8 +11,9 @@ import typer
 
 from .base import UsageError, app, err, printable, user_errors
 from .load import open_engine
-from .options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads,
-                      TopK, TopP, cache_value, set_threads, user_sampling)
+from .options import (Cache, Ctx, Device, Exact, MinP, OptionalModel, Presence, Quant, Repeat, Seed, System, Temp,
+                      ThinkingBudget, ThinkingDisplay, Threads, TopK, TopP, cache_value, model_or_default,
+                      set_threads, user_sampling)
 
 
 def __getattr__(name: str):
@@ -28,11 +29,11 @@ def __getattr__(name: str):
 @app.command()
 @user_errors
 def chat(
-    model: Model,
+    model: OptionalModel = None,
     system: System = None,
     think: bool = typer.Option(None, "--think/--no-think", help="Start with thinking on or off (default: the model's)."),
-    thinking: str = typer.Option("show", "--thinking", help="Thinking display: show, collapse or hide."),
-    thinking_budget: int = typer.Option(None, "--thinking-budget", help="Close the thinking after N tokens."),
+    thinking_display: ThinkingDisplay = "show",
+    thinking_budget: ThinkingBudget = None,
     ctx: Ctx = None,
     max_tokens: int = typer.Option(None, "--max-tokens", "-n", help="Longest reply in tokens."),
     temp: Temp = None,
@@ -58,22 +59,26 @@ def chat(
     from ..chat_ui import DISPLAYS, ChatUI, make_prompt_session
     from ..conversation import ChatSettings, Conversation
 
-    if thinking not in DISPLAYS:
-        raise UsageError(f"--thinking must be one of {', '.join(DISPLAYS)}, got {thinking!r}")
+    if thinking_display not in DISPLAYS:
+        raise UsageError(f"--thinking must be one of {', '.join(DISPLAYS)}, got {thinking_display!r}")
     for name, v in (("--ctx", ctx), ("--max-tokens", max_tokens), ("--thinking-budget", thinking_budget)):
         if v is not None and v < 1:
             raise UsageError(f"{name} must be at least 1, got {v}")
     sampling, seed = user_sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                                    presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
     set_threads(threads)
+    model = model_or_default(model)
     engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
     conv = Conversation(engine, ChatSettings(system=system, think=think, thinking_budget=thinking_budget,
                                              max_tokens=max_tokens, seed=seed, sampling=sampling))
     if load_file is not None:
-        for warning in conv.load(load_file):
+        # what this command line says wins over what the file saved
+        for warning in conv.load(load_file, keep=conv.settings):
             err.print(Text(f"warning: {printable(warning)}", style="yellow"))
+        err.print(Text(f"loaded {len(conv.messages)} messages from {printable(str(load_file))} "
+                       f"({conv.context_used} tokens of context)", style="dim"))
     console = Console(highlight=False)
-    ui = ChatUI(conv, console, make_prompt_session(), display=thinking, markdown=markdown)
+    ui = ChatUI(conv, console, make_prompt_session(), display=thinking_display, markdown=markdown)
     note = {"always": "this model always thinks", "never": "this model never thinks"}.get(engine.mode, "")
     gpu = "GPU · " if engine.model.device == "cuda" else ""
     err.print(f"[dim]{escape(printable(engine.loaded.name))} · {gpu}context {engine.ctx} · {note + ' · ' if note else ''}"

@@ -9,7 +9,7 @@ import typer
 
 from quant.files import read_text
 
-from .base import UsageError, app, err, out, user_errors
+from .base import UsageError, app, err, out, print_warnings, user_errors
 from .load import open_engine
 from .options import Exact, Model, Threads, set_threads
 
@@ -45,6 +45,7 @@ def eval_(
     r = open_engine(ref, max(ctx, 8), ref_quant, seen=seen)
     with err.status("evaluating…"):
         res = evaluate(m, r, body, ctx)
+    print_warnings(res.warnings)
     if as_json:
         out.print_json(json.dumps(asdict(res)))
     else:

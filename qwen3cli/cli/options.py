@@ -11,6 +11,30 @@ from .base import UsageError
 
 Model = Annotated[str, typer.Argument(help="A GGUF file, a Hugging Face model directory, or a hub repo id "
                                            "(Qwen/Qwen3-0.6B, Qwen/Qwen3-8B-GGUF:Q8_0).")]
+DEFAULT_MODEL = "Qwen/Qwen3-0.6B-GGUF:Q8_0"  # the smallest Qwen3, in the format that runs best here
+OptionalModel = Annotated[Optional[str], typer.Argument(
+    help=f"A GGUF file, a Hugging Face model directory, or a hub repo id (default: {DEFAULT_MODEL}).")]
+
+
+def model_or_default(model: str | None) -> str:
+    """MODEL, or the default model with one line saying so (run, chat and serve without MODEL)."""
+    if model is not None:
+        return model
+    from .base import err
+
+    err.print(f"[dim]no MODEL given: using {DEFAULT_MODEL} (downloaded once; `qwen3cli list` shows what "
+              "you have)[/dim]", highlight=False)
+    return DEFAULT_MODEL
+
+
+def looks_like_model(text: str) -> bool:
+    """Whether run's first argument names a model (a path that exists, a repo id) or is the prompt."""
+    import os
+
+    from ..hub import REPO_ID, normalize
+
+    return os.path.lexists(os.path.expanduser(text)) or text.endswith(".gguf") or \
+        REPO_ID.match(normalize(text)) is not None
 System = Annotated[Optional[str], typer.Option("--system", "--system-prompt", "-sys", help="System prompt.")]
 Ctx = Annotated[Optional[int], typer.Option("--ctx", "--ctx-size", "-c", help="Context size in tokens (default: 8192, or the "
                                                                "model's if less); past the native length YaRN is applied.")]
@@ -69,3 +93,16 @@ def user_sampling(seed: int | None = None, **flags) -> tuple[dict, int | None]:
     except SamplingError as e:
         raise UsageError(str(e)) from None
     return given, seed
+
+THINKING_DISPLAYS = ("show", "collapse", "hide")  # chat_ui.DISPLAYS: the chat draws them
+ThinkingBudget = Annotated[Optional[int], typer.Option(
+    "--thinking-budget", help="Close the thinking after N tokens (Qwen's note, then the answer); not counted in -n.")]
+ThinkingDisplay = Annotated[str, typer.Option("--thinking", help="Thinking display: show, collapse (one summary "
+                                                                "line) or hide.")]
+
+
+def mode_note(engine, think: bool | None) -> str | None:
+    """A line when --think / --no-think asks what the model cannot do (it always or never thinks)."""
+    if think is None or engine.mode == "hybrid" or (think == (engine.mode == "always")):
+        return None
+    return f"this model {engine.mode} thinks: --{'no-' if not think else ''}think has no effect"

@@ -101,6 +101,7 @@ def quantize(
         model, ref = open_engine(str(s.out), 256, "q8_0", seen=seen), open_engine(str(src), 256, "bf16", seen=seen)
         with err.status("checking against the checkpoint…"):
             res = evaluate(model, ref, sample_text(), 256)
+        print_warnings(res.warnings)
         err.print(f"check: {res.line()}", highlight=False, soft_wrap=True)
 
 

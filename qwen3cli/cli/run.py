@@ -14,8 +14,9 @@ import typer
 
 from .base import UsageError, app, err, user_errors
 from .load import open_engine
-from .options import (Cache, Ctx, Device, Exact, MinP, Model, Presence, Quant, Repeat, Seed, System, Temp, Threads,
-                      TopK, TopP, cache_value, set_threads, user_sampling)
+from .options import (Cache, Ctx, Device, Exact, MinP, OptionalModel, Presence, Quant, Repeat, Seed, System, Temp,
+                      THINKING_DISPLAYS, ThinkingBudget, ThinkingDisplay, Threads, TopK, TopP, cache_value,
+                      looks_like_model, mode_note, model_or_default, set_threads, user_sampling)
 
 MAX_PROMPT_BYTES = 64 << 20  # a 128K-token context holds well under 1 MB of text: this is only a bound
 
@@ -53,12 +54,14 @@ def read_prompt(prompt: str | None, file: Path | None = None) -> str:
 @app.command()
 @user_errors
 def run(
-    model: Model,
+    model: OptionalModel = None,
     prompt: str = typer.Argument(None, help="The prompt; read from stdin when piped (both are joined)."),
     file: Path = typer.Option(None, "--file", "-f", help="Read the prompt (or more of it) from FILE, as llama-cli -f."),
     think: bool = typer.Option(None, "--think/--no-think", help="Thinking on or off (default: the model's)."),
-    show_thinking: bool = typer.Option(True, "--show-thinking/--hide-thinking",
-                                       help="Stream the thinking to stderr, dimmed (stdout gets only the answer)."),
+    thinking_display: ThinkingDisplay = "show",
+    show_thinking: bool = typer.Option(None, "--show-thinking/--hide-thinking", hidden=True,
+                                       help="--thinking show / hide, as before."),
+    thinking_budget: ThinkingBudget = None,
     system: System = None,
     max_tokens: int = typer.Option(None, "--max-tokens", "-n", help="Stop after this many tokens (default: the context)."),
     ctx: Ctx = None,
@@ -85,28 +88,39 @@ def run(
     from ..sampler import Overrides, Sampler
 
     t_start = time.perf_counter()
-    for name, v in (("--ctx", ctx), ("--max-tokens", max_tokens)):
+    if thinking_display not in THINKING_DISPLAYS:
+        raise UsageError(f"--thinking must be one of {', '.join(THINKING_DISPLAYS)}, got {thinking_display!r}")
+    if show_thinking is not None:  # the older spelling
+        thinking_display = "show" if show_thinking else "hide"
+    for name, v in (("--ctx", ctx), ("--max-tokens", max_tokens), ("--thinking-budget", thinking_budget)):
         if v is not None and v < 1:
             raise UsageError(f"{name} must be at least 1, got {v}")
     user, seed = user_sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                                presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, seed=seed)
+    if model is not None and prompt is None and not looks_like_model(model):  # `run "a question"`
+        model, prompt = None, model
     text = read_prompt(prompt, file)
+    model = model_or_default(model)
     set_threads(threads)
     engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     p = engine.prompt(messages, enable_thinking=think)
+    note = mode_note(engine, think)
+    if note:
+        err.print(f"[dim]{note}[/dim]", highlight=False)
     if len(p.ids) >= engine.ctx:
         raise ContextFull(f"the prompt has {len(p.ids)} tokens but the context holds {engine.ctx}; "
                           "raise --ctx or shorten the prompt")
     try:
-        params = engine.sampling(p.thinking, Overrides(seed=seed, **user))
+        params = engine.sampling(p.thinks, Overrides(seed=seed, **user))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
     answer, thinking, done, first_token_s = [], [], None, None
     in_think_display = False
     for ev in generate(engine.model, engine.tokenizer, p.ids, Sampler(params), stop_ids=engine.loaded.stop_ids,
-                       max_tokens=max_tokens, thinking=p.opened):
+                       max_tokens=max_tokens, opened=p.opened,
+                       thinking_budget=thinking_budget if p.thinks else None):
         if isinstance(ev, Done):
             done = ev
             break
@@ -116,7 +130,7 @@ def run(
         if as_json or not ev.text:
             continue
         if ev.thinking:
-            if show_thinking:
+            if thinking_display == "show":
                 in_think_display = True
                 err.print(ev.text, end="", style="dim", highlight=False, markup=False, soft_wrap=True)
         else:
@@ -139,6 +153,10 @@ def run(
         return
     if in_think_display:
         err.print()
+    if thinking_display == "collapse" and done.thinking_tokens:
+        hit = ", budget hit" if done.budget_hit else ""
+        err.print(f"[dim](thought for {done.thinking_tokens} tokens{hit}; --thinking show streams it)[/dim]",
+                  highlight=False)
     if answer_text and not answer_text.endswith("\n"):
         sys.stdout.write("\n")
     sys.stdout.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import typer
@@ -9,7 +10,8 @@ from rich.markup import escape
 
 from .base import UsageError, app, err, printable, user_errors
 from .load import open_engine
-from .options import Cache, Ctx, Device, Exact, Model, Quant, Threads, cache_value, set_threads
+from .options import (Cache, looks_like_model, Ctx, Device, Exact, OptionalModel, Quant, Temp, Threads, TopK, TopP, cache_value,
+                      model_or_default, set_threads, user_sampling)
 
 
 def model_id(model: str) -> str:
@@ -23,7 +25,7 @@ def model_id(model: str) -> str:
 @app.command()
 @user_errors
 def serve(
-    model: Model,
+    model: OptionalModel = None,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port)."),
     api_key: str = typer.Option(None, "--api-key", envvar="QWEN3CLI_API_KEY",
@@ -39,10 +41,22 @@ def serve(
     device: Device = "auto",
     exact: Exact = False,
     cache: Cache = None,
+    think: bool = typer.Option(None, "--think/--no-think", help="Thinking for requests that do not say (default: "
+                                                                 "the model's)."),
+    temp: Temp = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    max_tokens: int = typer.Option(None, "--max-tokens", "-n", help="Longest reply for chat requests that do not "
+                                                                    "set max_tokens."),
+    reasoning_budget: int = typer.Option(None, "--reasoning-budget", "--thinking-budget",
+                                         help="Thinking tokens for requests that set no thinking_budget or "
+                                              "reasoning_effort (as llama-server's; 0: no thinking)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each request to stderr."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models)."""
     from ..serve import make_server
+    from ..serve.protocol import Sampling
+    from ..serve.worker import Defaults
     from ..serve.guard import is_loopback, valid_origin
 
     if not 0 <= port <= 65535:
@@ -54,23 +68,38 @@ def serve(
     for o in cors_origin or []:
         if not valid_origin(o):
             raise UsageError(f"--cors-origin takes scheme://host[:port] or '*', got {o!r}")
+    for name, v in (("--max-tokens", max_tokens), ("--reasoning-budget", reasoning_budget)):
+        if v is not None and v < (1 if name == "--max-tokens" else 0):
+            raise UsageError(f"{name} must be at least {1 if name == '--max-tokens' else 0}, got {v}")
+    sampling, _ = user_sampling(temperature=temp, top_p=top_p, top_k=top_k)
+    if reasoning_budget == 0:  # llama-server's meaning: no thinking
+        think, reasoning_budget = False if think is None else think, None
+    defaults = Defaults(Sampling(**sampling), think, max_tokens, reasoning_budget)
     set_threads(threads)
-    engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
+    model = model_or_default(model)
+    if not looks_like_model(model):  # a typo fails before the port is taken
+        raise UsageError(f"{model}: no such file or directory")
     name = alias or model_id(model)
     log = (lambda line: err.print(line, style="dim", highlight=False, markup=False)) if verbose else None
-    try:
-        server = make_server(engine, host, port, model_id=name, api_key=api_key, log=log,
-                             cors_origins=cors_origin or ())
+    try:  # bind before loading: a port in use fails at once, and clients can poll /health meanwhile
+        server = make_server(None, host, port, model_id=name, api_key=api_key, log=log,
+                             cors_origins=cors_origin or (), defaults=defaults)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    err.print(f"serving [bold]{escape(printable(name))}[/bold] at {server.url} (context {engine.ctx} tokens, "
-              f"{'GPU' if engine.model.device == 'cuda' else 'CPU'}); Ctrl-C stops",
-              highlight=False)
     if not is_loopback(host) and api_key is None:
         err.print("[yellow]listening beyond this machine without --api-key: anyone who can reach it can use it[/yellow]")
     if "*" in (cors_origin or []) and api_key is None:
         err.print("[yellow]--cors-origin '*' without --api-key: any web page you visit can use the server[/yellow]")
+    thread = threading.Thread(target=server.serve_forever, name="qwen3cli-http", daemon=True)
+    thread.start()
     try:
-        server.serve_forever()
+        engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
+        server.ready(engine, defaults)
+        err.print(f"serving [bold]{escape(printable(name))}[/bold] at {server.url} (context {engine.ctx} tokens, "
+                  f"{'GPU' if engine.model.device == 'cuda' else 'CPU'}); Ctrl-C stops",
+                  highlight=False)
+        while thread.is_alive():
+            thread.join(0.5)  # the main thread stays free for Ctrl-C
     finally:
+        server.shutdown()
         server.server_close()

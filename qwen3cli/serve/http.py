@@ -21,7 +21,7 @@ from .answer import ToolCall
 from .conn import HeadBudget, TimedWriter, at_eof, linger, refuse_busy
 from .guard import Cors, Limits, body_length, is_loopback, names_loopback, preflight_headers, single
 from .protocol import APIError, parse_chat, parse_completion, parse_json, tool_call_json
-from .worker import Content, Finish, Reasoning, Worker
+from .worker import Content, Defaults, Finish, Reasoning, Worker
 
 LINGER_S = 2.0  # how long a refused request's unread body is drained before the connection closes
 
@@ -30,7 +30,7 @@ class OpenAIServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, address: tuple[str, int], worker: Worker, model_id: str, api_key: str | None = None,
+    def __init__(self, address: tuple[str, int], worker: Worker | None, model_id: str, api_key: str | None = None,
                  log: Callable[[str], None] | None = None, *, limits: Limits | None = None,
                  cors: Cors | None = None):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -41,6 +41,11 @@ class OpenAIServer(ThreadingHTTPServer):
         # on loopback only this machine can connect, unless a web page's name resolves here
         self.check_host = is_loopback(self.server_address[0])
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+
+    def ready(self, engine: Engine, defaults: Defaults | None = None) -> None:
+        """The model is loaded: requests are served from now on (until then /health says
+        "loading" and generation endpoints answer 503, as llama-server's do)."""
+        self.worker = Worker(engine, defaults)
 
     @property
     def url(self) -> str:
@@ -77,12 +82,15 @@ class OpenAIServer(ThreadingHTTPServer):
         self.note(f"{client_address[0]}: {type(e).__name__}: {e}")
 
 
-def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080, *, model_id: str,
+def make_server(engine: Engine | None, host: str = "127.0.0.1", port: int = 8080, *, model_id: str,
                 api_key: str | None = None, log: Callable[[str], None] | None = None,
-                limits: Limits | None = None, cors_origins: list[str] | tuple[str, ...] = ()) -> OpenAIServer:
+                limits: Limits | None = None, cors_origins: list[str] | tuple[str, ...] = (),
+                defaults: Defaults | None = None) -> OpenAIServer:
     """Bind (port 0: any free port); call serve_forever() to serve. `cors_origins`: the web
-    origins whose pages may call the server ('*': any)."""
-    return OpenAIServer((host, port), Worker(engine), model_id, api_key, log, limits=limits, cors=Cors(cors_origins))
+    origins whose pages may call the server ('*': any); `defaults`: what requests leave out.
+    engine None: bind now, load later, then `ready(engine)` (a port in use fails before the load)."""
+    worker = Worker(engine, defaults) if engine is not None else None
+    return OpenAIServer((host, port), worker, model_id, api_key, log, limits=limits, cors=Cors(cors_origins))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -149,6 +157,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._preflight()
             if path == "/health":
                 self._only(method, "GET")
+                if self.server.worker is None:
+                    return self._send_json(503, {"status": "loading", "model": self.server.model_id})
                 return self._send_json(200, self._health())
             self._check_key()
             if path == "/v1/models" or path.startswith("/v1/models/"):
@@ -156,6 +166,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._models(path)
             if path in ("/v1/chat/completions", "/v1/completions"):
                 self._only(method, "POST")
+                if self.server.worker is None:
+                    raise APIError("the model is still loading; /health says when it is ready", status=503,
+                                   code="model_loading", type="unavailable_error")
                 body = self._read_body()
                 return self._chat(body) if path == "/v1/chat/completions" else self._completion(body)
             raise APIError(f"no such endpoint: {method} {path}", status=404, code="not_found")

@@ -167,6 +167,10 @@ def _common(body: dict) -> dict:
         raise _bad("only n=1 is supported", "n")
     if _bool(body, "logprobs") or _number(body, "top_logprobs", 0, 20, integer=True):
         raise _bad("logprobs are not supported", "logprobs")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        # a JSON mode the server cannot enforce yet: refused, never answered with unconstrained text
+        raise _bad("response_format other than {'type': 'text'} is not supported yet", "response_format")
     if _number(body, "frequency_penalty", -2, 2) not in (None, 0):
         raise _bad("frequency_penalty is not supported; use presence_penalty or repetition_penalty",
                    "frequency_penalty")

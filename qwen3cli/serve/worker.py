@@ -5,7 +5,7 @@ prefills only what is new). Yields what the reply is made of; the HTTP layer sha
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -76,9 +76,19 @@ class Job:
     echo: str = ""
 
 
+@dataclass(frozen=True)
+class Defaults:
+    """The server's own defaults (serve's flags): they fill in what a request leaves out."""
+    sampling: Sampling = field(default_factory=Sampling)
+    think: bool | None = None
+    max_tokens: int | None = None
+    thinking_budget: int | None = None
+
+
 class Worker:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, defaults: Defaults | None = None):
         self.engine = engine
+        self.defaults = defaults or Defaults()
         self.prefix = PrefixCache(engine.model)
         self.queue = FifoLock()  # hold it from prepare_* to the end of run_*
         self.rng = np.random.default_rng()
@@ -86,10 +96,10 @@ class Worker:
         self.reused_tokens = 0  # prompt tokens whose KV came from an earlier request
 
     # -- preparing: everything that can refuse a request, before any reply is sent --------------
-    def _sampler(self, s: Sampling, thinking: bool) -> Sampler:
+    def _sampler(self, s: Sampling, thinks: bool) -> Sampler:
         e = self.engine
         try:
-            params = e.sampling(thinking, s)
+            params = e.sampling(thinks, s)
         except ValueError as err:
             raise APIError(str(err), param="temperature") from None
         return Sampler(params, rng=None if params.seed is not None else self.rng)
@@ -100,16 +110,23 @@ class Worker:
                            f"{self.engine.ctx} (the server's --ctx)", param="messages",
                            code="context_length_exceeded")
 
+    def _sampling(self, s: Sampling) -> Sampling:
+        return Sampling(**{**self.defaults.sampling.given(), **s.given()})
+
     def prepare_chat(self, req: ChatRequest) -> Job:
+        d = self.defaults
+        think = req.enable_thinking if req.enable_thinking is not None else d.think
+        budget = req.thinking_budget if req.thinking_budget is not None else d.thinking_budget
+        max_tokens = req.max_tokens if req.max_tokens is not None else d.max_tokens
         try:
-            p = self.engine.prompt(req.messages, enable_thinking=req.enable_thinking, tools=req.tools)
+            p = self.engine.prompt(req.messages, enable_thinking=think, tools=req.tools)
         except TemplateError as err:  # e.g. the template's own raise_exception on a role order it refuses
             raise APIError(str(err), param="messages") from None
         except ContextFull as err:  # too long to be worth tokenizing
             raise APIError(str(err), param="messages", code="context_length_exceeded") from None
         self._fits(p.ids)
-        return Job(p.ids, self._sampler(req.sampling, p.thinking), req.max_tokens, req.stop, opened=p.opened,
-                   thinking_budget=req.thinking_budget if p.thinking else None, parse_tools=req.parse_tools)
+        return Job(p.ids, self._sampler(self._sampling(req.sampling), p.thinks), max_tokens, req.stop,
+                   opened=p.opened, thinking_budget=budget if p.thinks else None, parse_tools=req.parse_tools)
 
     def prepare_completion(self, req: CompletionRequest) -> Job:
         try:
@@ -118,17 +135,17 @@ class Worker:
             raise APIError(str(err), param="prompt", code="context_length_exceeded") from None
         ids = self.engine.tokenizer.encode(req.prompt, add_special_tokens=False).ids
         self._fits(ids)
-        return Job(ids, self._sampler(req.sampling, False), req.max_tokens, req.stop,
+        return Job(ids, self._sampler(self._sampling(req.sampling), False), req.max_tokens, req.stop,
                    echo=req.prompt if req.echo else "")
 
     # -- running ----------------------------------------------------------------------------------
-    def _events(self, job: Job, thinking: bool):
+    def _events(self, job: Job, opened: bool):
         cached = min(common_prefix(self.prefix.ids, job.ids), len(job.ids) - 1)
         self.requests += 1
         self.reused_tokens += cached
         events = self.prefix.generate(self.engine.tokenizer, job.ids, job.sampler,
                                       stop_ids=self.engine.loaded.stop_ids, max_tokens=job.max_tokens,
-                                      thinking=thinking, thinking_budget=job.thinking_budget)
+                                      opened=opened, thinking_budget=job.thinking_budget)
         return events, cached
 
     def run_chat(self, job: Job, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Piece]:
