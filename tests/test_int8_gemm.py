@@ -1,8 +1,8 @@
-"""Prefill over the int8 layouts (quant/kernels/int8_gemm_cpu.py): dequant / take against
-gguf-py's dequantizer of the file's bytes (bit for bit), and the many-rows product against a
-numpy reference of the same integer arithmetic and against the decode kernels row by row
-(Q5_K / Q5_0: int8_q5_cpu's layouts and references, test_int8_q5.py; their dequant is tested
-there)."""
+"""Prefill over the int8 layouts: dequant / take (quant/kernels/int8_dequant_cpu.py) against
+gguf-py's dequantizer of the file's bytes (bit for bit), and the many-rows product
+(int8_gemm_cpu.py) against a numpy reference of the same integer arithmetic and against the
+decode kernels row by row (Q5_K / Q5_0: int8_q5_cpu's layouts and references, test_int8_q5.py;
+their dequant is tested there)."""
 
 import numba
 import numpy as np
@@ -14,6 +14,7 @@ from test_int8_q5 import raw_q5, ref_q5_weights
 from test_int8_q5 import reference as reference_q5
 
 from quant.kernels import int8_cpu as k8
+from quant.kernels import int8_dequant_cpu as deq
 from quant.kernels import int8_gemm_cpu as gemm
 from quant.kernels import int8_k_cpu as kk
 from quant.kernels import int8_q5_cpu as k5
@@ -49,24 +50,24 @@ def shapes(t):
 def test_dequant_equals_gguf(t, k):
     w, p = make(t, 21, k, seed=k)
     ref = gguf_dequantize(w.raw, t).reshape(21, k)
-    np.testing.assert_array_equal(gemm.dequant(p), ref)
-    np.testing.assert_array_equal(gemm.dequant(p, 5, 12), ref[5:12])
+    np.testing.assert_array_equal(deq.dequant(p), ref)
+    np.testing.assert_array_equal(deq.dequant(p, 5, 12), ref[5:12])
     out = np.full((3, k), np.nan, np.float32)
-    assert gemm.dequant(p, 18, 21, out=out) is out
+    assert deq.dequant(p, 18, 21, out=out) is out
     np.testing.assert_array_equal(out, ref[18:])
     ids = [20, 0, 7, 7]
-    np.testing.assert_array_equal(gemm.take(p, ids), ref[ids])
-    assert gemm.take(p, []).shape == (0, k)
+    np.testing.assert_array_equal(deq.take(p, ids), ref[ids])
+    assert deq.take(p, []).shape == (0, k)
 
 
 def test_dequant_refuses_bad_rows_and_out():
     _, p = make(T.Q8_0, 4, 64, seed=1)
     with pytest.raises(IndexError):
-        gemm.take(p, [4])
+        deq.take(p, [4])
     with pytest.raises(IndexError):
-        gemm.dequant(p, 3, 5)
+        deq.dequant(p, 3, 5)
     with pytest.raises(ValueError):
-        gemm.dequant(p, 0, 2, out=np.empty((3, 64), np.float32))
+        deq.dequant(p, 0, 2, out=np.empty((3, 64), np.float32))
 
 
 def lane_scale_k(w, x):

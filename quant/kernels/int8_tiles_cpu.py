@@ -1,0 +1,263 @@
+"""The register tiles of the prefill GEMM (int8_gemm_cpu.py, whose docstring explains the
+scheme), built as LLVM IR: a group / super-block of RW weight rows against NX rows of x, and
+the vector unpack of a weight unit to a byte a weight."""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .int8_cpu import F32X16, G, _F32, _I8, _I16, _I32, _c_arrays, _load, _pair_sums, _vt
+from .int8_k_cpu import _splat
+
+RW, NX = 2, 4  # weight rows (1 or 2) x x rows per register tile
+RT = 32  # weight rows per parallel task: their bytes stay in L2 while every x tile passes
+
+
+def _c(t, v, n):
+    return ir.Constant(_vt(t, n), v if isinstance(v, list) else [v] * n)
+
+
+def _steps_loop(builder, isum, load_w, load_x):
+    """Q8_0: a group's 16 pair steps as an IR loop over 8 iterations, steps c and c + 8, isum[r][i]
+    (RW x NX <16 x i32>) summed in phis. Unrolled, LLVM's scheduler hoists every x load of the
+    group ahead and spills them (1.5-1.7x slower). Each weight step is widened once for NX rows
+    of x (vpmovsxbw), each x step (int16: element offsets) loaded once for RW weight rows."""
+    i64 = ir.IntType(64)
+    pre = builder.block
+    body = builder.append_basic_block("steps")
+    done = builder.append_basic_block("steps.done")
+    builder.branch(body)
+    builder.position_at_end(body)
+    c = builder.phi(i64)
+    c.add_incoming(ir.Constant(i64, 0), pre)
+    phis = [[builder.phi(_vt(_I32, G)) for _ in range(NX)] for _ in range(RW)]
+    for row in phis:
+        for ph in row:
+            ph.add_incoming(ir.Constant(ph.type, None), pre)
+    c32 = builder.mul(c, ir.Constant(i64, 32))
+    offs = (c32, builder.add(c32, ir.Constant(i64, 256)))
+    vecs = [[builder.sext(load_w(r, o, 32), _vt(_I32, 32)) for o in offs] for r in range(RW)]
+    new = [list(row) for row in phis]
+    for h, xoff in enumerate(offs):
+        for i in range(NX):
+            xv = load_x(i, xoff)
+            for r in range(RW):
+                new[r][i] = builder.add(new[r][i], _pair_sums(builder, vecs[r][h], xv))
+    end = builder.block
+    cn = builder.add(c, ir.Constant(i64, 1))
+    c.add_incoming(cn, end)
+    for r in range(RW):
+        for i in range(NX):
+            phis[r][i].add_incoming(new[r][i], end)
+            isum[r][i] = new[r][i]
+    builder.cbranch(builder.icmp_unsigned("<", cn, ir.Constant(i64, 8)), body, done)
+    builder.position_at_end(done)
+
+
+def _mubs(builder, w, x):
+    # u8 w . s8 x, neighbouring products summed, saturated to i16: the generic IR that LLVM
+    # selects as vpmaddubsw, as long as w and x come straight from memory (see the module
+    # docstring). Never saturates here: 2 x 63 x 127 at most
+    def half(v, ext, e):
+        h = builder.shuffle_vector(v, ir.Constant(v.type, None), _c(_I32, [2 * i + e for i in range(32)], 32))
+        return ext(h, _vt(_I32, 32))
+    s = builder.add(builder.mul(half(w, builder.zext, 0), half(x, builder.sext, 0)),
+                    builder.mul(half(w, builder.zext, 1), half(x, builder.sext, 1)))
+    fty = ir.FunctionType(s.type, [s.type, s.type])
+    smax, smin = (cgutils.get_or_insert_function(builder.module, fty, f"llvm.{f}.v32i32") for f in ("smax", "smin"))
+    hi = builder.call(smin, [builder.call(smax, [s, _c(_I32, -32768, 32)]), _c(_I32, 32767, 32)])
+    return builder.trunc(hi, _vt(_I16, 32))
+
+
+def _words(builder, v):
+    # <32 x i16> -> <16 x i32>, neighbouring lanes summed: vpmaddwd / vpdpwssd by ones (woven
+    # units put a lane's i16 sums side by side)
+    s = builder.sext(v, _vt(_I32, 32))
+    und = ir.Constant(s.type, None)
+    return builder.add(builder.shuffle_vector(s, und, _c(_I32, list(range(0, 32, 2)), G)),
+                       builder.shuffle_vector(s, und, _c(_I32, list(range(1, 32, 2)), G)))
+
+
+# units and i16 window: vpmaddubsw sums stay exact in i16 over `window` units
+# (Q4: 8 x 2 x 15 x 127 = 30480; Q5: 4 x 2 x 31 x 127 = 31496, so Q5_K's super-block is one
+# window, as Q4_K's, and it shares Q4_K's tile; Q6_K: 2 x 2 x 63 x 127 = 32004)
+_UNITS = {"q4_0": (8, 8), "q4_k": (4, 4), "q5_0": (8, 4), "q6_k": (4, 2)}
+
+
+def _units_loop(kind, builder, isum, load_w, load_x):
+    """Q4_0 / Q4_K / Q5_0 / Q5_K / Q6_K: weights unpacked to a byte each (`_unpack`) against
+    int8 x in the same order, an IR loop over the 64-byte units of a group (8) / super-block
+    (4), each steps c and c + half woven (byte 4t + 2h + e: lane t, step h, element e):
+    vpmaddubsw into i16 sums, widened by vpdpwssd against ones once a window."""
+    i64 = ir.IntType(64)
+    units, window = _UNITS[kind]
+    per_iter = 1 if window == units else window
+    pre = builder.block
+    body = builder.append_basic_block("units")
+    done = builder.append_basic_block("units.done")
+    builder.branch(body)
+    builder.position_at_end(body)
+
+    def phis(ty):
+        out = [[builder.phi(ty) for _ in range(NX)] for _ in range(RW)]
+        for row in out:
+            for ph in row:
+                ph.add_incoming(ir.Constant(ty, None), pre)
+        return out
+
+    c = builder.phi(i64)
+    c.add_incoming(ir.Constant(i64, 0), pre)
+    p16 = phis(_vt(_I16, 32)) if per_iter == 1 else None  # the window spans the loop
+    p32 = phis(_vt(_I32, G)) if per_iter > 1 else None  # a window per iteration
+    s16 = [list(row) for row in p16] if p16 else [[None] * NX for _ in range(RW)]
+    for u in range(per_iter):
+        off = builder.mul(builder.add(c, ir.Constant(i64, u)), ir.Constant(i64, 64))
+        wv = [load_w(r, off) for r in range(RW)]
+        for i in range(NX):
+            xv = load_x(i, off)
+            for r in range(RW):
+                m = _mubs(builder, wv[r], xv)
+                s16[r][i] = m if s16[r][i] is None else builder.add(s16[r][i], m)
+    end = builder.block
+    cn = builder.add(c, ir.Constant(i64, per_iter))
+    c.add_incoming(cn, end)
+    for r in range(RW):
+        for i in range(NX):
+            if p16:
+                p16[r][i].add_incoming(s16[r][i], end)
+            else:
+                isum[r][i] = builder.add(p32[r][i], _words(builder, s16[r][i]))
+                p32[r][i].add_incoming(isum[r][i], end)
+    builder.cbranch(builder.icmp_unsigned("<", cn, ir.Constant(i64, units)), body, done)
+    builder.position_at_end(done)
+    if p16:
+        for r in range(RW):
+            for i in range(NX):
+                isum[r][i] = _words(builder, s16[r][i])
+
+
+def _scalar_f16(context, builder, aryty, ary, off):
+    h = _load(context, builder, aryty, ary, off, _I16)
+    return builder.fpext(builder.bitcast(h, ir.HalfType()), _F32)
+
+
+def _tile(kind):
+    """One group (Q8_0 / Q4_0 / Q5_0: 16 blocks of 32) or super-block (Q4_K / Q5_K / Q6_K) of RW
+    weight rows against NX rows of x: the RW * NX accumulators, each + its 16 lanes' scaled integer sums."""
+    @intrinsic
+    def tile(typingctx, acc, w, wo, ws, s, so, ss, d, dmin, do, ds, x, xo, xst, xs, xso, xss, xd, xdo, xds):
+        if not _c_arrays(w, s, d, dmin, x, xs, xd):
+            return None
+
+        def codegen(context, builder, sig, args):
+            (acc, w, wo, ws, s, so, ss, d, dmin, do, ds, x, xo, xst, xs, xso, xss, xd, xdo, xds) = args
+            ta = dict(zip(("w", "s", "d", "dmin", "x", "xs", "xd"), (sig.args[i] for i in (1, 4, 7, 8, 11, 14, 17))))
+
+            def ld(name, ary, base, stride, j, off, vty):
+                o = builder.add(base, builder.mul(stride, ir.Constant(base.type, j)))
+                off = ir.Constant(base.type, off) if isinstance(off, int) else off
+                return _load(context, builder, ta[name], ary, builder.add(o, off), vty)
+
+            isum = [[None] * NX for _ in range(RW)]
+
+            if kind == "q8_0":  # int16 x, the weights widened in the loop
+                _steps_loop(builder, isum, lambda r, o, m: ld("w", w, wo, ws, r, o, _vt(_I8, m)),
+                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I16, 32)))
+            else:  # int8 x, the weights unpacked per task
+                _units_loop(kind, builder, isum, lambda r, o: ld("w", w, wo, ws, r, o, _vt(_I8, 64)),
+                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I8, 64)))
+
+            # per weight row: its 16 lane scales as float (K: d * the sub-block scale, exact);
+            # per (row, x row): 4 vector instructions, the x side's sums prepared by
+            # quantize_rows (Q4_0 / Q5_0 / Q6_K: 8 / 16 / 32 times the quant sums; Q4_K / Q5_K:
+            # as float)
+            fl = _vt(_F32, G)
+            out = []
+            for r in range(RW):
+                if kind in ("q8_0", "q4_0", "q5_0"):
+                    dh = ld("d", d, do, ds, r, 0, _vt(_I16, G))
+                    dv = builder.fpext(builder.bitcast(dh, _vt(ir.HalfType(), G)), fl)
+                else:
+                    dro = builder.add(do, builder.mul(ds, ir.Constant(do.type, r)))
+                    if kind == "q6_k":
+                        scv = builder.sitofp(ld("s", s, so, ss, r, 0, _vt(_I8, G)), fl)
+                    else:  # a sub-block's scale and minimum serve its two lanes
+                        pairs = _c(_I32, [j // 2 for j in range(G)], G)
+                        s8, m8 = (ld("s", s, so, ss, r, o, _vt(_I8, 8)) for o in (0, 8))
+                        scv = builder.uitofp(builder.shuffle_vector(s8, s8, pairs), fl)
+                        mv = builder.fmul(builder.uitofp(builder.shuffle_vector(m8, m8, pairs), fl),
+                                          _splat(builder, _scalar_f16(context, builder, ta["dmin"], dmin, dro)))
+                    dv = builder.fmul(scv, _splat(builder, _scalar_f16(context, builder, ta["d"], d, dro)))
+                for i in range(NX):
+                    a = builder.extract_value(acc, r * NX + i)
+                    v = isum[r][i]
+                    if kind in ("q4_0", "q5_0", "q6_k"):  # the quants' offset
+                        v = builder.sub(v, ld("xs", xs, xso, xss, i, 0, _vt(_I32, G)))
+                    if kind in ("q8_0", "q4_0", "q5_0"):  # the decode kernels' order: bit for bit theirs
+                        f, scale = builder.sitofp(v, fl), builder.fmul(dv, ld("xd", xd, xdo, xds, i, 0, fl))
+                    else:
+                        f = builder.fmul(builder.sitofp(v, fl), dv)
+                        if kind == "q4_k":
+                            f = builder.fsub(f, builder.fmul(ld("xs", xs, xso, xss, i, 0, fl), mv), flags=("contract",))
+                        scale = _splat(builder, ld("xd", xd, xdo, xds, i, 0, _F32))
+                    out.append(builder.fadd(a, builder.fmul(f, scale, flags=("contract",)), flags=("contract",)))
+            return context.make_tuple(builder, sig.return_type, out)
+        return types.UniTuple(F32X16, RW * NX)(acc, w, wo, ws, s, so, ss, d, dmin, do, ds, x, xo, xst, xs, xso, xss,
+                                               xd, xdo, xds), codegen
+    return tile
+
+
+_t_q8_0, _t_q4_0, _t_q4_k, _t_q5_0, _t_q6_k = (_tile(k) for k in ("q8_0", "q4_0", "q4_k", "q5_0", "q6_k"))
+
+# -- the weights of a task, a byte each (for vpmaddubsw) ---------------------------------------
+
+def _unit(bits):
+    """One 64-byte unit of unpacked weights: 32 bytes of nibbles at qo (lane t's element pair at
+    2t; low nibbles step c, high ones step c + half) to ws at wo, woven as _units_loop reads them
+    (lane t's low pair at 4t, its high pair at 4t + 2), or'ed with `bits` high bits per quant
+    (Q5: 1, Q6_K: 2) that the pairs of h at h0 / h1 hold at bit s0 / s1 of each byte, moved to
+    bit 4. Vectors of 16 element pairs (i16): 2-4 loads, a few shifts and masks, a word
+    interleave and one store; the scalar loop that did this ran 4-5x longer."""
+    @intrinsic
+    def unit(typingctx, q, qo, h, h0, h1, s0, s1, ws, wo):
+        if not _c_arrays(q, h, ws):
+            return None
+
+        def codegen(context, builder, sig, args):
+            q, qo, h, h0, h1, s0, s1, ws, wo = args
+            v16 = _vt(_I16, G)
+
+            def splat(s):
+                s = builder.trunc(s, _I16)
+                v = builder.insert_element(ir.Constant(v16, None), s, ir.Constant(_I32, 0))
+                return builder.shuffle_vector(v, v, _c(_I32, 0, G))
+
+            v = _load(context, builder, sig.args[0], q, qo, v16)
+            m4 = _c(_I16, 0x0F0F, G)
+            lo, hi = builder.and_(v, m4), builder.and_(builder.lshr(v, _c(_I16, 4, G)), m4)
+            if bits:
+                mask = _c(_I16, 0x0101 * ((1 << bits) - 1), G)
+                top = [builder.lshr(_load(context, builder, sig.args[2], h, o, v16), splat(sh))
+                       for o, sh in ((h0, s0), (h1, s1))]
+                top = [builder.shl(builder.and_(v, mask), _c(_I16, 4, G)) for v in top]
+                lo, hi = builder.or_(lo, top[0]), builder.or_(hi, top[1])
+            out = builder.shuffle_vector(lo, hi, _c(_I32, [j // 2 + G * (j % 2) for j in range(2 * G)], 2 * G))
+            data = context.make_array(sig.args[7])(context, builder, ws).data
+            builder.store(out, builder.bitcast(builder.gep(data, [wo]), out.type.as_pointer()), align=1)
+            return context.get_dummy_value()
+        return types.none(q, qo, h, h0, h1, s0, s1, ws, wo), codegen
+    return unit
+
+
+_unit4, _unit5, _unit6 = (_unit(b) for b in (0, 1, 2))
+
+@intrinsic
+def _zeros(typingctx):
+    """The RW * NX accumulators of a tile, zero."""
+    ty = types.UniTuple(F32X16, RW * NX)
+    return ty(), lambda context, builder, sig, args: context.make_tuple(
+        builder, ty, [ir.Constant(_vt(_F32, G), [0.0] * G)] * (RW * NX))
+
