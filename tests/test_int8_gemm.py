@@ -124,6 +124,37 @@ def test_matmul_equals_integer_reference_and_decode(t, k, n):
         np.testing.assert_array_equal(out, decode)
 
 
+UNIT_TYPES = [T.Q4_0, T.Q4_K, T.Q6_K, T.Q5_K, T.Q5_0]  # the tiles with a VNNI path
+
+
+@pytest.mark.parametrize("t", UNIT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n", [1, 7])  # tiles of NX = 4 x rows, the last one partial
+def test_generic_and_vnni_paths(t, n):
+    # the generic tiles (vpmaddubsw) against the reference on every host, and, where the CPU
+    # has AVX512-VNNI, the vpdpbusd tiles against them bit for bit (both sum integers exactly,
+    # then scale in the same float order)
+    k = 768 if t in BLOCK32 else 512  # Q4_0 / Q5_0: a tail block after the full group
+    rows = 35  # tasks of RT = 32 rows and pairs: the last task holds 3, the last pair 1
+    w, p = make(t, rows, k, seed=11 + n)
+    x = np.random.default_rng(n).standard_normal((n, k)).astype(np.float32)
+    generic = gemm.matmul(x, p, np.full((n, rows), np.nan, np.float32), vnni=False)
+    ref, scale = reference_rows(w, x)
+    assert (np.abs(generic - ref) <= 1e-5 * scale).all()
+    if not gemm.vnni_available():
+        pytest.skip("no AVX512-VNNI here: the generic path only")
+    np.testing.assert_array_equal(gemm.matmul(x, p, np.empty((n, rows), np.float32), vnni=True), generic)
+    np.testing.assert_array_equal(gemm.matmul(x, p, np.empty((n, rows), np.float32)), generic)
+
+
+def test_vnni_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("QWEN3CLI_NO_VNNI", "1")
+    assert not gemm.vnni_available()
+    monkeypatch.setenv("QWEN3CLI_NO_VNNI", "0")
+    monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,-avx512vnni")
+    assert not gemm.vnni_available()  # numba's target, not the host, decides
+
+
 @pytest.mark.parametrize("t", GEMM_TYPES, ids=lambda t: t.name)
 def test_matmul_threads_and_zero_input(t):
     _, p = make(t, 70, 1024, seed=5)

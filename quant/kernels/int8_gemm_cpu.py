@@ -62,7 +62,8 @@ from . import int8_cpu, int8_k_cpu
 from .int8_cpu import G, Int8Packed, _f16, _hsum
 from .int8_k_cpu import KPacked
 from .int8_q5_cpu import Q5Packed, _q5_0_tail
-from .int8_tiles_cpu import NX, RT, RW, _t_q4_0, _t_q4_k, _t_q5_0, _t_q6_k, _t_q8_0, _unit4, _unit5, _unit6, _zeros
+from .int8_tiles_cpu import (GENERIC, NX, RT, RW, VNNI, _lanes_q4_k, _lanes_q6_k, _t_q4_0, _t_q4_k, _t_q5_0, _t_q6_k,
+                             _t_q8_0, _unit4, _unit5, _unit6, _zeros, vnni_available)
 
 
 # -- the activation: all rows quantized once, as the decode kernels quantize one -------------
@@ -125,12 +126,13 @@ def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed) -> tuple[np
 
 
 def _prepared_sums(xs: np.ndarray, t: T) -> np.ndarray:
-    """x's quant sums as the tiles subtract them: the unsigned quants' offset (Q4_0: 8, Q5_0: 16,
-    Q6_K: 32) times them, or (Q4_K / Q5_K, against float minimums) as float32 (exact: |sum| < 2^24)."""
+    """x's quant sums as the tiles take them: minus the unsigned quants' offset (Q4_0: 8, Q5_0:
+    16, Q6_K: 32) times them (where the integer sums start), or (Q4_K / Q5_K, against float
+    minimums) as float32 (exact: |sum| < 2^24)."""
     if t in (T.Q4_K, T.Q5_K):
         return xs.astype(np.float32)
     offset = {T.Q4_0: 8, T.Q5_0: 16, T.Q6_K: 32}.get(t)
-    return xs if offset is None else xs * np.int32(offset)
+    return xs if offset is None else xs * np.int32(-offset)
 
 
 @njit(cache=True, inline="always")
@@ -164,6 +166,20 @@ def _unpack_q5(q, h, r0, r1, ws, k, span, hi_off, hi_bit):
                 _unit5(q, src + 32 * c, h, hsrc, hsrc + hi_off, c, c + hi_bit, ws, dst + 64 * c)
 
 
+@njit(cache=True, inline="always")
+def _lane_scales(s, d, dmin, r0, r1, sv, mv, q6):
+    # rows r0..r1's 16 lane scales per super-block as the K tiles multiply them (int8_tiles_cpu's
+    # _lanes), once per task rather than per tile (a tile row's scale vector took ~12
+    # instructions per super-block): the same float32 products, so bit for bit the same
+    nsb = d.shape[1]
+    for r in range(r0, r1):
+        for b in range(nsb):
+            if q6:
+                _lanes_q6_k(s, (r * nsb + b) * 16, d, dmin, r * nsb + b, sv, mv, ((r - r0) * nsb + b) * 16)
+            else:
+                _lanes_q4_k(s, (r * nsb + b) * 16, d, dmin, r * nsb + b, sv, mv, ((r - r0) * nsb + b) * 16)
+
+
 # -- the products ------------------------------------------------------------------------------
 
 @njit(cache=True, inline="always")
@@ -190,8 +206,8 @@ def _mm_q8_0(xq, xd, xs, q, d, out):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros()
                 for g in range(ng):
-                    acc = _t_q8_0(acc, q, r * k + g * 32 * G, (r1 - r) * k, d, 0, 0, d, d, r * nb + g * G,
-                                  (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, 0, 0, xd, i * nb + g * G, nb)
+                    acc = _t_q8_0(acc, q, r * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G, (r1 - r) * nb,
+                                  xq, i * k + g * 32 * G, k, xs, 0, 0, xd, i * nb + g * G, nb, GENERIC)
                 for a in range(RW * NX):
                     rr, ii = r + (r1 - r) * (a // NX), i + a % NX
                     s = np.float32(0)
@@ -203,8 +219,8 @@ def _mm_q8_0(xq, xd, xs, q, d, out):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _mm_q4_0(xq, xd, xs, q, d, out):
-    # xq: int8 in _units_loop's order (tail blocks in the file's), xs: 8 x the quant sums
+def _mm_q4_0(xq, xd, xs, q, d, out, isa):
+    # xq: int8 in _units_loop's order (tail blocks in the file's), xs: -8 x the quant sums
     n, (R, kh) = out.shape[0], q.shape
     k, nb = 2 * kh, kh // 16
     ng = nb // G
@@ -219,14 +235,14 @@ def _mm_q4_0(xq, xd, xs, q, d, out):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros()
                 for g in range(ng):
-                    acc = _t_q4_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, 0, 0, d, d, r * nb + g * G,
+                    acc = _t_q4_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G,
                                   (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, i * nb + g * G, nb, xd,
-                                  i * nb + g * G, nb)
+                                  i * nb + g * G, nb, isa)
                 for a in range(RW * NX):
                     rr, ii = r + (r1 - r) * (a // NX), i + a % NX
                     s = np.float32(0)
                     for b in range(ng * G, nb):  # tail blocks, in the file's order
-                        isum = -xs[ii, b]
+                        isum = xs[ii, b]  # minus 8 times the quant sum
                         for j in range(16):
                             v = np.int32(q[rr, b * 16 + j])
                             isum += ((v & 15) * np.int32(xq[ii, b * 32 + j])
@@ -237,7 +253,7 @@ def _mm_q4_0(xq, xd, xs, q, d, out):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _mm_q4_k(xq, xd, xs, q, h, s, d, dmin, out):
+def _mm_q4_k(xq, xd, xs, q, h, s, d, dmin, out, isa):
     # Q4_K (h None) or Q5_K (h: the fifth bits): the same tile once unpacked, quants 0..15 or
     # 0..31. xq: int8 in _units_loop's order, xs: the quant sums per 16 as float
     n, (R, nsb) = out.shape[0], d.shape
@@ -250,20 +266,22 @@ def _mm_q4_k(xq, xd, xs, q, h, s, d, dmin, out):
             _unpack(q, r0, rt, ws, k, 256, False)
         else:
             _unpack_q5(q, h, r0, rt, ws, k, 256, 0, 4)
+        sv, mv = np.empty(RT * nsb * 16, np.float32), np.empty(RT * nsb * 16, np.float32)
+        _lane_scales(s, d, dmin, r0, rt, sv, mv, False)
         for i in range(0, xq.shape[0], NX):
             for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros()
                 for b in range(nsb):
-                    acc = _t_q4_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, s, r * nsb * 16 + b * 16,
-                                  (r1 - r) * nsb * 16, d, dmin, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256,
-                                  k, xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
+                    acc = _t_q4_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, sv, mv, ((r - r0) * nsb + b) * 16,
+                                  (r1 - r) * nsb * 16, xq, i * k + b * 256, k, xs, i * nsb * 16 + b * 16,
+                                  nsb * 16, xd, i * nsb + b, nsb, isa)
                 _store(acc, ex, out, r, r1, i, n)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _mm_q5_0(xq, xd, xs, q, h, d, out):
-    # as _mm_q4_0 (a window of 4 units: _UNITS); xs: 16 x the quant sums
+def _mm_q5_0(xq, xd, xs, q, h, d, out, isa):
+    # as _mm_q4_0 (a window of 4 units: _UNITS); xs: -16 x the quant sums
     n, (R, kh) = out.shape[0], q.shape
     k, nb = 2 * kh, kh // 16
     ng = nb // G
@@ -278,22 +296,22 @@ def _mm_q5_0(xq, xd, xs, q, h, d, out):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros()
                 for g in range(ng):
-                    acc = _t_q5_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, 0, 0, d, d, r * nb + g * G,
+                    acc = _t_q5_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G,
                                   (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, i * nb + g * G, nb, xd,
-                                  i * nb + g * G, nb)
+                                  i * nb + g * G, nb, isa)
                 for a in range(RW * NX):
                     rr, ii = r + (r1 - r) * (a // NX), i + a % NX
                     s = np.float32(0)
                     for b in range(ng * G, nb):  # tail blocks, in the file's order
-                        isum = _q5_0_tail(q[rr], b * 16, h[rr], b * 4, xq[ii], b * 32) - xs[ii, b]
+                        isum = _q5_0_tail(q[rr], b * 16, h[rr], b * 4, xq[ii], b * 32) + xs[ii, b]
                         s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(isum)
                     ex[a] = s
                 _store(acc, ex, out, r, r1, i, n)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _mm_q6_k(xq, xd, xs, q, s, d, out):
-    # xq: int8 in _units_loop's order, xs: 32 x the quant sums per 16
+def _mm_q6_k(xq, xd, xs, q, s, d, out, isa):
+    # xq: int8 in _units_loop's order, xs: -32 x the quant sums per 16
     n, (R, nsb) = out.shape[0], d.shape
     k = nsb * 256
     ex = np.zeros(RW * NX, np.float32)
@@ -301,20 +319,25 @@ def _mm_q6_k(xq, xd, xs, q, s, d, out):
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
         _unpack(q, r0, rt, ws, k, 256, True)
+        sv = np.empty(RT * nsb * 16, np.float32)
+        _lane_scales(s, d, d, r0, rt, sv, sv, True)
         for i in range(0, xq.shape[0], NX):
             for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros()
                 for b in range(nsb):
-                    acc = _t_q6_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, s, r * nsb * 16 + b * 16,
-                                  (r1 - r) * nsb * 16, d, d, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256, k,
-                                  xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
+                    acc = _t_q6_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, sv, sv, ((r - r0) * nsb + b) * 16,
+                                  (r1 - r) * nsb * 16, xq, i * k + b * 256, k, xs, i * nsb * 16 + b * 16,
+                                  nsb * 16, xd, i * nsb + b, nsb, isa)
                 _store(acc, ex, out, r, r1, i, n)
 
 
-def matmul(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, out: np.ndarray) -> np.ndarray:
+def matmul(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, out: np.ndarray, vnni: bool | None = None) -> np.ndarray:
     """out (n, rows) = x (n, k) float32 @ W.T, x quantized to 8 bits once (as the decode
-    kernels quantize it) and multiplied as integers."""
+    kernels quantize it) and multiplied as integers. vnni: the 4- to 6-bit types' tiles use
+    vpdpbusd (None: where `vnni_available`; False: the generic path; True only on such a CPU,
+    else LLVM cannot compile it). Both give the same result bit for bit: the integer sums
+    are exact either way."""
     x = np.ascontiguousarray(x, np.float32)
     if x.ndim != 2 or x.shape[1] != w.k:
         raise ValueError(f"input of shape {x.shape}, weight expects (n, {w.k})")
@@ -323,16 +346,17 @@ def matmul(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, out: np.ndarray) -
                          f"not {out.dtype} {out.shape}")
     if w.type not in (T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K, T.Q5_K, T.Q5_0):
         raise ValueError(f"no int8 layout for {w.type.name}")
+    isa = VNNI if (vnni_available() if vnni is None else vnni) else GENERIC
     xq, xd, xs = quantize_rows(x, w)
     xs = _prepared_sums(xs, w.type)
     if w.type == T.Q8_0:
         _mm_q8_0(xq, xd, xs, w.q, w.d, out)
     elif w.type == T.Q4_0:
-        _mm_q4_0(xq, xd, xs, w.q, w.d, out)
+        _mm_q4_0(xq, xd, xs, w.q, w.d, out, isa)
     elif w.type in (T.Q4_K, T.Q5_K):
-        _mm_q4_k(xq, xd, xs, w.q, w.h if w.type == T.Q5_K else None, w.s, w.d, w.dmin, out)
+        _mm_q4_k(xq, xd, xs, w.q, w.h if w.type == T.Q5_K else None, w.s, w.d, w.dmin, out, isa)
     elif w.type == T.Q5_0:
-        _mm_q5_0(xq, xd, xs, w.q, w.h, w.d, out)
+        _mm_q5_0(xq, xd, xs, w.q, w.h, w.d, out, isa)
     else:
-        _mm_q6_k(xq, xd, xs, w.q, w.s, w.d, out)
+        _mm_q6_k(xq, xd, xs, w.q, w.s, w.d, out, isa)
     return out

@@ -4,6 +4,11 @@ the vector unpack of a weight unit to a byte a weight."""
 
 from __future__ import annotations
 
+import os
+
+import numba
+import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -14,6 +19,24 @@ from .int8_k_cpu import _splat
 
 RW, NX = 2, 4  # weight rows (1 or 2) x x rows per register tile
 RT = 32  # weight rows per parallel task: their bytes stay in L2 while every x tile passes
+
+
+# the tiles' `isa` argument: the dtype of an empty array picks the units loop at compile time
+GENERIC, VNNI = np.zeros(0, np.uint8), np.zeros(0, np.int8)
+
+
+def vnni_available() -> bool:
+    """Whether the CPU numba compiles for has AVX512-VNNI's vpdpbusd (and AVX512BW, which the
+    512-bit form needs); QWEN3CLI_NO_VNNI=1 says no (to test or time the generic path). The
+    target is numba's: NUMBA_CPU_NAME / NUMBA_CPU_FEATURES where set (portable caches), else
+    the host's."""
+    if os.environ.get("QWEN3CLI_NO_VNNI", "") not in ("", "0"):
+        return False
+    if numba.config.CPU_NAME:
+        feats = {f[1:] for f in (numba.config.CPU_FEATURES or "").split(",") if f.startswith("+")}
+    else:
+        feats = {k for k, v in llvm.get_host_cpu_features().items() if v}
+    return {"avx512vnni", "avx512bw"} <= feats
 
 
 def _c(t, v, n):
@@ -87,38 +110,55 @@ def _words(builder, v):
 _UNITS = {"q4_0": (8, 8), "q4_k": (4, 4), "q5_0": (8, 4), "q6_k": (4, 2)}
 
 
-def _units_loop(kind, builder, isum, load_w, load_x):
+def _dpbusd(builder, acc, w, x):
+    # acc + per i32 lane the sum of its 4 u8 w x s8 x products: vpdpbusd (AVX512-VNNI). The
+    # intrinsic's i32-vector form, which LLVM 22 still reads (it upgrades it to the i8 one)
+    v16 = _vt(_I32, G)
+    fty = ir.FunctionType(v16, [v16, v16, v16])
+    fn = cgutils.get_or_insert_function(builder.module, fty, "llvm.x86.avx512.vpdpbusd.512")
+    return builder.call(fn, [acc, builder.bitcast(w, v16), builder.bitcast(x, v16)])
+
+
+def _units_loop(kind, builder, isum, load_w, load_x, vnni, init):
     """Q4_0 / Q4_K / Q5_0 / Q5_K / Q6_K: weights unpacked to a byte each (`_unpack`) against
     int8 x in the same order, an IR loop over the 64-byte units of a group (8) / super-block
-    (4), each steps c and c + half woven (byte 4t + 2h + e: lane t, step h, element e):
-    vpmaddubsw into i16 sums, widened by vpdpwssd against ones once a window."""
+    (4), each steps c and c + half woven (byte 4t + 2h + e: lane t, step h, element e).
+    Generic: vpmaddubsw into i16 sums, widened by vpdpwssd against ones once a window. vnni:
+    one vpdpbusd per unit and tile entry straight into the i32 lane sums (a lane's 4 bytes of
+    a unit are its 4 products), so no i16 window and no widening. init: NX <16 x i32> the
+    sums start from (the quants' offset times x's sums, negated; per x row), or None (zero):
+    an accumulator that starts there saves a zeroing and a subtraction per tile entry."""
     i64 = ir.IntType(64)
     units, window = _UNITS[kind]
-    per_iter = 1 if window == units else window
+    per_iter = 1 if window == units or vnni else window
     pre = builder.block
     body = builder.append_basic_block("units")
     done = builder.append_basic_block("units.done")
     builder.branch(body)
     builder.position_at_end(body)
 
-    def phis(ty):
+    def phis(ty, start=None):
         out = [[builder.phi(ty) for _ in range(NX)] for _ in range(RW)]
         for row in out:
-            for ph in row:
-                ph.add_incoming(ir.Constant(ty, None), pre)
+            for i, ph in enumerate(row):
+                ph.add_incoming(ir.Constant(ty, None) if start is None else start[i], pre)
         return out
 
     c = builder.phi(i64)
     c.add_incoming(ir.Constant(i64, 0), pre)
-    p16 = phis(_vt(_I16, 32)) if per_iter == 1 else None  # the window spans the loop
-    p32 = phis(_vt(_I32, G)) if per_iter > 1 else None  # a window per iteration
+    p16 = phis(_vt(_I16, 32)) if per_iter == 1 and not vnni else None  # the window spans the loop
+    p32 = phis(_vt(_I32, G), init) if per_iter > 1 or vnni else None  # a window per iteration
     s16 = [list(row) for row in p16] if p16 else [[None] * NX for _ in range(RW)]
+    s32 = [list(row) for row in p32] if p32 else None
     for u in range(per_iter):
         off = builder.mul(builder.add(c, ir.Constant(i64, u)), ir.Constant(i64, 64))
         wv = [load_w(r, off) for r in range(RW)]
         for i in range(NX):
             xv = load_x(i, off)
             for r in range(RW):
+                if vnni:
+                    s32[r][i] = _dpbusd(builder, s32[r][i], wv[r], xv)
+                    continue
                 m = _mubs(builder, wv[r], xv)
                 s16[r][i] = m if s16[r][i] is None else builder.add(s16[r][i], m)
     end = builder.block
@@ -129,7 +169,7 @@ def _units_loop(kind, builder, isum, load_w, load_x):
             if p16:
                 p16[r][i].add_incoming(s16[r][i], end)
             else:
-                isum[r][i] = builder.add(p32[r][i], _words(builder, s16[r][i]))
+                isum[r][i] = s32[r][i] if vnni else builder.add(p32[r][i], _words(builder, s16[r][i]))
                 p32[r][i].add_incoming(isum[r][i], end)
     builder.cbranch(builder.icmp_unsigned("<", cn, ir.Constant(i64, units)), body, done)
     builder.position_at_end(done)
@@ -137,24 +177,26 @@ def _units_loop(kind, builder, isum, load_w, load_x):
         for r in range(RW):
             for i in range(NX):
                 isum[r][i] = _words(builder, s16[r][i])
-
-
-def _scalar_f16(context, builder, aryty, ary, off):
-    h = _load(context, builder, aryty, ary, off, _I16)
-    return builder.fpext(builder.bitcast(h, ir.HalfType()), _F32)
+                if init is not None:
+                    isum[r][i] = builder.add(init[i], isum[r][i])
 
 
 def _tile(kind):
     """One group (Q8_0 / Q4_0 / Q5_0: 16 blocks of 32) or super-block (Q4_K / Q5_K / Q6_K) of RW
-    weight rows against NX rows of x: the RW * NX accumulators, each + its 16 lanes' scaled integer sums."""
+    weight rows against NX rows of x: the RW * NX accumulators, each + its 16 lanes' scaled
+    integer sums. sc / mn at so + r * ss: Q8_0 / Q4_0 / Q5_0 the blocks' float16 d (mn unused);
+    K types the task's lane scales d * sc and minimums dmin * m as float32 (`lane_scales`).
+    isa: an empty array whose dtype picks the units loop (int8: vpdpbusd, else generic IR),
+    so the two paths are two cached specializations of one kernel."""
     @intrinsic
-    def tile(typingctx, acc, w, wo, ws, s, so, ss, d, dmin, do, ds, x, xo, xst, xs, xso, xss, xd, xdo, xds):
-        if not _c_arrays(w, s, d, dmin, x, xs, xd):
+    def tile(typingctx, acc, w, wo, ws, sc, mn, so, ss, x, xo, xst, xs, xso, xss, xd, xdo, xds, isa):
+        if not _c_arrays(w, sc, mn, x, xs, xd):
             return None
+        vnni = isa.dtype == types.int8
 
         def codegen(context, builder, sig, args):
-            (acc, w, wo, ws, s, so, ss, d, dmin, do, ds, x, xo, xst, xs, xso, xss, xd, xdo, xds) = args
-            ta = dict(zip(("w", "s", "d", "dmin", "x", "xs", "xd"), (sig.args[i] for i in (1, 4, 7, 8, 11, 14, 17))))
+            (acc, w, wo, ws, sc, mn, so, ss, x, xo, xst, xs, xso, xss, xd, xdo, xds, _) = args
+            ta = dict(zip(("w", "sc", "mn", "x", "xs", "xd"), (sig.args[i] for i in (1, 4, 5, 8, 11, 14))))
 
             def ld(name, ary, base, stride, j, off, vty):
                 o = builder.add(base, builder.mul(stride, ir.Constant(base.type, j)))
@@ -167,50 +209,86 @@ def _tile(kind):
                 _steps_loop(builder, isum, lambda r, o, m: ld("w", w, wo, ws, r, o, _vt(_I8, m)),
                             lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I16, 32)))
             else:  # int8 x, the weights unpacked per task
+                init = None  # the quants' offset: its prepared (negated) x sums start the sums
+                if kind in ("q4_0", "q5_0", "q6_k"):
+                    init = [ld("xs", xs, xso, xss, i, 0, _vt(_I32, G)) for i in range(NX)]
                 _units_loop(kind, builder, isum, lambda r, o: ld("w", w, wo, ws, r, o, _vt(_I8, 64)),
-                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I8, 64)))
+                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I8, 64)), vnni, init)
 
-            # per weight row: its 16 lane scales as float (K: d * the sub-block scale, exact);
-            # per (row, x row): 4 vector instructions, the x side's sums prepared by
-            # quantize_rows (Q4_0 / Q5_0 / Q6_K: 8 / 16 / 32 times the quant sums; Q4_K / Q5_K:
-            # as float)
+            # per weight row its 16 lane scales as float (K: precomputed per task, so a tile
+            # entry's scaling is 4 vector instructions with no per-row work); the x side's sums
+            # prepared by quantize_rows (Q4_0 / Q5_0 / Q6_K: 8 / 16 / 32 times the quant sums;
+            # Q4_K / Q5_K: as float)
             fl = _vt(_F32, G)
             out = []
             for r in range(RW):
                 if kind in ("q8_0", "q4_0", "q5_0"):
-                    dh = ld("d", d, do, ds, r, 0, _vt(_I16, G))
+                    dh = ld("sc", sc, so, ss, r, 0, _vt(_I16, G))
                     dv = builder.fpext(builder.bitcast(dh, _vt(ir.HalfType(), G)), fl)
                 else:
-                    dro = builder.add(do, builder.mul(ds, ir.Constant(do.type, r)))
-                    if kind == "q6_k":
-                        scv = builder.sitofp(ld("s", s, so, ss, r, 0, _vt(_I8, G)), fl)
-                    else:  # a sub-block's scale and minimum serve its two lanes
-                        pairs = _c(_I32, [j // 2 for j in range(G)], G)
-                        s8, m8 = (ld("s", s, so, ss, r, o, _vt(_I8, 8)) for o in (0, 8))
-                        scv = builder.uitofp(builder.shuffle_vector(s8, s8, pairs), fl)
-                        mv = builder.fmul(builder.uitofp(builder.shuffle_vector(m8, m8, pairs), fl),
-                                          _splat(builder, _scalar_f16(context, builder, ta["dmin"], dmin, dro)))
-                    dv = builder.fmul(scv, _splat(builder, _scalar_f16(context, builder, ta["d"], d, dro)))
+                    dv = ld("sc", sc, so, ss, r, 0, fl)
+                    mv = ld("mn", mn, so, ss, r, 0, fl)
                 for i in range(NX):
                     a = builder.extract_value(acc, r * NX + i)
                     v = isum[r][i]
-                    if kind in ("q4_0", "q5_0", "q6_k"):  # the quants' offset
-                        v = builder.sub(v, ld("xs", xs, xso, xss, i, 0, _vt(_I32, G)))
                     if kind in ("q8_0", "q4_0", "q5_0"):  # the decode kernels' order: bit for bit theirs
                         f, scale = builder.sitofp(v, fl), builder.fmul(dv, ld("xd", xd, xdo, xds, i, 0, fl))
                     else:
                         f = builder.fmul(builder.sitofp(v, fl), dv)
-                        if kind == "q4_k":
-                            f = builder.fsub(f, builder.fmul(ld("xs", xs, xso, xss, i, 0, fl), mv), flags=("contract",))
+                        if kind == "q4_k":  # one vfnmadd: the min term need not round apart
+                            f = builder.fsub(f, builder.fmul(ld("xs", xs, xso, xss, i, 0, fl), mv, flags=("contract",)),
+                                             flags=("contract",))
                         scale = _splat(builder, ld("xd", xd, xdo, xds, i, 0, _F32))
                     out.append(builder.fadd(a, builder.fmul(f, scale, flags=("contract",)), flags=("contract",)))
             return context.make_tuple(builder, sig.return_type, out)
-        return types.UniTuple(F32X16, RW * NX)(acc, w, wo, ws, s, so, ss, d, dmin, do, ds, x, xo, xst, xs, xso, xss,
-                                               xd, xdo, xds), codegen
+        return types.UniTuple(F32X16, RW * NX)(acc, w, wo, ws, sc, mn, so, ss, x, xo, xst, xs, xso, xss,
+                                               xd, xdo, xds, isa), codegen
     return tile
 
 
 _t_q8_0, _t_q4_0, _t_q4_k, _t_q5_0, _t_q6_k = (_tile(k) for k in ("q8_0", "q4_0", "q4_k", "q5_0", "q6_k"))
+
+
+def _lanes(q6):
+    """A row's 16 lane scales of one super-block as the K tiles multiply them, stored at o of sv
+    (float32) and its minimums at o of mv: d * sc (Q6_K: a signed scale per lane; Q4_K / Q5_K:
+    a sub-block's scale per two lanes, 8 bytes at so) and dmin * m (the 8 bytes after). Vectors
+    (~12 instructions a row and super-block); as scalars the per-task pass cost 0.15 ms for
+    6144 rows x 1024, 3% of the product at n = 128."""
+    @intrinsic
+    def lanes(typingctx, s, so, d, dmin, do, sv, mv, o):
+        if not _c_arrays(s, d, dmin, sv, mv):
+            return None
+
+        def codegen(context, builder, sig, args):
+            s, so, d, dmin, do, sv, mv, o = args
+            ta = sig.args
+            fl = _vt(_F32, G)
+
+            def f16(aryty, ary):
+                h = _load(context, builder, aryty, ary, do, _I16)
+                return _splat(builder, builder.fpext(builder.bitcast(h, ir.HalfType()), _F32))
+
+            def store(aryty, ary, v):
+                data = context.make_array(aryty)(context, builder, ary).data
+                builder.store(v, builder.bitcast(builder.gep(data, [o]), fl.as_pointer()), align=4)
+
+            if q6:
+                scv = builder.sitofp(_load(context, builder, ta[0], s, so, _vt(_I8, G)), fl)
+            else:
+                pairs = _c(_I32, [j // 2 for j in range(G)], G)
+                s8, m8 = (_load(context, builder, ta[0], s, builder.add(so, ir.Constant(so.type, k)), _vt(_I8, 8))
+                          for k in (0, 8))
+                scv = builder.uitofp(builder.shuffle_vector(s8, s8, pairs), fl)
+                store(ta[6], mv, builder.fmul(builder.uitofp(builder.shuffle_vector(m8, m8, pairs), fl),
+                                              f16(ta[3], dmin)))
+            store(ta[5], sv, builder.fmul(scv, f16(ta[2], d)))
+            return context.get_dummy_value()
+        return types.none(s, so, d, dmin, do, sv, mv, o), codegen
+    return lanes
+
+
+_lanes_q4_k, _lanes_q6_k = _lanes(False), _lanes(True)
 
 # -- the weights of a task, a byte each (for vpmaddubsw) ---------------------------------------
 
