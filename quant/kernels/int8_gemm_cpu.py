@@ -59,11 +59,11 @@ from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
 from . import int8_cpu, int8_k_cpu
-from .int8_cpu import G, Int8Packed, _f16, _hsum
+from .int8_cpu import G, Int8Packed, _f16
 from .int8_k_cpu import KPacked
 from .int8_q5_cpu import Q5Packed, _q5_0_tail
-from .int8_tiles_cpu import (GENERIC, NX, RT, RW, VNNI, _lanes_q4_k, _lanes_q6_k, _t_q4_0, _t_q4_k, _t_q5_0, _t_q6_k,
-                             _t_q8_0, _unit4, _unit5, _unit6, _zeros, vnni_available)
+from .int8_tiles_cpu import (GENERIC, NXV, RT, RW, VNNI, _lanes_q4_k, _lanes_q6_k, _hsums, _nx, _t_q4_0, _t_q4_k, _t_q5_0,
+                             _t_q6_k, _t_q8_0, _unit4, _unit5, _unit6, _zeros, tile_rows, vnni_available)
 
 
 # -- the activation: all rows quantized once, as the decode kernels quantize one -------------
@@ -106,14 +106,14 @@ def _quantize_q8_k_rows(x, xq, xd, xs, units):
             _to_units(tmp, xq[i], k, 256, 4)
 
 
-def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x (n, k) -> (quants (npad, k), scales, quant sums), npad = n rounded up to NX with zero
+def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, nx: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (n, k) -> (quants (npad, k), scales, quant sums), npad = n rounded up to nx (a tile's x rows) with zero
     rows, each row exactly as the decode modules' quantize_x rounds it: for Q8_0 / Q4_0 weights
     ggml's Q8_0 (scale and sum per 32), for Q4_K / Q5_K / Q6_K ggml's Q8_K (scale per 256, sums
     per 16); Q5_0 as Q4_0. Q8_0: int16 in the decode kernels' order; the others int8 in
     _units_loop's."""
     n, k = x.shape
-    npad = -(-n // NX) * NX
+    npad = -(-n // nx) * nx
     units = w.type != T.Q8_0
     xq = np.zeros((npad, k), np.int8 if units else np.int16)
     if w.type in (T.Q8_0, T.Q4_0, T.Q5_0):
@@ -183,39 +183,42 @@ def _lane_scales(s, d, dmin, r0, r1, sv, mv, q6):
 # -- the products ------------------------------------------------------------------------------
 
 @njit(cache=True, inline="always")
-def _store(acc, extra, out, r, r1, i, n):
-    # the tile's sums; extra (RW * NX) holds each pair's tail blocks
+def _store(acc, extra, out, r, r1, i, n, nx):
+    # the tile's sums; extra (RW * nx) holds each pair's tail blocks, its second half the sums
+    _hsums(acc, extra[RW * nx:])
     for a in range(RW):
         rr = r if a == 0 else r1
         if a == 0 or r1 != r:
-            for b in range(NX):
+            for b in range(nx):
                 if i + b < n:
-                    out[i + b, rr] = _hsum(acc[a * NX + b]) + extra[a * NX + b]
+                    out[i + b, rr] = extra[RW * nx + a * nx + b] + extra[a * nx + b]
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _mm_q8_0(xq, xd, xs, q, d, out):
+    isa = GENERIC  # int16 x: vpdpwssd either way
     n, (R, k) = out.shape[0], q.shape
     nb = k // 32
     ng = nb // G
-    extra = np.zeros(RW * NX, np.float32)
+    extra = np.zeros(2 * RW * NXV, np.float32)
     for tile in prange(-(-R // RT)):
+        nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
         ex = extra.copy()
-        for i in range(0, xq.shape[0], NX):
+        for i in range(0, xq.shape[0], nx):
             for r in range(tile * RT, min(R, tile * RT + RT), RW):
                 r1 = min(r + RW - 1, R - 1)
-                acc = _zeros()
+                acc = _zeros(isa)
                 for g in range(ng):
                     acc = _t_q8_0(acc, q, r * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G, (r1 - r) * nb,
                                   xq, i * k + g * 32 * G, k, xs, 0, 0, xd, i * nb + g * G, nb, GENERIC)
-                for a in range(RW * NX):
-                    rr, ii = r + (r1 - r) * (a // NX), i + a % NX
+                for a in range(RW * nx):
+                    rr, ii = r + (r1 - r) * (a // nx), i + a % nx
                     s = np.float32(0)
                     for b in range(ng * G, nb):
                         s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(
                             int8_cpu._q8_block(q, rr * k + b * 32, xq, ii * k + b * 32))
                     ex[a] = s
-                _store(acc, ex, out, r, r1, i, n)
+                _store(acc, ex, out, r, r1, i, n, nx)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -224,22 +227,23 @@ def _mm_q4_0(xq, xd, xs, q, d, out, isa):
     n, (R, kh) = out.shape[0], q.shape
     k, nb = 2 * kh, kh // 16
     ng = nb // G
-    extra = np.zeros(RW * NX, np.float32)
+    extra = np.zeros(2 * RW * NXV, np.float32)
     for tile in prange(-(-R // RT)):
+        nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
         ex = extra.copy()
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
         _unpack(q, r0, rt, ws, k, 32 * G, False)
-        for i in range(0, xq.shape[0], NX):
+        for i in range(0, xq.shape[0], nx):
             for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
-                acc = _zeros()
+                acc = _zeros(isa)
                 for g in range(ng):
                     acc = _t_q4_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G,
                                   (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, i * nb + g * G, nb, xd,
                                   i * nb + g * G, nb, isa)
-                for a in range(RW * NX):
-                    rr, ii = r + (r1 - r) * (a // NX), i + a % NX
+                for a in range(RW * nx):
+                    rr, ii = r + (r1 - r) * (a // nx), i + a % nx
                     s = np.float32(0)
                     for b in range(ng * G, nb):  # tail blocks, in the file's order
                         isum = xs[ii, b]  # minus 8 times the quant sum
@@ -249,7 +253,7 @@ def _mm_q4_0(xq, xd, xs, q, d, out, isa):
                                      + (v >> 4) * np.int32(xq[ii, b * 32 + 16 + j]))
                         s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(isum)
                     ex[a] = s
-                _store(acc, ex, out, r, r1, i, n)
+                _store(acc, ex, out, r, r1, i, n, nx)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -258,8 +262,10 @@ def _mm_q4_k(xq, xd, xs, q, h, s, d, dmin, out, isa):
     # 0..31. xq: int8 in _units_loop's order, xs: the quant sums per 16 as float
     n, (R, nsb) = out.shape[0], d.shape
     k = nsb * 256
-    ex = np.zeros(RW * NX, np.float32)
+    extra = np.zeros(2 * RW * NXV, np.float32)
     for tile in prange(-(-R // RT)):
+        nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
+        ex = extra.copy()  # the task's: _store writes its sums there
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
         if h is None:
@@ -268,15 +274,15 @@ def _mm_q4_k(xq, xd, xs, q, h, s, d, dmin, out, isa):
             _unpack_q5(q, h, r0, rt, ws, k, 256, 0, 4)
         sv, mv = np.empty(RT * nsb * 16, np.float32), np.empty(RT * nsb * 16, np.float32)
         _lane_scales(s, d, dmin, r0, rt, sv, mv, False)
-        for i in range(0, xq.shape[0], NX):
+        for i in range(0, xq.shape[0], nx):
             for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
-                acc = _zeros()
+                acc = _zeros(isa)
                 for b in range(nsb):
                     acc = _t_q4_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, sv, mv, ((r - r0) * nsb + b) * 16,
                                   (r1 - r) * nsb * 16, xq, i * k + b * 256, k, xs, i * nsb * 16 + b * 16,
                                   nsb * 16, xd, i * nsb + b, nsb, isa)
-                _store(acc, ex, out, r, r1, i, n)
+                _store(acc, ex, out, r, r1, i, n, nx)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -285,28 +291,29 @@ def _mm_q5_0(xq, xd, xs, q, h, d, out, isa):
     n, (R, kh) = out.shape[0], q.shape
     k, nb = 2 * kh, kh // 16
     ng = nb // G
-    extra = np.zeros(RW * NX, np.float32)
+    extra = np.zeros(2 * RW * NXV, np.float32)
     for tile in prange(-(-R // RT)):
+        nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
         ex = extra.copy()
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
         _unpack_q5(q, h, r0, rt, ws, k, 32 * G, 32, 0)
-        for i in range(0, xq.shape[0], NX):
+        for i in range(0, xq.shape[0], nx):
             for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
-                acc = _zeros()
+                acc = _zeros(isa)
                 for g in range(ng):
                     acc = _t_q5_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G,
                                   (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, i * nb + g * G, nb, xd,
                                   i * nb + g * G, nb, isa)
-                for a in range(RW * NX):
-                    rr, ii = r + (r1 - r) * (a // NX), i + a % NX
+                for a in range(RW * nx):
+                    rr, ii = r + (r1 - r) * (a // nx), i + a % nx
                     s = np.float32(0)
                     for b in range(ng * G, nb):  # tail blocks, in the file's order
                         isum = _q5_0_tail(q[rr], b * 16, h[rr], b * 4, xq[ii], b * 32) + xs[ii, b]
                         s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(isum)
                     ex[a] = s
-                _store(acc, ex, out, r, r1, i, n)
+                _store(acc, ex, out, r, r1, i, n, nx)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -314,22 +321,24 @@ def _mm_q6_k(xq, xd, xs, q, s, d, out, isa):
     # xq: int8 in _units_loop's order, xs: -32 x the quant sums per 16
     n, (R, nsb) = out.shape[0], d.shape
     k = nsb * 256
-    ex = np.zeros(RW * NX, np.float32)
+    extra = np.zeros(2 * RW * NXV, np.float32)
     for tile in prange(-(-R // RT)):
+        nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
+        ex = extra.copy()  # the task's: _store writes its sums there
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
         _unpack(q, r0, rt, ws, k, 256, True)
         sv = np.empty(RT * nsb * 16, np.float32)
         _lane_scales(s, d, d, r0, rt, sv, sv, True)
-        for i in range(0, xq.shape[0], NX):
+        for i in range(0, xq.shape[0], nx):
             for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
-                acc = _zeros()
+                acc = _zeros(isa)
                 for b in range(nsb):
                     acc = _t_q6_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, sv, sv, ((r - r0) * nsb + b) * 16,
                                   (r1 - r) * nsb * 16, xq, i * k + b * 256, k, xs, i * nsb * 16 + b * 16,
                                   nsb * 16, xd, i * nsb + b, nsb, isa)
-                _store(acc, ex, out, r, r1, i, n)
+                _store(acc, ex, out, r, r1, i, n, nx)
 
 
 def matmul(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, out: np.ndarray, vnni: bool | None = None) -> np.ndarray:
@@ -346,8 +355,9 @@ def matmul(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, out: np.ndarray, v
                          f"not {out.dtype} {out.shape}")
     if w.type not in (T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K, T.Q5_K, T.Q5_0):
         raise ValueError(f"no int8 layout for {w.type.name}")
-    isa = VNNI if (vnni_available() if vnni is None else vnni) else GENERIC
-    xq, xd, xs = quantize_rows(x, w)
+    # Q8_0 (int16 x) has no vpmaddubsw to replace
+    isa = VNNI if (vnni_available() if vnni is None else vnni) and w.type != T.Q8_0 else GENERIC
+    xq, xd, xs = quantize_rows(x, w, tile_rows(isa))
     xs = _prepared_sums(xs, w.type)
     if w.type == T.Q8_0:
         _mm_q8_0(xq, xd, xs, w.q, w.d, out)

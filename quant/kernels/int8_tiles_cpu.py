@@ -19,6 +19,9 @@ from .int8_cpu import F32X16, G, _F32, _I8, _I16, _I32, _c_arrays, _load, _pair_
 from .int8_k_cpu import _splat
 
 RW, NX = 2, 4  # weight rows (1 or 2) x x rows per register tile
+# x rows per tile with vpdpbusd: no i16 sums in flight, so 2 x 6 i32 + 2 x 6 float accumulators
+# fit the 32 zmm registers (1 thread, 4 shapes: +5-10% over 4; the generic tiles spill at 6)
+NXV = 6
 RT = 32  # weight rows per parallel task: their bytes stay in L2 while every x tile passes
 
 
@@ -49,7 +52,7 @@ def _c(t, v, n):
     return ir.Constant(_vt(t, n), v if isinstance(v, list) else [v] * n)
 
 
-def _steps_loop(builder, isum, load_w, load_x):
+def _steps_loop(builder, isum, load_w, load_x, nx):
     """Q8_0: a group's 16 pair steps as an IR loop over 8 iterations, steps c and c + 8, isum[r][i]
     (RW x NX <16 x i32>) summed in phis. Unrolled, LLVM's scheduler hoists every x load of the
     group ahead and spills them (1.5-1.7x slower). Each weight step is widened once for NX rows
@@ -62,7 +65,7 @@ def _steps_loop(builder, isum, load_w, load_x):
     builder.position_at_end(body)
     c = builder.phi(i64)
     c.add_incoming(ir.Constant(i64, 0), pre)
-    phis = [[builder.phi(_vt(_I32, G)) for _ in range(NX)] for _ in range(RW)]
+    phis = [[builder.phi(_vt(_I32, G)) for _ in range(nx)] for _ in range(RW)]
     for row in phis:
         for ph in row:
             ph.add_incoming(ir.Constant(ph.type, None), pre)
@@ -71,7 +74,7 @@ def _steps_loop(builder, isum, load_w, load_x):
     vecs = [[builder.sext(load_w(r, o, 32), _vt(_I32, 32)) for o in offs] for r in range(RW)]
     new = [list(row) for row in phis]
     for h, xoff in enumerate(offs):
-        for i in range(NX):
+        for i in range(nx):
             xv = load_x(i, xoff)
             for r in range(RW):
                 new[r][i] = builder.add(new[r][i], _pair_sums(builder, vecs[r][h], xv))
@@ -79,7 +82,7 @@ def _steps_loop(builder, isum, load_w, load_x):
     cn = builder.add(c, ir.Constant(i64, 1))
     c.add_incoming(cn, end)
     for r in range(RW):
-        for i in range(NX):
+        for i in range(nx):
             phis[r][i].add_incoming(new[r][i], end)
             isum[r][i] = new[r][i]
     builder.cbranch(builder.icmp_unsigned("<", cn, ir.Constant(i64, 8)), body, done)
@@ -125,15 +128,17 @@ def _dpbusd(builder, acc, w, x):
     return builder.call(fn, [acc, builder.bitcast(w, v16), builder.bitcast(x, v16)])
 
 
-def _units_loop(kind, builder, isum, load_w, load_x, vnni, init):
+def _units_loop(kind, builder, isum, load_w, load_x, vnni, init, nx):
     """Q4_0 / Q4_K / Q5_0 / Q5_K / Q6_K: weights unpacked to a byte each (`_unpack`) against
     int8 x in the same order, an IR loop over the 64-byte units of a group (8) / super-block
     (4), each steps c and c + half woven (byte 4t + 2h + e: lane t, step h, element e).
     Generic: vpmaddubsw into i16 sums, widened by vpdpwssd against ones once a window. vnni:
     one vpdpbusd per unit and tile entry straight into the i32 lane sums (a lane's 4 bytes of
-    a unit are its 4 products), so no i16 window and no widening. init: NX <16 x i32> the
-    sums start from (the quants' offset times x's sums, negated; per x row), or None (zero):
-    an accumulator that starts there saves a zeroing and a subtraction per tile entry."""
+    a unit are its 4 products), so no i16 window and no widening. init: the nx <16 x i32> the
+    sums start from (the quants' offset times x's sums, negated), or None (zero): a list where
+    i32 sums are the loop's phis (no zeroing, no subtraction); a function (x row -> its
+    vector, loaded after the loop) where the loop holds one i16 window, so they do not take 4
+    of the registers its i16 sums need."""
     i64 = ir.IntType(64)
     units, window = _UNITS[kind]
     per_iter = 1 if window == units or vnni else window
@@ -144,7 +149,7 @@ def _units_loop(kind, builder, isum, load_w, load_x, vnni, init):
     builder.position_at_end(body)
 
     def phis(ty, start=None):
-        out = [[builder.phi(ty) for _ in range(NX)] for _ in range(RW)]
+        out = [[builder.phi(ty) for _ in range(nx)] for _ in range(RW)]
         for row in out:
             for i, ph in enumerate(row):
                 ph.add_incoming(ir.Constant(ty, None) if start is None else start[i], pre)
@@ -153,13 +158,14 @@ def _units_loop(kind, builder, isum, load_w, load_x, vnni, init):
     c = builder.phi(i64)
     c.add_incoming(ir.Constant(i64, 0), pre)
     p16 = phis(_vt(_I16, 32)) if per_iter == 1 and not vnni else None  # the window spans the loop
-    p32 = phis(_vt(_I32, G), init) if per_iter > 1 or vnni else None  # a window per iteration
-    s16 = [list(row) for row in p16] if p16 else [[None] * NX for _ in range(RW)]
+    start = init if isinstance(init, list) else None
+    p32 = phis(_vt(_I32, G), start) if per_iter > 1 or vnni else None  # a window per iteration
+    s16 = [list(row) for row in p16] if p16 else [[None] * nx for _ in range(RW)]
     s32 = [list(row) for row in p32] if p32 else None
     for u in range(per_iter):
         off = builder.mul(builder.add(c, ir.Constant(i64, u)), ir.Constant(i64, 64))
         wv = [load_w(r, off) for r in range(RW)]
-        for i in range(NX):
+        for i in range(nx):
             xv = load_x(i, off)
             for r in range(RW):
                 if vnni:
@@ -171,7 +177,7 @@ def _units_loop(kind, builder, isum, load_w, load_x, vnni, init):
     cn = builder.add(c, ir.Constant(i64, per_iter))
     c.add_incoming(cn, end)
     for r in range(RW):
-        for i in range(NX):
+        for i in range(nx):
             if p16:
                 p16[r][i].add_incoming(s16[r][i], end)
             else:
@@ -181,15 +187,15 @@ def _units_loop(kind, builder, isum, load_w, load_x, vnni, init):
     builder.position_at_end(done)
     if p16:
         for r in range(RW):
-            for i in range(NX):
+            for i in range(nx):
                 isum[r][i] = _words(builder, s16[r][i])
-                if init is not None:
-                    isum[r][i] = builder.add(init[i], isum[r][i])
+                if callable(init):
+                    isum[r][i] = builder.add(init(i), isum[r][i])
 
 
 def _tile(kind):
     """One group (Q8_0 / Q4_0 / Q5_0: 16 blocks of 32) or super-block (Q4_K / Q5_K / Q6_K) of RW
-    weight rows against NX rows of x: the RW * NX accumulators, each + its 16 lanes' scaled
+    weight rows against nx rows of x (NX, NXV with VNNI): the RW * nx accumulators, each + its 16 lanes' scaled
     integer sums. sc / mn at so + r * ss: Q8_0 / Q4_0 / Q5_0 the blocks' float16 d (mn unused);
     K types the task's lane scales d * sc and minimums dmin * m as float32 (`lane_scales`).
     isa: an empty array whose dtype picks the units loop (int8: vpdpbusd, else generic IR),
@@ -199,6 +205,7 @@ def _tile(kind):
         if not _c_arrays(w, sc, mn, x, xs, xd):
             return None
         vnni = isa.dtype == types.int8
+        nx = tile_rows(isa)
 
         def codegen(context, builder, sig, args):
             (acc, w, wo, ws, sc, mn, so, ss, x, xo, xst, xs, xso, xss, xd, xdo, xds, _) = args
@@ -209,17 +216,20 @@ def _tile(kind):
                 off = ir.Constant(base.type, off) if isinstance(off, int) else off
                 return _load(context, builder, ta[name], ary, builder.add(o, off), vty)
 
-            isum = [[None] * NX for _ in range(RW)]
+            isum = [[None] * nx for _ in range(RW)]
 
             if kind == "q8_0":  # int16 x, the weights widened in the loop
                 _steps_loop(builder, isum, lambda r, o, m: ld("w", w, wo, ws, r, o, _vt(_I8, m)),
-                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I16, 32)))
+                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I16, 32)), nx)
             else:  # int8 x, the weights unpacked per task
                 init = None  # the quants' offset: its prepared (negated) x sums start the sums
                 if kind in ("q4_0", "q5_0", "q6_k"):
-                    init = [ld("xs", xs, xso, xss, i, 0, _vt(_I32, G)) for i in range(NX)]
+                    def init(i):
+                        return ld("xs", xs, xso, xss, i, 0, _vt(_I32, G))
+                    if vnni or _UNITS[kind][0] != _UNITS[kind][1]:  # they start the phis
+                        init = [init(i) for i in range(nx)]
                 _units_loop(kind, builder, isum, lambda r, o: ld("w", w, wo, ws, r, o, _vt(_I8, 64)),
-                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I8, 64)), vnni, init)
+                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I8, 64)), vnni, init, nx)
 
             # per weight row its 16 lane scales as float (K: precomputed per task, so a tile
             # entry's scaling is 4 vector instructions with no per-row work); the x side's sums
@@ -234,8 +244,8 @@ def _tile(kind):
                 else:
                     dv = ld("sc", sc, so, ss, r, 0, fl)
                     mv = ld("mn", mn, so, ss, r, 0, fl)
-                for i in range(NX):
-                    a = builder.extract_value(acc, r * NX + i)
+                for i in range(nx):
+                    a = builder.extract_value(acc, r * nx + i)
                     v = isum[r][i]
                     if kind in ("q8_0", "q4_0", "q5_0"):  # the decode kernels' order: bit for bit theirs
                         f, scale = builder.sitofp(v, fl), builder.fmul(dv, ld("xd", xd, xdo, xds, i, 0, fl))
@@ -247,7 +257,7 @@ def _tile(kind):
                         scale = _splat(builder, ld("xd", xd, xdo, xds, i, 0, _F32))
                     out.append(builder.fadd(a, builder.fmul(f, scale, flags=("contract",)), flags=("contract",)))
             return context.make_tuple(builder, sig.return_type, out)
-        return types.UniTuple(F32X16, RW * NX)(acc, w, wo, ws, sc, mn, so, ss, x, xo, xst, xs, xso, xss,
+        return types.UniTuple(F32X16, RW * nx)(acc, w, wo, ws, sc, mn, so, ss, x, xo, xst, xs, xso, xss,
                                                xd, xdo, xds, isa), codegen
     return tile
 
@@ -338,10 +348,40 @@ def _unit(bits):
 
 _unit4, _unit5, _unit6 = (_unit(b) for b in (0, 1, 2))
 
+def tile_rows(isa) -> int:
+    """x rows per tile for an `isa` array (or its numba type): NXV with VNNI, else NX."""
+    return NXV if isa.dtype in (np.int8, types.int8) else NX
+
+
 @intrinsic
-def _zeros(typingctx):
-    """The RW * NX accumulators of a tile, zero."""
-    ty = types.UniTuple(F32X16, RW * NX)
-    return ty(), lambda context, builder, sig, args: context.make_tuple(
-        builder, ty, [ir.Constant(_vt(_F32, G), [0.0] * G)] * (RW * NX))
+def _zeros(typingctx, isa):
+    """The RW * nx accumulators of a tile, zero."""
+    ty = types.UniTuple(F32X16, RW * tile_rows(isa))
+    return ty(isa), lambda context, builder, sig, args: context.make_tuple(
+        builder, ty, [ir.Constant(_vt(_F32, G), [0.0] * G)] * (RW * tile_rows(isa)))
+
+
+@intrinsic
+def _hsums(typingctx, acc, sums):
+    """sums[j] = the horizontal sum of accumulator j (int8_cpu._hsum's reduction), for every j:
+    a static loop over the tuple, where acc[j] with a run-time j made numba index it through
+    memory"""
+    if not _c_arrays(sums):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _vt(_F32, G)]),
+                                            "llvm.vector.reduce.fadd.v16f32")
+        data = context.make_array(sig.args[1])(context, builder, args[1]).data
+        for j in range(sig.args[0].count):
+            v = builder.call(fn, [ir.Constant(_F32, 0.0), builder.extract_value(args[0], j)], fastmath=("reassoc",))
+            builder.store(v, builder.gep(data, [ir.Constant(ir.IntType(64), j)]))
+        return context.get_dummy_value()
+    return types.none(acc, sums), codegen
+
+
+@intrinsic
+def _nx(typingctx, isa):
+    """tile_rows(isa) as a constant of the compiled kernel."""
+    return types.intp(isa), lambda context, builder, sig, args: ir.Constant(ir.IntType(64), tile_rows(isa))
 
