@@ -137,7 +137,8 @@ def main() -> None:
                 r, line = bench(t, rows, k, n, a.rounds, rng, a.vnni)
                 ratios.append(r)
                 print(line, flush=True)
-        print(f"{t.name}: geometric mean {'vnni/generic' if a.vnni else 'int8/float'} speed {np.exp(np.mean(np.log(ratios))):.2f}x")
+        what = "vnni/generic" if a.vnni else "int8/float"
+        print(f"{t.name}: geometric mean {what} speed {np.exp(np.mean(np.log(ratios))):.2f}x")
     print(f"load average at end {os.getloadavg()[0]:.2f} (other processes share these cores)")
 
 

@@ -5,51 +5,60 @@ Q4_0, Q4_K, Q6_K, Q5_K, Q5_0). The register tiles are int8_tiles_cpu's; exact de
 `matmul` quantizes all n rows of x once, each exactly as the decode kernels quantize their one
 (the decode modules' own quantizers: ggml's Q8_0 per 32 for Q8_0 / Q4_0 / Q5_0, Q8_K per 256
 for Q4_K / Q5_K / Q6_K), then multiplies integers in register tiles of RW = 2 weight rows x
-NX = 4 rows of x. Tasks (prange) are RT = 32 weight rows, which stay in L2 while every x tile
-passes; at the end of a group / super-block the exact int32 lane sums are scaled into 8
-<16 x float> accumulators (Q4_0 / Q5_0 / Q6_K first subtract 8 / 16 / 32 times x's quant sums,
-Q4_K / Q5_K the float minimums: 4 vector instructions per tile entry), and each output is one
-horizontal sum. Entries do not depend on the thread count; Q8_0 / Q4_0 / Q5_0 equal the decode
-kernels bit for bit when k is a multiple of 512.
+nx rows of x (NX = 4; NXV = 6 for the VNNI tiles). Tasks (prange) are RT = 32 weight rows,
+which stay in L2 while every x tile passes; at the end of a group / super-block the exact
+int32 lane sums are scaled into RW x nx <16 x float> accumulators (Q4_0 / Q5_0 / Q6_K start
+the integer sums at -8 / -16 / -32 times x's quant sums; Q4_K / Q5_K take off the float
+minimums; K types' lane scales d * sc and dmin * m are computed once per task: 3-4 vector
+instructions per tile entry), and each output is one horizontal sum. Entries do not depend
+on the thread count or the path; Q8_0 / Q4_0 / Q5_0 equal the decode kernels bit for bit
+when k is a multiple of 512.
 
 - Q8_0: x int16 in the decode lane order; each weight pair step (16 lanes = 16 blocks, two
   elements each) is widened once (vpmovsxbw) for 4 rows of x, each x step loaded once for 2
   weight rows: 8 vpdpwssd a step.
 - Q4_0 / Q4_K / Q6_K / Q5_K / Q5_0: each task first unpacks its weight rows to a byte a weight
   (0..15 / 0..63 / 0..31, the Q5 nibbles or'ed with their fifth bits; L2-resident, reused by all
-  n / 4 x tiles) and x is quantized to int8 in the same order: 64-byte units holding two pair
-  steps woven (byte 4t + 2h + e: lane t, step h, element e). Then vpmaddubsw (u8 x s8, 64 MACs)
-  into i16 sums, exact below 2^15 over a window (Q4_0: a group's 8 units, 8 x 2 x 15 x 127 =
-  30480; Q4_K: a super-block's 4; Q5: 4 units, 4 x 2 x 31 x 127 = 31496, so Q5_K is Q4_K's
-  tile once unpacked and Q5_0 is Q4_0's in two windows; Q6_K: 2 units, 2 x 2 x 63 x 127 =
-  32004), widened by one vpdpwssd against ones. vpmaddubsw comes from generic IR
-  (even / odd products, clamp to i16) only if both operands reach the backend as loads:
-  computed in the loop (nibble split), InstCombine knows the weights are < 16, drops the clamp
-  and multiplies in i16 (vpmullw, 2.5x the instructions), and folds any shuffle into the even /
-  odd split.
+  x tiles) and x is quantized to int8 in the same order: 64-byte units holding two pair
+  steps woven (byte 4t + 2h + e: lane t, step h, element e), so a lane's 4 bytes of a unit are
+  4 products of that lane. Two paths (int8_tiles_cpu._units_loop):
+  - VNNI (where numba's target CPU has AVX512-VNNI: int8_tiles_cpu.vnni_available, off with
+    QWEN3CLI_NO_VNNI=1 or matmul(vnni=False)): one vpdpbusd (u8 x s8, 64 MACs, 4 products
+    summed into each i32 lane) per unit and tile entry, in 2 x 6 tiles (12 i32 + 12 float
+    accumulators).
+  - generic IR, any CPU: vpmaddubsw (u8 x s8, 64 MACs) into i16 sums, exact below 2^15 over a
+    window (Q4_0: a group's 8 units, 8 x 2 x 15 x 127 = 30480; Q4_K: a super-block's 4; Q5: 4
+    units, 4 x 2 x 31 x 127 = 31496, so Q5_K is Q4_K's tile once unpacked and Q5_0 is Q4_0's
+    in two windows; Q6_K: 2 units, 2 x 2 x 63 x 127 = 32004), widened by one vpdpwssd against
+    ones, in 2 x 4 tiles (at 2 x 6 they spill). vpmaddubsw comes from generic IR (even / odd
+    products, clamp to i16) only if both operands reach the backend as loads: computed in the
+    loop (nibble split), InstCombine knows the weights are < 16, drops the clamp and multiplies
+    in i16 (vpmullw, 2.5x the instructions), and folds any shuffle into the even / odd split.
 
-Both loops run a group / super-block as a small IR loop (2 pair steps an iteration): unrolled,
-LLVM's scheduler hoisted every x load of the group and spilled (1.5-1.7x slower). No x86
-intrinsics are used, so any CPU LLVM targets compiles these kernels.
+Both loops run a group / super-block as a small IR loop: unrolled by hand, LLVM's scheduler
+hoisted every x load of the group and spilled (1.5-1.7x slower); LLVM itself unrolls the
+VNNI one. The VNNI tiles call llvm.x86.avx512.vpdpbusd.512 and are compiled only where the
+check passes; everything else is generic IR that any CPU LLVM targets compiles.
 
-Innermost loop on Zen 5 (znver5; `python scripts/bench_int8_gemm.py --asm`), per iteration of a
-2 x 4 tile: Q8_0 31 instructions (16 vpdpwssd, 4 vpmovsxbw, 8 loads: 512 MACs); Q4_0 / Q4_K /
-Q5_K 25 (8 vpmaddubsw, 8 vpaddw, 6 loads: 512 MACs); Q6_K 49 (16 vpmaddubsw, 8 vpaddw, 8
-vpdpwssd, 12 loads: 1024 MACs); Q5_0 93 (32 vpmaddubsw, 24 vpaddw, 8 vpdpwssd, 24 loads:
-2048 MACs).
+Hot loops on Zen 5 (znver5; `python scripts/bench_int8_gemm.py --asm [--vnni]`). Generic, per
+iteration of a 2 x 4 tile: Q8_0 31 instructions (16 vpdpwssd, 4 vpmovsxbw, 8 loads: 512 MACs);
+Q4_0 / Q4_K / Q5_K 25 (8 vpmaddubsw, 8 vpaddw, 6 loads: 512 MACs); Q6_K 49 (16 vpmaddubsw, 8
+vpaddw, 8 vpdpwssd, 12 loads); Q5_0 93 (32 vpmaddubsw, 24 vpaddw, 8 vpdpwssd, 24 loads). VNNI,
+a whole 2 x 6 group / super-block with its scaling: Q4_K / Q5_K 184 (48 vpdpbusd, 32 + 10
+loads, 12 each of vcvtdq2ps, vmulps, vfnmadd, vfmadd: 6144 MACs); Q6_K 163 (48 vpdpbusd, 38
+loads, 12 each of vcvtdq2ps, vmulps, vfmadd); Q4_0 / Q5_0 238 (96 vpdpbusd, 70 loads, 12 each
+of vcvtdq2ps, vmulps, vfmadd: 12288 MACs).
 
-Measured (`python scripts/bench_int8_gemm.py --threads 1 --rounds 5`: one core, its CPU time,
-Qwen3-0.6B's four fused shapes, n = 128 and 512, random weights), int8 GEMM against the float
-path (dequantized tiles into BLAS, 100-125 GOPS): Q8_0 260-320 GOPS (2.2-2.8x), Q4_0 300-385
-(2.5-3.6x), Q4_K 260-285 (2.2-2.7x), Q6_K 290-320 (2.6-2.9x), Q5_K 270-300 (2.2-2.8x), Q5_0
-310-345 (2.6-3.1x). The unpack (`_unit`, vectors) takes 0.1 ms for 6144 x 1024 on one core
-(scalar it took 1.7 ms for Q4, 3.1 for Q6_K, 3.3 for Q5: a third of Q6_K's product at
-n = 128, 9 ms then, 5.5 now). Against one core's peak, at an assumed 3.5 GHz: vpdpwssd 32 MACs
-and vpmaddubsw 64 MACs an instruction, 1 or 2 a cycle, 225 or 450 / 450 or 900 GOPS. Q8_0's
-275 is above the 1-a-cycle figure, so this core issues 2: Q8_0 runs at ~60% of 450, Q4_0 / Q4_K
-at 30-40% of 900 (a vpaddw per vpmaddubsw, the scaling per group or super-block and the
-horizontal sum per output are the rest). Two threads split the row tiles (timed by wall
-clock, which on this shared machine swung 0.3-12x between calls: not quoted).
+Measured, one core, thread CPU time, alternating main and this code in one minute on a shared
+host (load 12; /tmp scripts, summed time over 6144 x 1024 and 1024 x 3072 at n = 128 and 512):
+Q4_0 ~370 -> ~445 GOPS, Q5_0 ~340 -> ~415, Q4_K ~300 -> ~340-380, Q5_K ~300 -> ~340-350,
+Q6_K ~315 -> ~370-395, Q8_0 even (~270); `bench_int8_gemm.py --vnni` (generic against VNNI)
+gave 1.05-1.19x before the 2 x 6 tiles. vpdpbusd alone runs at 8.6 G/s on this core (12
+independent chains: 2 a cycle, 1100 GOPS), so the K tiles are at ~35% of it: the float
+scaling, 48 of 163-184 instructions per super-block tile, is the larger cost (taken out, Q4_K
+ran 1.4x faster). The unpack (`_unit`, vectors) takes 0.1 ms for 6144 x 1024 on one core.
+Two threads split the row tiles (timed by wall clock, which on this shared machine swung
+0.3-12x between calls: not quoted).
 """
 
 from __future__ import annotations
@@ -62,8 +71,8 @@ from . import int8_cpu, int8_k_cpu
 from .int8_cpu import G, Int8Packed, _f16
 from .int8_k_cpu import KPacked
 from .int8_q5_cpu import Q5Packed, _q5_0_tail
-from .int8_tiles_cpu import (GENERIC, NXV, RT, RW, VNNI, _lanes_q4_k, _lanes_q6_k, _hsums, _nx, _t_q4_0, _t_q4_k, _t_q5_0,
-                             _t_q6_k, _t_q8_0, _unit4, _unit5, _unit6, _zeros, tile_rows, vnni_available)
+from .int8_tiles_cpu import (GENERIC, NXV, RT, RW, VNNI, _hsums, _lanes_q4_k, _lanes_q6_k, _nx, _t_q4_0, _t_q4_k,
+                             _t_q5_0, _t_q6_k, _t_q8_0, _unit4, _unit5, _unit6, _zeros, tile_rows, vnni_available)
 
 
 # -- the activation: all rows quantized once, as the decode kernels quantize one -------------
@@ -106,9 +115,10 @@ def _quantize_q8_k_rows(x, xq, xd, xs, units):
             _to_units(tmp, xq[i], k, 256, 4)
 
 
-def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, nx: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x (n, k) -> (quants (npad, k), scales, quant sums), npad = n rounded up to nx (a tile's x rows) with zero
-    rows, each row exactly as the decode modules' quantize_x rounds it: for Q8_0 / Q4_0 weights
+def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed,
+                  nx: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (n, k) -> (quants (npad, k), scales, quant sums), npad = n rounded up to nx (a tile's x
+    rows) with zero rows, each row exactly as the decode modules' quantize_x rounds it: for Q8_0 / Q4_0 weights
     ggml's Q8_0 (scale and sum per 32), for Q4_K / Q5_K / Q6_K ggml's Q8_K (scale per 256, sums
     per 16); Q5_0 as Q4_0. Q8_0: int16 in the decode kernels' order; the others int8 in
     _units_loop's."""
