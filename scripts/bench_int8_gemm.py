@@ -3,7 +3,7 @@ int8_k_cpu's / int8_q5_cpu's layouts) against today's float path (matmul_cpu.pac
 dequantizes tiles of W into single-threaded BLAS on each prefill thread, as the engine runs it),
 on Qwen3-0.6B's fused shapes.
 
-    python scripts/bench_int8_gemm.py [--rounds 3] [--n 128 512] [--threads 2] [--formats q8_0 q4_0 q4_k q6_k q5_k q5_0] [--asm]
+    python scripts/bench_int8_gemm.py [--rounds 3] [--n 128 512] [--threads 2] [--formats q8_0 q4_0 q4_k q6_k q5_k q5_0] [--asm] [--vnni]
 
 Both are timed as a model calls them (the int8 path quantizes x inside), old and new
 alternating call by call; each figure is the fastest call (shared cores: a call that lost its
@@ -11,7 +11,9 @@ core carries a scheduler quantum, the minimum does not). With --threads 1 the cl
 thread's CPU time (steady on a loaded machine; both paths run on the calling thread then).
 GOPS = 2 n rows k / s for both.
 --asm counts the instructions of each GEMM kernel's innermost loop (compiled afresh: numba
-does not disassemble cached code).
+does not disassemble cached code). --vnni times the int8 GEMM's generic tiles (vpmaddubsw) as
+"old" against its AVX512-VNNI ones (vpdpbusd) instead of the float path; with --asm it counts
+the VNNI kernels' loop.
 """
 
 from __future__ import annotations
@@ -63,26 +65,34 @@ def best_pair(old, new, rounds: int) -> tuple[float, float]:
     return best[0], best[1]
 
 
-def bench(t: T, rows: int, k: int, n: int, rounds: int, rng) -> tuple[float, str]:
+def bench(t: T, rows: int, k: int, n: int, rounds: int, rng, vnni: bool = False) -> tuple[float, str]:
     w = random_raw(t, rows, k, rng)
-    old_w = matmul_cpu.pack(w)
     new_w = pack(w)
     x = rng.standard_normal((n, k)).astype(np.float32)
     o1, o2 = np.empty((n, rows), np.float32), np.empty((n, rows), np.float32)
-    old, new = best_pair(lambda: matmul_cpu.matmul(x, old_w, o1), lambda: int8_gemm_cpu.matmul(x, new_w, o2), 1)
-    old, new = best_pair(lambda: matmul_cpu.matmul(x, old_w, o1), lambda: int8_gemm_cpu.matmul(x, new_w, o2), rounds)
+    if vnni:
+        names = ("generic", "vnni", "vnni/generic")
+        old_fn = lambda: int8_gemm_cpu.matmul(x, new_w, o1, vnni=False)  # noqa: E731
+        new_fn = lambda: int8_gemm_cpu.matmul(x, new_w, o2, vnni=True)  # noqa: E731
+    else:
+        names = ("float", "int8", "int8/float")
+        old_w = matmul_cpu.pack(w)
+        old_fn = lambda: matmul_cpu.matmul(x, old_w, o1)  # noqa: E731
+        new_fn = lambda: int8_gemm_cpu.matmul(x, new_w, o2)  # noqa: E731
+    best_pair(old_fn, new_fn, 1)
+    old, new = best_pair(old_fn, new_fn, rounds)
     ops = 2 * n * rows * k / 1e9
-    return old / new, (f"{t.name:5s} {rows:>5}x{k:<5} n {n:4d}  float {old * 1e3:7.2f} ms {ops / old:6.1f} GOPS   "
-                       f"int8 {new * 1e3:7.2f} ms {ops / new:6.1f} GOPS   int8/float speed {old / new:5.2f}x")
+    return old / new, (f"{t.name:5s} {rows:>5}x{k:<5} n {n:4d}  {names[0]} {old * 1e3:7.2f} ms {ops / old:6.1f} GOPS   "
+                       f"{names[1]} {new * 1e3:7.2f} ms {ops / new:6.1f} GOPS   {names[2]} speed {old / new:5.2f}x")
 
 
-def inner_loop_counts(t: T) -> Counter:
+def inner_loop_counts(t: T, vnni: bool) -> Counter:
     """Instruction mnemonics of the kernel's innermost loop: the basic block that jumps back
     to its own label, with the most vpdpwssd / vpmaddwd / vpmaddubsw."""
     k = 1024
     w = random_raw(t, 4, k, np.random.default_rng(0))
     p = pack(w)
-    int8_gemm_cpu.matmul(np.ones((4, k), np.float32), p, np.empty((4, 4), np.float32))
+    int8_gemm_cpu.matmul(np.ones((4, k), np.float32), p, np.empty((4, 4), np.float32), vnni=vnni)
     fn = getattr(int8_gemm_cpu, KERNELS[t])
     best = Counter()
     for text in fn.inspect_asm().values():
@@ -93,7 +103,7 @@ def inner_loop_counts(t: T) -> Counter:
             if not back:
                 continue
             c = Counter(ln[0] for ln in lines[:back[0] + 1] if ln)
-            key = lambda c: c["vpmaddubsw"] + c["vpdpwssd"] + c["vpmaddwd"]  # noqa: E731
+            key = lambda c: c["vpmaddubsw"] + c["vpdpwssd"] + c["vpmaddwd"] + c["vpdpbusd"]  # noqa: E731
             if key(c) > key(best):
                 best = c
     return best
@@ -106,6 +116,7 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=["q8_0", "q4_0", "q4_k", "q6_k", "q5_k", "q5_0"])
     ap.add_argument("--threads", type=int, default=None, help="numba threads (default: numba's, as the engine)")
     ap.add_argument("--asm", action="store_true")
+    ap.add_argument("--vnni", action="store_true", help="generic tiles against VNNI ones (not float against int8)")
     a = ap.parse_args()
     if a.threads:
         numba.set_num_threads(a.threads)  # prefill's BLAS threads follow it (threads.parts)
@@ -116,17 +127,18 @@ def main() -> None:
     for fmt in a.formats:
         t = T[fmt.upper()]
         if a.asm:
-            c = inner_loop_counts(t)
+            c = inner_loop_counts(t, a.vnni)
             print(f"asm {t.name} hot loop ({sum(c.values())} instructions): "
                   + ", ".join(f"{m} x{v}" for m, v in c.most_common(14)))
             continue
         ratios = []
         for n in a.n:
             for rows, k in SHAPES:
-                r, line = bench(t, rows, k, n, a.rounds, rng)
+                r, line = bench(t, rows, k, n, a.rounds, rng, a.vnni)
                 ratios.append(r)
                 print(line, flush=True)
-        print(f"{t.name}: geometric mean int8/float speed {np.exp(np.mean(np.log(ratios))):.2f}x")
+        what = "vnni/generic" if a.vnni else "int8/float"
+        print(f"{t.name}: geometric mean {what} speed {np.exp(np.mean(np.log(ratios))):.2f}x")
     print(f"load average at end {os.getloadavg()[0]:.2f} (other processes share these cores)")
 
 

@@ -1,8 +1,8 @@
-"""Prefill over the int8 layouts (quant/kernels/int8_gemm_cpu.py): dequant / take against
-gguf-py's dequantizer of the file's bytes (bit for bit), and the many-rows product against a
-numpy reference of the same integer arithmetic and against the decode kernels row by row
-(Q5_K / Q5_0: int8_q5_cpu's layouts and references, test_int8_q5.py; their dequant is tested
-there)."""
+"""Prefill over the int8 layouts: dequant / take (quant/kernels/int8_dequant_cpu.py) against
+gguf-py's dequantizer of the file's bytes (bit for bit), and the many-rows product
+(int8_gemm_cpu.py) against a numpy reference of the same integer arithmetic and against the
+decode kernels row by row (Q5_K / Q5_0: int8_q5_cpu's layouts and references, test_int8_q5.py;
+their dequant is tested there)."""
 
 import numba
 import numpy as np
@@ -14,6 +14,7 @@ from test_int8_q5 import raw_q5, ref_q5_weights
 from test_int8_q5 import reference as reference_q5
 
 from quant.kernels import int8_cpu as k8
+from quant.kernels import int8_dequant_cpu as deq
 from quant.kernels import int8_gemm_cpu as gemm
 from quant.kernels import int8_k_cpu as kk
 from quant.kernels import int8_q5_cpu as k5
@@ -49,24 +50,24 @@ def shapes(t):
 def test_dequant_equals_gguf(t, k):
     w, p = make(t, 21, k, seed=k)
     ref = gguf_dequantize(w.raw, t).reshape(21, k)
-    np.testing.assert_array_equal(gemm.dequant(p), ref)
-    np.testing.assert_array_equal(gemm.dequant(p, 5, 12), ref[5:12])
+    np.testing.assert_array_equal(deq.dequant(p), ref)
+    np.testing.assert_array_equal(deq.dequant(p, 5, 12), ref[5:12])
     out = np.full((3, k), np.nan, np.float32)
-    assert gemm.dequant(p, 18, 21, out=out) is out
+    assert deq.dequant(p, 18, 21, out=out) is out
     np.testing.assert_array_equal(out, ref[18:])
     ids = [20, 0, 7, 7]
-    np.testing.assert_array_equal(gemm.take(p, ids), ref[ids])
-    assert gemm.take(p, []).shape == (0, k)
+    np.testing.assert_array_equal(deq.take(p, ids), ref[ids])
+    assert deq.take(p, []).shape == (0, k)
 
 
 def test_dequant_refuses_bad_rows_and_out():
     _, p = make(T.Q8_0, 4, 64, seed=1)
     with pytest.raises(IndexError):
-        gemm.take(p, [4])
+        deq.take(p, [4])
     with pytest.raises(IndexError):
-        gemm.dequant(p, 3, 5)
+        deq.dequant(p, 3, 5)
     with pytest.raises(ValueError):
-        gemm.dequant(p, 0, 2, out=np.empty((3, 64), np.float32))
+        deq.dequant(p, 0, 2, out=np.empty((3, 64), np.float32))
 
 
 def lane_scale_k(w, x):
@@ -121,6 +122,37 @@ def test_matmul_equals_integer_reference_and_decode(t, k, n):
     assert (np.abs(out - decode) <= 1e-6 * scale).all()
     if t in BLOCK32 and k % 512 == 0:  # no tail blocks: the decode kernels' own arithmetic
         np.testing.assert_array_equal(out, decode)
+
+
+UNIT_TYPES = [T.Q4_0, T.Q4_K, T.Q6_K, T.Q5_K, T.Q5_0]  # the tiles with a VNNI path
+
+
+@pytest.mark.parametrize("t", UNIT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n", [1, 7])  # tiles of NX = 4 x rows, the last one partial
+def test_generic_and_vnni_paths(t, n):
+    # the generic tiles (vpmaddubsw) against the reference on every host, and, where the CPU
+    # has AVX512-VNNI, the vpdpbusd tiles against them bit for bit (both sum integers exactly,
+    # then scale in the same float order)
+    k = 768 if t in BLOCK32 else 512  # Q4_0 / Q5_0: a tail block after the full group
+    rows = 35  # tasks of RT = 32 rows and pairs: the last task holds 3, the last pair 1
+    w, p = make(t, rows, k, seed=11 + n)
+    x = np.random.default_rng(n).standard_normal((n, k)).astype(np.float32)
+    generic = gemm.matmul(x, p, np.full((n, rows), np.nan, np.float32), vnni=False)
+    ref, scale = reference_rows(w, x)
+    assert (np.abs(generic - ref) <= 1e-5 * scale).all()
+    if not gemm.vnni_available():
+        pytest.skip("no AVX512-VNNI here: the generic path only")
+    np.testing.assert_array_equal(gemm.matmul(x, p, np.empty((n, rows), np.float32), vnni=True), generic)
+    np.testing.assert_array_equal(gemm.matmul(x, p, np.empty((n, rows), np.float32)), generic)
+
+
+def test_vnni_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("QWEN3CLI_NO_VNNI", "1")
+    assert not gemm.vnni_available()
+    monkeypatch.setenv("QWEN3CLI_NO_VNNI", "0")
+    monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,-avx512vnni")
+    assert not gemm.vnni_available()  # numba's target, not the host, decides
 
 
 @pytest.mark.parametrize("t", GEMM_TYPES, ids=lambda t: t.name)

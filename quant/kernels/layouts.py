@@ -56,6 +56,12 @@ def _gemm():
 
 
 @cache
+def _dequant():
+    from . import int8_dequant_cpu
+    return int8_dequant_cpu
+
+
+@cache
 def _int8_q5_cpu():
     from . import int8_q5_cpu
     return int8_q5_cpu
@@ -70,8 +76,8 @@ def _experts():
 def _entry(mod, rows=None, gemm: bool = True, experts: bool = True) -> Layout:
     """A layout whose pack, decode (and dequant, where `rows` is that module) live in `mod`
     (imported when first used: numba compiles or loads kernels at import), the rest in the
-    shared GEMM / experts modules; gemm=False: prefill dequantizes tiles into BLAS."""
-    rows = rows or _gemm
+    shared GEMM / dequantization / experts modules; gemm=False: prefill dequantizes tiles into BLAS."""
+    rows = rows or _dequant
     return Layout(
         pack=lambda *ws, after=None: mod().pack(*ws, after=after),
         decode=lambda x, m, out: mod().matvec(x, m, out),

@@ -1,0 +1,390 @@
+"""The register tiles of the prefill GEMM (int8_gemm_cpu.py, whose docstring explains the
+scheme and gives the measurements), built as LLVM IR: a group / super-block of RW weight rows
+against nx rows of x, generic (vpmaddubsw, 2 x 4) or AVX512-VNNI (vpdpbusd, 2 x 6; chosen by the
+`isa` array's dtype, so each path is its own cached specialization and the VNNI one is compiled
+only where `vnni_available`), the K types' per-task lane scales, and the vector unpack of a
+weight unit to a byte a weight."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import numba
+import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .int8_cpu import F32X16, G, _F32, _I8, _I16, _I32, _c_arrays, _load, _pair_sums, _vt
+from .int8_k_cpu import _splat
+
+RW, NX = 2, 4  # weight rows (1 or 2) x x rows per register tile
+# x rows per tile with vpdpbusd: no i16 sums in flight, so 2 x 6 i32 + 2 x 6 float accumulators
+# fit the 32 zmm registers (1 thread, 4 shapes: +5-10% over 4; the generic tiles spill at 6)
+NXV = 6
+RT = 32  # weight rows per parallel task: their bytes stay in L2 while every x tile passes
+
+
+# the tiles' `isa` argument: the dtype of an empty array picks the units loop at compile time
+GENERIC, VNNI = np.zeros(0, np.uint8), np.zeros(0, np.int8)
+
+
+def vnni_available() -> bool:
+    """Whether the CPU numba compiles for has AVX512-VNNI's vpdpbusd (and AVX512BW, which the
+    512-bit form needs); QWEN3CLI_NO_VNNI=1 says no (to test or time the generic path). The
+    target is numba's: NUMBA_CPU_NAME / NUMBA_CPU_FEATURES where set (portable caches), else
+    the host's."""
+    if os.environ.get("QWEN3CLI_NO_VNNI", "") not in ("", "0"):
+        return False
+    if numba.config.CPU_NAME:
+        feats = {f[1:] for f in (numba.config.CPU_FEATURES or "").split(",") if f.startswith("+")}
+    else:
+        feats = _host_features()
+    return {"avx512vnni", "avx512bw"} <= feats
+
+
+@cache  # LLVM's query took 0.4 ms, and prefill asks once per product
+def _host_features() -> frozenset[str]:
+    return frozenset(k for k, v in llvm.get_host_cpu_features().items() if v)
+
+
+def _c(t, v, n):
+    return ir.Constant(_vt(t, n), v if isinstance(v, list) else [v] * n)
+
+
+def _steps_loop(builder, isum, load_w, load_x, nx):
+    """Q8_0: a group's 16 pair steps as an IR loop over 8 iterations, steps c and c + 8, isum[r][i]
+    (RW x NX <16 x i32>) summed in phis. Unrolled, LLVM's scheduler hoists every x load of the
+    group ahead and spills them (1.5-1.7x slower). Each weight step is widened once for NX rows
+    of x (vpmovsxbw), each x step (int16: element offsets) loaded once for RW weight rows."""
+    i64 = ir.IntType(64)
+    pre = builder.block
+    body = builder.append_basic_block("steps")
+    done = builder.append_basic_block("steps.done")
+    builder.branch(body)
+    builder.position_at_end(body)
+    c = builder.phi(i64)
+    c.add_incoming(ir.Constant(i64, 0), pre)
+    phis = [[builder.phi(_vt(_I32, G)) for _ in range(nx)] for _ in range(RW)]
+    for row in phis:
+        for ph in row:
+            ph.add_incoming(ir.Constant(ph.type, None), pre)
+    c32 = builder.mul(c, ir.Constant(i64, 32))
+    offs = (c32, builder.add(c32, ir.Constant(i64, 256)))
+    vecs = [[builder.sext(load_w(r, o, 32), _vt(_I32, 32)) for o in offs] for r in range(RW)]
+    new = [list(row) for row in phis]
+    for h, xoff in enumerate(offs):
+        for i in range(nx):
+            xv = load_x(i, xoff)
+            for r in range(RW):
+                new[r][i] = builder.add(new[r][i], _pair_sums(builder, vecs[r][h], xv))
+    end = builder.block
+    cn = builder.add(c, ir.Constant(i64, 1))
+    c.add_incoming(cn, end)
+    for r in range(RW):
+        for i in range(nx):
+            phis[r][i].add_incoming(new[r][i], end)
+            isum[r][i] = new[r][i]
+    builder.cbranch(builder.icmp_unsigned("<", cn, ir.Constant(i64, 8)), body, done)
+    builder.position_at_end(done)
+
+
+def _mubs(builder, w, x):
+    # u8 w . s8 x, neighbouring products summed, saturated to i16: the generic IR that LLVM
+    # selects as vpmaddubsw, as long as w and x come straight from memory (see the module
+    # docstring). Never saturates here: 2 x 63 x 127 at most
+    def half(v, ext, e):
+        h = builder.shuffle_vector(v, ir.Constant(v.type, None), _c(_I32, [2 * i + e for i in range(32)], 32))
+        return ext(h, _vt(_I32, 32))
+    s = builder.add(builder.mul(half(w, builder.zext, 0), half(x, builder.sext, 0)),
+                    builder.mul(half(w, builder.zext, 1), half(x, builder.sext, 1)))
+    fty = ir.FunctionType(s.type, [s.type, s.type])
+    smax, smin = (cgutils.get_or_insert_function(builder.module, fty, f"llvm.{f}.v32i32") for f in ("smax", "smin"))
+    hi = builder.call(smin, [builder.call(smax, [s, _c(_I32, -32768, 32)]), _c(_I32, 32767, 32)])
+    return builder.trunc(hi, _vt(_I16, 32))
+
+
+def _words(builder, v):
+    # <32 x i16> -> <16 x i32>, neighbouring lanes summed: vpmaddwd / vpdpwssd by ones (woven
+    # units put a lane's i16 sums side by side)
+    s = builder.sext(v, _vt(_I32, 32))
+    und = ir.Constant(s.type, None)
+    return builder.add(builder.shuffle_vector(s, und, _c(_I32, list(range(0, 32, 2)), G)),
+                       builder.shuffle_vector(s, und, _c(_I32, list(range(1, 32, 2)), G)))
+
+
+# units and i16 window: vpmaddubsw sums stay exact in i16 over `window` units
+# (Q4: 8 x 2 x 15 x 127 = 30480; Q5: 4 x 2 x 31 x 127 = 31496, so Q5_K's super-block is one
+# window, as Q4_K's, and it shares Q4_K's tile; Q6_K: 2 x 2 x 63 x 127 = 32004)
+_UNITS = {"q4_0": (8, 8), "q4_k": (4, 4), "q5_0": (8, 4), "q6_k": (4, 2)}
+
+
+def _dpbusd(builder, acc, w, x):
+    # acc + per i32 lane the sum of its 4 u8 w x s8 x products: vpdpbusd (AVX512-VNNI). The
+    # intrinsic's i32-vector form, which LLVM 22 still reads (it upgrades it to the i8 one)
+    v16 = _vt(_I32, G)
+    fty = ir.FunctionType(v16, [v16, v16, v16])
+    fn = cgutils.get_or_insert_function(builder.module, fty, "llvm.x86.avx512.vpdpbusd.512")
+    return builder.call(fn, [acc, builder.bitcast(w, v16), builder.bitcast(x, v16)])
+
+
+def _units_loop(kind, builder, isum, load_w, load_x, vnni, init, nx):
+    """Q4_0 / Q4_K / Q5_0 / Q5_K / Q6_K: weights unpacked to a byte each (`_unpack`) against
+    int8 x in the same order, an IR loop over the 64-byte units of a group (8) / super-block
+    (4), each steps c and c + half woven (byte 4t + 2h + e: lane t, step h, element e).
+    Generic: vpmaddubsw into i16 sums, widened by vpdpwssd against ones once a window. vnni:
+    one vpdpbusd per unit and tile entry straight into the i32 lane sums (a lane's 4 bytes of
+    a unit are its 4 products), so no i16 window and no widening. init: the nx <16 x i32> the
+    sums start from (the quants' offset times x's sums, negated), or None (zero): a list where
+    i32 sums are the loop's phis (no zeroing, no subtraction); a function (x row -> its
+    vector, loaded after the loop) where the loop holds one i16 window, so they do not take 4
+    of the registers its i16 sums need."""
+    i64 = ir.IntType(64)
+    units, window = _UNITS[kind]
+    per_iter = 1 if window == units or vnni else window
+    pre = builder.block
+    body = builder.append_basic_block("units")
+    done = builder.append_basic_block("units.done")
+    builder.branch(body)
+    builder.position_at_end(body)
+
+    def phis(ty, start=None):
+        out = [[builder.phi(ty) for _ in range(nx)] for _ in range(RW)]
+        for row in out:
+            for i, ph in enumerate(row):
+                ph.add_incoming(ir.Constant(ty, None) if start is None else start[i], pre)
+        return out
+
+    c = builder.phi(i64)
+    c.add_incoming(ir.Constant(i64, 0), pre)
+    p16 = phis(_vt(_I16, 32)) if per_iter == 1 and not vnni else None  # the window spans the loop
+    start = init if isinstance(init, list) else None
+    p32 = phis(_vt(_I32, G), start) if per_iter > 1 or vnni else None  # a window per iteration
+    s16 = [list(row) for row in p16] if p16 else [[None] * nx for _ in range(RW)]
+    s32 = [list(row) for row in p32] if p32 else None
+    for u in range(per_iter):
+        off = builder.mul(builder.add(c, ir.Constant(i64, u)), ir.Constant(i64, 64))
+        wv = [load_w(r, off) for r in range(RW)]
+        for i in range(nx):
+            xv = load_x(i, off)
+            for r in range(RW):
+                if vnni:
+                    s32[r][i] = _dpbusd(builder, s32[r][i], wv[r], xv)
+                    continue
+                m = _mubs(builder, wv[r], xv)
+                s16[r][i] = m if s16[r][i] is None else builder.add(s16[r][i], m)
+    end = builder.block
+    cn = builder.add(c, ir.Constant(i64, per_iter))
+    c.add_incoming(cn, end)
+    for r in range(RW):
+        for i in range(nx):
+            if p16:
+                p16[r][i].add_incoming(s16[r][i], end)
+            else:
+                isum[r][i] = s32[r][i] if vnni else builder.add(p32[r][i], _words(builder, s16[r][i]))
+                p32[r][i].add_incoming(isum[r][i], end)
+    builder.cbranch(builder.icmp_unsigned("<", cn, ir.Constant(i64, units)), body, done)
+    builder.position_at_end(done)
+    if p16:
+        for r in range(RW):
+            for i in range(nx):
+                isum[r][i] = _words(builder, s16[r][i])
+                if callable(init):
+                    isum[r][i] = builder.add(init(i), isum[r][i])
+
+
+def _tile(kind):
+    """One group (Q8_0 / Q4_0 / Q5_0: 16 blocks of 32) or super-block (Q4_K / Q5_K / Q6_K) of RW
+    weight rows against nx rows of x (NX, NXV with VNNI): the RW * nx accumulators, each + its 16 lanes' scaled
+    integer sums. sc / mn at so + r * ss: Q8_0 / Q4_0 / Q5_0 the blocks' float16 d (mn unused);
+    K types the task's lane scales d * sc and minimums dmin * m as float32 (`lane_scales`).
+    isa: an empty array whose dtype picks the units loop (int8: vpdpbusd, else generic IR),
+    so the two paths are two cached specializations of one kernel."""
+    @intrinsic
+    def tile(typingctx, acc, w, wo, ws, sc, mn, so, ss, x, xo, xst, xs, xso, xss, xd, xdo, xds, isa):
+        if not _c_arrays(w, sc, mn, x, xs, xd):
+            return None
+        vnni = isa.dtype == types.int8
+        nx = tile_rows(isa)
+
+        def codegen(context, builder, sig, args):
+            (acc, w, wo, ws, sc, mn, so, ss, x, xo, xst, xs, xso, xss, xd, xdo, xds, _) = args
+            ta = dict(zip(("w", "sc", "mn", "x", "xs", "xd"), (sig.args[i] for i in (1, 4, 5, 8, 11, 14))))
+
+            def ld(name, ary, base, stride, j, off, vty):
+                o = builder.add(base, builder.mul(stride, ir.Constant(base.type, j)))
+                off = ir.Constant(base.type, off) if isinstance(off, int) else off
+                return _load(context, builder, ta[name], ary, builder.add(o, off), vty)
+
+            isum = [[None] * nx for _ in range(RW)]
+
+            if kind == "q8_0":  # int16 x, the weights widened in the loop
+                _steps_loop(builder, isum, lambda r, o, m: ld("w", w, wo, ws, r, o, _vt(_I8, m)),
+                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I16, 32)), nx)
+            else:  # int8 x, the weights unpacked per task
+                init = None  # the quants' offset: its prepared (negated) x sums start the sums
+                if kind in ("q4_0", "q5_0", "q6_k"):
+                    def init(i):
+                        return ld("xs", xs, xso, xss, i, 0, _vt(_I32, G))
+                    if vnni or _UNITS[kind][0] != _UNITS[kind][1]:  # they start the phis
+                        init = [init(i) for i in range(nx)]
+                _units_loop(kind, builder, isum, lambda r, o: ld("w", w, wo, ws, r, o, _vt(_I8, 64)),
+                            lambda i, o: ld("x", x, xo, xst, i, o, _vt(_I8, 64)), vnni, init, nx)
+
+            # per weight row its 16 lane scales as float (K: precomputed per task, so a tile
+            # entry's scaling is 4 vector instructions with no per-row work); the x side's sums
+            # prepared by quantize_rows (Q4_0 / Q5_0 / Q6_K: 8 / 16 / 32 times the quant sums;
+            # Q4_K / Q5_K: as float)
+            fl = _vt(_F32, G)
+            out = []
+            for r in range(RW):
+                if kind in ("q8_0", "q4_0", "q5_0"):
+                    dh = ld("sc", sc, so, ss, r, 0, _vt(_I16, G))
+                    dv = builder.fpext(builder.bitcast(dh, _vt(ir.HalfType(), G)), fl)
+                else:
+                    dv = ld("sc", sc, so, ss, r, 0, fl)
+                    mv = ld("mn", mn, so, ss, r, 0, fl)
+                for i in range(nx):
+                    a = builder.extract_value(acc, r * nx + i)
+                    v = isum[r][i]
+                    if kind in ("q8_0", "q4_0", "q5_0"):  # the decode kernels' order: bit for bit theirs
+                        f, scale = builder.sitofp(v, fl), builder.fmul(dv, ld("xd", xd, xdo, xds, i, 0, fl))
+                    else:
+                        f = builder.fmul(builder.sitofp(v, fl), dv)
+                        if kind == "q4_k":  # one vfnmadd: the min term need not round apart
+                            f = builder.fsub(f, builder.fmul(ld("xs", xs, xso, xss, i, 0, fl), mv, flags=("contract",)),
+                                             flags=("contract",))
+                        scale = _splat(builder, ld("xd", xd, xdo, xds, i, 0, _F32))
+                    out.append(builder.fadd(a, builder.fmul(f, scale, flags=("contract",)), flags=("contract",)))
+            return context.make_tuple(builder, sig.return_type, out)
+        return types.UniTuple(F32X16, RW * nx)(acc, w, wo, ws, sc, mn, so, ss, x, xo, xst, xs, xso, xss,
+                                               xd, xdo, xds, isa), codegen
+    return tile
+
+
+_t_q8_0, _t_q4_0, _t_q4_k, _t_q5_0, _t_q6_k = (_tile(k) for k in ("q8_0", "q4_0", "q4_k", "q5_0", "q6_k"))
+
+
+def _lanes(q6):
+    """A row's 16 lane scales of one super-block as the K tiles multiply them, stored at o of sv
+    (float32) and its minimums at o of mv: d * sc (Q6_K: a signed scale per lane; Q4_K / Q5_K:
+    a sub-block's scale per two lanes, 8 bytes at so) and dmin * m (the 8 bytes after). Vectors
+    (~12 instructions a row and super-block); as scalars the per-task pass cost 0.15 ms for
+    6144 rows x 1024, 3% of the product at n = 128."""
+    @intrinsic
+    def lanes(typingctx, s, so, d, dmin, do, sv, mv, o):
+        if not _c_arrays(s, d, dmin, sv, mv):
+            return None
+
+        def codegen(context, builder, sig, args):
+            s, so, d, dmin, do, sv, mv, o = args
+            ta = sig.args
+            fl = _vt(_F32, G)
+
+            def f16(aryty, ary):
+                h = _load(context, builder, aryty, ary, do, _I16)
+                return _splat(builder, builder.fpext(builder.bitcast(h, ir.HalfType()), _F32))
+
+            def store(aryty, ary, v):
+                data = context.make_array(aryty)(context, builder, ary).data
+                builder.store(v, builder.bitcast(builder.gep(data, [o]), fl.as_pointer()), align=4)
+
+            if q6:
+                scv = builder.sitofp(_load(context, builder, ta[0], s, so, _vt(_I8, G)), fl)
+            else:
+                pairs = _c(_I32, [j // 2 for j in range(G)], G)
+                s8, m8 = (_load(context, builder, ta[0], s, builder.add(so, ir.Constant(so.type, k)), _vt(_I8, 8))
+                          for k in (0, 8))
+                scv = builder.uitofp(builder.shuffle_vector(s8, s8, pairs), fl)
+                store(ta[6], mv, builder.fmul(builder.uitofp(builder.shuffle_vector(m8, m8, pairs), fl),
+                                              f16(ta[3], dmin)))
+            store(ta[5], sv, builder.fmul(scv, f16(ta[2], d)))
+            return context.get_dummy_value()
+        return types.none(s, so, d, dmin, do, sv, mv, o), codegen
+    return lanes
+
+
+_lanes_q4_k, _lanes_q6_k = _lanes(False), _lanes(True)
+
+# -- the weights of a task, a byte each (for vpmaddubsw) ---------------------------------------
+
+def _unit(bits):
+    """One 64-byte unit of unpacked weights: 32 bytes of nibbles at qo (lane t's element pair at
+    2t; low nibbles step c, high ones step c + half) to ws at wo, woven as _units_loop reads them
+    (lane t's low pair at 4t, its high pair at 4t + 2), or'ed with `bits` high bits per quant
+    (Q5: 1, Q6_K: 2) that the pairs of h at h0 / h1 hold at bit s0 / s1 of each byte, moved to
+    bit 4. Vectors of 16 element pairs (i16): 2-4 loads, a few shifts and masks, a word
+    interleave and one store; the scalar loop that did this ran 4-5x longer."""
+    @intrinsic
+    def unit(typingctx, q, qo, h, h0, h1, s0, s1, ws, wo):
+        if not _c_arrays(q, h, ws):
+            return None
+
+        def codegen(context, builder, sig, args):
+            q, qo, h, h0, h1, s0, s1, ws, wo = args
+            v16 = _vt(_I16, G)
+
+            def splat(s):
+                s = builder.trunc(s, _I16)
+                v = builder.insert_element(ir.Constant(v16, None), s, ir.Constant(_I32, 0))
+                return builder.shuffle_vector(v, v, _c(_I32, 0, G))
+
+            v = _load(context, builder, sig.args[0], q, qo, v16)
+            m4 = _c(_I16, 0x0F0F, G)
+            lo, hi = builder.and_(v, m4), builder.and_(builder.lshr(v, _c(_I16, 4, G)), m4)
+            if bits:
+                mask = _c(_I16, 0x0101 * ((1 << bits) - 1), G)
+                top = [builder.lshr(_load(context, builder, sig.args[2], h, o, v16), splat(sh))
+                       for o, sh in ((h0, s0), (h1, s1))]
+                top = [builder.shl(builder.and_(v, mask), _c(_I16, 4, G)) for v in top]
+                lo, hi = builder.or_(lo, top[0]), builder.or_(hi, top[1])
+            out = builder.shuffle_vector(lo, hi, _c(_I32, [j // 2 + G * (j % 2) for j in range(2 * G)], 2 * G))
+            data = context.make_array(sig.args[7])(context, builder, ws).data
+            builder.store(out, builder.bitcast(builder.gep(data, [wo]), out.type.as_pointer()), align=1)
+            return context.get_dummy_value()
+        return types.none(q, qo, h, h0, h1, s0, s1, ws, wo), codegen
+    return unit
+
+
+_unit4, _unit5, _unit6 = (_unit(b) for b in (0, 1, 2))
+
+def tile_rows(isa) -> int:
+    """x rows per tile for an `isa` array (or its numba type): NXV with VNNI, else NX."""
+    return NXV if isa.dtype in (np.int8, types.int8) else NX
+
+
+@intrinsic
+def _zeros(typingctx, isa):
+    """The RW * nx accumulators of a tile, zero."""
+    ty = types.UniTuple(F32X16, RW * tile_rows(isa))
+    return ty(isa), lambda context, builder, sig, args: context.make_tuple(
+        builder, ty, [ir.Constant(_vt(_F32, G), [0.0] * G)] * (RW * tile_rows(isa)))
+
+
+@intrinsic
+def _hsums(typingctx, acc, sums):
+    """sums[j] = the horizontal sum of accumulator j (int8_cpu._hsum's reduction), for every j:
+    a static loop over the tuple, where acc[j] with a run-time j made numba index it through
+    memory"""
+    if not _c_arrays(sums):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _vt(_F32, G)]),
+                                            "llvm.vector.reduce.fadd.v16f32")
+        data = context.make_array(sig.args[1])(context, builder, args[1]).data
+        for j in range(sig.args[0].count):
+            v = builder.call(fn, [ir.Constant(_F32, 0.0), builder.extract_value(args[0], j)], fastmath=("reassoc",))
+            builder.store(v, builder.gep(data, [ir.Constant(ir.IntType(64), j)]))
+        return context.get_dummy_value()
+    return types.none(acc, sums), codegen
+
+
+@intrinsic
+def _nx(typingctx, isa):
+    """tile_rows(isa) as a constant of the compiled kernel."""
+    return types.intp(isa), lambda context, builder, sig, args: ir.Constant(ir.IntType(64), tile_rows(isa))
+
