@@ -160,15 +160,38 @@ def resolve(spec: str, quant: str = "q8_0", progress: Progress | None = None) ->
     return path
 
 
+def converted(directory: Path, quant: str, progress: Progress | None = None) -> tuple[Path, list[str] | None]:
+    """A local checkpoint directory quantized once to `quant` (ollama keeps its own copy too):
+    the GGUF is cached under a key of the directory's path and its files' sizes and times, so
+    an edited checkpoint is converted again. Returns (file, the conversion's warnings), the
+    warnings None when the file was already there."""
+    import hashlib
+
+    d = Path(directory).resolve()
+    h = hashlib.sha256(str(d).encode())
+    for f in sorted(p for p in d.iterdir() if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    out = cache_dir() / "local" / f"{d.name}--{h.hexdigest()[:12]}--{quant}.gguf"
+    if out.is_file():
+        return out, None
+    return _write(d, out, quant, progress)
+
+
 def _quantized(repo: str, snap: Path, quant: str, progress: Progress | None) -> Path:
     """Quantize a downloaded checkpoint once; the GGUF is cached per snapshot and type."""
-    from . import convert
-
     out = cache_dir() / f"{repo.replace('/', '--')}--{snap.name[:12]}--{quant}.gguf"
     if out.is_file():
         return out
+    return _write(snap, out, quant, progress)[0]
+
+
+def _write(src: Path, out: Path, quant: str, progress: Progress | None) -> tuple[Path, list[str]]:
+    """Quantize the checkpoint `src` into `out` (atomically); returns it and the plan's warnings."""
+    from . import convert
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    p = convert.plan(snap, quant)
+    p = convert.plan(src, quant)
     total, done = p.input_bytes, 0
     per_elem = p.input_bytes / max(p.n_params, 1)
 
@@ -179,4 +202,4 @@ def _quantized(repo: str, snap: Path, quant: str, progress: Progress | None) -> 
             progress(f"quantizing to {quant}", done, total)
 
     convert.write(p, out, force=True, progress=step)
-    return out
+    return out, p.warnings

@@ -79,13 +79,32 @@ def load(source: str | Path, quant: str = "q8_0", progress: Progress | None = No
     """Load a model. `quant` is the type a directory's weights are converted to."""
     path = Path(source)
     if path.is_dir():
-        return load_hf_dir(path, quant, progress)
+        return _load_dir(path, quant, progress)
     if os.path.lexists(path):  # a file, a FIFO, a device, a dangling or looping link: not a repo id
         check_regular(path, "GGUF file")
         return load_gguf(path)
     from . import hub  # a repo id, or a typo: hub decides which
 
     return load(hub.resolve(str(source), quant, progress), quant, progress)
+
+
+def _load_dir(path: Path, quant: str, progress: Progress | None) -> LoadedModel:
+    """A checkpoint directory, converted to `quant` once and kept (hub.converted): a later run
+    loads the file in a second instead of converting again. Where the cache cannot be written,
+    it is converted in memory, as before."""
+    from . import hub
+    from .errors import OutputError
+
+    try:
+        gguf_path, warnings = hub.converted(path, quant, progress)
+    except (OSError, OutputError):
+        return load_hf_dir(path, quant, progress)
+    loaded = load_gguf(gguf_path)
+    loaded.source = str(path)
+    if warnings is not None:
+        loaded.warnings = [*warnings, f"converted {path} to {quant} once, kept as {gguf_path} "
+                                      "(later runs load it; `qwen3cli list` and `rm` manage it)"]
+    return loaded
 
 
 def load_gguf(path: str | Path) -> LoadedModel:

@@ -89,6 +89,11 @@ def _converted() -> list[CachedModel]:
         parts = p.name[:-5].split("--")
         repo, quant = f"{parts[0]}/{'--'.join(parts[1:-2])}", parts[-1]
         out.append(CachedModel(f"{repo} --quant {quant}", "converted", p, p.stat().st_size, quant.upper(), (p,)))
+    for p in sorted((d / "local").glob("*--*--*.gguf")) if (d / "local").is_dir() else []:
+        parts = p.name[:-5].split("--")  # hub.converted's DIRNAME--KEY--QUANT.gguf
+        name, quant = "--".join(parts[:-2]), parts[-1]
+        out.append(CachedModel(f"local:{name} --quant {quant}", "converted", p, p.stat().st_size, quant.upper(),
+                               (p,)))
     return out
 
 
