@@ -8,6 +8,9 @@ intrinsics. Each distinct row of x is quantized once (the slots that share a row
 quants), as Q8_0 per 32 for Q8_0 / Q4_0 and as Q8_K per 256 for Q4_K / Q6_K, in the modules'
 lane order.
 
+Q5_K / Q5_0 stacks (int8_q5_cpu.pack) run that module's steps the same way, x as Q8_K / Q8_0;
+their Q5Packed counts the whole stack's rows, so the caller passes an expert's (`rows`).
+
 Q8_0 / Q4_0 rows whose block count is not a multiple of 16 (the down projection, k = 768: one
 group and 8 blocks) keep those blocks in the file's order; they go through the block step
 (`_step`), which adds a block's pair sums times its scale into the group accumulator, so the
