@@ -262,9 +262,14 @@ class CpuOps:
         p = moe.plan(top, gu_w.n_mats)
         gu = np.empty((p.total, gu_w.rows), np.float32)
         gu_w.layout.grouped(h, gu_w.arrays, gu_w.rows, p, True, gu)
-        act = self.silu_mul(gu)  # padding rows: x's zero row, so 0 here and in y
+        # padding rows: x's zero row, so 0 here and in y. The numba loop, not numpy's silu:
+        # n * k rows of temporaries (3 at pp512: ~40 MB) would add to the prefill's peak RSS
+        act = np.empty((p.total, gu_w.rows // 2), np.float32)
+        layer.silu_mul(gu, act)
+        del gu
         y = np.empty((p.total, down.rows), np.float32)
         down.layout.grouped(act, down.arrays, down.rows, p, False, y)
+        del act
         return moe.scatter_add(y, p, wts, np.zeros_like(h))
 
     def moe_dense(self, ly, h: np.ndarray) -> np.ndarray:
