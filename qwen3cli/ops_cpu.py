@@ -103,6 +103,10 @@ def prepare(w: Weights, release=None, exact: bool = True) -> Weights:
     return replace(w, layers=layers, output=output, token_embd=embd)
 
 
+def _grouped(w) -> bool:
+    return isinstance(w, Mat) and w.n_mats > 1 and w.layout.grouped is not None
+
+
 class CpuOps:
     name = "cpu"
 
@@ -257,12 +261,34 @@ class CpuOps:
                 act = silu(matmul_experts(h, ly.gate_exps, ids, tok)) * matmul_experts(h, ly.up_exps, ids, tok)
             y = matmul_experts(act, ly.down_exps, ids, np.arange(n * k))
             return np.einsum("nk,nkh->nh", wts, y.reshape(n, k, -1))
+        if _grouped(ly.gate_up) and _grouped(ly.down_exps):
+            return self._moe_grouped(ly, h, top, wts)
         out = np.zeros_like(h)
         for e in np.unique(top):
             rows, slot = np.nonzero(top == e)
             y = self.mlp(ly, int(e), h[rows])
             out[rows] += wts[rows, slot][:, None] * y
         return out
+
+    def _moe_grouped(self, ly, h: np.ndarray, top: np.ndarray, wts: np.ndarray) -> np.ndarray:
+        """Prefill over an int8 stack: the (token, expert) pairs sorted by expert once, then one
+        launch per stack for all active experts (int8_moe_gemm_cpu); one GEMM per expert paid a
+        dispatch, a quantization and a thread split for a handful of rows each."""
+        from quant.kernels import int8_moe_gemm_cpu as moe  # numba kernels: imported when first used
+
+        gu_w, down = ly.gate_up, ly.down_exps
+        p = moe.plan(top, gu_w.n_mats)
+        gu = np.empty((p.total, gu_w.rows), np.float32)
+        gu_w.layout.grouped(h, gu_w.arrays, gu_w.rows, p, True, gu)
+        # padding rows: x's zero row, so 0 here and in y. The numba loop, not numpy's silu:
+        # n * k rows of temporaries (3 at pp512: ~40 MB) would add to the prefill's peak RSS
+        act = np.empty((p.total, gu_w.rows // 2), np.float32)
+        layer.silu_mul(gu, act)
+        del gu
+        y = np.empty((p.total, down.rows), np.float32)
+        down.layout.grouped(act, down.arrays, down.rows, p, False, y)
+        del act
+        return moe.scatter_add(y, p, wts, np.zeros_like(h))
 
     def moe_dense(self, ly, h: np.ndarray) -> np.ndarray:
         """Reference: every expert on every token, weighted by a dense (mostly zero) routing matrix."""

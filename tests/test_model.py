@@ -141,6 +141,24 @@ def test_moe_sparse_routing_equals_dense_reference(gguf_model):
         np.testing.assert_allclose(model.moe(ly, h), model.moe_dense(ly, h), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_moe_grouped_prefill_equals_per_expert_products(gguf_model, monkeypatch, quant):
+    """The int8 path's prefill runs all experts of a stack in one grouped launch
+    (int8_moe_gemm_cpu); one GEMM per expert (decode kernel for single tokens) is the check."""
+    import qwen3cli.ops_cpu as ops
+
+    path, _ = gguf_model(quant, **CASES["moe-nonorm"])
+    model = Model(load(path).weights, ctx=64)
+    h = np.random.default_rng(1).standard_normal((16, model.args.hidden_size)).astype(np.float32)
+    for ly in model.w.layers:
+        assert ops._grouped(ly.gate_up) and ops._grouped(ly.down_exps)  # the int8 stacks take it
+        got = model.moe(ly, h)
+        with monkeypatch.context() as m:
+            m.setattr(ops, "_grouped", lambda w: False)
+            ref = model.moe(ly, h)
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_context_limit_is_an_error(gguf_model):
     path, _ = gguf_model("q8_0", **CASES["dense-gqa2"])
     model = Model(load(path).weights, ctx=8)

@@ -8,6 +8,9 @@ intrinsics. Each distinct row of x is quantized once (the slots that share a row
 quants), as Q8_0 per 32 for Q8_0 / Q4_0 and as Q8_K per 256 for Q4_K / Q6_K, in the modules'
 lane order.
 
+Q5_K / Q5_0 stacks (int8_q5_cpu.pack) run that module's steps the same way, x as Q8_K / Q8_0;
+their Q5Packed counts the whole stack's rows, so the caller passes an expert's (`rows`).
+
 Q8_0 / Q4_0 rows whose block count is not a multiple of 16 (the down projection, k = 768: one
 group and 8 blocks) keep those blocks in the file's order; they go through the block step
 (`_step`), which adds a block's pair sums times its scale into the group accumulator, so the
@@ -27,6 +30,7 @@ from . import int8_cpu, int8_k_cpu
 from .int8_cpu import (F32X16, G, _F32, _I8, _I32, Int8Packed, _c_arrays, _f16, _hsum, _load, _pair_sums,
                        _q4_group, _q8_group, _vt, _vzero)
 from .int8_k_cpu import _I16, KPacked, _q4_k_sb, _q6_k_sb
+from .int8_q5_cpu import Q5Packed, _q5_0_group, _q5_0_tail, _q5_k_sb
 
 # -- one block of 32 in the file's order (the blocks after the last group of 16) -------------
 
@@ -180,9 +184,58 @@ def _ids_q6_k(xq, xd, xs, ids, xi, rows, q, sc, d, out):
             out[s, r] = _hsum(acc)
 
 
-def matmul_ids(x: np.ndarray, w: Int8Packed | KPacked, ids: np.ndarray, xi: np.ndarray,
-               out: np.ndarray | None = None) -> np.ndarray:
-    """out[s] = x[xi[s]] @ (expert ids[s] of the stack w).T: x (m, k) float32, out (len(ids), w.rows)."""
+@njit(parallel=True, cache=True)
+def _ids_q5_k(xq, xd, xs, ids, xi, rows, q, h, sm, d, dmin, out):
+    # int8_q5_cpu._mv_q5_k per slot
+    nsb = d.shape[1]
+    k = nsb * 256
+    n = (rows + CHUNK - 1) // CHUNK
+    for t in prange(ids.shape[0] * n):
+        s, c = t // n, t % n
+        xr, e0 = xi[s], ids[s] * rows
+        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
+            row = e0 + r
+            acc = _vzero()
+            for b in range(nsb):
+                i = row * nsb + b
+                acc = _q5_k_sb(acc, q, i * 128, h, i * 32, sm, i * 16, xq, xr * k + b * 256, xs, xr * nsb * 16 + b * 16,
+                               _f16(d, i) * xd[xr, b], _f16(dmin, i) * xd[xr, b])
+            out[s, r] = _hsum(acc)
+
+
+@njit(parallel=True, cache=True)
+def _ids_q5_0(xq, xd, xs, ids, xi, rows, q, h, d, out):
+    # int8_q5_cpu._mv_q5_0 per slot
+    nb = d.shape[1]
+    k, ng = nb * 32, nb // G
+    n = (rows + CHUNK - 1) // CHUNK
+    for t in prange(ids.shape[0] * n):
+        s, c = t // n, t % n
+        xr, e0 = xi[s], ids[s] * rows
+        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
+            row = e0 + r
+            acc = _vzero()
+            for g in range(ng):
+                acc = _q5_0_group(acc, q, row * nb * 16 + g * 16 * G, h, row * nb * 4 + g * 4 * G, xq,
+                                  xr * k + g * 32 * G, xs, xr * nb + g * G, d, row * nb + g * G, xd, xr * nb + g * G)
+            v = _hsum(acc)
+            for b in range(ng * G, nb):
+                isum = _q5_0_tail(q[row], b * 16, h[row], b * 4, xq[xr], b * 32) - 16 * xs[xr, b]
+                v += (_f16(d, row * nb + b) * xd[xr, b]) * np.float32(isum)
+            out[s, r] = v
+
+
+def matmul_ids(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, ids: np.ndarray, xi: np.ndarray,
+               out: np.ndarray | None = None, rows: int | None = None) -> np.ndarray:
+    """out[s] = x[xi[s]] @ (expert ids[s] of the stack w).T: x (m, k) float32, out (len(ids), rows).
+    Q5Packed counts the stack's rows, not an expert's: `rows` (an expert's) is then required."""
+    n_mats = getattr(w, "n_mats", None)
+    if n_mats is None:
+        if not rows or w.rows % rows:
+            raise ValueError(f"a stack of {w.rows} rows needs an expert's row count, got {rows}")
+        n_mats = w.rows // rows
+    else:
+        rows = w.rows
     x = np.ascontiguousarray(x, np.float32)
     ids, xi = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(xi, np.int64)
     if x.ndim != 2 or x.shape[1] != w.k:
@@ -190,12 +243,12 @@ def matmul_ids(x: np.ndarray, w: Int8Packed | KPacked, ids: np.ndarray, xi: np.n
     if ids.ndim != 1 or ids.shape != xi.shape:
         raise ValueError(f"ids {ids.shape} and xi {xi.shape}: one expert and one row of x per slot")
     # the kernels load through raw pointers: an index out of range would read outside the arrays
-    if len(ids) and (ids.min() < 0 or ids.max() >= w.n_mats or xi.min() < 0 or xi.max() >= x.shape[0]):
-        raise ValueError(f"expert ids must lie in [0, {w.n_mats}) and rows of x in [0, {x.shape[0]})")
+    if len(ids) and (ids.min() < 0 or ids.max() >= n_mats or xi.min() < 0 or xi.max() >= x.shape[0]):
+        raise ValueError(f"expert ids must lie in [0, {n_mats}) and rows of x in [0, {x.shape[0]})")
     if out is None:
-        out = np.empty((len(ids), w.rows), np.float32)
-    elif out.shape != (len(ids), w.rows) or out.dtype != np.float32:
-        raise ValueError(f"out {out.shape} {out.dtype}, expected ({len(ids)}, {w.rows}) float32")
+        out = np.empty((len(ids), rows), np.float32)
+    elif out.shape != (len(ids), rows) or out.dtype != np.float32:
+        raise ValueError(f"out {out.shape} {out.dtype}, expected ({len(ids)}, {rows}) float32")
     if w.type in (T.Q8_0, T.Q4_0):
         xq, xd, xs = quantize_rows(x, k_quants=False)
         (_ids_q8_0 if w.type == T.Q8_0 else _ids_q4_0)(xq, xd, xs, ids, xi, w.rows, w.q, w.d, out)
@@ -205,6 +258,12 @@ def matmul_ids(x: np.ndarray, w: Int8Packed | KPacked, ids: np.ndarray, xi: np.n
     elif w.type == T.Q6_K:
         xq, xd, xs = quantize_rows(x, k_quants=True)
         _ids_q6_k(xq, xd, xs, ids, xi, w.rows, w.q, w.s, w.d, out)
+    elif w.type == T.Q5_K:
+        xq, xd, xs = quantize_rows(x, k_quants=True)
+        _ids_q5_k(xq, xd, xs, ids, xi, rows, w.q, w.h, w.s, w.d, w.dmin, out)
+    elif w.type == T.Q5_0:
+        xq, xd, xs = quantize_rows(x, k_quants=False)
+        _ids_q5_0(xq, xd, xs, ids, xi, rows, w.q, w.h, w.d, out)
     else:
         raise ValueError(f"no int8 expert kernel for {w.type.name}")
     return out

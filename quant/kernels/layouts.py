@@ -10,7 +10,8 @@ BF16 files always run exact (there is nothing to quantize x against).
 An entry names, per role: `pack` (file bytes -> the kernels' arrays, once at load; several
 matrices that multiply the same input are packed straight into one stack), `decode`
 (one row of x), `prefill` (many rows), `experts` (decode of a MoE stack: slot s = x[xi[s]] @
-expert ids[s]), `dequant` / `take` (rows back to float32: embedding lookups, fallbacks).
+expert ids[s]), `grouped` (prefill of a MoE stack: all active experts' rows in one launch,
+int8_moe_gemm_cpu.py), `dequant` / `take` (rows back to float32: embedding lookups, fallbacks).
 A type or role without an entry falls back to the exact layout, so adding a format, or a
 faster kernel for one role, is one entry here.
 """
@@ -35,6 +36,7 @@ class Layout:
     experts: Callable[..., Any] | None  # (x (m, k), arrays, ids, xi, out (slots, rows))
     dequant: Callable[..., np.ndarray] | None  # (arrays, lo, hi, out=None) -> (hi - lo, k)
     take: Callable[..., np.ndarray] | None  # (arrays, ids) -> (len(ids), k)
+    grouped: Callable[..., Any] | None = None  # (x, arrays, rows, plan, gather, out (plan.total, rows))
 
 
 @cache  # an import statement per product costs ~1 us on decode's path
@@ -68,6 +70,12 @@ def _int8_q5_cpu():
 
 
 @cache
+def _moe():
+    from . import int8_moe_gemm_cpu
+    return int8_moe_gemm_cpu
+
+
+@cache
 def _experts():
     from . import int8_experts_cpu
     return int8_experts_cpu
@@ -82,9 +90,12 @@ def _entry(mod, rows=None, gemm: bool = True, experts: bool = True) -> Layout:
         pack=lambda *ws, after=None: mod().pack(*ws, after=after),
         decode=lambda x, m, out: mod().matvec(x, m, out),
         prefill=(lambda x, m, out: _gemm().matmul(x, m, out)) if gemm else None,
-        experts=(lambda x, m, ids, xi, out: _experts().matmul_ids(x, m, ids, xi, out)) if experts else None,
+        # out's width is an expert's rows (a Q5 stack's arrays count the whole stack's)
+        experts=(lambda x, m, ids, xi, out: _experts().matmul_ids(x, m, ids, xi, out, out.shape[1]))
+        if experts else None,
         dequant=lambda m, lo, hi, out=None: rows().dequant(m, lo, hi, out),
         take=lambda m, ids: rows().take(m, ids),
+        grouped=(lambda x, m, n, p, gather, out: _moe().matmul_grouped(x, m, n, p, gather, out)) if gemm else None,
     )
 
 
@@ -93,8 +104,8 @@ INT8: dict[T, Layout] = {
     T.Q4_0: _entry(_int8_cpu),
     T.Q4_K: _entry(_int8_k_cpu),
     T.Q6_K: _entry(_int8_k_cpu),
-    T.Q5_K: _entry(_int8_q5_cpu, rows=_int8_q5_cpu, experts=False),
-    T.Q5_0: _entry(_int8_q5_cpu, rows=_int8_q5_cpu, experts=False),
+    T.Q5_K: _entry(_int8_q5_cpu, rows=_int8_q5_cpu),
+    T.Q5_0: _entry(_int8_q5_cpu, rows=_int8_q5_cpu),
 }
 
 
