@@ -58,7 +58,7 @@ def test_plan_groups_pairs_by_expert():
     for e in range(E):
         mine = p.row[top.reshape(-1) == e]
         assert ((mine >= p.lo[e]) & (mine < p.hi[e])).all()
-        assert (p.hi[e] - p.lo[e]) % gemm.NX == 0 and p.hi[e] - p.lo[e] < len(mine) + gemm.NX
+        assert (p.hi[e] - p.lo[e]) % moe.NX == 0 and p.hi[e] - p.lo[e] < len(mine) + moe.NX
     pad = np.setdiff1d(np.arange(p.total), p.row)
     assert (p.src[pad] == 9).all()
     assert p.lo[2] == p.hi[2] and 2 not in p.experts

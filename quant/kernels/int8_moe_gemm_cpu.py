@@ -30,8 +30,8 @@ from numba import njit, prange
 
 from . import int8_cpu
 from .int8_cpu import G, _f16
-from .int8_gemm_cpu import (NX, RT, RW, _prepared_sums, _store, _t_q4_0, _t_q4_k, _t_q5_0, _t_q6_k, _t_q8_0,
-                            _unpack, _unpack_q5, _zeros, quantize_rows)
+from .int8_gemm_cpu import _lane_scales, _prepared_sums, _store, _unpack, _unpack_q5, quantize_rows
+from .int8_tiles_cpu import GENERIC, NX, RT, RW, _t_q4_0, _t_q4_k, _t_q5_0, _t_q6_k, _t_q8_0, _zeros
 from .int8_q5_cpu import _q5_0_tail
 
 TYPES = (T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K, T.Q5_K, T.Q5_0)
@@ -95,17 +95,18 @@ def _g_q8_0(xq, xd, xs, q, d, R, items, lo, hi, parts, out):
     ng = nb // G
     n = out.shape[0]
     for part in prange(parts):
-        ex = np.zeros(RW * NX, np.float32)
+        ex = np.zeros(2 * RW * NX, np.float32)
         for it in range(part, items.shape[0], parts):
             e, t = items[it, 0], items[it, 1]
             for i in range(lo[e], hi[e], NX):
                 for rl in range(t * RT, min(R, t * RT + RT), RW):
                     rl1 = min(rl + RW - 1, R - 1)
                     r, r1 = e * R + rl, e * R + rl1
-                    acc = _zeros()
+                    acc = _zeros(GENERIC)
                     for g in range(ng):
-                        acc = _t_q8_0(acc, q, r * k + g * 32 * G, (r1 - r) * k, d, 0, 0, d, d, r * nb + g * G,
-                                      (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, 0, 0, xd, i * nb + g * G, nb)
+                        acc = _t_q8_0(acc, q, r * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G,
+                                      (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, 0, 0, xd, i * nb + g * G, nb,
+                                      GENERIC)
                     for a in range(RW * NX):
                         rr, ii = r + (r1 - r) * (a // NX), i + a % NX
                         s = np.float32(0)
@@ -113,7 +114,7 @@ def _g_q8_0(xq, xd, xs, q, d, R, items, lo, hi, parts, out):
                             s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(
                                 int8_cpu._q8_block(q, rr * k + b * 32, xq, ii * k + b * 32))
                         ex[a] = s
-                    _store(acc, ex, out, rl, rl1, i, n)
+                    _store(acc, ex, out, rl, rl1, i, n, NX)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -123,7 +124,7 @@ def _g_q4_0(xq, xd, xs, q, d, R, items, lo, hi, parts, out):
     ng = nb // G
     n = out.shape[0]
     for part in prange(parts):
-        ex = np.zeros(RW * NX, np.float32)
+        ex = np.zeros(2 * RW * NX, np.float32)
         ws = np.empty(RT * k, np.uint8)
         for it in range(part, items.shape[0], parts):
             e, t = items[it, 0], items[it, 1]
@@ -132,23 +133,23 @@ def _g_q4_0(xq, xd, xs, q, d, R, items, lo, hi, parts, out):
             for i in range(lo[e], hi[e], NX):
                 for r in range(r0, rt, RW):
                     r1 = min(r + RW - 1, rt - 1)
-                    acc = _zeros()
+                    acc = _zeros(GENERIC)
                     for g in range(ng):
-                        acc = _t_q4_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, 0, 0, d, d,
+                        acc = _t_q4_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d,
                                       r * nb + g * G, (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, i * nb + g * G,
-                                      nb, xd, i * nb + g * G, nb)
+                                      nb, xd, i * nb + g * G, nb, GENERIC)
                     for a in range(RW * NX):
                         rr, ii = r + (r1 - r) * (a // NX), i + a % NX
                         s = np.float32(0)
                         for b in range(ng * G, nb):  # tail blocks, in the file's order
-                            isum = -xs[ii, b]
+                            isum = xs[ii, b]  # minus 8 times the quant sum (_prepared_sums)
                             for j in range(16):
                                 v = np.int32(q[rr, b * 16 + j])
                                 isum += ((v & 15) * np.int32(xq[ii, b * 32 + j])
                                          + (v >> 4) * np.int32(xq[ii, b * 32 + 16 + j]))
                             s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(isum)
                         ex[a] = s
-                    _store(acc, ex, out, r - e * R, r1 - e * R, i, n)
+                    _store(acc, ex, out, r - e * R, r1 - e * R, i, n, NX)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -158,8 +159,9 @@ def _g_q4_k(xq, xd, xs, q, h, s, d, dmin, R, items, lo, hi, parts, out):
     k = nsb * 256
     n = out.shape[0]
     for part in prange(parts):
-        ex = np.zeros(RW * NX, np.float32)
+        ex = np.zeros(2 * RW * NX, np.float32)
         ws = np.empty(RT * k, np.uint8)
+        sv, mv = np.empty(RT * nsb * 16, np.float32), np.empty(RT * nsb * 16, np.float32)
         for it in range(part, items.shape[0], parts):
             e, t = items[it, 0], items[it, 1]
             r0, rt = e * R + t * RT, e * R + min(R, t * RT + RT)
@@ -167,15 +169,16 @@ def _g_q4_k(xq, xd, xs, q, h, s, d, dmin, R, items, lo, hi, parts, out):
                 _unpack(q, r0, rt, ws, k, 256, False)
             else:
                 _unpack_q5(q, h, r0, rt, ws, k, 256, 0, 4)
+            _lane_scales(s, d, dmin, r0, rt, sv, mv, False)
             for i in range(lo[e], hi[e], NX):
                 for r in range(r0, rt, RW):
                     r1 = min(r + RW - 1, rt - 1)
-                    acc = _zeros()
+                    acc = _zeros(GENERIC)
                     for b in range(nsb):
-                        acc = _t_q4_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, s, r * nsb * 16 + b * 16,
-                                      (r1 - r) * nsb * 16, d, dmin, r * nsb + b, (r1 - r) * nsb, xq,
-                                      i * k + b * 256, k, xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
-                    _store(acc, ex, out, r - e * R, r1 - e * R, i, n)
+                        acc = _t_q4_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, sv, mv, ((r - r0) * nsb + b) * 16,
+                                      (r1 - r) * nsb * 16, xq, i * k + b * 256, k, xs, i * nsb * 16 + b * 16,
+                                      nsb * 16, xd, i * nsb + b, nsb, GENERIC)
+                    _store(acc, ex, out, r - e * R, r1 - e * R, i, n, NX)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -185,7 +188,7 @@ def _g_q5_0(xq, xd, xs, q, h, d, R, items, lo, hi, parts, out):
     ng = nb // G
     n = out.shape[0]
     for part in prange(parts):
-        ex = np.zeros(RW * NX, np.float32)
+        ex = np.zeros(2 * RW * NX, np.float32)
         ws = np.empty(RT * k, np.uint8)
         for it in range(part, items.shape[0], parts):
             e, t = items[it, 0], items[it, 1]
@@ -194,19 +197,19 @@ def _g_q5_0(xq, xd, xs, q, h, d, R, items, lo, hi, parts, out):
             for i in range(lo[e], hi[e], NX):
                 for r in range(r0, rt, RW):
                     r1 = min(r + RW - 1, rt - 1)
-                    acc = _zeros()
+                    acc = _zeros(GENERIC)
                     for g in range(ng):
-                        acc = _t_q5_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, 0, 0, d, d,
+                        acc = _t_q5_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d,
                                       r * nb + g * G, (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, i * nb + g * G,
-                                      nb, xd, i * nb + g * G, nb)
+                                      nb, xd, i * nb + g * G, nb, GENERIC)
                     for a in range(RW * NX):
                         rr, ii = r + (r1 - r) * (a // NX), i + a % NX
                         s = np.float32(0)
                         for b in range(ng * G, nb):
-                            isum = _q5_0_tail(q[rr], b * 16, h[rr], b * 4, xq[ii], b * 32) - xs[ii, b]
+                            isum = _q5_0_tail(q[rr], b * 16, h[rr], b * 4, xq[ii], b * 32) + xs[ii, b]
                             s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(isum)
                         ex[a] = s
-                    _store(acc, ex, out, r - e * R, r1 - e * R, i, n)
+                    _store(acc, ex, out, r - e * R, r1 - e * R, i, n, NX)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -215,21 +218,23 @@ def _g_q6_k(xq, xd, xs, q, s, d, R, items, lo, hi, parts, out):
     k = nsb * 256
     n = out.shape[0]
     for part in prange(parts):
-        ex = np.zeros(RW * NX, np.float32)
+        ex = np.zeros(2 * RW * NX, np.float32)
         ws = np.empty(RT * k, np.uint8)
+        sv = np.empty(RT * nsb * 16, np.float32)
         for it in range(part, items.shape[0], parts):
             e, t = items[it, 0], items[it, 1]
             r0, rt = e * R + t * RT, e * R + min(R, t * RT + RT)
             _unpack(q, r0, rt, ws, k, 256, True)
+            _lane_scales(s, d, d, r0, rt, sv, sv, True)
             for i in range(lo[e], hi[e], NX):
                 for r in range(r0, rt, RW):
                     r1 = min(r + RW - 1, rt - 1)
-                    acc = _zeros()
+                    acc = _zeros(GENERIC)
                     for b in range(nsb):
-                        acc = _t_q6_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, s, r * nsb * 16 + b * 16,
-                                      (r1 - r) * nsb * 16, d, d, r * nsb + b, (r1 - r) * nsb, xq, i * k + b * 256,
-                                      k, xs, i * nsb * 16 + b * 16, nsb * 16, xd, i * nsb + b, nsb)
-                    _store(acc, ex, out, r - e * R, r1 - e * R, i, n)
+                        acc = _t_q6_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, sv, sv, ((r - r0) * nsb + b) * 16,
+                                      (r1 - r) * nsb * 16, xq, i * k + b * 256, k, xs, i * nsb * 16 + b * 16,
+                                      nsb * 16, xd, i * nsb + b, nsb, GENERIC)
+                    _store(acc, ex, out, r - e * R, r1 - e * R, i, n, NX)
 
 
 def matmul_grouped(x: np.ndarray, w, rows: int, p: Plan, gather: bool, out: np.ndarray | None = None) -> np.ndarray:
