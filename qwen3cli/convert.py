@@ -180,15 +180,19 @@ def count_params(tensors: list[OutTensor]) -> tuple[int, int, int, int]:
     return total, shared, expert, (expert_sum // n_exp if n_exp else 0)
 
 
+def file_type_and_imatrix(type_name: str, imatrix) -> tuple[FileType, Imatrix | None, bool]:
+    """The requested file type and importance matrix (loaded from its file), checked."""
+    if type_name not in FILE_TYPES:
+        raise OutputError(f"unknown --type {type_name!r}; choose one of {', '.join(FILE_TYPES)}")
+    if imatrix is not None and not isinstance(imatrix, Imatrix):
+        imatrix = load_imatrix(imatrix)
+    return FILE_TYPES[type_name], imatrix, imatrix is not None and bool(imatrix.entries)
+
+
 def plan(src: str | Path, type_name: str = "q8_0", imatrix: str | Path | Imatrix | None = None) -> Plan:
     """Validate the checkpoint at `src` and decide every output tensor and metadata key;
     `imatrix` (a llama.cpp importance-matrix file) weights the quantization error per column."""
-    if type_name not in FILE_TYPES:
-        raise OutputError(f"unknown --type {type_name!r}; choose one of {', '.join(FILE_TYPES)}")
-    file_type = FILE_TYPES[type_name]
-    if imatrix is not None and not isinstance(imatrix, Imatrix):
-        imatrix = load_imatrix(imatrix)
-    has_imatrix = imatrix is not None and bool(imatrix.entries)
+    file_type, imatrix, has_imatrix = file_type_and_imatrix(type_name, imatrix)
     ck = Checkpoint(src)
     a = ck.args
     want = expected_hf_shapes(a)

@@ -13,17 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
-import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from quant.formats import FORMATS, get_format
 from quant.gguf_split import open_gguf
-from quant.imatrix import Imatrix, load_imatrix
-from quant.policy import FILE_TYPES, tensor_type
+from quant.imatrix import Imatrix
+from quant.policy import tensor_type
 
 from .config import args_from_gguf
-from .convert import _FLOATS, OutTensor, Plan, _imatrix_metadata, count_params
-from .errors import CheckpointError, OutputError
+from .convert import _FLOATS, OutTensor, Plan, _imatrix_metadata, count_params, file_type_and_imatrix
+from .errors import CheckpointError
 
 # Keys that describe the source file, not the model: written anew (or not at all).
 _REPLACED = ("general.file_type", "general.quantization_version", "split.", "quantize.imatrix.")
@@ -48,12 +47,7 @@ def _row_parts(g, name: str, shape: tuple[int, ...], ttype: T) -> list:
 def plan_gguf(src: str | Path, type_name: str = "q8_0", imatrix: str | Path | Imatrix | None = None,
               allow_requantize: bool = False) -> Plan:
     """The plan that quantizes the GGUF file at `src` (any part of a split file) to `type_name`."""
-    if type_name not in FILE_TYPES:
-        raise OutputError(f"unknown --type {type_name!r}; choose one of {', '.join(FILE_TYPES)}")
-    file_type = FILE_TYPES[type_name]
-    if imatrix is not None and not isinstance(imatrix, Imatrix):
-        imatrix = load_imatrix(imatrix)
-    has_imatrix = imatrix is not None and bool(imatrix.entries)
+    file_type, imatrix, has_imatrix = file_type_and_imatrix(type_name, imatrix)
     g = open_gguf(src)
     a = args_from_gguf(g.metadata, str(g.path))
     quantized = sorted({t.type_name for t in g.tensors.values() if T(t.type) not in _FLOATS})

@@ -7,6 +7,7 @@ import time
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from .base import UsageError, app, out, printable, user_errors
 from .load import open_engine
@@ -71,7 +72,7 @@ def bench(
     for c in ("model", "size", "params", "backend", "threads", "test", "t/s"):
         t.add_column(c, justify="left" if c in ("model", "backend") else "right")
     for r in results:
-        t.add_row(printable(info["model"]), f"{info['weights_mb'] / 1024:.2f} GiB" if info["weights_mb"] >= 1024
+        t.add_row(Text(printable(info["model"])), f"{info['weights_mb'] / 1024:.2f} GiB" if info["weights_mb"] >= 1024
                   else f"{info['weights_mb']:.0f} MiB", _label(info["params"]), where,
                   str(info["threads"]) if where == "CPU" else "-", r.test, f"{r.mean:.2f} ± {r.std:.2f}")
     out.print(t)
