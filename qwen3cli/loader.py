@@ -45,6 +45,7 @@ class LoadedModel:
     special_ids: dict[str, int] = field(default_factory=dict)  # bos_token, eos_token, ... -> their ids
     _keep: Any = None  # the open GGUFFile whose map the weights view
     warnings: list[str] = field(default_factory=list)  # optional inputs left out; the CLI shows them
+    notes: list[str] = field(default_factory=list)  # what the load did that a user should know of
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -102,8 +103,9 @@ def _load_dir(path: Path, quant: str, progress: Progress | None) -> LoadedModel:
     loaded = load_gguf(gguf_path)
     loaded.source = str(path)
     if warnings is not None:
-        loaded.warnings = [*warnings, f"converted {path} to {quant} once, kept as {gguf_path} "
-                                      "(later runs load it; `qwen3cli list` and `rm` manage it)"]
+        loaded.warnings = list(warnings)
+        loaded.notes.append(f"converted {path} to {quant} once, kept as {gguf_path} "
+                            "(later runs load it; `qwen3cli list` and `rm` manage it)")
     return loaded
 
 

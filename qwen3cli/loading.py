@@ -54,6 +54,8 @@ def open_engine(source: str, ctx: int | None = None, quant: str = "q8_0", device
     loaded = load(source, quant=quant, progress=h.progress)
     for line in loaded.warnings:
         _call(h.warning, line)
+    for line in loaded.notes:
+        _call(h.note, line)
     if note:  # after the load, so that a bad file still fails first
         _call(h.note, note)
 

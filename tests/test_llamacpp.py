@@ -120,7 +120,9 @@ def test_our_logits_match_llama_cpp_on_the_same_file(gguf_model, type_name, moe)
     # it is closer to llama.cpp than float activations (measured 0.5-0.9% of the range against
     # 0.9-7.9%: a Q4_0 MoE's router near-ties flip with float x)
     err, err_exact = (np.abs(x - theirs).max() for x in (ours, logits(True)))
-    assert err <= err_exact
+    # an F32 file has no 8-bit path: both runs are float, the default's threaded prefill kernels
+    # (prefill_cpu) rounding apart from numpy's by float32 ulps, either way
+    assert err <= (err_exact * 1.01 if type_name == "f32" else err_exact)
     bound = (1e-3 if type_name == "f32" else 1.5e-2) * (theirs.max() - theirs.min())
     assert np.abs(ours - theirs).max() <= bound
     top2 = np.sort(theirs, -1)[:, -2:]

@@ -705,6 +705,7 @@ def test_sizes_are_checked_against_memory_first(base_ggufs, tiny, tmp_path, monk
     with pytest.raises(memory.MemoryLimitError, match=r"a 100000-token KV cache \(512 bytes per token.*more than the 10.5 MB"):
         Model(m.weights, ctx=100_000)
     monkeypatch.setattr(memory, "available", lambda: 100_000)  # the converted weights are 534 KB
+    monkeypatch.setenv("QWEN3CLI_CACHE", "/proc/no-such-dir")  # no cache to convert into: in memory
     with pytest.raises(memory.MemoryLimitError, match="converting .* in memory"):
         load(tiny["dense"], "f32")
 

@@ -99,12 +99,12 @@ def test_a_checkpoint_directory_is_converted_once(ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("QWEN3CLI_CACHE", str(tmp_path / "conv"))
     src, _ = ckpt(dtype="f32", std=0.05)
     first = load(src, quant="q4_0")
-    assert any("converted" in w and "once" in w for w in first.warnings) and first.source == str(src)
+    assert any("converted" in n and "once" in n for n in first.notes) and first.source == str(src)
     files = list((tmp_path / "conv" / "local").glob("*.gguf"))
     assert len(files) == 1 and files[0].name.endswith("--q4_0.gguf")
     mtime = files[0].stat().st_mtime_ns
     again = load(src, quant="q4_0")
-    assert not any("converted" in w for w in again.warnings) and files[0].stat().st_mtime_ns == mtime
+    assert again.notes == [] and files[0].stat().st_mtime_ns == mtime
     assert again.weights.layers[0].q.type.name == "Q4_0"
     assert any(m.name.startswith("local:") and m.type == "Q4_0" for m in models.cached_models())
     monkeypatch.setenv("QWEN3CLI_CACHE", "/proc/no-such-dir")  # unwritable: converted in memory, as before

@@ -200,14 +200,16 @@ def _recording_hooks(events):
                      note=lambda line: events.append(("note", line)), stage=lambda text: events.append(("stage", text)))
 
 
-def test_open_engine_reports_through_hooks_and_prints_nothing(gguf_model, capfd):
+def test_open_engine_reports_through_hooks_and_prints_nothing(gguf_model, capfd, tmp_path, monkeypatch):
     """A directory converts while it loads: progress first, then the loader's warnings, and not a
     byte on stdout or stderr (the CLI draws them)."""
     from qwen3cli.loader import load
     from qwen3cli.loading import open_engine
 
     _, src = gguf_model("q8_0")
+    monkeypatch.setenv("QWEN3CLI_CACHE", str(tmp_path / "first"))
     want = load(src).warnings
+    monkeypatch.setenv("QWEN3CLI_CACHE", str(tmp_path / "second"))  # converted again, as on a first run
     capfd.readouterr()
     events = []
     e = open_engine(str(src), 32, "q8_0", "cpu", hooks=_recording_hooks(events))
@@ -216,6 +218,7 @@ def test_open_engine_reports_through_hooks_and_prints_nothing(gguf_model, capfd)
     kinds = [k for k, _ in events]
     assert "progress" in kinds and kinds == sorted(kinds, key=lambda k: k != "progress"), kinds
     assert [line for k, line in events if k == "warning"] == want
+    assert any(k == "note" and "converted" in line for k, line in events)  # where the conversion went
     assert "stage" not in kinds  # the CPU has no slow step after the load to announce
 
 
