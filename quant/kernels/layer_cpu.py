@@ -21,16 +21,22 @@ from .kv_cpu import kv_axpy, kv_dot, kv_store
 FAST = {"reassoc", "contract", "arcp"}
 
 
+@njit(cache=True, fastmath=FAST, inline="always")
+def rms_norm_row(x, w, eps, out, i):
+    """Row i of out = x / rms(x) * w; decode's loop and prefill's threaded one share it."""
+    k = x.shape[1]
+    s = np.float32(0.0)
+    for j in range(k):
+        s += x[i, j] * x[i, j]
+    inv = np.float32(1.0) / np.float32(math.sqrt(s / np.float32(k) + eps))
+    for j in range(k):
+        out[i, j] = (x[i, j] * inv) * w[j]
+
+
 @njit(cache=True, fastmath=FAST)
 def rms_norm_rows(x, w, eps, out):
-    n, k = x.shape
-    for i in range(n):
-        s = np.float32(0.0)
-        for j in range(k):
-            s += x[i, j] * x[i, j]
-        inv = np.float32(1.0) / np.float32(math.sqrt(s / np.float32(k) + eps))
-        for j in range(k):
-            out[i, j] = (x[i, j] * inv) * w[j]
+    for i in range(x.shape[0]):
+        rms_norm_row(x, w, eps, out, i)
 
 
 @njit(cache=True, fastmath=FAST)

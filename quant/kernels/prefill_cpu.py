@@ -20,9 +20,8 @@ import numpy as np
 from numba import njit, prange
 
 from .kv_cpu import _bits_f32, kv_load, kv_store
-from .layer_cpu import _norm_rope
+from .layer_cpu import FAST, _norm_rope, rms_norm_row
 
-FAST = {"reassoc", "contract", "arcp"}  # as layer_cpu: vectorised sums, NaN and inf kept
 BQ = 32  # query tokens per attention job: with G heads per KV head, G * BQ rows share each key tile
 BK = 64  # keys per tile: K, V and the scores of one tile stay in L1 / L2
 
@@ -59,15 +58,9 @@ def _exp(x):
 
 @njit(parallel=True, cache=True, fastmath=FAST)
 def rms_norm(x, w, eps, out):
-    """out = x / rms(x) * w, row by row."""
-    n, k = x.shape
-    for i in prange(n):
-        s = np.float32(0.0)
-        for j in range(k):
-            s += x[i, j] * x[i, j]
-        inv = np.float32(1.0) / np.float32(math.sqrt(s / np.float32(k) + eps))
-        for j in range(k):
-            out[i, j] = (x[i, j] * inv) * w[j]
+    """out = x / rms(x) * w, rows over the threads."""
+    for i in prange(x.shape[0]):
+        rms_norm_row(x, w, eps, out, i)
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
