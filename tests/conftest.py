@@ -24,6 +24,7 @@ def _cache_dir(tmp_path_factory):
     """No test writes to the real per-user cache (tokenizer_cache.py); CLI subprocesses inherit it."""
     os.environ["QWEN3CLI_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))
     os.environ["QWEN3CLI_CACHE"] = str(tmp_path_factory.mktemp("conversions"))  # converted checkpoints
+    os.environ["QWEN3CLI_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("running"))  # `ps` entries
 
 
 @pytest.fixture(scope="session")

@@ -58,6 +58,7 @@ def chat(
 
     from ..chat_ui import DISPLAYS, ChatUI, make_prompt_session
     from ..conversation import ChatSettings, Conversation
+    from ..running import registered
 
     if thinking_display not in DISPLAYS:
         raise UsageError(f"--thinking must be one of {', '.join(DISPLAYS)}, got {thinking_display!r}")
@@ -83,4 +84,5 @@ def chat(
     gpu = "GPU · " if engine.model.device == "cuda" else ""
     err.print(f"[dim]{escape(printable(engine.loaded.name))} · {gpu}context {engine.ctx} · {note + ' · ' if note else ''}"
               "/help for commands, Ctrl-D to exit[/dim]")
-    ui.loop()
+    with registered("chat", model, engine.ctx, engine.model.device):  # `qwen3cli ps` lists it meanwhile
+        ui.loop()

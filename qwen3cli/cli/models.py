@@ -1,4 +1,4 @@
-"""`qwen3cli pull / list / rm / show`: the models on this machine, as ollama manages its own."""
+"""`qwen3cli pull / list / ps / rm / show`: the models on this machine, as ollama manages its own."""
 
 from __future__ import annotations
 
@@ -54,6 +54,42 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="One JSON arr
     for m in models:
         t.add_row(Text(printable(m.name)), m.type or "", size_text(m.size), m.kind, Text(printable(str(m.path))))
     out.print(t)
+
+
+@app.command("ps")
+@user_errors
+def processes(as_json: bool = typer.Option(False, "--json", help="One JSON array instead of a table.")) -> None:
+    """List the models loaded now: running `serve` and `chat` processes of this user."""
+    import os
+    import time
+    from pathlib import Path
+
+    from ..running import running
+
+    found = running()
+    if as_json:
+        print(json.dumps([{"pid": r.pid, "kind": r.kind, "model": r.model, "ctx": r.ctx, "device": r.device,
+                           "url": r.url, "started": r.started, "rss": r.rss} for r in found], ensure_ascii=False))
+        return
+    if not found:
+        err.print("no models loaded: `qwen3cli serve` and `qwen3cli chat` show here while they run")
+        return
+    t = Table(box=None, padding=(0, 2))
+    t.add_column("MODEL", no_wrap=True)  # a file by its name, as serve's model id; --json has the path
+    for c, j in (("PID", "right"), ("KIND", "left"), ("DEVICE", "left"), ("CONTEXT", "right"),
+                 ("MEMORY", "right"), ("UP", "right")):
+        t.add_column(c, justify=j, no_wrap=True, min_width=len(c))
+    t.add_column("URL", overflow="fold")
+    now = time.time()
+    for r in found:
+        t.add_row(Text(printable(Path(r.model).name if os.sep in r.model else r.model)), str(r.pid), r.kind, "GPU" if r.device == "cuda" else "CPU", str(r.ctx),
+                  "" if r.rss is None else size_text(r.rss), _since(now - r.started), Text(printable(r.url or "")))
+    out.print(t, width=None if out.is_terminal else 1000)  # a pipe gets whole lines, not rich's 80 columns
+
+
+def _since(seconds: float) -> str:
+    s = max(0, int(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 @app.command("rm")

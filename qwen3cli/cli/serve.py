@@ -57,6 +57,7 @@ def serve(
     from ..serve import make_server
     from ..serve.protocol import Sampling
     from ..serve.worker import Defaults
+    from ..running import registered
     from ..serve.guard import is_loopback, valid_origin
 
     if not 0 <= port <= 65535:
@@ -95,11 +96,12 @@ def serve(
     try:
         engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
         server.ready(engine, defaults)
-        err.print(f"serving [bold]{escape(printable(name))}[/bold] at {server.url} (context {engine.ctx} tokens, "
-                  f"{'GPU' if engine.model.device == 'cuda' else 'CPU'}); Ctrl-C stops",
-                  highlight=False)
-        while thread.is_alive():
-            thread.join(0.5)  # the main thread stays free for Ctrl-C
+        with registered("serve", model, engine.ctx, engine.model.device, url=server.url):  # listed by `ps`
+            err.print(f"serving [bold]{escape(printable(name))}[/bold] at {server.url} (context {engine.ctx} tokens, "
+                      f"{'GPU' if engine.model.device == 'cuda' else 'CPU'}); Ctrl-C stops",
+                      highlight=False)
+            while thread.is_alive():
+                thread.join(0.5)  # the main thread stays free for Ctrl-C
     finally:
         server.shutdown()
         server.server_close()
