@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from .device import DeviceError
+
 if TYPE_CHECKING:
     from .config import ModelArgs
     from .kv_cache import KVCache
@@ -83,4 +85,4 @@ def open_backend(name: str, args: ModelArgs, rope: Rope, ctx: int, cache_type: s
     if name == "cpu":
         from .ops_cpu import CpuOps
         return CpuOps(args, rope, cache_type, exact)
-    raise ValueError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
+    raise DeviceError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")

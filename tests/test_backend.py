@@ -67,7 +67,9 @@ def test_the_check_catches_a_missing_or_narrower_method():
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+    from qwen3cli.device import DeviceError
+
+    with pytest.raises(DeviceError, match="unknown backend 'tpu'"):
         open_backend("tpu", None, None, 8, "f32")
 
 
