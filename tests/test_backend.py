@@ -126,3 +126,13 @@ def test_prepare_fills_the_declared_fused_fields(exact, moe):
     parts = [pack(getattr(ly, n), exact) for n in ffn]
     want = np.concatenate([matmul(x, p.expert(0) if moe else p) for p in parts], axis=1)
     np.testing.assert_allclose(matmul(x, stack), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cpu_reads_the_same_entries(monkeypatch):
+    """The int8 layout is the entry's too: a type whose entry has none runs the exact layout."""
+    import quant.kernels.layouts as L
+
+    w = random_weights(T.Q8_0, 8, 64)
+    assert isinstance(pack(w, exact=False), Mat)
+    monkeypatch.setitem(L.LAYOUTS, T.Q8_0, L.Entry(None, L.LAYOUTS[T.Q8_0].cuda))
+    assert isinstance(pack(w, exact=False), Packed)

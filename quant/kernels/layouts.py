@@ -158,7 +158,7 @@ LAYOUTS: dict[T, Entry] = {
     T.Q3_K: Entry(None, CudaKernel("mv_q3_k", lambda w: (w.q, w.h, w.d, w.sb))),
 }
 
-INT8: dict[T, Layout] = {t: e.int8 for t, e in LAYOUTS.items() if e.int8 is not None}
+INT8: dict[T, Layout] = {t: e.int8 for t, e in LAYOUTS.items() if e.int8 is not None}  # a view, for reading
 
 
 def cuda_kernel(w) -> CudaKernel:
@@ -214,7 +214,8 @@ def _arrays(obj) -> dict[str, np.ndarray]:
 def int8_layout(w: QTensor) -> Layout | None:
     """w's int8 layout, or None where the exact one serves (no entry; a MoE stack before the
     layout has an experts kernel)."""
-    lay = INT8.get(w.type)
+    e = LAYOUTS.get(w.type)
+    lay = e.int8 if e is not None else None
     if lay is None or (w.n_mats > 1 and lay.experts is None):
         return None
     return lay
@@ -224,6 +225,6 @@ def pack_int8(*ws: QTensor, after=None, name: str | None = None) -> Mat:
     """ws (one matrix, or several stacked: q|k|v, gate|up) in their type's int8 layout;
     after(row, n) is called once each part's n raw rows, stacked at `row`, are packed."""
     w = ws[0]
-    lay = INT8[w.type]
+    lay = LAYOUTS[w.type].int8
     return Mat(name or "+".join(x.name for x in ws), w.type, sum(x.rows for x in ws), w.k, lay,
                lay.pack(*ws, after=after), w.n_mats)
