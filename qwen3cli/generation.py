@@ -15,7 +15,8 @@ from typing import Iterator
 import numpy as np
 
 from .errors import Qwen3CliError
-from .model import KVCache, Model
+from .kv_cache import KVCache
+from .model import Model
 from .sampler import Sampler
 from .tokenizer import StreamDecoder
 

@@ -1,7 +1,8 @@
 """The Qwen3 / Qwen3-MoE forward pass, written once over a backend's operations.
 
-One code path serves prefill (n tokens) and decode (n = 1) on every device: `ops` (ops_cpu.py,
-ops_cuda.py) holds the weights in its own memory and layout, and only the logits come back.
+One code path serves prefill (n tokens) and decode (n = 1) on every device: `ops` (a Backend,
+backend.py: ops_cpu.py or ops_cuda.py) holds the weights in its own memory and layout, and only
+the logits come back.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import kv_cache, memory
+from .backend import Backend, open_backend
 from .errors import Qwen3CliError
-from .ops_cpu import CpuOps, KVCache  # noqa: F401  (KVCache re-exported for generation.py)
 from .rope import make_rope, scaling_for_context
 from .weights import Weights
 
@@ -51,11 +52,7 @@ class Model:
         self.cache_type = kv_cache.check_type(cache_type, a.head_dim, backend)
         check_context(a, self.ctx, backend, self.cache_type)
         self.rope = make_rope(a, scaling_for_context(a, self.ctx))
-        if backend == "cuda":
-            from .ops_cuda import CudaOps
-            self.ops = CudaOps(a, self.rope, self.ctx)
-        else:
-            self.ops = CpuOps(a, self.rope, self.cache_type, exact)
+        self.ops: Backend = open_backend(backend, a, self.rope, self.ctx, self.cache_type, exact)
         self.device = self.ops.name
         self.w = self.ops.prepare(w, release)
 
@@ -94,6 +91,3 @@ class Model:
 
     def moe(self, ly, h):
         return self.ops.moe(ly, h)
-
-    def moe_dense(self, ly, h):
-        return self.ops.moe_dense(ly, h)

@@ -1,28 +1,25 @@
 """The CPU backend: numpy orchestration around the numba matmul kernels.
 
-A backend owns the device side of the forward pass: it prepares the weights (repacks, uploads),
-makes the KV cache, and runs the steps `Model` strings together. `CpuOps` is the reference the
-CUDA backend (ops_cuda.py) is tested against.
+A backend owns the device side of the forward pass (the `Backend` interface of backend.py): it
+prepares the weights (repacks, uploads), makes the KV cache, and runs the steps `Model` strings
+together. `CpuOps` is the reference the CUDA backend (ops_cuda.py) is tested against.
 """
 
 from __future__ import annotations
-
-from dataclasses import fields, replace
 
 import numpy as np
 
 from quant.kernels import layer_cpu as layer
 from quant.kernels import prefill_cpu as pre
 from quant.kernels import threads
-from quant.kernels.layouts import Mat, int8_layout, pack_int8
-from quant.kernels.matmul_cpu import SMALL_N, Packed, fuse, matmul, matmul_experts, pack
-from quant.qtensor import QTensor
+from quant.kernels.layouts import Mat
+from quant.kernels.matmul_cpu import SMALL_N, matmul, matmul_experts
 
+from .backend import Q_CHUNK, Release
 from .kv_cache import KVCache
+from .prepare import prepare
 from .rope import Rope, apply_rope
-from .weights import LayerWeights, Weights
-
-Q_CHUNK = 256  # query rows per attention block: bounds the score matrix in long prefills
+from .weights import Weights
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -39,76 +36,16 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-class Fused:
-    """A layer's weights plus the stacked q|k|v and gate|up matrices (None if not stackable)."""
-
-    def __init__(self, ly: LayerWeights, qkv, gate_up):
-        self.__dict__.update(vars(ly))
-        self.qkv, self.gate_up = qkv, gate_up
-
-
-RELEASE_STEP = 8 << 20  # file bytes packed between two releases of the file's pages
-
-
-def pack_tensor(t, release=None, exact: bool = True):
-    """t in the kernels' layout (vectors and unpackable types as they are)."""
-    if not isinstance(t, QTensor):
-        return t
-    if (not exact and release is not None and t.n_mats == 1 and t.raw.nbytes > RELEASE_STEP
-            and int8_layout(t) is not None):
-        return _pack_in_steps(t, release)
-    p = pack(t, exact)
-    if p is not t and release is not None:
-        release(t.name)
-    return p
-
-
-def _pack_in_steps(t: QTensor, release) -> Mat:
-    """A large matrix (the 151,936-row embedding / output) packed RELEASE_STEP of file bytes at
-    a time, each slice's file pages let go once it is packed: packing all of it first held the
-    file's copy and the packed one at once, the load's peak (+165 MB on a 0.6B Q8_0 file)."""
-    step = max(1, RELEASE_STEP // t.raw.shape[1])
-    parts = [QTensor(t.name, t.type, min(step, t.rows - lo), t.k, t.raw[lo:lo + step])
-             for lo in range(0, t.rows, step)]
-    return pack_int8(*parts, after=lambda at, n: release(t.name, (at, at + n)), name=t.name)
-
-
-def prepare_layer(ly: LayerWeights, release=None, exact: bool = True) -> Fused:
-    """A layer in the kernels' layout: q|k|v and gate|up stacked into one matrix each (one
-    launch, one read of the input), quantized formats repacked (exact: float32 scales and float
-    activations; else the int8 layouts of quant/kernels/layouts.py); `release(name)` is told of
-    each tensor copied, so the file's pages can go and memory stays near the file size."""
-    groups = {"qkv": ("q", "k", "v"),
-              "gate_up": ("gate_exps", "up_exps") if ly.router is not None else ("gate", "up")}
-    fused, parts = {}, {}
-    for key, names in groups.items():
-        f = fuse([getattr(ly, n) for n in names], exact)
-        fused[key] = pack_tensor(f, release, exact)
-        if f is not None:  # keep only the stacked copy
-            parts.update({n: None for n in names})
-            for n in names:
-                if release is not None:
-                    release(getattr(ly, n).name)
-    ly = replace(ly, **{f.name: pack_tensor(getattr(ly, f.name), release, exact)
-                        for f in fields(ly) if f.name not in parts}, **parts)
-    return Fused(ly, fused["qkv"], fused["gate_up"])
-
-
-def prepare(w: Weights, release=None, exact: bool = True) -> Weights:
-    """The same weights in the kernels' layout, layer by layer (see prepare_layer)."""
-    layers = [prepare_layer(ly, release, exact) for ly in w.layers]
-    output = pack_tensor(w.output, release, exact)
-    # tied: look tokens up in the packed matrix, so the file's copy is not kept in memory too
-    embd = output if w.output is w.token_embd and isinstance(output, (Packed, Mat)) else w.token_embd
-    return replace(w, layers=layers, output=output, token_embd=embd)
-
-
 def _grouped(w) -> bool:
     return isinstance(w, Mat) and w.n_mats > 1 and w.layout.grouped is not None
 
 
 class CpuOps:
+    """The Backend of the host: numpy arrays, numba kernels, the weights in the int8 layouts
+    (or, exact, matmul_cpu's float32-scale ones)."""
+
     name = "cpu"
+    summary = ""
 
     def __init__(self, args, rope: Rope, cache_type: str = "f16", exact: bool = False):
         self.args, self.rope, self.eps = args, rope, args.rms_norm_eps
@@ -119,7 +56,7 @@ class CpuOps:
         self.kernels = not exact
         self._rope_at: tuple = (None, None)
 
-    def prepare(self, w: Weights, release=None) -> Weights:
+    def prepare(self, w: Weights, release: Release | None = None) -> Weights:
         return prepare(w, release, self.exact)
 
     def new_cache(self, ctx: int) -> KVCache:

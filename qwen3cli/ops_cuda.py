@@ -3,26 +3,30 @@ too, and a step runs as a chain of kernel launches (quant/kernels/cuda.py) on th
 stream. The host sends token embeddings (one row a token) and gets the logits back; nothing
 else crosses, MoE routing included.
 
-Weights are packed on the host a layer at a time (ops_cpu.prepare_layer, the layouts the CPU
+Weights are packed on the host a layer at a time (prepare.prepare_layer, the layouts the CPU
 tests check), uploaded, and the host copy dropped; only the token embeddings stay on the host.
+Which kernel multiplies by a matrix, fed which of its arrays, is the type's entry in the layout
+registry (quant/kernels/layouts.py: `LAYOUTS[type].cuda`); a type without one is refused, by
+name, before anything is uploaded.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
-from gguf import GGMLQuantizationType as T
 
 from quant.kernels import cuda as K
-from quant.kernels.matmul_cpu import Packed, packed_nbytes
-from quant.qtensor import QTensor
+from quant.kernels.layouts import cuda_kernel
+from quant.kernels.matmul_cpu import packed_nbytes
 
+from .backend import Q_CHUNK, Release
 from .errors import Qwen3CliError
-from .ops_cpu import KVCache, Q_CHUNK, pack_tensor, prepare_layer
+from .kv_cache import KVCache
+from .prepare import pack_tensor, prepare_layer
 from .rope import Rope
-from .weights import Weights
+from .weights import LayerWeights, Weights
 
 from numba import cuda  # noqa: E402  (after the package imports: cuda is an optional extra)
 
@@ -33,64 +37,60 @@ class DeviceMemoryError(Qwen3CliError):
 
 @dataclass
 class DevMat:
-    """A matrix (or expert stack) on the device: `kind` picks the kernel, `a` its arrays."""
+    """A matrix (or expert stack) on the device: `kernel` (a launcher of quant/kernels/cuda.py)
+    runs it as kernel[grid](x, xdiv, ids, *args, acc, out); `args` are its device arrays and
+    scalars, from its type's registry entry."""
     name: str
-    kind: str
+    kernel: object
     rows: int
     k: int
     n_mats: int
-    a: dict = field(default_factory=dict)
+    args: tuple = ()
+
+    def _device_arrays(self) -> list:
+        return list({id(x): x for x in self.args if hasattr(x, "copy_to_host")}.values())
 
     @property
     def q(self):  # what Weights.nbytes tells tied matrices apart by
-        return self.a.get("q", self.a.get("w"))
+        return self._device_arrays()[0]
 
     @property
     def nbytes(self) -> int:
-        arrays = {id(x): x for x in self.a.values() if hasattr(x, "copy_to_host")}
-        return sum(int(x.nbytes) for x in arrays.values())
+        return sum(int(x.nbytes) for x in self._device_arrays())
 
 
 DECODE_ROWS = 64  # outputs of up to this many rows (a decode step, MoE slots included) reuse buffers
-_I8 = {T.Q8_0: 5, T.Q6_K: 4}  # int8 layouts: log2 of the group size; the rest have offsets per 32
 
 
 def upload(t) -> DevMat:
-    if isinstance(t, Packed):
-        a = {n: cuda.to_device(x) for n, x in t.arrays().items()}
-        if t.type in (T.Q4_0, T.Q4_K):
-            kind = "q4"
-            a.setdefault("o", a["d"])  # Q4_0: value = d (q - 8), the offset is 8 d
-            a["factor"] = np.float32(8 if t.type == T.Q4_0 else 1)
-        elif t.type in (T.Q2_K, T.Q3_K):
-            kind = t.type.name.lower()
-        else:
-            kind = "i8"
-            a["gshift"] = _I8.get(t.type, 5)
-            a.setdefault("o", cuda.to_device(np.zeros((1, 1), np.float32)))
-        return DevMat(t.name, kind, t.rows, t.k, t.n_mats, a)
-    if isinstance(t, QTensor) and t.type in (T.F32, T.F16, T.BF16):
-        w = t.raw.view(np.float16) if t.type == T.F16 else t.dequant()  # BF16 widened: no bf16 loads here
-        return DevMat(t.name, "float", t.rows, t.k, t.n_mats, {"w": cuda.to_device(np.ascontiguousarray(w))})
-    raise Qwen3CliError(f"{t.name}: no CUDA kernel for type {t.type.name}")
+    """t (in the exact layout: matmul_cpu.Packed, or a float QTensor) on the device; raises
+    UnsupportedQuantType for a type without a CUDA kernel."""
+    spec = cuda_kernel(t)
+    up: dict[int, object] = {}  # one device copy of an array the kernel takes twice (Q4_0's d)
+
+    def device(v):
+        if not isinstance(v, np.ndarray):
+            return v
+        if id(v) not in up:
+            up[id(v)] = cuda.to_device(np.ascontiguousarray(v))
+        return up[id(v)]
+
+    args = tuple(device(v) for v in spec.args(t))
+    return DevMat(t.name, getattr(K, spec.kernel), t.rows, t.k, t.n_mats, args)
 
 
 def device_nbytes(t) -> int:
     if t is None or isinstance(t, np.ndarray):
         return 0 if t is None else t.nbytes
-    if t.type == T.BF16:
-        return t.rows * t.n_mats * t.k * 4
-    return packed_nbytes(t)
-
-
-class _Layer:
-    def __init__(self, ly, up):
-        for name, v in vars(ly).items():
-            setattr(self, name, up(v))
+    spec = cuda_kernel(t)  # a type the GPU cannot run fails here, before anything is uploaded
+    return spec.nbytes(t) if spec.nbytes is not None else packed_nbytes(t)
 
 
 class CudaOps:
+    """The Backend of one NVIDIA GPU: device arrays, numba-cuda kernels, the exact layouts."""
+
     name = "cuda"
+    summary = ""  # what the GPU holds, once the weights are up (check_fits)
 
     def __init__(self, args, rope: Rope, ctx: int):
         self.args, self.eps, self.ctx = args, np.float32(args.rms_norm_eps), ctx
@@ -99,7 +99,6 @@ class CudaOps:
         self._zeros: dict[int, object] = {}
         self._bufs: dict[tuple, object] = {}
         self._scores = None
-        self.summary = ""  # what the GPU holds, once the weights are up
 
     # -- memory ---------------------------------------------------------------------------
     def cache_nbytes(self, ctx: int) -> int:
@@ -120,7 +119,7 @@ class CudaOps:
                 f"the model needs {need / 1e9:.1f} GB on the GPU (weights and a {self.ctx}-token KV cache), "
                 f"{free / 1e9:.1f} GB of {total / 1e9:.1f} GB is free: try a smaller --ctx or --device cpu")
 
-    def prepare(self, w: Weights, release=None) -> Weights:
+    def prepare(self, w: Weights, release: Release | None = None) -> Weights:
         self.check_fits(w)
 
         def up(v):
@@ -128,7 +127,10 @@ class CudaOps:
                 return cuda.to_device(v)
             return upload(v) if v is not None else None
 
-        layers = [_Layer(prepare_layer(ly, release), up) for ly in w.layers]  # host copies go layer by layer
+        def on_device(ly: LayerWeights) -> LayerWeights:
+            return replace(ly, **{f.name: up(getattr(ly, f.name)) for f in fields(ly)})
+
+        layers = [on_device(prepare_layer(ly, release)) for ly in w.layers]  # host copies go layer by layer
         out = pack_tensor(w.output)
         # the embeddings stay on the host (one row a token is sent); tied ones in the packed form
         embd = out if w.token_embd is w.output else w.token_embd
@@ -166,17 +168,7 @@ class CudaOps:
     def _mv(self, x, w: DevMat, ids, xdiv: int, n_out: int, into=None):
         """x @ W.T per output row (see the kernels); added into `into` when given."""
         out = self._out(id(w), (n_out, w.rows)) if into is None else into
-        grid, a, acc = (w.rows, n_out), w.a, into is not None
-        if w.kind == "float":
-            K.mv_float[grid, K.TPB](x, xdiv, ids, a["w"], acc, out)
-        elif w.kind == "i8":
-            K.mv_i8[grid, K.TPB](x, xdiv, ids, a["q"], a["d"], a["gshift"], a["o"], acc, out)
-        elif w.kind == "q4":
-            K.mv_q4[grid, K.TPB](x, xdiv, ids, a["q"], a["d"], a["o"], a["factor"], acc, out)
-        elif w.kind == "q2_k":
-            K.mv_q2_k[grid, K.TPB](x, xdiv, ids, a["q"], a["d"], a["o"], a["sb"], acc, out)
-        else:
-            K.mv_q3_k[grid, K.TPB](x, xdiv, ids, a["q"], a["h"], a["d"], a["sb"], acc, out)
+        w.kernel[(w.rows, n_out), K.TPB](x, xdiv, ids, *w.args, into is not None, out)
         return out
 
     def matmul(self, x, w: DevMat):

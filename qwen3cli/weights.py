@@ -9,7 +9,7 @@ and become float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -41,6 +41,17 @@ class LayerWeights:
     gate_exps: QTensor | None = None
     up_exps: QTensor | None = None
     down_exps: QTensor | None = None
+    # Filled by preparation (prepare.py), which then drops the parts: matrices that multiply the
+    # same input stacked into one (one launch, one read of it). None before, and where the parts
+    # cannot stack (their types differ). Preparation also swaps every QTensor above for the
+    # backend's layout of it (matmul_cpu.Packed, layouts.Mat, ops_cuda.DevMat).
+    qkv: Any = None  # q|k|v: (n_heads + 2 n_kv_heads) * head_dim rows
+    gate_up: Any = None  # gate|up (2 I rows), or gate_exps|up_exps interleaved per expert
+
+    def fused_parts(self) -> dict[str, tuple[str, ...]]:
+        """The fields each stacked field holds, in their order in the stack."""
+        ffn = ("gate_exps", "up_exps") if self.router is not None else ("gate", "up")
+        return {"qkv": ("q", "k", "v"), "gate_up": ffn}
 
 
 @dataclass

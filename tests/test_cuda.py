@@ -148,3 +148,42 @@ def test_kernels_compile_for_sm_90():
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("PTX for sm_90") == 12
+
+
+def test_cuda_backend_implements_the_interface():
+    from test_backend import check_implements
+
+    check_implements(ops_cuda.CudaOps)
+
+
+def test_a_type_without_a_cuda_kernel_is_refused_by_name_before_uploading(monkeypatch):
+    """The kernel comes from the type's registry entry: with none, the load stops at the
+    memory check, naming the tensor and the type, and nothing goes to the device."""
+    from quant.errors import UnsupportedQuantType
+    from quant.kernels import layouts
+
+    monkeypatch.setitem(layouts.LAYOUTS, T.Q4_0, layouts.Entry(layouts.LAYOUTS[T.Q4_0].int8, None))
+    uploads = []
+    monkeypatch.setattr(ops_cuda, "upload", lambda t: uploads.append(t))
+    a = tiny_args(False)
+    with pytest.raises(UnsupportedQuantType, match=r"blk\.0\.attn_k\.weight: type Q4_0 has no CUDA kernel"):
+        Model(tiny_weights(a, MIXED), ctx=16, backend="cuda")
+    assert uploads == []
+
+
+def test_the_registry_picks_the_kernel(monkeypatch):
+    """A type runs whatever kernel its entry names, fed the arrays the entry lists: Q8_0
+    routed through the offset variant with an all-zero offset gives the same product."""
+    from quant.kernels import layouts
+
+    w = random_weights(T.Q8_0, 5, 64)
+    x = np.random.default_rng(4).standard_normal((2, 64)).astype(np.float32)
+    ops = bare_ops()
+    want = ops.matmul(cuda.to_device(x), ops_cuda.upload(pack(w))).copy_to_host()
+    zeros = np.zeros((5, 2), np.float32)
+    calls = []
+    entry = layouts.Entry(None, layouts.CudaKernel("mv_i8", lambda m: calls.append(m) or (m.q, m.d, 5, zeros)))
+    monkeypatch.setitem(layouts.LAYOUTS, T.Q8_0, entry)
+    dev = ops_cuda.upload(pack(w))
+    assert len(calls) == 1 and dev.kernel is ops_cuda.K.mv_i8
+    close(ops.matmul(cuda.to_device(x), dev).copy_to_host(), want)

@@ -147,3 +147,22 @@ def test_the_check_catches_an_import_cycle(tmp_path):
     assert sorted(bad) == ["cyc.broken", "cyc.command"], results
     assert "circular import" in bad["cyc.command"] or "partially initialized" in bad["cyc.command"]
     assert "broken on import" in bad["cyc.broken"]
+
+
+def test_the_backends_import_each_other_never():
+    """The two backends share backend.py and prepare.py, not each other's module: ops_cuda alone
+    loads no ops_cpu, and neither the model nor the CPU backend loads ops_cuda or numba.cuda (a
+    CPU user needs no CUDA, principle 10)."""
+    import importlib.util
+
+    watch = ("qwen3cli.ops_cpu", "qwen3cli.ops_cuda", "numba.cuda")
+    names = ["qwen3cli.model", "qwen3cli.ops_cpu"]
+    if importlib.util.find_spec("numba.cuda") is not None:
+        names.append("qwen3cli.ops_cuda")
+    results = import_each(names, watch=watch)
+    assert failures(results) == {}
+    loaded = {n: set(r[2]) for n, r in results.items()}
+    assert loaded["qwen3cli.model"] == set()  # the backend is imported when a model picks it
+    assert loaded["qwen3cli.ops_cpu"] == {"qwen3cli.ops_cpu"}
+    if "qwen3cli.ops_cuda" in loaded:
+        assert loaded["qwen3cli.ops_cuda"] == {"qwen3cli.ops_cuda", "numba.cuda"}

@@ -152,14 +152,14 @@ def test_int8_stack_packs_each_part_into_its_rows(t):
 def test_large_matrix_packs_in_steps_releasing_each(monkeypatch, t):
     # the embedding / output matrix is packed a slice at a time and each slice's file pages are
     # let go before the next: the same bytes as one pack, and every row released exactly once
-    from qwen3cli import ops_cpu
+    from qwen3cli import prepare
 
     rng = np.random.default_rng(5)
     rows, k = 100, 512
     q = QTensor("big", t, rows, k, FORMATS[t].quantize(rng.standard_normal((rows, k)).astype(np.float32)))
-    monkeypatch.setattr(ops_cpu, "RELEASE_STEP", 8 * q.raw.shape[1])
+    monkeypatch.setattr(prepare, "RELEASE_STEP", 8 * q.raw.shape[1])
     calls = []
-    got = ops_cpu.pack_tensor(q, lambda name, rows=None: calls.append((name, rows)), exact=False)
+    got = prepare.pack_tensor(q, lambda name, rows=None: calls.append((name, rows)), exact=False)
     want = pack(q, exact=False)
     assert got.name == "big" and got.rows == rows
     for f in ("q", "d", "s", "dmin"):

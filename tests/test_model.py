@@ -138,7 +138,7 @@ def test_moe_sparse_routing_equals_dense_reference(gguf_model):
     for ly in model.w.layers:
         top, _ = model.route(ly, h)
         assert len(np.unique(top)) > model.args.n_experts_used  # tokens really pick different experts
-        np.testing.assert_allclose(model.moe(ly, h), model.moe_dense(ly, h), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(model.moe(ly, h), model.ops.moe_dense(ly, h), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_0"])

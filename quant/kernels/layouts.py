@@ -14,6 +14,10 @@ expert ids[s]), `grouped` (prefill of a MoE stack: all active experts' rows in o
 int8_moe_gemm_cpu.py), `dequant` / `take` (rows back to float32: embedding lookups, fallbacks).
 A type or role without an entry falls back to the exact layout, so adding a format, or a
 faster kernel for one role, is one entry here.
+
+Each type's `Entry` in LAYOUTS also names its CUDA kernel (`CudaKernel`: which launcher of
+cuda.py, fed which arrays of the exact layout), or None where the GPU cannot run it; the CUDA
+backend (qwen3cli/ops_cuda.py) looks a matrix's kernel up here and has no type checks of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from ..errors import UnsupportedQuantType
 from ..qtensor import QTensor
 
 
@@ -99,14 +104,69 @@ def _entry(mod, rows=None, gemm: bool = True, experts: bool = True) -> Layout:
     )
 
 
-INT8: dict[T, Layout] = {
-    T.Q8_0: _entry(_int8_cpu),
-    T.Q4_0: _entry(_int8_cpu),
-    T.Q4_K: _entry(_int8_k_cpu),
-    T.Q6_K: _entry(_int8_k_cpu),
-    T.Q5_K: _entry(_int8_q5_cpu, rows=_int8_q5_cpu),
-    T.Q5_0: _entry(_int8_q5_cpu, rows=_int8_q5_cpu),
+@dataclass(frozen=True)
+class CudaKernel:
+    """How the CUDA backend multiplies by a type: `kernel` names a launcher of
+    quant/kernels/cuda.py (by name: this module must not import numba.cuda), called as
+    kernel(x, xdiv, ids, *args(w), acc, out); `args` reads the matrix w in the exact layout
+    (matmul_cpu.Packed; the file's QTensor for the float types): host arrays, which the backend
+    uploads once, and scalars."""
+    kernel: str
+    args: Callable[[Any], tuple]
+    nbytes: Callable[[QTensor], int] | None = None  # device bytes of w, where not its exact layout's
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One GGML type in the registry: how each backend runs it."""
+    int8: Layout | None  # the CPU's default layout; None: the exact one (matmul_cpu.Packed) serves
+    cuda: CudaKernel | None  # None: no CUDA kernel (the backend refuses the file, naming the type)
+
+
+_NO_OFFSET = np.zeros((1, 1), np.float32)  # mv_i8's "no offsets" (one column)
+
+
+def _i8(gshift: int, offsets: bool = False) -> CudaKernel:
+    """int8 quants: value = d[j >> gshift] q - o[j / 32] (o only for formats with offsets)."""
+    return CudaKernel("mv_i8", lambda w: (w.q, w.d, gshift, w.o if offsets else _NO_OFFSET))
+
+
+def _q4(factor: int, offsets: bool) -> CudaKernel:
+    """Nibbles in Q4_0's order: value = d q - factor o, o the minimums (Q4_K) or, without
+    offsets, d itself (Q4_0 is d (q - 8): factor 8)."""
+    return CudaKernel("mv_q4", lambda w: (w.q, w.d, w.o if offsets else w.d, np.float32(factor)))
+
+
+def _float(rows: Callable[[QTensor], np.ndarray], nbytes=None) -> CudaKernel:
+    return CudaKernel("mv_float", lambda w: (np.ascontiguousarray(rows(w)),), nbytes)
+
+
+LAYOUTS: dict[T, Entry] = {
+    T.F32: Entry(None, _float(lambda w: w.dequant())),
+    T.F16: Entry(None, _float(lambda w: w.raw.view(np.float16))),
+    # widened on the host: the GPU kernels have no bf16 loads
+    T.BF16: Entry(None, _float(lambda w: w.dequant(), nbytes=lambda w: w.rows * w.n_mats * w.k * 4)),
+    T.Q8_0: Entry(_entry(_int8_cpu), _i8(5)),
+    T.Q4_0: Entry(_entry(_int8_cpu), _q4(8, offsets=False)),
+    T.Q4_K: Entry(_entry(_int8_k_cpu), _q4(1, offsets=True)),
+    T.Q6_K: Entry(_entry(_int8_k_cpu), _i8(4)),
+    T.Q5_K: Entry(_entry(_int8_q5_cpu, rows=_int8_q5_cpu), _i8(5, offsets=True)),
+    T.Q5_0: Entry(_entry(_int8_q5_cpu, rows=_int8_q5_cpu), _i8(5, offsets=True)),
+    T.Q4_1: Entry(None, _i8(5, offsets=True)),
+    T.Q5_1: Entry(None, _i8(5, offsets=True)),
+    T.Q2_K: Entry(None, CudaKernel("mv_q2_k", lambda w: (w.q, w.d, w.o, w.sb))),
+    T.Q3_K: Entry(None, CudaKernel("mv_q3_k", lambda w: (w.q, w.h, w.d, w.sb))),
 }
+
+INT8: dict[T, Layout] = {t: e.int8 for t, e in LAYOUTS.items() if e.int8 is not None}  # a view, for reading
+
+
+def cuda_kernel(w) -> CudaKernel:
+    """w's CUDA kernel (w: anything with a name and a GGML type)."""
+    e = LAYOUTS.get(w.type)
+    if e is None or e.cuda is None:
+        raise UnsupportedQuantType(f"{w.name}: type {w.type.name} has no CUDA kernel yet; run it with --device cpu")
+    return e.cuda
 
 
 @dataclass(frozen=True)
@@ -154,7 +214,8 @@ def _arrays(obj) -> dict[str, np.ndarray]:
 def int8_layout(w: QTensor) -> Layout | None:
     """w's int8 layout, or None where the exact one serves (no entry; a MoE stack before the
     layout has an experts kernel)."""
-    lay = INT8.get(w.type)
+    e = LAYOUTS.get(w.type)
+    lay = e.int8 if e is not None else None
     if lay is None or (w.n_mats > 1 and lay.experts is None):
         return None
     return lay
@@ -164,6 +225,6 @@ def pack_int8(*ws: QTensor, after=None, name: str | None = None) -> Mat:
     """ws (one matrix, or several stacked: q|k|v, gate|up) in their type's int8 layout;
     after(row, n) is called once each part's n raw rows, stacked at `row`, are packed."""
     w = ws[0]
-    lay = INT8[w.type]
+    lay = LAYOUTS[w.type].int8
     return Mat(name or "+".join(x.name for x in ws), w.type, sum(x.rows for x in ws), w.k, lay,
                lay.pack(*ws, after=after), w.n_mats)
