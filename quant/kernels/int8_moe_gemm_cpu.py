@@ -21,6 +21,18 @@ round-robin in tile-major order to `parts` threads: each thread gets about the s
 every expert's rows, whatever the routing; each thread unpacks weight tiles into one buffer.
 
 `scatter_add` weights the rows back into token order (the slots of a token in routing order).
+
+What bounds it, at Qwen3-30B-A3B's gate|up stack (128 experts of 1536 x 2048, 8 a token;
+measured on the shared 2-core Zen 5 under load, CPU time, so ratios only): the per-item work
+(unpack a tile of 32 weight rows, their lane scales) over the whole stack is 17-20 ms for Q5_K /
+Q4_K on one core, which is the stack's 278 MB streamed from memory (~17 GB/s): every active
+expert's weights are read once per call whatever the kernel. At 128 tokens (~9 rows an
+expert) that is ~35% of the call; the same MACs routed to 16 experts ran 1.7-2.4x faster
+(32 / 24 ms against 54 / 59, generic / VNNI), at 512 tokens 1.2x. The rest is the register
+tiles, at the dense GEMM's rate per MAC (within noise: ~120 GMAC per CPU second for Q5_K).
+Compiled (inspect_asm on znver5, whole functions): _g_q4_0 / _g_q4_k / _g_q6_k with VNNI4
+hold 128 / 32 / 32 vpdpbusd (Q4_0: its full groups' and its tail group's loops, each 2 x 4
+tile entries x 8 units; K: 2 x 4 x 4), generic 16 / 8 / 16 vpmaddubsw.
 """
 
 from __future__ import annotations

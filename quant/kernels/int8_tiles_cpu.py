@@ -1,8 +1,8 @@
 """The register tiles of the prefill GEMM (int8_gemm_cpu.py, whose docstring explains the
 scheme and gives the measurements), built as LLVM IR: a group / super-block of RW weight rows
-against nx rows of x, generic (vpmaddubsw, 2 x 4) or AVX512-VNNI (vpdpbusd, 2 x 6; chosen by the
-`isa` array's dtype, so each path is its own cached specialization and the VNNI one is compiled
-only where `vnni_available`), the K types' per-task lane scales, and the vector unpack of a
+against nx rows of x, generic (vpmaddubsw, 2 x 4) or AVX512-VNNI (vpdpbusd, 2 x 6, or 2 x 4 for
+the grouped MoE kernels; chosen by the `isa` array's dtype, so each path is its own cached
+specialization and the VNNI ones are compiled only where `vnni_available`), the K types' per-task lane scales, and the vector unpack of a
 weight unit to a byte a weight."""
 
 from __future__ import annotations
