@@ -30,6 +30,8 @@ expert's weights are read once per call whatever the kernel. At 128 tokens (~9 r
 expert) that is ~35% of the call; the same MACs routed to 16 experts ran 1.7-2.4x faster
 (32 / 24 ms against 54 / 59, generic / VNNI), at 512 tokens 1.2x. The rest is the register
 tiles, at the dense GEMM's rate per MAC (within noise: ~120 GMAC per CPU second for Q5_K).
+VNNI's tiles against the generic ones (gate|up + down, alternating, CPU time): Q4_0 / Q5_K
+1.01-1.04x / 0.99-1.01x, Q6_K 1.09x.
 Compiled (inspect_asm on znver5, whole functions): _g_q4_0 / _g_q4_k / _g_q6_k with VNNI4
 hold 128 / 32 / 32 vpdpbusd (Q4_0: its full groups' and its tail group's loops, each 2 x 4
 tile entries x 8 units; K: 2 x 4 x 4), generic 16 / 8 / 16 vpmaddubsw.
