@@ -98,8 +98,10 @@ def reference_rows(w, x):
 
 def gemm_cases():
     for t in GEMM_TYPES:
-        # Q8_0 / Q4_0 / Q5_0: 768 has tail blocks, 256 is all tail; Q5_K: one super-block
-        for k in [1024, 3072] + ([768, 256] if t in BLOCK32 else [256] if t == T.Q5_K else []):
+        # Q8_0 / Q4_0 / Q5_0: tail blocks after the last full group of 16 (768: 8, the MoE
+        # down projection's; 544: 1; 480: 15 and no full group; 256: 8 and none); Q5_K: one
+        # super-block
+        for k in [1024, 3072] + ([768, 544, 480, 256] if t in BLOCK32 else [256] if t == T.Q5_K else []):
             for n in (2, 5, 17, 130):
                 if k == 3072 and n == 130 and t != T.Q8_0:
                     continue  # the largest once is enough (the reference is slow)
@@ -122,6 +124,28 @@ def test_matmul_equals_integer_reference_and_decode(t, k, n):
     assert (np.abs(out - decode) <= 1e-6 * scale).all()
     if t in BLOCK32 and k % 512 == 0:  # no tail blocks: the decode kernels' own arithmetic
         np.testing.assert_array_equal(out, decode)
+
+
+@pytest.mark.parametrize("t", BLOCK32, ids=lambda t: t.name)
+@pytest.mark.parametrize("k", [768, 544, 480])
+def test_tail_blocks_are_a_zero_padded_group(t, k):
+    # the blocks after the last full group run as one more group, the missing blocks zero: so
+    # the product equals, bit for bit, the one over k padded to whole groups with any finite
+    # weights against zero x (each padding lane adds exactly 0, in the same lane order)
+    rows, n, kp = 35, 7, -(-k // 512) * 512
+    w, p = make(t, rows, k, seed=k)
+    wide, _ = make(t, rows, kp, seed=k + 1)
+    raw = wide.raw.copy()
+    raw[:, :w.raw.shape[1]] = w.raw  # the same first k // 32 blocks, random ones after them
+    wide = type(w)(w.name, t, rows, kp, raw)
+    x = np.random.default_rng(k).standard_normal((n, k)).astype(np.float32)
+    xp = np.concatenate([x, np.zeros((n, kp - k), np.float32)], 1)
+    for vnni in {False, gemm.vnni_available()}:
+        got = gemm.matmul(x, p, np.empty((n, rows), np.float32), vnni=vnni)
+        np.testing.assert_array_equal(got, gemm.matmul(xp, module(t).pack(wide), np.empty((n, rows), np.float32),
+                                                       vnni=vnni))
+    ref, scale = reference_rows(w, x)
+    assert (np.abs(got - ref) <= 1e-5 * scale).all()
 
 
 UNIT_TYPES = [T.Q4_0, T.Q4_K, T.Q6_K, T.Q5_K, T.Q5_0]  # the tiles with a VNNI path

@@ -69,19 +69,22 @@ def test_plan_groups_pairs_by_expert():
 def cases():
     for t in TYPES:
         blocks32 = t in (T.Q8_0, T.Q4_0, T.Q5_0)
-        for k in ([768, 1024] if blocks32 else [768]):  # 768: tail blocks / 3 super-blocks
-            yield t, k
+        # 768: 8 tail blocks after a full group (the down projection's k) / 3 super-blocks;
+        # 544: one tail block
+        for k in ([768, 1024, 544] if blocks32 else [768]):
+            for vnni in sorted({False, gemm.vnni_available()}):  # generic, and VNNI where the CPU has it
+                yield t, k, vnni
 
 
-@pytest.mark.parametrize("t,k", list(cases()), ids=lambda v: getattr(v, "name", str(v)))
-def test_grouped_equals_dense_gemm_per_expert_and_reference(t, k):
+@pytest.mark.parametrize("t,k,vnni", list(cases()), ids=lambda v: getattr(v, "name", str(v)))
+def test_grouped_equals_dense_gemm_per_expert_and_reference(t, k, vnni):
     w, p = stack(t, k, seed=k)
     n, used = 11, 3  # odd counts; expert 2 gets no token
     top = routing(n, used, seed=k + 1)
     x = inputs(n, k, seed=k + 2)
     pl = moe.plan(top, E)
     out = np.full((pl.total, ROWS), np.nan, np.float32)
-    assert moe.matmul_grouped(x, p, ROWS, pl, True, out) is out
+    assert moe.matmul_grouped(x, p, ROWS, pl, True, out, vnni=vnni) is out
     pad = np.setdiff1d(np.arange(pl.total), pl.row)
     assert not out[pad].any()  # x's zero row
     for e in range(E):
@@ -95,7 +98,7 @@ def test_grouped_equals_dense_gemm_per_expert_and_reference(t, k):
         assert (np.abs(got - ref) <= 1e-5 * scale).all(), (e, (np.abs(got - ref) / scale).max())
     # the down projection's input is in grouped order already
     y = np.random.default_rng(3).standard_normal((pl.total, k)).astype(np.float32)
-    down = moe.matmul_grouped(y, p, ROWS, pl, False)
+    down = moe.matmul_grouped(y, p, ROWS, pl, False, vnni=vnni)
     for e in pl.experts:
         rows = np.arange(pl.lo[e], pl.hi[e])
         dense = gemm.matmul(y[rows], expert(p, int(e)), np.empty((len(rows), ROWS), np.float32))

@@ -14,6 +14,16 @@ instructions per tile entry), and each output is one horizontal sum. Entries do 
 on the thread count or the path; Q8_0 / Q4_0 / Q5_0 equal the decode kernels bit for bit
 when k is a multiple of 512.
 
+Q8_0 / Q4_0 / Q5_0 blocks after a row's last full group of 16 (k / 32 not a multiple of 16:
+8 of the 24 blocks of the MoE down projection's k = 768) stay in the file's order in the
+packs (their size is the file's). Each task moves its rows' into one more group of its own
+(`_tail_*`: zero past the last block, scales too) and x is quantized into whole groups (zero
+blocks after k), so the tiles run them as any group and each padding lane adds exactly 0. A
+scalar loop per tile entry summed them before: at k = 768 it took ~8x the vector groups'
+time (the grouped Q4_0 down projection of a 30B-A3B layer: 311 -> 37 ms CPU at 128 tokens,
+1056 -> 88 at 512). The decode kernels keep their per-block tail (vpmaddwd and a horizontal
+sum each), so with tails the two round apart.
+
 - Q8_0: x int16 in the decode lane order; each weight pair step (16 lanes = 16 blocks, two
   elements each) is widened once (vpmovsxbw) for 4 rows of x, each x step loaded once for 2
   weight rows: 8 vpdpwssd a step.
@@ -68,39 +78,39 @@ from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
 from . import int8_cpu, int8_k_cpu
-from .int8_cpu import G, Int8Packed, _f16
+from .int8_cpu import G, Int8Packed
 from .int8_k_cpu import KPacked
-from .int8_q5_cpu import Q5Packed, _q5_0_tail
-from .int8_tiles_cpu import (GENERIC, NXV, RT, RW, VNNI, _hsums, _lanes_q4_k, _lanes_q6_k, _nx, _t_q4_0, _t_q4_k,
-                             _t_q5_0, _t_q6_k, _t_q8_0, _unit4, _unit5, _unit6, _zeros, tile_rows, vnni_available)
-
+from .int8_q5_cpu import Q5Packed, _even_bits
+from .int8_tiles_cpu import (GENERIC, RT, RW, VNNI, _hsums, _lanes_q4_k, _lanes_q6_k, _nx, _t_q4_0, _t_q4_k, _t_q5_0,
+                             _t_q6_k, _t_q8_0, _unit4, _unit5, _unit6, _zeros, tile_rows, vnni_available)
 
 # -- the activation: all rows quantized once, as the decode kernels quantize one -------------
 
 @njit(cache=True, inline="always")
-def _to_units(src, dst, full, span, half):
+def _to_units(src, dst, span, half):
     # decode order (pair step s at 32 s, byte 2t + e) -> _units_loop's: unit c of a span holds
-    # steps c and c + half woven, step h's pair of lane t at 4t + 2h; elements from `full` on
-    # (Q4_0's tail blocks) stay in place
+    # steps c and c + half woven, step h's pair of lane t at 4t + 2h
     s16, d16 = src.view(np.int16), dst.view(np.int16)  # an element pair at a time
-    for o in range(0, full // 2, span // 2):
+    for o in range(0, src.shape[0] // 2, span // 2):
         for c in range(half):
             for t in range(G):
                 d16[o + 32 * c + 2 * t] = s16[o + 16 * c + t]
                 d16[o + 32 * c + 2 * t + 1] = s16[o + 16 * (c + half) + t]
-    dst[full:] = src[full:]
 
 
 @njit(parallel=True, cache=True)
-def _quantize_q8_0_rows(x, xq, xd, xs, ng, units):
-    k = x.shape[1]
+def _quantize_q8_0_rows(x, xq, xd, xs, units):
+    # xq's rows are whole groups (kp = xq.shape[1]): the blocks after the last full group fill
+    # a last group whose missing blocks stay zero (xq, xd, xs come zeroed), so the tiles run it
+    # as any other group
+    kp = xq.shape[1]
     for i in prange(x.shape[0]):
         if not units:
-            int8_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], ng)
+            int8_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], kp // (32 * G))
         else:
-            tmp = np.empty(k, np.int8)
-            int8_cpu._quantize_x(x[i], tmp, xd[i], xs[i], ng)
-            _to_units(tmp, xq[i], ng * 32 * G, 32 * G, 8)
+            tmp = np.zeros(kp, np.int8)
+            int8_cpu._quantize_x(x[i], tmp, xd[i], xs[i], kp // (32 * G))
+            _to_units(tmp, xq[i], 32 * G, 8)
 
 
 @njit(parallel=True, cache=True)
@@ -112,26 +122,29 @@ def _quantize_q8_k_rows(x, xq, xd, xs, units):
         else:
             tmp = np.empty(k, np.int8)
             int8_k_cpu._quantize_x(x[i], tmp, xd[i], xs[i])
-            _to_units(tmp, xq[i], k, 256, 4)
+            _to_units(tmp, xq[i], 256, 4)
 
 
 def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed,
                   nx: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x (n, k) -> (quants (npad, k), scales, quant sums), npad = n rounded up to nx (a tile's x
-    rows) with zero rows, each row exactly as the decode modules' quantize_x rounds it: for Q8_0 / Q4_0 weights
-    ggml's Q8_0 (scale and sum per 32), for Q4_K / Q5_K / Q6_K ggml's Q8_K (scale per 256, sums
-    per 16); Q5_0 as Q4_0. Q8_0: int16 in the decode kernels' order; the others int8 in
-    _units_loop's."""
+    """x (n, k) -> (quants (npad, kp), scales, quant sums), npad = n rounded up to nx (a tile's x
+    rows) with zero rows, each row exactly as the decode modules' quantize_x rounds it: for Q8_0 /
+    Q4_0 / Q5_0 weights ggml's Q8_0 (scale and sum per 32), k padded to whole groups of 16
+    blocks (kp; the padding blocks' quants, scales and sums zero), for Q4_K / Q5_K / Q6_K
+    ggml's Q8_K (scale per 256, sums per 16; kp = k). Q8_0: int16 in the decode kernels'
+    order; the others int8 in _units_loop's."""
     n, k = x.shape
     npad = -(-n // nx) * nx
     units = w.type != T.Q8_0
-    xq = np.zeros((npad, k), np.int8 if units else np.int16)
     if w.type in (T.Q8_0, T.Q4_0, T.Q5_0):
-        xd, xs = np.zeros((npad, k // 32), np.float32), np.zeros((npad, k // 32), np.int32)
-        _quantize_q8_0_rows(x, xq, xd, xs, k // 32 // G, units)
+        nbp = -(-k // (32 * G)) * G
+        xq = np.zeros((npad, 32 * nbp), np.int8 if units else np.int16)
+        xd, xs = np.zeros((npad, nbp), np.float32), np.zeros((npad, nbp), np.int32)
+        _quantize_q8_0_rows(x, xq, xd, xs, units)
     else:
+        xq = np.zeros((npad, k), np.int8)
         xd, xs = np.zeros((npad, k // 256), np.float32), np.zeros((npad, k // 16), np.int32)
-        _quantize_q8_k_rows(x, xq, xd, xs, units)
+        _quantize_q8_k_rows(x, xq, xd, xs, True)
     return xq, xd, xs
 
 
@@ -176,6 +189,68 @@ def _unpack_q5(q, h, r0, r1, ws, k, span, hi_off, hi_bit):
                 _unit5(q, src + 32 * c, h, hsrc, hsrc + hi_off, c, c + hi_bit, ws, dst + 64 * c)
 
 
+# The blocks after a row's last full group (nb % 16 of them: 8 in the MoE down projection's
+# k = 768) are stored in the file's order (int8_cpu's, int8_q5_cpu's pack). Each task moves
+# them into one more group of its own, in the full groups' order and zero past the last
+# block, with its scales (zero there too: x's padding blocks are zero, so the missing lanes
+# add 0), and the tiles run it as any group: the scalar loop that summed them took 6x the
+# time of the vector groups at k = 768. Per task and row: 16 bytes a Q4_0 block moved as
+# bytes, then 8 vector units (_unit4 / _unit5).
+
+@njit(cache=True, inline="always")
+def _tail_q8_0(q, d, r0, r1, wt, dt):
+    # wt: a group (512 bytes) per row, pair step p of block t at 32 p + 2 t (int8_cpu's order)
+    nb = d.shape[1]
+    ng = nb // G
+    for r in range(r0, r1):
+        o = (r - r0) * 32 * G
+        for t in range(nb - ng * G):
+            b = ng * G + t
+            dt[(r - r0) * G + t] = d[r, b]
+            for p in range(16):
+                wt[o + 32 * p + 2 * t] = q[r, 32 * b + 2 * p]
+                wt[o + 32 * p + 2 * t + 1] = q[r, 32 * b + 2 * p + 1]
+
+
+@njit(cache=True, inline="always")
+def _tail_q4_0(q, d, r0, r1, wt, dt, tmp):
+    # tmp (256 bytes): the group in the pack's order (chunk c: file bytes 2c, 2c + 1 of block t
+    # at 32 c + 2 t), then wt: its 8 units as _unpack writes them, 512 bytes a row
+    nb = d.shape[1]
+    ng = nb // G
+    for r in range(r0, r1):
+        for t in range(nb - ng * G):
+            b = ng * G + t
+            dt[(r - r0) * G + t] = d[r, b]
+            for c in range(8):
+                tmp[32 * c + 2 * t] = q[r, 16 * b + 2 * c]
+                tmp[32 * c + 2 * t + 1] = q[r, 16 * b + 2 * c + 1]
+        for c in range(8):
+            _unit4(tmp, 32 * c, tmp, 0, 0, 0, 0, wt, (r - r0) * 32 * G + 64 * c)
+
+
+@njit(cache=True, inline="always")
+def _tail_q5_0(q, h, d, r0, r1, wt, dt, tmp, tmph):
+    # as _tail_q4_0, with the fifth bits: the file's qh pair u of block t (bit j: element
+    # 16u + j) as the pack stores it (tmph, int8_q5_cpu._pack_q5_0: step 8u + s at bit s of
+    # bytes 32u + 2t + e)
+    nb = d.shape[1]
+    ng = nb // G
+    for r in range(r0, r1):
+        for t in range(nb - ng * G):
+            b = ng * G + t
+            dt[(r - r0) * G + t] = d[r, b]
+            for c in range(8):
+                tmp[32 * c + 2 * t] = q[r, 16 * b + 2 * c]
+                tmp[32 * c + 2 * t + 1] = q[r, 16 * b + 2 * c + 1]
+            for u in range(2):
+                v = np.int32(h[r, 4 * b + 2 * u]) | (np.int32(h[r, 4 * b + 2 * u + 1]) << 8)
+                tmph[32 * u + 2 * t] = _even_bits(v)
+                tmph[32 * u + 2 * t + 1] = _even_bits(v >> 1)
+        for c in range(8):
+            _unit5(tmp, 32 * c, tmph, 0, 32, c, c, wt, (r - r0) * 32 * G + 64 * c)
+
+
 @njit(cache=True, inline="always")
 def _lane_scales(s, d, dmin, r0, r1, sv, mv, q6):
     # rows r0..r1's 16 lane scales per super-block as the K tiles multiply them (int8_tiles_cpu's
@@ -193,77 +268,72 @@ def _lane_scales(s, d, dmin, r0, r1, sv, mv, q6):
 # -- the products ------------------------------------------------------------------------------
 
 @njit(cache=True, inline="always")
-def _store(acc, extra, out, r, r1, i, n, nx):
-    # the tile's sums; extra (RW * nx) holds each pair's tail blocks, its second half the sums
-    _hsums(acc, extra[RW * nx:])
+def _store(acc, sums, out, r, r1, i, n, nx):
+    # the tile's RW x nx sums (through `sums`, RW * nx floats) into out's rows i.., columns r, r1
+    _hsums(acc, sums)
     for a in range(RW):
         rr = r if a == 0 else r1
         if a == 0 or r1 != r:
             for b in range(nx):
                 if i + b < n:
-                    out[i + b, rr] = extra[RW * nx + a * nx + b] + extra[a * nx + b]
+                    out[i + b, rr] = sums[a * nx + b]
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _mm_q8_0(xq, xd, xs, q, d, out):
+    # xq: int16 in the decode order, whole groups (kp); the tail group from the task's wt / dt
     isa = GENERIC  # int16 x: vpdpwssd either way
     n, (R, k) = out.shape[0], q.shape
-    nb = k // 32
-    ng = nb // G
-    extra = np.zeros(2 * RW * NXV, np.float32)
+    nb, kp = k // 32, xq.shape[1]
+    ng, nbp = nb // G, kp // 32
     for tile in prange(-(-R // RT)):
         nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
-        ex = extra.copy()
+        sums = np.empty(RW * nx, np.float32)
+        r0, rt = tile * RT, min(R, tile * RT + RT)
+        wt, dt = np.zeros(RT * 32 * G, np.int8), np.zeros(RT * G, np.uint16)
+        if ng < nbp // G:
+            _tail_q8_0(q, d, r0, rt, wt, dt)
         for i in range(0, xq.shape[0], nx):
-            for r in range(tile * RT, min(R, tile * RT + RT), RW):
+            for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros(isa)
                 for g in range(ng):
                     acc = _t_q8_0(acc, q, r * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G, (r1 - r) * nb,
-                                  xq, i * k + g * 32 * G, k, xs, 0, 0, xd, i * nb + g * G, nb, GENERIC)
-                for a in range(RW * nx):
-                    rr, ii = r + (r1 - r) * (a // nx), i + a % nx
-                    s = np.float32(0)
-                    for b in range(ng * G, nb):
-                        s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(
-                            int8_cpu._q8_block(q, rr * k + b * 32, xq, ii * k + b * 32))
-                    ex[a] = s
-                _store(acc, ex, out, r, r1, i, n, nx)
+                                  xq, i * kp + g * 32 * G, kp, xs, 0, 0, xd, i * nbp + g * G, nbp, isa)
+                if ng < nbp // G:
+                    acc = _t_q8_0(acc, wt, (r - r0) * 32 * G, (r1 - r) * 32 * G, dt, dt, (r - r0) * G, (r1 - r) * G,
+                                  xq, i * kp + ng * 32 * G, kp, xs, 0, 0, xd, i * nbp + ng * G, nbp, isa)
+                _store(acc, sums, out, r, r1, i, n, nx)
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _mm_q4_0(xq, xd, xs, q, d, out, isa):
-    # xq: int8 in _units_loop's order (tail blocks in the file's), xs: -8 x the quant sums
+    # xq: int8 in _units_loop's order, whole groups (kp); xs: -8 x the quant sums
     n, (R, kh) = out.shape[0], q.shape
-    k, nb = 2 * kh, kh // 16
-    ng = nb // G
-    extra = np.zeros(2 * RW * NXV, np.float32)
+    k, nb, kp = 2 * kh, kh // 16, xq.shape[1]
+    ng, nbp = nb // G, kp // 32
     for tile in prange(-(-R // RT)):
         nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
-        ex = extra.copy()
+        sums = np.empty(RW * nx, np.float32)
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
         _unpack(q, r0, rt, ws, k, 32 * G, False)
+        wt, dt = np.zeros(RT * 32 * G, np.uint8), np.zeros(RT * G, np.uint16)
+        if ng < nbp // G:
+            _tail_q4_0(q, d, r0, rt, wt, dt, np.zeros(16 * G, np.uint8))
         for i in range(0, xq.shape[0], nx):
             for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros(isa)
                 for g in range(ng):
                     acc = _t_q4_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G,
-                                  (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, i * nb + g * G, nb, xd,
-                                  i * nb + g * G, nb, isa)
-                for a in range(RW * nx):
-                    rr, ii = r + (r1 - r) * (a // nx), i + a % nx
-                    s = np.float32(0)
-                    for b in range(ng * G, nb):  # tail blocks, in the file's order
-                        isum = xs[ii, b]  # minus 8 times the quant sum
-                        for j in range(16):
-                            v = np.int32(q[rr, b * 16 + j])
-                            isum += ((v & 15) * np.int32(xq[ii, b * 32 + j])
-                                     + (v >> 4) * np.int32(xq[ii, b * 32 + 16 + j]))
-                        s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(isum)
-                    ex[a] = s
-                _store(acc, ex, out, r, r1, i, n, nx)
+                                  (r1 - r) * nb, xq, i * kp + g * 32 * G, kp, xs, i * nbp + g * G, nbp, xd,
+                                  i * nbp + g * G, nbp, isa)
+                if ng < nbp // G:
+                    acc = _t_q4_0(acc, wt, (r - r0) * 32 * G, (r1 - r) * 32 * G, dt, dt, (r - r0) * G, (r1 - r) * G,
+                                  xq, i * kp + ng * 32 * G, kp, xs, i * nbp + ng * G, nbp, xd, i * nbp + ng * G, nbp,
+                                  isa)
+                _store(acc, sums, out, r, r1, i, n, nx)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -272,10 +342,9 @@ def _mm_q4_k(xq, xd, xs, q, h, s, d, dmin, out, isa):
     # 0..31. xq: int8 in _units_loop's order, xs: the quant sums per 16 as float
     n, (R, nsb) = out.shape[0], d.shape
     k = nsb * 256
-    extra = np.zeros(2 * RW * NXV, np.float32)
     for tile in prange(-(-R // RT)):
         nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
-        ex = extra.copy()  # the task's: _store writes its sums there
+        sums = np.empty(RW * nx, np.float32)
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
         if h is None:
@@ -292,38 +361,37 @@ def _mm_q4_k(xq, xd, xs, q, h, s, d, dmin, out, isa):
                     acc = _t_q4_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, sv, mv, ((r - r0) * nsb + b) * 16,
                                   (r1 - r) * nsb * 16, xq, i * k + b * 256, k, xs, i * nsb * 16 + b * 16,
                                   nsb * 16, xd, i * nsb + b, nsb, isa)
-                _store(acc, ex, out, r, r1, i, n, nx)
+                _store(acc, sums, out, r, r1, i, n, nx)
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _mm_q5_0(xq, xd, xs, q, h, d, out, isa):
     # as _mm_q4_0 (a window of 4 units: _UNITS); xs: -16 x the quant sums
     n, (R, kh) = out.shape[0], q.shape
-    k, nb = 2 * kh, kh // 16
-    ng = nb // G
-    extra = np.zeros(2 * RW * NXV, np.float32)
+    k, nb, kp = 2 * kh, kh // 16, xq.shape[1]
+    ng, nbp = nb // G, kp // 32
     for tile in prange(-(-R // RT)):
         nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
-        ex = extra.copy()
+        sums = np.empty(RW * nx, np.float32)
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
         _unpack_q5(q, h, r0, rt, ws, k, 32 * G, 32, 0)
+        wt, dt = np.zeros(RT * 32 * G, np.uint8), np.zeros(RT * G, np.uint16)
+        if ng < nbp // G:
+            _tail_q5_0(q, h, d, r0, rt, wt, dt, np.zeros(16 * G, np.uint8), np.zeros(4 * G, np.uint8))
         for i in range(0, xq.shape[0], nx):
             for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros(isa)
                 for g in range(ng):
                     acc = _t_q5_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G,
-                                  (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, i * nb + g * G, nb, xd,
-                                  i * nb + g * G, nb, isa)
-                for a in range(RW * nx):
-                    rr, ii = r + (r1 - r) * (a // nx), i + a % nx
-                    s = np.float32(0)
-                    for b in range(ng * G, nb):  # tail blocks, in the file's order
-                        isum = _q5_0_tail(q[rr], b * 16, h[rr], b * 4, xq[ii], b * 32) + xs[ii, b]
-                        s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(isum)
-                    ex[a] = s
-                _store(acc, ex, out, r, r1, i, n, nx)
+                                  (r1 - r) * nb, xq, i * kp + g * 32 * G, kp, xs, i * nbp + g * G, nbp, xd,
+                                  i * nbp + g * G, nbp, isa)
+                if ng < nbp // G:
+                    acc = _t_q5_0(acc, wt, (r - r0) * 32 * G, (r1 - r) * 32 * G, dt, dt, (r - r0) * G, (r1 - r) * G,
+                                  xq, i * kp + ng * 32 * G, kp, xs, i * nbp + ng * G, nbp, xd, i * nbp + ng * G, nbp,
+                                  isa)
+                _store(acc, sums, out, r, r1, i, n, nx)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -331,10 +399,9 @@ def _mm_q6_k(xq, xd, xs, q, s, d, out, isa):
     # xq: int8 in _units_loop's order, xs: -32 x the quant sums per 16
     n, (R, nsb) = out.shape[0], d.shape
     k = nsb * 256
-    extra = np.zeros(2 * RW * NXV, np.float32)
     for tile in prange(-(-R // RT)):
         nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
-        ex = extra.copy()  # the task's: _store writes its sums there
+        sums = np.empty(RW * nx, np.float32)
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
         _unpack(q, r0, rt, ws, k, 256, True)
@@ -348,7 +415,7 @@ def _mm_q6_k(xq, xd, xs, q, s, d, out, isa):
                     acc = _t_q6_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, sv, sv, ((r - r0) * nsb + b) * 16,
                                   (r1 - r) * nsb * 16, xq, i * k + b * 256, k, xs, i * nsb * 16 + b * 16,
                                   nsb * 16, xd, i * nsb + b, nsb, isa)
-                _store(acc, ex, out, r, r1, i, n, nx)
+                _store(acc, sums, out, r, r1, i, n, nx)
 
 
 def matmul(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, out: np.ndarray, vnni: bool | None = None) -> np.ndarray:

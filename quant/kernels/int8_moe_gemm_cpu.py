@@ -12,11 +12,29 @@ goes to; int8_gemm_cpu.quantize_rows, the dense GEMM's own rounding) and its qua
 gathered into that order; the down projection's input is already in it (gate|up's output rows
 are). One kernel then runs work items (expert, tile of RT weight rows) with int8_gemm_cpu's
 register tiles (`_t_*`, imported: the same instructions as the dense GEMM), so every output
-entry is the dense kernel's arithmetic for that expert, bit for bit. Items are dealt
+entry is the dense kernel's arithmetic for that expert, bit for bit (the 4- to 6-bit types
+with vpdpbusd where the CPU has AVX512-VNNI, as the dense GEMM, but in tiles of NX = 4 rows:
+the plan pads each expert's rows to NX, and NXV = 6 would pad more of them; Q8_0's int16 x
+takes vpdpwssd either way; the blocks after the last full group as the dense GEMM runs them,
+one zero-padded group more). Items are dealt
 round-robin in tile-major order to `parts` threads: each thread gets about the same share of
 every expert's rows, whatever the routing; each thread unpacks weight tiles into one buffer.
 
 `scatter_add` weights the rows back into token order (the slots of a token in routing order).
+
+What bounds it, at Qwen3-30B-A3B's gate|up stack (128 experts of 1536 x 2048, 8 a token;
+measured on the shared 2-core Zen 5 under load, CPU time, so ratios only): the per-item work
+(unpack a tile of 32 weight rows, their lane scales) over the whole stack is 17-20 ms for Q5_K /
+Q4_K on one core, which is the stack's 278 MB streamed from memory (~17 GB/s): every active
+expert's weights are read once per call whatever the kernel. At 128 tokens (~9 rows an
+expert) that is ~35% of the call; the same MACs routed to 16 experts ran 1.7-2.4x faster
+(32 / 24 ms against 54 / 59, generic / VNNI), at 512 tokens 1.2x. The rest is the register
+tiles, at the dense GEMM's rate per MAC (within noise: ~120 GMAC per CPU second for Q5_K).
+VNNI's tiles against the generic ones (gate|up + down, alternating, CPU time): Q4_0 / Q5_K
+1.01-1.04x / 0.99-1.01x, Q6_K 1.09x.
+Compiled (inspect_asm on znver5, whole functions): _g_q4_0 / _g_q4_k / _g_q6_k with VNNI4
+hold 128 / 32 / 32 vpdpbusd (Q4_0: its full groups' and its tail group's loops, each 2 x 4
+tile entries x 8 units; K: 2 x 4 x 4), generic 16 / 8 / 16 vpmaddubsw.
 """
 
 from __future__ import annotations
@@ -28,11 +46,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
-from . import int8_cpu
-from .int8_cpu import G, _f16
-from .int8_gemm_cpu import _lane_scales, _prepared_sums, _store, _unpack, _unpack_q5, quantize_rows
-from .int8_tiles_cpu import GENERIC, NX, RT, RW, _t_q4_0, _t_q4_k, _t_q5_0, _t_q6_k, _t_q8_0, _zeros
-from .int8_q5_cpu import _q5_0_tail
+from .int8_cpu import G
+from .int8_gemm_cpu import (_lane_scales, _prepared_sums, _store, _tail_q4_0, _tail_q5_0, _tail_q8_0, _unpack,
+                            _unpack_q5, quantize_rows)
+from .int8_tiles_cpu import (GENERIC, NX, RT, RW, VNNI4, _t_q4_0, _t_q4_k, _t_q5_0, _t_q6_k, _t_q8_0, _zeros,
+                             vnni_available)
 
 TYPES = (T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K, T.Q5_K, T.Q5_0)
 
@@ -89,77 +107,73 @@ def _items(p: Plan, rows: int) -> np.ndarray:
 # -- the kernels: int8_gemm_cpu's _mm_* over work items --------------------------------------
 
 @njit(parallel=True, cache=True, nogil=True)
-def _g_q8_0(xq, xd, xs, q, d, R, items, lo, hi, parts, out):
-    k = q.shape[1]
-    nb = k // 32
+def _g_q8_0(xq, xd, xs, q, d, R, items, lo, hi, parts, out, isa):
+    k, kp = q.shape[1], xq.shape[1]
+    nb, nbp = k // 32, kp // 32
     ng = nb // G
     n = out.shape[0]
     for part in prange(parts):
-        ex = np.zeros(2 * RW * NX, np.float32)
-        for it in range(part, items.shape[0], parts):
-            e, t = items[it, 0], items[it, 1]
-            for i in range(lo[e], hi[e], NX):
-                for rl in range(t * RT, min(R, t * RT + RT), RW):
-                    rl1 = min(rl + RW - 1, R - 1)
-                    r, r1 = e * R + rl, e * R + rl1
-                    acc = _zeros(GENERIC)
-                    for g in range(ng):
-                        acc = _t_q8_0(acc, q, r * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G,
-                                      (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, 0, 0, xd, i * nb + g * G, nb,
-                                      GENERIC)
-                    for a in range(RW * NX):
-                        rr, ii = r + (r1 - r) * (a // NX), i + a % NX
-                        s = np.float32(0)
-                        for b in range(ng * G, nb):
-                            s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(
-                                int8_cpu._q8_block(q, rr * k + b * 32, xq, ii * k + b * 32))
-                        ex[a] = s
-                    _store(acc, ex, out, rl, rl1, i, n, NX)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def _g_q4_0(xq, xd, xs, q, d, R, items, lo, hi, parts, out):
-    kh = q.shape[1]
-    k, nb = 2 * kh, kh // 16
-    ng = nb // G
-    n = out.shape[0]
-    for part in prange(parts):
-        ex = np.zeros(2 * RW * NX, np.float32)
-        ws = np.empty(RT * k, np.uint8)
+        sums = np.empty(RW * NX, np.float32)
+        wt, dt = np.zeros(RT * 32 * G, np.int8), np.zeros(RT * G, np.uint16)
         for it in range(part, items.shape[0], parts):
             e, t = items[it, 0], items[it, 1]
             r0, rt = e * R + t * RT, e * R + min(R, t * RT + RT)
-            _unpack(q, r0, rt, ws, k, 32 * G, False)
+            if ng < nbp // G:
+                _tail_q8_0(q, d, r0, rt, wt, dt)
             for i in range(lo[e], hi[e], NX):
                 for r in range(r0, rt, RW):
                     r1 = min(r + RW - 1, rt - 1)
                     acc = _zeros(GENERIC)
                     for g in range(ng):
-                        acc = _t_q4_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d,
-                                      r * nb + g * G, (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, i * nb + g * G,
-                                      nb, xd, i * nb + g * G, nb, GENERIC)
-                    for a in range(RW * NX):
-                        rr, ii = r + (r1 - r) * (a // NX), i + a % NX
-                        s = np.float32(0)
-                        for b in range(ng * G, nb):  # tail blocks, in the file's order
-                            isum = xs[ii, b]  # minus 8 times the quant sum (_prepared_sums)
-                            for j in range(16):
-                                v = np.int32(q[rr, b * 16 + j])
-                                isum += ((v & 15) * np.int32(xq[ii, b * 32 + j])
-                                         + (v >> 4) * np.int32(xq[ii, b * 32 + 16 + j]))
-                            s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(isum)
-                        ex[a] = s
-                    _store(acc, ex, out, r - e * R, r1 - e * R, i, n, NX)
+                        acc = _t_q8_0(acc, q, r * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G,
+                                      (r1 - r) * nb, xq, i * kp + g * 32 * G, kp, xs, 0, 0, xd, i * nbp + g * G, nbp,
+                                      GENERIC)
+                    if ng < nbp // G:
+                        acc = _t_q8_0(acc, wt, (r - r0) * 32 * G, (r1 - r) * 32 * G, dt, dt, (r - r0) * G,
+                                      (r1 - r) * G, xq, i * kp + ng * 32 * G, kp, xs, 0, 0, xd, i * nbp + ng * G, nbp,
+                                      GENERIC)
+                    _store(acc, sums, out, r - e * R, r1 - e * R, i, n, NX)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _g_q4_k(xq, xd, xs, q, h, s, d, dmin, R, items, lo, hi, parts, out):
+def _g_q4_0(xq, xd, xs, q, d, R, items, lo, hi, parts, out, isa):
+    kh, kp = q.shape[1], xq.shape[1]
+    k, nb, nbp = 2 * kh, kh // 16, kp // 32
+    ng = nb // G
+    n = out.shape[0]
+    for part in prange(parts):
+        sums = np.empty(RW * NX, np.float32)
+        ws = np.empty(RT * k, np.uint8)
+        wt, dt, tmp = np.zeros(RT * 32 * G, np.uint8), np.zeros(RT * G, np.uint16), np.zeros(16 * G, np.uint8)
+        for it in range(part, items.shape[0], parts):
+            e, t = items[it, 0], items[it, 1]
+            r0, rt = e * R + t * RT, e * R + min(R, t * RT + RT)
+            _unpack(q, r0, rt, ws, k, 32 * G, False)
+            if ng < nbp // G:
+                _tail_q4_0(q, d, r0, rt, wt, dt, tmp)
+            for i in range(lo[e], hi[e], NX):
+                for r in range(r0, rt, RW):
+                    r1 = min(r + RW - 1, rt - 1)
+                    acc = _zeros(isa)
+                    for g in range(ng):
+                        acc = _t_q4_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d,
+                                      r * nb + g * G, (r1 - r) * nb, xq, i * kp + g * 32 * G, kp, xs, i * nbp + g * G,
+                                      nbp, xd, i * nbp + g * G, nbp, isa)
+                    if ng < nbp // G:
+                        acc = _t_q4_0(acc, wt, (r - r0) * 32 * G, (r1 - r) * 32 * G, dt, dt, (r - r0) * G,
+                                      (r1 - r) * G, xq, i * kp + ng * 32 * G, kp, xs, i * nbp + ng * G, nbp, xd,
+                                      i * nbp + ng * G, nbp, isa)
+                    _store(acc, sums, out, r - e * R, r1 - e * R, i, n, NX)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _g_q4_k(xq, xd, xs, q, h, s, d, dmin, R, items, lo, hi, parts, out, isa):
     # Q4_K (h None) or Q5_K (h: the fifth bits), as int8_gemm_cpu._mm_q4_k
     nsb = d.shape[1]
     k = nsb * 256
     n = out.shape[0]
     for part in prange(parts):
-        ex = np.zeros(2 * RW * NX, np.float32)
+        sums = np.empty(RW * NX, np.float32)
         ws = np.empty(RT * k, np.uint8)
         sv, mv = np.empty(RT * nsb * 16, np.float32), np.empty(RT * nsb * 16, np.float32)
         for it in range(part, items.shape[0], parts):
@@ -173,52 +187,53 @@ def _g_q4_k(xq, xd, xs, q, h, s, d, dmin, R, items, lo, hi, parts, out):
             for i in range(lo[e], hi[e], NX):
                 for r in range(r0, rt, RW):
                     r1 = min(r + RW - 1, rt - 1)
-                    acc = _zeros(GENERIC)
+                    acc = _zeros(isa)
                     for b in range(nsb):
                         acc = _t_q4_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, sv, mv, ((r - r0) * nsb + b) * 16,
                                       (r1 - r) * nsb * 16, xq, i * k + b * 256, k, xs, i * nsb * 16 + b * 16,
-                                      nsb * 16, xd, i * nsb + b, nsb, GENERIC)
-                    _store(acc, ex, out, r - e * R, r1 - e * R, i, n, NX)
+                                      nsb * 16, xd, i * nsb + b, nsb, isa)
+                    _store(acc, sums, out, r - e * R, r1 - e * R, i, n, NX)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _g_q5_0(xq, xd, xs, q, h, d, R, items, lo, hi, parts, out):
-    kh = q.shape[1]
-    k, nb = 2 * kh, kh // 16
+def _g_q5_0(xq, xd, xs, q, h, d, R, items, lo, hi, parts, out, isa):
+    kh, kp = q.shape[1], xq.shape[1]
+    k, nb, nbp = 2 * kh, kh // 16, kp // 32
     ng = nb // G
     n = out.shape[0]
     for part in prange(parts):
-        ex = np.zeros(2 * RW * NX, np.float32)
+        sums = np.empty(RW * NX, np.float32)
         ws = np.empty(RT * k, np.uint8)
+        wt, dt = np.zeros(RT * 32 * G, np.uint8), np.zeros(RT * G, np.uint16)
+        tmp, tmph = np.zeros(16 * G, np.uint8), np.zeros(4 * G, np.uint8)
         for it in range(part, items.shape[0], parts):
             e, t = items[it, 0], items[it, 1]
             r0, rt = e * R + t * RT, e * R + min(R, t * RT + RT)
             _unpack_q5(q, h, r0, rt, ws, k, 32 * G, 32, 0)
+            if ng < nbp // G:
+                _tail_q5_0(q, h, d, r0, rt, wt, dt, tmp, tmph)
             for i in range(lo[e], hi[e], NX):
                 for r in range(r0, rt, RW):
                     r1 = min(r + RW - 1, rt - 1)
-                    acc = _zeros(GENERIC)
+                    acc = _zeros(isa)
                     for g in range(ng):
                         acc = _t_q5_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d,
-                                      r * nb + g * G, (r1 - r) * nb, xq, i * k + g * 32 * G, k, xs, i * nb + g * G,
-                                      nb, xd, i * nb + g * G, nb, GENERIC)
-                    for a in range(RW * NX):
-                        rr, ii = r + (r1 - r) * (a // NX), i + a % NX
-                        s = np.float32(0)
-                        for b in range(ng * G, nb):
-                            isum = _q5_0_tail(q[rr], b * 16, h[rr], b * 4, xq[ii], b * 32) + xs[ii, b]
-                            s += (_f16(d, rr * nb + b) * xd[ii, b]) * np.float32(isum)
-                        ex[a] = s
-                    _store(acc, ex, out, r - e * R, r1 - e * R, i, n, NX)
+                                      r * nb + g * G, (r1 - r) * nb, xq, i * kp + g * 32 * G, kp, xs, i * nbp + g * G,
+                                      nbp, xd, i * nbp + g * G, nbp, isa)
+                    if ng < nbp // G:
+                        acc = _t_q5_0(acc, wt, (r - r0) * 32 * G, (r1 - r) * 32 * G, dt, dt, (r - r0) * G,
+                                      (r1 - r) * G, xq, i * kp + ng * 32 * G, kp, xs, i * nbp + ng * G, nbp, xd,
+                                      i * nbp + ng * G, nbp, isa)
+                    _store(acc, sums, out, r - e * R, r1 - e * R, i, n, NX)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _g_q6_k(xq, xd, xs, q, s, d, R, items, lo, hi, parts, out):
+def _g_q6_k(xq, xd, xs, q, s, d, R, items, lo, hi, parts, out, isa):
     nsb = d.shape[1]
     k = nsb * 256
     n = out.shape[0]
     for part in prange(parts):
-        ex = np.zeros(2 * RW * NX, np.float32)
+        sums = np.empty(RW * NX, np.float32)
         ws = np.empty(RT * k, np.uint8)
         sv = np.empty(RT * nsb * 16, np.float32)
         for it in range(part, items.shape[0], parts):
@@ -229,17 +244,19 @@ def _g_q6_k(xq, xd, xs, q, s, d, R, items, lo, hi, parts, out):
             for i in range(lo[e], hi[e], NX):
                 for r in range(r0, rt, RW):
                     r1 = min(r + RW - 1, rt - 1)
-                    acc = _zeros(GENERIC)
+                    acc = _zeros(isa)
                     for b in range(nsb):
                         acc = _t_q6_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, sv, sv, ((r - r0) * nsb + b) * 16,
                                       (r1 - r) * nsb * 16, xq, i * k + b * 256, k, xs, i * nsb * 16 + b * 16,
-                                      nsb * 16, xd, i * nsb + b, nsb, GENERIC)
-                    _store(acc, ex, out, r - e * R, r1 - e * R, i, n, NX)
+                                      nsb * 16, xd, i * nsb + b, nsb, isa)
+                    _store(acc, sums, out, r - e * R, r1 - e * R, i, n, NX)
 
 
-def matmul_grouped(x: np.ndarray, w, rows: int, p: Plan, gather: bool, out: np.ndarray | None = None) -> np.ndarray:
+def matmul_grouped(x: np.ndarray, w, rows: int, p: Plan, gather: bool, out: np.ndarray | None = None,
+                   vnni: bool | None = None) -> np.ndarray:
     """out (p.total, rows): grouped row i = (x[p.src[i]] if gather, else x[i]) @ (its expert of
-    the stack w, `rows` rows an expert).T; padding rows come out 0 when gathered (x's zero row)."""
+    the stack w, `rows` rows an expert).T; padding rows come out 0 when gathered (x's zero row).
+    vnni: as int8_gemm_cpu.matmul's (the 4- to 6-bit types' tiles; the same bits either way)."""
     x = np.ascontiguousarray(x, np.float32)
     if w.type not in TYPES:
         raise ValueError(f"no grouped int8 kernel for {w.type.name}")
@@ -264,7 +281,9 @@ def matmul_grouped(x: np.ndarray, w, rows: int, p: Plan, gather: bool, out: np.n
         xq, xd, xs = xq[p_src], xd[p_src], xs[p_src]
     xs = _prepared_sums(xs, w.type)
     items, parts = _items(p, rows), numba.get_num_threads()
-    args = (rows, items, p.lo, p.hi, parts, out)
+    # vpdpbusd in tiles of NX rows: the plan pads each expert's rows to NX, not to NXV
+    isa = VNNI4 if (vnni_available() if vnni is None else vnni) else GENERIC
+    args = (rows, items, p.lo, p.hi, parts, out, isa)
     if w.type == T.Q8_0:
         _g_q8_0(xq, xd, xs, w.q, w.d, *args)
     elif w.type == T.Q4_0:

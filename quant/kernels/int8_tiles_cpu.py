@@ -1,8 +1,8 @@
 """The register tiles of the prefill GEMM (int8_gemm_cpu.py, whose docstring explains the
 scheme and gives the measurements), built as LLVM IR: a group / super-block of RW weight rows
-against nx rows of x, generic (vpmaddubsw, 2 x 4) or AVX512-VNNI (vpdpbusd, 2 x 6; chosen by the
-`isa` array's dtype, so each path is its own cached specialization and the VNNI one is compiled
-only where `vnni_available`), the K types' per-task lane scales, and the vector unpack of a
+against nx rows of x, generic (vpmaddubsw, 2 x 4) or AVX512-VNNI (vpdpbusd, 2 x 6, or 2 x 4 for
+the grouped MoE kernels; chosen by the `isa` array's dtype, so each path is its own cached
+specialization and the VNNI ones are compiled only where `vnni_available`), the K types' per-task lane scales, and the vector unpack of a
 weight unit to a byte a weight."""
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ NXV = 6
 RT = 32  # weight rows per parallel task: their bytes stay in L2 while every x tile passes
 
 
-# the tiles' `isa` argument: the dtype of an empty array picks the units loop at compile time
-GENERIC, VNNI = np.zeros(0, np.uint8), np.zeros(0, np.int8)
+# the tiles' `isa` argument: the dtype of an empty array picks the units loop and the tile's x
+# rows at compile time: generic 2 x NX, VNNI 2 x NXV, VNNI4 vpdpbusd in 2 x NX tiles (the
+# grouped MoE kernels, whose experts' rows are padded to NX)
+GENERIC, VNNI, VNNI4 = np.zeros(0, np.uint8), np.zeros(0, np.int8), np.zeros(0, np.int16)
 
 
 def vnni_available() -> bool:
@@ -201,13 +203,13 @@ def _tile(kind):
     weight rows against nx rows of x (NX, NXV with VNNI): the RW * nx accumulators, each + its 16 lanes' scaled
     integer sums. sc / mn at so + r * ss: Q8_0 / Q4_0 / Q5_0 the blocks' float16 d (mn unused);
     K types the task's lane scales d * sc and minimums dmin * m as float32 (`lane_scales`).
-    isa: an empty array whose dtype picks the units loop (int8: vpdpbusd, else generic IR),
+    isa: an empty array whose dtype picks the units loop (int8 / int16: vpdpbusd, else generic IR),
     so the two paths are two cached specializations of one kernel."""
     @intrinsic
     def tile(typingctx, acc, w, wo, ws, sc, mn, so, ss, x, xo, xst, xs, xso, xss, xd, xdo, xds, isa):
         if not _c_arrays(w, sc, mn, x, xs, xd):
             return None
-        vnni = isa.dtype == types.int8
+        vnni = _is_vnni(isa)
         nx = tile_rows(isa)
 
         def codegen(context, builder, sig, args):
@@ -352,8 +354,12 @@ def _unit(bits):
 _unit4, _unit5, _unit6 = (_unit(b) for b in (0, 1, 2))
 
 def tile_rows(isa) -> int:
-    """x rows per tile for an `isa` array (or its numba type): NXV with VNNI, else NX."""
+    """x rows per tile for an `isa` array (or its numba type): NXV for VNNI, else NX."""
     return NXV if isa.dtype in (np.int8, types.int8) else NX
+
+
+def _is_vnni(isa) -> bool:
+    return isa.dtype in (np.int8, types.int8, np.int16, types.int16)
 
 
 @intrinsic
