@@ -72,6 +72,11 @@ class LoadedModel:
             self._keep.release_pages(tensor, rows)
 
     @property
+    def file(self) -> Path | None:
+        """The GGUF file the weights are views of; None for weights converted in memory."""
+        return getattr(self._keep, "path", None)
+
+    @property
     def name(self) -> str:
         return str(self.metadata.get("general.name") or Path(self.source).name)
 
