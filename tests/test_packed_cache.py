@@ -249,3 +249,22 @@ def test_the_engine_maps_the_entry_on_a_second_load(gguf_model, cache):
                                rtol=1e-5, atol=1e-5)
     exact = Engine(load(path), 32, exact=True)  # the float layouts are not cached
     assert len(entries(cache)) == 1 and exact.model.ops.exact
+
+
+def test_the_cli_writes_the_entry_before_its_process_exits(gguf_model, cache):
+    """`python -m qwen3cli` ends with os._exit (cli/entry.py process_main): the answer is
+    flushed, the exit code kept, and the cache writer's thread finishes first."""
+    import subprocess
+    import sys
+
+    path, _ = gguf_model("q8_0", **SMALL)
+    cmd = [sys.executable, "-m", "qwen3cli", "run", str(path), "Hello", "-n", "3", "--temp", "0", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["finish_reason"] in ("length", "stop")
+    assert entries(cache) == [PackedStore(path).key + ".bin"]
+    assert PackedStore(path).load() is not None
+    for args, code in ((["--ctx", "0"], 1), (["--bogus"], 2)):  # a usage error, a command line click refuses
+        bad = subprocess.run([sys.executable, "-m", "qwen3cli", "run", str(path), "Hello", *args],
+                             capture_output=True, text=True)
+        assert bad.returncode == code and args[0] in bad.stderr, bad.stderr
