@@ -106,80 +106,6 @@ def prepare(w: Weights, release=None, exact: bool = True) -> Weights:
     return replace(w, layers=layers, output=output, token_embd=embd)
 
 
-def slots(p: Weights, w: Weights) -> dict:
-    """The prepared weights p by slot ("output", "layers.3.qkv", ...), for packed_cache: a
-    packed matrix, SAME (w's own value), NONE, or ("alias", an earlier slot) for a matrix that
-    serves twice (tied embeddings)."""
-    from .packed_cache import NONE, SAME
-
-    out, seen = {}, {}
-
-    def put(name, v, orig) -> None:
-        if v is None:
-            out[name] = NONE
-        elif id(v) in seen:
-            out[name] = ("alias", seen[id(v)])
-        elif v is orig:
-            out[name] = SAME
-        else:
-            out[name], seen[id(v)] = v, name
-
-    put("output", p.output, w.output)
-    put("token_embd", p.token_embd, w.token_embd)
-    for i, (fl, ly) in enumerate(zip(p.layers, w.layers)):
-        for name, v in vars(fl).items():
-            put(f"layers.{i}.{name}", v, getattr(ly, name, None))
-    return out
-
-
-def restore(w: Weights, got: dict | None) -> Weights | None:
-    """prepare(w)'s result from slots(); None where they do not fit w (another model, a damaged
-    entry): every matrix must have the type, rows, row length and expert count of the tensors
-    it was packed from."""
-    from .packed_cache import NONE, SAME
-
-    if got is None:
-        return None
-    done: dict = {}
-
-    def get(name, *origs):
-        v = got[name]
-        if v == SAME:
-            v = origs[0] if len(origs) == 1 else None
-            if v is None:  # a stack is never left as it was
-                raise ValueError(name)
-        elif v == NONE:
-            v = None
-        elif isinstance(v, tuple):
-            v = done[v[1]]
-        else:
-            a = origs[0]
-            if (not isinstance(a, QTensor) or any(o.type != a.type or o.k != a.k or o.n_mats != a.n_mats
-                                                   for o in origs) or (v.type, v.k, v.n_mats) != (a.type, a.k, a.n_mats)
-                    or v.rows != sum(o.rows for o in origs)):
-                raise ValueError(name)
-        done[name] = v
-        return v
-
-    try:
-        output = get("output", w.output)
-        embd = get("token_embd", w.token_embd)
-        layers = []
-        for i, ly in enumerate(w.layers):
-            groups = _groups(ly)
-            stacked = {key: get(f"layers.{i}.{key}", *(getattr(ly, n) for n in names)) for key, names in groups.items()}
-            vals = {f.name: get(f"layers.{i}.{f.name}", getattr(ly, f.name)) for f in fields(ly)}
-            for key, names in groups.items():
-                if stacked[key] is None and any(vals[n] is None and getattr(ly, n) is not None for n in names):
-                    raise ValueError(key)  # a part neither stacked nor kept
-            layers.append(Fused(replace(ly, **vals), stacked["qkv"], stacked["gate_up"]))
-    except (KeyError, ValueError, TypeError, AttributeError):
-        return None
-    if len(got) != len(done):
-        return None
-    return replace(w, layers=layers, output=output, token_embd=embd)
-
-
 def _grouped(w) -> bool:
     return isinstance(w, Mat) and w.n_mats > 1 and w.layout.grouped is not None
 
@@ -201,6 +127,8 @@ class CpuOps:
         weights of an earlier run instead of packing them (int8 layouts only)."""
         if store is None or self.exact:
             return prepare(w, release, self.exact)
+        from .packed_cache import restore, slots
+
         p = restore(w, store.load())
         if p is None:
             p = prepare(w, release, self.exact)

@@ -36,12 +36,15 @@ import os
 import shutil
 import sys
 import threading
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .weights import Weights
 
 MAGIC = b"qwen3cli-packed1"
 ALIGN = 4096
@@ -192,6 +195,82 @@ class PackedStore:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
+
+
+# -- the weights by slot ------------------------------------------------------------------------
+
+def slots(p: Weights, w: Weights) -> dict:
+    """The prepared weights p (ops_cpu.prepare(w)) by slot ("output", "layers.3.qkv", ...): a
+    packed matrix, SAME (w's own value), NONE, or ("alias", an earlier slot) for a matrix that
+    serves twice (tied embeddings)."""
+    out, seen = {}, {}
+
+    def put(name, v, orig) -> None:
+        if v is None:
+            out[name] = NONE
+        elif id(v) in seen:
+            out[name] = ("alias", seen[id(v)])
+        elif v is orig:
+            out[name] = SAME
+        else:
+            out[name], seen[id(v)] = v, name
+
+    put("output", p.output, w.output)
+    put("token_embd", p.token_embd, w.token_embd)
+    for i, (fl, ly) in enumerate(zip(p.layers, w.layers)):
+        for name, v in vars(fl).items():
+            put(f"layers.{i}.{name}", v, getattr(ly, name, None))
+    return out
+
+
+def restore(w: Weights, got: dict | None) -> Weights | None:
+    """ops_cpu.prepare(w)'s result from slots(); None where they do not fit w (another model, a damaged
+    entry): every matrix must have the type, rows, row length and expert count of the tensors
+    it was packed from."""
+    if got is None:
+        return None
+    done: dict = {}
+
+    def get(name, *origs):
+        v = got[name]
+        if v == SAME:
+            v = origs[0] if len(origs) == 1 else None
+            if v is None:  # a stack is never left as it was
+                raise ValueError(name)
+        elif v == NONE:
+            v = None
+        elif isinstance(v, tuple):
+            v = done[v[1]]
+        else:
+            a = origs[0]
+            if (not isinstance(a, QTensor) or any(o.type != a.type or o.k != a.k or o.n_mats != a.n_mats
+                                                   for o in origs) or (v.type, v.k, v.n_mats) != (a.type, a.k, a.n_mats)
+                    or v.rows != sum(o.rows for o in origs)):
+                raise ValueError(name)
+        done[name] = v
+        return v
+
+    from quant.qtensor import QTensor
+
+    from .ops_cpu import Fused, _groups
+
+    try:
+        output = get("output", w.output)
+        embd = get("token_embd", w.token_embd)
+        layers = []
+        for i, ly in enumerate(w.layers):
+            groups = _groups(ly)
+            stacked = {key: get(f"layers.{i}.{key}", *(getattr(ly, n) for n in names)) for key, names in groups.items()}
+            vals = {f.name: get(f"layers.{i}.{f.name}", getattr(ly, f.name)) for f in fields(ly)}
+            for key, names in groups.items():
+                if stacked[key] is None and any(vals[n] is None and getattr(ly, n) is not None for n in names):
+                    raise ValueError(key)  # a part neither stacked nor kept
+            layers.append(Fused(replace(ly, **vals), stacked["qkv"], stacked["gate_up"]))
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+    if len(got) != len(done):
+        return None
+    return replace(w, layers=layers, output=output, token_embd=embd)
 
 
 class _NotCacheable(Exception):
