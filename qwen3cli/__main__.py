@@ -1,3 +1,3 @@
-from .cli import main
+from .cli.entry import process_main
 
-main()
+process_main()

@@ -33,8 +33,13 @@ class Engine:
         self.loaded = loaded
         self.args = loaded.args
         self.ctx = int(ctx) if ctx else min(DEFAULT_CTX, loaded.args.context_length)
+        packed = None
+        if device == "cpu" and not exact and loaded.file is not None:
+            from .packed_cache import PackedStore
+
+            packed = PackedStore.for_file(loaded.file)
         self.model = Model(loaded.weights, self.ctx, release=loaded.release, backend=device, exact=exact,
-                           cache_type=cache_type)
+                           cache_type=cache_type, packed=packed)
         self.model.source = loaded.source
         self.template = ChatTemplate(loaded.chat_template, loaded.special_tokens, where=loaded.source)
         self.mode = self.template.thinking_mode()

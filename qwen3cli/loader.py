@@ -20,7 +20,7 @@ from quant.files import check_regular
 from quant.formats import get_format
 from quant.gguf_split import open_gguf
 
-from . import convert, memory
+from . import memory
 from .config import ModelArgs, args_from_gguf
 from .errors import ConfigError
 from .meta import Fields
@@ -70,6 +70,11 @@ class LoadedModel:
         file's pages go."""
         if self._keep is not None and tensor in self._keep.tensors:
             self._keep.release_pages(tensor, rows)
+
+    @property
+    def file(self) -> Path | None:
+        """The GGUF file the weights are views of; None for weights converted in memory."""
+        return getattr(self._keep, "path", None)
 
     @property
     def name(self) -> str:
@@ -132,6 +137,8 @@ def load_gguf(path: str | Path) -> LoadedModel:
 
 
 def load_hf_dir(directory: str | Path, quant: str = "q8_0", progress: Progress | None = None) -> LoadedModel:
+    from . import convert  # a directory's path only: its imports (imatrix, policy, model card) cost a GGUF's start
+
     p = convert.plan(directory, quant)
     md = {k: v.value for k, v in p.metadata.items()}
     total = sum(t.nbytes for t in p.tensors)

@@ -45,7 +45,7 @@ def open_engine(source: str, ctx: int | None = None, quant: str = "q8_0", device
     from quant.kernels import matmul_cpu
 
     from . import engine as engine_module
-    from .compiling import CompileWatch
+    from .compiling import CompileWatch, set_up_numba
     from .device import pick
     from .loader import load
 
@@ -63,6 +63,7 @@ def open_engine(source: str, ctx: int | None = None, quant: str = "q8_0", device
         engine.model.forward([0] * n, engine.model.ops.new_cache(n))
 
     if backend == "cpu":
+        set_up_numba()  # beside the tokenizer's parse (loader.load started it)
         watch = CompileWatch().install()
         try:
             engine = engine_module.Engine(loaded, ctx, exact=exact, cache_type=cache_type)

@@ -42,10 +42,11 @@ def check_context(a, ctx: int, backend: str = "cpu", cache_type: str = kv_cache.
 
 class Model:
     def __init__(self, w: Weights, ctx: int | None = None, release=None, backend: str = "cpu", exact: bool = False,
-                 cache_type: str | None = None):
+                 cache_type: str | None = None, packed=None):
         """exact: float activations in every product (the reference's numerics, for parity
         checks) instead of llama.cpp's 8-bit ones on quantized weights; the GPU is always exact.
-        cache_type: the KV cache's f32, f16 or q8_0 (kv_cache.py); None for the backend's default."""
+        cache_type: the KV cache's f32, f16 or q8_0 (kv_cache.py); None for the backend's default.
+        packed: the CPU's packed weights of an earlier run, kept on disk (packed_cache.py)."""
         a = w.args
         self.args = a
         self.ctx = int(ctx or a.context_length)
@@ -54,7 +55,7 @@ class Model:
         self.rope = make_rope(a, scaling_for_context(a, self.ctx))
         self.ops: Backend = open_backend(backend, a, self.rope, self.ctx, self.cache_type, exact)
         self.device = self.ops.name
-        self.w = self.ops.prepare(w, release)
+        self.w = self.ops.prepare(w, release, packed) if packed is not None else self.ops.prepare(w, release)
 
     def new_cache(self):
         return self.ops.new_cache(self.ctx)

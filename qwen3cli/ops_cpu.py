@@ -56,8 +56,18 @@ class CpuOps:
         self.kernels = not exact
         self._rope_at: tuple = (None, None)
 
-    def prepare(self, w: Weights, release: Release | None = None) -> Weights:
-        return prepare(w, release, self.exact)
+    def prepare(self, w: Weights, release: Release | None = None, store=None) -> Weights:
+        """store: a packed_cache.PackedStore of the model's file, which gives the packed
+        weights of an earlier run instead of packing them (int8 layouts only)."""
+        if store is None or self.exact:
+            return prepare(w, release, self.exact)
+        from .packed_cache import restore, slots
+
+        p = restore(w, store.load())
+        if p is None:
+            p = prepare(w, release, self.exact)
+            store.save(slots(p, w))
+        return p
 
     def new_cache(self, ctx: int) -> KVCache:
         a = self.args

@@ -7,6 +7,12 @@ own (threads.py); numba keeps its default spin, which decode's ~150 launches a t
 Where numpy's BLAS is not OpenBLAS (cannot be pinned), a short spin (GOMP_SPINCOUNT=1000)
 serves both as before. Either must happen before the OpenMP runtime starts, hence here, on
 first import; a value the user set wins.
+
+numba's array maths (numba.np.arraymath, imported with the first kernel a process loads)
+imports scipy.linalg where scipy is installed, only to pick BLAS or a plain loop for
+np.correlate / np.convolve; np.dot and np.linalg import it themselves when compiled. That
+import was half of numba's first-kernel cost (~0.17 s of CPU at every start, measured with
+scipy 1.17), for nothing these kernels use: it happens here with scipy hidden.
 """
 
 import os
@@ -49,7 +55,21 @@ def _numba_cache_dir() -> None:
         sys.modules["numba.core.config"].CACHE_DIR = str(d)
 
 
+def _array_maths_without_scipy() -> None:
+    import sys
+
+    if "numba.np.arraymath" in sys.modules or "scipy" in sys.modules:  # too late, or scipy is paid for
+        return
+    sys.modules["scipy"] = None  # `import scipy...` raises ImportError: numba takes its loop
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        if "scipy" in sys.modules and sys.modules["scipy"] is None:
+            del sys.modules["scipy"]
+
+
 _numba_cache_dir()
+_array_maths_without_scipy()
 BLAS_PINNED = pin_blas()
 if not BLAS_PINNED and "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")

@@ -34,6 +34,44 @@ def main() -> None:
         raise SystemExit(128 + t.signum) from None
 
 
+def process_main() -> None:
+    """main() as the whole life of a process (the console script, `python -m qwen3cli`): its
+    exit skips the interpreter's teardown, which freed every object of the engine, numba and
+    the tokenizer one by one: 0.36 s of CPU after a `run` had printed its answer (a 0.6B
+    model, one thread). Output is flushed, threads that are not daemons (a cache being
+    written) are joined and exit handlers run first, as in a normal exit. Code that calls
+    main() itself (tests, an embedding program) keeps the normal SystemExit."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    _exit_now(code)
+
+
+def _exit_now(code) -> None:
+    import atexit
+    import os
+    import sys
+    import threading
+
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # as sys.exit: a message, printed, means failure
+        print(code, file=sys.stderr)
+        code = 1
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`) or stream: nothing left to say
+            pass
+    os._exit(code & 0xFF)
+
+
 def _click_exceptions():
     try:  # recent typer vendors its own click
         from typer._click import exceptions
