@@ -45,6 +45,7 @@ def open_engine(source: str, ctx: int | None = None, quant: str = "q8_0", device
     from quant.kernels import matmul_cpu
 
     from . import engine as engine_module
+    from . import memory
     from .compiling import CompileWatch, set_up_numba
     from .device import pick
     from .loader import load
@@ -71,6 +72,9 @@ def open_engine(source: str, ctx: int | None = None, quant: str = "q8_0", device
             watch.remove()
         if watch.count:  # packing compiled its kernels: a first run, so compile the rest now
             matmul_cpu.warm_up(forward)
+        # the compiler's pages (~70 MB) sat in the peak of every later prefill: the kernels
+        # are loaded, and a later compile faults them back
+        memory.release_code_pages()
         return engine
     _call(h.stage, GPU_STAGE)
     try:

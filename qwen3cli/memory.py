@@ -78,3 +78,45 @@ def trim_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError, TypeError):
         pass
+
+
+def release_code_pages(library: str = "libllvmlite") -> int:
+    """Let go of the resident pages of a shared library's read-only mappings; returns the bytes
+    it held there. LLVM (libllvmlite, ~70 MB of code and tables once numba has compiled or
+    loaded a model's kernels) runs only while numba compiles: the kernels themselves are
+    numba's own memory. A page dropped here is a clean copy of the file, so a later compile
+    faults it back from the page cache, the same bytes. Mappings with any page of their own
+    (the loader's relocations) are left alone, as is everything where /proc/self/smaps or
+    madvise are missing (Linux only)."""
+    import ctypes
+    import mmap
+
+    try:
+        with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
+            text = f.read()
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    dropped, head, fields = 0, None, {}
+
+    def drop():
+        nonlocal dropped
+        if head is None:
+            return
+        span, perms, path = head
+        rss, own = fields.get("Rss", 0), fields.get("Anonymous", 1)
+        if library in path and "w" not in perms and own == 0 and rss:
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if madvise(lo, hi - lo, mmap.MADV_DONTNEED) == 0:
+                dropped += rss * 1024
+
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and "-" in parts[0] and not parts[0].endswith(":"):  # a mapping's header line
+            drop()
+            head, fields = (parts[0], parts[1], parts[5] if len(parts) > 5 else ""), {}
+        elif len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+            fields[parts[0][:-1]] = int(parts[1])
+    drop()
+    return dropped

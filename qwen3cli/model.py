@@ -16,6 +16,9 @@ from .rope import make_rope, scaling_for_context
 from .weights import Weights
 
 
+PREFILL_CHUNK = 256  # CPU prefill tokens per pass through the layer stack (see Model.forward)
+
+
 class ContextFull(Qwen3CliError):
     """The tokens do not fit in the context window."""
 
@@ -55,13 +58,20 @@ class Model:
         self.rope = make_rope(a, scaling_for_context(a, self.ctx))
         self.ops: Backend = open_backend(backend, a, self.rope, self.ctx, self.cache_type, exact)
         self.device = self.ops.name
+        # tokens per pass through the stack in a long prefill (None: all at once, as on the GPU,
+        # whose memory holds a whole prompt's activations without the host noticing)
+        self.chunk = PREFILL_CHUNK if backend == "cpu" else None
         self.w = self.ops.prepare(w, release, packed) if packed is not None else self.ops.prepare(w, release)
 
     def new_cache(self):
         return self.ops.new_cache(self.ctx)
 
     def forward(self, tokens, cache, all_logits: bool = False) -> np.ndarray:
-        """Run tokens at positions cache.n...; logits of the last token (n_vocab,) or all (n, n_vocab)."""
+        """Run tokens at positions cache.n...; logits of the last token (n_vocab,) or all (n, n_vocab).
+
+        On the CPU a long prompt goes through the whole layer stack `chunk` tokens at a time
+        (llama.cpp's n_ubatch): every step reads K and V from the cache, so the result is the
+        one pass's, and the activations held at once are a chunk's, not the prompt's."""
         ids = np.asarray(tokens, np.int64).reshape(-1)
         n, p = len(ids), cache.n
         if n == 0:
@@ -70,7 +80,22 @@ class Model:
             raise ContextFull(f"{p + n} tokens do not fit in the context of {cache.ctx}")
         if ids.min() < 0 or ids.max() >= self.args.vocab_size:
             raise ValueError("token id out of range")
-        a, ops = self.args, self.ops
+        step = self.chunk or n
+        if n <= step:
+            logits = self._forward(ids, cache, all_logits)
+            return logits if all_logits else logits[0]
+        out = np.empty((n, self.args.vocab_size), np.float32) if all_logits else None
+        for s in range(0, n, step):
+            last = s + step >= n
+            y = self._forward(ids[s:s + step], cache, all_logits, logits=all_logits or last)
+            if all_logits:
+                out[s:s + len(y)] = y
+        return out if all_logits else y[0]
+
+    def _forward(self, ids: np.ndarray, cache, all_logits: bool, logits: bool = True) -> np.ndarray | None:
+        """One pass of ids through the stack; the logits of every row (all_logits), the last, or
+        none (logits=False: a chunk whose rows only fill the cache)."""
+        a, ops, p, n = self.args, self.ops, cache.n, len(ids)
         x = ops.embed(self.w.token_embd, ids)
         sizes = (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim)
         for li, ly in enumerate(self.w.layers):
@@ -79,12 +104,17 @@ class Model:
                 q, k, v = ops.split(ops.matmul(h, ly.qkv), sizes)
             else:
                 q, k, v = ops.matmul(h, ly.q), ops.matmul(h, ly.k), ops.matmul(h, ly.v)
-            x = ops.residual(x, ops.attention(li, ly, q, k, v, cache, p), ly.o)
+            del h  # not held through the MLP: q|k|v and h are a fifth of a layer's activations
+            att = ops.attention(li, ly, q, k, v, cache, p)
+            del q, k, v
+            x = ops.residual(x, att, ly.o)
+            del att
             x = ops.ffn(ly, ops.rms_norm(x, ly.ffn_norm), x)
         cache.n = p + n
+        if not logits:
+            return None
         x = x if all_logits else ops.last(x)
-        logits = ops.to_host(ops.matmul(ops.rms_norm(x, self.w.output_norm), self.w.output))
-        return logits if all_logits else logits[0]
+        return ops.to_host(ops.matmul(ops.rms_norm(x, self.w.output_norm), self.w.output))
 
     # the MoE steps, reachable for tests that compare them with the dense reference
     def route(self, ly, h):

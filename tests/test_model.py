@@ -122,6 +122,32 @@ def test_prefill_equals_step_decode(gguf_model, type_name, exact):
     assert np.abs(batch - steps).max() <= 1e-4 * (batch.max() - batch.min())
 
 
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize(("type_name", "case"), [("f32", "untied-gqa4-headdim"), ("q8_0", "untied-gqa4-headdim"),
+                                               ("q4_0", "moe-norm")])
+def test_chunked_prefill_equals_one_pass(gguf_model, type_name, case, exact):
+    """A long prompt in chunks through the stack (16, 16, then 8: the last on the few-row
+    kernels) gives the one pass's logits and cache, after a prefix already in the cache too."""
+    path, _ = gguf_model(type_name, **CASES[case])
+    model = Model(load(path).weights, ctx=64, exact=exact)
+    ids = PROMPT + STEPS[:32]
+    assert model.chunk is not None  # the CPU chunks long prefills by default
+
+    def run(chunk):
+        model.chunk = chunk
+        cache = model.new_cache()
+        model.forward(STEPS[-3:], cache)
+        return model.forward(ids, cache, all_logits=True), model.forward(ids[:20], model.new_cache()), cache
+
+    (one, one_last, c1), (got, got_last, c2) = run(None), run(16)
+    tol = 1e-4 * (one.max() - one.min())
+    assert np.abs(got - one).max() <= tol
+    assert np.abs(got_last - one_last).max() <= tol
+    assert c1.n == c2.n == 43
+    for a, b in ((c1.k, c2.k), (c1.v, c2.v)):
+        assert np.abs(a.astype(np.float32) - b.astype(np.float32)).max() <= 1e-3 * np.abs(a.astype(np.float32)).max()
+
+
 def test_hf_directory_runs_directly(gguf_model):
     path, hf_dir = gguf_model("f32", **CASES["moe-norm"])
     from_dir = Model(load(hf_dir, quant="f32").weights, ctx=32)
