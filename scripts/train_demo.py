@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -105,12 +106,17 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     unused = torch.tensor(math.log(VOCAB - len(ids)))
     stream = samples(SEED)
-    log, start, step = [], time.time(), 0
+    log, start, step, pending = [], time.time(), 0, []
     for step in range(args.steps):
         lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = [encode(tok, template, s) for s in itertools.islice(stream, args.batch)]
+        if not pending:  # batches of similar lengths: padding a 40-token sum to a 250-token tool chat wastes 80%
+            pool = sorted((encode(tok, template, s) for s in itertools.islice(stream, args.batch * 16)),
+                          key=lambda e: len(e[0]))
+            pending = [pool[i:i + args.batch] for i in range(0, len(pool), args.batch)]
+            random.Random(step).shuffle(pending)
+        batch = pending.pop()
         n = max(len(t) for t, _ in batch)
         x = torch.zeros(len(batch), n, dtype=torch.long)
         m = torch.zeros(len(batch), n)
