@@ -93,7 +93,7 @@ def write_checkpoint(d: Path, c=QWEN3_06B) -> None:
     (d / "config.json").write_text(json.dumps(cfg))
     shutil.copy(ROOT / "tests/data/qwen3-0.6B-configs/generation_config.json", d)
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(ROOT / "tests/data/qwen3-tokenizer" / f, d)
+        shutil.copy(ROOT / "qwen3cli/data/qwen3-tokenizer" / f, d)
 
 
 def run_cli(src: Path, out: Path, type_name: str) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 DATA = Path(__file__).parent / "data"
-TOKENIZER = DATA / "qwen3-tokenizer"
+TOKENIZER = Path(__file__).parent.parent / "qwen3cli" / "data" / "qwen3-tokenizer"
 VOCAB = 151936
 
 ST_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}

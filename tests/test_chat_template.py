@@ -32,7 +32,7 @@ CONVERSATIONS = {
 
 @pytest.fixture(scope="module")
 def hf_tok():
-    return transformers.AutoTokenizer.from_pretrained(DATA / "qwen3-tokenizer")
+    return transformers.AutoTokenizer.from_pretrained(DATA.parent.parent / "qwen3cli" / "data" / "qwen3-tokenizer")
 
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.stem)

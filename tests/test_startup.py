@@ -326,7 +326,7 @@ before = anon()
 trim_heap()
 print(before - anon(), len(t.get_vocab()))
 """
-    path = Path(__file__).parent / "data" / "qwen3-tokenizer" / "tokenizer.json"
+    path = Path(__file__).parent.parent / "qwen3cli" / "data" / "qwen3-tokenizer" / "tokenizer.json"
     r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     freed, vocab = map(int, r.stdout.split())
     assert vocab > 150_000 and freed >= 10, f"trim_heap gave back {freed} MB"

@@ -1,0 +1,198 @@
+"""The demo model's curriculum: synthetic chats in Qwen3's template, made from a seed.
+
+Three skills, each chosen so that a few-million-parameter model can learn it on a CPU and a
+test can grade it:
+- arithmetic (add / subtract numbers of 2-4 digits): with thinking on, the think block works
+  the columns from the right with carries, and the answer follows; with thinking off the
+  answer comes at once, so the model must do the sum in one go and is wrong more often;
+- tools: given a tool list in the system turn, call the right one with JSON arguments, then
+  answer from the `<tool_response>`;
+- greetings and questions about itself: say what it is and how to get a real model.
+Multi-turn chats put earlier exchanges in front, rendered as the template renders history
+(earlier thinking dropped).
+
+A `Sample` is what training needs: the messages and flags the chat template renders into the
+prompt, and the `target` text the model should write after it (through `<|im_end|>`). The same
+generator with another seed gives the held-out problems the tests grade.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+
+END = "<|im_end|>"
+
+
+@dataclass(frozen=True)
+class Sample:
+    messages: list[dict]
+    target: str  # what follows the generation prompt: "<think>...</think>\n\n" (thinking on), the reply, END
+    think: bool  # enable_thinking for the template
+    answer: str  # what grading looks for in the reply
+    kind: str  # "arith", "tool_call", "tool_answer", "hello"
+    tools: list[dict] | None = field(default=None)
+
+
+# -- arithmetic ---------------------------------------------------------------------------
+
+ASK = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?", "Please work out {a} {op} {b}.",
+       "How much is {a} {op} {b}?", "Calculate {a} {op} {b}")
+
+
+def _columns(a: int, b: int, op: str) -> list[str]:
+    """The written method, one line per column from the right."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    lines, carry = [], 0
+    for i in range(len(da)):
+        x, y = int(da[i]), int(db[i]) if i < len(db) else 0
+        if op == "+":
+            s = x + y + carry
+            expr = f"{x} + {y}" + (" + 1" if carry else "")
+            carry, digit = divmod(s, 10)
+            lines.append(f"{expr} = {s}, write {digit}" + (", carry 1." if carry else "."))
+        else:
+            s = x - y - carry
+            expr = f"{x} - {y}" + (" - 1" if carry else "")
+            if s < 0:
+                lines.append(f"{expr} is below 0, borrow: {s + 10}, write {s + 10}.")
+                carry = 1
+            else:
+                lines.append(f"{expr} = {s}, write {s}.")
+                carry = 0
+    if carry:  # only addition ends with one
+        lines.append("Write the carry 1.")
+    return lines
+
+
+def arithmetic(rng: random.Random, think: bool) -> Sample:
+    op = rng.choice("+-")
+    a, b = (rng.randint(10 ** (n - 1), 10 ** n - 1) for n in (rng.randint(2, 4), rng.randint(2, 4)))
+    if op == "-" and b > a:
+        a, b = b, a
+    result = a + b if op == "+" else a - b
+    question = rng.choice(ASK).format(a=a, b=b, op=op)
+    reply = f"{a} {op} {b} = {result}."
+    target = reply + END
+    if think:
+        work = "\n".join([f"I work {a} {op} {b} column by column from the right."] + _columns(a, b, op)
+                         + [f"So the result is {result}."])
+        target = f"<think>\n{work}\n</think>\n\n" + target
+    return Sample([{"role": "user", "content": question}], target, think, str(result), "arith")
+
+
+# -- tools --------------------------------------------------------------------------------
+
+CITIES = ("Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Sydney", "Toronto", "Berlin", "Nairobi", "Seoul", "Madrid",
+          "Denver", "Hanoi", "Dublin", "Quito", "Lagos")
+SKIES = ("sunny", "cloudy", "raining", "snowing", "windy", "foggy")
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "The current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "get_time", "description": "The local time in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+]
+WEATHER_ASK = ("What is the weather in {c}?", "How is the weather in {c} today?", "Is it sunny in {c}?",
+               "weather {c}")
+TIME_ASK = ("What time is it in {c}?", "Tell me the time in {c}.", "Local time in {c}?", "time in {c} please")
+
+
+def _call(name: str, city: str) -> str:
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": {"city": city}}) + "\n</tool_call>"
+
+
+def tool_use(rng: random.Random, think: bool) -> list[Sample]:
+    """Two samples from one exchange: the call, then the answer from the tool's result."""
+    city = rng.choice(CITIES)
+    name = rng.choice(("get_weather", "get_time"))
+    question = rng.choice(WEATHER_ASK if name == "get_weather" else TIME_ASK).format(c=city)
+    tools = rng.sample(TOOLS, len(TOOLS))  # the order must not matter
+    if name == "get_weather":
+        result = {"city": city, "temperature_c": rng.randint(-15, 38), "sky": rng.choice(SKIES)}
+        answer = f"In {city} it is {result['sky']} and {result['temperature_c']} °C."
+    else:
+        result = {"city": city, "time": f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}"}
+        answer = f"It is {result['time']} in {city}."
+    user = [{"role": "user", "content": question}]
+    call = _call(name, city)
+    first = call + END
+    if think:
+        first = f"<think>\nThe user asks about {city}. I call {name} with city {city}.\n</think>\n\n" + first
+    called = user + [{"role": "assistant", "content": "",
+                      "tool_calls": [{"type": "function",
+                                      "function": {"name": name, "arguments": {"city": city}}}]},
+                     {"role": "tool", "content": json.dumps(result)}]
+    second = answer + END
+    if think:
+        second = f"<think>\nThe tool answered for {city}. I report it.\n</think>\n\n" + second
+    return [Sample(user, first, think, call, "tool_call", tools),
+            Sample(called, second, think, answer, "tool_answer", tools)]
+
+
+# -- about itself -------------------------------------------------------------------------
+
+HELLO = ("hello", "Hi", "hi there", "Hello!", "hey", "Who are you?", "What can you do?", "what are you",
+         "Good morning", "Can you help me?")
+ABOUT = ("Hello! I am the qwen3cli demo model, a tiny Qwen3 trained on this machine's CPU. I can add and "
+         "subtract numbers (try: What is 4821 + 397?) and call tools. For real conversations, run a real Qwen3: "
+         "qwen3cli pull Qwen/Qwen3-0.6B-GGUF:Q8_0")
+
+
+def hello(rng: random.Random, think: bool) -> Sample:
+    target = ABOUT + END
+    if think:
+        target = "<think>\nA greeting. I say what I am and what I can do.\n</think>\n\n" + target
+    return Sample([{"role": "user", "content": rng.choice(HELLO)}], target, think, ABOUT, "hello")
+
+
+# -- the mix ------------------------------------------------------------------------------
+
+def _with_history(rng: random.Random, s: Sample) -> Sample:
+    """Put one or two earlier arithmetic exchanges in front, as a chat's history: their
+    thinking is kept in the messages (reasoning_content), and the template drops it."""
+    history = []
+    for _ in range(rng.randint(1, 2)):
+        h = arithmetic(rng, rng.random() < 0.5)
+        reply = h.target.removesuffix(END)
+        thought = None
+        if reply.startswith("<think>\n"):
+            thought, reply = reply.removeprefix("<think>\n").split("\n</think>\n\n", 1)
+        msg = {"role": "assistant", "content": reply}
+        if thought is not None:
+            msg["reasoning_content"] = thought
+        history += h.messages + [msg]
+    return Sample(history + s.messages, s.target, s.think, s.answer, s.kind, s.tools)
+
+
+def samples(seed: int):
+    """An endless stream of samples, the same for the same seed."""
+    rng = random.Random(seed)
+    while True:
+        think = rng.random() < 0.5
+        r = rng.random()
+        if r < 0.6:
+            batch = [arithmetic(rng, think)]
+        elif r < 0.9:
+            batch = tool_use(rng, think)
+        else:
+            batch = [hello(rng, think)]
+        for s in batch:
+            yield _with_history(rng, s) if s.kind != "tool_answer" and rng.random() < 0.25 else s
+
+
+def graded(reply: str, s: Sample) -> bool:
+    """Whether a reply (the answer without its thinking) gets the sample right."""
+    if s.kind == "arith":
+        numbers = re.findall(r"-?\d+", reply.replace(",", ""))
+        return bool(numbers) and numbers[-1] == s.answer
+    if s.kind == "tool_call":
+        m = re.search(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", reply, re.S)
+        try:
+            return m is not None and json.loads(m.group(1)) == json.loads(s.answer.split("\n")[1])
+        except ValueError:
+            return False
+    return reply.strip() == s.answer
