@@ -26,12 +26,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .conversation import ChatSettings, Conversation, Notice
-from .engine import Engine
 from .errors import Qwen3CliError
-from .generation import Done, Token
-from .generation import generate as _events
-from .loading import LoadHooks, open_engine
+from .runtime.conversation import ChatSettings, Conversation, Notice
+from .runtime.engine import Engine
+from .runtime.generation import Done, Token
+from .runtime.generation import generate as _events
+from .runtime.loading import LoadHooks, open_engine
 from .sampler import Overrides, Sampler, SamplingError, SamplingParams
 
 Messages = str | list[dict[str, Any]]
@@ -238,7 +238,7 @@ def quantize(src: str | Path, dst: str | Path, type: str = "q8_0", *, imatrix: s
     file llama.cpp loads (type: q8_0, q4_0, q4_k_m, q5_k_m, q6_k, ... as `qwen3cli quantize`
     lists). Returns a summary (out, sizes, bits per weight, seconds). The file appears only
     when complete; split_max_size (bytes) writes llama-gguf-split's parts."""
-    from . import convert, hub
+    from .io import convert, hub
 
     p = Path(src).expanduser()
     if not p.exists() and hub.REPO_ID.match(str(src)):

@@ -44,9 +44,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     a = ap.parse_args()
 
-    from qwen3cli.bench import run_bench
-    from qwen3cli.loader import load
-    from qwen3cli.model import Model
+    from qwen3cli.io.loader import load
+    from qwen3cli.model.forward import Model
+    from qwen3cli.runtime.bench import run_bench
 
     rows = []
     for f in a.files:

@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
-from qwen3cli.loader import load
-from qwen3cli.model import Model, kv_cache_nbytes
+from qwen3cli.io.loader import load
+from qwen3cli.model.forward import Model, kv_cache_nbytes
 
 
 def fill(cache, depth: int, rng) -> None:

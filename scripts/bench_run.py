@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 def ours(path: str, prompt: list[int], gen: int, threads: int) -> tuple[float, float]:
     import numba
 
-    from qwen3cli.loader import load
-    from qwen3cli.model import Model
+    from qwen3cli.io.loader import load
+    from qwen3cli.model.forward import Model
 
     numba.set_num_threads(threads)
     model = Model(load(path).weights, ctx=len(prompt) + gen + 8)

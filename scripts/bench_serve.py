@@ -37,10 +37,10 @@ _ENGINE = {}
 
 def in_process(path: str, texts: list[str], max_tokens: int, reuse: bool = False) -> tuple[float, float, int]:
     """`reuse`: keep one PrefixCache across requests, as the server does (else a fresh cache, as `run`)."""
-    from qwen3cli.engine import Engine
-    from qwen3cli.generation import Done, generate
-    from qwen3cli.loader import load
-    from qwen3cli.prefix_cache import PrefixCache
+    from qwen3cli.io.loader import load
+    from qwen3cli.runtime.engine import Engine
+    from qwen3cli.runtime.generation import Done, generate
+    from qwen3cli.runtime.prefix_cache import PrefixCache
     from qwen3cli.sampler import Sampler, SamplingParams
 
     if path not in _ENGINE:

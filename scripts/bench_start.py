@@ -51,9 +51,9 @@ def timed(self, sig, target_context):
     loads.append((self._name, time.process_time() - c, r is not None))
     return r
 caching.Cache.load_overload = timed
-import qwen3cli.cli, qwen3cli.generation  # noqa
-from qwen3cli.engine import Engine
-from qwen3cli.loader import load
+import qwen3cli.cli, qwen3cli.runtime.generation  # noqa
+from qwen3cli.runtime.engine import Engine
+from qwen3cli.io.loader import load
 mark("import")
 loaded = load(sys.argv[1]); mark("load")
 n = int(sys.argv[3])

@@ -21,7 +21,7 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, "scripts")
 from bench_quantize import QWEN3_06B, QWEN3_17B, write_checkpoint
-from qwen3cli.convert import quantize
+from qwen3cli.io.convert import quantize
 work = Path("/tmp/qwen3bench")
 for name, shape in (("0.6b", QWEN3_06B), ("1.7b", QWEN3_17B)):
     src = work / f"Qwen3-{name}-random"

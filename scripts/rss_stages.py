@@ -49,13 +49,13 @@ stage("python+numpy")
 import numba
 from quant.kernels import matmul_cpu
 stage("numba+kernels")
-from qwen3cli.loading import open_engine
+from qwen3cli.runtime.loading import open_engine
 engine = open_engine(path, p + n + 1)  # bench's context for -p P -n N
 loaded = engine.loaded
 stage("load+engine")
 loaded.tokenizer
 stage("tokenizer")
-from qwen3cli.bench import run_bench
+from qwen3cli.runtime.bench import run_bench
 m = engine.model
 peaks = {}
 if want_ops:  # the rise of the peak over each backend call, on the warm-up prefill

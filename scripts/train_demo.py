@@ -85,9 +85,9 @@ def main() -> None:
     from tokenizers import Tokenizer
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from qwen3cli.chat_template import ChatTemplate
     from qwen3cli.demo import compact
     from qwen3cli.demo.tasks import samples
+    from qwen3cli.text.chat_template import ChatTemplate
 
     torch.manual_seed(SEED)
     torch.set_num_threads(args.threads)

@@ -44,7 +44,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gguf_model(ckpt, tmp_path_factory):
     """A tiny checkpoint converted by our quantize: gguf_model("f32", moe=True, ...) -> (gguf, hf_dir)."""
-    from qwen3cli.convert import quantize
+    from qwen3cli.io.convert import quantize
 
     made = {}
 

@@ -11,10 +11,10 @@ from quant.formats import FORMATS
 from quant.kernels.layouts import LAYOUTS, Mat
 from quant.kernels.matmul_cpu import Packed, matmul, pack
 from quant.qtensor import QTensor
-from qwen3cli.backend import Backend, open_backend
-from qwen3cli.ops_cpu import CpuOps
-from qwen3cli.prepare import prepare_layer
-from qwen3cli.weights import LayerWeights
+from qwen3cli.model.backend import Backend, open_backend
+from qwen3cli.model.ops_cpu import CpuOps
+from qwen3cli.model.prepare import prepare_layer
+from qwen3cli.model.weights import LayerWeights
 from test_kernels import weights as random_weights
 
 
@@ -67,7 +67,7 @@ def test_the_check_catches_a_missing_or_narrower_method():
 
 
 def test_unknown_backend_is_refused():
-    from qwen3cli.device import DeviceError
+    from qwen3cli.model.device import DeviceError
 
     with pytest.raises(DeviceError, match="unknown backend 'tpu'"):
         open_backend("tpu", None, None, 8, "f32")

@@ -12,13 +12,13 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
 from checkpoints import TOKENIZER
-from qwen3cli import conversation as conv_mod
-from qwen3cli import prefix_cache as prefix_mod
+from qwen3cli.runtime import conversation as conv_mod
+from qwen3cli.runtime import prefix_cache as prefix_mod
 from qwen3cli.cli.chat import ChatUI, make_prompt_session
-from qwen3cli.conversation import ChatSettings, Conversation, Notice, common_prefix, split_soft_switch
-from qwen3cli.engine import Engine
-from qwen3cli.generation import BUDGET_NOTE, Done
-from qwen3cli.loader import load
+from qwen3cli.runtime.conversation import ChatSettings, Conversation, Notice, common_prefix, split_soft_switch
+from qwen3cli.runtime.engine import Engine
+from qwen3cli.runtime.generation import BUDGET_NOTE, Done
+from qwen3cli.io.loader import load
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_stats_give_no_rate_for_a_few_prefilled_tokens(engine):
 
 
 def test_markdown_streams_a_tail_that_fits_then_renders_whole(engine, fake):
-    from qwen3cli import chat_ui
+    from qwen3cli.cli import chat_ui
 
     assert chat_ui._tail("a\nb\nc\nd", 2) == "c\nd" and chat_ui._tail("a", 0) == "a"
     fake(answer="\n".join(f"line {i}" for i in range(60)))

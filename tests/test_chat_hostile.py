@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostile import clean_error, run_cli
-from qwen3cli import conversation as conv_mod
+from qwen3cli.runtime import conversation as conv_mod
 from qwen3cli.cli.chat import ChatUI
-from qwen3cli.conversation import SAMPLING_KEYS, ChatSettings, Conversation, Notice
+from qwen3cli.runtime.conversation import SAMPLING_KEYS, ChatSettings, Conversation, Notice
 from qwen3cli.sampler import Sampler
 from test_chat import drive, engine, fake  # noqa: F401 (fixtures)
 
@@ -185,8 +185,8 @@ def test_a_loaded_history_longer_than_the_context_drops_the_oldest(engine, fake,
 
 
 def test_live_chat_still_drops_one_exchange_at_a_time(gguf_model, fake):
-    from qwen3cli.engine import Engine
-    from qwen3cli.loader import load
+    from qwen3cli.runtime.engine import Engine
+    from qwen3cli.io.loader import load
 
     path, _ = gguf_model("q8_0", dtype="f32", std=0.05, peaked=True)
     fake(thought="t", answer="a")

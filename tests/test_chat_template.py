@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from qwen3cli.chat_template import ChatTemplate, TemplateError, builtin_template
+from qwen3cli.text.chat_template import ChatTemplate, TemplateError, builtin_template
 
 DATA = Path(__file__).parent / "data"
 TEMPLATES = sorted((DATA / "templates").glob("*.jinja"))

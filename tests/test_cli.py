@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from checkpoints import make_checkpoint, write_safetensors
-from qwen3cli import convert
+from qwen3cli.io import convert
 from qwen3cli.cli import app
 
 
@@ -97,7 +97,7 @@ def _break(d, how):
     rng = np.random.default_rng(0)
     tensors = {}
     from checkpoints import stored  # noqa: F401  (values do not matter here)
-    from qwen3cli.checkpoint import read_safetensors_header
+    from qwen3cli.io.checkpoint import read_safetensors_header
 
     refs = read_safetensors_header(shard)
     for n in names:
@@ -274,8 +274,8 @@ def test_summary_keeps_long_paths_at_80_columns(good, tmp_path):
 def test_help_does_not_load_the_engine():
     """`qwen3cli --help` and the command table stay light (0.6 s -> 0.2 s): the engine, numba,
     numpy and the chat UI load when a command runs, not when the CLI is imported."""
-    code = ("import sys, qwen3cli.cli; heavy = ('numba', 'numpy', 'prompt_toolkit', 'qwen3cli.conversation', "
-            "'qwen3cli.engine', 'tokenizers'); print([m for m in heavy if m in sys.modules])")
+    code = ("import sys, qwen3cli.cli; heavy = ('numba', 'numpy', 'prompt_toolkit', 'qwen3cli.runtime.conversation', "
+            "'qwen3cli.runtime.engine', 'tokenizers'); print([m for m in heavy if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]", r.stdout
     r = subprocess.run([sys.executable, "-m", "qwen3cli", "--help"], capture_output=True, text=True)
@@ -290,7 +290,7 @@ def test_the_cli_draws_the_load_hooks_one_live_display_at_a_time(monkeypatch):
 
     from rich.console import Console
 
-    from qwen3cli import loading
+    from qwen3cli.runtime import loading
     from qwen3cli.cli import base, load
     from qwen3cli.errors import Qwen3CliError
 
@@ -322,7 +322,7 @@ def test_a_command_loading_two_models_shows_a_note_once(monkeypatch):
 
     from rich.console import Console
 
-    from qwen3cli import loading
+    from qwen3cli.runtime import loading
     from qwen3cli.cli import load
 
     console = Console(file=io.StringIO(), width=80, color_system=None)

@@ -10,8 +10,8 @@ from gguf import GGMLQuantizationType as T
 from checkpoints import TOKENIZER, VOCAB
 from quant.formats import FORMATS
 from quant.gguf_file import GGUFFile
-from qwen3cli import convert
-from qwen3cli.info import read_info
+from qwen3cli.io import convert
+from qwen3cli.io.info import read_info
 
 DENSE = dict(moe=False, tied=True)
 MOE = dict(moe=True, tied=False)

@@ -8,16 +8,16 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 pytest.importorskip("numba.cuda")
-ops_cuda = pytest.importorskip("qwen3cli.ops_cuda")
+ops_cuda = pytest.importorskip("qwen3cli.model.ops_cuda")
 
 from quant.formats import FORMATS  # noqa: E402
 from quant.kernels.matmul_cpu import matmul, pack  # noqa: E402
 from quant.qtensor import QTensor  # noqa: E402
-from qwen3cli.config import ModelArgs  # noqa: E402
-from qwen3cli.model import Model  # noqa: E402
-from qwen3cli.ops_cpu import CpuOps  # noqa: E402
-from qwen3cli.rope import make_rope  # noqa: E402
-from qwen3cli.weights import build_weights, expected_shapes  # noqa: E402
+from qwen3cli.model.config import ModelArgs  # noqa: E402
+from qwen3cli.model.forward import Model  # noqa: E402
+from qwen3cli.model.ops_cpu import CpuOps  # noqa: E402
+from qwen3cli.model.rope import make_rope  # noqa: E402
+from qwen3cli.model.weights import build_weights, expected_shapes  # noqa: E402
 from test_kernels import weights as random_weights  # noqa: E402
 
 from numba import cuda  # noqa: E402

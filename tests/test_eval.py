@@ -6,9 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from qwen3cli.cli import app
-from qwen3cli.engine import Engine
-from qwen3cli.evaluate import EvalError, evaluate, sample_text
-from qwen3cli.loader import load
+from qwen3cli.io.loader import load
+from qwen3cli.runtime.engine import Engine
+from qwen3cli.runtime.evaluate import EvalError, evaluate, sample_text
 
 KW = dict(dtype="f32", std=0.05, peaked=True, hidden=256, ffn=512, heads=8, head_dim=32)
 

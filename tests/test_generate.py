@@ -4,9 +4,9 @@ reasons, KV prefix reuse. The model is a tiny real one; a scripted sampler picks
 import numpy as np
 import pytest
 
-from qwen3cli.engine import Engine
-from qwen3cli.generation import Done, Token, collect, generate
-from qwen3cli.loader import load
+from qwen3cli.io.loader import load
+from qwen3cli.runtime.engine import Engine
+from qwen3cli.runtime.generation import Done, Token, collect, generate
 from qwen3cli.sampler import Sampler, SamplingParams
 
 
@@ -124,7 +124,7 @@ class Counting:
 
 
 def test_the_budget_note_is_outside_max_tokens_and_the_thinking_count(engine):
-    from qwen3cli.generation import BUDGET_NOTE
+    from qwen3cli.runtime.generation import BUDGET_NOTE
 
     p = engine.prompt([{"role": "user", "content": "Hi"}])
     hmm = ids(engine, " hmm")

@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostile import clean_error, run_cli, run_main, snapshot
-from qwen3cli import convert
+from qwen3cli.io import convert
 from qwen3cli.cli.base import UsageError
 from qwen3cli.cli.options import user_sampling
 from qwen3cli.errors import OutputError
-from qwen3cli.files import atomic_output
+from qwen3cli.io.files import atomic_output
 
 
 @pytest.fixture(scope="module")

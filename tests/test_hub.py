@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from qwen3cli import hub
 from qwen3cli.errors import ConfigError
-from qwen3cli.loader import load
+from qwen3cli.io import hub
+from qwen3cli.io.loader import load
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

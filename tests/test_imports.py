@@ -155,14 +155,14 @@ def test_the_backends_import_each_other_never():
     CPU user needs no CUDA, principle 10)."""
     import importlib.util
 
-    watch = ("qwen3cli.ops_cpu", "qwen3cli.ops_cuda", "numba.cuda")
-    names = ["qwen3cli.model", "qwen3cli.ops_cpu"]
+    watch = ("qwen3cli.model.ops_cpu", "qwen3cli.model.ops_cuda", "numba.cuda")
+    names = ["qwen3cli.model.forward", "qwen3cli.model.ops_cpu"]
     if importlib.util.find_spec("numba.cuda") is not None:
-        names.append("qwen3cli.ops_cuda")
+        names.append("qwen3cli.model.ops_cuda")
     results = import_each(names, watch=watch)
     assert failures(results) == {}
     loaded = {n: set(r[2]) for n, r in results.items()}
-    assert loaded["qwen3cli.model"] == set()  # the backend is imported when a model picks it
-    assert loaded["qwen3cli.ops_cpu"] == {"qwen3cli.ops_cpu"}
-    if "qwen3cli.ops_cuda" in loaded:
-        assert loaded["qwen3cli.ops_cuda"] == {"qwen3cli.ops_cuda", "numba.cuda"}
+    assert loaded["qwen3cli.model.forward"] == set()  # the backend is imported when a model picks it
+    assert loaded["qwen3cli.model.ops_cpu"] == {"qwen3cli.model.ops_cpu"}
+    if "qwen3cli.model.ops_cuda" in loaded:
+        assert loaded["qwen3cli.model.ops_cuda"] == {"qwen3cli.model.ops_cuda", "numba.cuda"}

@@ -152,7 +152,7 @@ def test_int8_stack_packs_each_part_into_its_rows(t):
 def test_large_matrix_packs_in_steps_releasing_each(monkeypatch, t):
     # the embedding / output matrix is packed a slice at a time and each slice's file pages are
     # let go before the next: the same bytes as one pack, and every row released exactly once
-    from qwen3cli import prepare
+    from qwen3cli.model import prepare
 
     rng = np.random.default_rng(5)
     rows, k = 100, 512

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from qwen3cli import memory
 from qwen3cli.cli import app
 from qwen3cli.cli.options import CacheType
-from qwen3cli.engine import Engine
-from qwen3cli.generation import Done, Token, generate
-from qwen3cli.kv_cache import CACHE_TYPES, CacheTypeError, KVCache, check_type
-from qwen3cli.loader import load
-from qwen3cli.model import Model, check_context, kv_cache_nbytes
-from qwen3cli.prefix_cache import PrefixCache
+from qwen3cli.io.loader import load
+from qwen3cli.model import memory
+from qwen3cli.model.forward import Model, check_context, kv_cache_nbytes
+from qwen3cli.model.kv_cache import CACHE_TYPES, CacheTypeError, KVCache, check_type
+from qwen3cli.runtime.engine import Engine
+from qwen3cli.runtime.generation import Done, Token, generate
+from qwen3cli.runtime.prefix_cache import PrefixCache
 from qwen3cli.sampler import Sampler, SamplingParams
 
 TINY = dict(dtype="f32", std=0.05, peaked=True)  # test_model's well-conditioned model: head_dim 32

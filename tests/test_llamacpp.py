@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as T
 from checkpoints import DATA
 from quant.formats import FORMATS
 from quant.gguf_file import GGUFFile
-from qwen3cli import convert
+from qwen3cli.io import convert
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -100,8 +100,8 @@ def test_llama_cpp_loads_tokenizes_and_generates(ckpt, tmp_path, kind, type_name
 @pytest.mark.parametrize("type_name", ["f32", "q8_0", "q4_0"])
 @pytest.mark.parametrize("moe", [False, True])
 def test_our_logits_match_llama_cpp_on_the_same_file(gguf_model, type_name, moe):
-    from qwen3cli import model as model_mod
-    from qwen3cli.loader import load
+    from qwen3cli.model import forward as model_mod
+    from qwen3cli.io.loader import load
 
     kw = dict(dtype="f32", std=0.05, peaked=True, hidden=256)
     path, _ = gguf_model(type_name, **(dict(kw, moe=True, experts=8) if moe else kw))
@@ -137,8 +137,8 @@ def test_our_logits_match_llama_cpp_on_the_same_file(gguf_model, type_name, moe)
 def test_llama_cpp_k_quant_files_run_like_llama_cpp(gguf_model, tmp_path, ftype, main, moe):
     """llama.cpp quantizes our F32 file (its Q4_K_M, Q5_K_M, Q2_K, Q3_K_M, Q5_0, Q5_1, Q4_1, with
     Q6_K and others where its rules say); we run the result and compare the logits."""
-    from qwen3cli.loader import load
-    from qwen3cli.model import Model
+    from qwen3cli.io.loader import load
+    from qwen3cli.model.forward import Model
 
     kw = dict(dtype="f32", std=0.05, peaked=True, hidden=256, ffn=512)
     src, _ = gguf_model("f32", **(dict(kw, moe=True, experts=8, moe_ffn=256) if moe else kw))
@@ -199,8 +199,8 @@ def test_k_quant_files_are_byte_identical_to_llama_quantize(ckpt, tmp_path, pres
 
 def test_llama_cpp_q4_k_m_file_gives_llama_cpp_greedy_tokens(gguf_model, tmp_path):
     """A Q4_K_M file made by llama-quantize: our greedy continuation equals llama.cpp's."""
-    from qwen3cli.loader import load
-    from qwen3cli.model import Model
+    from qwen3cli.io.loader import load
+    from qwen3cli.model.forward import Model
 
     src, _ = gguf_model("f32", dtype="f32", std=0.05, peaked=True, hidden=256, ffn=512, heads=8, head_dim=32)
     out = tmp_path / "k.gguf"

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import numba, numpy as np
-from qwen3cli.memory import release_code_pages
+from qwen3cli.model.memory import release_code_pages
 
 def lib_rss(name):
     total, inside = 0, False

@@ -32,11 +32,11 @@ import checkpoints
 from checkpoints import TOKENIZER, make_checkpoint
 from hostile import clean_error, run_cli
 from quant.gguf_file import GGUFFile
-from qwen3cli import convert
-from qwen3cli.checkpoint import Checkpoint, read_safetensors_header
+from qwen3cli.io import convert
+from qwen3cli.io.checkpoint import Checkpoint, read_safetensors_header
 from qwen3cli.errors import USER_ERRORS
-from qwen3cli.info import read_info
-from qwen3cli.loader import load, load_gguf
+from qwen3cli.io.info import read_info
+from qwen3cli.io.loader import load, load_gguf
 
 N_BASE = 512  # the real tokenizer's first 512 tokens, with the merges among them
 VOCAB = 544  # and its 26 added tokens after them, padded
@@ -694,8 +694,8 @@ def test_end_to_end_optional_files_warn(hostile_files):
 
 
 def test_sizes_are_checked_against_memory_first(base_ggufs, tiny, tmp_path, monkeypatch):
-    from qwen3cli import memory
-    from qwen3cli.model import Model, kv_cache_nbytes
+    from qwen3cli.model import memory
+    from qwen3cli.model.forward import Model, kv_cache_nbytes
 
     kv, tensors = base_ggufs["dense"]
     m = load_gguf(write_gguf(tmp_path / "m.gguf", kv, tensors))

@@ -5,10 +5,10 @@ import pytest
 import torch
 import transformers
 
-from qwen3cli.config import ModelArgs, RopeScaling
-from qwen3cli.loader import load
-from qwen3cli.model import ContextFull, Model
-from qwen3cli.rope import make_rope, scaling_for_context
+from qwen3cli.io.loader import load
+from qwen3cli.model.config import ModelArgs, RopeScaling
+from qwen3cli.model.forward import ContextFull, Model
+from qwen3cli.model.rope import make_rope, scaling_for_context
 
 PROMPT = [9707, 1879, 11, 151644, 872, 198, 3838, 374]  # prefill
 STEPS = [int(t) for t in np.random.default_rng(1).integers(0, 151936, 32)]  # decoded one at a time
@@ -171,7 +171,7 @@ def test_moe_sparse_routing_equals_dense_reference(gguf_model):
 def test_moe_grouped_prefill_equals_per_expert_products(gguf_model, monkeypatch, quant):
     """The int8 path's prefill runs all experts of a stack in one grouped launch
     (int8_moe_gemm_cpu); one GEMM per expert (decode kernel for single tokens) is the check."""
-    import qwen3cli.ops_cpu as ops
+    import qwen3cli.model.ops_cpu as ops
 
     path, _ = gguf_model(quant, **CASES["moe-nonorm"])
     model = Model(load(path).weights, ctx=64)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from qwen3cli import hub, models
+from qwen3cli.io import hub, models
 
 from test_cli import one_line_error, run
 from test_hub import fake_repo, offline_cache  # noqa: F401  (a fixture)
@@ -94,7 +94,7 @@ def test_no_model_means_the_default_one_said_once(offline_cache, gguf_model):  #
 def test_a_checkpoint_directory_is_converted_once(ckpt, tmp_path, monkeypatch):
     import os
 
-    from qwen3cli.loader import load
+    from qwen3cli.io.loader import load
 
     monkeypatch.setenv("QWEN3CLI_CACHE", str(tmp_path / "conv"))
     src, _ = ckpt(dtype="f32", std=0.05)

@@ -14,10 +14,10 @@ import pytest
 
 from quant.kernels.layouts import Mat
 
-from qwen3cli import packed_cache
-from qwen3cli.loader import load
-from qwen3cli.ops_cpu import CpuOps, prepare
-from qwen3cli.packed_cache import MAGIC, PackedStore
+from qwen3cli.model import packed_cache
+from qwen3cli.io.loader import load
+from qwen3cli.model.ops_cpu import CpuOps, prepare
+from qwen3cli.model.packed_cache import MAGIC, PackedStore
 
 SMALL = dict(hidden=256, ffn=512, heads=8, head_dim=32, layers=2)
 KINDS = {"q8_0": ("q8_0", SMALL), "q4_k_m": ("q4_k_m", SMALL), "q5_k_m": ("q5_k_m", SMALL),
@@ -33,8 +33,8 @@ def cache(tmp_path, monkeypatch):
 
 def logits_of(w, args):
     """Prefill and one decode step over the prepared weights w (int8 activations)."""
-    from qwen3cli.model import Model
-    from qwen3cli.rope import make_rope, scaling_for_context
+    from qwen3cli.model.forward import Model
+    from qwen3cli.model.rope import make_rope, scaling_for_context
 
     m = Model.__new__(Model)  # Model's forward over weights given as they are: no packing here
     m.args, m.ctx, m.w = args, 32, w
@@ -91,7 +91,7 @@ def through_store(path, refuse_packing=False):
 
     with pytest.MonkeyPatch.context() as mp:
         if refuse_packing:
-            mp.setattr("qwen3cli.ops_cpu.prepare", refuse)
+            mp.setattr("qwen3cli.model.ops_cpu.prepare", refuse)
         w = CpuOps(m.args, None, "f32", exact=False).prepare(m.weights, None, store)
     store.wait()
     return logits_of(w, m.args), w
@@ -235,7 +235,7 @@ def test_the_newest_entries_are_kept(gguf_model, cache, monkeypatch):
 
 
 def test_the_engine_maps_the_entry_on_a_second_load(gguf_model, cache):
-    from qwen3cli.engine import Engine
+    from qwen3cli.runtime.engine import Engine
 
     path, _ = gguf_model("q8_0", **SMALL)
     e1 = Engine(load(path), 32)

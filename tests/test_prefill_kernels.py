@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from quant.kernels import prefill_cpu as pre
-from qwen3cli.kv_cache import CACHE_TYPES, KVCache
-from qwen3cli.loader import load
-from qwen3cli.model import Model
-from qwen3cli.ops_cpu import CpuOps, rms_norm, silu
-from qwen3cli.rope import Rope, apply_rope
+from qwen3cli.io.loader import load
+from qwen3cli.model.forward import Model
+from qwen3cli.model.kv_cache import CACHE_TYPES, KVCache
+from qwen3cli.model.ops_cpu import CpuOps, rms_norm, silu
+from qwen3cli.model.rope import Rope, apply_rope
 
 EPS = np.float32(1e-6)
 

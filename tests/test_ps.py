@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from qwen3cli import running
+from qwen3cli.runtime import running
 
 from test_cli import run
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from quant.gguf_file import GGUFFile
-from qwen3cli.convert import plan, quantize
-from qwen3cli.requantize import RequantizeError
+from qwen3cli.io.convert import plan, quantize
+from qwen3cli.io.requantize import RequantizeError
 
 
 def same_file(a, b):

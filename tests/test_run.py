@@ -134,9 +134,9 @@ def test_bench_json(tiny):
 
 def test_bench_at_depth(tiny):
     # llama-bench's -d: the context is filled once, and every timed run starts `depth` tokens in
-    from qwen3cli.bench import run_bench
-    from qwen3cli.engine import Engine
-    from qwen3cli.loader import load
+    from qwen3cli.runtime.bench import run_bench
+    from qwen3cli.runtime.engine import Engine
+    from qwen3cli.io.loader import load
 
     engine = Engine(load(tiny), ctx=64)
     calls, forward = [], engine.model.forward
@@ -173,11 +173,11 @@ def test_device_choice(tiny, scripted, monkeypatch):
     assert code == 0 and "running on" not in errs
     monkeypatch.setattr(config, "ENABLE_CUDASIM", False)
     monkeypatch.setattr(cuda, "is_available", lambda: False)
-    monkeypatch.setattr("qwen3cli.device._driver_present", lambda: True)  # a driver, but no GPU it can use
+    monkeypatch.setattr("qwen3cli.model.device._driver_present", lambda: True)  # a driver, but no GPU it can use
     one_line_error(*run(tiny, "hi", "--device", "cuda")[::2], "--device cuda: no CUDA GPU found")
     code, _, errs = run(tiny, "hi", "-n", "3")
     assert code == 0 and "running on the CPU: no CUDA GPU found" in errs
-    monkeypatch.setattr("qwen3cli.device._driver_present", lambda: False)
+    monkeypatch.setattr("qwen3cli.model.device._driver_present", lambda: False)
     one_line_error(*run(tiny, "hi", "--device", "cuda")[::2], "no NVIDIA driver found")
     code, _, errs = run(tiny, "hi", "-n", "3")  # the extra but no driver: nobody expected a GPU here
     assert code == 0 and "running on" not in errs
@@ -207,7 +207,7 @@ def test_llama_cpp_flag_habits(tiny, tmp_path):
 def always_thinks(tmp_path_factory):
     """A tiny model with Qwen3-Thinking-2507's template: the prompt opens <think>, --no-think cannot switch it."""
     from checkpoints import DATA, make_checkpoint
-    from qwen3cli.convert import quantize
+    from qwen3cli.io.convert import quantize
 
     d = tmp_path_factory.mktemp("thinking2507")
     src, _ = make_checkpoint(d / "ck", dtype="f32", std=0.05)

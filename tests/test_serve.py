@@ -13,9 +13,9 @@ import transformers
 from typer.testing import CliRunner
 
 from checkpoints import TOKENIZER
-from qwen3cli.engine import Engine
-from qwen3cli.generation import BUDGET_NOTE
-from qwen3cli.loader import load
+from qwen3cli.runtime.engine import Engine
+from qwen3cli.runtime.generation import BUDGET_NOTE
+from qwen3cli.io.loader import load
 from qwen3cli.sampler import Sampler
 from qwen3cli.serve import make_server
 from qwen3cli.serve.answer import AnswerSplitter, ToolCall

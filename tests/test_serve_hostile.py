@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwen3cli.engine import Engine
-from qwen3cli.loader import load
+from qwen3cli.runtime.engine import Engine
+from qwen3cli.io.loader import load
 from qwen3cli.sampler import Sampler
 from qwen3cli.serve import make_server
 from qwen3cli.safe_text import printable

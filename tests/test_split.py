@@ -11,9 +11,9 @@ import pytest
 from quant.errors import GGUFFormatError
 from quant.gguf_file import GGUFFile
 from quant.gguf_split import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS, open_gguf, parse_size, plan_parts
-from qwen3cli.convert import quantize
-from qwen3cli.engine import Engine
-from qwen3cli.loader import load
+from qwen3cli.io.convert import quantize
+from qwen3cli.runtime.engine import Engine
+from qwen3cli.io.loader import load
 
 from test_hub import fake_repo
 
@@ -116,7 +116,7 @@ def test_quantize_refuses_existing_parts_before_writing(ckpt, tmp_path):
 def test_hub_downloads_every_part(split_model, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from qwen3cli import hub
+    from qwen3cli.io import hub
 
     _, s = split_model
     cache = tmp_path / "hf"

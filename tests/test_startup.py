@@ -7,9 +7,9 @@ import pytest
 
 from checkpoints import DATA
 from quant.gguf_file import GGUFFile
-from qwen3cli import tokenizer_cache
-from qwen3cli.tokenizer import from_gguf_metadata
-from qwen3cli.tokenizer_cache import load_tokenizer, tokenizer_key
+from qwen3cli.text import tokenizer_cache
+from qwen3cli.text.tokenizer import from_gguf_metadata
+from qwen3cli.text.tokenizer_cache import load_tokenizer, tokenizer_key
 
 CASES = json.loads((DATA / "expected_encodings.json").read_text())
 TEXTS = [c["text"] for c in CASES["encodings"]] + [r["text"] for r in CASES["chat_renders"]] + [
@@ -135,7 +135,7 @@ def test_metadata_not_read_from_a_file_is_built_not_cached(files, cache):
 
 
 def test_load_uses_the_cache(files, cache):
-    from qwen3cli.loader import load
+    from qwen3cli.io.loader import load
 
     load(files[0])
     assert len(entries(cache)) == 1
@@ -145,7 +145,7 @@ def test_compile_watch_sees_compiles_not_cache_loads(tmp_path, monkeypatch):
     import importlib.util
     import sys
 
-    from qwen3cli.compiling import CompileWatch
+    from qwen3cli.model.compiling import CompileWatch
 
     src = tmp_path / "kern.py"  # numba caches it in tmp_path/__pycache__
     src.write_text("from numba import njit\n\n\n@njit\ndef inner(x):\n    return x + 1\n\n\n"
@@ -170,8 +170,8 @@ def test_open_engine_warms_up_only_after_a_compile(files, monkeypatch):
     import numba
 
     from quant.kernels import matmul_cpu
-    from qwen3cli import engine
-    from qwen3cli.loading import open_engine
+    from qwen3cli.runtime import engine
+    from qwen3cli.runtime.loading import open_engine
 
     warmed = []
     monkeypatch.setattr(matmul_cpu, "warm_up", lambda forward: warmed.append(forward))
@@ -193,7 +193,7 @@ def test_open_engine_warms_up_only_after_a_compile(files, monkeypatch):
 
 
 def _recording_hooks(events):
-    from qwen3cli.loading import LoadHooks
+    from qwen3cli.runtime.loading import LoadHooks
 
     return LoadHooks(progress=lambda what, done, total: events.append(("progress", what)),
                      warning=lambda line: events.append(("warning", line)),
@@ -203,8 +203,8 @@ def _recording_hooks(events):
 def test_open_engine_reports_through_hooks_and_prints_nothing(gguf_model, capfd, tmp_path, monkeypatch):
     """A directory converts while it loads: progress first, then the loader's warnings, and not a
     byte on stdout or stderr (the CLI draws them)."""
-    from qwen3cli.loader import load
-    from qwen3cli.loading import open_engine
+    from qwen3cli.io.loader import load
+    from qwen3cli.runtime.loading import open_engine
 
     _, src = gguf_model("q8_0")
     monkeypatch.setenv("QWEN3CLI_CACHE", str(tmp_path / "first"))
@@ -224,9 +224,10 @@ def test_open_engine_reports_through_hooks_and_prints_nothing(gguf_model, capfd,
 
 def test_open_engine_announces_the_gpu_steps_and_ends_them_on_failure(files, monkeypatch):
     from quant.kernels import matmul_cpu
-    from qwen3cli import device, engine
+    from qwen3cli.model import device
+    from qwen3cli.runtime import engine
     from qwen3cli.errors import Qwen3CliError
-    from qwen3cli.loading import GPU_STAGE, open_engine
+    from qwen3cli.runtime.loading import GPU_STAGE, open_engine
 
     events = []
     monkeypatch.setattr(device, "pick", lambda d: ("cuda", None))
@@ -266,7 +267,7 @@ def test_the_cache_keeps_the_newest_entries(files, cache, monkeypatch):
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
-    from qwen3cli.tokenizer_cache import cache_dir
+    from qwen3cli.text.tokenizer_cache import cache_dir
 
     monkeypatch.setenv("QWEN3CLI_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("QWEN3CLI_CACHE_DIR", str(tmp_path / "ours"))
@@ -318,7 +319,7 @@ def test_trim_heap_returns_the_tokenizers_parse_buffers():
 
     code = """
 import tokenizers, sys
-from qwen3cli.memory import trim_heap
+from qwen3cli.model.memory import trim_heap
 def anon():
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('RssAnon')) // 1024
 t = tokenizers.Tokenizer.from_file(sys.argv[1])
@@ -335,7 +336,7 @@ print(before - anon(), len(t.get_vocab()))
 def test_a_cached_tokenizer_is_parsed_on_a_thread(files, cache):
     import threading
 
-    from qwen3cli.tokenizer_cache import start_tokenizer
+    from qwen3cli.text.tokenizer_cache import start_tokenizer
 
     with GGUFFile(files[0]) as g:
         fresh = load_tokenizer(g.metadata)  # writes the entry
@@ -348,7 +349,7 @@ def test_a_cached_tokenizer_is_parsed_on_a_thread(files, cache):
 
 
 def test_a_parse_that_fails_on_the_thread_is_rebuilt_on_the_callers(files, cache, monkeypatch):
-    from qwen3cli.tokenizer_cache import start_tokenizer
+    from qwen3cli.text.tokenizer_cache import start_tokenizer
 
     with GGUFFile(files[0]) as g:
         fresh = load_tokenizer(g.metadata)
@@ -361,7 +362,7 @@ def test_load_lets_the_headers_pages_go(files, cache):
     # the metadata (the tokenizer's ~5 MB) is read once: its pages should not stay resident
     import os
 
-    from qwen3cli.loader import load
+    from qwen3cli.io.loader import load
 
     if not os.path.exists("/proc/self/smaps"):
         pytest.skip("no /proc/self/smaps")
@@ -386,12 +387,12 @@ def test_cli_modules_leave_the_engine_unloaded():
     test imports first."""
     from test_imports import ROOT, import_each, modules_under
 
-    heavy = ("numba", "numpy", "quant.kernels", "qwen3cli.engine", "qwen3cli.model", "qwen3cli.conversation",
+    heavy = ("numba", "numpy", "quant.kernels", "qwen3cli.runtime.engine", "qwen3cli.model.forward", "qwen3cli.runtime.conversation",
              "prompt_toolkit", "tokenizers", "jinja2")
     names = [n for n in modules_under(ROOT) if n == "qwen3cli.cli" or n.startswith("qwen3cli.cli.")]
     assert "qwen3cli.cli.run" in names and "qwen3cli.cli.quantize" in names
     results = import_each(names, watch=heavy)
     assert {n: loaded for n, (ok, _, loaded) in results.items() if loaded or not ok} == {}
     # the watch sees what a heavy import loads: the library factory's own module pulls the engine in
-    (ok, _, loaded), = import_each(["qwen3cli.engine"], watch=heavy).values()
-    assert ok and "numba" in loaded and "qwen3cli.engine" in loaded
+    (ok, _, loaded), = import_each(["qwen3cli.runtime.engine"], watch=heavy).values()
+    assert ok and "numba" in loaded and "qwen3cli.runtime.engine" in loaded

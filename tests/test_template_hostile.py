@@ -20,8 +20,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from checkpoints import TOKENIZER
 from hostile import clean_error, run_cli
-from qwen3cli import template_budget
-from qwen3cli.chat_template import ChatTemplate, TemplateError, _tojson
+from qwen3cli.text import template_budget
+from qwen3cli.text.chat_template import ChatTemplate, TemplateError, _tojson
 
 DEADLINE = 1.0  # seconds, for these tests (the real one is template_budget.DEADLINE_S)
 SLACK = 2.0  # one bounded step after the deadline, on a loaded machine
@@ -122,9 +122,9 @@ CHILD = """
 import json, resource, sys, time, tracemalloc
 limit, deadline = json.loads(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-from qwen3cli import template_budget
+from qwen3cli.text import template_budget
 template_budget.DEADLINE_S = deadline
-from qwen3cli.chat_template import ChatTemplate, TemplateError, _tojson
+from qwen3cli.text.chat_template import ChatTemplate, TemplateError, _tojson
 for name, src in json.load(sys.stdin).items():
     tracemalloc.start()
     t0 = time.perf_counter()

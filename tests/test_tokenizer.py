@@ -6,9 +6,9 @@ import pytest
 
 from checkpoints import DATA, TOKENIZER
 from quant.gguf_file import GGUFFile
-from qwen3cli import convert
+from qwen3cli.io import convert
 from qwen3cli.errors import ConfigError
-from qwen3cli.tokenizer import StreamDecoder, from_gguf_metadata, from_tokenizer_json
+from qwen3cli.text.tokenizer import StreamDecoder, from_gguf_metadata, from_tokenizer_json
 
 CASES = json.loads((DATA / "expected_encodings.json").read_text())
 

@@ -8,7 +8,7 @@ import pytest
 
 from checkpoints import TOKENIZER, VOCAB
 from quant.gguf_file import GGUFFile
-from qwen3cli import convert
+from qwen3cli.io import convert
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -35,7 +35,7 @@ def bench(
     """Measure prefill and decode speed, like llama-bench."""
     import numba
 
-    from ..bench import peak_rss_mb, run_bench
+    from ..runtime.bench import peak_rss_mb, run_bench
 
     ps, ns, ds = _counts(prompt, "-p"), _counts(gen, "-n"), _counts(depth, "-d")
     if reps < 1 or not any(ps + ns):
@@ -92,7 +92,7 @@ def _counts(text: str, flag: str) -> list[int]:
 def _params(engine) -> int:
     import math
 
-    from ..weights import expected_shapes
+    from ..model.weights import expected_shapes
 
     tied = engine.args.tie_word_embeddings
     return sum(math.prod(s) for n, s in expected_shapes(engine.args).items() if n != "output.weight" or not tied)

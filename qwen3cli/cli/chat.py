@@ -18,7 +18,7 @@ from .options import (Cache, Ctx, Device, Exact, MinP, OptionalModel, Presence, 
 
 def __getattr__(name: str):
     """The UI's names (ChatUI, make_prompt_session, ...) stay importable from here, loaded on use."""
-    from .. import chat_ui
+    from . import chat_ui
 
     try:
         return getattr(chat_ui, name)
@@ -56,9 +56,9 @@ def chat(
     from rich.markup import escape
     from rich.text import Text
 
-    from ..chat_ui import DISPLAYS, ChatUI, make_prompt_session
-    from ..conversation import ChatSettings, Conversation
-    from ..running import registered
+    from .chat_ui import DISPLAYS, ChatUI, make_prompt_session
+    from ..runtime.conversation import ChatSettings, Conversation
+    from ..runtime.running import registered
 
     if thinking_display not in DISPLAYS:
         raise UsageError(f"--thinking must be one of {', '.join(DISPLAYS)}, got {thinking_display!r}")

@@ -31,7 +31,7 @@ def eval_(
     """Compare MODEL with REF on a text, like llama-perplexity --kl-divergence."""
     from dataclasses import asdict
 
-    from ..evaluate import evaluate, sample_text
+    from ..runtime.evaluate import evaluate, sample_text
 
     if ctx < 2:  # half of each chunk is scored
         raise UsageError(f"--ctx must be at least 2, got {ctx}")

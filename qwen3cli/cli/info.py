@@ -14,7 +14,7 @@ from .base import app, count_text, out, print_fields, size_text, user_errors
 def info(file: Path = typer.Argument(..., help="A GGUF file (any part of a split one)."),
          as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table.")) -> None:
     """Show a GGUF file's architecture, hyperparameters, tokenizer and tensor types."""
-    from ..info import read_info
+    from ..io.info import read_info
 
     i = read_info(file)
     if as_json:

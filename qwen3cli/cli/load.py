@@ -13,7 +13,7 @@ def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto", e
                 cache_type: str | None = None, seen: set[str] | None = None):
     """loading.open_engine with the CLI's hooks; the same arguments. seen: notes already shown
     by this command (a command that loads two models shares it, so a line shows once)."""
-    from ..loading import open_engine as load_engine
+    from ..runtime.loading import open_engine as load_engine
 
     compile_watch()  # before the load: packing the weights is where a first run compiles
     with LoadView(seen) as view:
@@ -32,7 +32,7 @@ class LoadView:
         self._status = None
 
     def hooks(self):
-        from ..loading import LoadHooks
+        from ..runtime.loading import LoadHooks
 
         return LoadHooks(progress=self._progress, warning=self._warning, note=self._note, stage=self._stage)
 
@@ -88,7 +88,7 @@ def compile_watch():
     lives recursed without end when the outer one stopped first."""
     global _WATCH
     if _WATCH is None:
-        from ..compiling import CompileWatch
+        from ..model.compiling import CompileWatch
 
         said = []
 

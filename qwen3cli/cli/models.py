@@ -23,7 +23,7 @@ def pull(
     """Download a model into the Hugging Face cache (resumed if cut off).
 
     A checkpoint repo is converted to --quant once, as run would on first use."""
-    from .. import hub
+    from ..io import hub
     from .load import LoadView
 
     with LoadView() as view:
@@ -37,7 +37,7 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="One JSON arr
     """List the models this machine can run without a download.
 
     GGUF files and checkpoints in the Hugging Face cache, and checkpoints converted by qwen3cli."""
-    from ..models import cached_models
+    from ..io.models import cached_models
 
     models = cached_models()
     if as_json:
@@ -64,7 +64,7 @@ def processes(as_json: bool = typer.Option(False, "--json", help="One JSON array
     import time
     from pathlib import Path
 
-    from ..running import running
+    from ..runtime.running import running
 
     found = running()
     if as_json:
@@ -97,7 +97,7 @@ def _since(seconds: float) -> str:
 def remove(model: str = typer.Argument(..., help="A name as `qwen3cli list` shows it, or a repo id (all its files)."),
            ) -> None:
     """Delete a cached model's files (the blobs no other snapshot uses)."""
-    from ..models import remove as remove_model
+    from ..io.models import remove as remove_model
 
     for m in remove_model(model):
         err.print(f"deleted {escape(m.name)} ({size_text(m.size)})", highlight=False)
@@ -113,7 +113,7 @@ def show(
     """Show a model's summary, thinking mode and default sampling per mode.
 
     With --template, its chat template too."""
-    from ..show import describe
+    from ..io.show import describe
 
     d = describe(model)
     if as_json:

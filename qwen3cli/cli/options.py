@@ -31,7 +31,7 @@ def looks_like_model(text: str) -> bool:
     """Whether run's first argument names a model (a path that exists, a repo id) or is the prompt."""
     import os
 
-    from ..hub import REPO_ID, normalize
+    from ..io.hub import REPO_ID, normalize
 
     return os.path.lexists(os.path.expanduser(text)) or text.endswith(".gguf") or \
         REPO_ID.match(normalize(text)) is not None

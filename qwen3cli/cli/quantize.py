@@ -56,7 +56,7 @@ def quantize(
     """Convert and quantize a Qwen3 / Qwen3-MoE checkpoint (or a BF16/F16/F32 GGUF) to a GGUF file llama.cpp loads."""
     from quant.gguf_split import parse_size
 
-    from .. import convert
+    from ..io import convert
 
     set_threads(threads)
     max_bytes = None
@@ -94,7 +94,7 @@ def quantize(
 
     print_fields(err, _summary_rows(src, p, s))
     if check:
-        from ..evaluate import evaluate, sample_text
+        from ..runtime.evaluate import evaluate, sample_text
         from .load import open_engine
 
         seen: set[str] = set()
@@ -107,7 +107,7 @@ def quantize(
 
 def _source(source: str) -> Path:
     """The directory or file to quantize: a repo id (not a path here) is downloaded first."""
-    from .. import hub
+    from ..io import hub
     from .load import LoadView
 
     p = Path(source).expanduser()

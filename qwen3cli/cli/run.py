@@ -83,8 +83,8 @@ def run(
     """Answer one prompt and exit."""
     import time
 
-    from ..generation import Done, generate
-    from ..model import ContextFull
+    from ..runtime.generation import Done, generate
+    from ..model.forward import ContextFull
     from ..sampler import Overrides, Sampler
 
     t_start = time.perf_counter()

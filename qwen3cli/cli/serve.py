@@ -57,7 +57,7 @@ def serve(
     from ..serve import make_server
     from ..serve.protocol import Sampling
     from ..serve.worker import Defaults
-    from ..running import registered
+    from ..runtime.running import registered
     from ..serve.guard import is_loopback, valid_origin
 
     if not 0 <= port <= 65535:

@@ -15,7 +15,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from ..engine import Engine
+from ..runtime.engine import Engine
 from ..safe_text import printable
 from .answer import ToolCall
 from .conn import HeadBudget, TimedWriter, at_eof, linger, refuse_busy

@@ -10,13 +10,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..chat_template import TemplateError
-from ..engine import Engine
-from ..generation import Done
-from ..model import ContextFull
-from ..prefix_cache import PrefixCache, common_prefix
+from ..model.forward import ContextFull
+from ..runtime.engine import Engine
+from ..runtime.generation import Done
+from ..runtime.prefix_cache import PrefixCache, common_prefix
 from ..sampler import Sampler
-from ..tokenizer import StreamDecoder
+from ..text.chat_template import TemplateError
+from ..text.tokenizer import StreamDecoder
 from .answer import AnswerSplitter, ToolCall
 from .protocol import APIError, ChatRequest, CompletionRequest, Sampling, usage
 

@@ -1,0 +1,113 @@
+"""The KV cache: the keys and values of every layer, KV head and position, kept as f32, f16 or
+q8_0 (ggml's Q8_0: 32 int8 quants and one float16 scale per 32 values of a head).
+
+f16 is the default on the CPU, as in llama.cpp: half the memory of f32 for logits that move
+by float16 rounding (tests/test_kv_cache.py measures it against f32). q8_0 takes 34 bytes per
+32 values, about a quarter of f32. Its scales are float16 as in ggml, so a cache block is
+ggml's block byte for byte, and its 2-byte scales cost 6% where float32 ones would cost 12%.
+The CUDA backend keeps float32 caches only. The formats' kernels live in quant/kernels/kv_cpu.py.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+from quant.kernels.kv_cpu import read_rows, write_rows
+
+from ..errors import Qwen3CliError
+
+CACHE_TYPES = ("f32", "f16", "q8_0")
+DEFAULT = {"cpu": "f16", "cuda": "f32"}  # what a backend gets when no type is asked for
+QK = 32  # values per Q8_0 block
+_ELEMENT = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}  # f16 as its bits (see kv_cpu.py)
+
+
+class CacheTypeError(Qwen3CliError):
+    """A KV cache type this model or backend cannot have."""
+
+
+def check_type(cache_type: str | None, head_dim: int, backend: str = "cpu") -> str:
+    """The cache type to use: the backend's default for None; refuses unknown types, non-f32
+    types on CUDA, and q8_0 for heads that are not whole blocks of 32."""
+    t = DEFAULT.get(backend, "f32") if cache_type is None else cache_type
+    if t not in CACHE_TYPES:
+        raise CacheTypeError(f"unknown KV cache type {t!r}: use one of {', '.join(CACHE_TYPES)}")
+    if backend != "cpu" and t != "f32":
+        raise CacheTypeError(f"the {backend} backend keeps its KV cache in f32 only, not {t}: "
+                             "use --cache-type f32 or --device cpu")
+    if t == "q8_0" and head_dim % QK:
+        raise CacheTypeError(f"a q8_0 KV cache needs a head size that is a multiple of {QK}; "
+                             f"this model's is {head_dim}: use f16 or f32")
+    return t
+
+
+def row_nbytes(cache_type: str, head_dim: int) -> int:
+    """Bytes of one head's keys (or values) at one position."""
+    if cache_type == "q8_0":
+        return head_dim + 2 * (head_dim // QK)
+    return head_dim * np.dtype(_ELEMENT[cache_type]).itemsize
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """Zeroed memory whose pages appear as they are first written, in small pages: each
+    (layer, head) row of the cache is touched a few KB at a time, and with transparent huge
+    pages every first touch would zero 2 MB (measured: 2.1 s for a 128-token prompt on the
+    0.6B shape at ctx 8192, against 0.03 s with 4 KB pages)."""
+    count = int(np.prod(shape))
+    try:
+        m = mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1))
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            m.madvise(mmap.MADV_NOHUGEPAGE)
+    except (OSError, ValueError):
+        return np.zeros(shape, dtype)
+    return np.frombuffer(m, dtype, count).reshape(shape)
+
+
+_NO_SCALES = np.zeros((1, 1, 1, 1), np.uint16)  # what the kernels are given for f32 / f16 caches
+
+
+class KVCache:
+    """k, v (n_layers, n_kv, ctx, head_dim) in the type's element; for q8_0 ks, vs
+    (n_layers, n_kv, ctx, head_dim // 32) hold the scales' float16 bits. `alloc(shape, dtype)`
+    makes the arrays (the CUDA backend allocates on the device)."""
+
+    def __init__(self, n_layers: int, n_kv: int, ctx: int, head_dim: int, cache_type: str = "f32",
+                 alloc=lazy_zeros):
+        shape = (n_layers, n_kv, ctx, head_dim)
+        self.type = cache_type
+        self.k = alloc(shape, _ELEMENT[cache_type])
+        self.v = alloc(shape, _ELEMENT[cache_type])
+        if cache_type == "q8_0":
+            self.ks = alloc(shape[:3] + (head_dim // QK,), np.uint16)
+            self.vs = alloc(shape[:3] + (head_dim // QK,), np.uint16)
+        else:
+            self.ks = self.vs = _NO_SCALES
+        self.ctx = ctx
+        self.n = 0  # positions filled
+
+    def truncate(self, n: int) -> None:
+        """Forget everything after the first n positions (to reuse a shared prefix)."""
+        self.n = min(self.n, n)
+
+    def write(self, li: int, p: int, k: np.ndarray, v: np.ndarray) -> None:
+        """k, v (n_kv, n, head_dim) float32 into layer li at positions p..p+n."""
+        n = k.shape[1]
+        if self.type == "f32":
+            self.k[li, :, p:p + n] = k
+            self.v[li, :, p:p + n] = v
+            return
+        write_rows(np.ascontiguousarray(k, np.float32), self.k, self.ks, li, p)
+        write_rows(np.ascontiguousarray(v, np.float32), self.v, self.vs, li, p)
+
+    def read(self, li: int, h: int, T: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of layer li, KV head h, positions 0..T as float32 (T, head_dim):
+        views of an f32 cache, converted copies otherwise."""
+        if self.type == "f32":
+            return self.k[li, h, :T], self.v[li, h, :T]
+        D = self.k.shape[3]
+        K, V = np.empty((T, D), np.float32), np.empty((T, D), np.float32)
+        read_rows(self.k, self.ks, li, h, K)
+        read_rows(self.v, self.vs, li, h, V)
+        return K, V
