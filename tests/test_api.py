@@ -19,7 +19,8 @@ def model(gguf_model):
 
 def test_import_is_light_and_names_are_the_api():
     code = ("import sys, qwen3cli; print('numba' in sys.modules or 'numpy' in sys.modules); "
-            "from qwen3cli import generate, load, Chat; import qwen3cli.runtime.generation; from qwen3cli import generate as g2; "
+            "from qwen3cli import generate, load, Chat; import qwen3cli.runtime.generation; "
+            "from qwen3cli import generate as g2; "
             "print(callable(g2) and g2 is generate and not isinstance(g2, type(sys)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"]  # `import qwen3cli` stays light; the names are functions, not modules
