@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "qwen3cli"
 # lowest first; a top-level module is its own layer, a package one layer for all its modules.
 # The root package (qwen3cli/__init__.py: the version, and the API's names imported on first
 # use) is outside the order: every module loads it anyway, and it may name the API above all.
-LAYERS = ["errors", "meta", "sampler", "safe_text", "model", "text",
+LAYERS = ["errors", "meta", "sampler", "safe_text", "paths", "model", "text",
           "demo",  # the built-in demo model (branch demo): may use model/ and text/, io/ and up may use it
           "io", "runtime", "serve", "cli", "api", "__main__"]
 

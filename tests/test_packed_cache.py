@@ -37,7 +37,7 @@ def logits_of(w, args):
     from qwen3cli.model.rope import make_rope, scaling_for_context
 
     m = Model.__new__(Model)  # Model's forward over weights given as they are: no packing here
-    m.args, m.ctx, m.w = args, 32, w
+    m.args, m.ctx, m.w, m.chunk = args, 32, w, None
     m.ops = CpuOps(args, make_rope(args, scaling_for_context(args, 32)), "f32", exact=False)
     c = m.ops.new_cache(32)
     return np.concatenate([m.forward([1, 5, 9, 3, 7], c), m.forward([2], c)])

@@ -267,7 +267,7 @@ def test_the_cache_keeps_the_newest_entries(files, cache, monkeypatch):
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
-    from qwen3cli.text.tokenizer_cache import cache_dir
+    from qwen3cli.paths import cache_dir
 
     monkeypatch.setenv("QWEN3CLI_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("QWEN3CLI_CACHE_DIR", str(tmp_path / "ours"))

@@ -90,7 +90,7 @@ class PackedStore:
     """One GGUF file's entry: load() the packed weights' slots or None, save() them after a pack."""
 
     def __init__(self, path: str | os.PathLike):
-        from ..text.tokenizer_cache import cache_dir
+        from ..paths import cache_dir
 
         self.key = entry_key(path)
         self.dir = cache_dir() / "packed"

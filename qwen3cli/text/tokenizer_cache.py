@@ -34,27 +34,16 @@ from tokenizers import Tokenizer
 
 from quant.gguf_file import StringArray
 
+from ..paths import cache_dir
 from . import tokenizer as _builder
 from .tokenizer import from_gguf_metadata
 from .vocab import QWEN2_SPLIT
 
-ENV = "QWEN3CLI_CACHE_DIR"
 MAGIC = "qwen3cli-tokenizer"
 MAX_ENTRY_BYTES = 256 << 20  # a 151,936-token entry is ~5 MB: anything far larger is not ours
 MAX_ENTRIES = 16  # ~5 MB each; entries of an older builder are never asked for again
 KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
         "tokenizer.ggml.merges")
-
-
-def cache_dir() -> Path:
-    """Where qwen3cli keeps what it rebuilds between runs: QWEN3CLI_CACHE_DIR, else the hub
-    conversions' QWEN3CLI_CACHE (hub.py), else the per-user cache directory of the OS."""
-    for name in (ENV, "QWEN3CLI_CACHE"):
-        if os.environ.get(name):
-            return Path(os.environ[name])
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("qwen3cli", appauthor=False))
 
 
 def tokenizer_key(md: dict) -> str | None:
