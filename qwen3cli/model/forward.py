@@ -16,7 +16,7 @@ from .rope import make_rope, scaling_for_context
 from .weights import Weights
 
 
-PREFILL_CHUNK = 256  # CPU prefill tokens per pass through the layer stack (see Model.forward)
+PREFILL_CHUNK = 512  # CPU prefill tokens per pass through the layer stack (see Model.forward); llama.cpp's n_ubatch
 
 
 class ContextFull(Qwen3CliError):
