@@ -213,6 +213,17 @@ def _tail_q8_0(q, d, r0, r1, wt, dt):
 
 
 @njit(cache=True, inline="always")
+def _tail_block(q, d, r, r0, b, t, dt, tmp):
+    # tail block b of row r as the t-th block of the padded group: its scale, and its 16
+    # bytes of 4-bit quants in the pack's order (chunk c: file bytes 2c, 2c + 1 at 32 c + 2 t);
+    # Q4_0 and Q5_0 hold their low four bits alike
+    dt[(r - r0) * G + t] = d[r, b]
+    for c in range(8):
+        tmp[32 * c + 2 * t] = q[r, 16 * b + 2 * c]
+        tmp[32 * c + 2 * t + 1] = q[r, 16 * b + 2 * c + 1]
+
+
+@njit(cache=True, inline="always")
 def _tail_q4_0(q, d, r0, r1, wt, dt, tmp):
     # tmp (256 bytes): the group in the pack's order (chunk c: file bytes 2c, 2c + 1 of block t
     # at 32 c + 2 t), then wt: its 8 units as _unpack writes them, 512 bytes a row
@@ -220,11 +231,7 @@ def _tail_q4_0(q, d, r0, r1, wt, dt, tmp):
     ng = nb // G
     for r in range(r0, r1):
         for t in range(nb - ng * G):
-            b = ng * G + t
-            dt[(r - r0) * G + t] = d[r, b]
-            for c in range(8):
-                tmp[32 * c + 2 * t] = q[r, 16 * b + 2 * c]
-                tmp[32 * c + 2 * t + 1] = q[r, 16 * b + 2 * c + 1]
+            _tail_block(q, d, r, r0, ng * G + t, t, dt, tmp)
         for c in range(8):
             _unit4(tmp, 32 * c, tmp, 0, 0, 0, 0, wt, (r - r0) * 32 * G + 64 * c)
 
@@ -239,10 +246,7 @@ def _tail_q5_0(q, h, d, r0, r1, wt, dt, tmp, tmph):
     for r in range(r0, r1):
         for t in range(nb - ng * G):
             b = ng * G + t
-            dt[(r - r0) * G + t] = d[r, b]
-            for c in range(8):
-                tmp[32 * c + 2 * t] = q[r, 16 * b + 2 * c]
-                tmp[32 * c + 2 * t + 1] = q[r, 16 * b + 2 * c + 1]
+            _tail_block(q, d, r, r0, b, t, dt, tmp)
             for u in range(2):
                 v = np.int32(h[r, 4 * b + 2 * u]) | (np.int32(h[r, 4 * b + 2 * u + 1]) << 8)
                 tmph[32 * u + 2 * t] = _even_bits(v)
