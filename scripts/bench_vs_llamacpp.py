@@ -2,7 +2,7 @@
 
     python scripts/bench_vs_llamacpp.py [--shapes 0.6b 1.7b 30b-a3b] [--moe-layers 4]
         [--types q8_0 q4_0 q4_k_m q5_k_m q6_k] [--tests pp128/tg64 pp512/tg128] [--rounds 3]
-        [--threads 2] [--cache-type q8_0] [--install-llama-cpp]
+        [--reps 3] [--threads 2] [--cache-type q8_0] [--install-llama-cpp]
 
 Builds random BF16 checkpoints with the exact Qwen3 shapes in --workdir (once; 30b-a3b is
 Qwen3-30B-A3B with only --moe-layers of its 48 layers) and quantizes them with `qwen3cli
@@ -11,9 +11,11 @@ Then, per file and round, alternately: `qwen3cli bench --json` and the same pp/t
 llama.cpp (llama-cpp-python, a separate process each time) for each --tests pair, and the start
 to first token of both: the wall time of `qwen3cli run FILE "Hello" -n 1` and of a process
 that imports llama_cpp, loads the file and evaluates the same chat prompt (both at --ctx 4096).
-Prints the host CPU, tokens/s (mean of the rounds), our/llama.cpp ratios, peak RSS and the
-first-token times. --cache-type goes to both (ours: --cache-type; llama.cpp: type_k/type_v,
-with flash attention for a quantized cache, which llama.cpp needs for the V cache).
+Prints the host CPU, tokens/s (the median of every timed run: --rounds processes of --reps runs
+each, after one warm-up run per process, on both sides), our/llama.cpp ratios, peak RSS and the
+first-token times (medians of the rounds). --cache-type goes to both (ours: --cache-type;
+llama.cpp: type_k/type_v, with flash attention for a quantized cache, which llama.cpp needs for
+the V cache).
 llama-cpp-python is not a test requirement (it compiles llama.cpp, 15-20 minutes on 2 cores):
 --install-llama-cpp pip-installs it when missing.
 """
@@ -55,21 +57,26 @@ def peak_mb():
 """
 
 LLAMA_BENCH = LLAMA_COMMON + r"""
-p, n = int(sys.argv[4]), int(sys.argv[5])
+p, n, reps = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 t0 = time.perf_counter()
 llm = load(p + n + 8)
 load_s = time.perf_counter() - t0
 ids = [int(x) for x in np.random.default_rng(0).integers(0, 151936, max(p, 8))]
-llm.eval(ids[:8]); llm.reset()
-pp = tg = float("nan")
-if p:
-    t0 = time.perf_counter(); llm.eval(ids[:p]); pp = p / (time.perf_counter() - t0)
-llm.reset(); llm.eval(ids[:1])
-if n:
+pp, tg = [], []
+# as `qwen3cli bench`: each test runs once as a warm-up, then reps timed times; every prefill, then every decode
+for r in range(reps + 1 if p else 0):
+    llm.reset()
+    t0 = time.perf_counter(); llm.eval(ids[:p]); s = p / (time.perf_counter() - t0)
+    if r:
+        pp.append(s)
+for r in range(reps + 1 if n else 0):
+    llm.reset(); llm.eval(ids[:1])
     t0 = time.perf_counter()
     for _ in range(n):
         llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    tg = n / (time.perf_counter() - t0)
+    s = n / (time.perf_counter() - t0)
+    if r:
+        tg.append(s)
 print(json.dumps({"pp": pp, "tg": tg, "load_s": load_s, "peak_rss_mb": peak_mb()}))
 """
 
@@ -88,19 +95,31 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return r
 
 
-def ours(path: Path, p: int, n: int, t: int, kv: str | None) -> dict:
+def ours(path: Path, p: int, n: int, t: int, kv: str | None, reps: int) -> dict:
     kv_flag = ["--cache-type", kv] if kv else []
-    r = _run([sys.executable, "-m", "qwen3cli", "bench", str(path), "-p", str(p), "-n", str(n), "-r", "1",
+    r = _run([sys.executable, "-m", "qwen3cli", "bench", str(path), "-p", str(p), "-n", str(n), "-r", str(reps),
               "--threads", str(t), "--json", *kv_flag])
-    d = json.loads(r.stdout)
-    res = {x["test"][:2]: x["tokens_per_s"] for x in d["results"]}
-    return {"pp": res.get("pp", float("nan")), "tg": res.get("tg", float("nan")), "load_s": d["load_s"],
-            "peak_rss_mb": d["peak_rss_mb"]}
+    return parse_ours(r.stdout)
 
 
-def llama(path: Path, p: int, n: int, t: int, kv: str | None) -> dict:
-    r = _run([sys.executable, "-c", LLAMA_BENCH, str(path), str(t), kv or "", str(p), str(n)])
+def parse_ours(text: str) -> dict:
+    """`qwen3cli bench --json` -> the llama side's shape: every timed run's tokens/s per kind (pp, tg)."""
+    d = json.loads(text)
+    runs: dict[str, list[float]] = {"pp": [], "tg": []}
+    for x in d["results"]:
+        runs[x["test"][:2]] += x["runs"]
+    return {**runs, "load_s": d["load_s"], "peak_rss_mb": d["peak_rss_mb"]}
+
+
+def llama(path: Path, p: int, n: int, t: int, kv: str | None, reps: int) -> dict:
+    r = _run([sys.executable, "-c", LLAMA_BENCH, str(path), str(t), kv or "", str(p), str(n), str(reps)])
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def median(results: list[dict], key: str) -> float:
+    """The median over every round's value(s) of key (a list of timed runs, or one number); nan if none."""
+    vals = [v for r in results if key in r for v in (r[key] if isinstance(r[key], list) else [r[key]])]
+    return statistics.median(vals) if vals else float("nan")
 
 
 def first_token(path: Path, t: int, kv: str | None, baseline: bool) -> dict:
@@ -187,6 +206,7 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"])
     ap.add_argument("--tests", nargs="+", type=parse_test, default=[(128, 64), (512, 128)], metavar="ppN/tgM")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="timed runs of each test per process, after one warm-up")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-type", help="KV cache type for both engines (e.g. q8_0); default: each one's own")
     ap.add_argument("--install-llama-cpp", action="store_true")
@@ -214,9 +234,9 @@ def main() -> None:
             first = []
             for _ in range(a.rounds):  # alternate, so drifts in machine load hit both alike
                 for (p, n), r in runs.items():
-                    r["ours"].append(ours(f, p, n, a.threads, a.cache_type))
+                    r["ours"].append(ours(f, p, n, a.threads, a.cache_type, a.reps))
                     if baseline:
-                        r["llama.cpp"].append(llama(f, p, n, a.threads, a.cache_type))
+                        r["llama.cpp"].append(llama(f, p, n, a.threads, a.cache_type, a.reps))
                 first.append(first_token(f, a.threads, a.cache_type, baseline))
             rows += [(shape, t, p, n, r) for (p, n), r in runs.items()]
             firsts.append((shape, t, first))
@@ -226,31 +246,27 @@ def main() -> None:
 
 
 def report(rows, firsts, a) -> None:
-    def mean(rs, k):
-        vals = [r[k] for r in rs if k in r]
-        return statistics.fmean(vals) if vals else float("nan")
-
     def ratio(x, y):
         return f"{x / y:>7.2f}x" if y == y and y else f"{'-':>8}"
 
     print(f"\nhost: {host_cpu()}")
     kv = f", KV cache {a.cache_type}" if a.cache_type else ""
-    print(f"{a.threads} threads{kv}, mean of {a.rounds} alternating rounds (tokens/s; ratio ours/llama.cpp, "
-          "> 1 is faster)")
+    print(f"{a.threads} threads{kv}, median of {a.rounds} alternating rounds x {a.reps} runs (tokens/s; "
+          "ratio ours/llama.cpp, > 1 is faster)")
     print(f"{'model':<20}{'test':>13}{'ours pp':>9}{'llama pp':>10}{'ratio':>8}{'ours tg':>9}{'llama tg':>10}"
           f"{'ratio':>8}{'ours RSS':>10}{'llama RSS':>11}")
     for shape, t, p, n, r in rows:
         o, ll = r["ours"], r["llama.cpp"]
-        print(f"{shape + ' ' + t:<20}{f'pp{p}/tg{n}':>13}{mean(o, 'pp'):>9.1f}{mean(ll, 'pp'):>10.1f}"
-              f"{ratio(mean(o, 'pp'), mean(ll, 'pp'))}{mean(o, 'tg'):>9.1f}{mean(ll, 'tg'):>10.1f}"
-              f"{ratio(mean(o, 'tg'), mean(ll, 'tg'))}"
-              f"{mean(o, 'peak_rss_mb'):>7.0f} MB{mean(ll, 'peak_rss_mb'):>8.0f} MB")
+        print(f"{shape + ' ' + t:<20}{f'pp{p}/tg{n}':>13}{median(o, 'pp'):>9.1f}{median(ll, 'pp'):>10.1f}"
+              f"{ratio(median(o, 'pp'), median(ll, 'pp'))}{median(o, 'tg'):>9.1f}{median(ll, 'tg'):>10.1f}"
+              f"{ratio(median(o, 'tg'), median(ll, 'tg'))}"
+              f"{median(o, 'peak_rss_mb'):>7.0f} MB{median(ll, 'peak_rss_mb'):>8.0f} MB")
     print(f"\nstart to first token (s, whole process, --ctx {FIRST_CTX}; ratio ours/llama.cpp, > 1 is slower; "
           "llama in-process: import + load + eval)")
     print(f"{'model':<20}{'ours':>8}{'llama':>8}{'ratio':>8}{'llama in-process':>18}")
     for shape, t, f in firsts:
-        o, ll = mean(f, "ours_s"), mean(f, "llama_s")
-        print(f"{shape + ' ' + t:<20}{o:>8.2f}{ll:>8.2f}{ratio(o, ll)}{mean(f, 'llama_in_process_s'):>18.2f}")
+        o, ll = median(f, "ours_s"), median(f, "llama_s")
+        print(f"{shape + ' ' + t:<20}{o:>8.2f}{ll:>8.2f}{ratio(o, ll)}{median(f, 'llama_in_process_s'):>18.2f}")
 
 
 if __name__ == "__main__":
