@@ -31,6 +31,7 @@ from .int8_cpu import (F32X16, G, _F32, _I8, _I32, Int8Packed, _c_arrays, _f16, 
                        _q4_group, _q8_group, _vt, _vzero)
 from .int8_k_cpu import _I16, KPacked, _q4_k_sb, _q6_k_sb
 from .int8_q5_cpu import Q5Packed, _q5_0_group, _q5_0_tail, _q5_k_sb
+from .variants import variant
 
 # -- one block of 32 in the file's order (the blocks after the last group of 16) -------------
 
@@ -100,129 +101,134 @@ def quantize_rows(x: np.ndarray, k_quants: bool) -> tuple[np.ndarray, np.ndarray
 # -- the products: CHUNK rows of one slot per iteration -------------------------------------
 # Offsets into the intrinsics' arrays are flat element offsets (they load from the data pointer):
 # row `row` of the stack, row `xr` of x. A row of the down projection is ~100 cycles of work, so
-# the iteration's divisions and index loads are paid once per CHUNK rows, not per row.
+# the iteration's divisions and index loads are paid once per CHUNK rows, not per row. One body
+# (`_ids`) runs every type's slots; each type's kernel is it with that type's row product
+# (variants.py).
 CHUNK = 16
 
 
-@njit(parallel=True, cache=True)
-def _ids_q8_0(xq, xd, xs, ids, xi, rows, q, d, out):
+def _ids(xq, xd, xs, ids, xi, rows, w, out):
+    # w: the stack's arrays as the variant's `_row` (one row's product, inlined) takes them
+    n = (rows + CHUNK - 1) // CHUNK
+    for t in prange(ids.shape[0] * n):
+        s, c = t // n, t % n
+        xr, e0 = xi[s], ids[s] * rows
+        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
+            out[s, r] = _row(xq, xd, xs, xr, e0 + r, w)
+
+
+@njit(cache=True, inline="always")
+def _row_q8_0(xq, xd, xs, xr, row, w):
+    q, d = w
     k = q.shape[1]
     nb = k // 32
     ng = nb // G
-    n = (rows + CHUNK - 1) // CHUNK
-    for t in prange(ids.shape[0] * n):
-        s, c = t // n, t % n
-        xr, e0 = xi[s], ids[s] * rows
-        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
-            row = e0 + r
-            acc = _vzero()
-            for g in range(ng):
-                acc = _q8_group(acc, q, row * k + g * 32 * G, xq, xr * k + g * 32 * G, xs, xr * nb + g * G,
-                                d, row * nb + g * G, xd, xr * nb + g * G)
-            for b in range(ng * G, nb):
-                sc = _f16(d, row * nb + b) * xd[xr, b]
-                acc = _q8_step(acc, q, row * k + b * 32, xq, xr * k + b * 32, sc, sc)
-            out[s, r] = _hsum(acc)
+    acc = _vzero()
+    for g in range(ng):
+        acc = _q8_group(acc, q, row * k + g * 32 * G, xq, xr * k + g * 32 * G, xs, xr * nb + g * G,
+                        d, row * nb + g * G, xd, xr * nb + g * G)
+    for b in range(ng * G, nb):
+        sc = _f16(d, row * nb + b) * xd[xr, b]
+        acc = _q8_step(acc, q, row * k + b * 32, xq, xr * k + b * 32, sc, sc)
+    return _hsum(acc)
 
 
-@njit(parallel=True, cache=True)
-def _ids_q4_0(xq, xd, xs, ids, xi, rows, q, d, out):
+@njit(cache=True, inline="always")
+def _row_q4_0(xq, xd, xs, xr, row, w):
+    q, d = w
     kh = q.shape[1]
     k, nb = 2 * kh, kh // 16
     ng = nb // G
-    n = (rows + CHUNK - 1) // CHUNK
-    for t in prange(ids.shape[0] * n):
-        s, c = t // n, t % n
-        xr, e0 = xi[s], ids[s] * rows
-        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
-            row = e0 + r
-            acc = _vzero()
-            for g in range(ng):
-                acc = _q4_group(acc, q, row * kh + g * 16 * G, xq, xr * k + g * 32 * G, xs, xr * nb + g * G,
-                                d, row * nb + g * G, xd, xr * nb + g * G)
-            tail = np.float32(0.0)  # the tail's sum of scale * x's quant sum: its nibbles are q + 8
-            for b in range(ng * G, nb):
-                sc = _f16(d, row * nb + b) * xd[xr, b]
-                acc = _q4_step(acc, q, row * kh + b * 16, xq, xr * k + b * 32, sc, sc)
-                tail += sc * np.float32(xs[xr, b])
-            out[s, r] = _hsum(acc) - np.float32(8.0) * tail
+    acc = _vzero()
+    for g in range(ng):
+        acc = _q4_group(acc, q, row * kh + g * 16 * G, xq, xr * k + g * 32 * G, xs, xr * nb + g * G,
+                        d, row * nb + g * G, xd, xr * nb + g * G)
+    tail = np.float32(0.0)  # the tail's sum of scale * x's quant sum: its nibbles are q + 8
+    for b in range(ng * G, nb):
+        sc = _f16(d, row * nb + b) * xd[xr, b]
+        acc = _q4_step(acc, q, row * kh + b * 16, xq, xr * k + b * 32, sc, sc)
+        tail += sc * np.float32(xs[xr, b])
+    return _hsum(acc) - np.float32(8.0) * tail
 
 
-@njit(parallel=True, cache=True)
-def _ids_q4_k(xq, xd, xs, ids, xi, rows, q, sm, d, dmin, out):
+@njit(cache=True, inline="always")
+def _row_q4_k(xq, xd, xs, xr, row, w):
+    q, sm, d, dmin = w
     nsb = d.shape[1]
     k = nsb * 256
-    n = (rows + CHUNK - 1) // CHUNK
-    for t in prange(ids.shape[0] * n):
-        s, c = t // n, t % n
-        xr, e0 = xi[s], ids[s] * rows
-        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
-            row = e0 + r
-            acc = _vzero()
-            for b in range(nsb):
-                i = row * nsb + b
-                acc = _q4_k_sb(acc, q, i * 128, sm, i * 16, xq, xr * k + b * 256, xs, xr * nsb * 16 + b * 16,
-                               _f16(d, i) * xd[xr, b], _f16(dmin, i) * xd[xr, b])
-            out[s, r] = _hsum(acc)
+    acc = _vzero()
+    for b in range(nsb):
+        i = row * nsb + b
+        acc = _q4_k_sb(acc, q, i * 128, sm, i * 16, xq, xr * k + b * 256, xs, xr * nsb * 16 + b * 16,
+                       _f16(d, i) * xd[xr, b], _f16(dmin, i) * xd[xr, b])
+    return _hsum(acc)
 
 
-@njit(parallel=True, cache=True)
-def _ids_q6_k(xq, xd, xs, ids, xi, rows, q, sc, d, out):
+@njit(cache=True, inline="always")
+def _row_q6_k(xq, xd, xs, xr, row, w):
+    q, sc, d = w
     nsb = d.shape[1]
     k = nsb * 256
-    n = (rows + CHUNK - 1) // CHUNK
-    for t in prange(ids.shape[0] * n):
-        s, c = t // n, t % n
-        xr, e0 = xi[s], ids[s] * rows
-        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
-            row = e0 + r
-            acc = _vzero()
-            for b in range(nsb):
-                i = row * nsb + b
-                acc = _q6_k_sb(acc, q, i * 192, sc, i * 16, xq, xr * k + b * 256, xs, xr * nsb * 16 + b * 16,
-                               _f16(d, i) * xd[xr, b], np.float32(0))
-            out[s, r] = _hsum(acc)
+    acc = _vzero()
+    for b in range(nsb):
+        i = row * nsb + b
+        acc = _q6_k_sb(acc, q, i * 192, sc, i * 16, xq, xr * k + b * 256, xs, xr * nsb * 16 + b * 16,
+                       _f16(d, i) * xd[xr, b], np.float32(0))
+    return _hsum(acc)
 
 
-@njit(parallel=True, cache=True)
-def _ids_q5_k(xq, xd, xs, ids, xi, rows, q, h, sm, d, dmin, out):
-    # int8_q5_cpu._mv_q5_k per slot
+@njit(cache=True, inline="always")
+def _row_q5_k(xq, xd, xs, xr, row, w):
+    # int8_q5_cpu._mv_q5_k's row
+    q, h, sm, d, dmin = w
     nsb = d.shape[1]
     k = nsb * 256
-    n = (rows + CHUNK - 1) // CHUNK
-    for t in prange(ids.shape[0] * n):
-        s, c = t // n, t % n
-        xr, e0 = xi[s], ids[s] * rows
-        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
-            row = e0 + r
-            acc = _vzero()
-            for b in range(nsb):
-                i = row * nsb + b
-                acc = _q5_k_sb(acc, q, i * 128, h, i * 32, sm, i * 16, xq, xr * k + b * 256, xs, xr * nsb * 16 + b * 16,
-                               _f16(d, i) * xd[xr, b], _f16(dmin, i) * xd[xr, b])
-            out[s, r] = _hsum(acc)
+    acc = _vzero()
+    for b in range(nsb):
+        i = row * nsb + b
+        acc = _q5_k_sb(acc, q, i * 128, h, i * 32, sm, i * 16, xq, xr * k + b * 256, xs, xr * nsb * 16 + b * 16,
+                       _f16(d, i) * xd[xr, b], _f16(dmin, i) * xd[xr, b])
+    return _hsum(acc)
 
 
-@njit(parallel=True, cache=True)
-def _ids_q5_0(xq, xd, xs, ids, xi, rows, q, h, d, out):
-    # int8_q5_cpu._mv_q5_0 per slot
+@njit(cache=True, inline="always")
+def _row_q5_0(xq, xd, xs, xr, row, w):
+    # int8_q5_cpu._mv_q5_0's row
+    q, h, d = w
     nb = d.shape[1]
     k, ng = nb * 32, nb // G
-    n = (rows + CHUNK - 1) // CHUNK
-    for t in prange(ids.shape[0] * n):
-        s, c = t // n, t % n
-        xr, e0 = xi[s], ids[s] * rows
-        for r in range(c * CHUNK, min(rows, (c + 1) * CHUNK)):
-            row = e0 + r
-            acc = _vzero()
-            for g in range(ng):
-                acc = _q5_0_group(acc, q, row * nb * 16 + g * 16 * G, h, row * nb * 4 + g * 4 * G, xq,
-                                  xr * k + g * 32 * G, xs, xr * nb + g * G, d, row * nb + g * G, xd, xr * nb + g * G)
-            v = _hsum(acc)
-            for b in range(ng * G, nb):
-                isum = _q5_0_tail(q[row], b * 16, h[row], b * 4, xq[xr], b * 32) - 16 * xs[xr, b]
-                v += (_f16(d, row * nb + b) * xd[xr, b]) * np.float32(isum)
-            out[s, r] = v
+    acc = _vzero()
+    for g in range(ng):
+        acc = _q5_0_group(acc, q, row * nb * 16 + g * 16 * G, h, row * nb * 4 + g * 4 * G, xq,
+                          xr * k + g * 32 * G, xs, xr * nb + g * G, d, row * nb + g * G, xd, xr * nb + g * G)
+    v = _hsum(acc)
+    for b in range(ng * G, nb):
+        isum = _q5_0_tail(q[row], b * 16, h[row], b * 4, xq[xr], b * 32) - 16 * xs[xr, b]
+        v += (_f16(d, row * nb + b) * xd[xr, b]) * np.float32(isum)
+    return v
+
+
+_row = None  # only a variant's own globals bind it
+
+
+_KERNEL = {"parallel": True, "cache": True}
+_ids_q8_0 = variant(_ids, "_ids_q8_0", {"_row": _row_q8_0}, **_KERNEL)
+_ids_q4_0 = variant(_ids, "_ids_q4_0", {"_row": _row_q4_0}, **_KERNEL)
+_ids_q4_k = variant(_ids, "_ids_q4_k", {"_row": _row_q4_k}, **_KERNEL)
+_ids_q6_k = variant(_ids, "_ids_q6_k", {"_row": _row_q6_k}, **_KERNEL)
+_ids_q5_k = variant(_ids, "_ids_q5_k", {"_row": _row_q5_k}, **_KERNEL)
+_ids_q5_0 = variant(_ids, "_ids_q5_0", {"_row": _row_q5_0}, **_KERNEL)
+
+# per type: its kernel, whether x is quantized per 256 (Q8_K) rather than per 32 (Q8_0), and
+# the stack's arrays in its row product's order
+_KERNELS = {
+    T.Q8_0: (_ids_q8_0, False, lambda w: (w.q, w.d)),
+    T.Q4_0: (_ids_q4_0, False, lambda w: (w.q, w.d)),
+    T.Q4_K: (_ids_q4_k, True, lambda w: (w.q, w.s, w.d, w.dmin)),
+    T.Q6_K: (_ids_q6_k, True, lambda w: (w.q, w.s, w.d)),
+    T.Q5_K: (_ids_q5_k, True, lambda w: (w.q, w.h, w.s, w.d, w.dmin)),
+    T.Q5_0: (_ids_q5_0, False, lambda w: (w.q, w.h, w.d)),
+}
 
 
 def matmul_ids(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, ids: np.ndarray, xi: np.ndarray,
@@ -249,21 +255,9 @@ def matmul_ids(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, ids: np.ndarra
         out = np.empty((len(ids), rows), np.float32)
     elif out.shape != (len(ids), rows) or out.dtype != np.float32:
         raise ValueError(f"out {out.shape} {out.dtype}, expected ({len(ids)}, {rows}) float32")
-    if w.type in (T.Q8_0, T.Q4_0):
-        xq, xd, xs = quantize_rows(x, k_quants=False)
-        (_ids_q8_0 if w.type == T.Q8_0 else _ids_q4_0)(xq, xd, xs, ids, xi, w.rows, w.q, w.d, out)
-    elif w.type == T.Q4_K:
-        xq, xd, xs = quantize_rows(x, k_quants=True)
-        _ids_q4_k(xq, xd, xs, ids, xi, w.rows, w.q, w.s, w.d, w.dmin, out)
-    elif w.type == T.Q6_K:
-        xq, xd, xs = quantize_rows(x, k_quants=True)
-        _ids_q6_k(xq, xd, xs, ids, xi, w.rows, w.q, w.s, w.d, out)
-    elif w.type == T.Q5_K:
-        xq, xd, xs = quantize_rows(x, k_quants=True)
-        _ids_q5_k(xq, xd, xs, ids, xi, rows, w.q, w.h, w.s, w.d, w.dmin, out)
-    elif w.type == T.Q5_0:
-        xq, xd, xs = quantize_rows(x, k_quants=False)
-        _ids_q5_0(xq, xd, xs, ids, xi, rows, w.q, w.h, w.d, out)
-    else:
+    if w.type not in _KERNELS:
         raise ValueError(f"no int8 expert kernel for {w.type.name}")
+    kernel, k_quants, arrays = _KERNELS[w.type]
+    xq, xd, xs = quantize_rows(x, k_quants)
+    kernel(xq, xd, xs, ids, xi, rows, arrays(w), out)
     return out

@@ -83,6 +83,7 @@ from .int8_k_cpu import KPacked
 from .int8_q5_cpu import Q5Packed, _even_bits
 from .int8_tiles_cpu import (GENERIC, RT, RW, VNNI, _hsums, _lanes_q4_k, _lanes_q6_k, _nx, _t_q4_0, _t_q4_k, _t_q5_0,
                              _t_q6_k, _t_q8_0, _unit4, _unit5, _unit6, _zeros, tile_rows, vnni_available)
+from .variants import variant
 
 # -- the activation: all rows quantized once, as the decode kernels quantize one -------------
 
@@ -224,9 +225,10 @@ def _tail_block(q, d, r, r0, b, t, dt, tmp):
 
 
 @njit(cache=True, inline="always")
-def _tail_q4_0(q, d, r0, r1, wt, dt, tmp):
+def _tail_q4_0(q, h, d, r0, r1, wt, dt, tmp, tmph):
     # tmp (256 bytes): the group in the pack's order (chunk c: file bytes 2c, 2c + 1 of block t
-    # at 32 c + 2 t), then wt: its 8 units as _unpack writes them, 512 bytes a row
+    # at 32 c + 2 t), then wt: its 8 units as _unpack writes them, 512 bytes a row; h and tmph
+    # (_tail_q5_0's fifth bits) unused
     nb = d.shape[1]
     ng = nb // G
     for r in range(r0, r1):
@@ -253,6 +255,23 @@ def _tail_q5_0(q, h, d, r0, r1, wt, dt, tmp, tmph):
                 tmph[32 * u + 2 * t + 1] = _even_bits(v >> 1)
         for c in range(8):
             _unit5(tmp, 32 * c, tmph, 0, 32, c, c, wt, (r - r0) * 32 * G + 64 * c)
+
+
+@njit(cache=True, inline="always")
+def _unpack_q4_0(q, h, r0, r1, ws, k):
+    _unpack(q, r0, r1, ws, k, 32 * G, False)
+
+
+@njit(cache=True, inline="always")
+def _unpack_q5_0(q, h, r0, r1, ws, k):
+    _unpack_q5(q, h, r0, r1, ws, k, 32 * G, 32, 0)
+
+
+# what the Q4_0 and Q5_0 kernels (here and int8_moe_gemm_cpu's) call by these names: their
+# bodies are one (variants.py)
+Q4_0_CALLEES = {"_tile": _t_q4_0, "_unpack_rows": _unpack_q4_0, "_tail_rows": _tail_q4_0}
+Q5_0_CALLEES = {"_tile": _t_q5_0, "_unpack_rows": _unpack_q5_0, "_tail_rows": _tail_q5_0}
+_tile = _unpack_rows = _tail_rows = None  # only a variant's own globals bind them
 
 
 @njit(cache=True, inline="always")
@@ -311,36 +330,6 @@ def _mm_q8_0(xq, xd, xs, q, d, out):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _mm_q4_0(xq, xd, xs, q, d, out, isa):
-    # xq: int8 in _units_loop's order, whole groups (kp); xs: -8 x the quant sums
-    n, (R, kh) = out.shape[0], q.shape
-    k, nb, kp = 2 * kh, kh // 16, xq.shape[1]
-    ng, nbp = nb // G, kp // 32
-    for tile in prange(-(-R // RT)):
-        nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
-        sums = np.empty(RW * nx, np.float32)
-        r0, rt = tile * RT, min(R, tile * RT + RT)
-        ws = np.empty(RT * k, np.uint8)
-        _unpack(q, r0, rt, ws, k, 32 * G, False)
-        wt, dt = np.zeros(RT * 32 * G, np.uint8), np.zeros(RT * G, np.uint16)
-        if ng < nbp // G:
-            _tail_q4_0(q, d, r0, rt, wt, dt, np.zeros(16 * G, np.uint8))
-        for i in range(0, xq.shape[0], nx):
-            for r in range(r0, rt, RW):
-                r1 = min(r + RW - 1, R - 1)
-                acc = _zeros(isa)
-                for g in range(ng):
-                    acc = _t_q4_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G,
-                                  (r1 - r) * nb, xq, i * kp + g * 32 * G, kp, xs, i * nbp + g * G, nbp, xd,
-                                  i * nbp + g * G, nbp, isa)
-                if ng < nbp // G:
-                    acc = _t_q4_0(acc, wt, (r - r0) * 32 * G, (r1 - r) * 32 * G, dt, dt, (r - r0) * G, (r1 - r) * G,
-                                  xq, i * kp + ng * 32 * G, kp, xs, i * nbp + ng * G, nbp, xd, i * nbp + ng * G, nbp,
-                                  isa)
-                _store(acc, sums, out, r, r1, i, n, nx)
-
-
-@njit(parallel=True, cache=True, nogil=True)
 def _mm_q4_k(xq, xd, xs, q, h, s, d, dmin, out, isa):
     # Q4_K (h None) or Q5_K (h: the fifth bits): the same tile once unpacked, quants 0..15 or
     # 0..31. xq: int8 in _units_loop's order, xs: the quant sums per 16 as float
@@ -368,9 +357,10 @@ def _mm_q4_k(xq, xd, xs, q, h, s, d, dmin, out, isa):
                 _store(acc, sums, out, r, r1, i, n, nx)
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _mm_q5_0(xq, xd, xs, q, h, d, out, isa):
-    # as _mm_q4_0 (a window of 4 units: _UNITS); xs: -16 x the quant sums
+def _mm_nibbles(xq, xd, xs, q, h, d, out, isa):
+    # Q4_0 (h None) and Q5_0 (h: the fifth bits): _mm_q4_0 / _mm_q5_0 are this body with their
+    # own _tile / _unpack_rows / _tail_rows (variants.py). xq: int8 in _units_loop's order, whole
+    # groups (kp); xs: -8 / -16 x the quant sums
     n, (R, kh) = out.shape[0], q.shape
     k, nb, kp = 2 * kh, kh // 16, xq.shape[1]
     ng, nbp = nb // G, kp // 32
@@ -379,23 +369,28 @@ def _mm_q5_0(xq, xd, xs, q, h, d, out, isa):
         sums = np.empty(RW * nx, np.float32)
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
-        _unpack_q5(q, h, r0, rt, ws, k, 32 * G, 32, 0)
+        _unpack_rows(q, h, r0, rt, ws, k)
         wt, dt = np.zeros(RT * 32 * G, np.uint8), np.zeros(RT * G, np.uint16)
         if ng < nbp // G:
-            _tail_q5_0(q, h, d, r0, rt, wt, dt, np.zeros(16 * G, np.uint8), np.zeros(4 * G, np.uint8))
+            _tail_rows(q, h, d, r0, rt, wt, dt, np.zeros(16 * G, np.uint8), np.zeros(4 * G, np.uint8))
         for i in range(0, xq.shape[0], nx):
             for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros(isa)
                 for g in range(ng):
-                    acc = _t_q5_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G,
-                                  (r1 - r) * nb, xq, i * kp + g * 32 * G, kp, xs, i * nbp + g * G, nbp, xd,
-                                  i * nbp + g * G, nbp, isa)
+                    acc = _tile(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d, r * nb + g * G,
+                                (r1 - r) * nb, xq, i * kp + g * 32 * G, kp, xs, i * nbp + g * G, nbp, xd,
+                                i * nbp + g * G, nbp, isa)
                 if ng < nbp // G:
-                    acc = _t_q5_0(acc, wt, (r - r0) * 32 * G, (r1 - r) * 32 * G, dt, dt, (r - r0) * G, (r1 - r) * G,
-                                  xq, i * kp + ng * 32 * G, kp, xs, i * nbp + ng * G, nbp, xd, i * nbp + ng * G, nbp,
-                                  isa)
+                    acc = _tile(acc, wt, (r - r0) * 32 * G, (r1 - r) * 32 * G, dt, dt, (r - r0) * G, (r1 - r) * G,
+                                xq, i * kp + ng * 32 * G, kp, xs, i * nbp + ng * G, nbp, xd, i * nbp + ng * G, nbp,
+                                isa)
                 _store(acc, sums, out, r, r1, i, n, nx)
+
+
+_KERNEL = {"parallel": True, "cache": True, "nogil": True}
+_mm_q4_0 = variant(_mm_nibbles, "_mm_q4_0", Q4_0_CALLEES, **_KERNEL)
+_mm_q5_0 = variant(_mm_nibbles, "_mm_q5_0", Q5_0_CALLEES, **_KERNEL)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -443,7 +438,7 @@ def matmul(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, out: np.ndarray, v
     if w.type == T.Q8_0:
         _mm_q8_0(xq, xd, xs, w.q, w.d, out)
     elif w.type == T.Q4_0:
-        _mm_q4_0(xq, xd, xs, w.q, w.d, out, isa)
+        _mm_q4_0(xq, xd, xs, w.q, None, w.d, out, isa)
     elif w.type in (T.Q4_K, T.Q5_K):
         _mm_q4_k(xq, xd, xs, w.q, w.h if w.type == T.Q5_K else None, w.s, w.d, w.dmin, out, isa)
     elif w.type == T.Q5_0:

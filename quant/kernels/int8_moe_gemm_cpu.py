@@ -47,10 +47,10 @@ from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
 from .int8_cpu import G
-from .int8_gemm_cpu import (_lane_scales, _prepared_sums, _store, _tail_q4_0, _tail_q5_0, _tail_q8_0, _unpack,
+from .int8_gemm_cpu import (Q4_0_CALLEES, Q5_0_CALLEES, _lane_scales, _prepared_sums, _store, _tail_q8_0, _unpack,
                             _unpack_q5, quantize_rows)
-from .int8_tiles_cpu import (GENERIC, NX, RT, RW, VNNI4, _t_q4_0, _t_q4_k, _t_q5_0, _t_q6_k, _t_q8_0, _zeros,
-                             vnni_available)
+from .int8_tiles_cpu import GENERIC, NX, RT, RW, VNNI4, _t_q4_k, _t_q6_k, _t_q8_0, _zeros, vnni_available
+from .variants import variant
 
 TYPES = (T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K, T.Q5_K, T.Q5_0)
 
@@ -136,37 +136,6 @@ def _g_q8_0(xq, xd, xs, q, d, R, items, lo, hi, parts, out, isa):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _g_q4_0(xq, xd, xs, q, d, R, items, lo, hi, parts, out, isa):
-    kh, kp = q.shape[1], xq.shape[1]
-    k, nb, nbp = 2 * kh, kh // 16, kp // 32
-    ng = nb // G
-    n = out.shape[0]
-    for part in prange(parts):
-        sums = np.empty(RW * NX, np.float32)
-        ws = np.empty(RT * k, np.uint8)
-        wt, dt, tmp = np.zeros(RT * 32 * G, np.uint8), np.zeros(RT * G, np.uint16), np.zeros(16 * G, np.uint8)
-        for it in range(part, items.shape[0], parts):
-            e, t = items[it, 0], items[it, 1]
-            r0, rt = e * R + t * RT, e * R + min(R, t * RT + RT)
-            _unpack(q, r0, rt, ws, k, 32 * G, False)
-            if ng < nbp // G:
-                _tail_q4_0(q, d, r0, rt, wt, dt, tmp)
-            for i in range(lo[e], hi[e], NX):
-                for r in range(r0, rt, RW):
-                    r1 = min(r + RW - 1, rt - 1)
-                    acc = _zeros(isa)
-                    for g in range(ng):
-                        acc = _t_q4_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d,
-                                      r * nb + g * G, (r1 - r) * nb, xq, i * kp + g * 32 * G, kp, xs, i * nbp + g * G,
-                                      nbp, xd, i * nbp + g * G, nbp, isa)
-                    if ng < nbp // G:
-                        acc = _t_q4_0(acc, wt, (r - r0) * 32 * G, (r1 - r) * 32 * G, dt, dt, (r - r0) * G,
-                                      (r1 - r) * G, xq, i * kp + ng * 32 * G, kp, xs, i * nbp + ng * G, nbp, xd,
-                                      i * nbp + ng * G, nbp, isa)
-                    _store(acc, sums, out, r - e * R, r1 - e * R, i, n, NX)
-
-
-@njit(parallel=True, cache=True, nogil=True)
 def _g_q4_k(xq, xd, xs, q, h, s, d, dmin, R, items, lo, hi, parts, out, isa):
     # Q4_K (h None) or Q5_K (h: the fifth bits), as int8_gemm_cpu._mm_q4_k
     nsb = d.shape[1]
@@ -195,8 +164,9 @@ def _g_q4_k(xq, xd, xs, q, h, s, d, dmin, R, items, lo, hi, parts, out, isa):
                     _store(acc, sums, out, r - e * R, r1 - e * R, i, n, NX)
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _g_q5_0(xq, xd, xs, q, h, d, R, items, lo, hi, parts, out, isa):
+def _g_nibbles(xq, xd, xs, q, h, d, R, items, lo, hi, parts, out, isa):
+    # Q4_0 (h None) and Q5_0 (h: the fifth bits): _g_q4_0 / _g_q5_0 are this body with
+    # int8_gemm_cpu's Q4_0 / Q5_0 callees (variants.py)
     kh, kp = q.shape[1], xq.shape[1]
     k, nb, nbp = 2 * kh, kh // 16, kp // 32
     ng = nb // G
@@ -209,22 +179,28 @@ def _g_q5_0(xq, xd, xs, q, h, d, R, items, lo, hi, parts, out, isa):
         for it in range(part, items.shape[0], parts):
             e, t = items[it, 0], items[it, 1]
             r0, rt = e * R + t * RT, e * R + min(R, t * RT + RT)
-            _unpack_q5(q, h, r0, rt, ws, k, 32 * G, 32, 0)
+            _unpack_rows(q, h, r0, rt, ws, k)
             if ng < nbp // G:
-                _tail_q5_0(q, h, d, r0, rt, wt, dt, tmp, tmph)
+                _tail_rows(q, h, d, r0, rt, wt, dt, tmp, tmph)
             for i in range(lo[e], hi[e], NX):
                 for r in range(r0, rt, RW):
                     r1 = min(r + RW - 1, rt - 1)
                     acc = _zeros(isa)
                     for g in range(ng):
-                        acc = _t_q5_0(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d,
-                                      r * nb + g * G, (r1 - r) * nb, xq, i * kp + g * 32 * G, kp, xs, i * nbp + g * G,
-                                      nbp, xd, i * nbp + g * G, nbp, isa)
+                        acc = _tile(acc, ws, (r - r0) * k + g * 32 * G, (r1 - r) * k, d, d,
+                                    r * nb + g * G, (r1 - r) * nb, xq, i * kp + g * 32 * G, kp, xs, i * nbp + g * G,
+                                    nbp, xd, i * nbp + g * G, nbp, isa)
                     if ng < nbp // G:
-                        acc = _t_q5_0(acc, wt, (r - r0) * 32 * G, (r1 - r) * 32 * G, dt, dt, (r - r0) * G,
-                                      (r1 - r) * G, xq, i * kp + ng * 32 * G, kp, xs, i * nbp + ng * G, nbp, xd,
-                                      i * nbp + ng * G, nbp, isa)
+                        acc = _tile(acc, wt, (r - r0) * 32 * G, (r1 - r) * 32 * G, dt, dt, (r - r0) * G,
+                                    (r1 - r) * G, xq, i * kp + ng * 32 * G, kp, xs, i * nbp + ng * G, nbp, xd,
+                                    i * nbp + ng * G, nbp, isa)
                     _store(acc, sums, out, r - e * R, r1 - e * R, i, n, NX)
+
+
+_tile = _unpack_rows = _tail_rows = None  # only a variant's own globals bind them
+_KERNEL = {"parallel": True, "cache": True, "nogil": True}
+_g_q4_0 = variant(_g_nibbles, "_g_q4_0", Q4_0_CALLEES, **_KERNEL)
+_g_q5_0 = variant(_g_nibbles, "_g_q5_0", Q5_0_CALLEES, **_KERNEL)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -287,7 +263,7 @@ def matmul_grouped(x: np.ndarray, w, rows: int, p: Plan, gather: bool, out: np.n
     if w.type == T.Q8_0:
         _g_q8_0(xq, xd, xs, w.q, w.d, *args)
     elif w.type == T.Q4_0:
-        _g_q4_0(xq, xd, xs, w.q, w.d, *args)
+        _g_q4_0(xq, xd, xs, w.q, None, w.d, *args)
     elif w.type in (T.Q4_K, T.Q5_K):
         _g_q4_k(xq, xd, xs, w.q, w.h if w.type == T.Q5_K else None, w.s, w.d, w.dmin, *args)
     elif w.type == T.Q5_0:
