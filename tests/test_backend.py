@@ -2,6 +2,7 @@
 share (prepare.py), and the layout registry's completeness (quant/kernels/layouts.py)."""
 
 import inspect
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -134,5 +135,39 @@ def test_the_cpu_reads_the_same_entries(monkeypatch):
 
     w = random_weights(T.Q8_0, 8, 64)
     assert isinstance(pack(w, exact=False), Mat)
-    monkeypatch.setitem(L.LAYOUTS, T.Q8_0, L.Entry(None, L.LAYOUTS[T.Q8_0].cuda))
+    monkeypatch.setitem(L.LAYOUTS, T.Q8_0, replace(L.LAYOUTS[T.Q8_0], int8=None))
     assert isinstance(pack(w, exact=False), Packed)
+
+
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_K, T.Q5_0, T.F16], ids=lambda t: t.name)
+def test_the_exact_path_runs_the_entries_kernels(monkeypatch, t):
+    """matmul_cpu's few-rows and MoE products for the exact layout are the type's entry's
+    (layouts.Exact): a spy in the entry sees each call and returns its kernel's result; with no
+    kernels in the entry the same products come from dequantized tiles (BLAS), one per expert."""
+    import quant.kernels.layouts as L
+    from quant.kernels.matmul_cpu import SMALL_N, matmul_experts
+
+    E, rows, k = 2, 6, 256
+    stack = pack(QTensor("exps", t, rows, k, random_weights(t, E * rows, k, seed=3).raw, n_mats=E))
+    x = np.random.default_rng(5).standard_normal((SMALL_N, k)).astype(np.float32)
+    ids, xi = np.array([1, 0, 1]), np.array([0, 0, 3])
+    w0 = stack.expert(0)
+    want = x @ w0.dequant().T
+    want_ids = np.stack([x[r] @ stack.expert(int(e)).dequant().T for e, r in zip(ids, xi)])
+    ex = L.LAYOUTS[t].exact
+    calls = []
+
+    def spy(kind, f):
+        return lambda x, w, *rest: calls.append(kind) or f(x, w, *rest)
+
+    monkeypatch.setitem(L.LAYOUTS, t, replace(L.LAYOUTS[t], exact=L.Exact(
+        spy("decode", ex.decode), ex.experts and spy("experts", ex.experts))))
+    close = {"rtol": 1e-4, "atol": 1e-4 * np.abs(want).max()}
+    np.testing.assert_allclose(matmul(x, w0), want, **close)
+    np.testing.assert_allclose(matmul_experts(x, stack, ids, xi), want_ids, **close)
+    assert calls == (["decode", "experts"] if ex.experts else ["decode"] * (1 + len(ids)))
+    calls.clear()
+    monkeypatch.setitem(L.LAYOUTS, t, replace(L.LAYOUTS[t], exact=None))
+    np.testing.assert_allclose(matmul(x, w0), want, **close)
+    np.testing.assert_allclose(matmul_experts(x, stack, ids, xi), want_ids, **close)
+    assert calls == []

@@ -2,6 +2,7 @@
 with QWEN3CLI_TEST_GPU=1. Shapes are tiny: the simulator runs every GPU thread as a Python thread."""
 
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -162,7 +163,7 @@ def test_a_type_without_a_cuda_kernel_is_refused_by_name_before_uploading(monkey
     from quant.errors import UnsupportedQuantType
     from quant.kernels import layouts
 
-    monkeypatch.setitem(layouts.LAYOUTS, T.Q4_0, layouts.Entry(layouts.LAYOUTS[T.Q4_0].int8, None))
+    monkeypatch.setitem(layouts.LAYOUTS, T.Q4_0, replace(layouts.LAYOUTS[T.Q4_0], cuda=None))
     uploads = []
     monkeypatch.setattr(ops_cuda, "upload", lambda t: uploads.append(t))
     a = tiny_args(False)
@@ -182,7 +183,8 @@ def test_the_registry_picks_the_kernel(monkeypatch):
     want = ops.matmul(cuda.to_device(x), ops_cuda.upload(pack(w))).copy_to_host()
     zeros = np.zeros((5, 2), np.float32)
     calls = []
-    entry = layouts.Entry(None, layouts.CudaKernel("mv_i8", lambda m: calls.append(m) or (m.q, m.d, 5, zeros)))
+    entry = replace(layouts.LAYOUTS[T.Q8_0], int8=None,
+                    cuda=layouts.CudaKernel("mv_i8", lambda m: calls.append(m) or (m.q, m.d, 5, zeros)))
     monkeypatch.setitem(layouts.LAYOUTS, T.Q8_0, entry)
     dev = ops_cuda.upload(pack(w))
     assert len(calls) == 1 and dev.kernel is ops_cuda.K.mv_i8

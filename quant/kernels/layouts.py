@@ -18,6 +18,8 @@ faster kernel for one role, is one entry here.
 Each type's `Entry` in LAYOUTS also names its CUDA kernel (`CudaKernel`: which launcher of
 cuda.py, fed which arrays of the exact layout), or None where the GPU cannot run it; the CUDA
 backend (qwen3cli/ops_cuda.py) looks a matrix's kernel up here and has no type checks of its own.
+And its exact CPU products (`Exact`: exact_decode_cpu's decode and MoE kernels over the exact
+layout), which matmul_cpu looks up here the same way.
 """
 
 from __future__ import annotations
@@ -86,6 +88,12 @@ def _experts():
     return int8_experts_cpu
 
 
+@cache
+def _exact_decode():
+    from . import exact_decode_cpu
+    return exact_decode_cpu
+
+
 def _entry(mod, rows=None, gemm: bool = True, experts: bool = True) -> Layout:
     """A layout whose pack, decode (and dequant, where `rows` is that module) live in `mod`
     (imported when first used: numba compiles or loads kernels at import), the rest in the
@@ -117,10 +125,36 @@ class CudaKernel:
 
 
 @dataclass(frozen=True)
+class Exact:
+    """How the exact path multiplies by a type (matmul_cpu: float activations, the matrix a
+    matmul_cpu.Packed or, for the float types, the file's QTensor): decode(x (n, k), w, out (n,
+    rows)) for a few rows of x (n <= matmul_cpu.SMALL_N; more run as BLAS over dequantized
+    tiles); experts(x (m, k), w, ids, xi, out (slots, rows)): slot s = x[xi[s]] @ expert ids[s]
+    of the stack, in one launch (None: one product per slot)."""
+    decode: Callable[[np.ndarray, Any, np.ndarray], Any]
+    experts: Callable[..., Any] | None = None
+
+
+def _ex(decode: str, experts: str | None = None) -> Exact:
+    """exact_decode_cpu's products of these names."""
+    return Exact(lambda x, w, out: getattr(_exact_decode(), decode)(x, w, out),
+                 (lambda x, w, ids, xi, out: getattr(_exact_decode(), experts)(x, w, ids, xi, out)) if experts else None)
+
+
+def _ex_nibbles(factor: int, offsets: bool) -> Exact:
+    """Nibbles in Q4_0's order, as _q4: value = d q - factor o, o the minimums (Q4_K) or, without
+    offsets, d itself (Q4_0 is d (q - 8): factor 8)."""
+    f = np.float32(factor)
+    return Exact(lambda x, w, out: _exact_decode().mv_nibbles(x, w, out, w.o if offsets else w.d, f),
+                 lambda x, w, ids, xi, out: _exact_decode().ids_nibbles(x, w, ids, xi, out, w.o if offsets else w.d, f))
+
+
+@dataclass(frozen=True)
 class Entry:
     """One GGML type in the registry: how each backend runs it."""
     int8: Layout | None  # the CPU's default layout; None: the exact one (matmul_cpu.Packed) serves
     cuda: CudaKernel | None  # None: no CUDA kernel (the backend refuses the file, naming the type)
+    exact: Exact | None = None  # None: the exact path runs it as BLAS over dequantized tiles
 
 
 _NO_OFFSET = np.zeros((1, 1), np.float32)  # mv_i8's "no offsets" (one column)
@@ -141,21 +175,23 @@ def _float(rows: Callable[[QTensor], np.ndarray], nbytes=None) -> CudaKernel:
     return CudaKernel("mv_float", lambda w: (np.ascontiguousarray(rows(w)),), nbytes)
 
 
+_OFFSETS = _ex("mv_offsets", "ids_offsets")  # int8 + a scale and an offset per 32 in the exact layout
+
 LAYOUTS: dict[T, Entry] = {
-    T.F32: Entry(None, _float(lambda w: w.dequant())),
-    T.F16: Entry(None, _float(lambda w: w.raw.view(np.float16))),
+    T.F32: Entry(None, _float(lambda w: w.dequant()), _ex("mv_f32")),
+    T.F16: Entry(None, _float(lambda w: w.raw.view(np.float16)), _ex("mv_f16")),
     # widened on the host: the GPU kernels have no bf16 loads
-    T.BF16: Entry(None, _float(lambda w: w.dequant(), nbytes=lambda w: w.rows * w.n_mats * w.k * 4)),
-    T.Q8_0: Entry(_entry(_int8_cpu), _i8(5)),
-    T.Q4_0: Entry(_entry(_int8_cpu), _q4(8, offsets=False)),
-    T.Q4_K: Entry(_entry(_int8_k_cpu), _q4(1, offsets=True)),
-    T.Q6_K: Entry(_entry(_int8_k_cpu), _i8(4)),
-    T.Q5_K: Entry(_entry(_int8_q5_cpu, rows=_int8_q5_cpu), _i8(5, offsets=True)),
-    T.Q5_0: Entry(_entry(_int8_q5_cpu, rows=_int8_q5_cpu), _i8(5, offsets=True)),
-    T.Q4_1: Entry(None, _i8(5, offsets=True)),
-    T.Q5_1: Entry(None, _i8(5, offsets=True)),
-    T.Q2_K: Entry(None, CudaKernel("mv_q2_k", lambda w: (w.q, w.d, w.o, w.sb))),
-    T.Q3_K: Entry(None, CudaKernel("mv_q3_k", lambda w: (w.q, w.h, w.d, w.sb))),
+    T.BF16: Entry(None, _float(lambda w: w.dequant(), nbytes=lambda w: w.rows * w.n_mats * w.k * 4), _ex("mv_bf16")),
+    T.Q8_0: Entry(_entry(_int8_cpu), _i8(5), _ex("mv_q8_0", "ids_q8_0")),
+    T.Q4_0: Entry(_entry(_int8_cpu), _q4(8, offsets=False), _ex_nibbles(8, offsets=False)),
+    T.Q4_K: Entry(_entry(_int8_k_cpu), _q4(1, offsets=True), _ex_nibbles(1, offsets=True)),
+    T.Q6_K: Entry(_entry(_int8_k_cpu), _i8(4), _ex("mv_q6_k", "ids_q6_k")),
+    T.Q5_K: Entry(_entry(_int8_q5_cpu, rows=_int8_q5_cpu), _i8(5, offsets=True), _OFFSETS),
+    T.Q5_0: Entry(_entry(_int8_q5_cpu, rows=_int8_q5_cpu), _i8(5, offsets=True), _OFFSETS),
+    T.Q4_1: Entry(None, _i8(5, offsets=True), _OFFSETS),
+    T.Q5_1: Entry(None, _i8(5, offsets=True), _OFFSETS),
+    T.Q2_K: Entry(None, CudaKernel("mv_q2_k", lambda w: (w.q, w.d, w.o, w.sb)), _ex("mv_q2_k")),
+    T.Q3_K: Entry(None, CudaKernel("mv_q3_k", lambda w: (w.q, w.h, w.d, w.sb)), _ex("mv_q3_k")),
 }
 
 INT8: dict[T, Layout] = {t: e.int8 for t, e in LAYOUTS.items() if e.int8 is not None}  # a view, for reading

@@ -2,10 +2,9 @@
 
 Q8_0, Q6_K, Q4_0 and Q4_K are repacked once at load (`pack`): float32 scales (and Q4_K's
 minimums) apart from the quants, 8-bit quants as int8, 4-bit ones as nibbles in a Q4_0 block's
-order. Then one flat loop per row (a scale looked up per element or byte) lets LLVM vectorise;
-the 32-element block loops over raw GGUF bytes did not (FEASIBILITY.md: 3-10x slower). Few
-rows of x (decode) go through those loops, every weight byte read once per token; many rows
-(prefill) dequantize a tile of W at a time and hand it to BLAS. Q4_1, Q5_0, Q5_1 and Q5_K
+order. Few rows of x (decode) go through flat loops per row (exact_decode_cpu.py, found per
+type in layouts.LAYOUTS); many rows (prefill) dequantize a tile of W at a time and hand it to
+BLAS. Q4_1, Q5_0, Q5_1 and Q5_K
 become int8 with a scale and an offset per 32; Q2_K and Q3_K keep their 2-bit quants
 (lowbit_cpu.py). BF16 / F16 have direct decode kernels. This is the exact path (float
 activations); by default the engine keeps Q8_0, Q4_0, Q4_K, Q5_K, Q5_0 and Q6_K in the int8
@@ -22,11 +21,10 @@ from numba import njit, prange
 
 from ..formats import FORMATS
 from ..qtensor import QTensor
-from . import experts_cpu as experts
 from . import lowbit_cpu as lowbit
 from . import threads
 from .half import half
-from .layouts import Mat, int8_layout, pack_int8
+from .layouts import LAYOUTS, Exact, Mat, int8_layout, pack_int8
 
 SMALL_N = 8  # rows of x up to which the direct kernels beat dequantize + BLAS
 TILE_ELEMS = 1 << 20  # float32 elements dequantized at once (4 MiB, stays in L3 for BLAS)
@@ -227,125 +225,13 @@ def pack(w: QTensor, exact: bool = True) -> QTensor | Packed | Mat:
     return Packed(w.name, w.type, w.rows, w.k, n_mats=w.n_mats, **a)
 
 
-# -- decode: few rows of x -----------------------------------------------------------------
-
-# Two copies of one loop: the group shift must be a literal for LLVM to vectorise (a runtime
-# shift measured 4x slower).
-@njit(parallel=True, cache=True, fastmath=True)
-def _mv_q8_0(x, q, d, out):
-    n, k = x.shape
-    for r in prange(q.shape[0]):
-        for i in range(n):
-            acc = np.float32(0.0)
-            for j in range(k):
-                acc += x[i, j] * (d[r, j >> 5] * np.float32(q[r, j]))
-            out[i, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def _mv_q6_k(x, q, d, out):
-    n, k = x.shape
-    for r in prange(q.shape[0]):
-        for i in range(n):
-            acc = np.float32(0.0)
-            for j in range(k):
-                acc += x[i, j] * (d[r, j >> 4] * np.float32(q[r, j]))
-            out[i, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def _mv_q4(xlo, xhi, xs, q, d, o, factor, out):
-    # Byte b of a row holds two elements of group b >> 4; the caller permuted x into xlo / xhi
-    # to match, so the loop is flat, one scale per byte and contiguous: it vectorises (4.5x the
-    # half-row layout, 25 GB/s hot). The offsets come out as sum_g o_g * sum(x in g), with
-    # o = d, factor 8 for Q4_0 (q - 8) and o = the minimums, factor 1 for Q4_K.
-    nbytes, ng = q.shape[1], d.shape[1]
-    m, s = np.uint8(15), np.uint8(4)  # uint8 arithmetic: int literals widen the lanes to 64 bits
-    for r in prange(q.shape[0]):
-        a = np.float32(0.0)
-        for b in range(nbytes):
-            v = q[r, b]
-            a += d[r, b >> 4] * (xlo[b] * np.float32(v & m) + xhi[b] * np.float32(v >> s))
-        c = np.float32(0.0)
-        for g in range(ng):
-            c += o[r, g] * xs[g]
-        out[r] = a - factor * c
-
-
-_PERM: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-
-def _split_x(x: np.ndarray):
-    """x in the 4-bit kernels' byte order: (low-nibble elements, high-nibble elements, group sums)."""
-    k = x.shape[0]
-    if k not in _PERM:
-        b = np.arange(k // 2)
-        lo = (b >> 4) * 32 + (b & 15)
-        _PERM[k] = (lo, lo + 16)
-    lo, hi = _PERM[k]
-    return x[lo], x[hi], x.reshape(-1, 32).sum(1)
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def _mv_q8o(x, xs, q, d, o, out):
-    # int8 quants with a scale and an offset per 32 (Q4_1, Q5_0, Q5_1, Q5_K): value = d q - o
-    k, ng = x.shape[0], d.shape[1]
-    for r in prange(q.shape[0]):
-        a = np.float32(0.0)
-        for j in range(k):
-            a += x[j] * (d[r, j >> 5] * np.float32(q[r, j]))
-        c = np.float32(0.0)
-        for g in range(ng):
-            c += o[r, g] * xs[g]
-        out[r] = a - c
-
-
-ROW_CHUNK = 64  # rows per parallel task in the 16-bit float kernels (one scratch row each)
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def _mv_bf16(x, w16, out):
-    # bf16 -> f32 is a 16-bit shift; numba cannot reinterpret a scalar, so widen a row into
-    # a uint32 scratch row and read it back through a float32 view
-    n, k = x.shape
-    R = w16.shape[0]
-    for c in prange((R + ROW_CHUNK - 1) // ROW_CHUNK):
-        u = np.empty(k, np.uint32)
-        f = u.view(np.float32)
-        for r in range(c * ROW_CHUNK, min(R, (c + 1) * ROW_CHUNK)):
-            for j in range(k):
-                u[j] = np.uint32(w16[r, j]) << np.uint32(16)
-            for i in range(n):
-                acc = np.float32(0.0)
-                for j in range(k):
-                    acc += x[i, j] * f[j]
-                out[i, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def _mv_f32(x, w, out):
-    # numpy's BLAS is pinned to one thread (threads.py): decode's F32 products go here
-    n, k = x.shape
-    for r in prange(w.shape[0]):
-        for i in range(n):
-            acc = np.float32(0.0)
-            for j in range(k):
-                acc += x[i, j] * w[r, j]
-            out[i, r] = acc
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def _mv_f16(x, w16, out, lut):
-    n, k = x.shape
-    for r in prange(w16.shape[0]):
-        for i in range(n):
-            acc = np.float32(0.0)
-            for j in range(k):
-                acc += x[i, j] * lut[w16[r, j]]
-            out[i, r] = acc
-
-
-_F16_LUT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+def _exact(w) -> Exact | None:
+    """w's exact-path products (layouts.Exact) when w is in the exact layout (a Packed, or a
+    float type's QTensor), else None (BLAS over dequantized tiles, or a product per expert)."""
+    e = LAYOUTS.get(w.type)
+    if e is None or e.exact is None:
+        return None
+    return e.exact if isinstance(w, Packed if _packable(w) else QTensor) else None
 
 
 # -- prefill: dequantize tiles for BLAS ----------------------------------------------------
@@ -401,31 +287,8 @@ def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) ->
             w.layout.prefill(x, w.arrays, out)
         else:
             _prefill(x, w, out)
-    elif isinstance(w, Packed) and n <= SMALL_N:
-        if w.type == T.Q8_0:
-            _mv_q8_0(x, w.q, w.d, out)
-        elif w.type == T.Q6_K:
-            _mv_q6_k(x, w.q, w.d, out)
-        elif w.type == T.Q2_K:
-            for i in range(n):
-                lowbit.mv_q2_k(lowbit.split_x(x[i]), x[i].reshape(-1, 16).sum(1), w.q, w.d, w.o, w.sb, out[i])
-        elif w.type == T.Q3_K:
-            for i in range(n):
-                lowbit.mv_q3_k(lowbit.split_x(x[i]), w.q, w.h, w.d, w.sb, out[i])
-        elif w.type not in (T.Q4_0, T.Q4_K):
-            for i in range(n):
-                _mv_q8o(x[i], x[i].reshape(-1, 32).sum(1), w.q, w.d, w.o, out[i])
-        else:
-            o, factor = (w.o, np.float32(1)) if w.type == T.Q4_K else (w.d, np.float32(8))
-            for i in range(n):
-                xlo, xhi, xs = _split_x(x[i])
-                _mv_q4(xlo, xhi, xs, w.q, w.d, o, factor, out[i])
-    elif w.type == T.F32 and n <= SMALL_N:
-        _mv_f32(x, w.raw.view(np.float32), out)
-    elif w.type == T.BF16 and n <= SMALL_N:
-        _mv_bf16(x, w.raw.view(np.uint16), out)
-    elif w.type == T.F16 and n <= SMALL_N:
-        _mv_f16(x, w.raw.view(np.uint16), out, _F16_LUT)
+    elif n <= SMALL_N and (ex := _exact(w)) is not None:
+        ex.decode(x, w, out)
     else:
         _prefill(x, w, out)
     return out
@@ -439,15 +302,8 @@ def matmul_experts(x: np.ndarray, w: QTensor | Packed, ids: np.ndarray, xi: np.n
     out = np.empty((len(ids), w.rows), np.float32)
     if isinstance(w, Mat) and w.layout.experts is not None:
         w.layout.experts(x, w.arrays, ids, xi, out)
-    elif isinstance(w, Packed) and w.type in (T.Q8_0, T.Q6_K):
-        (experts.mv_q6_k_ids if w.type == T.Q6_K else experts.mv_q8_0_ids)(x, xi, ids, w.rows, w.q, w.d, out)
-    elif isinstance(w, Packed) and w.type in (T.Q4_0, T.Q4_K):
-        parts = [_split_x(row) for row in x]
-        xlo, xhi, xs = (np.stack([p[i] for p in parts]) for i in range(3))
-        o, factor = (w.o, np.float32(1)) if w.type == T.Q4_K else (w.d, np.float32(8))
-        experts.mv_q4_ids(xlo, xhi, xs, xi, ids, w.rows, w.q, w.d, o, factor, out)
-    elif isinstance(w, Packed) and FORMATS[w.type].unpack is not None:
-        experts.mv_q8o_ids(x, x.reshape(x.shape[0], -1, 32).sum(2), xi, ids, w.rows, w.q, w.d, w.o, out)
+    elif (ex := _exact(w)) is not None and ex.experts is not None:
+        ex.experts(x, w, ids, xi, out)
     else:
         for s_, (e, r) in enumerate(zip(ids, xi)):
             matmul(x[r:r + 1], w.expert(int(e)), out[s_:s_ + 1])
