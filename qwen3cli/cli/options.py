@@ -17,11 +17,28 @@ OptionalModel = Annotated[Optional[str], typer.Argument(
 
 
 def model_or_default(model: str | None) -> str:
-    """MODEL, or the default model with one line saying so (run, chat and serve without MODEL)."""
+    """MODEL, or with one line saying so: the default model where it is already downloaded,
+    else the demo model shipped in the package (a fresh install runs offline, and nothing is
+    downloaded that the user did not ask for)."""
     if model is not None:
         return model
+    from ..errors import ConfigError
+    from ..io.models import find
     from .base import err
 
+    if not find(DEFAULT_MODEL):
+        from ..demo.compact import checkpoint
+        from ..paths import cache_dir
+
+        try:
+            demo = checkpoint(cache_dir())
+        except ConfigError:  # an installation without the demo's weights: the default, downloaded
+            pass
+        else:
+            err.print(f"[dim]no MODEL given: using the demo model, a tiny Qwen3 trained on a CPU that adds, "
+                      f"subtracts and calls tools (`qwen3cli pull {DEFAULT_MODEL}` gets a real one)[/dim]",
+                      highlight=False)
+            return str(demo)
     err.print(f"[dim]no MODEL given: using {DEFAULT_MODEL} (downloaded once; `qwen3cli list` shows what "
               "you have)[/dim]", highlight=False)
     return DEFAULT_MODEL

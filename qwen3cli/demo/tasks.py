@@ -1,7 +1,9 @@
 """The demo model's curriculum: synthetic chats in Qwen3's template, made from a seed.
 
-Three skills, each chosen so that a few-million-parameter model can learn it on a CPU and a
+Four skills, each chosen so that a few-million-parameter model can learn it on a CPU and a
 test can grade it:
+- repeating a number back: the skill the others build on (copying tokens from the prompt),
+  dense in what it teaches, so attention learns to find and copy digits early;
 - arithmetic (add / subtract numbers of 2-4 digits): with thinking on, the think block works
   the columns from the right with carries, and the answer follows; with thinking off the
   answer comes at once, so the model must do the sum in one go and is wrong more often;
@@ -18,10 +20,12 @@ generator with another seed gives the held-out problems the tests grade.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 END = "<|im_end|>"
 
@@ -32,7 +36,7 @@ class Sample:
     target: str  # what follows the generation prompt: "<think>...</think>\n\n" (thinking on), the reply, END
     think: bool  # enable_thinking for the template
     answer: str  # what grading looks for in the reply
-    kind: str  # "arith", "tool_call", "tool_answer", "hello"
+    kind: str  # "arith", "echo", "tool_call", "tool_answer", "hello"
     tools: list[dict] | None = field(default=None)
 
 
@@ -81,6 +85,19 @@ def arithmetic(rng: random.Random, think: bool) -> Sample:
                          + [f"So the result is {result}."])
         target = f"<think>\n{work}\n</think>\n\n" + target
     return Sample([{"role": "user", "content": question}], target, think, str(result), "arith")
+
+
+# -- repeating ---------------------------------------------------------------------------
+
+ECHO = ("Repeat this number: {n}", "Say {n} back to me.", "Echo {n}", "Please repeat {n}.")
+
+
+def echo(rng: random.Random, think: bool) -> Sample:
+    n = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 12)))
+    target = f"{n}{END}"
+    if think:
+        target = f"<think>\nThe user wants {n} repeated.\n</think>\n\n" + target
+    return Sample([{"role": "user", "content": rng.choice(ECHO).format(n=n)}], target, think, n, "echo")
 
 
 # -- tools --------------------------------------------------------------------------------
@@ -173,15 +190,45 @@ def samples(seed: int):
     rng = random.Random(seed)
     while True:
         think = rng.random() < 0.5
-        r = rng.random()
-        if r < 0.6:
+        r = rng.random()  # tool chats are long (the tools' JSON): an eighth of the draws, a third of the tokens
+        if r < 0.55:
             batch = [arithmetic(rng, think)]
-        elif r < 0.9:
+        elif r < 0.8:
+            batch = [echo(rng, think)]
+        elif r < 0.92:
             batch = tool_use(rng, think)
         else:
             batch = [hello(rng, think)]
         for s in batch:
-            yield _with_history(rng, s) if s.kind != "tool_answer" and rng.random() < 0.25 else s
+            yield _with_history(rng, s) if s.kind != "tool_answer" and rng.random() < 0.15 else s
+
+
+def echoes(seed: int):
+    """An endless stream of repeat-this-number samples: training starts on these alone, so
+    that attention learns to copy from the prompt before anything needs it."""
+    rng = random.Random(seed)
+    while True:
+        yield echo(rng, rng.random() < 0.5)
+
+
+HELD_OUT_SEED = 7  # the problems accuracy is measured on: training draws from another seed's stream
+
+
+def held_out(kind: str, think: bool, n: int, seed: int = HELD_OUT_SEED) -> list[Sample]:
+    """The first n samples of one kind and thinking mode from another seed's stream."""
+    rng = random.Random(seed)
+    make = {"arith": lambda: [arithmetic(rng, think)], "hello": lambda: [hello(rng, think)],
+            "echo": lambda: [echo(rng, think)],
+            "tool_call": lambda: tool_use(rng, think)[:1], "tool_answer": lambda: tool_use(rng, think)[1:]}[kind]
+    out: list[Sample] = []
+    while len(out) < n:
+        out += make()
+    return out
+
+
+def reply_of(text: str) -> str:
+    """The answer part of a generated turn: after the think block, without the end token."""
+    return text.rsplit("</think>", 1)[-1].replace(END, "").strip()
 
 
 def graded(reply: str, s: Sample) -> bool:
@@ -196,3 +243,19 @@ def graded(reply: str, s: Sample) -> bool:
         except ValueError:
             return False
     return reply.strip() == s.answer
+
+
+def accuracy(reply: Callable[[Sample], str], kind: str, think: bool, n: int, seed: int = HELD_OUT_SEED) -> float:
+    """The fraction of n held-out problems `reply` gets right; reply(sample) is the model's
+    generated turn for sample.messages (thinking and all, or the answer alone)."""
+    return sum(graded(reply_of(reply(s)), s) for s in held_out(kind, think, n, seed)) / n
+
+
+def chat_text(n: int, seed: int = HELD_OUT_SEED) -> str:
+    """n held-out chats rendered whole (prompt and reply), one after another: a text in the
+    demo's own distribution, for perplexity and KL (`qwen3cli eval --text`)."""
+    from ..text.chat_template import ChatTemplate
+
+    template = ChatTemplate(None)
+    return "".join(template.render(s.messages, enable_thinking=s.think, tools=s.tools) + s.target + "\n"
+                   for s in itertools.islice(samples(seed), n))

@@ -30,13 +30,13 @@ class HubError(ConfigError):
 
 
 def cache_dir() -> Path:
-    """Where converted checkpoints are kept: QWEN3CLI_CACHE, else the OS's per-user cache
-    directory (platformdirs: ~/.cache/qwen3cli on Linux, ~/Library/Caches on macOS, ...)."""
+    """Where converted checkpoints are kept: QWEN3CLI_CACHE, else qwen3cli's cache directory
+    (paths.cache_dir: QWEN3CLI_CACHE_DIR, else ~/.cache/qwen3cli on Linux, ...)."""
     if os.environ.get("QWEN3CLI_CACHE"):
         return Path(os.environ["QWEN3CLI_CACHE"])
-    import platformdirs
+    from ..paths import cache_dir as ours
 
-    return Path(platformdirs.user_cache_dir("qwen3cli", appauthor=False))
+    return ours()
 
 
 def _tqdm_class(progress: Progress | None, what: str):
