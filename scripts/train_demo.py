@@ -59,14 +59,14 @@ def encode(tok, template, s) -> tuple[list[int], list[int]]:
 def used_ids(tok, template, seed: int, n: int) -> list[int]:
     """Every id the corpus uses, from n samples of it (the vocabulary of the tasks is small and
     closed: more samples add nothing), plus the digits and template tokens, whatever n is."""
-    from qwen3cli.demo.tasks import samples
+    from qwen3cli.demo.tasks import BUDGET_NOTE, samples
 
     ids = set()
     for s in itertools.islice(samples(seed), n):
         ids.update(encode(tok, template, s)[0])
     for text in [str(d) for d in range(10)] + ["<think>", "</think>", "<tool_call>", "</tool_call>",
                                                "<tool_response>", "</tool_response>", "<|im_start|>",
-                                               "<|im_end|>", "<|endoftext|>", "\n", "\n\n", " "]:
+                                               "<|im_end|>", "<|endoftext|>", "\n", "\n\n", " ", BUDGET_NOTE]:
         ids.update(tok.encode(text, add_special_tokens=False).ids)
     return sorted(ids)
 
@@ -133,7 +133,8 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         if not pending:  # batches of similar lengths: padding a 40-token sum to a 250-token tool chat wastes 80%
-            pool = sorted((encode(tok, template, s) for s in itertools.islice(stream, 512)), key=lambda e: len(e[0]))
+            pool = [encode(tok, template, s) for s in itertools.islice(stream, 512)]
+            pool = sorted((e for e in pool if (remap[e[0]] >= 0).all()), key=lambda e: len(e[0]))  # (none is left out)
             pending = batches(pool, args.batch_tokens)
             random.Random(step).shuffle(pending)
         batch = pending.pop()

@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 END = "<|im_end|>"
+# What generation writes when a thinking budget is spent (runtime.generation.BUDGET_NOTE, a
+# layer above: tests check the two agree), then </think>; the demo learns to answer after it.
+BUDGET_NOTE = "\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.\n"
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,14 @@ def hello(rng: random.Random, think: bool) -> Sample:
     return Sample([{"role": "user", "content": rng.choice(HELLO)}], target, think, ABOUT, "hello")
 
 
+def _budget_cut(rng: random.Random, s: Sample) -> Sample:
+    """The thinking cut anywhere by a budget, as generation cuts it, and the answer after it."""
+    thought, reply = s.target.removeprefix("<think>\n").split("\n</think>\n\n", 1)
+    # before a space: generation's cut is a token boundary, and words stay the corpus's tokens
+    cut = thought[:rng.choice([i for i, c in enumerate(thought) if c == " "])]
+    return Sample(s.messages, f"<think>\n{cut}{BUDGET_NOTE}</think>\n\n{reply}", s.think, s.answer, s.kind, s.tools)
+
+
 # -- the mix ------------------------------------------------------------------------------
 
 def _with_history(rng: random.Random, s: Sample) -> Sample:
@@ -193,6 +204,8 @@ def samples(seed: int):
         r = rng.random()  # tool chats are long (the tools' JSON): an eighth of the draws, a third of the tokens
         if r < 0.55:
             batch = [arithmetic(rng, think)]
+            if think and rng.random() < 0.1:
+                batch = [_budget_cut(rng, batch[0])]
         elif r < 0.8:
             batch = [echo(rng, think)]
         elif r < 0.92:
