@@ -11,6 +11,8 @@
         print(chunk.text, end="")
     print(stream.reply.finish_reason)
 
+    replies = batch_generate(model, ["2 + 2?", "3 + 3?"], think=False)  # decoded together
+
     chat = Chat(model, system="Be brief.")         # earlier turns' KV cache is reused
     chat.send("Name a prime.").text; chat.send("Another one? /no_think").text
 
@@ -28,6 +30,8 @@ from typing import Any, Callable, Iterator
 
 from .errors import Qwen3CliError
 from .runtime.conversation import ChatSettings, Conversation, Notice
+from .runtime.batch import Request
+from .runtime.batch import batch_generate as _batch
 from .runtime.engine import Engine
 from .runtime.generation import Done, Token
 from .runtime.generation import generate as _events
@@ -167,15 +171,19 @@ def stream_generate(model: Engine, prompt: Messages, *, think: bool | None = Non
     most, thinking included (None: until the context is full); thinking_budget: thinking
     tokens after which the thinking is closed and the answer starts; sampling: temperature,
     top_p, top_k, min_p, presence_penalty, repeat_penalty, seed."""
+    r = _request(model, prompt, think, max_tokens, thinking_budget, system, tools, sampling)
+    return Stream(_events(model.model, model.tokenizer, r.ids, r.sampler, stop_ids=r.stop_ids,
+                          max_tokens=r.max_tokens, opened=r.opened, thinking_budget=r.thinking_budget))
+
+
+def _request(model: Engine, prompt: Messages, think, max_tokens, thinking_budget, system, tools, sampling) -> Request:
     for name, v in (("max_tokens", max_tokens), ("thinking_budget", thinking_budget)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise APIUsageError(f"{name} must be a whole number, at least 1, got {v!r}")
     over = _overrides(sampling)
     p = model.prompt(_messages(prompt, system), enable_thinking=think, tools=tools)
-    sampler = Sampler(model.sampling(p.thinks, over))
-    return Stream(_events(model.model, model.tokenizer, p.ids, sampler, stop_ids=model.loaded.stop_ids,
-                          max_tokens=max_tokens, opened=p.opened,
-                          thinking_budget=thinking_budget if p.thinks else None))
+    return Request(p.ids, Sampler(model.sampling(p.thinks, over)), model.loaded.stop_ids, max_tokens, p.opened,
+                   thinking_budget if p.thinks else None)
 
 
 def generate(model: Engine, prompt: Messages, **kw: Any) -> Reply:
@@ -184,6 +192,27 @@ def generate(model: Engine, prompt: Messages, **kw: Any) -> Reply:
     for _ in stream:
         pass
     return stream.reply
+
+
+def batch_generate(model: Engine, prompts: list[Messages], *, think: bool | None = None,
+                   max_tokens: int | None = None, thinking_budget: int | None = None, system: str | None = None,
+                   tools: list | None = None, parallel: int | None = None, **sampling: Any) -> list[Reply]:
+    """The replies to several prompts, generated together: their decode steps run as one
+    batched pass (the weights read once for all), `parallel` at a time (default: all, in
+    passes of up to 8). Each reply is the one generate() gives for its prompt alone (greedy,
+    or seeded sampling); takes generate's arguments, applied to every prompt."""
+    if not isinstance(prompts, list) or not prompts:
+        raise APIUsageError("prompts must be a non-empty list of prompts")
+    if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
+        raise APIUsageError(f"parallel must be a whole number, at least 1, got {parallel!r}")
+    reqs = [_request(model, p, think, max_tokens, thinking_budget, system, tools, sampling) for p in prompts]
+    replies = []
+    for events in _batch(model.model, model.tokenizer, reqs, parallel):
+        stream = Stream(iter(events))
+        for _ in stream:
+            pass
+        replies.append(stream.reply)
+    return replies
 
 
 class Chat:

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import qwen3cli
-from qwen3cli import Chat, generate, load, quantize, stream_generate
+from qwen3cli import Chat, batch_generate, generate, load, quantize, stream_generate
 from qwen3cli.errors import Qwen3CliError
 
 
@@ -43,6 +43,24 @@ def test_generate_equals_the_cli_and_the_stream(model, gguf_model):
     chunks = list(s)
     assert "".join(c.text for c in chunks).strip() == r.text and not any(c.thinking for c in chunks)
     assert (s.reply.text, s.reply.usage, s.reply.finish_reason) == (r.text, r.usage, r.finish_reason)
+
+
+def test_batch_generate_gives_each_prompt_its_own_reply(model):
+    prompts = ["Count to five.", "Why?", [{"role": "user", "content": "Hi"}], "Name a prime."]
+    kw = dict(max_tokens=10, temperature=1.0, top_k=40, seed=11)  # seeded sampling: each keeps its own stream
+    alone = [generate(model, p, think=think, **kw) for p, think in zip(prompts, (False, True, False, True))]
+    for think in (False, True):
+        together = batch_generate(model, prompts, think=think, parallel=3, **kw)
+        for p, a, b, t in zip(prompts, alone, together, (False, True, False, True)):
+            if t == think:
+                assert (b.text, b.thinking, b.finish_reason) == (a.text, a.thinking, a.finish_reason)
+                u, v = a.usage, b.usage  # the cached count differs: a slot reuses an earlier prompt's start
+                assert (u.prompt_tokens, u.completion_tokens, u.thinking_tokens) == \
+                    (v.prompt_tokens, v.completion_tokens, v.thinking_tokens)
+    with pytest.raises(Qwen3CliError, match="non-empty list"):
+        batch_generate(model, [])
+    with pytest.raises(Qwen3CliError, match="parallel"):
+        batch_generate(model, ["x"], parallel=0)
 
 
 def test_chunks_say_thinking_or_answer(model):

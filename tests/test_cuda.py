@@ -189,3 +189,22 @@ def test_the_registry_picks_the_kernel(monkeypatch):
     dev = ops_cuda.upload(pack(w))
     assert len(calls) == 1 and dev.kernel is ops_cuda.K.mv_i8
     close(ops.matmul(cuda.to_device(x), dev).copy_to_host(), want)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_a_batched_decode_step_equals_lone_steps(moe):
+    """Model.decode on the GPU (serve --parallel): each row as its own step computes it, bit
+    for bit, and as the CPU does within float rounding."""
+    a = tiny_args(moe)
+    w = tiny_weights(a, MOE if moe else MIXED)
+    gpu, cpu = Model(w, ctx=16, backend="cuda"), Model(w, ctx=16, exact=True, cache_type="f32")
+    prompts = [[1, 5], [7], [3, 9, 2]]
+    batched, lone, ref = ([m.new_cache() for _ in prompts] for m in (gpu, gpu, cpu))
+    for caches, m in ((batched, gpu), (lone, gpu), (ref, cpu)):
+        for c, p in zip(caches, prompts):
+            m.forward(p, c)
+    got = gpu.decode([4, 11, 30], batched)
+    want = np.stack([gpu.forward([t], c) for t, c in zip([4, 11, 30], lone)])
+    np.testing.assert_array_equal(got, want)
+    close(got, np.stack([cpu.forward([t], c) for t, c in zip([4, 11, 30], ref)]), 1e-4)
+    assert [c.n for c in batched] == [3, 2, 4]

@@ -372,7 +372,7 @@ def test_a_client_that_stops_reading_frees_the_model(engine, says_ok, tid):
     la = engine.tokenizer.encode(" la", add_special_tokens=False).ids[0]
     says_ok.fn = lambda generated: la  # never stops by itself
     log = []
-    srv = start(engine, log=log.append, limits=Limits(write_timeout=1.0, send_buffer=16 << 10))
+    srv = start(engine, log=log.append, limits=Limits(write_timeout=1.0, send_buffer=16 << 10), parallel=1)
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     try:
@@ -380,7 +380,7 @@ def test_a_client_that_stops_reading_frees_the_model(engine, says_ok, tid):
         body = json.dumps({"model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}],
                            "chat_template_kwargs": {"enable_thinking": False}}).encode()
         stalled.sendall(HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        while not srv.worker.queue.waiting:  # it has the model
+        while not srv.worker.batcher.in_use:  # it has the model's one slot
             time.sleep(0.01)
         t0 = time.monotonic()
         status, _, data = request(srv, body={"model": "tiny", "max_tokens": 3,
@@ -388,7 +388,7 @@ def test_a_client_that_stops_reading_frees_the_model(engine, says_ok, tid):
         waited = time.monotonic() - t0
         assert status == 200 and json.loads(data)["choices"][0]["finish_reason"] == "length"
         assert waited < 20, waited
-        assert srv.worker.queue.waiting == 0
+        assert srv.worker.batcher.in_use == 0 and srv.worker.batcher.queued == 0
         assert any("stopped reading for 1 s" in ln for ln in log), log
         print(f"\nthe request behind a stalled stream waited {waited:.2f} s")
     finally:

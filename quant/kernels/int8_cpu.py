@@ -320,19 +320,47 @@ def pack(*ws: QTensor, after=None) -> Int8Packed:
 
 # -- the products --------------------------------------------------------------------------
 
+# The decode products take a few rows of x (xq, xd, xs: one row each; out (n, R)): a batched
+# decode step (serve --parallel) reads each weight row once for all of them, while it is in
+# L1. Every row runs the same instructions as a lone one (n = 1 is the same kernel), so a
+# sequence's logits do not depend on the others in its step.
+
+@njit(cache=True, inline="always")
+def _q8_end(acc, q, d, xq, xd, r, i, out):
+    # the blocks after the last full group, then the row's sum
+    R, k = q.shape
+    nb = k // 32
+    s = _hsum(acc)
+    for b in range(nb // G * G, nb):
+        s += (_f16(d, r * nb + b) * xd[i, b]) * np.float32(_q8_block(q, r * k + b * 32, xq[i], b * 32))
+    out[i, r] = s
+
+
 @njit(parallel=True, cache=True)
 def _mv_q8_0(xq, xd, xs, q, d, out):
     R, k = q.shape
     nb = k // 32
     ng = nb // G
+    n = out.shape[0]
     for r in prange(R):
-        acc = _vzero()
-        for g in range(ng):
-            acc = _q8_group(acc, q, r * k + g * 32 * G, xq, g * 32 * G, xs, g * G, d, r * nb + g * G, xd, g * G)
-        s = _hsum(acc)
-        for b in range(ng * G, nb):
-            s += (_f16(d, r * nb + b) * xd[b]) * np.float32(_q8_block(q, r * k + b * 32, xq, b * 32))
-        out[r] = s
+        for i in range(0, n - 3, 4):  # four rows a pass: LLVM loads and widens each weight vector once for all
+            a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+            for g in range(ng):
+                wo, xo, so = r * k + g * 32 * G, g * 32 * G, g * G
+                a0 = _q8_group(a0, q, wo, xq[i], xo, xs[i], so, d, r * nb + so, xd[i], so)
+                a1 = _q8_group(a1, q, wo, xq[i + 1], xo, xs[i + 1], so, d, r * nb + so, xd[i + 1], so)
+                a2 = _q8_group(a2, q, wo, xq[i + 2], xo, xs[i + 2], so, d, r * nb + so, xd[i + 2], so)
+                a3 = _q8_group(a3, q, wo, xq[i + 3], xo, xs[i + 3], so, d, r * nb + so, xd[i + 3], so)
+            _q8_end(a0, q, d, xq, xd, r, i, out)
+            _q8_end(a1, q, d, xq, xd, r, i + 1, out)
+            _q8_end(a2, q, d, xq, xd, r, i + 2, out)
+            _q8_end(a3, q, d, xq, xd, r, i + 3, out)
+        for i in range(n // 4 * 4, n):
+            acc = _vzero()
+            for g in range(ng):
+                acc = _q8_group(acc, q, r * k + g * 32 * G, xq[i], g * 32 * G, xs[i], g * G, d, r * nb + g * G,
+                                xd[i], g * G)
+            _q8_end(acc, q, d, xq, xd, r, i, out)
 
 
 @njit(parallel=True, cache=True)
@@ -341,23 +369,46 @@ def _mv_q4_0(xq, xd, xs, q, d, out):
     nb = kh // 16
     ng = nb // G
     for r in prange(R):
-        acc = _vzero()
-        for g in range(ng):
-            acc = _q4_group(acc, q, r * kh + g * 16 * G, xq, g * 32 * G, xs, g * G, d, r * nb + g * G, xd, g * G)
-        s = _hsum(acc)
-        for b in range(ng * G, nb):
-            isum = _q4_block(q, r * kh + b * 16, xq, b * 32) - 8 * xs[b]
-            s += (_f16(d, r * nb + b) * xd[b]) * np.float32(isum)
-        out[r] = s
+        for i in range(out.shape[0]):
+            acc = _vzero()
+            for g in range(ng):
+                acc = _q4_group(acc, q, r * kh + g * 16 * G, xq[i], g * 32 * G, xs[i], g * G, d, r * nb + g * G,
+                                xd[i], g * G)
+            s = _hsum(acc)
+            for b in range(ng * G, nb):
+                isum = _q4_block(q, r * kh + b * 16, xq[i], b * 32) - 8 * xs[i, b]
+                s += (_f16(d, r * nb + b) * xd[i, b]) * np.float32(isum)
+            out[i, r] = s
 
 
-def matvec(x: np.ndarray, w: Int8Packed, out: np.ndarray | None = None) -> np.ndarray:
-    """x (k,) float32 @ W.T -> (rows,) float32, x quantized to 8 bits first."""
+def quantize_rows(x: np.ndarray, quantize=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """quantize_x (or the given quantizer) of each row of x (n, k), stacked."""
+    parts = [(quantize or quantize_x)(row) for row in x]
+    return tuple(np.stack([p[j] for p in parts]) for j in range(3))
+
+
+def check_rows(x: np.ndarray, w, out: np.ndarray | None) -> np.ndarray:
+    """A decode product's arguments: x (n, k) against one matrix; out (n, rows), made if None."""
+    if x.ndim != 2 or x.shape[1] != w.k:
+        raise ValueError(f"input of shape {x.shape}, weight expects (n, {w.k})")
+    if getattr(w, "n_mats", 1) != 1:  # (a Q5 stack counts its experts' rows as its own)
+        raise ValueError(f"a stack of {w.n_mats} experts: multiply one (w.expert(e)) or use int8_experts_cpu")
+    return np.empty((x.shape[0], w.rows), np.float32) if out is None else out
+
+
+def matvec_rows(x: np.ndarray, w: Int8Packed, out: np.ndarray | None = None) -> np.ndarray:
+    """x (n, k) float32 @ W.T -> (n, rows) float32 for a few rows (decode), each quantized to 8
+    bits first and each computed exactly as alone."""
+    out = check_rows(x, w, out)
+    xq, xd, xs = quantize_rows(x)
+    (_mv_q8_0 if w.type == T.Q8_0 else _mv_q4_0)(xq, xd, xs, w.q, w.d, out)
+    return out
+
+
+def matvec(x: np.ndarray, w, out: np.ndarray | None = None, rows=None) -> np.ndarray:
+    """x (k,) float32 @ W.T -> (rows,) float32: matvec_rows (of this module, or `rows`) of one row."""
     if x.shape != (w.k,):
         raise ValueError(f"input of shape {x.shape}, weight expects ({w.k},)")
-    if w.n_mats != 1:
-        raise ValueError(f"a stack of {w.n_mats} experts: multiply one (w.expert(e)) or use int8_experts_cpu")
     out = np.empty(w.rows, np.float32) if out is None else out
-    xq, xd, xs = quantize_x(x)
-    (_mv_q8_0 if w.type == T.Q8_0 else _mv_q4_0)(xq, xd, xs, w.q, w.d, out)
+    (rows or matvec_rows)(x[None], w, out[None])
     return out

@@ -29,6 +29,7 @@ from numba import njit, prange
 from numba.extending import intrinsic
 
 from ..qtensor import QTensor, stack_parts, u16
+from . import int8_cpu
 from .int8_cpu import _BIG, F32X16, G, _F32, _I8, _I32, _c_arrays, _f16, _hsum, _load, _pair_sums, _vt, _vzero
 
 _I16 = ir.IntType(16)
@@ -247,39 +248,45 @@ def pack(*ws: QTensor, after=None) -> KPacked:
 
 # -- the products --------------------------------------------------------------------------
 
+# A few rows of x at once, each as alone: see int8_cpu's products.
+
 @njit(parallel=True, cache=True)
 def _mv_q4_k(xq, xd, xs, q, s, d, dmin, out):
     R, nsb = d.shape
     for r in prange(R):
-        acc = _vzero()
-        for b in range(nsb):
-            i = r * nsb + b
-            acc = _q4_k_sb(acc, q, i * 128, s, i * 16, xq, b * 256, xs, b * 16,
-                           _f16(d, i) * xd[b], _f16(dmin, i) * xd[b])
-        out[r] = _hsum(acc)
+        for t in range(out.shape[0]):
+            acc = _vzero()
+            for b in range(nsb):
+                i = r * nsb + b
+                acc = _q4_k_sb(acc, q, i * 128, s, i * 16, xq[t], b * 256, xs[t], b * 16,
+                               _f16(d, i) * xd[t, b], _f16(dmin, i) * xd[t, b])
+            out[t, r] = _hsum(acc)
 
 
 @njit(parallel=True, cache=True)
 def _mv_q6_k(xq, xd, xs, q, s, d, out):
     R, nsb = d.shape
     for r in prange(R):
-        acc = _vzero()
-        for b in range(nsb):
-            i = r * nsb + b
-            acc = _q6_k_sb(acc, q, i * 192, s, i * 16, xq, b * 256, xs, b * 16, _f16(d, i) * xd[b], np.float32(0))
-        out[r] = _hsum(acc)
+        for t in range(out.shape[0]):
+            acc = _vzero()
+            for b in range(nsb):
+                i = r * nsb + b
+                acc = _q6_k_sb(acc, q, i * 192, s, i * 16, xq[t], b * 256, xs[t], b * 16, _f16(d, i) * xd[t, b],
+                               np.float32(0))
+            out[t, r] = _hsum(acc)
 
 
-def matvec(x: np.ndarray, w: KPacked, out: np.ndarray | None = None) -> np.ndarray:
-    """x (k,) float32 @ W.T -> (rows,) float32, x quantized per 256 first."""
-    if x.shape != (w.k,):
-        raise ValueError(f"input of shape {x.shape}, weight expects ({w.k},)")
-    if w.n_mats != 1:
-        raise ValueError(f"a stack of {w.n_mats} experts: multiply one (w.expert(e)) or use int8_experts_cpu")
-    out = np.empty(w.rows, np.float32) if out is None else out
-    xq, xd, xs = quantize_x(x)
+def matvec_rows(x: np.ndarray, w: KPacked, out: np.ndarray | None = None) -> np.ndarray:
+    """x (n, k) float32 @ W.T -> (n, rows) float32 for a few rows, each quantized per 256 first."""
+    out = int8_cpu.check_rows(x, w, out)
+    xq, xd, xs = int8_cpu.quantize_rows(x, quantize_x)
     if w.type == T.Q4_K:
         _mv_q4_k(xq, xd, xs, w.q, w.s, w.d, w.dmin, out)
     else:
         _mv_q6_k(xq, xd, xs, w.q, w.s, w.d, out)
     return out
+
+
+def matvec(x: np.ndarray, w: KPacked, out: np.ndarray | None = None) -> np.ndarray:
+    """x (k,) float32 @ W.T -> (rows,) float32: matvec_rows of one row."""
+    return int8_cpu.matvec(x, w, out, matvec_rows)

@@ -244,16 +244,19 @@ def pack(*ws: QTensor, after=None) -> Q5Packed:
 
 # -- the products --------------------------------------------------------------------------
 
+# A few rows of x at once, each as alone: see int8_cpu's products.
+
 @njit(parallel=True, cache=True)
 def _mv_q5_k(xq, xd, xs, q, h, s, d, dmin, out):
     R, nsb = d.shape
     for r in prange(R):
-        acc = _vzero()
-        for b in range(nsb):
-            i = r * nsb + b
-            acc = _q5_k_sb(acc, q, i * 128, h, i * 32, s, i * 16, xq, b * 256, xs, b * 16,
-                           _f16(d, i) * xd[b], _f16(dmin, i) * xd[b])
-        out[r] = _hsum(acc)
+        for t in range(out.shape[0]):
+            acc = _vzero()
+            for b in range(nsb):
+                i = r * nsb + b
+                acc = _q5_k_sb(acc, q, i * 128, h, i * 32, s, i * 16, xq[t], b * 256, xs[t], b * 16,
+                               _f16(d, i) * xd[t, b], _f16(dmin, i) * xd[t, b])
+            out[t, r] = _hsum(acc)
 
 
 @njit(parallel=True, cache=True)
@@ -261,30 +264,34 @@ def _mv_q5_0(xq, xd, xs, q, h, d, out):
     R, nb = d.shape
     ng = nb // G
     for r in prange(R):
-        acc = _vzero()
-        for g in range(ng):
-            acc = _q5_0_group(acc, q, r * nb * 16 + g * 16 * G, h, r * nb * 4 + g * 4 * G, xq, g * 32 * G,
-                              xs, g * G, d, r * nb + g * G, xd, g * G)
-        s = _hsum(acc)
-        for b in range(ng * G, nb):
-            isum = _q5_0_tail(q[r], b * 16, h[r], b * 4, xq, b * 32) - 16 * xs[b]
-            s += (_f16(d, r * nb + b) * xd[b]) * np.float32(isum)
-        out[r] = s
+        for t in range(out.shape[0]):
+            acc = _vzero()
+            for g in range(ng):
+                acc = _q5_0_group(acc, q, r * nb * 16 + g * 16 * G, h, r * nb * 4 + g * 4 * G, xq[t], g * 32 * G,
+                                  xs[t], g * G, d, r * nb + g * G, xd[t], g * G)
+            s = _hsum(acc)
+            for b in range(ng * G, nb):
+                isum = _q5_0_tail(q[r], b * 16, h[r], b * 4, xq[t], b * 32) - 16 * xs[t, b]
+                s += (_f16(d, r * nb + b) * xd[t, b]) * np.float32(isum)
+            out[t, r] = s
+
+
+def matvec_rows(x: np.ndarray, w: Q5Packed, out: np.ndarray | None = None) -> np.ndarray:
+    """x (n, k) float32 @ W.T -> (n, rows) float32 for a few rows, each quantized to 8 bits
+    first (Q8_K for Q5_K, Q8_0 for Q5_0)."""
+    out = int8_cpu.check_rows(x, w, out)
+    if w.type == T.Q5_K:
+        xq, xd, xs = int8_cpu.quantize_rows(x, int8_k_cpu.quantize_x)
+        _mv_q5_k(xq, xd, xs, w.q, w.h, w.s, w.d, w.dmin, out)
+    else:
+        xq, xd, xs = int8_cpu.quantize_rows(x)
+        _mv_q5_0(xq, xd, xs, w.q, w.h, w.d, out)
+    return out
 
 
 def matvec(x: np.ndarray, w: Q5Packed, out: np.ndarray | None = None) -> np.ndarray:
-    """x (k,) float32 @ W.T -> (rows,) float32, x quantized to 8 bits first (Q8_K for Q5_K,
-    Q8_0 for Q5_0)."""
-    if x.shape != (w.k,):
-        raise ValueError(f"input of shape {x.shape}, weight expects ({w.k},)")
-    out = np.empty(w.rows, np.float32) if out is None else out
-    if w.type == T.Q5_K:
-        xq, xd, xs = int8_k_cpu.quantize_x(x)
-        _mv_q5_k(xq, xd, xs, w.q, w.h, w.s, w.d, w.dmin, out)
-    else:
-        xq, xd, xs = int8_cpu.quantize_x(x)
-        _mv_q5_0(xq, xd, xs, w.q, w.h, w.d, out)
-    return out
+    """x (k,) float32 @ W.T -> (rows,) float32: matvec_rows of one row."""
+    return int8_cpu.matvec(x, w, out, matvec_rows)
 
 
 # -- dequantization (prefill tiles, embedding rows) ----------------------------------------

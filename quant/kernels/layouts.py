@@ -9,7 +9,7 @@ BF16 files always run exact (there is nothing to quantize x against).
 
 An entry names, per role: `pack` (file bytes -> the kernels' arrays, once at load; several
 matrices that multiply the same input are packed straight into one stack), `decode`
-(one row of x), `prefill` (many rows), `experts` (decode of a MoE stack: slot s = x[xi[s]] @
+(a few rows of x, each computed as a lone row), `prefill` (many rows), `experts` (decode of a MoE stack: slot s = x[xi[s]] @
 expert ids[s]), `grouped` (prefill of a MoE stack: all active experts' rows in one launch,
 int8_moe_gemm_cpu.py), `dequant` / `take` (rows back to float32: embedding lookups, fallbacks).
 A type or role without an entry falls back to the exact layout, so adding a format, or a
@@ -38,7 +38,7 @@ from ..qtensor import QTensor
 @dataclass(frozen=True)
 class Layout:
     pack: Callable[..., Any]  # (*ws: QTensor) -> arrays of ws stacked (qtensor.stack_parts)
-    decode: Callable[[np.ndarray, Any, np.ndarray], Any]  # x (k,), arrays, out (rows,)
+    decode: Callable[[np.ndarray, Any, np.ndarray], Any]  # x (n, k), arrays, out (n, rows): a few rows, each as alone
     prefill: Callable[[np.ndarray, Any, np.ndarray], Any] | None  # x (n, k), arrays, out (n, rows)
     experts: Callable[..., Any] | None  # (x (m, k), arrays, ids, xi, out (slots, rows))
     dequant: Callable[..., np.ndarray] | None  # (arrays, lo, hi, out=None) -> (hi - lo, k)
@@ -101,7 +101,7 @@ def _entry(mod, rows=None, gemm: bool = True, experts: bool = True) -> Layout:
     rows = rows or _dequant
     return Layout(
         pack=lambda *ws, after=None: mod().pack(*ws, after=after),
-        decode=lambda x, m, out: mod().matvec(x, m, out),
+        decode=lambda x, m, out: mod().matvec_rows(x, m, out),
         prefill=(lambda x, m, out: _gemm().matmul(x, m, out)) if gemm else None,
         # out's width is an expert's rows (a Q5 stack's arrays count the whole stack's)
         experts=(lambda x, m, ids, xi, out: _experts().matmul_ids(x, m, ids, xi, out, out.shape[1]))

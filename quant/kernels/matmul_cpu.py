@@ -272,8 +272,10 @@ def _deq_q4(q, d, o, factor, out):
             out[r, g * 32 + j + 16] = d[r, g] * np.float32(v >> 4) - off
 
 
-def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) -> np.ndarray:
-    """(n, k) float32 @ W.T -> (n, w.rows) float32."""
+def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None, rowwise: bool = False) -> np.ndarray:
+    """(n, k) float32 @ W.T -> (n, w.rows) float32. rowwise (n <= SMALL_N): each row exactly
+    as a lone row (n = 1) computes, as a batched decode step needs (the int8 GEMM rounds apart
+    from the decode kernels); the weights are still read once for all rows."""
     x = np.ascontiguousarray(x, np.float32)
     n = x.shape[0]
     if x.shape[1] != w.k:
@@ -281,14 +283,17 @@ def matmul(x: np.ndarray, w: QTensor | Packed, out: np.ndarray | None = None) ->
     if out is None:
         out = np.empty((n, w.rows), np.float32)
     if isinstance(w, Mat):
-        if n == 1:
-            w.layout.decode(x[0], w.arrays, out[0])
+        if n == 1 or (rowwise and n <= SMALL_N):
+            w.layout.decode(x, w.arrays, out)
         elif w.layout.prefill is not None:
             w.layout.prefill(x, w.arrays, out)
         else:
             _prefill(x, w, out)
     elif n <= SMALL_N and (ex := _exact(w)) is not None:
         ex.decode(x, w, out)
+    elif rowwise and n <= SMALL_N:
+        for i in range(n):
+            _prefill(x[i:i + 1], w, out[i:i + 1])
     else:
         _prefill(x, w, out)
     return out

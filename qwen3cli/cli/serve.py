@@ -51,6 +51,10 @@ def serve(
     reasoning_budget: int = typer.Option(None, "--reasoning-budget", "--thinking-budget",
                                          help="Thinking tokens for requests that set no thinking_budget or "
                                               "reasoning_effort (as llama-server's; 0: no thinking)."),
+    parallel: int = typer.Option(4, "--parallel", "-np",
+                                 help="Requests generated together, their decode steps batched; more wait in "
+                                      "arrival order. Each has a KV cache of the whole --ctx (as ollama's), "
+                                      "checked to fit at start; pages are used as tokens fill them."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each request to stderr."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models)."""
@@ -60,6 +64,8 @@ def serve(
     from ..runtime.running import registered
     from ..serve.guard import is_loopback, valid_origin
 
+    if not 1 <= parallel <= 64:
+        raise UsageError(f"--parallel must be between 1 and 64, got {parallel}")
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {port}")
     if ctx is not None and ctx < 1:
@@ -84,7 +90,7 @@ def serve(
     log = (lambda line: err.print(line, style="dim", highlight=False, markup=False)) if verbose else None
     try:  # bind before loading: a port in use fails at once, and clients can poll /health meanwhile
         server = make_server(None, host, port, model_id=name, api_key=api_key, log=log,
-                             cors_origins=cors_origin or (), defaults=defaults)
+                             cors_origins=cors_origin or (), defaults=defaults, parallel=parallel)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     if not is_loopback(host) and api_key is None:
@@ -98,7 +104,7 @@ def serve(
         server.ready(engine, defaults)
         with registered("serve", model, engine.ctx, engine.model.device, url=server.url):  # listed by `ps`
             err.print(f"serving [bold]{escape(printable(name))}[/bold] at {server.url} (context {engine.ctx} tokens, "
-                      f"{'GPU' if engine.model.device == 'cuda' else 'CPU'}); Ctrl-C stops",
+                      f"{parallel} at once, {'GPU' if engine.model.device == 'cuda' else 'CPU'}); Ctrl-C stops",
                       highlight=False)
             while thread.is_alive():
                 thread.join(0.5)  # the main thread stays free for Ctrl-C

@@ -57,6 +57,12 @@ class Backend(Protocol):
     def attention(self, li: int, ly: LayerWeights, q: Act, k: Act, v: Act, cache: KVCache, p: int) -> Act:
         """q/k norms, RoPE, the cache write at positions p.., causal attention: (n, heads * head_dim)."""
 
+    def attention_rows(self, li: int, ly: LayerWeights, q: Act, k: Act, v: Act, caches: Sequence[KVCache],
+                       ps: Sequence[int]) -> Act:
+        """attention() of row i over caches[i] at position ps[i]: a decode step of several sequences."""
+
+    rowwise: bool  # set by Model.decode: products of few rows compute each row as a lone row would
+
     def ffn(self, ly: LayerWeights, h: Act, x: Act) -> Act:
         """x + the layer's MLP or MoE of h."""
 

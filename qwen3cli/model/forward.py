@@ -16,6 +16,7 @@ from .rope import make_rope, scaling_for_context
 from .weights import Weights
 
 
+DECODE_ROWS = 8  # sequences per batched decode pass: matmul_cpu.SMALL_N, the rows its decode kernels take
 PREFILL_CHUNK = 512  # CPU prefill tokens per pass through the layer stack (see Model.forward); llama.cpp's n_ubatch
 
 
@@ -28,18 +29,19 @@ def kv_cache_nbytes(a, ctx: int, cache_type: str) -> int:
     return 2 * a.n_layers * a.n_kv_heads * int(ctx) * kv_cache.row_nbytes(cache_type, a.head_dim)
 
 
-def check_context(a, ctx: int, backend: str = "cpu", cache_type: str = kv_cache.DEFAULT["cpu"]) -> None:
+def check_context(a, ctx: int, backend: str = "cpu", cache_type: str = kv_cache.DEFAULT["cpu"], caches: int = 1) -> None:
     """Refuse a context whose host-side tables cannot fit, before anything is allocated: the
-    CPU's KV cache, or the RoPE tables the CUDA backend builds on the host (it checks the GPU's
-    memory for the cache itself)."""
+    CPU's KV caches (`caches` of them: serve --parallel), or the RoPE tables the CUDA backend
+    builds on the host (it checks the GPU's memory for the cache itself)."""
     if backend == "cuda":  # float64 angles, their cos and sin, and float32 copies of both
         need, what = int(ctx) * a.head_dim * 16, f"the RoPE tables of a {ctx}-token context"
     else:
-        need = kv_cache_nbytes(a, ctx, cache_type)
-        what = (f"a {ctx}-token KV cache ({kv_cache_nbytes(a, 1, cache_type)} bytes per token: {a.n_layers} layers, "
+        need = caches * kv_cache_nbytes(a, ctx, cache_type)
+        what = (f"{f'{caches} {ctx}-token KV caches' if caches > 1 else f'a {ctx}-token KV cache'} "
+                f"({kv_cache_nbytes(a, 1, cache_type)} bytes per token: {a.n_layers} layers, "
                 f"{a.n_kv_heads} KV heads of {a.head_dim}, K and V in {cache_type})")
     smaller = backend == "cpu" and cache_type != "q8_0" and a.head_dim % kv_cache.QK == 0
-    hint = "use a smaller --ctx" + (" or --cache-type q8_0" if smaller else "")
+    hint = "use a smaller --ctx" + (" or --parallel" if caches > 1 else "") + (" or --cache-type q8_0" if smaller else "")
     memory.require(need, what, hint)
 
 
@@ -65,6 +67,11 @@ class Model:
 
     def new_cache(self):
         return self.ops.new_cache(self.ctx)
+
+    def new_caches(self, n: int) -> list:
+        """n caches of the whole context (a batch's), refused up front if they cannot all fit."""
+        check_context(self.args, self.ctx, self.device, self.cache_type, caches=n)
+        return [self.ops.new_cache(self.ctx) for _ in range(n)]
 
     def forward(self, tokens, cache, all_logits: bool = False) -> np.ndarray:
         """Run tokens at positions cache.n...; logits of the last token (n_vocab,) or all (n, n_vocab).
@@ -92,10 +99,45 @@ class Model:
                 out[s:s + len(y)] = y
         return out if all_logits else y[0]
 
+    def decode(self, tokens, caches) -> np.ndarray:
+        """One decode step of several sequences, token i at position caches[i].n of its own
+        cache: their logits (n, n_vocab). The weights are read once for all, and each row comes
+        out as a lone decode step computes it (the backend's rowwise products), so what one
+        sequence generates does not depend on which others share its steps."""
+        ids = np.asarray(tokens, np.int64).reshape(-1)
+        if len(ids) != len(caches) or not 0 < len(ids) <= DECODE_ROWS:
+            raise ValueError(f"{len(ids)} tokens for {len(caches)} caches (1 to {DECODE_ROWS} a step)")
+        for c in caches:
+            if c.n >= c.ctx:
+                raise ContextFull(f"{c.n + 1} tokens do not fit in the context of {c.ctx}")
+        if ids.min() < 0 or ids.max() >= self.args.vocab_size:
+            raise ValueError("token id out of range")
+        ps = [c.n for c in caches]
+        self.ops.rowwise = True
+        try:
+            x = self._layers(ids, lambda li, ly, q, k, v: self.ops.attention_rows(li, ly, q, k, v, caches, ps))
+            for c in caches:
+                c.n += 1
+            return self._logits(x)
+        finally:
+            self.ops.rowwise = False
+
     def _forward(self, ids: np.ndarray, cache, all_logits: bool, logits: bool = True) -> np.ndarray | None:
         """One pass of ids through the stack; the logits of every row (all_logits), the last, or
         none (logits=False: a chunk whose rows only fill the cache)."""
-        a, ops, p, n = self.args, self.ops, cache.n, len(ids)
+        p, n = cache.n, len(ids)
+        x = self._layers(ids, lambda li, ly, q, k, v: self.ops.attention(li, ly, q, k, v, cache, p))
+        cache.n = p + n
+        if not logits:
+            return None
+        return self._logits(x if all_logits else self.ops.last(x))
+
+    def _logits(self, x):
+        return self.ops.to_host(self.ops.matmul(self.ops.rms_norm(x, self.w.output_norm), self.w.output))
+
+    def _layers(self, ids: np.ndarray, attend):
+        """The layer stack over the rows of ids; attend(li, ly, q, k, v) is the attention step."""
+        a, ops = self.args, self.ops
         x = ops.embed(self.w.token_embd, ids)
         sizes = (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim)
         for li, ly in enumerate(self.w.layers):
@@ -105,16 +147,12 @@ class Model:
             else:
                 q, k, v = ops.matmul(h, ly.q), ops.matmul(h, ly.k), ops.matmul(h, ly.v)
             del h  # not held through the MLP: q|k|v and h are a fifth of a layer's activations
-            att = ops.attention(li, ly, q, k, v, cache, p)
+            att = attend(li, ly, q, k, v)
             del q, k, v
             x = ops.residual(x, att, ly.o)
             del att
             x = ops.ffn(ly, ops.rms_norm(x, ly.ffn_norm), x)
-        cache.n = p + n
-        if not logits:
-            return None
-        x = x if all_logits else ops.last(x)
-        return ops.to_host(ops.matmul(ops.rms_norm(x, self.w.output_norm), self.w.output))
+        return x
 
     # the MoE steps, reachable for tests that compare them with the dense reference
     def route(self, ly, h):

@@ -44,6 +44,7 @@ class CpuOps:
     """The Backend of the host: numpy arrays, numba kernels, the weights in the int8 layouts
     (or, exact, matmul_cpu's float32-scale ones)."""
 
+    rowwise = False  # Model.decode sets it for its step: see matmul_cpu.matmul
     name = "cpu"
     summary = ""
 
@@ -54,7 +55,7 @@ class CpuOps:
         # prefill's float steps in threaded numba kernels (prefill_cpu.py); the numpy path, equal
         # to float32 rounding, stays for exact (the transformers-parity numerics)
         self.kernels = not exact
-        self._rope_at: tuple = (None, None)
+        self._rope_at: dict = {}
 
     def prepare(self, w: Weights, release: Release | None = None, store=None) -> Weights:
         """store: a packed_cache.PackedStore of the model's file, which gives the packed
@@ -84,9 +85,8 @@ class CpuOps:
         norm(np.ascontiguousarray(x), w, np.float32(self.eps), out)
         return out
 
-    @staticmethod
-    def matmul(x, w):
-        return matmul(x, w)  # the module's name, looked up per call (tests wrap it)
+    def matmul(self, x, w):
+        return matmul(x, w, rowwise=self.rowwise)
 
     def split(self, y, sizes):
         out, at = [], 0
@@ -104,7 +104,7 @@ class CpuOps:
 
     def residual(self, x, a, w):
         """x + a @ w.T"""
-        return self._add(matmul(a, w), x)
+        return self._add(self.matmul(a, w), x)
 
     def ffn(self, ly, h, x):
         """x + the layer's MLP or MoE of h."""
@@ -127,10 +127,19 @@ class CpuOps:
         return out
 
     def _cos_sin(self, p: int, n: int):
-        """The RoPE tables of positions p..p+n, computed once a step, not once a layer."""
-        if self._rope_at[:2] != (p, n):
-            self._rope_at = (p, n, *self.rope.cos_sin(np.arange(p, p + n)))
-        return self._rope_at[2:]
+        """The RoPE tables of positions p..p+n, computed once a step, not once a layer (a
+        batched step has a position per sequence)."""
+        if (p, n) not in self._rope_at:
+            if len(self._rope_at) >= 64:
+                self._rope_at.clear()
+            self._rope_at[p, n] = self.rope.cos_sin(np.arange(p, p + n))
+        return self._rope_at[p, n]
+
+    def attention_rows(self, li, ly, q, k, v, caches, ps):
+        out = np.empty((q.shape[0], self.args.n_heads * self.args.head_dim), np.float32)
+        for i, (cache, p) in enumerate(zip(caches, ps)):
+            out[i] = self.attention(li, ly, q[i:i + 1], k[i:i + 1], v[i:i + 1], cache, p)[0]
+        return out
 
     def attention(self, li: int, ly, q, k, v, cache: KVCache, p: int) -> np.ndarray:
         """q/k norms, RoPE, the cache write and causal attention; (n, Hq * D) before the output projection."""
@@ -181,15 +190,15 @@ class CpuOps:
             return t if e < 0 else t.expert(e)
 
         if ly.gate_up is not None:
-            gu = matmul(h, w(ly.gate_up))
-            return matmul(self.silu_mul(gu), w(ly.down if e < 0 else ly.down_exps))
+            gu = self.matmul(h, w(ly.gate_up))
+            return self.matmul(self.silu_mul(gu), w(ly.down if e < 0 else ly.down_exps))
         gate, up, down = (ly.gate, ly.up, ly.down) if e < 0 else (ly.gate_exps, ly.up_exps, ly.down_exps)
-        return matmul(silu(matmul(h, w(gate))) * matmul(h, w(up)), w(down))
+        return self.matmul(silu(self.matmul(h, w(gate))) * self.matmul(h, w(up)), w(down))
 
     def route(self, ly, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-k experts per token and their weights: softmax over all experts, then top-k."""
         a = self.args
-        probs = softmax(matmul(h, ly.router))
+        probs = softmax(self.matmul(h, ly.router))
         top = np.argsort(-probs, axis=-1, kind="stable")[:, :a.n_experts_used]
         wts = np.take_along_axis(probs, top, axis=-1)
         if a.norm_topk_prob:

@@ -89,6 +89,8 @@ def device_nbytes(t) -> int:
 class CudaOps:
     """The Backend of one NVIDIA GPU: device arrays, numba-cuda kernels, the exact layouts."""
 
+    rowwise = False  # unused: every product here computes each row alone already
+
     name = "cuda"
     summary = ""  # what the GPU holds, once the weights are up (check_fits)
 
@@ -216,6 +218,13 @@ class CudaOps:
         scale = np.float32(D ** -0.5)
         for s in range(0, n, Q_CHUNK):
             K.attention[(Hq, min(n, s + Q_CHUNK) - s), K.TPB](qh, cache.k, cache.v, li, p, s, scale, self._scores, out)
+        return out
+
+    def attention_rows(self, li, ly, q, k, v, caches, ps):
+        # attention() writes into a buffer kept per shape: each row's is copied out before the next
+        out = cuda.device_array((q.shape[0], self.args.n_heads * self.args.head_dim), np.float32)
+        for i, (cache, p) in enumerate(zip(caches, ps)):
+            out[i:i + 1].copy_to_device(self.attention(li, ly, q[i:i + 1], k[i:i + 1], v[i:i + 1], cache, p))
         return out
 
     def _swiglu(self, h, gate_up, gate, up, ids, xdiv: int, n_out: int):

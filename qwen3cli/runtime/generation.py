@@ -67,71 +67,105 @@ def starts_in_thinking(prompt_text: str) -> bool:
     return tail.endswith(THINK_OPEN)
 
 
+class Generation:
+    """One sequence's token loop after its prefill, a step at a time: `step(logits)` picks the
+    next token from the last one's logits and returns its events; `next` is then the token to
+    run through the model (None once finished, the last event a Done). generate() drives one;
+    the batcher (batch.py) drives many through one forward pass per step."""
+
+    def __init__(self, tokenizer, sampler: Sampler, *, stop_ids: frozenset[int], max_tokens: int | None = None,
+                 opened: bool = False, thinking_budget: int | None = None, prompt_tokens: int = 0,
+                 cached_tokens: int = 0, prefill_s: float = 0.0, source: str = "the model"):
+        self.tokenizer, self.sampler, self.stop_ids = tokenizer, sampler, stop_ids
+        self.max_tokens, self.thinking_budget = max_tokens, thinking_budget
+        self.prompt_tokens, self.cached_tokens, self.prefill_s, self.source = prompt_tokens, cached_tokens, prefill_s, source
+        self.open_id, self.close_id = tokenizer.token_to_id(THINK_OPEN), tokenizer.token_to_id(THINK_CLOSE)
+        self.decoder = StreamDecoder(tokenizer)
+        self.generated: list[int] = []
+        self.in_think = opened  # inside the think block now
+        self.n_thinking = 0
+        self.fresh = True  # at the start of a thinking or answer segment: drop the template's newlines
+        self.forced: list[int] = []  # tokens the budget makes us write instead of sampling
+        self.n_forced = 0  # of them written: outside max_tokens and the thinking count, which are the model's
+        self.budget_hit = False
+        self.next: int | None = None
+        self.done: Done | None = None
+        self.t1 = time.perf_counter()
+
+    def step(self, logits: np.ndarray, room: bool = True) -> list[Event]:
+        """The events of the token these logits give; `room`: the cache has a position left for
+        it to run at (False ends the generation with context_full)."""
+        if self.in_think and self.thinking_budget is not None and self.n_thinking >= self.thinking_budget \
+                and not self.budget_hit and self.close_id is not None:
+            self.budget_hit = True
+            self.forced = self.tokenizer.encode(BUDGET_NOTE, add_special_tokens=False).ids + [self.close_id]
+        if not self.forced and not np.isfinite(logits).all():
+            raise NonFiniteLogits(f"{self.source}: the model computed NaN or infinite "
+                                  "logits; its weights are corrupt or not what their types say")
+        was_forced = bool(self.forced)
+        tid = self.forced.pop(0) if self.forced else self.sampler(logits, self.generated)
+        self.n_forced += was_forced
+        self.generated.append(tid)
+        self.next = None
+        if tid in self.stop_ids:
+            return [self._finish("stop")]
+        if tid == self.open_id and not self.in_think:
+            self.in_think, self.fresh = True, True
+            events: list[Event] = [Token(tid, "", True)]
+        elif tid == self.close_id and self.in_think:
+            self.n_thinking += not was_forced
+            self.in_think, self.fresh = False, True
+            events = [Token(tid, "", True)]
+        else:
+            self.n_thinking += self.in_think and not was_forced
+            text = self.decoder.push(tid)
+            if self.fresh:
+                text = text.lstrip("\n")
+                self.fresh = not text
+            events = [Token(tid, text, self.in_think)]
+        if self.max_tokens is not None and len(self.generated) - self.n_forced >= self.max_tokens and not self.forced:
+            events.append(self._finish("length"))
+        elif not room:
+            events.append(self._finish("context_full"))
+        else:
+            self.next = tid
+        return events
+
+    def _finish(self, reason: str) -> Done:
+        if reason != "stop" and self.in_think:
+            reason += "_in_thinking"
+        self.done = Done(reason, self.prompt_tokens, len(self.generated), self.n_thinking, self.prefill_s,
+                         time.perf_counter() - self.t1, self.budget_hit, self.cached_tokens)
+        return self.done
+
+
+def check_prompt(prompt_ids: list[int], ctx: int) -> None:
+    if len(prompt_ids) > ctx:
+        from ..model.forward import ContextFull
+
+        raise ContextFull(f"the prompt has {len(prompt_ids)} tokens; the context holds {ctx}")
+
+
 def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *, stop_ids: frozenset[int],
              max_tokens: int | None = None, cache: KVCache | None = None,
              opened: bool = False, thinking_budget: int | None = None) -> Iterator[Event]:
     """Yield events until a stop token, max_tokens or the context end. `opened`: the prompt
     already opened a think block. The cache may hold a prefix of prompt_ids (it is reused).
     After `thinking_budget` thinking tokens the thinking is closed for the model (BUDGET_NOTE)."""
-    open_id, close_id = tokenizer.token_to_id(THINK_OPEN), tokenizer.token_to_id(THINK_CLOSE)
     cache = cache if cache is not None else model.new_cache()
-    if len(prompt_ids) > cache.ctx:
-        from ..model.forward import ContextFull
-
-        raise ContextFull(f"the prompt has {len(prompt_ids)} tokens; the context holds {cache.ctx}")
+    check_prompt(prompt_ids, cache.ctx)
     cache.truncate(len(prompt_ids) - 1)  # keep a shared prefix, but always run at least one token
     cached = cache.n
     t0 = time.perf_counter()
     logits = model.forward(prompt_ids[cache.n:], cache)
-    prefill_s = time.perf_counter() - t0
-    decoder = StreamDecoder(tokenizer)
-    generated: list[int] = []
-    in_think = opened  # inside the think block now
-    n_thinking, reason = 0, "length"
-    fresh = True  # at the start of a thinking or answer segment: drop the template's newlines
-    forced: list[int] = []  # tokens the budget makes us write instead of sampling
-    n_forced = 0  # of them written: outside max_tokens and the thinking count, which are the model's
-    budget_hit = False
-    t1 = time.perf_counter()
+    g = Generation(tokenizer, sampler, stop_ids=stop_ids, max_tokens=max_tokens, opened=opened,
+                   thinking_budget=thinking_budget, prompt_tokens=len(prompt_ids), cached_tokens=cached,
+                   prefill_s=time.perf_counter() - t0, source=getattr(model, "source", "the model"))
     while True:
-        if in_think and thinking_budget is not None and n_thinking >= thinking_budget and not budget_hit \
-                and close_id is not None:
-            budget_hit = True
-            forced = tokenizer.encode(BUDGET_NOTE, add_special_tokens=False).ids + [close_id]
-        if not forced and not np.isfinite(logits).all():
-            raise NonFiniteLogits(f"{getattr(model, 'source', 'the model')}: the model computed NaN or infinite "
-                                  "logits; its weights are corrupt or not what their types say")
-        was_forced = bool(forced)
-        tid = forced.pop(0) if forced else sampler(logits, generated)
-        n_forced += was_forced
-        generated.append(tid)
-        if tid in stop_ids:
-            reason = "stop"
-            break
-        if tid == open_id and not in_think:
-            in_think, fresh = True, True
-            yield Token(tid, "", True)
-        elif tid == close_id and in_think:
-            n_thinking += not was_forced
-            in_think, fresh = False, True
-            yield Token(tid, "", True)
-        else:
-            n_thinking += in_think and not was_forced
-            text = decoder.push(tid)
-            if fresh:
-                text = text.lstrip("\n")
-                fresh = not text
-            yield Token(tid, text, in_think)
-        if max_tokens is not None and len(generated) - n_forced >= max_tokens and not forced:
-            break
-        if cache.n >= cache.ctx:
-            reason = "context_full"
-            break
-        logits = model.forward([tid], cache)
-    decode_s = time.perf_counter() - t1
-    if reason != "stop" and in_think:
-        reason += "_in_thinking"
-    yield Done(reason, len(prompt_ids), len(generated), n_thinking, prefill_s, decode_s, budget_hit, cached)
+        yield from g.step(logits, cache.n < cache.ctx)
+        if g.next is None:
+            return
+        logits = model.forward([g.next], cache)
 
 
 @dataclass

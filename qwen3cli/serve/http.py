@@ -21,7 +21,7 @@ from .answer import ToolCall
 from .conn import HeadBudget, TimedWriter, at_eof, linger, refuse_busy
 from .guard import Cors, Limits, body_length, is_loopback, names_loopback, preflight_headers, single
 from .protocol import APIError, parse_chat, parse_completion, parse_json, tool_call_json
-from .worker import Content, Defaults, Finish, Reasoning, Worker
+from .worker import PARALLEL, Content, Defaults, Finish, Reasoning, Worker
 
 LINGER_S = 2.0  # how long a refused request's unread body is drained before the connection closes
 
@@ -32,10 +32,11 @@ class OpenAIServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], worker: Worker | None, model_id: str, api_key: str | None = None,
                  log: Callable[[str], None] | None = None, *, limits: Limits | None = None,
-                 cors: Cors | None = None):
+                 cors: Cors | None = None, parallel: int = PARALLEL):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
         self.worker, self.model_id, self.api_key, self.log = worker, model_id, api_key, log
+        self.parallel = parallel
         self.limits, self.cors = limits or Limits(), cors or Cors()
         self.created = int(time.time())
         # on loopback only this machine can connect, unless a web page's name resolves here
@@ -45,7 +46,7 @@ class OpenAIServer(ThreadingHTTPServer):
     def ready(self, engine: Engine, defaults: Defaults | None = None) -> None:
         """The model is loaded: requests are served from now on (until then /health says
         "loading" and generation endpoints answer 503, as llama-server's do)."""
-        self.worker = Worker(engine, defaults)
+        self.worker = Worker(engine, defaults, self.parallel)
 
     @property
     def url(self) -> str:
@@ -85,12 +86,14 @@ class OpenAIServer(ThreadingHTTPServer):
 def make_server(engine: Engine | None, host: str = "127.0.0.1", port: int = 8080, *, model_id: str,
                 api_key: str | None = None, log: Callable[[str], None] | None = None,
                 limits: Limits | None = None, cors_origins: list[str] | tuple[str, ...] = (),
-                defaults: Defaults | None = None) -> OpenAIServer:
+                defaults: Defaults | None = None, parallel: int = PARALLEL) -> OpenAIServer:
     """Bind (port 0: any free port); call serve_forever() to serve. `cors_origins`: the web
-    origins whose pages may call the server ('*': any); `defaults`: what requests leave out.
+    origins whose pages may call the server ('*': any); `defaults`: what requests leave out;
+    `parallel`: requests generated together (more wait in arrival order).
     engine None: bind now, load later, then `ready(engine)` (a port in use fails before the load)."""
-    worker = Worker(engine, defaults) if engine is not None else None
-    return OpenAIServer((host, port), worker, model_id, api_key, log, limits=limits, cors=Cors(cors_origins))
+    worker = Worker(engine, defaults, parallel) if engine is not None else None
+    return OpenAIServer((host, port), worker, model_id, api_key, log, limits=limits, cors=Cors(cors_origins),
+                        parallel=parallel)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -255,7 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(204, None, [("Allow", "GET, POST, OPTIONS"), *extra])
 
     def _client_left(self) -> bool:
-        """Asked between tokens, while this request holds the model."""
+        """Asked between tokens, and while the request waits for a slot."""
         eof = at_eof(self.connection)
         if eof is None:
             return True
@@ -274,9 +277,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- endpoints --------------------------------------------------------------------------------
     def _health(self) -> dict:
-        w = self.server.worker
-        return {"status": "ok", "model": self.server.model_id, "queued": w.queue.waiting,
-                "requests": w.requests, "reused_prompt_tokens": w.reused_tokens}
+        b = self.server.worker.batcher
+        return {"status": "ok", "model": self.server.model_id, "slots": len(b.slots), "slots_in_use": b.in_use,
+                "queued": b.queued, "requests": b.requests, "reused_prompt_tokens": b.reused_tokens}
 
     def _models(self, path: str) -> None:
         s = self.server
@@ -291,20 +294,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _chat(self, body) -> None:
         req = self._parsed(parse_chat, body)
         w = self.server.worker
-        with w.queue:
-            job = w.prepare_chat(req)
-            pieces = w.run_chat(job, self._client_left)
-            if req.stream:
-                return self._stream_chat(pieces, req.include_usage)
-            reasoning, content, calls, finish = [], [], [], None
-            for x in pieces:
-                if isinstance(x, Finish):
-                    finish = x
-                else:
-                    {Reasoning: reasoning, Content: content, ToolCall: calls}[type(x)].append(x)
-            if finish is None:  # the client left; nobody to answer
-                self.close_connection = True
-                return
+        job = w.prepare_chat(req)
+        pieces = w.run_chat(job, self._client_left)
+        if req.stream:
+            return self._stream_chat(pieces, req.include_usage)
+        reasoning, content, calls, finish = [], [], [], None
+        for x in pieces:
+            if isinstance(x, Finish):
+                finish = x
+            else:
+                {Reasoning: reasoning, Content: content, ToolCall: calls}[type(x)].append(x)
+        if finish is None:  # the client left; nobody to answer
+            self.close_connection = True
+            return
         message = {"role": "assistant", "content": "".join(c.text for c in content) or (None if calls else ""),
                    "reasoning_content": "".join(r.text for r in reasoning) or None}
         if calls:
@@ -317,12 +319,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _completion(self, body) -> None:
         req = self._parsed(parse_completion, body)
         w = self.server.worker
-        with w.queue:
-            job = w.prepare_completion(req)
-            pieces = w.run_completion(job, self._client_left)
-            if req.stream:
-                return self._stream_completion(pieces, req.include_usage)
-            *texts, finish = list(pieces) or [None]
+        job = w.prepare_completion(req)
+        pieces = w.run_completion(job, self._client_left)
+        if req.stream:
+            return self._stream_completion(pieces, req.include_usage)
+        *texts, finish = list(pieces) or [None]
         if not isinstance(finish, Finish):
             self.close_connection = True
             return

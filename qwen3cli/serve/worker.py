@@ -1,19 +1,19 @@
-"""The engine behind the server: requests run one at a time, in arrival order, over one KV
-cache whose prefix carries over from request to request (a client resending its conversation
-prefills only what is new). Yields what the reply is made of; the HTTP layer shapes it."""
+"""The engine behind the server: requests go to a Batcher (runtime/batch.py), which runs up
+to `parallel` of them together, each over a KV cache whose prefix carries over from request to
+request (a client resending its conversation prefills only what is new), and queues the rest in
+arrival order. Yields what the reply is made of; the HTTP layer shapes it."""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 
 from ..model.forward import ContextFull
+from ..runtime.batch import Batcher, Request, Ticket
 from ..runtime.engine import Engine
 from ..runtime.generation import Done
-from ..runtime.prefix_cache import PrefixCache, common_prefix
 from ..sampler import Sampler
 from ..text.chat_template import TemplateError
 from ..text.tokenizer import StreamDecoder
@@ -40,30 +40,6 @@ class Finish:
 Piece = Reasoning | Content | ToolCall | Finish
 
 
-class FifoLock:
-    """A lock granted in the order it was asked for (threading.Lock promises no order)."""
-
-    def __init__(self):
-        self._cv = threading.Condition()
-        self._next = self._serving = 0
-
-    @property
-    def waiting(self) -> int:
-        """Holders plus those queued."""
-        return self._next - self._serving
-
-    def __enter__(self):
-        with self._cv:
-            ticket = self._next
-            self._next += 1
-            self._cv.wait_for(lambda: self._serving == ticket)
-
-    def __exit__(self, *exc):
-        with self._cv:
-            self._serving += 1
-            self._cv.notify_all()
-
-
 @dataclass
 class Job:
     ids: list[int]
@@ -85,15 +61,23 @@ class Defaults:
     thinking_budget: int | None = None
 
 
+PARALLEL = 4  # requests decoded together by default (serve --parallel)
+
+
 class Worker:
-    def __init__(self, engine: Engine, defaults: Defaults | None = None):
+    def __init__(self, engine: Engine, defaults: Defaults | None = None, parallel: int = PARALLEL):
         self.engine = engine
         self.defaults = defaults or Defaults()
-        self.prefix = PrefixCache(engine.model)
-        self.queue = FifoLock()  # hold it from prepare_* to the end of run_*
-        self.rng = np.random.default_rng()
-        self.requests = 0
-        self.reused_tokens = 0  # prompt tokens whose KV came from an earlier request
+        self.batcher = Batcher(engine.model, engine.tokenizer, parallel)
+        self.rng = np.random.default_rng()  # only the batcher's thread samples
+
+    @property
+    def requests(self) -> int:
+        return self.batcher.requests
+
+    @property
+    def reused_tokens(self) -> int:
+        return self.batcher.reused_tokens
 
     # -- preparing: everything that can refuse a request, before any reply is sent --------------
     def _sampler(self, s: Sampling, thinks: bool) -> Sampler:
@@ -139,24 +123,19 @@ class Worker:
                    echo=req.prompt if req.echo else "")
 
     # -- running ----------------------------------------------------------------------------------
-    def _events(self, job: Job, opened: bool):
-        cached = min(common_prefix(self.prefix.ids, job.ids), len(job.ids) - 1)
-        self.requests += 1
-        self.reused_tokens += cached
-        events = self.prefix.generate(self.engine.tokenizer, job.ids, job.sampler,
-                                      stop_ids=self.engine.loaded.stop_ids, max_tokens=job.max_tokens,
-                                      opened=opened, thinking_budget=job.thinking_budget)
-        return events, cached
+    def _submit(self, job: Job, opened: bool, cancelled: Callable[[], bool]) -> Ticket:
+        return self.batcher.submit(Request(job.ids, job.sampler, self.engine.loaded.stop_ids, job.max_tokens,
+                                           opened, job.thinking_budget), cancelled)
 
     def run_chat(self, job: Job, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Piece]:
         """Reasoning and Content deltas, ToolCalls as their blocks close, then one Finish.
         Stops without a Finish when `cancelled()` turns true (the client went away)."""
         answer = AnswerSplitter(tools=job.parse_tools, stops=job.stop, trim=True)
         thought = AnswerSplitter(trim=True)  # only to drop the newlines before </think>
-        events, cached = self._events(job, job.opened)
+        ticket = self._submit(job, job.opened, cancelled)
         done, n, n_think = None, 0, 0
         try:
-            for ev in events:
+            for ev in ticket:
                 if isinstance(ev, Done):
                     done = ev
                     break
@@ -170,10 +149,12 @@ class Worker:
                 if cancelled():
                     return
         finally:
-            events.close()
+            ticket.close()
+        if done is None and cancelled():  # the client left while queued
+            return
         yield from (x if isinstance(x, ToolCall) else Content(x) for x in answer.finish())
         if done is None:  # a stop string ended it
-            yield Finish("stop", usage(len(job.ids), n, n_think, cached))
+            yield Finish("stop", usage(len(job.ids), n, n_think, ticket.cached))
             return
         if done.finish_reason == "stop":
             reason = "tool_calls" if answer.calls else "stop"
@@ -186,12 +167,12 @@ class Worker:
         """Raw text (think tags included: there is no template to say what they mean)."""
         text = AnswerSplitter(stops=job.stop)
         decoder = StreamDecoder(self.engine.tokenizer)
-        events, cached = self._events(job, False)
+        ticket = self._submit(job, False, cancelled)
         if job.echo:
             yield Content(job.echo)
         done, n = None, 0
         try:
-            for ev in events:
+            for ev in ticket:
                 if isinstance(ev, Done):
                     done = ev
                     break
@@ -200,12 +181,12 @@ class Worker:
                 if text.stopped or cancelled():
                     break
         finally:
-            events.close()
+            ticket.close()
         if cancelled():
             return
         yield from (Content(t) for t in text.finish())
         if done is None:
-            yield Finish("stop", usage(len(job.ids), n, 0, cached))
+            yield Finish("stop", usage(len(job.ids), n, 0, ticket.cached))
         else:
             yield Finish("stop" if done.finish_reason == "stop" else "length",
                          usage(done.prompt_tokens, done.completion_tokens, 0, done.cached_tokens))
