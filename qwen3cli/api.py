@@ -37,6 +37,7 @@ from .runtime.generation import Done, Token
 from .runtime.generation import generate as _events
 from .runtime.loading import LoadHooks, open_engine
 from .sampler import Overrides, Sampler, SamplingError, SamplingParams
+from .text.grammar import Grammar
 
 Messages = str | list[dict[str, Any]]
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repeat_penalty", "seed")
@@ -164,26 +165,35 @@ def _messages(prompt: Messages, system: str | None) -> list[dict[str, Any]]:
 
 def stream_generate(model: Engine, prompt: Messages, *, think: bool | None = None, max_tokens: int | None = None,
                     thinking_budget: int | None = None, system: str | None = None, tools: list | None = None,
-                    **sampling: Any) -> Stream:
+                    schema: dict | str | None = None, grammar: str | None = None, **sampling: Any) -> Stream:
     """Generate a reply to `prompt` (a user message, or a list of chat messages), chunk by chunk.
 
     think: thinking on or off (None: the model's default); max_tokens: tokens generated at
     most, thinking included (None: until the context is full); thinking_budget: thinking
-    tokens after which the thinking is closed and the answer starts; sampling: temperature,
-    top_p, top_k, min_p, presence_penalty, repeat_penalty, seed."""
-    r = _request(model, prompt, think, max_tokens, thinking_budget, system, tools, sampling)
+    tokens after which the thinking is closed and the answer starts; schema: a JSON schema
+    (dict or JSON text) the answer must validate against; grammar: a grammar in llguidance's
+    Lark syntax the answer must follow (either; the thinking stays free); sampling:
+    temperature, top_p, top_k, min_p, presence_penalty, repeat_penalty, seed."""
+    r = _request(model, prompt, think, max_tokens, thinking_budget, system, tools, sampling, schema, grammar)
     return Stream(_events(model.model, model.tokenizer, r.ids, r.sampler, stop_ids=r.stop_ids,
-                          max_tokens=r.max_tokens, opened=r.opened, thinking_budget=r.thinking_budget))
+                          max_tokens=r.max_tokens, opened=r.opened, thinking_budget=r.thinking_budget,
+                          constraint=r.constraint, thinks=r.thinks))
 
 
-def _request(model: Engine, prompt: Messages, think, max_tokens, thinking_budget, system, tools, sampling) -> Request:
+def _request(model: Engine, prompt: Messages, think, max_tokens, thinking_budget, system, tools, sampling,
+             schema=None, grammar=None) -> Request:
     for name, v in (("max_tokens", max_tokens), ("thinking_budget", thinking_budget)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise APIUsageError(f"{name} must be a whole number, at least 1, got {v!r}")
     over = _overrides(sampling)
+    if schema is not None and grammar is not None:
+        raise APIUsageError("give schema or grammar, not both")
+    shape = Grammar.json_schema(schema, "schema") if schema is not None else \
+        Grammar.lark(grammar, "grammar") if grammar is not None else None
     p = model.prompt(_messages(prompt, system), enable_thinking=think, tools=tools)
+    matcher = shape and shape.matcher(model.tokenizer, model.loaded.stop_ids, model.args.vocab_size)
     return Request(p.ids, Sampler(model.sampling(p.thinks, over)), model.loaded.stop_ids, max_tokens, p.opened,
-                   thinking_budget if p.thinks else None)
+                   thinking_budget if p.thinks else None, matcher, p.thinks)
 
 
 def generate(model: Engine, prompt: Messages, **kw: Any) -> Reply:
@@ -196,7 +206,8 @@ def generate(model: Engine, prompt: Messages, **kw: Any) -> Reply:
 
 def batch_generate(model: Engine, prompts: list[Messages], *, think: bool | None = None,
                    max_tokens: int | None = None, thinking_budget: int | None = None, system: str | None = None,
-                   tools: list | None = None, parallel: int | None = None, **sampling: Any) -> list[Reply]:
+                   tools: list | None = None, schema: dict | str | None = None, grammar: str | None = None,
+                   parallel: int | None = None, **sampling: Any) -> list[Reply]:
     """The replies to several prompts, generated together: their decode steps run as one
     batched pass (the weights read once for all), `parallel` at a time (default: all, in
     passes of up to 8). Each reply is the one generate() gives for its prompt alone (greedy,
@@ -205,7 +216,8 @@ def batch_generate(model: Engine, prompts: list[Messages], *, think: bool | None
         raise APIUsageError("prompts must be a non-empty list of prompts")
     if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
         raise APIUsageError(f"parallel must be a whole number, at least 1, got {parallel!r}")
-    reqs = [_request(model, p, think, max_tokens, thinking_budget, system, tools, sampling) for p in prompts]
+    reqs = [_request(model, p, think, max_tokens, thinking_budget, system, tools, sampling, schema, grammar)
+            for p in prompts]
     replies = []
     for events in _batch(model.model, model.tokenizer, reqs, parallel):
         stream = Stream(iter(events))

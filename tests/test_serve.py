@@ -390,13 +390,6 @@ def test_serve_command_bad_inputs(tmp_path):
         assert r.exit_code == 1 and len(lines) == 1 and needle in lines[0], (args, r.stderr)
 
 
-def test_response_format_is_refused_until_supported(client, script):
-    script.say("{}")
-    with pytest.raises(openai.BadRequestError, match="response_format"):
-        ask(client, response_format={"type": "json_object"})
-    assert ask(client, response_format={"type": "text"}).choices[0].message.content == "{}"
-
-
 def test_server_defaults_fill_what_requests_leave_out(engine, script):
     from qwen3cli.serve.protocol import Sampling
     from qwen3cli.serve.worker import Defaults

@@ -51,6 +51,22 @@ def read_prompt(prompt: str | None, file: Path | None = None) -> str:
     return "\n\n".join(parts)
 
 
+def answer_grammar(json_schema: Path | None, grammar: Path | None):
+    """The grammar of run's --json-schema or --grammar file, checked (a bad one is the file's error)."""
+    if json_schema is None and grammar is None:
+        return None
+    if json_schema is not None and grammar is not None:
+        raise UsageError("give --json-schema or --grammar, not both")
+    from ..text.grammar import Grammar
+
+    path = json_schema or grammar
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
+    return Grammar.json_schema(text, str(path)) if json_schema else Grammar.lark(text, str(path))
+
+
 @app.command()
 @user_errors
 def run(
@@ -78,6 +94,11 @@ def run(
     exact: Exact = False,
     cache: Cache = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, thinking, finish_reason, counts, timings."),
+    json_schema: Path = typer.Option(None, "--json-schema", metavar="FILE",
+                                     help="The answer is JSON that validates against the schema in FILE "
+                                          "(thinking stays free)."),
+    grammar: Path = typer.Option(None, "--grammar", metavar="FILE",
+                                 help="The answer follows the grammar in FILE (llguidance's Lark syntax)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speeds to stderr at the end."),
 ) -> None:
     """Answer one prompt and exit."""
@@ -100,6 +121,7 @@ def run(
     if model is not None and prompt is None and not looks_like_model(model):  # `run "a question"`
         model, prompt = None, model
     text = read_prompt(prompt, file)
+    shape = answer_grammar(json_schema, grammar)  # checked before the model loads
     model = model_or_default(model)
     set_threads(threads)
     engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
@@ -120,7 +142,9 @@ def run(
     in_think_display = False
     for ev in generate(engine.model, engine.tokenizer, p.ids, Sampler(params), stop_ids=engine.loaded.stop_ids,
                        max_tokens=max_tokens, opened=p.opened,
-                       thinking_budget=thinking_budget if p.thinks else None):
+                       thinking_budget=thinking_budget if p.thinks else None, thinks=p.thinks,
+                       constraint=shape and shape.matcher(engine.tokenizer, engine.loaded.stop_ids,
+                                                          engine.args.vocab_size)):
         if isinstance(ev, Done):
             done = ev
             break

@@ -45,6 +45,8 @@ class Request:
     max_tokens: int | None = None
     opened: bool = False  # the prompt opened the think block
     thinking_budget: int | None = None
+    constraint: object = None  # a text.grammar.Matcher for the answer
+    thinks: bool = False  # the turn is expected to think (the constraint waits for </think>)
 
 
 class Ticket:
@@ -194,7 +196,8 @@ class Batcher:
         r = s.ticket.req
         s.gen = Generation(self.tokenizer, r.sampler, stop_ids=r.stop_ids, max_tokens=r.max_tokens, opened=r.opened,
                            thinking_budget=r.thinking_budget, prompt_tokens=len(ids), cached_tokens=s.ticket.cached,
-                           prefill_s=s.prefill_s, source=getattr(self.model, "source", "the model"))
+                           prefill_s=s.prefill_s, source=getattr(self.model, "source", "the model"),
+                           constraint=r.constraint, thinks=r.thinks)
         self._step(s, logits)
 
     def _decode_all(self) -> None:

@@ -75,7 +75,10 @@ class Generation:
 
     def __init__(self, tokenizer, sampler: Sampler, *, stop_ids: frozenset[int], max_tokens: int | None = None,
                  opened: bool = False, thinking_budget: int | None = None, prompt_tokens: int = 0,
-                 cached_tokens: int = 0, prefill_s: float = 0.0, source: str = "the model"):
+                 cached_tokens: int = 0, prefill_s: float = 0.0, source: str = "the model",
+                 constraint=None, thinks: bool = False):
+        """constraint: a grammar.Matcher the answer must follow; thinking stays free (a thinking
+        turn's first token may be <think> instead, and the grammar starts after </think>)."""
         self.tokenizer, self.sampler, self.stop_ids = tokenizer, sampler, stop_ids
         self.max_tokens, self.thinking_budget = max_tokens, thinking_budget
         self.prompt_tokens, self.cached_tokens, self.prefill_s, self.source = prompt_tokens, cached_tokens, prefill_s, source
@@ -90,6 +93,9 @@ class Generation:
         self.budget_hit = False
         self.next: int | None = None
         self.done: Done | None = None
+        self.constraint = constraint
+        self.may_open = thinks and not opened  # the first token may open the thinking
+        self.answering = False  # the constraint has taken a token: think tags are text from now on
         self.t1 = time.perf_counter()
 
     def step(self, logits: np.ndarray, room: bool = True) -> list[Event]:
@@ -103,13 +109,24 @@ class Generation:
             raise NonFiniteLogits(f"{self.source}: the model computed NaN or infinite "
                                   "logits; its weights are corrupt or not what their types say")
         was_forced = bool(self.forced)
+        constrained = self.constraint is not None and not self.in_think and not was_forced
+        if constrained:
+            masked = self.constraint.mask(logits)
+            if self.may_open and self.open_id is not None:
+                masked[self.open_id] = logits[self.open_id]
+            logits = masked
         tid = self.forced.pop(0) if self.forced else self.sampler(logits, self.generated)
+        opening = self.may_open and tid == self.open_id
+        self.may_open = False
+        if constrained and tid not in self.stop_ids and not opening:
+            self.constraint.consume(tid)
+            self.answering = True
         self.n_forced += was_forced
         self.generated.append(tid)
         self.next = None
         if tid in self.stop_ids:
             return [self._finish("stop")]
-        if tid == self.open_id and not self.in_think:
+        if tid == self.open_id and not self.in_think and not self.answering:
             self.in_think, self.fresh = True, True
             events: list[Event] = [Token(tid, "", True)]
         elif tid == self.close_id and self.in_think:
@@ -148,10 +165,12 @@ def check_prompt(prompt_ids: list[int], ctx: int) -> None:
 
 def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *, stop_ids: frozenset[int],
              max_tokens: int | None = None, cache: KVCache | None = None,
-             opened: bool = False, thinking_budget: int | None = None) -> Iterator[Event]:
+             opened: bool = False, thinking_budget: int | None = None, constraint=None,
+             thinks: bool = False) -> Iterator[Event]:
     """Yield events until a stop token, max_tokens or the context end. `opened`: the prompt
     already opened a think block. The cache may hold a prefix of prompt_ids (it is reused).
-    After `thinking_budget` thinking tokens the thinking is closed for the model (BUDGET_NOTE)."""
+    After `thinking_budget` thinking tokens the thinking is closed for the model (BUDGET_NOTE).
+    constraint, thinks: see Generation."""
     cache = cache if cache is not None else model.new_cache()
     check_prompt(prompt_ids, cache.ctx)
     cache.truncate(len(prompt_ids) - 1)  # keep a shared prefix, but always run at least one token
@@ -160,7 +179,8 @@ def generate(model: Model, tokenizer, prompt_ids: list[int], sampler: Sampler, *
     logits = model.forward(prompt_ids[cache.n:], cache)
     g = Generation(tokenizer, sampler, stop_ids=stop_ids, max_tokens=max_tokens, opened=opened,
                    thinking_budget=thinking_budget, prompt_tokens=len(prompt_ids), cached_tokens=cached,
-                   prefill_s=time.perf_counter() - t0, source=getattr(model, "source", "the model"))
+                   prefill_s=time.perf_counter() - t0, source=getattr(model, "source", "the model"),
+                   constraint=constraint, thinks=thinks)
     while True:
         yield from g.step(logits, cache.n < cache.ctx)
         if g.next is None:

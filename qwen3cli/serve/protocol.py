@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import Qwen3CliError
 from ..sampler import Overrides as Sampling  # what the request set
+from ..text.grammar import Grammar, GrammarError
 
 ROLES = ("system", "user", "assistant", "tool")
 # reasoning_effort -> thinking budget in tokens ("none": no thinking; None: no budget)
@@ -44,6 +45,7 @@ class ChatRequest:
     parse_tools: bool = False  # turn <tool_call> blocks in the answer into tool_calls
     enable_thinking: bool | None = None
     thinking_budget: int | None = None
+    grammar: Grammar | None = None  # the answer's: response_format, or a forced tool call
 
 
 @dataclass
@@ -55,6 +57,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
+    grammar: Grammar | None = None
 
 
 # -- the body ----------------------------------------------------------------------------------
@@ -167,10 +170,7 @@ def _common(body: dict) -> dict:
         raise _bad("only n=1 is supported", "n")
     if _bool(body, "logprobs") or _number(body, "top_logprobs", 0, 20, integer=True):
         raise _bad("logprobs are not supported", "logprobs")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        # a JSON mode the server cannot enforce yet: refused, never answered with unconstrained text
-        raise _bad("response_format other than {'type': 'text'} is not supported yet", "response_format")
+    grammar = _response_format(body.get("response_format"))
     if _number(body, "frequency_penalty", -2, 2) not in (None, 0):
         raise _bad("frequency_penalty is not supported; use presence_penalty or repetition_penalty",
                    "frequency_penalty")
@@ -191,7 +191,30 @@ def _common(body: dict) -> dict:
         raise _bad(f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them", "stop")
     stream = _bool(body, "stream") or False
     usage = _bool(_object(body, "stream_options"), "include_usage", "stream_options.") or False
-    return dict(sampling=sampling, stop=stops, stream=stream, include_usage=usage)
+    return dict(sampling=sampling, stop=stops, stream=stream, include_usage=usage, grammar=grammar)
+
+
+def _response_format(fmt: Any) -> Grammar | None:
+    """OpenAI's response_format (json_object; json_schema with its schema), and llama-server's
+    json_object with a "schema"; the grammar is compiled and checked here, so a schema the
+    engine refuses is a 400 with its message."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise _bad("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                   "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}", "response_format")
+    try:
+        if fmt["type"] == "text":
+            return None
+        if fmt["type"] == "json_object":
+            schema = _object(fmt, "schema", "response_format.")
+            return Grammar.json_schema(schema, "response_format.schema") if schema else Grammar.json_object()
+        spec = _object(fmt, "json_schema", "response_format.")
+        _bool(spec, "strict", "response_format.json_schema.")
+        schema = _object(spec, "schema", "response_format.json_schema.")
+        return Grammar.json_schema(schema or {"type": "object"}, "response_format.json_schema.schema")
+    except GrammarError as e:
+        raise _bad(str(e), "response_format") from None
 
 
 # -- chat ---------------------------------------------------------------------------------------
@@ -208,7 +231,15 @@ def parse_chat(body: Any, model_id: str) -> ChatRequest:
     # every spelling is checked, also the ones another one overrides
     max_tokens = _number(body, "max_tokens", 1, 1 << 30, integer=True)
     max_tokens = _number(body, "max_completion_tokens", 1, 1 << 30, integer=True) or max_tokens
-    tools, parse_tools = _tools(body)
+    tools, parse_tools, forced = _tools(body)
+    if forced is not None:
+        if common["grammar"] is not None:
+            raise _bad("'response_format' and a forced tool call ('tool_choice') cannot both shape the answer",
+                       "response_format")
+        try:
+            common["grammar"] = Grammar.tool_call(tools, None if forced == "required" else forced["name"])
+        except GrammarError as e:
+            raise _bad(str(e), "tools") from None
     kwargs = _object(body, "chat_template_kwargs")
     think = _bool(body, "enable_thinking")  # DashScope's spelling
     think = _bool(kwargs, "enable_thinking", "chat_template_kwargs.") if "enable_thinking" in kwargs else think
@@ -298,7 +329,9 @@ def _tool_call(where: str, c: Any) -> dict:
     return {"type": "function", "function": {"name": name, "arguments": args}}
 
 
-def _tools(body: dict) -> tuple[list[dict] | None, bool]:
+def _tools(body: dict) -> tuple[list[dict] | None, bool, str | dict | None]:
+    """The tools the template shows, whether to parse tool calls, and the forced choice
+    ("required" or {"name": ...}; None for auto / none)."""
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise _bad("'tools' must be a list", "tools")
@@ -307,12 +340,12 @@ def _tools(body: dict) -> tuple[list[dict] | None, bool]:
     if not names or choice == "none":  # the model is not told about the tools, so it cannot call them
         if isinstance(choice, dict) or choice == "required":
             raise _bad("'tool_choice' asks for a tool call, but there are no 'tools'", "tool_choice")
-        return None, False
+        return None, False, None
     if choice in ("auto", "required"):
-        return tools, True
+        return tools, True, None if choice == "auto" else choice
     if choice["name"] not in names:
         raise _bad(f"'tool_choice' names {_shown(choice['name'])}, which is not in 'tools'", "tool_choice")
-    return [t for t, n in zip(tools, names) if n == choice["name"]], True
+    return [t for t, n in zip(tools, names) if n == choice["name"]], True, choice
 
 
 def _tool(where: str, t: Any) -> str:

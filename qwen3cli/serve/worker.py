@@ -16,6 +16,7 @@ from ..runtime.engine import Engine
 from ..runtime.generation import Done
 from ..sampler import Sampler
 from ..text.chat_template import TemplateError
+from ..text.grammar import Grammar
 from ..text.tokenizer import StreamDecoder
 from .answer import AnswerSplitter, ToolCall
 from .protocol import APIError, ChatRequest, CompletionRequest, Sampling, usage
@@ -50,6 +51,8 @@ class Job:
     thinking_budget: int | None = None
     parse_tools: bool = False
     echo: str = ""
+    grammar: Grammar | None = None
+    thinks: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,8 @@ class Worker:
             raise APIError(str(err), param="messages", code="context_length_exceeded") from None
         self._fits(p.ids)
         return Job(p.ids, self._sampler(self._sampling(req.sampling), p.thinks), max_tokens, req.stop,
-                   opened=p.opened, thinking_budget=budget if p.thinks else None, parse_tools=req.parse_tools)
+                   opened=p.opened, thinking_budget=budget if p.thinks else None, parse_tools=req.parse_tools,
+                   grammar=req.grammar, thinks=p.thinks)
 
     def prepare_completion(self, req: CompletionRequest) -> Job:
         try:
@@ -120,12 +124,14 @@ class Worker:
         ids = self.engine.tokenizer.encode(req.prompt, add_special_tokens=False).ids
         self._fits(ids)
         return Job(ids, self._sampler(self._sampling(req.sampling), False), req.max_tokens, req.stop,
-                   echo=req.prompt if req.echo else "")
+                   echo=req.prompt if req.echo else "", grammar=req.grammar)
 
     # -- running ----------------------------------------------------------------------------------
     def _submit(self, job: Job, opened: bool, cancelled: Callable[[], bool]) -> Ticket:
-        return self.batcher.submit(Request(job.ids, job.sampler, self.engine.loaded.stop_ids, job.max_tokens,
-                                           opened, job.thinking_budget), cancelled)
+        e = self.engine
+        matcher = job.grammar.matcher(e.tokenizer, e.loaded.stop_ids, e.args.vocab_size) if job.grammar else None
+        return self.batcher.submit(Request(job.ids, job.sampler, e.loaded.stop_ids, job.max_tokens, opened,
+                                           job.thinking_budget, matcher, job.thinks), cancelled)
 
     def run_chat(self, job: Job, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Piece]:
         """Reasoning and Content deltas, ToolCalls as their blocks close, then one Finish.
