@@ -216,12 +216,19 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, generated: list[int]) -> int:
         s = self.params
-        x = apply_penalties(np.asarray(logits, np.float64), generated, s.presence_penalty, s.repeat_penalty,
-                            s.repeat_last_n)
-        if s.temperature == 0:
-            return int(np.argmax(x))
-        ids, x = np.arange(len(x)), x / s.temperature
-        ids, x = top_k(ids, x, s.top_k)
+        if s.temperature and 0 < s.top_k < len(logits) and logits.dtype == np.float32 and not (
+                generated and (s.presence_penalty or s.repeat_penalty != 1)):
+            # the same top k as below, picked from the float32 logits (~5x faster over 151,936): the
+            # comparisons are the same, as float64 and a division by t keep every order and tie
+            keep = np.argpartition(-logits, s.top_k - 1)[:s.top_k]
+            ids, x = keep, logits[keep].astype(np.float64) / s.temperature
+        else:
+            x = apply_penalties(np.asarray(logits, np.float64), generated, s.presence_penalty, s.repeat_penalty,
+                                s.repeat_last_n)
+            if s.temperature == 0:
+                return int(np.argmax(x))
+            ids, x = np.arange(len(x)), x / s.temperature
+            ids, x = top_k(ids, x, s.top_k)
         ids, x = top_p(ids, x, s.top_p)
         ids, x = min_p(ids, x, s.min_p)
         p = np.exp(x - x.max())

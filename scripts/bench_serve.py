@@ -1,72 +1,42 @@
-"""Server overhead: N sequential short chat requests to `qwen3cli serve` (a separate process,
-through the official openai client, streaming) against the same prompts in process (the path
-`qwen3cli run` takes: template, tokenize, generate on a fresh cache).
+"""Serve throughput: concurrent streaming chats against `qwen3cli serve`, batched and not.
 
-    python scripts/bench_quantize.py --types q8_0      # makes /tmp/qwen3bench/qwen3-0.6b-q8_0.gguf
-    python scripts/bench_serve.py [--model FILE] [-n 20] [--max-tokens 16] [--rounds 2]
+    python scripts/bench_serve.py FILE.gguf [FILE.gguf ...] --clients 1 2 4 8 [--tokens 64]
+        [--llama-server PATH]  # the same runs against llama.cpp's llama-server --parallel N
 
-The in-process path runs twice: on a fresh cache per request (as `run`) and over one PrefixCache
-(as the server), which isolates the HTTP/JSON/client cost. All paths decode greedily with
-thinking off, so they compute the same tokens. Prompts differ from their first word on, so the
-prefix cache saves only the template's few tokens. Prints requests/s and mean time to first token for each path and the ratios server / in-process
-(requests/s below 1 and TTFT above 1 are the server's overhead). Rounds alternate the order.
+For each file it starts `qwen3cli serve --parallel P` (P = the most clients asked) and, as the
+baseline in the same run, `--parallel 1` (requests one after another, as before batching), each
+in a subprocess of its own with 2 threads; then for each client count C, C streaming chat
+requests at once, each asking for --tokens tokens. It prints the aggregate decode rate
+(completion tokens of all requests over the wall time from the first request to the last
+token), the median time to first token, and the ratios against one client and against
+--parallel 1. Then:
+
+- newcomer: the TTFT of a request sent while 3 others stream, against its TTFT alone;
+- mask: one client's decode rate with a JSON schema (response_format) against without.
+
+Run it with nothing else on the machine: on 2 cores any other process halves the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
+import platform
 import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def prompts(n: int) -> list[str]:
-    words = ["Red", "Why", "Name", "Give", "List", "Say", "Pick", "Tell", "Write", "Count"]
-    return [f"{words[i % len(words)]} {i}: one short sentence about colour number {i}." for i in range(n)]
-
-
-_ENGINE = {}
-
-
-def in_process(path: str, texts: list[str], max_tokens: int, reuse: bool = False) -> tuple[float, float, int]:
-    """`reuse`: keep one PrefixCache across requests, as the server does (else a fresh cache, as `run`)."""
-    from qwen3cli.io.loader import load
-    from qwen3cli.runtime.engine import Engine
-    from qwen3cli.runtime.generation import Done, generate
-    from qwen3cli.runtime.prefix_cache import PrefixCache
-    from qwen3cli.sampler import Sampler, SamplingParams
-
-    if path not in _ENGINE:
-        _ENGINE[path] = Engine(load(path), ctx=2048)
-    engine = _ENGINE[path]
-    sampler = Sampler(SamplingParams(temperature=0))
-    prefix = PrefixCache(engine.model)
-
-    def one(text: str) -> tuple[float, int]:
-        t0 = time.perf_counter()
-        p = engine.prompt([{"role": "user", "content": text}], enable_thinking=False)
-        first = None
-        kw = dict(stop_ids=engine.loaded.stop_ids, max_tokens=max_tokens, opened=p.opened)
-        events = prefix.generate(engine.tokenizer, p.ids, sampler, **kw) if reuse else \
-            generate(engine.model, engine.tokenizer, p.ids, sampler, **kw)
-        for ev in events:
-            if isinstance(ev, Done):
-                return first, ev.completion_tokens
-            if first is None and ev.text:
-                first = time.perf_counter() - t0
-        raise AssertionError("no Done")
-
-    one("warm up")
-    t0 = time.perf_counter()
-    runs = [one(t) for t in texts]
-    return len(texts) / (time.perf_counter() - t0), sum(r[0] for r in runs) / len(runs), sum(r[1] for r in runs)
+PROMPTS = ["Tell me a story about a lighthouse.", "Explain how tides work.", "Write a poem about rain.",
+           "Describe a busy market.", "What makes a good cup of tea?", "Plan a day in the mountains.",
+           "Why do cats purr?", "Summarise the history of bridges."]
+SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "lines": {"type": "array", "items": {
+    "type": "string"}}}, "required": ["title", "lines"]}
 
 
 def free_port() -> int:
@@ -75,83 +45,150 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(path: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "qwen3cli", "serve", path, "--port", str(port), "--ctx", "2048",
-                             "--alias", "bench"], cwd=ROOT, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1).read()
-            return proc, url + "/v1"
-        except OSError:
+class Server:
+    def __init__(self, cmd: list[str], port: int, what: str):
+        self.port, self.what = port, what
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{what} exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/health")
+                r = c.getresponse()
+                ok = r.status == 200 and b"ok" in r.read()
+                c.close()
+                if ok:
+                    return
+            except OSError:
+                pass
             time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not come up")
+        raise SystemExit(f"{what} did not come up")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
-def through_server(url: str, texts: list[str], max_tokens: int) -> tuple[float, float, int]:
-    import openai
-
-    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-
-    def one(text: str) -> tuple[float, int]:
-        t0 = time.perf_counter()
-        first, n = None, 0
-        for ch in client.chat.completions.create(
-                model="bench", messages=[{"role": "user", "content": text}], max_tokens=max_tokens, temperature=0,
-                stream=True, stream_options={"include_usage": True},
-                extra_body={"chat_template_kwargs": {"enable_thinking": False}}):
-            if ch.usage:
-                n = ch.usage.completion_tokens
-            if first is None and ch.choices and (ch.choices[0].delta.content or
-                                                 (ch.choices[0].delta.model_extra or {}).get("reasoning_content")):
-                first = time.perf_counter() - t0
-        return first, n
-
-    one("warm up")
+def chat(port: int, prompt: str, tokens: int, schema: bool = False) -> dict:
+    """One streaming chat; the time of its first and last token and its token count."""
+    body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens, "stream": True,
+            "stream_options": {"include_usage": True}, "temperature": 0.7, "seed": 1,
+            "chat_template_kwargs": {"enable_thinking": False}, "ignore_eos": True}
+    if schema:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     t0 = time.perf_counter()
-    runs = [one(t) for t in texts]
-    return len(texts) / (time.perf_counter() - t0), sum(r[0] for r in runs) / len(runs), sum(r[1] for r in runs)
+    c.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    r = c.getresponse()
+    first = last = None
+    usage = None
+    for line in r:
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        ev = json.loads(line[6:])
+        if ev.get("usage"):
+            usage = ev["usage"]
+        for ch in ev.get("choices", []):
+            d = ch.get("delta", {})
+            if d.get("content") or d.get("reasoning_content"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+    c.close()
+    return {"start": t0, "first": first or t0, "last": last or t0, "tokens": usage["completion_tokens"] if usage else 0}
+
+
+def wave(port: int, clients: int, tokens: int) -> dict:
+    out = [None] * clients
+
+    def one(i):
+        out[i] = chat(port, PROMPTS[i % len(PROMPTS)], tokens)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    t0, t1 = min(r["start"] for r in out), max(r["last"] for r in out)
+    return {"tps": sum(r["tokens"] for r in out) / (t1 - t0),
+            "ttft": statistics.median(r["first"] - r["start"] for r in out)}
+
+
+def newcomer(port: int, tokens: int) -> tuple[float, float]:
+    alone = chat(port, PROMPTS[4], 4)
+    base = alone["first"] - alone["start"]
+    streams = [threading.Thread(target=chat, args=(port, PROMPTS[i], tokens * 4)) for i in range(3)]
+    for t in streams:
+        t.start()
+    time.sleep(2.0)  # they are decoding
+    r = chat(port, PROMPTS[4], 4)
+    for t in streams:
+        t.join()
+    return base, r["first"] - r["start"]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="/tmp/qwen3bench/qwen3-0.6b-q8_0.gguf")
-    ap.add_argument("-n", type=int, default=20)
-    ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--clients", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-server", help="llama.cpp's llama-server binary, run the same way")
     a = ap.parse_args()
-    if not os.path.exists(a.model):
-        raise SystemExit(f"{a.model}: missing; make it with scripts/bench_quantize.py --types q8_0")
-    texts = prompts(a.n)
-    proc, url = start_server(a.model)
-    res = {"in-process": [], "server": [], "in-process+reuse": []}
-    paths = {"in-process": in_process, "server": lambda p, t, m: through_server(url, t, m),
-             "in-process+reuse": lambda p, t, m: in_process(p, t, m, reuse=True)}
-    try:
-        for r in range(a.rounds):
-            order = list(paths) if r % 2 == 0 else list(paths)[::-1]
-            for name in order:
-                res[name].append(paths[name](a.model, texts, a.max_tokens))
-                rps, ttft, n = res[name][-1]
-                print(f"round {r + 1} {name:10s}  {rps:6.3f} requests/s  TTFT {1000 * ttft:7.1f} ms  "
-                      f"({n} tokens generated)", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait()
-    print(f"\n{a.n} sequential chat requests, {a.max_tokens} tokens max, greedy, thinking off, {a.rounds} rounds")
-    for k, v in res.items():
-        print(f"{k:17s} {sum(x[0] for x in v) / len(v):.3f} requests/s, TTFT {1000 * sum(x[1] for x in v) / len(v):.1f} ms")
-    # the machine is shared: each round's runs were back to back, so per-round ratios are the fairer figure
-    for base in ("in-process", "in-process+reuse"):
-        pairs = [(s[0] / i[0], s[1] / i[1]) for s, i in zip(res["server"], res[base])]
-        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-        print(f"server / {base}: requests/s {med([p[0] for p in pairs]):.3f}, TTFT {med([p[1] for p in pairs]):.3f} "
-              f"(median of rounds: " + ", ".join(f"{x:.3f}/{y:.3f}" for x, y in pairs) + ")")
+    print(f"host CPU: {cpu_name()}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
+    top = max(a.clients)
+    for f in a.files:
+        name = Path(f).name
+        runs = {}
+        setups = [(f"qwen3cli --parallel {p}", [sys.executable, "-m", "qwen3cli", "serve", f, "--parallel", str(p),
+                                               "--ctx", str(a.ctx), "--threads", str(a.threads), "--alias", "m"], p)
+                  for p in (top, 1)]
+        if a.llama_server:
+            setups.append((f"llama-server --parallel {top}", [a.llama_server, "-m", f, "-np", str(top), "-c",
+                                                              str(a.ctx * top), "-t", str(a.threads), "--no-webui"], top))
+        for what, cmd, _ in setups:
+            port = free_port()
+            srv = Server(cmd + ["--port", str(port)], port, what)
+            try:
+                wave(port, 1, 4)  # warm: kernels loaded, caches touched
+                runs[what] = {c: wave(port, c, a.tokens) for c in a.clients}
+                if what.startswith("qwen3cli") and what.endswith(str(top)):
+                    runs["newcomer"] = newcomer(port, a.tokens)
+                    plain = chat(port, PROMPTS[0], a.tokens)
+                    shaped = chat(port, PROMPTS[0], a.tokens, schema=True)
+                    rate = [r["tokens"] / (r["last"] - r["first"]) for r in (plain, shaped)]
+                    runs["mask"] = rate
+            finally:
+                srv.close()
+        ours = f"qwen3cli --parallel {top}"
+        one = runs[ours][min(a.clients)]["tps"]
+        print(f"\n{name}: {a.tokens} tokens a request, short chat prompts")
+        for what in [w for w in runs if w.startswith(("qwen3cli", "llama-server"))]:
+            for c, r in runs[what].items():
+                vs_serial = r["tps"] / runs["qwen3cli --parallel 1"][c]["tps"]
+                print(f"  {what:26s} clients {c}: {r['tps']:7.1f} tok/s aggregate ({r['tps'] / one:4.2f}x one client, "
+                      f"{vs_serial:4.2f}x --parallel 1); median TTFT {r['ttft'] * 1e3:7.0f} ms")
+        base, busy = runs["newcomer"]
+        print(f"  newcomer TTFT: {base * 1e3:.0f} ms alone, {busy * 1e3:.0f} ms while 3 others stream "
+              f"({busy / base:.2f}x)")
+        plain, shaped = runs["mask"]
+        print(f"  JSON schema: {shaped:.1f} tok/s against {plain:.1f} without ({shaped / plain:.2f}x)")
 
 
 if __name__ == "__main__":

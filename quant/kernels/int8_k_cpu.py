@@ -31,6 +31,7 @@ from numba.extending import intrinsic
 from ..qtensor import QTensor, stack_parts, u16
 from . import int8_cpu
 from .int8_cpu import _BIG, F32X16, G, _F32, _I8, _I32, _c_arrays, _f16, _hsum, _load, _pair_sums, _vt, _vzero
+from .variants import variant
 
 _I16 = ir.IntType(16)
 
@@ -248,32 +249,37 @@ def pack(*ws: QTensor, after=None) -> KPacked:
 
 # -- the products --------------------------------------------------------------------------
 
-# A few rows of x at once, each as alone: see int8_cpu's products.
+# A few rows of x at once, each as alone: variants of int8_cpu.rows_body; a step is a super-block.
 
-@njit(parallel=True, cache=True)
-def _mv_q4_k(xq, xd, xs, q, s, d, dmin, out):
-    R, nsb = d.shape
-    for r in prange(R):
-        for t in range(out.shape[0]):
-            acc = _vzero()
-            for b in range(nsb):
-                i = r * nsb + b
-                acc = _q4_k_sb(acc, q, i * 128, s, i * 16, xq[t], b * 256, xs[t], b * 16,
-                               _f16(d, i) * xd[t, b], _f16(dmin, i) * xd[t, b])
-            out[t, r] = _hsum(acc)
+@njit(cache=True, inline="always")
+def _super_blocks(w):  # Q6_K (q, s, d); Q4_K (q, s, d, dmin)
+    return w[2].shape[0], w[2].shape[1]
 
 
-@njit(parallel=True, cache=True)
-def _mv_q6_k(xq, xd, xs, q, s, d, out):
-    R, nsb = d.shape
-    for r in prange(R):
-        for t in range(out.shape[0]):
-            acc = _vzero()
-            for b in range(nsb):
-                i = r * nsb + b
-                acc = _q6_k_sb(acc, q, i * 192, s, i * 16, xq[t], b * 256, xs[t], b * 16, _f16(d, i) * xd[t, b],
-                               np.float32(0))
-            out[t, r] = _hsum(acc)
+@njit(cache=True, inline="always")
+def _q4_k_step(acc, w, xq, xd, xs, r, b, t):
+    q, s, d, dmin = w
+    i = r * d.shape[1] + b
+    return _q4_k_sb(acc, q, i * 128, s, i * 16, xq[t], b * 256, xs[t], b * 16,
+                    _f16(d, i) * xd[t, b], _f16(dmin, i) * xd[t, b])
+
+
+@njit(cache=True, inline="always")
+def _q6_k_step(acc, w, xq, xd, xs, r, b, t):
+    q, s, d = w
+    i = r * d.shape[1] + b
+    return _q6_k_sb(acc, q, i * 192, s, i * 16, xq[t], b * 256, xs[t], b * 16, _f16(d, i) * xd[t, b], np.float32(0))
+
+
+@njit(cache=True, inline="always")
+def sum_end(acc, w, xq, xd, xs, r, t, out):
+    out[t, r] = _hsum(acc)
+
+
+_mv_q4_k = variant(int8_cpu.rows_body, "_mv_q4_k", {"_steps": _super_blocks, "_step": _q4_k_step, "_end": sum_end},
+                   parallel=True, cache=True)
+_mv_q6_k = variant(int8_cpu.rows_body, "_mv_q6_k", {"_steps": _super_blocks, "_step": _q6_k_step, "_end": sum_end},
+                   parallel=True, cache=True)
 
 
 def matvec_rows(x: np.ndarray, w: KPacked, out: np.ndarray | None = None) -> np.ndarray:
@@ -281,9 +287,9 @@ def matvec_rows(x: np.ndarray, w: KPacked, out: np.ndarray | None = None) -> np.
     out = int8_cpu.check_rows(x, w, out)
     xq, xd, xs = int8_cpu.quantize_rows(x, quantize_x)
     if w.type == T.Q4_K:
-        _mv_q4_k(xq, xd, xs, w.q, w.s, w.d, w.dmin, out)
+        _mv_q4_k(xq, xd, xs, (w.q, w.s, w.d, w.dmin), out)
     else:
-        _mv_q6_k(xq, xd, xs, w.q, w.s, w.d, out)
+        _mv_q6_k(xq, xd, xs, (w.q, w.s, w.d), out)
     return out
 
 

@@ -44,6 +44,7 @@ from ..qtensor import QTensor, stack_parts, u16
 from . import int8_cpu, int8_k_cpu
 from .int8_cpu import F32X16, G, _F32, _I8, _I32, _c_arrays, _f16, _hsum, _load, _pair_sums, _vt, _vzero
 from .int8_k_cpu import _I16, _const, _nibbles_q4_k, _scales_q4_k, _splat
+from .variants import variant
 
 
 def _fifth(builder, h, s, n=32):
@@ -244,36 +245,49 @@ def pack(*ws: QTensor, after=None) -> Q5Packed:
 
 # -- the products --------------------------------------------------------------------------
 
-# A few rows of x at once, each as alone: see int8_cpu's products.
+# A few rows of x at once, each as alone: variants of int8_cpu.rows_body.
 
-@njit(parallel=True, cache=True)
-def _mv_q5_k(xq, xd, xs, q, h, s, d, dmin, out):
-    R, nsb = d.shape
-    for r in prange(R):
-        for t in range(out.shape[0]):
-            acc = _vzero()
-            for b in range(nsb):
-                i = r * nsb + b
-                acc = _q5_k_sb(acc, q, i * 128, h, i * 32, s, i * 16, xq[t], b * 256, xs[t], b * 16,
-                               _f16(d, i) * xd[t, b], _f16(dmin, i) * xd[t, b])
-            out[t, r] = _hsum(acc)
+@njit(cache=True, inline="always")
+def _q5_k_steps(w):  # (q, h, s, d, dmin): a step is a super-block
+    return w[3].shape[0], w[3].shape[1]
 
 
-@njit(parallel=True, cache=True)
-def _mv_q5_0(xq, xd, xs, q, h, d, out):
-    R, nb = d.shape
-    ng = nb // G
-    for r in prange(R):
-        for t in range(out.shape[0]):
-            acc = _vzero()
-            for g in range(ng):
-                acc = _q5_0_group(acc, q, r * nb * 16 + g * 16 * G, h, r * nb * 4 + g * 4 * G, xq[t], g * 32 * G,
-                                  xs[t], g * G, d, r * nb + g * G, xd[t], g * G)
-            s = _hsum(acc)
-            for b in range(ng * G, nb):
-                isum = _q5_0_tail(q[r], b * 16, h[r], b * 4, xq[t], b * 32) - 16 * xs[t, b]
-                s += (_f16(d, r * nb + b) * xd[t, b]) * np.float32(isum)
-            out[t, r] = s
+@njit(cache=True, inline="always")
+def _q5_k_step(acc, w, xq, xd, xs, r, b, t):
+    q, h, s, d, dmin = w
+    i = r * d.shape[1] + b
+    return _q5_k_sb(acc, q, i * 128, h, i * 32, s, i * 16, xq[t], b * 256, xs[t], b * 16,
+                    _f16(d, i) * xd[t, b], _f16(dmin, i) * xd[t, b])
+
+
+@njit(cache=True, inline="always")
+def _q5_0_steps(w):  # (q, h, d): a step is a group of G blocks
+    return w[2].shape[0], w[2].shape[1] // G
+
+
+@njit(cache=True, inline="always")
+def _q5_0_step(acc, w, xq, xd, xs, r, g, t):
+    q, h, d = w
+    nb = d.shape[1]
+    return _q5_0_group(acc, q, r * nb * 16 + g * 16 * G, h, r * nb * 4 + g * 4 * G, xq[t], g * 32 * G,
+                       xs[t], g * G, d, r * nb + g * G, xd[t], g * G)
+
+
+@njit(cache=True, inline="always")
+def _q5_0_end(acc, w, xq, xd, xs, r, t, out):
+    q, h, d = w
+    nb = d.shape[1]
+    s = _hsum(acc)
+    for b in range(nb // G * G, nb):  # the blocks after the last full group
+        isum = _q5_0_tail(q[r], b * 16, h[r], b * 4, xq[t], b * 32) - 16 * xs[t, b]
+        s += (_f16(d, r * nb + b) * xd[t, b]) * np.float32(isum)
+    out[t, r] = s
+
+
+_mv_q5_k = variant(int8_cpu.rows_body, "_mv_q5_k", {"_steps": _q5_k_steps, "_step": _q5_k_step,
+                                                    "_end": int8_k_cpu.sum_end}, parallel=True, cache=True)
+_mv_q5_0 = variant(int8_cpu.rows_body, "_mv_q5_0", {"_steps": _q5_0_steps, "_step": _q5_0_step, "_end": _q5_0_end},
+                   parallel=True, cache=True)
 
 
 def matvec_rows(x: np.ndarray, w: Q5Packed, out: np.ndarray | None = None) -> np.ndarray:
@@ -282,10 +296,10 @@ def matvec_rows(x: np.ndarray, w: Q5Packed, out: np.ndarray | None = None) -> np
     out = int8_cpu.check_rows(x, w, out)
     if w.type == T.Q5_K:
         xq, xd, xs = int8_cpu.quantize_rows(x, int8_k_cpu.quantize_x)
-        _mv_q5_k(xq, xd, xs, w.q, w.h, w.s, w.d, w.dmin, out)
+        _mv_q5_k(xq, xd, xs, (w.q, w.h, w.s, w.d, w.dmin), out)
     else:
         xq, xd, xs = int8_cpu.quantize_rows(x)
-        _mv_q5_0(xq, xd, xs, w.q, w.h, w.d, out)
+        _mv_q5_0(xq, xd, xs, (w.q, w.h, w.d), out)
     return out
 
 
