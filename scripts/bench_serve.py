@@ -6,7 +6,7 @@
 For each file it starts `qwen3cli serve --parallel P` (P = the most clients asked) and, as the
 baseline in the same run, `--parallel 1` (requests one after another, as before batching), each
 in a subprocess of its own with 2 threads; then for each client count C, C streaming chat
-requests at once, each asking for --tokens tokens. It prints the aggregate decode rate
+requests at once, each asking for --tokens tokens. It prints (medians of --rounds interleaved waves) the aggregate decode rate
 (completion tokens of all requests over the wall time from the first request to the last
 token), the median time to first token, and the ratios against one client and against
 --parallel 1. Then:
@@ -119,17 +119,25 @@ def wave(port: int, clients: int, tokens: int) -> dict:
             "ttft": statistics.median(r["first"] - r["start"] for r in out)}
 
 
-def newcomer(port: int, tokens: int) -> tuple[float, float]:
-    alone = chat(port, PROMPTS[4], 4)
-    base = alone["first"] - alone["start"]
-    streams = [threading.Thread(target=chat, args=(port, PROMPTS[i], tokens * 4)) for i in range(3)]
+def newcomer(port: int, tokens: int, probes: int = 7) -> tuple[float, float]:
+    """Median TTFTs of a short request alone and sent while 3 others stream (probes spaced
+    apart, so each lands at another point of a decode step)."""
+    def ttft():
+        r = chat(port, PROMPTS[4], 2)
+        return r["first"] - r["start"]
+
+    base = statistics.median(ttft() for _ in range(probes))
+    streams = [threading.Thread(target=chat, args=(port, PROMPTS[i], tokens * 8)) for i in range(3)]
     for t in streams:
         t.start()
-    time.sleep(2.0)  # they are decoding
-    r = chat(port, PROMPTS[4], 4)
+    time.sleep(1.0)  # they are decoding
+    busy = []
+    for i in range(probes):
+        busy.append(ttft())
+        time.sleep(0.137 * (i + 1) % 0.3)
     for t in streams:
         t.join()
-    return base, r["first"] - r["start"]
+    return base, statistics.median(busy)
 
 
 def cpu_name() -> str:
@@ -149,6 +157,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="waves per client count, interleaved; medians are shown")
     ap.add_argument("--llama-server", help="llama.cpp's llama-server binary, run the same way")
     a = ap.parse_args()
     print(f"host CPU: {cpu_name()}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
@@ -166,14 +175,21 @@ def main() -> None:
             port = free_port()
             srv = Server(cmd + ["--port", str(port)], port, what)
             try:
-                wave(port, 1, 4)  # warm: kernels loaded, caches touched
-                runs[what] = {c: wave(port, c, a.tokens) for c in a.clients}
+                wave(port, 1, 16), wave(port, top, 8)  # warm: kernels loaded, every slot's cache touched
+                got = {c: [] for c in a.clients}
+                for _ in range(a.rounds):  # interleaved: a slow spell of the host hits every count alike
+                    for c in a.clients:
+                        got[c].append(wave(port, c, a.tokens))
+                runs[what] = {c: {k: statistics.median(w[k] for w in ws) for k in ("tps", "ttft")}
+                              for c, ws in got.items()}
                 if what.startswith("qwen3cli") and what.endswith(str(top)):
                     runs["newcomer"] = newcomer(port, a.tokens)
-                    plain = chat(port, PROMPTS[0], a.tokens)
-                    shaped = chat(port, PROMPTS[0], a.tokens, schema=True)
-                    rate = [r["tokens"] / (r["last"] - r["first"]) for r in (plain, shaped)]
-                    runs["mask"] = rate
+                    rates = {False: [], True: []}
+                    for _ in range(a.rounds):
+                        for schema in (False, True):
+                            r = chat(port, PROMPTS[0], a.tokens, schema=schema)
+                            rates[schema].append(r["tokens"] / (r["last"] - r["first"]))
+                    runs["mask"] = [statistics.median(rates[False]), statistics.median(rates[True])]
             finally:
                 srv.close()
         ours = f"qwen3cli --parallel {top}"

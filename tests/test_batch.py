@@ -85,7 +85,7 @@ def test_batched_decode_rows_equal_lone_steps(gguf_model):
         for exact in (False, True):
             m = Model(load(path).weights, 32, exact=exact)
             prompts = [[3, 4, 5], [9] * 11, [100, 7]]
-            batched, lone = [m.new_cache() for _ in prompts], [m.new_cache() for _ in prompts]
+            batched, lone = m.new_caches(len(prompts)), [m.new_cache() for _ in prompts]  # one pool, and apart
             for c, p in [*zip(batched, prompts), *zip(lone, prompts)]:
                 m.forward(p, c)
             toks = [1, 2, 3]

@@ -7,7 +7,7 @@ Q8_0 quants with float16 scales, ggml's block byte for byte (tests/test_kv_cache
 against numpy).
 
 `kv_store`, `kv_load`, `kv_dot` and `kv_axpy` are one name per operation whose body numba picks
-from the cache's element type, so decode attention (layer_cpu.attend_one) is written once.
+from the cache's element type, so decode attention (layer_cpu.attend_rows) is written once.
 The half-to-float conversion is integer and float arithmetic without a table or branch, so the
 dot products over a row still vectorise. Per 128-value row in L1, one core (AVX-512), dot /
 axpy: f32 4 / 10 ns, f16 8 / 13 ns, q8_0 15 / 39 ns: q8_0's per-block scales keep LLVM from the

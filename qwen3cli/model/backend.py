@@ -40,6 +40,9 @@ class Backend(Protocol):
     def new_cache(self, ctx: int) -> KVCache:
         """An empty KV cache of ctx positions, where this backend's attention reads it."""
 
+    def new_caches(self, ctx: int, n: int) -> list[KVCache]:
+        """n of them for a batch (attention_rows reaches their rows together where it can)."""
+
     def embed(self, table: Any, ids: np.ndarray) -> Act:
         """Rows `ids` of the token embeddings (the table stays on the host)."""
 

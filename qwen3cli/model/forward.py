@@ -71,7 +71,7 @@ class Model:
     def new_caches(self, n: int) -> list:
         """n caches of the whole context (a batch's), refused up front if they cannot all fit."""
         check_context(self.args, self.ctx, self.device, self.cache_type, caches=n)
-        return [self.ops.new_cache(self.ctx) for _ in range(n)]
+        return self.ops.new_caches(self.ctx, n)
 
     def forward(self, tokens, cache, all_logits: bool = False) -> np.ndarray:
         """Run tokens at positions cache.n...; logits of the last token (n_vocab,) or all (n, n_vocab).

@@ -71,21 +71,44 @@ _NO_SCALES = np.zeros((1, 1, 1, 1), np.uint16)  # what the kernels are given for
 class KVCache:
     """k, v (n_layers, n_kv, ctx, head_dim) in the type's element; for q8_0 ks, vs
     (n_layers, n_kv, ctx, head_dim // 32) hold the scales' float16 bits. `alloc(shape, dtype)`
-    makes the arrays (the CUDA backend allocates on the device)."""
+    makes the arrays (the CUDA backend allocates on the device).
+
+    Every cache is slot `slot` of a pool, `pool` = (k, v, ks, vs) with a leading slot axis:
+    `pooled` makes several caches in one (a batch's, serve --parallel), so one attention
+    kernel reaches all their rows; a lone cache is a pool of one (views, no copy)."""
 
     def __init__(self, n_layers: int, n_kv: int, ctx: int, head_dim: int, cache_type: str = "f32",
-                 alloc=lazy_zeros):
-        shape = (n_layers, n_kv, ctx, head_dim)
+                 alloc=lazy_zeros, slots: int = 0):
+        shape = (max(slots, 1), n_layers, n_kv, ctx, head_dim)
         self.type = cache_type
-        self.k = alloc(shape, _ELEMENT[cache_type])
-        self.v = alloc(shape, _ELEMENT[cache_type])
+        k, v = alloc(shape, _ELEMENT[cache_type]), alloc(shape, _ELEMENT[cache_type])
         if cache_type == "q8_0":
-            self.ks = alloc(shape[:3] + (head_dim // QK,), np.uint16)
-            self.vs = alloc(shape[:3] + (head_dim // QK,), np.uint16)
+            ks = alloc(shape[:4] + (head_dim // QK,), np.uint16)
+            vs = alloc(shape[:4] + (head_dim // QK,), np.uint16)
         else:
-            self.ks = self.vs = _NO_SCALES
+            ks = vs = _NO_SCALES[None]
+        self.pool, self.slot = (k, v, ks, vs), 0
+        self._at(0)
         self.ctx = ctx
         self.n = 0  # positions filled
+
+    def _at(self, slot: int) -> None:
+        k, v, ks, vs = self.pool
+        self.slot, self.k, self.v = slot, k[slot], v[slot]
+        self.ks, self.vs = (ks[slot], vs[slot]) if self.type == "q8_0" else (_NO_SCALES, _NO_SCALES)
+
+    @classmethod
+    def pooled(cls, n: int, n_layers: int, n_kv: int, ctx: int, head_dim: int, cache_type: str = "f32",
+               alloc=lazy_zeros) -> list["KVCache"]:
+        """n caches over one pool (pages appear as each slot's positions are first written)."""
+        first = cls(n_layers, n_kv, ctx, head_dim, cache_type, alloc, slots=n)
+        out = [first]
+        for s in range(1, n):
+            c = object.__new__(cls)
+            c.type, c.pool, c.ctx, c.n = cache_type, first.pool, ctx, 0
+            c._at(s)
+            out.append(c)
+        return out
 
     def truncate(self, n: int) -> None:
         """Forget everything after the first n positions (to reuse a shared prefix)."""

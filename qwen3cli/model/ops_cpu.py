@@ -74,6 +74,10 @@ class CpuOps:
         a = self.args
         return KVCache(a.n_layers, a.n_kv_heads, ctx, a.head_dim, self.cache_type)
 
+    def new_caches(self, ctx: int, n: int) -> list[KVCache]:
+        a = self.args
+        return KVCache.pooled(n, a.n_layers, a.n_kv_heads, ctx, a.head_dim, self.cache_type)
+
     def embed(self, table, ids: np.ndarray) -> np.ndarray:
         return table.take(ids)
 
@@ -136,9 +140,24 @@ class CpuOps:
         return self._rope_at[p, n]
 
     def attention_rows(self, li, ly, q, k, v, caches, ps):
-        out = np.empty((q.shape[0], self.args.n_heads * self.args.head_dim), np.float32)
-        for i, (cache, p) in enumerate(zip(caches, ps)):
-            out[i] = self.attention(li, ly, q[i:i + 1], k[i:i + 1], v[i:i + 1], cache, p)[0]
+        """One decode kernel for every row whose cache is in the first row's pool (a batch's
+        are: new_caches); the others one call each. Either way a row runs the same code."""
+        n = q.shape[0]
+        out = np.empty((n, self.args.n_heads * self.args.head_dim), np.float32)
+        same = all(c.pool[0] is caches[0].pool[0] for c in caches)
+        groups = [list(range(n))] if same else [[i] for i in range(n)]
+        q, k, v = (np.ascontiguousarray(t) for t in (q, k, v))
+        for rows in groups:
+            c0 = caches[rows[0]]
+            cos, sin = zip(*(self._cos_sin(ps[i], 1) for i in rows))
+            slots = np.array([caches[i].slot for i in rows], np.int64)
+            at = np.array([ps[i] for i in rows], np.int64)
+            sel = rows if not same else slice(None)
+            o = out[sel] if same else np.empty((1, out.shape[1]), np.float32)
+            layer.attend_rows(q[sel], k[sel], v[sel], ly.q_norm, ly.k_norm, np.float32(self.eps), np.concatenate(cos),
+                              np.concatenate(sin), *c0.pool, li, slots, at, o)
+            if not same:
+                out[rows[0]] = o[0]
         return out
 
     def attention(self, li: int, ly, q, k, v, cache: KVCache, p: int) -> np.ndarray:
@@ -146,11 +165,11 @@ class CpuOps:
         a = self.args
         n, D, Hq, Hkv = q.shape[0], a.head_dim, a.n_heads, a.n_kv_heads
         cos, sin = self._cos_sin(p, n)
-        if n == 1:
+        if n == 1:  # decode: attention_rows' kernel, a row of a pool of one
             out = np.empty((1, Hq * D), np.float32)
-            layer.attend_one(np.ascontiguousarray(q[0]), np.ascontiguousarray(k[0]), np.ascontiguousarray(v[0]),
-                             ly.q_norm, ly.k_norm, np.float32(self.eps), cos[0], sin[0], cache.k, cache.v, cache.ks, cache.vs,
-                             li, p, out[0])
+            layer.attend_rows(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), ly.q_norm,
+                              ly.k_norm, np.float32(self.eps), cos, sin, *cache.pool, li,
+                              np.full(1, cache.slot, np.int64), np.full(1, p, np.int64), out)
             return out
         if self.kernels:  # faster than the BLAS path below at every length measured (9-512)
             qh = np.empty((Hq, n, D), np.float32)

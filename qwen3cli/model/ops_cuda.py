@@ -142,6 +142,9 @@ class CudaOps:
         a = self.args
         return KVCache(a.n_layers, a.n_kv_heads, ctx, a.head_dim, "f32", alloc=cuda.device_array)
 
+    def new_caches(self, ctx: int, n: int) -> list[KVCache]:
+        return [self.new_cache(ctx) for _ in range(n)]  # attention_rows takes their rows one by one
+
     # -- steps ------------------------------------------------------------------------------
     def embed(self, table, ids):
         return cuda.to_device(np.ascontiguousarray(table.take(ids), np.float32))
