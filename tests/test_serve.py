@@ -384,7 +384,8 @@ def test_serve_command_bad_inputs(tmp_path):
                          (["serve", "x.gguf", "--port", "70000"], "--port"),
                          (["serve", "x.gguf", "--max-tokens", "0"], "--max-tokens must be at least 1"),
                          (["serve", "x.gguf", "--reasoning-budget", "-1"], "--reasoning-budget must be at least 0"),
-                         (["serve", "x.gguf", "--temp", "-1"], "--temp")):
+                         (["serve", "x.gguf", "--temp", "-1"], "--temp"),
+                         (["serve", "x.gguf", "--parallel", "0"], "--parallel must be between 1 and 64")):
         r = CliRunner().invoke(app, args)
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         assert r.exit_code == 1 and len(lines) == 1 and needle in lines[0], (args, r.stderr)

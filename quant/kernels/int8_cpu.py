@@ -324,74 +324,118 @@ def pack(*ws: QTensor, after=None) -> Int8Packed:
 # The decode products take a few rows of x (xq, xd, xs: one row each; out (n, R)): a batched
 # decode step (serve --parallel) reads each weight row once for all of them. `rows_body` is
 # the one driver; each format's kernel is a variant of it (variants.py) with its own `_steps`
-# (rows and steps of a row), `_step` (step j of weight row r against x row t) and `_end` (the
-# row's sum, stored). Four x rows a pass: LLVM loads and unpacks each weight vector once for
+# (rows and steps of a row), `_step` (step j of weight row r against the x row at offsets o) and `_end` (the
+# row's sum, stored); w is a format's arrays padded to five. Four x rows a pass: LLVM loads and unpacks each weight vector once for
 # all four (the same loads, CSE'd). Every x row runs the same instructions as a lone one
 # (n = 1 takes the second loop of the same kernel), so a sequence's logits do not depend on
 # the others in its step. Q8_0 0.6B-shaped, 2 threads: 4 rows cost 1.2x one row's time.
 
-def rows_body(xq, xd, xs, w, out):
+def rows_body(xq, xd, xs, kq, kd, ks, w0, w1, w2, w3, w4, out):
+    # x's rows flat (xq, xd, xs 1D; row t at t * kq, t * kd, t * ks): row views (xq[t]) in the
+    # steps cost a lone row ~10%
+    w = (w0, w1, w2, w3, w4)  # a format's arrays, then repeats of its first (unused)
+    x = (xq, xd, xs)
     R, m = _steps(w)
     n = out.shape[0]
     for r in prange(R):
         for t in range(0, n - 3, 4):
+            o0, o1 = (t * kq, t * kd, t * ks), ((t + 1) * kq, (t + 1) * kd, (t + 1) * ks)
+            o2, o3 = ((t + 2) * kq, (t + 2) * kd, (t + 2) * ks), ((t + 3) * kq, (t + 3) * kd, (t + 3) * ks)
             a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
             for j in range(m):
-                a0 = _step(a0, w, xq, xd, xs, r, j, t)
-                a1 = _step(a1, w, xq, xd, xs, r, j, t + 1)
-                a2 = _step(a2, w, xq, xd, xs, r, j, t + 2)
-                a3 = _step(a3, w, xq, xd, xs, r, j, t + 3)
-            _end(a0, w, xq, xd, xs, r, t, out)
-            _end(a1, w, xq, xd, xs, r, t + 1, out)
-            _end(a2, w, xq, xd, xs, r, t + 2, out)
-            _end(a3, w, xq, xd, xs, r, t + 3, out)
+                a0 = _step(a0, w, x, o0, r, j)
+                a1 = _step(a1, w, x, o1, r, j)
+                a2 = _step(a2, w, x, o2, r, j)
+                a3 = _step(a3, w, x, o3, r, j)
+            _end(a0, w, x, o0, r, t, out)
+            _end(a1, w, x, o1, r, t + 1, out)
+            _end(a2, w, x, o2, r, t + 2, out)
+            _end(a3, w, x, o3, r, t + 3, out)
         for t in range(n // 4 * 4, n):
+            o = (t * kq, t * kd, t * ks)
             acc = _vzero()
             for j in range(m):
-                acc = _step(acc, w, xq, xd, xs, r, j, t)
-            _end(acc, w, xq, xd, xs, r, t, out)
+                acc = _step(acc, w, x, o, r, j)
+            _end(acc, w, x, o, r, t, out)
+
 
 
 @njit(cache=True, inline="always")
-def _groups(w):  # Q8_0 / Q4_0: (q, d); a step is a group of G blocks
+def _groups(w):  # Q8_0 / Q4_0: (q, d, ...); a step is a group of G blocks
     return w[1].shape[0], w[1].shape[1] // G
 
 
 @njit(cache=True, inline="always")
-def _q8_step(acc, w, xq, xd, xs, r, g, t):
-    q, d = w
+def _q8_step(acc, w, x, o, r, g):
+    q, d = w[0], w[1]
     nb = d.shape[1]
-    return _q8_group(acc, q, r * q.shape[1] + g * 32 * G, xq[t], g * 32 * G, xs[t], g * G, d, r * nb + g * G,
-                     xd[t], g * G)
+    return _q8_group(acc, q, r * q.shape[1] + g * 32 * G, x[0], o[0] + g * 32 * G, x[2], o[2] + g * G, d,
+                     r * nb + g * G, x[1], o[1] + g * G)
 
 
 @njit(cache=True, inline="always")
-def _q8_end(acc, w, xq, xd, xs, r, t, out):
-    q, d = w
+def _q8_end(acc, w, x, o, r, t, out):
+    q, d = w[0], w[1]
     k, nb = q.shape[1], d.shape[1]
     s = _hsum(acc)
     for b in range(nb // G * G, nb):  # the blocks after the last full group
-        s += (_f16(d, r * nb + b) * xd[t, b]) * np.float32(_q8_block(q, r * k + b * 32, xq[t], b * 32))
+        s += (_f16(d, r * nb + b) * x[1][o[1] + b]) * np.float32(_q8_block(q, r * k + b * 32, x[0], o[0] + b * 32))
     out[t, r] = s
 
 
 @njit(cache=True, inline="always")
-def _q4_step(acc, w, xq, xd, xs, r, g, t):
-    q, d = w
+def _q4_step(acc, w, x, o, r, g):
+    q, d = w[0], w[1]
     nb = d.shape[1]
-    return _q4_group(acc, q, r * q.shape[1] + g * 16 * G, xq[t], g * 32 * G, xs[t], g * G, d, r * nb + g * G,
-                     xd[t], g * G)
+    return _q4_group(acc, q, r * q.shape[1] + g * 16 * G, x[0], o[0] + g * 32 * G, x[2], o[2] + g * G, d,
+                     r * nb + g * G, x[1], o[1] + g * G)
 
 
 @njit(cache=True, inline="always")
-def _q4_end(acc, w, xq, xd, xs, r, t, out):
-    q, d = w
+def _q4_end(acc, w, x, o, r, t, out):
+    q, d = w[0], w[1]
     kh, nb = q.shape[1], d.shape[1]
     s = _hsum(acc)
     for b in range(nb // G * G, nb):
-        isum = _q4_block(q, r * kh + b * 16, xq[t], b * 32) - 8 * xs[t, b]
-        s += (_f16(d, r * nb + b) * xd[t, b]) * np.float32(isum)
+        isum = _q4_block(q, r * kh + b * 16, x[0], o[0] + b * 32) - 8 * x[2][o[2] + b]
+        s += (_f16(d, r * nb + b) * x[1][o[1] + b]) * np.float32(isum)
     out[t, r] = s
+
+
+# A lone row (decode of one sequence) takes these kernels, x flat: the batched variants of
+# rows_body run ~15% slower on one row (Q4_K, 3072 x 1024: 29 against 26 us; cause not yet
+# found), and both run a row's arithmetic in the same order, so a row comes out the same from
+# either (tests/test_batch.py checks it bit for bit).
+
+@njit(parallel=True, cache=True)
+def _mv1_q8_0(xq, xd, xs, q, d, out):
+    R, k = q.shape
+    nb = k // 32
+    ng = nb // G
+    for r in prange(R):
+        acc = _vzero()
+        for g in range(ng):
+            acc = _q8_group(acc, q, r * k + g * 32 * G, xq, g * 32 * G, xs, g * G, d, r * nb + g * G, xd, g * G)
+        s = _hsum(acc)
+        for b in range(ng * G, nb):
+            s += (_f16(d, r * nb + b) * xd[b]) * np.float32(_q8_block(q, r * k + b * 32, xq, b * 32))
+        out[r] = s
+
+
+@njit(parallel=True, cache=True)
+def _mv1_q4_0(xq, xd, xs, q, d, out):
+    R, kh = q.shape
+    nb = kh // 16
+    ng = nb // G
+    for r in prange(R):
+        acc = _vzero()
+        for g in range(ng):
+            acc = _q4_group(acc, q, r * kh + g * 16 * G, xq, g * 32 * G, xs, g * G, d, r * nb + g * G, xd, g * G)
+        s = _hsum(acc)
+        for b in range(ng * G, nb):
+            isum = _q4_block(q, r * kh + b * 16, xq, b * 32) - 8 * xs[b]
+            s += (_f16(d, r * nb + b) * xd[b]) * np.float32(isum)
+        out[r] = s
 
 
 _PAR = dict(parallel=True, cache=True)
@@ -399,8 +443,17 @@ _mv_q8_0 = variant(rows_body, "_mv_q8_0", {"_steps": _groups, "_step": _q8_step,
 _mv_q4_0 = variant(rows_body, "_mv_q4_0", {"_steps": _groups, "_step": _q4_step, "_end": _q4_end}, **_PAR)
 
 
+def rows_args(xq, xd, xs, *arrays) -> tuple:
+    """rows_body's arguments before `out`: x's rows flat with their lengths, then a format's
+    arrays padded to five."""
+    return (xq.reshape(-1), xd.reshape(-1), xs.reshape(-1), xq.shape[1], xd.shape[1], xs.shape[1],
+            *arrays, *(arrays[0],) * (5 - len(arrays)))
+
+
 def quantize_rows(x: np.ndarray, quantize=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """quantize_x (or the given quantizer) of each row of x (n, k), stacked."""
+    if x.shape[0] == 1:  # a lone decode step: views, no copies (~15 us a product otherwise)
+        return tuple(a[None] for a in (quantize or quantize_x)(x[0]))
     parts = [(quantize or quantize_x)(row) for row in x]
     return tuple(np.stack([p[j] for p in parts]) for j in range(3))
 
@@ -419,7 +472,10 @@ def matvec_rows(x: np.ndarray, w: Int8Packed, out: np.ndarray | None = None) -> 
     bits first and each computed exactly as alone."""
     out = check_rows(x, w, out)
     xq, xd, xs = quantize_rows(x)
-    (_mv_q8_0 if w.type == T.Q8_0 else _mv_q4_0)(xq, xd, xs, (w.q, w.d), out)
+    if x.shape[0] == 1:
+        (_mv1_q8_0 if w.type == T.Q8_0 else _mv1_q4_0)(xq[0], xd[0], xs[0], w.q, w.d, out[0])
+    else:
+        (_mv_q8_0 if w.type == T.Q8_0 else _mv_q4_0)(*rows_args(xq, xd, xs, w.q, w.d), out)
     return out
 
 

@@ -252,28 +252,55 @@ def pack(*ws: QTensor, after=None) -> KPacked:
 # A few rows of x at once, each as alone: variants of int8_cpu.rows_body; a step is a super-block.
 
 @njit(cache=True, inline="always")
-def _super_blocks(w):  # Q6_K (q, s, d); Q4_K (q, s, d, dmin)
+def _super_blocks(w):  # Q6_K (q, s, d, ...); Q4_K (q, s, d, dmin, ...)
     return w[2].shape[0], w[2].shape[1]
 
 
 @njit(cache=True, inline="always")
-def _q4_k_step(acc, w, xq, xd, xs, r, b, t):
-    q, s, d, dmin = w
+def _q4_k_step(acc, w, x, o, r, b):
+    q, s, d, dmin = w[0], w[1], w[2], w[3]
     i = r * d.shape[1] + b
-    return _q4_k_sb(acc, q, i * 128, s, i * 16, xq[t], b * 256, xs[t], b * 16,
-                    _f16(d, i) * xd[t, b], _f16(dmin, i) * xd[t, b])
+    xd = x[1][o[1] + b]
+    return _q4_k_sb(acc, q, i * 128, s, i * 16, x[0], o[0] + b * 256, x[2], o[2] + b * 16,
+                    _f16(d, i) * xd, _f16(dmin, i) * xd)
 
 
 @njit(cache=True, inline="always")
-def _q6_k_step(acc, w, xq, xd, xs, r, b, t):
-    q, s, d = w
+def _q6_k_step(acc, w, x, o, r, b):
+    q, s, d = w[0], w[1], w[2]
     i = r * d.shape[1] + b
-    return _q6_k_sb(acc, q, i * 192, s, i * 16, xq[t], b * 256, xs[t], b * 16, _f16(d, i) * xd[t, b], np.float32(0))
+    return _q6_k_sb(acc, q, i * 192, s, i * 16, x[0], o[0] + b * 256, x[2], o[2] + b * 16,
+                    _f16(d, i) * x[1][o[1] + b], np.float32(0))
 
 
 @njit(cache=True, inline="always")
-def sum_end(acc, w, xq, xd, xs, r, t, out):
+def sum_end(acc, w, x, o, r, t, out):
     out[t, r] = _hsum(acc)
+
+
+# A lone row: see int8_cpu._mv1_q8_0.
+
+@njit(parallel=True, cache=True)
+def _mv1_q4_k(xq, xd, xs, q, s, d, dmin, out):
+    R, nsb = d.shape
+    for r in prange(R):
+        acc = _vzero()
+        for b in range(nsb):
+            i = r * nsb + b
+            acc = _q4_k_sb(acc, q, i * 128, s, i * 16, xq, b * 256, xs, b * 16,
+                           _f16(d, i) * xd[b], _f16(dmin, i) * xd[b])
+        out[r] = _hsum(acc)
+
+
+@njit(parallel=True, cache=True)
+def _mv1_q6_k(xq, xd, xs, q, s, d, out):
+    R, nsb = d.shape
+    for r in prange(R):
+        acc = _vzero()
+        for b in range(nsb):
+            i = r * nsb + b
+            acc = _q6_k_sb(acc, q, i * 192, s, i * 16, xq, b * 256, xs, b * 16, _f16(d, i) * xd[b], np.float32(0))
+        out[r] = _hsum(acc)
 
 
 _mv_q4_k = variant(int8_cpu.rows_body, "_mv_q4_k", {"_steps": _super_blocks, "_step": _q4_k_step, "_end": sum_end},
@@ -286,10 +313,14 @@ def matvec_rows(x: np.ndarray, w: KPacked, out: np.ndarray | None = None) -> np.
     """x (n, k) float32 @ W.T -> (n, rows) float32 for a few rows, each quantized per 256 first."""
     out = int8_cpu.check_rows(x, w, out)
     xq, xd, xs = int8_cpu.quantize_rows(x, quantize_x)
-    if w.type == T.Q4_K:
-        _mv_q4_k(xq, xd, xs, (w.q, w.s, w.d, w.dmin), out)
+    if x.shape[0] == 1 and w.type == T.Q4_K:
+        _mv1_q4_k(xq[0], xd[0], xs[0], w.q, w.s, w.d, w.dmin, out[0])
+    elif x.shape[0] == 1:
+        _mv1_q6_k(xq[0], xd[0], xs[0], w.q, w.s, w.d, out[0])
+    elif w.type == T.Q4_K:
+        _mv_q4_k(*int8_cpu.rows_args(xq, xd, xs, w.q, w.s, w.d, w.dmin), out)
     else:
-        _mv_q6_k(xq, xd, xs, (w.q, w.s, w.d), out)
+        _mv_q6_k(*int8_cpu.rows_args(xq, xd, xs, w.q, w.s, w.d), out)
     return out
 
 

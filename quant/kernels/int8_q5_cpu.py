@@ -253,35 +253,66 @@ def _q5_k_steps(w):  # (q, h, s, d, dmin): a step is a super-block
 
 
 @njit(cache=True, inline="always")
-def _q5_k_step(acc, w, xq, xd, xs, r, b, t):
-    q, h, s, d, dmin = w
+def _q5_k_step(acc, w, x, o, r, b):
+    q, h, s, d, dmin = w[0], w[1], w[2], w[3], w[4]
     i = r * d.shape[1] + b
-    return _q5_k_sb(acc, q, i * 128, h, i * 32, s, i * 16, xq[t], b * 256, xs[t], b * 16,
-                    _f16(d, i) * xd[t, b], _f16(dmin, i) * xd[t, b])
+    xd = x[1][o[1] + b]
+    return _q5_k_sb(acc, q, i * 128, h, i * 32, s, i * 16, x[0], o[0] + b * 256, x[2], o[2] + b * 16,
+                    _f16(d, i) * xd, _f16(dmin, i) * xd)
 
 
 @njit(cache=True, inline="always")
-def _q5_0_steps(w):  # (q, h, d): a step is a group of G blocks
+def _q5_0_steps(w):  # (q, h, d, ...): a step is a group of G blocks
     return w[2].shape[0], w[2].shape[1] // G
 
 
 @njit(cache=True, inline="always")
-def _q5_0_step(acc, w, xq, xd, xs, r, g, t):
-    q, h, d = w
+def _q5_0_step(acc, w, x, o, r, g):
+    q, h, d = w[0], w[1], w[2]
     nb = d.shape[1]
-    return _q5_0_group(acc, q, r * nb * 16 + g * 16 * G, h, r * nb * 4 + g * 4 * G, xq[t], g * 32 * G,
-                       xs[t], g * G, d, r * nb + g * G, xd[t], g * G)
+    return _q5_0_group(acc, q, r * nb * 16 + g * 16 * G, h, r * nb * 4 + g * 4 * G, x[0], o[0] + g * 32 * G,
+                       x[2], o[2] + g * G, d, r * nb + g * G, x[1], o[1] + g * G)
 
 
 @njit(cache=True, inline="always")
-def _q5_0_end(acc, w, xq, xd, xs, r, t, out):
-    q, h, d = w
+def _q5_0_end(acc, w, x, o, r, t, out):
+    q, h, d = w[0], w[1], w[2]
     nb = d.shape[1]
     s = _hsum(acc)
     for b in range(nb // G * G, nb):  # the blocks after the last full group
-        isum = _q5_0_tail(q[r], b * 16, h[r], b * 4, xq[t], b * 32) - 16 * xs[t, b]
-        s += (_f16(d, r * nb + b) * xd[t, b]) * np.float32(isum)
+        isum = _q5_0_tail(q[r], b * 16, h[r], b * 4, x[0], o[0] + b * 32) - 16 * x[2][o[2] + b]
+        s += (_f16(d, r * nb + b) * x[1][o[1] + b]) * np.float32(isum)
     out[t, r] = s
+
+
+# A lone row: see int8_cpu._mv1_q8_0.
+
+@njit(parallel=True, cache=True)
+def _mv1_q5_k(xq, xd, xs, q, h, s, d, dmin, out):
+    R, nsb = d.shape
+    for r in prange(R):
+        acc = _vzero()
+        for b in range(nsb):
+            i = r * nsb + b
+            acc = _q5_k_sb(acc, q, i * 128, h, i * 32, s, i * 16, xq, b * 256, xs, b * 16,
+                           _f16(d, i) * xd[b], _f16(dmin, i) * xd[b])
+        out[r] = _hsum(acc)
+
+
+@njit(parallel=True, cache=True)
+def _mv1_q5_0(xq, xd, xs, q, h, d, out):
+    R, nb = d.shape
+    ng = nb // G
+    for r in prange(R):
+        acc = _vzero()
+        for g in range(ng):
+            acc = _q5_0_group(acc, q, r * nb * 16 + g * 16 * G, h, r * nb * 4 + g * 4 * G, xq, g * 32 * G,
+                              xs, g * G, d, r * nb + g * G, xd, g * G)
+        s = _hsum(acc)
+        for b in range(ng * G, nb):
+            isum = _q5_0_tail(q[r], b * 16, h[r], b * 4, xq, b * 32) - 16 * xs[b]
+            s += (_f16(d, r * nb + b) * xd[b]) * np.float32(isum)
+        out[r] = s
 
 
 _mv_q5_k = variant(int8_cpu.rows_body, "_mv_q5_k", {"_steps": _q5_k_steps, "_step": _q5_k_step,
@@ -296,10 +327,16 @@ def matvec_rows(x: np.ndarray, w: Q5Packed, out: np.ndarray | None = None) -> np
     out = int8_cpu.check_rows(x, w, out)
     if w.type == T.Q5_K:
         xq, xd, xs = int8_cpu.quantize_rows(x, int8_k_cpu.quantize_x)
-        _mv_q5_k(xq, xd, xs, (w.q, w.h, w.s, w.d, w.dmin), out)
+        if x.shape[0] == 1:
+            _mv1_q5_k(xq[0], xd[0], xs[0], w.q, w.h, w.s, w.d, w.dmin, out[0])
+        else:
+            _mv_q5_k(*int8_cpu.rows_args(xq, xd, xs, w.q, w.h, w.s, w.d, w.dmin), out)
     else:
         xq, xd, xs = int8_cpu.quantize_rows(x)
-        _mv_q5_0(xq, xd, xs, (w.q, w.h, w.d), out)
+        if x.shape[0] == 1:
+            _mv1_q5_0(xq[0], xd[0], xs[0], w.q, w.h, w.d, out[0])
+        else:
+            _mv_q5_0(*int8_cpu.rows_args(xq, xd, xs, w.q, w.h, w.d), out)
     return out
 
 
