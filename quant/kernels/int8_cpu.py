@@ -321,18 +321,17 @@ def pack(*ws: QTensor, after=None) -> Int8Packed:
 
 # -- the products --------------------------------------------------------------------------
 
-# The decode products take a few rows of x (xq, xd, xs: one row each; out (n, R)): a batched
-# decode step (serve --parallel) reads each weight row once for all of them. `rows_body` is
-# the one driver; each format's kernel is a variant of it (variants.py) with its own `_steps`
-# (rows and steps of a row), `_step` (step j of weight row r against the x row at offsets o) and `_end` (the
-# row's sum, stored); w is a format's arrays padded to five. Four x rows a pass: LLVM loads and unpacks each weight vector once for
-# all four (the same loads, CSE'd). Every x row runs the same instructions as a lone one
-# (n = 1 takes the second loop of the same kernel), so a sequence's logits do not depend on
-# the others in its step. Q8_0 0.6B-shaped, 2 threads: 4 rows cost 1.2x one row's time.
+# The decode products of a few rows of x (a batched decode step, serve --parallel): each
+# weight row is read once for all of them. `rows_body` is the one driver; each format's kernel
+# is a variant of it (variants.py) with its own `_steps` (rows, and steps of a row), `_step`
+# (step j of weight row r against the x row at offsets o) and `_end` (the row's sum, stored);
+# w is a format's arrays padded to five. Four x rows a pass: LLVM loads and unpacks each
+# weight vector once for all four (the same loads, CSE'd). A row's arithmetic runs in the
+# same order as in the lone-row kernels (_mv1_*), so a sequence's logits do not depend on the
+# others in its step (tests/test_batch.py: bit for bit).
 
 def rows_body(xq, xd, xs, kq, kd, ks, w0, w1, w2, w3, w4, out):
-    # x's rows flat (xq, xd, xs 1D; row t at t * kq, t * kd, t * ks): row views (xq[t]) in the
-    # steps cost a lone row ~10%
+    # x's rows flat (xq, xd, xs 1D; row t at t * kq, t * kd, t * ks)
     w = (w0, w1, w2, w3, w4)  # a format's arrays, then repeats of its first (unused)
     x = (xq, xd, xs)
     R, m = _steps(w)
@@ -373,14 +372,19 @@ def _q8_step(acc, w, x, o, r, g):
                      r * nb + g * G, x[1], o[1] + g * G)
 
 
-@njit(cache=True, inline="always")
-def _q8_end(acc, w, x, o, r, t, out):
+def _group_end(acc, w, x, o, r, t, out):
+    # the row's sum, with the blocks after the last full group (_tail: a block's integer sum)
     q, d = w[0], w[1]
-    k, nb = q.shape[1], d.shape[1]
+    nb = d.shape[1]
     s = _hsum(acc)
-    for b in range(nb // G * G, nb):  # the blocks after the last full group
-        s += (_f16(d, r * nb + b) * x[1][o[1] + b]) * np.float32(_q8_block(q, r * k + b * 32, x[0], o[0] + b * 32))
+    for b in range(nb // G * G, nb):
+        s += (_f16(d, r * nb + b) * x[1][o[1] + b]) * np.float32(_tail(q, r, b, x, o))
     out[t, r] = s
+
+
+@njit(cache=True, inline="always")
+def _q8_tail(q, r, b, x, o):
+    return _q8_block(q, r * q.shape[1] + b * 32, x[0], o[0] + b * 32)
 
 
 @njit(cache=True, inline="always")
@@ -392,14 +396,8 @@ def _q4_step(acc, w, x, o, r, g):
 
 
 @njit(cache=True, inline="always")
-def _q4_end(acc, w, x, o, r, t, out):
-    q, d = w[0], w[1]
-    kh, nb = q.shape[1], d.shape[1]
-    s = _hsum(acc)
-    for b in range(nb // G * G, nb):
-        isum = _q4_block(q, r * kh + b * 16, x[0], o[0] + b * 32) - 8 * x[2][o[2] + b]
-        s += (_f16(d, r * nb + b) * x[1][o[1] + b]) * np.float32(isum)
-    out[t, r] = s
+def _q4_tail(q, r, b, x, o):
+    return _q4_block(q, r * q.shape[1] + b * 16, x[0], o[0] + b * 32) - 8 * x[2][o[2] + b]
 
 
 # A lone row (decode of one sequence) takes these kernels, x flat: the batched variants of
@@ -438,6 +436,9 @@ def _mv1_q4_0(xq, xd, xs, q, d, out):
         out[r] = s
 
 
+_INLINE = dict(cache=True, inline="always")
+_q8_end = variant(_group_end, "_q8_end", {"_tail": _q8_tail}, **_INLINE)
+_q4_end = variant(_group_end, "_q4_end", {"_tail": _q4_tail}, **_INLINE)
 _PAR = dict(parallel=True, cache=True)
 _mv_q8_0 = variant(rows_body, "_mv_q8_0", {"_steps": _groups, "_step": _q8_step, "_end": _q8_end}, **_PAR)
 _mv_q4_0 = variant(rows_body, "_mv_q4_0", {"_steps": _groups, "_step": _q4_step, "_end": _q4_end}, **_PAR)

@@ -41,7 +41,8 @@ def check_context(a, ctx: int, backend: str = "cpu", cache_type: str = kv_cache.
                 f"({kv_cache_nbytes(a, 1, cache_type)} bytes per token: {a.n_layers} layers, "
                 f"{a.n_kv_heads} KV heads of {a.head_dim}, K and V in {cache_type})")
     smaller = backend == "cpu" and cache_type != "q8_0" and a.head_dim % kv_cache.QK == 0
-    hint = "use a smaller --ctx" + (" or --parallel" if caches > 1 else "") + (" or --cache-type q8_0" if smaller else "")
+    hint = ("use a smaller --ctx" + (" or --parallel" if caches > 1 else "")
+            + (" or --cache-type q8_0" if smaller else ""))
     memory.require(need, what, hint)
 
 

@@ -81,7 +81,8 @@ class Generation:
         turn's first token may be <think> instead, and the grammar starts after </think>)."""
         self.tokenizer, self.sampler, self.stop_ids = tokenizer, sampler, stop_ids
         self.max_tokens, self.thinking_budget = max_tokens, thinking_budget
-        self.prompt_tokens, self.cached_tokens, self.prefill_s, self.source = prompt_tokens, cached_tokens, prefill_s, source
+        self.prompt_tokens, self.cached_tokens = prompt_tokens, cached_tokens
+        self.prefill_s, self.source = prefill_s, source
         self.open_id, self.close_id = tokenizer.token_to_id(THINK_OPEN), tokenizer.token_to_id(THINK_CLOSE)
         self.decoder = StreamDecoder(tokenizer)
         self.generated: list[int] = []
