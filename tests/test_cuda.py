@@ -194,17 +194,15 @@ def test_the_registry_picks_the_kernel(monkeypatch):
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_a_batched_decode_step_equals_lone_steps(moe):
     """Model.decode on the GPU (serve --parallel): each row as its own step computes it, bit
-    for bit, and as the CPU does within float rounding."""
+    for bit. One set of caches (the simulator is slow): the lone steps rewrite the positions
+    the batched step wrote. (test_model_steps_match_cpu holds the GPU to the CPU.)"""
     a = tiny_args(moe)
-    w = tiny_weights(a, MOE if moe else MIXED)
-    gpu, cpu = Model(w, ctx=16, backend="cuda"), Model(w, ctx=16, exact=True, cache_type="f32")
-    prompts = [[1, 5], [7], [3, 9, 2]]
-    batched, lone, ref = ([m.new_cache() for _ in prompts] for m in (gpu, gpu, cpu))
-    for caches, m in ((batched, gpu), (lone, gpu), (ref, cpu)):
-        for c, p in zip(caches, prompts):
-            m.forward(p, c)
-    got = gpu.decode([4, 11, 30], batched)
-    want = np.stack([gpu.forward([t], c) for t, c in zip([4, 11, 30], lone)])
-    np.testing.assert_array_equal(got, want)
-    close(got, np.stack([cpu.forward([t], c) for t, c in zip([4, 11, 30], ref)]), 1e-4)
-    assert [c.n for c in batched] == [3, 2, 4]
+    gpu = Model(tiny_weights(a, MOE if moe else MIXED), ctx=8, backend="cuda")
+    caches = [gpu.new_cache(), gpu.new_cache()]
+    for c, t in zip(caches, (1, 7)):
+        gpu.forward([t], c)
+    got = gpu.decode([4, 30], caches)
+    assert [c.n for c in caches] == [2, 2]
+    for c in caches:
+        c.truncate(1)
+    np.testing.assert_array_equal(got, np.stack([gpu.forward([t], c) for t, c in zip((4, 30), caches)]))
