@@ -127,6 +127,15 @@ def test_too_large_a_model_is_refused_before_uploading(monkeypatch):
         Model(tiny_weights(a, MIXED), ctx=16, backend="cuda")
 
 
+def test_batch_caches_that_do_not_fit_are_refused(monkeypatch):
+    a = tiny_args(False)
+    ops = ops_cuda.CudaOps(a, make_rope(a, None), 16)
+    assert len(ops.new_caches(16, 2)) == 2
+    monkeypatch.setattr(type(cuda.current_context()), "get_memory_info", lambda self: (1000, 2000))
+    with pytest.raises(ops_cuda.DeviceMemoryError, match="4 KV caches of 16 tokens .* --parallel"):
+        ops.new_caches(16, 4)
+
+
 def test_rope_tables_match_the_cpu_ones():
     a = tiny_args(False)
     rope = make_rope(a, None)

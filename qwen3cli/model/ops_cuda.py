@@ -143,7 +143,15 @@ class CudaOps:
         return KVCache(a.n_layers, a.n_kv_heads, ctx, a.head_dim, "f32", alloc=cuda.device_array)
 
     def new_caches(self, ctx: int, n: int) -> list[KVCache]:
-        return [self.new_cache(ctx) for _ in range(n)]  # attention_rows takes their rows one by one
+        """n caches (attention_rows takes their rows one by one); refused up front, typed, when
+        they do not fit in the GPU's free memory."""
+        need = 2 * self.args.n_layers * self.args.n_kv_heads * ctx * self.args.head_dim * 4 * n
+        free, total = cuda.current_context().get_memory_info()
+        if need > 0.95 * free:
+            raise DeviceMemoryError(f"{n} KV caches of {ctx} tokens need {need / 1e9:.1f} GB on the GPU, "
+                                    f"{free / 1e9:.1f} GB of {total / 1e9:.1f} GB is free: try a smaller --ctx "
+                                    "or --parallel")
+        return [self.new_cache(ctx) for _ in range(n)]
 
     # -- steps ------------------------------------------------------------------------------
     def embed(self, table, ids):
