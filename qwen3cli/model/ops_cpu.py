@@ -140,24 +140,16 @@ class CpuOps:
         return self._rope_at[p, n]
 
     def attention_rows(self, li, ly, q, k, v, caches, ps):
-        """One decode kernel for every row whose cache is in the first row's pool (a batch's
-        are: new_caches); the others one call each. Either way a row runs the same code."""
-        n = q.shape[0]
-        out = np.empty((n, self.args.n_heads * self.args.head_dim), np.float32)
-        same = all(c.pool[0] is caches[0].pool[0] for c in caches)
-        groups = [list(range(n))] if same else [[i] for i in range(n)]
-        q, k, v = (np.ascontiguousarray(t) for t in (q, k, v))
-        for rows in groups:
-            c0 = caches[rows[0]]
-            cos, sin = zip(*(self._cos_sin(ps[i], 1) for i in rows))
-            slots = np.array([caches[i].slot for i in rows], np.int64)
-            at = np.array([ps[i] for i in rows], np.int64)
-            sel = rows if not same else slice(None)
-            o = out[sel] if same else np.empty((1, out.shape[1]), np.float32)
-            layer.attend_rows(q[sel], k[sel], v[sel], ly.q_norm, ly.k_norm, np.float32(self.eps), np.concatenate(cos),
-                              np.concatenate(sin), *c0.pool, li, slots, at, o)
-            if not same:
-                out[rows[0]] = o[0]
+        """One kernel for all rows when their caches share a pool (a batch's: new_caches), else a
+        row at a time; either way a row runs attend_rows' code for one row."""
+        if any(c.pool[0] is not caches[0].pool[0] for c in caches):
+            return np.concatenate([self.attention(li, ly, q[i:i + 1], k[i:i + 1], v[i:i + 1], c, p)
+                                   for i, (c, p) in enumerate(zip(caches, ps))])
+        cos, sin = (np.concatenate(t) for t in zip(*(self._cos_sin(p, 1) for p in ps)))
+        out = np.empty((q.shape[0], self.args.n_heads * self.args.head_dim), np.float32)
+        layer.attend_rows(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), ly.q_norm,
+                          ly.k_norm, np.float32(self.eps), cos, sin, *caches[0].pool, li,
+                          np.array([c.slot for c in caches], np.int64), np.array(ps, np.int64), out)
         return out
 
     def attention(self, li: int, ly, q, k, v, cache: KVCache, p: int) -> np.ndarray:
