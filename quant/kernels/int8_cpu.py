@@ -364,12 +364,12 @@ def _groups(w):  # Q8_0 / Q4_0: (q, d, ...); a step is a group of G blocks
     return w[1].shape[0], w[1].shape[1] // G
 
 
-@njit(cache=True, inline="always")
-def _q8_step(acc, w, x, o, r, g):
+def _group_step(acc, w, x, o, r, g):
+    # group g of weight row r (_group: Q8_0's or Q4_0's; a block is 32 or 16 bytes of q)
     q, d = w[0], w[1]
     nb = d.shape[1]
-    return _q8_group(acc, q, r * q.shape[1] + g * 32 * G, x[0], o[0] + g * 32 * G, x[2], o[2] + g * G, d,
-                     r * nb + g * G, x[1], o[1] + g * G)
+    return _group(acc, q, r * q.shape[1] + g * (q.shape[1] // nb) * G, x[0], o[0] + g * 32 * G, x[2], o[2] + g * G,
+                  d, r * nb + g * G, x[1], o[1] + g * G)
 
 
 def _group_end(acc, w, x, o, r, t, out):
@@ -387,12 +387,6 @@ def _q8_tail(q, r, b, x, o):
     return _q8_block(q, r * q.shape[1] + b * 32, x[0], o[0] + b * 32)
 
 
-@njit(cache=True, inline="always")
-def _q4_step(acc, w, x, o, r, g):
-    q, d = w[0], w[1]
-    nb = d.shape[1]
-    return _q4_group(acc, q, r * q.shape[1] + g * 16 * G, x[0], o[0] + g * 32 * G, x[2], o[2] + g * G, d,
-                     r * nb + g * G, x[1], o[1] + g * G)
 
 
 @njit(cache=True, inline="always")
@@ -437,6 +431,8 @@ def _mv1_q4_0(xq, xd, xs, q, d, out):
 
 
 _INLINE = dict(cache=True, inline="always")
+_q8_step = variant(_group_step, "_q8_step", {"_group": _q8_group}, **_INLINE)
+_q4_step = variant(_group_step, "_q4_step", {"_group": _q4_group}, **_INLINE)
 _q8_end = variant(_group_end, "_q8_end", {"_tail": _q8_tail}, **_INLINE)
 _q4_end = variant(_group_end, "_q4_end", {"_tail": _q4_tail}, **_INLINE)
 _PAR = dict(parallel=True, cache=True)
