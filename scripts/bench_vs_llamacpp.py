@@ -2,7 +2,8 @@
 
     python scripts/bench_vs_llamacpp.py [--shapes 0.6b 1.7b 30b-a3b] [--moe-layers 4]
         [--types q8_0 q4_0 q4_k_m q5_k_m q6_k] [--tests pp128/tg64 pp512/tg128] [--rounds 3]
-        [--reps 3] [--threads 2] [--cache-type q8_0] [--install-llama-cpp]
+        [--reps 3] [--threads 2] [--cache-type q8_0] [--depth 0 4096 16384] [--ctx 32768]
+        [--no-first] [--install-llama-cpp]
 
 Builds random BF16 checkpoints with the exact Qwen3 shapes in --workdir (once; 30b-a3b is
 Qwen3-30B-A3B with only --moe-layers of its 48 layers) and quantizes them with `qwen3cli
@@ -15,7 +16,9 @@ Prints the host CPU, tokens/s (the median of every timed run: --rounds processes
 each, after one warm-up run per process, on both sides), our/llama.cpp ratios, peak RSS and the
 first-token times (medians of the rounds). --cache-type goes to both (ours: --cache-type;
 llama.cpp: type_k/type_v, with flash attention for a quantized cache, which llama.cpp needs for
-the V cache).
+the V cache). --depth D runs each test after D tokens of context, as llama-bench's -d (both
+sides fill it once and cut back to it before every run); --ctx sets both engines' context, for
+peak RSS at a long context.
 llama-cpp-python is not a test requirement (it compiles llama.cpp, 15-20 minutes on 2 cores):
 --install-llama-cpp pip-installs it when missing.
 """
@@ -57,27 +60,35 @@ def peak_mb():
 """
 
 LLAMA_BENCH = LLAMA_COMMON + r"""
-p, n, reps = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+p, n, reps, d, n_ctx = (int(x) for x in sys.argv[4:9])
 t0 = time.perf_counter()
-llm = load(p + n + 8)
+llm = load(n_ctx or p + n + d + 8)
 load_s = time.perf_counter() - t0
-ids = [int(x) for x in np.random.default_rng(0).integers(0, 151936, max(p, 8))]
+ids = [int(x) for x in np.random.default_rng(0).integers(0, 151936, d + max(p, 8))]
+context, ids = ids[:d], ids[d:]
+n_vocab = llm.n_vocab()
+fill_s = None
+if d:  # llama-bench's -d: the context filled once; eval() drops every cached token past n_tokens
+    llm.reset(); t0 = time.perf_counter(); llm.eval(context); fill_s = time.perf_counter() - t0
+def last_argmax():  # the logits of the last token evaluated (scores is not kept without logits_all)
+    return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))))
 pp, tg = [], []
 # as `qwen3cli bench`: each test runs once as a warm-up, then reps timed times; every prefill, then every decode
 for r in range(reps + 1 if p else 0):
-    llm.reset()
+    llm.n_tokens = d
     t0 = time.perf_counter(); llm.eval(ids[:p]); s = p / (time.perf_counter() - t0)
     if r:
         pp.append(s)
 for r in range(reps + 1 if n else 0):
-    llm.reset(); llm.eval(ids[:1])
+    llm.n_tokens = d; llm.eval(ids[:1])
     t0 = time.perf_counter()
     for _ in range(n):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        llm.eval([last_argmax()])
     s = n / (time.perf_counter() - t0)
     if r:
         tg.append(s)
-print(json.dumps({"pp": pp, "tg": tg, "load_s": load_s, "peak_rss_mb": peak_mb()}))
+print(json.dumps({"pp": pp, "tg": tg, "load_s": load_s, "peak_rss_mb": peak_mb(),
+                  **({"fill_s": fill_s} if d else {})}))
 """
 
 LLAMA_FIRST = LLAMA_COMMON + r"""
@@ -95,10 +106,11 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return r
 
 
-def ours(path: Path, p: int, n: int, t: int, kv: str | None, reps: int) -> dict:
+def ours(path: Path, p: int, n: int, t: int, kv: str | None, reps: int, d: int = 0, ctx: int = 0) -> dict:
     kv_flag = ["--cache-type", kv] if kv else []
+    ctx_flag = ["--ctx", str(ctx)] if ctx else []
     r = _run([sys.executable, "-m", "qwen3cli", "bench", str(path), "-p", str(p), "-n", str(n), "-r", str(reps),
-              "--threads", str(t), "--json", *kv_flag])
+              "-d", str(d), "--threads", str(t), "--json", *kv_flag, *ctx_flag])
     return parse_ours(r.stdout)
 
 
@@ -108,11 +120,13 @@ def parse_ours(text: str) -> dict:
     runs: dict[str, list[float]] = {"pp": [], "tg": []}
     for x in d["results"]:
         runs[x["test"][:2]] += x["runs"]
-    return {**runs, "load_s": d["load_s"], "peak_rss_mb": d["peak_rss_mb"]}
+    fills = d.get("fill_s") or {}  # seconds to fill the context to the depth (one depth per call here)
+    return {**runs, "load_s": d["load_s"], "peak_rss_mb": d["peak_rss_mb"], **({"fill_s": max(fills.values())} if fills else {})}
 
 
-def llama(path: Path, p: int, n: int, t: int, kv: str | None, reps: int) -> dict:
-    r = _run([sys.executable, "-c", LLAMA_BENCH, str(path), str(t), kv or "", str(p), str(n), str(reps)])
+def llama(path: Path, p: int, n: int, t: int, kv: str | None, reps: int, d: int = 0, ctx: int = 0) -> dict:
+    r = _run([sys.executable, "-c", LLAMA_BENCH, str(path), str(t), kv or "", str(p), str(n), str(reps), str(d),
+              str(ctx)])
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -209,6 +223,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed runs of each test per process, after one warm-up")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-type", help="KV cache type for both engines (e.g. q8_0); default: each one's own")
+    ap.add_argument("--depth", nargs="+", type=int, default=[0], metavar="D",
+                    help="tokens already in the context before each test (llama-bench's -d)")
+    ap.add_argument("--ctx", type=int, default=0,
+                    help="context both engines allocate (default: just what the test needs); peak RSS at long contexts")
+    ap.add_argument("--no-first", action="store_true", help="skip the start-to-first-token runs")
     ap.add_argument("--install-llama-cpp", action="store_true")
     ap.add_argument("--prepare", action="store_true", help="only write the checkpoints and files (for a later quiet run)")
     a = ap.parse_args()
@@ -230,16 +249,18 @@ def main() -> None:
                 make_file(src, f, t, baseline)
             if a.prepare:
                 continue
-            runs = {(p, n): {"ours": [], "llama.cpp": []} for p, n in a.tests}
+            runs = {(p, n, d): {"ours": [], "llama.cpp": []} for d in a.depth for p, n in a.tests}
             first = []
             for _ in range(a.rounds):  # alternate, so drifts in machine load hit both alike
-                for (p, n), r in runs.items():
-                    r["ours"].append(ours(f, p, n, a.threads, a.cache_type, a.reps))
+                for (p, n, d), r in runs.items():
+                    r["ours"].append(ours(f, p, n, a.threads, a.cache_type, a.reps, d, a.ctx))
                     if baseline:
-                        r["llama.cpp"].append(llama(f, p, n, a.threads, a.cache_type, a.reps))
-                first.append(first_token(f, a.threads, a.cache_type, baseline))
-            rows += [(shape, t, p, n, r) for (p, n), r in runs.items()]
-            firsts.append((shape, t, first))
+                        r["llama.cpp"].append(llama(f, p, n, a.threads, a.cache_type, a.reps, d, a.ctx))
+                if not a.no_first:
+                    first.append(first_token(f, a.threads, a.cache_type, baseline))
+            rows += [(shape, t, p, n, d, r) for (p, n, d), r in runs.items()]
+            if first:
+                firsts.append((shape, t, first))
             print(f"done {shape} {t}", file=sys.stderr, flush=True)
     if not a.prepare:
         report(rows, firsts, a)
@@ -251,16 +272,22 @@ def report(rows, firsts, a) -> None:
 
     print(f"\nhost: {host_cpu()}")
     kv = f", KV cache {a.cache_type}" if a.cache_type else ""
+    kv += f", ctx {a.ctx}" if a.ctx else ""
     print(f"{a.threads} threads{kv}, median of {a.rounds} alternating rounds x {a.reps} runs (tokens/s; "
           "ratio ours/llama.cpp, > 1 is faster)")
-    print(f"{'model':<20}{'test':>13}{'ours pp':>9}{'llama pp':>10}{'ratio':>8}{'ours tg':>9}{'llama tg':>10}"
+    print(f"{'model':<20}{'test':>19}{'ours pp':>9}{'llama pp':>10}{'ratio':>8}{'ours tg':>9}{'llama tg':>10}"
           f"{'ratio':>8}{'ours RSS':>10}{'llama RSS':>11}")
-    for shape, t, p, n, r in rows:
+    for shape, t, p, n, d, r in rows:
         o, ll = r["ours"], r["llama.cpp"]
-        print(f"{shape + ' ' + t:<20}{f'pp{p}/tg{n}':>13}{median(o, 'pp'):>9.1f}{median(ll, 'pp'):>10.1f}"
+        test = f"pp{p}/tg{n}" + (f" @ d{d}" if d else "")
+        if d:  # the fill is a prefill of d tokens from an empty context
+            fill = f"   fill d{d}: {median(o, 'fill_s'):.1f} s / {median(ll, 'fill_s'):.1f} s"
+        print(f"{shape + ' ' + t:<20}{test:>19}{median(o, 'pp'):>9.1f}{median(ll, 'pp'):>10.1f}"
               f"{ratio(median(o, 'pp'), median(ll, 'pp'))}{median(o, 'tg'):>9.1f}{median(ll, 'tg'):>10.1f}"
               f"{ratio(median(o, 'tg'), median(ll, 'tg'))}"
-              f"{median(o, 'peak_rss_mb'):>7.0f} MB{median(ll, 'peak_rss_mb'):>8.0f} MB")
+              f"{median(o, 'peak_rss_mb'):>7.0f} MB{median(ll, 'peak_rss_mb'):>8.0f} MB" + (fill if d else ""))
+    if not firsts:
+        return
     print(f"\nstart to first token (s, whole process, --ctx {FIRST_CTX}; ratio ours/llama.cpp, > 1 is slower; "
           "llama in-process: import + load + eval)")
     print(f"{'model':<20}{'ours':>8}{'llama':>8}{'ratio':>8}{'llama in-process':>18}")

@@ -47,3 +47,20 @@ def test_median_pools_runs_over_rounds():
     assert bvl.median(rounds, "peak_rss_mb") == np.median([r["peak_rss_mb"] for r in rounds])
     assert math.isnan(bvl.median(rounds, "tg"))
     assert math.isnan(bvl.median([], "pp"))
+
+
+def test_parse_ours_keeps_the_fill_time_at_depth():
+    d = json.loads(_our_json([300.0], [40.0]))
+    d["fill_s"] = {"4096": 21.5}
+    assert bvl.parse_ours(json.dumps(d))["fill_s"] == 21.5
+    assert "fill_s" not in bvl.parse_ours(_our_json([300.0], [40.0]))  # no depth, no fill
+
+
+def test_depth_and_ctx_reach_both_commands(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bvl, "_run", lambda cmd: seen.append(cmd) or type("R", (), {"stdout": _our_json([1.0], [])})())
+    bvl.ours(Path("m.gguf"), 512, 0, 2, None, 1, d=4096, ctx=32768)
+    assert seen[-1][seen[-1].index("-d") + 1] == "4096" and seen[-1][seen[-1].index("--ctx") + 1] == "32768"
+    monkeypatch.setattr(bvl, "_run", lambda cmd: seen.append(cmd) or type("R", (), {"stdout": '{"pp": [], "tg": []}'})())
+    bvl.llama(Path("m.gguf"), 512, 0, 2, "q8_0", 1, d=4096, ctx=32768)
+    assert seen[-1][-2:] == ["4096", "32768"] and seen[-1][3:6] == ["m.gguf", "2", "q8_0"]

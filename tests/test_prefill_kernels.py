@@ -1,13 +1,16 @@
-"""Prefill's numba kernels (quant/kernels/prefill_cpu.py) against numpy: the blocked online-softmax
-attention against a plain softmax over the cache's own keys and values (odd lengths, GQA, a prefix
-already cached, every cache type), the fused q/k norms + RoPE + cache write against ops_cpu's
-numpy steps, and the engine's prefill with the kernels against it without them."""
+"""Prefill's numba kernels (quant/kernels/prefill_cpu.py, attention_cpu.py) against numpy: the
+blocked online-softmax attention against a plain softmax over the cache's own keys and values (odd
+lengths, GQA, a prefix already cached, every cache type), decode's flash-decoding split over
+several chunks against the same plain softmax and against itself on one thread, the fused q/k
+norms + RoPE + cache write against ops_cpu's numpy steps, and the engine's prefill with the
+kernels against it without them."""
 
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from quant.kernels import attention_cpu as attn
 from quant.kernels import prefill_cpu as pre
 from qwen3cli.io.loader import load
 from qwen3cli.model.forward import Model
@@ -40,7 +43,7 @@ def plain_attention(q: np.ndarray, cache: KVCache, li: int, p: int) -> np.ndarra
     (1, 0, 2, 2),  # one token, no GQA
     (37, 0, 6, 2),  # odd length over two query blocks, G = 3
     (37, 70, 4, 1),  # a prefix already cached: 107 keys, over two key tiles, G = 4
-    (pre.BQ, pre.BK - 1, 8, 4),  # block edges exactly
+    (attn.BQ, attn.BK - 1, 8, 4),  # block edges exactly
     (131, 5, 4, 2),
 ])
 def test_blocked_attention_equals_plain_softmax(cache_type, n, p, Hq, Hkv):
@@ -55,8 +58,61 @@ def test_blocked_attention_equals_plain_softmax(cache_type, n, p, Hq, Hkv):
     cache.write(1, p, k[:, p:], v[:, p:])
     q = (rng.standard_normal((Hq, n, D)) * 2).astype(np.float32)
     out = np.full((n, Hq * D), np.nan, np.float32)
-    pre.attend(q, cache.k, cache.v, cache.ks, cache.vs, 1, p, out)
+    attn.attend(q, cache.k, cache.v, cache.ks, cache.vs, 1, p, out)
     np.testing.assert_allclose(out, plain_attention(q, cache, 1, p), rtol=2e-5, atol=2e-5)
+
+
+def _decode_rows(cache_type, ps, Hq=8, Hkv=2, D=64):
+    """attend_rows on a pool of len(ps) slots whose slot i holds ps[i] random keys before its
+    new token (row i's data drawn from seed i alone): returns the output, the pool and the
+    normed, rotated q rows (Hq, 1, D) each."""
+    rng = np.random.default_rng(99)
+    qn, kn = (rng.uniform(0.5, 1.5, D).astype(np.float32) for _ in range(2))
+    rope = Rope(1.0 / (10000.0 ** (np.arange(0, D, 2) / D)), 1.0)
+    n = len(ps)
+    pool = KVCache.pooled(n, 1, Hkv, max(ps) + 1, D, cache_type)
+    q, k, v = (np.empty((n, H * D), np.float32) for H in (Hq, Hkv, Hkv))
+    for i, (c, p) in enumerate(zip(pool, ps)):
+        rng = np.random.default_rng(i)
+        # keys of very different sizes: the running max grows across tiles and chunks
+        keys = (rng.standard_normal((Hkv, p, D)) * rng.uniform(0.1, 4, (1, p, 1))).astype(np.float32)
+        c.write(0, 0, keys, rng.standard_normal((Hkv, p, D)).astype(np.float32))
+        for x in (q, k, v):
+            x[i] = rng.standard_normal(x.shape[1]) * 2
+    cos, sin = (np.concatenate(t) for t in zip(*(rope.cos_sin(np.arange(p, p + 1)) for p in ps)))
+    out = np.full((n, Hq * D), np.nan, np.float32)
+    attn.attend_rows(q, k, v, qn, kn, EPS, cos, sin, *pool[0].pool, 0, np.array([c.slot for c in pool]),
+                     np.array(ps, np.int64), out)
+    qr = [apply_rope(rms_norm(q[i].reshape(1, Hq, D), qn, EPS), cos[i:i + 1], sin[i:i + 1]).transpose(1, 0, 2)
+          for i in range(n)]
+    return out, pool, qr
+
+
+@pytest.mark.parametrize("cache_type", CACHE_TYPES)
+def test_flash_decoding_equals_plain_softmax(cache_type):
+    """Rows at depths of one chunk, a chunk's edge and several chunks (attn.CH keys each)."""
+    ps = [0, 5, attn.CH - 1, attn.CH, 3 * attn.CH + 17]
+    out, pool, qr = _decode_rows(cache_type, ps)
+    for i, (c, p) in enumerate(zip(pool, ps)):
+        np.testing.assert_allclose(out[i], plain_attention(qr[i], c, 0, p)[0], rtol=2e-5, atol=2e-5)
+
+
+def test_flash_decoding_is_the_same_on_one_thread_and_alone():
+    """The chunks follow the position only: one thread gives two threads' bits, and a row of a
+    batch gives what it gives alone."""
+    import numba
+
+    ps = [2 * attn.CH + 3, 40]
+    both, _, _ = _decode_rows("f16", ps)
+    alone, _, _ = _decode_rows("f16", ps[:1])
+    was = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        one, _, _ = _decode_rows("f16", ps)
+    finally:
+        numba.set_num_threads(was)
+    assert np.array_equal(both, one)
+    assert np.array_equal(both[0], alone[0])
 
 
 def test_blocked_attention_keeps_nan():
@@ -66,7 +122,7 @@ def test_blocked_attention_keeps_nan():
     cache.k[0, 0, 3, 5] = np.nan  # a corrupt key reaches every token that sees it, and only those
     q = rng.standard_normal((1, 40, 32)).astype(np.float32)
     out = np.empty((40, 32), np.float32)
-    pre.attend(q, cache.k, cache.v, cache.ks, cache.vs, 0, 0, out)
+    attn.attend(q, cache.k, cache.v, cache.ks, cache.vs, 0, 0, out)
     assert np.isfinite(out[:3]).all() and np.isnan(out[3:]).all(axis=1).all()
 
 

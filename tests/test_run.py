@@ -152,10 +152,17 @@ def test_bench_at_depth(tiny):
     runs = [c for c in calls[1:] if c[1] == 20]  # each pp run and each tg run's first token
     assert runs == [(5, 20)] * 3 + [(1, 20)] * 3
     assert all(n == 1 for n, _ in calls[1:] if _ != 20)  # the rest is decode
+    from qwen3cli.runtime.bench import Context
+
+    calls.clear()  # one Context for the calls at a depth: pp and tg share one fill
+    context = Context(20)
+    run_bench(engine, prompt=5, gen=0, reps=1, depth=20, context=context)
+    run_bench(engine, prompt=0, gen=2, reps=1, depth=20, context=context)
+    assert calls.count((20, 0)) == 1 and context.fill_s > 0
     r = CliRunner().invoke(app, ["bench", str(tiny), "-d", "16", "-p", "4", "-n", "2", "-r", "1", "--json"])
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
-    assert d["depth"] == 16 and d["ctx"] >= 16 + 4 + 2
+    assert d["depth"] == 16 and d["ctx"] >= 16 + 4 + 2 and d["fill_s"]["16"] > 0
     assert [x["test"] for x in d["results"]] == ["pp4 @ d16", "tg2 @ d16"]
     r = CliRunner().invoke(app, ["bench", str(tiny), "-d", "40", "--ctx", "32"])
     assert r.exit_code == 1 and "--ctx must be at least" in r.stderr

@@ -1,15 +1,12 @@
 """The float steps of a prefill as numba kernels over all threads: RMSNorm, SwiGLU, residual
-adds, the q/k norms + RoPE + cache write of every token, and causal attention in blocks.
+adds, the q/k norms + RoPE + cache write of every token (the attention itself, in blocks, is
+attention_cpu.py's).
 
 numpy ran each of these on one core, several passes and temporaries per step (the q/k norms
 and RoPE alone were ~10 ufunc calls a layer); here each is one pass, split over rows (or heads
 x query blocks). They match the numpy path (ops_cpu.py, kept for --exact) to float32 rounding:
 sums are reassociated and x / sqrt(.) becomes x * (1 / sqrt(.)).
 
-`attend` never holds a score matrix larger than one tile: each (KV head, query block) job walks
-the keys in blocks with an online softmax (running max and sum, the accumulator rescaled when
-the max grows), reading the cache in its own format (f32, f16 or q8_0, kv_cpu.py). So a 32K
-prompt needs no (n, T) scores, and nothing keys-long is kept beyond the cache itself.
 """
 
 from __future__ import annotations
@@ -19,11 +16,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .kv_cpu import _bits_f32, kv_load, kv_store
+from .kv_cpu import _bits_f32, kv_store
 from .layer_cpu import FAST, _norm_rope, rms_norm_row
-
-BQ = 32  # query tokens per attention job: with G heads per KV head, G * BQ rows share each key tile
-BK = 64  # keys per tile: K, V and the scores of one tile stay in L1 / L2
 
 
 @njit(cache=True, inline="always", fastmath=FAST)
@@ -32,9 +26,10 @@ def _exp(x):
     numba's np.exp is a libm call per value. Worked in float64: x = k ln2 + f, |f| <= ln2 / 2,
     e**f by its Taylor series to f**10 (relative error < 1e-11), times 2**k, rounded once to
     float32: the correctly rounded value, as glibc's expf gives, but where the exact one lies
-    within ~1e-11 of a halfway point. So prefill's softmax rounds as decode's (np.exp in
-    layer_cpu.attend_one): a last-bit difference there flips 8-bit activations downstream
-    (measured: a 0.8% move of the logits of a tiny q8_0 model from token 4 on). Below -87 the
+    within ~1e-11 of a halfway point. The softmax of prefill and decode (attention_cpu.py)
+    and the exact path's numpy (np.exp) round alike: a last-bit difference there flips 8-bit
+    activations downstream (measured: a 0.8% move of the logits of a tiny q8_0 model from
+    token 4 on). Below -87 the
     result is 0 (a subnormal for numpy, nothing a sum can see); NaN stays NaN."""
     y = np.float64(max(x, np.float32(-87.0)))
     kf = math.floor(y * 1.4426950408889634 + 0.5)
@@ -102,87 +97,3 @@ def qk_rope_store(q, k, v, qn, kn, eps, cos, sin, kc, vc, ks, vs, li, p, qout):
             for d in range(D):
                 row[d] = v[i, h * D + d]
             kv_store(row, vc, vs, li, h, p + i)
-
-
-@njit(parallel=True, cache=True, fastmath=FAST)
-def attend(q, kc, vc, ks, vs, li, p, out):
-    """Causal attention of tokens p..p+n over the cache's positions 0..p+n of layer li.
-    q (Hq, n, D) after norm and RoPE; out (n, Hq D). One job per (KV head, block of BQ query
-    tokens), threads over jobs; per job, the G query heads of the KV head and the block's
-    tokens are G * BQ rows that share each tile of BK keys (read from the cache once per job).
-    Keys go four at a time: one read of the query row (or the accumulator) serves four."""
-    Hq, n, D = q.shape
-    Hkv = kc.shape[1]
-    G = Hq // Hkv
-    scale = np.float32(1.0 / math.sqrt(D))
-    nqb = (n + BQ - 1) // BQ
-    for job in prange(Hkv * nqb):
-        h = job // nqb
-        qb = nqb - 1 - job % nqb  # the last blocks see the most keys: they start first
-        s0 = qb * BQ
-        c = min(n, s0 + BQ) - s0
-        R = G * c  # row r: query head h G + r // c, token s0 + r % c
-        K = np.empty((BK, D), np.float32)
-        V = np.empty((BK, D), np.float32)
-        qs = np.empty((R, D), np.float32)
-        acc = np.zeros((R, D), np.float32)
-        m = np.full(R, -np.inf, np.float32)
-        tot = np.zeros(R, np.float32)
-        s = np.empty(BK, np.float32)
-        for r in range(R):
-            for d in range(D):
-                qs[r, d] = q[h * G + r // c, s0 + r % c, d]
-        end = p + s0 + c  # keys 0..end: up to the block's last token
-        for t0 in range(0, end, BK):
-            b = min(end, t0 + BK) - t0
-            for t in range(b):
-                kv_load(K[t], kc, ks, li, h, t0 + t)
-                kv_load(V[t], vc, vs, li, h, t0 + t)
-            for r in range(R):
-                lim = min(b, p + s0 + r % c + 1 - t0)  # token at position P sees keys 0..P
-                if lim <= 0:
-                    continue
-                t = 0
-                while t + 4 <= lim:
-                    a0 = a1 = a2 = a3 = np.float32(0.0)
-                    for d in range(D):
-                        x = qs[r, d]
-                        a0 += x * K[t, d]
-                        a1 += x * K[t + 1, d]
-                        a2 += x * K[t + 2, d]
-                        a3 += x * K[t + 3, d]
-                    s[t], s[t + 1], s[t + 2], s[t + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
-                    t += 4
-                for u in range(t, lim):
-                    a = np.float32(0.0)
-                    for d in range(D):
-                        a += qs[r, d] * K[u, d]
-                    s[u] = a * scale
-                mx = m[r]
-                for t in range(lim):
-                    mx = max(mx, s[t])
-                if mx > m[r]:  # a larger max: what was summed so far shrinks by exp(old - new)
-                    corr = _exp(m[r] - mx)
-                    tot[r] *= corr
-                    for d in range(D):
-                        acc[r, d] *= corr
-                    m[r] = mx
-                sm = np.float32(0.0)
-                for t in range(lim):
-                    s[t] = _exp(s[t] - mx)
-                    sm += s[t]
-                tot[r] += sm
-                t = 0
-                while t + 4 <= lim:
-                    e0, e1, e2, e3 = s[t], s[t + 1], s[t + 2], s[t + 3]
-                    for d in range(D):
-                        acc[r, d] += (e0 * V[t, d] + e1 * V[t + 1, d]) + (e2 * V[t + 2, d] + e3 * V[t + 3, d])
-                    t += 4
-                for u in range(t, lim):
-                    e0 = s[u]
-                    for d in range(D):
-                        acc[r, d] += e0 * V[u, d]
-        for r in range(R):
-            o = (h * G + r // c) * D
-            for d in range(D):  # as decode's attend_one: scale after the dot, divide at the end
-                out[s0 + r % c, o + d] = acc[r, d] / tot[r]

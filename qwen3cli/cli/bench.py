@@ -35,7 +35,7 @@ def bench(
     """Measure prefill and decode speed, like llama-bench."""
     import numba
 
-    from ..runtime.bench import peak_rss_mb, run_bench
+    from ..runtime.bench import Context, peak_rss_mb, run_bench
 
     ps, ns, ds = _counts(prompt, "-p"), _counts(gen, "-n"), _counts(depth, "-d")
     if reps < 1 or not any(ps + ns):
@@ -47,26 +47,31 @@ def bench(
     t0 = time.perf_counter()
     engine = open_engine(model, ctx or need, quant, device, exact, cache_type=cache_value(cache))
     load_s = time.perf_counter() - t0
-    results, depths = [], []
+    results, depths, fills = [], [], {}
     for d in ds:  # llama-bench's order: every prefill test, then every decode test, per depth
+        context = Context(d)  # filled once for this depth's tests, then let go
         for p in (p for p in ps if p):
-            results += run_bench(engine, p, 0, reps, d)
+            results += run_bench(engine, p, 0, reps, d, context)
             depths.append(d)
         for n in (n for n in ns if n):
-            results += run_bench(engine, 0, n, reps, d)
+            results += run_bench(engine, 0, n, reps, d, context)
             depths.append(d)
+        if d:
+            fills[d] = context.fill_s
     info = {"model": engine.loaded.name, "source": engine.loaded.source, "device": engine.model.device,
             "ctx": engine.ctx, "depth": ds[0] if len(ds) == 1 else ds, "cache_type": engine.model.cache_type,
             "threads": numba.get_num_threads(),
             "load_s": round(load_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-            "weights_mb": round(engine.model.w.nbytes / 1e6, 1), "params": _params(engine), "exact": exact}
+            "weights_mb": round(engine.model.w.nbytes / 1e6, 1), "params": _params(engine), "exact": exact,
+            "fill_s": {str(d): round(s, 3) for d, s in fills.items()}}
     if as_json:
         out.print_json(json.dumps({**info, "results": [
             {"test": r.test, "tokens": r.tokens, "depth": d, "tokens_per_s": round(r.mean, 2), "std": round(r.std, 2),
              "runs": [round(x, 2) for x in r.runs]} for r, d in zip(results, depths)]}))
         return
     where = "CUDA" if info["device"] == "cuda" else "CPU"
-    out.print(f"KV cache {info['cache_type']} · load {load_s:.2f} s · peak RSS {info['peak_rss_mb']:.0f} MB",
+    filled = "".join(f" · {d} tokens of context in {s:.1f} s" for d, s in fills.items())
+    out.print(f"KV cache {info['cache_type']} · load {load_s:.2f} s · peak RSS {info['peak_rss_mb']:.0f} MB{filled}",
               highlight=False, markup=False)
     t = Table()  # llama-bench's columns
     for c in ("model", "size", "params", "backend", "threads", "test", "t/s"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from quant.kernels import attention_cpu as attn
 from quant.kernels import layer_cpu as layer
 from quant.kernels import prefill_cpu as pre
 from quant.kernels import threads
@@ -147,7 +148,7 @@ class CpuOps:
                                    for i, (c, p) in enumerate(zip(caches, ps))])
         cos, sin = (np.concatenate(t) for t in zip(*(self._cos_sin(p, 1) for p in ps)))
         out = np.empty((q.shape[0], self.args.n_heads * self.args.head_dim), np.float32)
-        layer.attend_rows(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), ly.q_norm,
+        attn.attend_rows(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), ly.q_norm,
                           ly.k_norm, np.float32(self.eps), cos, sin, *caches[0].pool, li,
                           np.array([c.slot for c in caches], np.int64), np.array(ps, np.int64), out)
         return out
@@ -159,7 +160,7 @@ class CpuOps:
         cos, sin = self._cos_sin(p, n)
         if n == 1:  # decode: attention_rows' kernel, a row of a pool of one
             out = np.empty((1, Hq * D), np.float32)
-            layer.attend_rows(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), ly.q_norm,
+            attn.attend_rows(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), ly.q_norm,
                               ly.k_norm, np.float32(self.eps), cos, sin, *cache.pool, li,
                               np.full(1, cache.slot, np.int64), np.full(1, p, np.int64), out)
             return out
@@ -168,7 +169,7 @@ class CpuOps:
             pre.qk_rope_store(q, k, v, ly.q_norm, ly.k_norm, np.float32(self.eps), cos, sin,
                               cache.k, cache.v, cache.ks, cache.vs, li, p, qh)
             out = np.empty((n, Hq * D), np.float32)
-            pre.attend(qh, cache.k, cache.v, cache.ks, cache.vs, li, p, out)
+            attn.attend(qh, cache.k, cache.v, cache.ks, cache.vs, li, p, out)
             return out
         q = apply_rope(rms_norm(q.reshape(n, Hq, D), ly.q_norm, self.eps), cos, sin)
         k = apply_rope(rms_norm(k.reshape(n, Hkv, D), ly.k_norm, self.eps), cos, sin)

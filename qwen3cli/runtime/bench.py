@@ -49,24 +49,37 @@ def peak_rss_mb() -> float:
     return kb / (1 << 20) if sys.platform == "darwin" else kb / 1024
 
 
-def run_bench(engine: Engine, prompt: int = 128, gen: int = 64, reps: int = 3, depth: int = 0) -> list[BenchResult]:
+@dataclass
+class Context:
+    """A context filled to `depth` tokens, kept between run_bench calls at that depth, and how
+    long the fill took (a prefill of `depth` tokens from empty: the long-prompt figure)."""
+    depth: int = 0
+    cache: object = None
+    fill_s: float = 0.0
+
+
+def run_bench(engine: Engine, prompt: int = 128, gen: int = 64, reps: int = 3, depth: int = 0,
+              context: Context | None = None) -> list[BenchResult]:
     """pp / tg tests; with depth, both run after `depth` tokens already in the cache (llama-bench's
-    -d): the context is filled once and cut back to it before every run."""
+    -d): the context is filled once and cut back to it before every run. Pass the same `context`
+    to the calls at one depth to fill it once for all of them."""
     m = engine.model
     ids = [int(t) for t in np.random.default_rng(0).integers(0, engine.args.vocab_size, max(prompt, 1) + depth)]
-    ids, context = ids[depth:], ids[:depth]
+    ids, head = ids[depth:], ids[:depth]
     at = f" @ d{depth}" if depth else ""
-    base = None
+    if context is None or context.depth != depth:
+        context = Context(depth)
 
     def fresh():
-        nonlocal base
         if not depth:
             return m.new_cache()
-        if base is None:
-            base = m.new_cache()
-            m.forward(context, base)
-        base.truncate(depth)
-        return base
+        if context.cache is None:
+            context.cache = m.new_cache()
+            t0 = time.perf_counter()
+            m.forward(head, context.cache)
+            context.fill_s = time.perf_counter() - t0
+        context.cache.truncate(depth)
+        return context.cache
 
     results = []
     if prompt:
