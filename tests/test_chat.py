@@ -363,7 +363,7 @@ def test_a_message_that_overflows_is_warned_about_before_the_reply(gguf_model, f
     fake(thought="t", answer="a")
     conv = Conversation(small, ChatSettings(max_tokens=8))
     for i in range(10):  # exchanges until the next message no longer fits with them
-        new = ("message number %d " % i * 2).rstrip()
+        new = (f"message number {i} " * 2).rstrip()
         need = len(hf_ids(hf_tok, conv.template_messages() + [{"role": "user", "content": new}]))
         if need > 88:  # 96 less the 8 kept for the reply
             break
