@@ -77,12 +77,12 @@ def fake(engine, monkeypatch):
     return install
 
 
-def drive(engine, keys: str, settings=None, display="show", conv=None):
+def drive(engine, keys: str, settings=None, display="show", conv=None, width=120):
     conv = conv or Conversation(engine, settings or ChatSettings())
     out = io.StringIO()
     with create_pipe_input() as inp:
         session = make_prompt_session(input=inp, output=DummyOutput(), history=InMemoryHistory())
-        ui = ChatUI(conv, Console(file=out, width=120), session, display=display)
+        ui = ChatUI(conv, Console(file=out, width=width), session, display=display)
         inp.send_text(keys)
         ui.loop()
     return conv, out.getvalue()
@@ -283,3 +283,120 @@ def test_markdown_streams_a_tail_that_fits_then_renders_whole(engine, fake):
         inp.send_text("go\r/exit\r")
         ui.loop()
     assert all(f"line {i}" in out.getvalue() for i in range(60))  # the end render has every line
+
+
+# -- long inputs: /file, the overflow warning, the refusal ------------------------------------------
+
+def ui_for(conv):
+    """A ChatUI whose commands are called directly; returns it and its output buffer."""
+    out = io.StringIO()
+    return ChatUI(conv, Console(file=out, width=400), None), out
+
+
+def hf_ids(hf_tok, messages):
+    return list(hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def test_file_goes_into_the_next_message_in_order(engine, fake, hf_tok, tmp_path):
+    f = fake(answer="Seen.")
+    (tmp_path / "notes.txt").write_text("The secret number is 42.\n")
+    (tmp_path / "code.md").write_text("Run:\n```sh\nmake\n```\n")  # a fence inside: ours must be longer
+    conv, out = drive(engine, f"/file {tmp_path / 'notes.txt'}\r/file '{tmp_path / 'code.md'}'\r"
+                              "what is it?\rand now?\r/exit\r")
+    want = ("notes.txt:\n```\nThe secret number is 42.\n```\n\n"
+            "code.md:\n````\nRun:\n```sh\nmake\n```\n````\n\nwhat is it?")
+    assert conv.messages[0]["content"] == want
+    assert f.prompts[0] == hf_ids(hf_tok, [{"role": "user", "content": want}])
+    # the files went with that message only
+    assert "42" not in conv.messages[2]["content"] and conv.pending == []
+    n = len(hf_tok.encode("notes.txt:\n```\nThe secret number is 42.\n```", add_special_tokens=False))
+    assert f"attached notes.txt: {n} tokens; with the conversation the next prompt takes about {n} of 512 tokens" in out
+    assert "(2 files)" in out
+
+
+def test_attached_files_show_in_the_status_bar_and_reset_drops_them(engine, fake, hf_tok, tmp_path):
+    f = fake()
+    (tmp_path / "a.txt").write_text("alpha beta gamma " * 20)
+    conv = Conversation(engine, ChatSettings())
+    ui, out = ui_for(conv)
+    assert "ctx 0/512 (0%)" in ui.toolbar()
+    ui.command(f"/file {tmp_path / 'a.txt'}")
+    n = conv.pending_tokens
+    assert n == len(hf_tok.encode("a.txt:\n```\n" + ("alpha beta gamma " * 20).rstrip("\n") + "\n```",
+                                  add_special_tokens=False))
+    assert f"ctx 0+{n}/512 ({round(100 * n / 512)}%)" in ui.toolbar()
+    ui.command("/help")
+    assert "/file" in out.getvalue()
+    ui.command("/reset")
+    assert "conversation cleared (and 1 attached file)" in out.getvalue() and conv.pending == []
+    list(conv.send("hello"))
+    assert f.prompts[0] == hf_ids(hf_tok, [{"role": "user", "content": "hello"}])
+    used = conv.context_used
+    assert used > 0 and f"ctx {used}/512 ({round(100 * used / 512)}%)" in ui.toolbar()
+
+
+def test_file_bad_paths_are_one_line_each_and_attach_nothing(engine, fake, tmp_path):
+    fake()
+    (tmp_path / "bin.dat").write_bytes(b"ELF\x00\x01\x02text")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "huge.txt").write_bytes(b"a" * (1 << 20))  # more bytes than a 512-token context holds
+    (tmp_path / "long.txt").write_text("word " * 2000)  # few bytes, but more tokens than a message may take
+    cases = {"missing.txt": "no such file", ".": "is a directory", "bin.dat": "binary",
+             "latin1.txt": "not UTF-8 text (byte 3)", "empty.txt": "empty", "huge.txt": "1048576 bytes, more than",
+             "long.txt": "tokens, more than a message can take: the context holds 512"}
+    conv = Conversation(engine, ChatSettings())
+    ui, out = ui_for(conv)  # wide: each message is one line
+    for name in [*cases, ""]:
+        ui.command(f"/file {tmp_path / name if name else ''}".strip())
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    assert len(lines) == len(cases) + 1, out  # one line each, then /file's usage
+    for line, (name, needle) in zip(lines, cases.items()):
+        assert line.startswith("error: ") and needle in line and "Traceback" not in line, (name, line)
+    assert "usage: /file PATH" in lines[-1]
+    assert conv.pending == [] and conv.messages == []
+
+
+def test_a_message_that_overflows_is_warned_about_before_the_reply(gguf_model, fake, hf_tok):
+    path, _ = gguf_model("q8_0", dtype="f32", std=0.05, peaked=True)
+    small = Engine(load(path), ctx=96)
+    fake(thought="t", answer="a")
+    conv = Conversation(small, ChatSettings(max_tokens=8))
+    for i in range(10):  # exchanges until the next message no longer fits with them
+        new = (f"message number {i} " * 2).rstrip()
+        need = len(hf_ids(hf_tok, conv.template_messages() + [{"role": "user", "content": new}]))
+        if need > 88:  # 96 less the 8 kept for the reply
+            break
+        assert not [e for e in conv.send(new) if isinstance(e, Notice)]
+    assert i >= 2
+    conv, out = drive(small, f"{new}\r/exit\r", conv=conv, width=400)
+    warning = f"context full: dropped the oldest exchange (the history and this message take {need} tokens; 88 fit"
+    assert out.startswith(warning) and "\na\n" in out  # the warning, then the reply
+    assert conv.messages[0]["content"].startswith("message number 1") and conv.messages[-2]["content"] == new
+
+
+def test_a_message_that_cannot_fit_is_refused_and_the_chat_goes_on(gguf_model, fake, hf_tok, tmp_path):
+    path, _ = gguf_model("q8_0", dtype="f32", std=0.05, peaked=True)
+    small = Engine(load(path), ctx=96)
+    fake(thought="t", answer="a")
+    (tmp_path / "part.txt").write_text("one two three four five six seven eight nine ten " * 3)
+    long = " ".join(["word"] * 120)
+    conv, out = drive(small, f"hi\r{long}\r/file {tmp_path / 'part.txt'}\r{' '.join(['word'] * 60)}\r"
+                             "still here?\r/exit\r", settings=ChatSettings(max_tokens=8), width=400)
+    n = len(hf_ids(hf_tok, [{"role": "user", "content": long}]))
+    assert f"error: this message takes {n} tokens; the context holds 96 and 8 are kept for the reply" in out
+    assert "this message (with its 1 attached file) takes" in out and "its files are dropped" in out
+    assert [m["content"] for m in conv.messages if m["role"] == "user"] == ["hi", "still here?"]
+    assert conv.pending == [] and conv.messages[-1]["content"] == "a"
+
+
+def test_path_arguments_complete_as_paths(tmp_path):
+    from prompt_toolkit.document import Document
+
+    from qwen3cli.cli.chat_ui import SlashCompleter
+
+    (tmp_path / "notes.txt").write_text("x")
+    for cmd in ("/file", "/load"):
+        got = [c.text for c in SlashCompleter().get_completions(Document(f"{cmd} {tmp_path}/no"), None)]
+        assert got == ["tes.txt"], (cmd, got)
+    assert [c.text for c in SlashCompleter().get_completions(Document("/fi"), None)] == ["/file"]

@@ -220,3 +220,70 @@ def test_yarn_tables_match_transformers_at_long_positions(factor):
     np.testing.assert_allclose(np.concatenate([c, c], -1), cos[0].numpy(), atol=5e-4)
     np.testing.assert_allclose(np.concatenate([s, s], -1), sin[0].numpy(), atol=5e-4)
     assert scaling_for_context(_args(), 32768) is None
+
+
+def _rope_in_float64(self, x, position_ids):
+    """transformers' Qwen3RotaryEmbedding.forward with the angles position * inv_freq in float64
+    (the attention scaling is its own)."""
+    freqs = position_ids[..., None].double() * self.inv_freq.double()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+# A query 33K or 100K positions past a key is what YaRN is for. A real prefill that long costs
+# minutes (one thread, 2 layers of 64: 33K tokens 9 s here and 4 s in transformers, 101K 211 s and
+# 90 s), so both sides leave the positions between out: the prompt at 0..7, then the rest from
+# `start` on (our skip_positions, transformers' position_ids), through the same tables and
+# kernels (a prefill chunk, then decode steps). transformers computes its angles in float32: its
+# inv_freq (1e-7 off ours, which test_yarn_tables checks) times 1e5 positions, rounded to float32
+# (0.008 rad at 1e5 rad), moves its logits by 1.6e-4 of the range here at 33K and 4.7e-4 at 100K
+# (ours: 6e-7 at both from the reference). So the reference is transformers with its table in
+# float64 (ours) and float64 angles; stock transformers is held to twice what was measured.
+@pytest.mark.parametrize("start", [32_768 + 1_000, 100_000 + 7])
+def test_yarn_logits_match_transformers_past_32k_and_100k(gguf_model, monkeypatch, start):
+    path, hf_dir = gguf_model("f32", **CASES["yarn"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                           attn_implementation="sdpa").eval()
+    assert hf.config.rope_parameters["rope_type"] == "yarn" and hf.config.rope_parameters["factor"] == 4.0
+    ids = torch.tensor([PROMPT + STEPS])
+    # the mask given: transformers would take a jump in position_ids for a new (packed) sequence
+    kw = dict(position_ids=torch.cat([torch.arange(len(PROMPT)), torch.arange(start, start + len(STEPS))])[None],
+              attention_mask=torch.ones_like(ids))
+    w = load(path).weights
+    table = Model(w, ctx=64, exact=True).rope.inv_freq
+    emb = hf.model.rotary_emb
+    np.testing.assert_allclose(emb.inv_freq.numpy(), table, rtol=2e-7)  # the same table, rounded to float32
+    with torch.no_grad():
+        stock = hf(ids, **kw).logits[0].numpy()
+        monkeypatch.setattr(transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding, "forward",
+                            _rope_in_float64)
+        emb.inv_freq = torch.from_numpy(table)
+        ref = hf(ids, **kw).logits[0].numpy()
+    span = ref.max() - ref.min()
+    for exact in (True, False):  # the BLAS prefill and the prefill kernels; one decode kernel
+        model = Model(w, ctx=64, exact=exact, cache_type="f32")
+        assert model.rope.attn_factor > 1  # the file's YaRN, not plain RoPE
+        cache = model.new_cache()
+        got = [model.forward(PROMPT, cache, all_logits=True)]
+        model.skip_positions(cache, start - len(PROMPT))
+        got.append(model.forward(STEPS[:16], cache, all_logits=True))
+        got.append(np.stack([model.forward([t], cache) for t in STEPS[16:]]))
+        got = np.concatenate(got)
+        assert cache.n == len(PROMPT + STEPS)  # the cache holds only the tokens run
+        err = np.abs(got - ref).max() / span
+        assert err <= 1e-4, f"exact={exact}: max abs diff {err:.2e} of the logit range past {start}"
+        assert np.abs(got - stock).max() / span <= 1e-8 * start
+        # the distance reaches the logits: without the gap they are another model's
+        assert np.abs(our_logits(model)[len(PROMPT):] - ref[len(PROMPT):]).max() / span > 100 * max(err, 1e-6)
+
+
+def test_skip_positions_is_checked(gguf_model):
+    path, _ = gguf_model("f32", **CASES["yarn"])
+    model = Model(load(path).weights, ctx=16, exact=True, cache_type="f32")
+    cache = model.new_cache()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="positions to skip"):
+            model.skip_positions(cache, bad)
+    model.skip_positions(cache, 5)
+    model.skip_positions(cache, 2)
+    assert cache.rope_offset == 7 and model.new_cache().rope_offset == 0

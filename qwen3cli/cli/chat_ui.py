@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.completion import Completer, Completion, PathCompleter
+from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 from rich.console import Console
@@ -20,8 +21,8 @@ from rich.live import Live
 from rich.markdown import Markdown
 from rich.text import Text
 
-from ..runtime.conversation import (SAMPLING_KEYS, Conversation, Notice, SettingError, check_sampling,
-                           check_setting)
+from ..runtime.conversation import (SAMPLING_KEYS, AttachError, Conversation, Notice, SettingError,
+                                    check_sampling, check_setting)
 from ..errors import Qwen3CliError
 from ..runtime.generation import BUDGET_NOTE, Done
 
@@ -39,6 +40,7 @@ COMMANDS = {
     "/budget": "N | off: close the thinking after N tokens",
     "/system": "[TEXT]: set (or show) the system prompt",
     "/set": "[temp|top_p|top_k|min_p|presence_penalty|repeat_penalty|max_tokens|seed VALUE]: show or change settings",
+    "/file": "PATH: attach a text file to your next message (several: in order)",
     "/stats": "tokens, context, speed, prefix reuse",
     "/retry": "regenerate the last reply",
     "/undo": "drop the last exchange",
@@ -48,6 +50,7 @@ COMMANDS = {
     "/exit": "leave (also /quit, Ctrl-D)",
 }
 ALIASES = {"/clear": "/reset", "/quit": "/exit", "/bye": "/exit", "/?": "/help"}
+PATH_COMMANDS = ("/file", "/save", "/load")  # their argument completes as a path
 
 
 def _whole(text: str) -> int | None:
@@ -70,9 +73,23 @@ def data_dir() -> Path:
     return Path(base)
 
 
+def _unquoted(arg: str) -> str:
+    """A path as typed, or as a terminal pastes a dropped file: in quotes."""
+    if len(arg) >= 2 and arg[0] == arg[-1] and arg[0] in "'\"":
+        return arg[1:-1]
+    return arg
+
+
 class SlashCompleter(Completer):
+    def __init__(self):
+        self.paths = PathCompleter(expanduser=True)
+
     def get_completions(self, document, complete_event):
         text = document.text_before_cursor
+        name, space, arg = text.partition(" ")
+        if name in PATH_COMMANDS and space:
+            yield from self.paths.get_completions(Document(arg.lstrip()), complete_event)
+            return
         if not text.startswith("/") or " " in text:
             if text.startswith("/thinking "):
                 word = text.split(" ", 1)[1]
@@ -113,7 +130,7 @@ class ChatUI:
         if c.engine.mode != "hybrid":
             mode += " (fixed)"
         speed = f" │ {self.last_tps:.1f} tok/s" if self.last_tps else ""
-        return f" {c.engine.loaded.name} │ {mode} │ ctx {c.context_used}/{c.engine.ctx}{speed} │ /help"
+        return f" {c.engine.loaded.name} │ {mode} │ {_context(c)}{speed} │ /help"
 
     def say(self, text: str, style: str = "dim") -> None:
         self.console.print(Text(text, style=style))
@@ -246,6 +263,8 @@ class ChatUI:
                 self.say(f"system prompt: {s.system!r}" if s.system else "no system prompt")
         elif name == "/set":
             self._set(arg)
+        elif name == "/file":
+            self._file(arg)
         elif name == "/stats":
             self._stats()
         elif name == "/retry":
@@ -256,9 +275,10 @@ class ChatUI:
         elif name == "/undo":
             self.say("dropped the last exchange" if c.undo() else "nothing to undo")
         elif name == "/reset":
+            files = len(c.pending)
             c.reset()
             self.last_tps = 0.0
-            self.say("conversation cleared")
+            self.say("conversation cleared" + (f" (and {files} attached file{'s' if files > 1 else ''})" if files else ""))
         elif name in ("/save", "/load"):
             if not arg:
                 self.say(f"usage: {name} FILE", "yellow")
@@ -276,6 +296,27 @@ class ChatUI:
             hint = _suggest(name, arg)
             self.say(f"unknown command {name}{hint} (/help lists them; start with // to send a literal /)", "yellow")
         return None
+
+    def _file(self, arg: str) -> None:
+        c = self.conv
+        if not arg:
+            for a in c.pending:
+                self.say(f"  {a.name}: {a.tokens} tokens")
+            self.say("usage: /file PATH (attaches it to your next message)" if not c.pending
+                     else f"{len(c.pending)} file(s) go with your next message; /reset drops them", "yellow")
+            return
+        try:
+            a = c.attach(_unquoted(arg))
+        except AttachError as e:
+            self.say(f"error: {e}", "red")
+            return
+        more = f" ({len(c.pending)} files)" if len(c.pending) > 1 else ""
+        self.say(f"attached {a.name}: {a.tokens} tokens; with the conversation the next prompt takes about "
+                 f"{c.context_used + c.pending_tokens} of {c.engine.ctx} tokens ({_share(c)}){more}; "
+                 "it goes with your next message")
+        if c.context_used + c.pending_tokens > c.room:
+            self.say(f"that is more than the {c.room} tokens a prompt may take ({c.engine.ctx - c.room} are kept for "
+                     "the reply): the oldest exchanges will be dropped when you send it", "yellow")
 
     def _set(self, arg: str) -> None:
         c, s = self.conv, self.conv.settings
@@ -311,6 +352,9 @@ class ChatUI:
         c, d = self.conv, self.conv.last
         self.console.print(f"  context      {c.context_used} / {c.engine.ctx} tokens, {len(c.messages)} messages",
                            highlight=False)
+        if c.pending:
+            self.console.print(f"  attached     {len(c.pending)} file(s), {c.pending_tokens} tokens, for the next message",
+                               highlight=False)
         if d is None:
             return
         prefilled = d.prompt_tokens - d.cached_tokens
@@ -320,6 +364,17 @@ class ChatUI:
         self.console.print(f"               generated {d.completion_tokens} tokens ({d.thinking_tokens} thinking) "
                            f"at {d.decode_tps:.1f} tok/s", highlight=False)
         self.console.print(f"  session      reused {c.total_reused} prompt tokens in all", highlight=False)
+
+
+def _share(c: Conversation) -> str:
+    """The share of the context that the history and the files waiting for the next message take."""
+    return f"{100 * (c.context_used + c.pending_tokens) / c.engine.ctx:.0f}%"
+
+
+def _context(c: Conversation) -> str:
+    """'ctx 1200+800/8192 (24%)': the context in use, the attached files' tokens, their share."""
+    files = f"+{c.pending_tokens}" if c.pending else ""
+    return f"ctx {c.context_used}{files}/{c.engine.ctx} ({_share(c)})"
 
 
 class _TurnRenderer:

@@ -69,6 +69,18 @@ class Model:
     def new_cache(self):
         return self.ops.new_cache(self.ctx)
 
+    def skip_positions(self, cache, n: int) -> None:
+        """Run the cache's next tokens n positions further on, without the tokens between: their
+        queries and keys then sit a long way from the keys already held, as in a long context,
+        without prefilling one (the long-position parity test's hook; attention sees only the
+        rows held). For a cache that is not truncated below this point after; the CPU only
+        (the GPU's RoPE tables end at ctx)."""
+        if type(n) is not int or n < 0:  # noqa: E721 (a bool is not a count)
+            raise ValueError(f"positions to skip must be a whole number, at least 0, got {n!r}")
+        if self.device != "cpu":
+            raise ValueError(f"skipping positions is for the CPU backend, not {self.device}")
+        cache.rope_offset += n
+
     def new_caches(self, n: int) -> list:
         """n caches of the whole context (a batch's), refused up front if they cannot all fit."""
         check_context(self.args, self.ctx, self.device, self.cache_type, caches=n)

@@ -77,6 +77,8 @@ class KVCache:
     `pooled` makes several caches in one (a batch's, serve --parallel), so one attention
     kernel reaches all their rows; a lone cache is a pool of one (views, no copy)."""
 
+    rope_offset = 0  # RoPE position less row index of the rows written from now on (Model.skip_positions)
+
     def __init__(self, n_layers: int, n_kv: int, ctx: int, head_dim: int, cache_type: str = "f32",
                  alloc=lazy_zeros, slots: int = 0):
         shape = (max(slots, 1), n_layers, n_kv, ctx, head_dim)

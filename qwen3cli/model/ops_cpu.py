@@ -146,7 +146,7 @@ class CpuOps:
         if any(c.pool[0] is not caches[0].pool[0] for c in caches):
             return np.concatenate([self.attention(li, ly, q[i:i + 1], k[i:i + 1], v[i:i + 1], c, p)
                                    for i, (c, p) in enumerate(zip(caches, ps))])
-        cos, sin = (np.concatenate(t) for t in zip(*(self._cos_sin(p, 1) for p in ps)))
+        cos, sin = (np.concatenate(t) for t in zip(*(self._cos_sin(c.rope_offset + p, 1) for c, p in zip(caches, ps))))
         out = np.empty((q.shape[0], self.args.n_heads * self.args.head_dim), np.float32)
         attn.attend_rows(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), ly.q_norm,
                           ly.k_norm, np.float32(self.eps), cos, sin, *caches[0].pool, li,
@@ -157,7 +157,7 @@ class CpuOps:
         """q/k norms, RoPE, the cache write and causal attention; (n, Hq * D) before the output projection."""
         a = self.args
         n, D, Hq, Hkv = q.shape[0], a.head_dim, a.n_heads, a.n_kv_heads
-        cos, sin = self._cos_sin(p, n)
+        cos, sin = self._cos_sin(cache.rope_offset + p, n)  # p is the cache row; RoPE's may be further on
         if n == 1:  # decode: attention_rows' kernel, a row of a pool of one
             out = np.empty((1, Hq * D), np.float32)
             attn.attend_rows(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), ly.q_norm,

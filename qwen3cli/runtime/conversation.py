@@ -1,6 +1,7 @@
 """A multi-turn conversation over an Engine: per-turn thinking switches, a thinking budget,
 KV prefix reuse between turns, dropping the oldest turns when the context fills, retry, undo,
-and save/load. No printing: `send()` yields generation events and Notices for the front end.
+save/load, and text files attached to the next message. No printing: `send()` yields generation
+events and Notices for the front end.
 
 Settings are checked field by field wherever they come from (a saved file, /set), so a bad value
 is refused where it enters instead of failing every later turn.
@@ -16,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from quant.files import InputFileError, read_json
+from quant.files import InputFileError, check_regular, read_bytes, read_json
 
 from ..errors import Qwen3CliError
 from ..io.files import atomic_output
@@ -37,6 +38,7 @@ MESSAGE_FIELDS = {"role": str, "content": str, "think": (bool, type(None)), "thi
                   "interrupted": bool}
 FORMAT = "qwen3cli-chat"
 MAX_CHAT_FILE = 256 << 20  # bytes; a 128K-token context is a few MB of text
+MAX_ATTACHED = 16 << 20  # bytes; no context holds that much text, and tokenizing it takes seconds
 
 
 class _TooLong:
@@ -51,6 +53,10 @@ class ChatFileError(Qwen3CliError):
     """A saved chat cannot be read or written."""
 
 
+class AttachError(Qwen3CliError):
+    """A file cannot be attached: missing, not a regular file, not text, or too large to fit."""
+
+
 class SettingError(Qwen3CliError):
     """A chat setting has a wrong type or is out of range."""
 
@@ -62,6 +68,23 @@ class SettingError(Qwen3CliError):
 @dataclass(frozen=True)
 class Notice:
     text: str
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A text file for the next message: `block` is what the message gets, `tokens` its size."""
+    name: str
+    block: str
+    tokens: int
+
+
+def file_block(name: str, text: str) -> str:
+    """The file's name, then its text in a fence longer than any run of backticks inside it
+    (CommonMark's rule), so a file holding a fenced block does not end ours early."""
+    body, fence = text.rstrip("\n"), "```"
+    while fence in body:
+        fence += "`"
+    return f"{name}:\n{fence}\n{body}\n{fence}"
 
 
 @dataclass
@@ -167,6 +190,7 @@ class Conversation:
         self.last: Done | None = None
         self.total_reused = 0
         self._history_tokens: tuple = (None, 0)  # (what it was counted for, tokens)
+        self.pending: list[Attachment] = []  # files for the next message, in the order attached
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -188,6 +212,17 @@ class Conversation:
                 n = 0
             self._history_tokens = (key, n)
         return self._history_tokens[1]
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens the attached files will add to the next message."""
+        return sum(a.tokens for a in self.pending)
+
+    @property
+    def room(self) -> int:
+        """Tokens a prompt may take: the rest of the context is kept for the reply."""
+        ctx = self.engine.ctx
+        return ctx - min(self.settings.max_tokens or 1024, ctx // 4)
 
     def thinks(self, override: bool | None = None) -> bool:
         return self.engine.thinks(self.settings.think if override is None else override)
@@ -212,10 +247,47 @@ class Conversation:
         self.rng = np.random.default_rng(seed)
 
     # -- turns ---------------------------------------------------------------------------------
+    def attach(self, path: str | Path) -> Attachment:
+        """Read a UTF-8 text file for the next message (several go in the order attached).
+        AttachError when it is missing, not a regular file, binary, or larger than a message
+        can be in this context; nothing is attached then."""
+        path = Path(path).expanduser()
+        e = self.engine
+        # more bytes than the context could hold whatever they tokenize to: refused unread
+        limit = min(MAX_ATTACHED, self.room * e.longest_token())
+        try:
+            size = check_regular(path, "text file")
+            if size > limit:
+                raise AttachError(f"{path}: {size} bytes, more than a message can hold in a {e.ctx}-token context"
+                                  if limit < MAX_ATTACHED else f"{path}: {size} bytes, more than {MAX_ATTACHED >> 20} MB")
+            data = read_bytes(path, limit, "text file")
+        except InputFileError as err:
+            raise AttachError(str(err)) from None
+        if b"\0" in data:  # valid UTF-8, but no text file holds NUL bytes
+            raise AttachError(f"{path}: a binary file (it holds NUL bytes), not UTF-8 text")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise AttachError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        if not text.strip():
+            raise AttachError(f"{path}: empty, nothing to attach")
+        block = file_block(path.name, text)
+        tokens = len(e.tokenizer.encode(block, add_special_tokens=False).ids)
+        if tokens > self.room:
+            raise AttachError(f"{path}: {tokens} tokens, more than a message can take: the context holds {e.ctx} "
+                              f"and {e.ctx - self.room} are kept for the reply (raise --ctx)")
+        att = Attachment(path.name, block, tokens)
+        self.pending.append(att)
+        return att
+
     def send(self, text: str) -> Iterator[Token | Done | Notice]:
+        """Answer `text`, after the attached files' blocks; the files go with it (also when the
+        message is refused: they were part of it)."""
         text, override = split_soft_switch(text)
-        self.messages.append({"role": "user", "content": text, "think": override})
-        return self._reply(pending=self.messages[-1])
+        files, self.pending = self.pending, []
+        content = "\n\n".join([a.block for a in files] + [text])
+        self.messages.append({"role": "user", "content": content, "think": override})
+        return self._reply(pending=self.messages[-1], files=len(files))
 
     def retry(self) -> Iterator[Token | Done | Notice]:
         """Regenerate the last reply (the last user message stays)."""
@@ -237,16 +309,19 @@ class Conversation:
 
     def reset(self) -> None:
         self.messages.clear()
+        self.pending.clear()
         self.prefix.clear()
         self.last = None  # /stats' "last turn" and the session's figures start over too
         self.total_reused = 0
 
-    def _prompt(self, override: bool | None) -> tuple[Any, list[Notice]]:
+    def _prompt(self, override: bool | None, files: int = 0) -> tuple[Any, list[Notice]]:
         """The prompt for the next reply; when the history does not fit, the oldest exchanges go,
-        as few as possible. A history of any length (a loaded one too) costs a few renders: what
-        cannot fit is cut by its length in characters, the rest by a binary search."""
+        as few as possible, and a Notice says so before anything is generated. A history of any
+        length (a loaded one too) costs a few renders: what cannot fit is cut by its length in
+        characters, the rest by a binary search. `files`: how many attached files the message
+        being answered holds (the refusal names them)."""
         e = self.engine
-        room = e.ctx - min(self.settings.max_tokens or 1024, e.ctx // 4)  # the rest is kept for the reply
+        room = self.room
         think = self.settings.think if override is None else override
         renders: dict[int, Any] = {}
 
@@ -263,11 +338,13 @@ class Conversation:
         starts = [i for i, m in enumerate(self.messages) if i == 0 or m["role"] == "user"]
         lo = self._cut_by_length(starts, room)
         if len(prompt(starts[lo]).ids) <= room:
-            return renders[starts[lo]], self._dropped(starts[lo])
+            return renders[starts[lo]], self._dropped(starts[lo], renders.get(0), room)
         if len(prompt(starts[-1]).ids) > room:  # never truncate the current message: refuse it
             size = "too many" if prompt(starts[-1]) is _TOO_LONG else len(prompt(starts[-1]).ids)
-            raise ContextFull(f"this message takes {size} tokens; the context holds {e.ctx} "
-                              f"and {e.ctx - room} are kept for the reply (raise --ctx)")
+            with_files = f" (with its {files} attached file{'s' if files > 1 else ''})" if files else ""
+            raise ContextFull(f"this message{with_files} takes {size} tokens; the context holds {e.ctx} "
+                              f"and {e.ctx - room} are kept for the reply (raise --ctx); it was not sent"
+                              + (" and its files are dropped" if files else ""))
         hi = len(starts) - 1  # starts[lo] does not fit, starts[hi] does: find the first that does
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -275,7 +352,7 @@ class Conversation:
                 hi = mid
             else:
                 lo = mid
-        return renders[starts[hi]], self._dropped(starts[hi])
+        return renders[starts[hi]], self._dropped(starts[hi], renders.get(0), room)
 
     def _cut_by_length(self, starts: list[int], room: int) -> int:
         """The first exchange from which the history may fit: no token stands for more characters
@@ -291,19 +368,24 @@ class Conversation:
             first = j
         return first
 
-    def _dropped(self, start: int) -> list[Notice]:
+    def _dropped(self, start: int, whole: Any, room: int) -> list[Notice]:
+        """Drop the messages before `start`, and the Notice that says how many and why; `whole`:
+        the render of the whole history, when it was made (a history cut by its length is not)."""
         if not start:
             return []
         exchanges = sum(1 for i, m in enumerate(self.messages[:start]) if i == 0 or m["role"] == "user")
         del self.messages[:start]
+        need = f"{len(whole.ids)} tokens" if whole is not None and whole is not _TOO_LONG else f"more than {room}"
+        why = (f"(the history and this message take {need}; {room} fit, {self.engine.ctx - room} of the "
+               f"{self.engine.ctx} are kept for the reply)")
         if exchanges == 1:
-            return [Notice("context full: dropped the oldest exchange")]
-        return [Notice(f"context full: dropped the oldest {exchanges} exchanges ({start} messages)")]
+            return [Notice(f"context full: dropped the oldest exchange {why}")]
+        return [Notice(f"context full: dropped the oldest {exchanges} exchanges ({start} messages) {why}")]
 
-    def _reply(self, pending: dict | None = None) -> Iterator[Token | Done | Notice]:
+    def _reply(self, pending: dict | None = None, files: int = 0) -> Iterator[Token | Done | Notice]:
         override = self.messages[-1].get("think")
         try:
-            p, notices = self._prompt(override)
+            p, notices = self._prompt(override, files)
         except BaseException:  # a message that cannot be prompted (too long, the template refused it) is not kept
             if pending is not None and self.messages and self.messages[-1] is pending:
                 self.messages.pop()
