@@ -19,6 +19,7 @@ from ..runtime.engine import Engine
 from ..safe_text import printable
 from .answer import ToolCall
 from .conn import HeadBudget, TimedWriter, at_eof, linger, refuse_busy
+from . import logprobs as lp_shape
 from .guard import Cors, Limits, body_length, is_loopback, names_loopback, preflight_headers, single
 from .protocol import APIError, parse_chat, parse_completion, parse_json, tool_call_json
 from .worker import PARALLEL, Content, Defaults, Finish, Reasoning, Worker
@@ -42,6 +43,14 @@ class OpenAIServer(ThreadingHTTPServer):
         # on loopback only this machine can connect, unless a web page's name resolves here
         self.check_host = is_loopback(self.server_address[0])
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self._names: lp_shape.TokenNames | None = None
+
+    @property
+    def names(self) -> lp_shape.TokenNames:
+        """Token texts for logprobs, cached across requests."""
+        if self._names is None:
+            self._names = lp_shape.TokenNames(self.worker.engine.tokenizer)
+        return self._names
 
     def ready(self, engine: Engine, defaults: Defaults | None = None) -> None:
         """The model is loaded: requests are served from now on (until then /health says
@@ -297,7 +306,7 @@ class _Handler(BaseHTTPRequestHandler):
         job = w.prepare_chat(req)
         pieces = w.run_chat(job, self._client_left)
         if req.stream:
-            return self._stream_chat(pieces, req.include_usage)
+            return self._stream_chat(pieces, req.include_usage, req.reasoning_logprobs)
         reasoning, content, calls, finish = [], [], [], None
         for x in pieces:
             if isinstance(x, Finish):
@@ -311,25 +320,39 @@ class _Handler(BaseHTTPRequestHandler):
                    "reasoning_content": "".join(r.text for r in reasoning) or None}
         if calls:
             message["tool_calls"] = [tool_call_json(c) for c in calls]
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = self._chat_logprobs([e for c in content for e in c.logprobs],
+                                           [e for r in reasoning for e in r.logprobs] if req.reasoning_logprobs else None)
         self._send_json(200, {**self._head("chat.completion"),
                               "choices": [{"index": 0, "message": message, "finish_reason": finish.reason,
-                                           "logprobs": None}],
+                                           "logprobs": logprobs}],
                               "usage": finish.usage})
+
+    def _chat_logprobs(self, content: list, reasoning: list | None) -> dict:
+        out = {"content": lp_shape.chat(content, self.server.names), "refusal": None}
+        if reasoning is not None:
+            out["reasoning_content"] = lp_shape.chat(reasoning, self.server.names)
+        return out
 
     def _completion(self, body) -> None:
         req = self._parsed(parse_completion, body)
         w = self.server.worker
         job = w.prepare_completion(req)
         pieces = w.run_completion(job, self._client_left)
+        first = job.ids[0]
         if req.stream:
-            return self._stream_completion(pieces, req.include_usage)
+            return self._stream_completion(pieces, req.include_usage, req.logprobs is not None, first)
         *texts, finish = list(pieces) or [None]
         if not isinstance(finish, Finish):
             self.close_connection = True
             return
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = lp_shape.completion([e for t in texts for e in t.logprobs], self.server.names, 0, first)[0]
         self._send_json(200, {**self._head("text_completion"),
                               "choices": [{"index": 0, "text": "".join(t.text for t in texts),
-                                           "finish_reason": finish.reason, "logprobs": None}],
+                                           "finish_reason": finish.reason, "logprobs": logprobs}],
                               "usage": finish.usage})
 
     # -- streaming --------------------------------------------------------------------------------
@@ -338,22 +361,25 @@ class _Handler(BaseHTTPRequestHandler):
             self._id = f"{'chatcmpl' if obj.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         return {"id": self._id, "object": obj, "created": int(time.time()), "model": self.server.model_id}
 
-    def _stream_chat(self, pieces, include_usage: bool) -> None:
+    def _stream_chat(self, pieces, include_usage: bool, reasoning_logprobs: bool = False) -> None:
         self._start_events()
         head = self._head("chat.completion.chunk")
 
-        def chunk(delta: dict, finish: str | None = None) -> None:
+        def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> None:
             self._event({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                              "logprobs": None}]})
+                                              "logprobs": logprobs}]})
 
         n_calls = 0
         try:
             chunk({"role": "assistant", "content": ""})
             for x in pieces:
                 if isinstance(x, Reasoning):
-                    chunk({"reasoning_content": x.text})
+                    chunk({"reasoning_content": x.text},
+                          logprobs=self._chat_logprobs([], list(x.logprobs)) if x.logprobs else None)
                 elif isinstance(x, Content):
-                    chunk({"content": x.text})
+                    chunk({"content": x.text}, logprobs=self._chat_logprobs(list(x.logprobs),
+                                                                           [] if reasoning_logprobs else None)
+                          if x.logprobs else None)
                 elif isinstance(x, ToolCall):
                     chunk({"tool_calls": [tool_call_json(x, n_calls)]})
                     n_calls += 1
@@ -367,14 +393,18 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             pieces.close()  # a write that failed: the client left, stop generating
 
-    def _stream_completion(self, pieces, include_usage: bool) -> None:
+    def _stream_completion(self, pieces, include_usage: bool, logprobs: bool = False, first: int = 0) -> None:
         self._start_events()
         head = self._head("text_completion")
+        offset = 0
         try:
             for x in pieces:
                 finish = x.reason if isinstance(x, Finish) else None
+                lp = None
+                if logprobs and not finish:
+                    lp, offset = lp_shape.completion(x.logprobs, self.server.names, offset, first)
                 self._event({**head, "choices": [{"index": 0, "text": "" if finish else x.text,
-                                                  "finish_reason": finish, "logprobs": None}]})
+                                                  "finish_reason": finish, "logprobs": lp}]})
                 if finish:
                     if include_usage:
                         self._event({**head, "choices": [], "usage": x.usage})
