@@ -54,8 +54,11 @@ def completion(entries, names: TokenNames, offset: int, first_id: int | None = N
     """The legacy columns for these tokens, their text starting at character `offset` of the
     reply; and the offset after them. A None entry is the prompt's first token (`first_id`),
     which nothing predicts: null, as OpenAI's echo gives it. The top dict holds the chosen token
-    too (as vLLM's), so `logprob == max(top)` says whether it was the greedy choice."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    too (as vLLM's), so `logprob == max(top)` says whether it was the greedy choice. `content`
+    has the scored tokens again in chat's shape, which is what llama-server answers here (its
+    clients read that; OpenAI's and lm-eval read the columns)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": [],
+           "content": chat([e for e in entries if e is not None], names)}
     for e in entries:
         tid = first_id if e is None else e.id
         text = names.text(tid)
