@@ -10,12 +10,12 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-
 from test_serve import engine, start  # noqa: F401 (fixtures)
 
 RECORDED = Path(__file__).parent / "data" / "llama_server_replies.json"
@@ -154,3 +154,19 @@ def test_against_a_live_llama_server(server, live_llama_server):
         text = json.dumps({"llama_server": version, "replies": theirs}, indent=1, ensure_ascii=False)
         RECORDED.write_text(text.replace(json.dumps(path)[1:-1], Path(path).name) + "\n")  # no temporary dir
     assert compare(our_replies(server), theirs) == []
+
+
+def test_lm_eval_scores_through_both_endpoints(server, tmp_path):
+    """scripts/interop_lm_eval.py: loglikelihood and generate_until through local-completions,
+    generate_until through local-chat-completions, each ending with numbers."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")  # lm-eval[api]
+    script = Path(__file__).parent.parent / "scripts" / "interop_lm_eval.py"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, str(script), "--base-url", server.url.removesuffix("/v1"), "--limit", "2"],
+                       capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    ok = [line.split()[:3] for line in r.stdout.splitlines() if line.startswith("local-")]
+    assert ok == [["local-completions", "qwen3cli_interop_mc", "ok"],
+                  ["local-completions", "qwen3cli_interop_gen", "ok"],
+                  ["local-chat-completions", "qwen3cli_interop_gen", "ok"]]
