@@ -411,6 +411,22 @@ def test_completion_logprobs_with_echo_cover_the_prompt(client, script, engine):
     assert got == {"tokens": lp.tokens, "token_logprobs": lp.token_logprobs, "text_offset": lp.text_offset}
 
 
+def test_scoring_a_long_prompt_alone(client, server, engine):
+    """max_tokens 0 with echo scores the prompt and writes nothing; a prompt of several prefill
+    chunks (64 tokens each) is scored across their seams."""
+    ids = enc(engine, " ".join(f"word{i}" for i in range(60)))
+    assert len(ids) > 2 * 64
+    rows = reference(engine, ids, 1)
+    c = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    lp = c.choices[0].logprobs
+    assert c.choices[0].text == engine.tokenizer.decode(ids) and c.choices[0].finish_reason == "length"
+    assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (len(ids), 0)
+    assert lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([rows[j, t] for j, t in enumerate(ids[1:])], abs=1e-5)
+    without_echo = {"model": "tiny", "prompt": "x", "max_tokens": 0}
+    assert raw(server, "POST", "/v1/completions", without_echo)[1]["error"]["param"] == "max_tokens"
+
+
 def test_batched_requests_each_get_their_own_rows(engine, script):
     """Four requests decoded together: each one's logprobs are of its own logits row."""
     seq = script.say(" and then some more words came out of it")

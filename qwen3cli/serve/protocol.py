@@ -399,12 +399,14 @@ def parse_completion(body: Any, model_id: str) -> CompletionRequest:
         raise _bad("'prompt' must be a non-empty string or list of token ids (one prompt per request)", "prompt")
     if body.get("suffix") is not None:
         raise _bad("'suffix' is not supported", "suffix")
-    max_tokens = _number(body, "max_tokens", 1, 1 << 30, integer=True)
+    echo = _bool(body, "echo") or False
+    # max_tokens 0 with echo: score the prompt only (OpenAI's and vLLM's idiom for loglikelihood)
+    max_tokens = _number(body, "max_tokens", 0 if echo else 1, 1 << 30, integer=True)
     if body.get("top_logprobs") is not None:
         raise _bad("'top_logprobs' is for chat; on completions 'logprobs' is the number of top tokens",
                    "top_logprobs")
     return CompletionRequest(prompt, max_tokens=16 if max_tokens is None else max_tokens,
-                             echo=_bool(body, "echo") or False,
+                             echo=echo,
                              logprobs=_number(body, "logprobs", 0, MAX_TOP_LOGPROBS, integer=True), **_common(body))
 
 

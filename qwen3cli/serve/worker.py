@@ -146,7 +146,9 @@ class Worker:
     def _submit(self, job: Job, opened: bool, cancelled: Callable[[], bool]) -> Ticket:
         e = self.engine
         matcher = job.grammar.matcher(e.tokenizer, e.loaded.stop_ids, e.args.vocab_size) if job.grammar else None
-        return self.batcher.submit(Request(job.ids, job.sampler, e.loaded.stop_ids, job.max_tokens, opened,
+        # max_tokens 0 (a prompt scored, nothing written): the batcher runs one step, its token unsaid
+        return self.batcher.submit(Request(job.ids, job.sampler, e.loaded.stop_ids,
+                                           1 if job.max_tokens == 0 else job.max_tokens, opened,
                                            job.thinking_budget, matcher, job.thinks, job.logprobs,
                                            job.prompt_logprobs), cancelled)
 
@@ -211,6 +213,8 @@ class Worker:
                 if isinstance(ev, PromptLogprobs):
                     yield Content(job.echo, tuple(ev.logprobs))
                     continue
+                if job.max_tokens == 0:
+                    break
                 n += 1
                 said.add(ev.logprob)
                 yield from (said.piece(t) for t in text.push(decoder.push(ev.id)))
@@ -222,7 +226,9 @@ class Worker:
             return
         yield from (said.piece(t) for t in text.finish())
         yield from said.rest()
-        if done is None:
+        if job.max_tokens == 0:
+            yield Finish("length", usage(len(job.ids), 0, 0, ticket.cached))
+        elif done is None:
             yield Finish("stop", usage(len(job.ids), n, 0, ticket.cached))
         else:
             yield Finish("stop" if done.finish_reason == "stop" else "length",
