@@ -103,7 +103,8 @@ def test_options_map_to_ours(client, script, sampled):  # noqa: F811
     script.say("one two three four five")
     r = client.chat(model="tiny", messages=HI, think=False,
                     options={"temperature": 0.3, "top_p": 0.5, "top_k": 7, "min_p": 0.1, "seed": 42,
-                             "repeat_penalty": 1.1, "num_predict": 2, "num_thread": 2})
+                             "repeat_penalty": 1.1, "num_predict": 2, "num_thread": 2, "mirostat": 0,
+                             "repeat_last_n": 64})
     p = sampled[-1]
     assert (p.temperature, p.top_p, p.top_k, p.min_p, p.seed, p.repeat_penalty) == (0.3, 0.5, 7, 0.1, 42, 1.1)
     assert r.done_reason == "length" and r.eval_count == 2
@@ -157,6 +158,7 @@ def test_a_load_request_answers_loaded(client):
     (lambda c: c.show("llama3"), 404, "not found"),
     (lambda c: c.chat(model="tiny", messages=HI, options={"temperature": "hot"}), 400, "temperature"),
     (lambda c: c.chat(model="tiny", messages=HI, options={"mirostat": 2}), 400, "mirostat"),
+    (lambda c: c.chat(model="tiny", messages=HI, options={"repeat_last_n": 8}), 400, "repeat_last_n"),
     (lambda c: c.chat(model="tiny", messages=HI, options={"warp_speed": 9}), 400, "warp_speed"),
     (lambda c: c.chat(model="tiny", messages=[{"role": "robot", "content": "x"}]), 400, "role"),
     (lambda c: c.chat(model="tiny", messages=HI, think="very"), 400, "think"),

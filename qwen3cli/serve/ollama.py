@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -34,8 +34,9 @@ from .protocol import (
 # ollama's options that choose how a model is loaded and run; the server's own flags decide those
 LOAD_OPTIONS = frozenset({"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all",
                           "vocab_only", "use_mmap", "use_mlock", "embedding_only", "num_thread", "num_keep"})
-# sampling options we do not have, and the value that means "off" (allowed)
-OFF_OPTIONS = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat": 0, "frequency_penalty": 0.0, "penalize_newline": False}
+# sampling options we do not vary, and the one value each may take: off, or ours (repeat_last_n)
+FIXED_OPTIONS = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat": 0, "frequency_penalty": 0.0, "penalize_newline": False,
+                 "repeat_last_n": 64}
 MAX_STOPS = 16
 
 
@@ -46,7 +47,6 @@ class Parsed:
     req: ChatRequest | CompletionRequest | None
     num_ctx: int | None = None
     stream: bool = True  # ollama streams unless told not to
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def name_of(model_id: str) -> str:
@@ -54,10 +54,10 @@ def name_of(model_id: str) -> str:
     return model_id if ":" in model_id else f"{model_id}:latest"
 
 
-def check_model(body: Any, model_id: str, key: str = "model") -> None:
+def check_model(body: Any, model_id: str) -> None:
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
-    m = body.get(key, body.get("name") if key == "model" else None)
+    m = body.get("model", body.get("name"))  # older clients' /api/show sends "name"
     if not isinstance(m, str) or not m:
         raise APIError("model is required")
     if m not in (model_id, name_of(model_id)):
@@ -66,14 +66,15 @@ def check_model(body: Any, model_id: str, key: str = "model") -> None:
 
 def _options(body: dict) -> dict:
     o = _object(body, "options")
-    unknown = sorted(set(o) - LOAD_OPTIONS - set(OFF_OPTIONS) - {
+    unknown = sorted(set(o) - LOAD_OPTIONS - set(FIXED_OPTIONS) - {
         "temperature", "top_p", "top_k", "min_p", "num_predict", "num_ctx", "seed", "stop", "repeat_penalty",
-        "repeat_last_n", "presence_penalty"})
+        "presence_penalty"})
     if unknown:
         raise APIError(f"unknown option {_shown(unknown[0])}", param=f"options.{unknown[0]}")
-    for name, off in OFF_OPTIONS.items():
-        if name in o and o[name] is not None and o[name] != off:
-            raise APIError(f"option {name} is not supported (only {json.dumps(off)}, off)", param=f"options.{name}")
+    for name, only in FIXED_OPTIONS.items():
+        if o.get(name) is not None and (o[name] != only or isinstance(o[name], bool) != isinstance(only, bool)):
+            raise APIError(f"option {name} can only be {json.dumps(only)} here, got {_shown(o[name])}",
+                           param=f"options.{name}")
     w = "options."
     top_k = _number(o, "top_k", 0, 1 << 30, integer=True, where=w)
     sampling = Sampling(temperature=_number(o, "temperature", 0, 2, where=w), top_p=_number(o, "top_p", 0, 1, where=w),
@@ -86,7 +87,6 @@ def _options(body: dict) -> dict:
     if sampling.seed is not None and sampling.seed < 0:
         # ollama's -1 is "random", as an absent seed
         sampling.seed = None if sampling.seed == -1 else sampling.seed & ((1 << 64) - 1)
-    _number(o, "repeat_last_n", -1, 1 << 30, integer=True, where=w)
     n = _number(o, "num_predict", -2, 1 << 30, integer=True, where=w)
     if n == 0:
         raise APIError("'options.num_predict' must be -1 (no limit), -2 (fill the context) or at least 1",
