@@ -6,6 +6,8 @@ from datetime import datetime
 
 import ollama
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_serve import enc, engine, raw, script, start  # noqa: F401 (fixtures)
 
 from qwen3cli.serve.worker import Worker
@@ -174,3 +176,41 @@ def test_errors_in_ollamas_shape(client, server, call, status, says):
     got, body = raw(server, "POST", "/api/chat", {"model": "tiny", "messages": "hi"})
     assert got == 400 and set(body) == {"error"}
     assert raw(server, "GET", "/api/chat")[0] == 405 and set(raw(server, "GET", "/api/nothing")[1]) == {"error"}
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats(allow_nan=False)
+                    | st.text(max_size=8) | st.sampled_from(["json", "low", "tiny", "user", "", "function"]),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                        st.sampled_from(["role", "content", "type", "function", "name", "x"]), inner, max_size=3),
+                    max_leaves=6)
+BASES = {"/api/chat": {"model": "tiny", "messages": HI, "stream": False, "think": False,
+                       "options": {"num_predict": 2}},
+         "/api/generate": {"model": "tiny", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}},
+         "/api/show": {"model": "tiny"}}
+# not "format": a schema that parses would meet the scripted sampler, which writes "ok" past its mask
+FIELDS = [(path, f) for path, fields in {
+    "/api/chat": ["model", "messages", "messages.0", "messages.0.role", "messages.0.content", "messages.0.images",
+                  "messages.0.thinking", "tools", "think", "options", "options.temperature",
+                  "options.top_k", "options.seed", "options.stop", "options.num_ctx", "options.num_predict",
+                  "logprobs", "top_logprobs", "keep_alive"],
+    "/api/generate": ["prompt", "system", "raw", "context", "template", "think", "options.top_p",
+                      "options.mirostat", "options.num_thread"],
+    "/api/show": ["model", "name"]}.items() for f in fields]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from(FIELDS), value=JSON)
+def test_any_value_in_any_field_is_answered_in_ollamas_shape(server, script, case, value):  # noqa: F811
+    """Whatever a client puts in a field: a reply, and when it is an error, ollama's {"error"}."""
+    script.say("ok")
+    path, field = case
+    body = json.loads(json.dumps(BASES[path]))
+    *parents, last = field.split(".")
+    at = body
+    for k in parents:
+        at = at[int(k)] if k.isdigit() else at[k]
+    at[int(last) if last.isdigit() else last] = value
+    status, reply = raw(server, "POST", path, body)
+    assert status < 500, (field, value, reply)
+    if status >= 400:
+        assert set(reply) == {"error"} and isinstance(reply["error"], str) and reply["error"], reply
