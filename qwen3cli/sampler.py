@@ -209,6 +209,33 @@ def min_p(ids: np.ndarray, logits: np.ndarray, p: float):
     return ids[keep], logits[keep]
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the `top` most likely tokens' (most likely first, ties by id)."""
+    id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Rows of float64 log-probabilities: summing 151,936 float32 exponentials would lose the
+    small ones' digits that loglikelihood scoring adds up."""
+    x = np.asarray(logits, np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
+def token_logprob(lp: np.ndarray, chosen: int, top: int) -> TokenLogprob:
+    """`chosen`'s entry of one row of log_softmax, with the `top` best (0: none)."""
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        k = min(top, len(lp))
+        idx = np.argpartition(-lp, k - 1)[:k]
+        idx = idx[np.lexsort((idx, -lp[idx]))]
+        best = tuple((int(i), float(lp[i])) for i in idx)
+    return TokenLogprob(int(chosen), float(lp[chosen]), best)
+
+
 class Sampler:
     def __init__(self, params: SamplingParams, rng: np.random.Generator | None = None):
         self.params = params.validate()

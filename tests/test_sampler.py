@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from qwen3cli.sampler import (Sampler, SamplingParams, apply_penalties, default_params, min_p, top_k, top_p)
+from qwen3cli.sampler import (Sampler, SamplingParams, apply_penalties, default_params, log_softmax, min_p, token_logprob,
+                              top_k, top_p)
 
 # probabilities 0.5, 0.25, 0.125, 0.0625, 0.0625 as logits
 PROBS = np.array([0.0625, 0.5, 0.125, 0.0625, 0.25])
@@ -85,3 +86,17 @@ def test_defaults_by_mode_file_then_user():
 def test_invalid_params(bad):
     with pytest.raises(ValueError):
         default_params(True, **bad)
+
+
+def test_token_logprob_on_a_hand_built_distribution():
+    # float64 through: probabilities that sum to 1 within 1e-12, a 1e-30 one kept to 5 digits
+    logits = np.array([0.0, np.log(3.0), np.log(3.0), -69.0776], np.float32)
+    lp = log_softmax(logits)
+    assert np.exp(lp).sum() == pytest.approx(1.0, abs=1e-12) and lp.dtype == np.float64
+    t = token_logprob(lp, 3, 3)
+    assert t.id == 3 and t.logprob == pytest.approx(np.log(1e-30 / 7), rel=1e-5)
+    assert [i for i, _ in t.top] == [1, 2, 0]  # most likely first, a tie by id
+    assert [v for _, v in t.top] == pytest.approx([np.log(3 / 7), np.log(3 / 7), np.log(1 / 7)], abs=1e-6)
+    assert len(token_logprob(lp, 0, 20).top) == 4 and token_logprob(lp, 0, 0).top == ()
+    rows = log_softmax(np.stack([logits, logits[::-1]]))  # row by row
+    assert rows[1, 0] == lp[3]

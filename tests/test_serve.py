@@ -7,9 +7,12 @@ import socket
 import threading
 import time
 
+import numpy as np
 import openai
 import pytest
+import torch
 import transformers
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 from typer.testing import CliRunner
 
 from checkpoints import TOKENIZER
@@ -314,6 +317,163 @@ def test_bad_routes_and_completions(server, client, script):
     assert raw(server, "POST", "/v1/completions", {"model": "tiny", "prompt": "x " * CTX})[0] == 400
     script.say("still here")
     assert ask(client).choices[0].message.content == "still here"  # the server carries on
+
+
+# -- log-probabilities ------------------------------------------------------------------------
+
+def reference(engine, ids, first):
+    """torch's float64 log-softmax of our logits for ids[first:], each given the tokens before it
+    (row j scores ids[first + j]), the whole sequence run on a fresh cache."""
+    logits = engine.model.forward(ids, engine.model.new_cache(), all_logits=True)
+    return torch.log_softmax(torch.from_numpy(np.asarray(logits, np.float64)), -1).numpy()[first - 1:len(ids) - 1]
+
+
+BYTE_OF = {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_bytes(engine, tid):
+    """A token's exact bytes (part of a UTF-8 character, for some), by GPT-2's byte alphabet."""
+    return bytes(BYTE_OF[c] for c in engine.tokenizer.id_to_token(tid))
+
+
+def check_chat_entries(engine, entries, ids, rows, top):
+    assert len(entries) == len(ids)
+    for e, tid, row in zip(entries, ids, rows):
+        want = token_bytes(engine, tid)
+        assert bytes(e["bytes"]) == want and e["token"] == want.decode(errors="replace")
+        assert e["logprob"] == pytest.approx(row[tid], abs=1e-5)
+        best = np.argsort(-row, kind="stable")[:top]
+        assert [t["logprob"] for t in e["top_logprobs"]] == pytest.approx(row[best], abs=1e-5)
+        assert [bytes(t["bytes"]) for t in e["top_logprobs"]] == [token_bytes(engine, int(i)) for i in best]
+
+
+def test_chat_logprobs_are_log_softmax_of_our_logits(client, script, engine):
+    seq = script.say("<think>\nI ponder.\n</think>\n\nHello there!")
+    prompt = engine.prompt([{"role": "user", "content": "What is up?"}]).ids
+    rows = reference(engine, prompt + seq[:-1], len(prompt))  # the last token, <|im_end|>, is not reported
+    close = seq.index(engine.tokenizer.token_to_id("</think>")) + 1
+    r = ask(client, logprobs=True, top_logprobs=3, extra_body={"reasoning_logprobs": True})
+    lp = r.choices[0].logprobs
+    content = [c.model_dump() for c in lp.content]
+    check_chat_entries(engine, content, seq[close:-1], rows[close:], 3)
+    check_chat_entries(engine, lp.model_extra["reasoning_content"], seq[:close], rows[:close], 3)
+    assert "".join(c["token"] for c in content).lstrip("\n") == r.choices[0].message.content == "Hello there!"
+    # the scripted sampler picked these tokens, not the model: the chosen one need not be the best
+    assert any(c["logprob"] < c["top_logprobs"][0]["logprob"] for c in content)
+
+    r = ask(client, logprobs=True)  # the thinking only when asked; top_logprobs defaults to none
+    lp = r.choices[0].logprobs
+    assert "reasoning_content" not in (lp.model_extra or {}) and all(c.top_logprobs == [] for c in lp.content)
+    assert [c.logprob for c in lp.content] == pytest.approx([c["logprob"] for c in content], abs=1e-5)
+    assert ask(client).choices[0].logprobs is None
+
+
+def test_streamed_chat_logprobs_say_the_same(client, script, engine):
+    script.say("<think>\nI ponder.\n</think>\n\nHello there!")
+    whole = ask(client, logprobs=True, top_logprobs=2, extra_body={"reasoning_logprobs": True}).choices[0].logprobs
+    content, thinking = [], []
+    for ch in ask(client, logprobs=True, top_logprobs=2, extra_body={"reasoning_logprobs": True}, stream=True):
+        for c in ch.choices:
+            if c.logprobs is not None:
+                content += [x.model_dump() for x in c.logprobs.content or []]
+                thinking += (c.logprobs.model_extra or {}).get("reasoning_content") or []
+    assert content == [c.model_dump() for c in whole.content]
+    assert thinking == whole.model_extra["reasoning_content"]
+
+
+def test_completion_logprobs_with_echo_cover_the_prompt(client, script, engine):
+    seq = script.say(" time there was")
+    prompt = enc(engine, "Once upon a")
+    ids = prompt + seq[:3]
+    rows = reference(engine, ids, 1)
+    c = client.completions.create(model="tiny", prompt="Once upon a", max_tokens=3, echo=True, logprobs=2)
+    lp = c.choices[0].logprobs
+    texts = [token_bytes(engine, t).decode(errors="replace") for t in ids]
+    assert c.choices[0].text == "".join(texts) == "Once upon a time there was"
+    assert lp.tokens == texts and lp.text_offset == [sum(map(len, texts[:i])) for i in range(len(ids))]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+    for i, tid in enumerate(ids[1:]):
+        row, top = rows[i], lp.top_logprobs[i + 1]
+        assert lp.token_logprobs[i + 1] == pytest.approx(row[tid], abs=1e-5)
+        best = np.argsort(-row, kind="stable")[:2]
+        want = {}
+        for t in [*best, tid]:
+            want.setdefault(token_bytes(engine, int(t)).decode(errors="replace"), row[t])
+        assert top == pytest.approx(want, abs=1e-5)  # the two best and the chosen one
+    # without echo: only the generated tokens; token ids as the prompt (lm-eval's way), streamed
+    c = client.completions.create(model="tiny", prompt="Once upon a", max_tokens=3, logprobs=0)
+    assert c.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[len(prompt):], abs=1e-5)
+    got = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for ch in client.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=2,
+                                        stream=True):
+        for k in got:
+            got[k] += getattr(ch.choices[0].logprobs, k) if ch.choices and ch.choices[0].logprobs else []
+    assert got == {"tokens": lp.tokens, "token_logprobs": lp.token_logprobs, "text_offset": lp.text_offset}
+
+
+def test_scoring_a_long_prompt_alone(client, server, engine):
+    """max_tokens 0 with echo scores the prompt and writes nothing; a prompt of several prefill
+    chunks (64 tokens each) is scored across their seams."""
+    ids = enc(engine, " ".join(f"word{i}" for i in range(60)))
+    assert len(ids) > 2 * 64
+    rows = reference(engine, ids, 1)
+    c = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    lp = c.choices[0].logprobs
+    assert c.choices[0].text == engine.tokenizer.decode(ids) and c.choices[0].finish_reason == "length"
+    assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (len(ids), 0)
+    assert lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([rows[j, t] for j, t in enumerate(ids[1:])], abs=1e-5)
+    without_echo = {"model": "tiny", "prompt": "x", "max_tokens": 0}
+    assert raw(server, "POST", "/v1/completions", without_echo)[1]["error"]["param"] == "max_tokens"
+
+
+def test_batched_requests_each_get_their_own_rows(engine, script):
+    """Four requests decoded together: each one's logprobs are of its own logits row."""
+    seq = script.say(" and then some more words came out of it")
+    srv = start(engine, parallel=4)
+    try:
+        c = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=60)
+        prompts = ["Once upon a", "The cat", "In the beginning there was", "Why"]
+        got = [None] * len(prompts)
+
+        def one(i):
+            got[i] = c.completions.create(model="tiny", prompt=prompts[i], max_tokens=6, logprobs=0)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert srv.worker.batcher.widest > 1  # they did share decode passes
+        for p, r in zip(prompts, got):
+            ids = enc(engine, p)
+            rows = reference(engine, ids + seq[:6], len(ids))
+            want = [rows[j, t] for j, t in enumerate(seq[:6])]
+            assert r.choices[0].logprobs.token_logprobs == pytest.approx(want, abs=1e-5), p
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+LOGPROB_BAD = [
+    ("/v1/chat/completions", {"messages": M, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": M, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": M, "logprobs": 1}, "logprobs"),
+    ("/v1/chat/completions", {"messages": M, "reasoning_logprobs": True}, "reasoning_logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 1, "top_logprobs": 1}, "top_logprobs"),
+    ("/v1/completions", {"prompt": [1, 1 << 40]}, "prompt"),
+    ("/v1/completions", {"prompt": [1, -1]}, "prompt"),
+    ("/v1/completions", {"prompt": [True]}, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], [3]]}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", LOGPROB_BAD, ids=range(len(LOGPROB_BAD)))
+def test_bad_logprob_requests(server, path, body, param):
+    status, reply = raw(server, "POST", path, {"model": "tiny", **body})
+    assert status == 400 and reply["error"]["param"] == param, reply
 
 
 # -- the queue, the cache and clients that leave ------------------------------------------------

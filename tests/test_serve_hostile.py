@@ -162,12 +162,13 @@ COMMON = {
     "model": STR, "temperature": NUMBER + OPTIONAL, "top_p": NUMBER + OPTIONAL, "min_p": NUMBER + OPTIONAL,
     "presence_penalty": NUMBER + OPTIONAL, "repetition_penalty": NUMBER + OPTIONAL,
     "frequency_penalty": NUMBER + OPTIONAL, "top_k": INT + OPTIONAL, "seed": INT + OPTIONAL, "n": INT + OPTIONAL,
-    "logprobs": BOOL + OPTIONAL, "top_logprobs": INT + OPTIONAL, "stop": STR + LIST + OPTIONAL,
+    "stop": STR + LIST + OPTIONAL,
     "stream": BOOL + OPTIONAL, "stream_options": OBJ + OPTIONAL, "stream_options.include_usage": BOOL + OPTIONAL,
     "max_tokens": INT + OPTIONAL,
 }
 CHAT_FIELDS = {
-    **COMMON, "messages": LIST, "messages[0]": OBJ, "messages[0].role": STR, "messages[1].content": STR + LIST,
+    **COMMON, "logprobs": BOOL + OPTIONAL, "top_logprobs": INT + OPTIONAL, "reasoning_logprobs": BOOL + OPTIONAL,
+    "messages": LIST, "messages[0]": OBJ, "messages[0].role": STR, "messages[1].content": STR + LIST,
     "messages[4].content[0]": OBJ, "messages[4].content[0].type": STR,
     "messages[4].content[0].text": STR,
     "messages[2].content": STR + LIST + NULL, "messages[2].reasoning_content": STR + OPTIONAL,
@@ -183,7 +184,8 @@ CHAT_FIELDS = {
     "chat_template_kwargs": OBJ + OPTIONAL, "chat_template_kwargs.enable_thinking": BOOL + OPTIONAL,
     "enable_thinking": BOOL + OPTIONAL, "thinking_budget": INT + OPTIONAL, "reasoning_effort": STR + OPTIONAL,
 }
-COMPLETION_FIELDS = {**COMMON, "prompt": STR + LIST, "suffix": NULL, "echo": BOOL + OPTIONAL}
+COMPLETION_FIELDS = {**COMMON, "prompt": STR + LIST, "suffix": NULL, "echo": BOOL + OPTIONAL,
+                     "logprobs": INT + OPTIONAL, "top_logprobs": NULL}  # chat's name: the number is 'logprobs' here
 CASES = [("/v1/chat/completions", CHAT, f) for f in CHAT_FIELDS] + \
         [("/v1/completions", COMPLETION, f) for f in COMPLETION_FIELDS]
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from ..model.forward import DECODE_ROWS, Model
-from ..sampler import Sampler
-from .generation import Done, Event, Generation, check_prompt
+from ..sampler import Sampler, log_softmax, token_logprob
+from .generation import Done, Event, Generation, PromptLogprobs, check_prompt
 from .prefix_cache import common_prefix
 
 CHUNK = 64  # prompt tokens a step prefills (~0.5 s on the 0.6B shape with 2 threads)
@@ -47,6 +47,8 @@ class Request:
     thinking_budget: int | None = None
     constraint: object = None  # a text.grammar.Matcher for the answer
     thinks: bool = False  # the turn is expected to think (the constraint waits for </think>)
+    logprobs: int | None = None  # each Token's log-probability, with this many top alternatives
+    prompt_logprobs: bool = False  # a PromptLogprobs event first (the prompt is prefilled whole)
 
 
 class Ticket:
@@ -88,6 +90,7 @@ class _Slot:
         self.ticket: Ticket | None = None
         self.gen: Generation | None = None  # None while the prompt is prefilled
         self.prefill_s = 0.0
+        self.prompt_logprobs: list = []  # gathered chunk by chunk, when the request asks
         self.since = 0  # admission order, for fairness between prefilling requests
 
 
@@ -169,9 +172,11 @@ class Batcher:
             best = max(free, key=lambda s: common_prefix(s.ids, ids))  # the first of equals: stable
             shared = common_prefix(best.ids, ids)
             s = best if 2 * shared > min(len(best.ids), len(ids)) else min(free, key=lambda s: s.since)
-            s.kv.truncate(min(common_prefix(s.ids, ids), len(ids) - 1))  # always run at least one token
+            # always run at least one token; all of them when their logits are asked for (a
+            # cached prefix has its keys and values, not its logits)
+            s.kv.truncate(0 if t.req.prompt_logprobs else min(common_prefix(s.ids, ids), len(ids) - 1))
             s.ids = ids[:s.kv.n]
-            s.ticket, s.gen, s.prefill_s = t, None, 0.0
+            s.ticket, s.gen, s.prefill_s, s.prompt_logprobs = t, None, 0.0, []
             self._admitted += 1
             s.since = self._admitted
             t.cached = s.kv.n
@@ -187,17 +192,26 @@ class Batcher:
         at = s.kv.n
         # chunks end at multiples of `chunk`: where a prompt's are cut depends on it alone
         end = min(len(ids), (at // self.chunk + 1) * self.chunk)
+        r = s.ticket.req
         t0 = time.perf_counter()
-        logits = self.model.forward(ids[at:end], s.kv)
+        logits = self.model.forward(ids[at:end], s.kv, all_logits=r.prompt_logprobs)
+        if r.prompt_logprobs:
+            if at == 0:
+                s.prompt_logprobs.append(None)
+            # row j predicts token at+j+1; the last row of the last chunk predicts the first generated one
+            rows = log_softmax(logits[:min(end, len(ids) - 1) - at])
+            s.prompt_logprobs += [token_logprob(lp, ids[at + 1 + j], r.logprobs or 0) for j, lp in enumerate(rows)]
+            logits = logits[-1]
         s.prefill_s += time.perf_counter() - t0
         s.ids = ids[:end]
         if end < len(ids):
             return
-        r = s.ticket.req
+        if r.prompt_logprobs:
+            s.ticket.events.put(PromptLogprobs(s.prompt_logprobs))
         s.gen = Generation(self.tokenizer, r.sampler, stop_ids=r.stop_ids, max_tokens=r.max_tokens, opened=r.opened,
                            thinking_budget=r.thinking_budget, prompt_tokens=len(ids), cached_tokens=s.ticket.cached,
                            prefill_s=s.prefill_s, source=getattr(self.model, "source", "the model"),
-                           constraint=r.constraint, thinks=r.thinks)
+                           constraint=r.constraint, thinks=r.thinks, logprobs=r.logprobs)
         self._step(s, logits)
 
     def _decode_all(self) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import Qwen3CliError
 from ..model.forward import Model
 from ..model.kv_cache import KVCache
-from ..sampler import Sampler
+from ..sampler import Sampler, TokenLogprob, log_softmax, token_logprob
 from ..text.tokenizer import StreamDecoder
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -34,6 +34,16 @@ class Token:
     id: int
     text: str  # the printable delta ('' for the think tags and stop tokens)
     thinking: bool
+    # asked for with Generation(logprobs=): of the model's own distribution, before the
+    # penalties, temperature, filters and grammar mask (OpenAI's definition)
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's tokens' log-probabilities, each given the tokens before it (the first has
+    none: nothing predicts it). Comes before a request's first Token when it asked for them."""
+    logprobs: list[TokenLogprob | None]
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,7 @@ class Done:
         return (self.completion_tokens - 1) / self.decode_s if self.decode_s and self.completion_tokens > 1 else 0.0
 
 
-Event = Token | Done
+Event = Token | PromptLogprobs | Done
 
 
 def starts_in_thinking(prompt_text: str) -> bool:
@@ -76,9 +86,10 @@ class Generation:
     def __init__(self, tokenizer, sampler: Sampler, *, stop_ids: frozenset[int], max_tokens: int | None = None,
                  opened: bool = False, thinking_budget: int | None = None, prompt_tokens: int = 0,
                  cached_tokens: int = 0, prefill_s: float = 0.0, source: str = "the model",
-                 constraint=None, thinks: bool = False):
+                 constraint=None, thinks: bool = False, logprobs: int | None = None):
         """constraint: a grammar.Matcher the answer must follow; thinking stays free (a thinking
-        turn's first token may be <think> instead, and the grammar starts after </think>)."""
+        turn's first token may be <think> instead, and the grammar starts after </think>).
+        logprobs: each Token carries its log-probability and this many top alternatives."""
         self.tokenizer, self.sampler, self.stop_ids = tokenizer, sampler, stop_ids
         self.max_tokens, self.thinking_budget = max_tokens, thinking_budget
         self.prompt_tokens, self.cached_tokens = prompt_tokens, cached_tokens
@@ -97,6 +108,7 @@ class Generation:
         self.constraint = constraint
         self.may_open = thinks and not opened  # the first token may open the thinking
         self.answering = False  # the constraint has taken a token: think tags are text from now on
+        self.logprobs = logprobs
         self.t1 = time.perf_counter()
 
     def step(self, logits: np.ndarray, room: bool = True) -> list[Event]:
@@ -110,6 +122,7 @@ class Generation:
             raise NonFiniteLogits(f"{self.source}: the model computed NaN or infinite "
                                   "logits; its weights are corrupt or not what their types say")
         was_forced = bool(self.forced)
+        raw = logits
         constrained = self.constraint is not None and not self.in_think and not was_forced
         if constrained:
             masked = self.constraint.mask(logits)
@@ -127,20 +140,21 @@ class Generation:
         self.next = None
         if tid in self.stop_ids:
             return [self._finish("stop")]
+        lp = None if self.logprobs is None else token_logprob(log_softmax(raw), tid, self.logprobs)
         if tid == self.open_id and not self.in_think and not self.answering:
             self.in_think, self.fresh = True, True
-            events: list[Event] = [Token(tid, "", True)]
+            events: list[Event] = [Token(tid, "", True, lp)]
         elif tid == self.close_id and self.in_think:
             self.n_thinking += not was_forced
             self.in_think, self.fresh = False, True
-            events = [Token(tid, "", True)]
+            events = [Token(tid, "", True, lp)]
         else:
             self.n_thinking += self.in_think and not was_forced
             text = self.decoder.push(tid)
             if self.fresh:
                 text = text.lstrip("\n")
                 self.fresh = not text
-            events = [Token(tid, text, self.in_think)]
+            events = [Token(tid, text, self.in_think, lp)]
         if self.max_tokens is not None and len(self.generated) - self.n_forced >= self.max_tokens and not self.forced:
             events.append(self._finish("length"))
         elif not room:

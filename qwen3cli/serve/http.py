@@ -15,14 +15,19 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
+from .. import __version__
 from ..runtime.engine import Engine
 from ..safe_text import printable
+from . import logprobs as lp_shape
+from . import ollama
 from .answer import ToolCall
 from .conn import HeadBudget, TimedWriter, at_eof, linger, refuse_busy
 from .guard import Cors, Limits, body_length, is_loopback, names_loopback, preflight_headers, single
-from .protocol import APIError, parse_chat, parse_completion, parse_json, tool_call_json
+from .protocol import APIError, ChatRequest, parse_chat, parse_completion, parse_json, tool_call_json
 from .worker import PARALLEL, Content, Defaults, Finish, Reasoning, Worker
 
+NDJSON = "application/x-ndjson"  # ollama's streams: one JSON object a line
+STREAMS = ("text/event-stream", NDJSON)
 LINGER_S = 2.0  # how long a refused request's unread body is drained before the connection closes
 
 
@@ -42,6 +47,22 @@ class OpenAIServer(ThreadingHTTPServer):
         # on loopback only this machine can connect, unless a web page's name resolves here
         self.check_host = is_loopback(self.server_address[0])
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self._names: lp_shape.TokenNames | None = None
+        self._card: ollama.Card | None = None
+
+    @property
+    def card(self) -> ollama.Card:
+        """The model as ollama's /api/tags, /api/show and /api/ps describe it, read once."""
+        if self._card is None:
+            self._card = ollama.card(self.worker.engine, self.model_id)
+        return self._card
+
+    @property
+    def names(self) -> lp_shape.TokenNames:
+        """Token texts for logprobs, cached across requests."""
+        if self._names is None:
+            self._names = lp_shape.TokenNames(self.worker.engine.tokenizer)
+        return self._names
 
     def ready(self, engine: Engine, defaults: Defaults | None = None) -> None:
         """The model is loaded: requests are served from now on (until then /health says
@@ -150,6 +171,7 @@ class _Handler(BaseHTTPRequestHandler):
     # -- dispatch ---------------------------------------------------------------------------------
     def _dispatch(self, method: str) -> None:
         self._id, self._head_sent, self._probed, self._origin = None, None, False, None
+        self._ollama = False  # errors in ollama's shape
         # a body not read stays in the socket: the connection cannot carry another request
         self._unread = bool(self.headers.get_all("Transfer-Encoding")) or \
             self.headers.get("Content-Length", "0").strip() not in ("", "0")
@@ -164,6 +186,9 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._send_json(503, {"status": "loading", "model": self.server.model_id})
                 return self._send_json(200, self._health())
             self._check_key()
+            if path.startswith("/api/"):
+                self._ollama = True
+                return self._ollama_route(method, path)
             if path == "/v1/models" or path.startswith("/v1/models/"):
                 self._only(method, "GET")
                 return self._models(path)
@@ -189,10 +214,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply_error(APIError(msg, status=500, type="server_error"))
 
     def _reply_error(self, e: APIError) -> None:
-        if self._head_sent == "text/event-stream":  # the stream has said so in its own way
+        if self._head_sent in STREAMS:  # the stream has said so in its own way
             return
         try:
-            self._send_json(e.status, e.body())
+            self._send_json(e.status, {"error": str(e)} if self._ollama else e.body())
         except OSError as err:
             self.close_connection = True
             self.server.note(f"{self.address_string()} left before its {e.status} reply to \"{self.requestline}\" "
@@ -268,7 +293,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._probed, self.close_connection = True, True
             try:
                 if self._head_sent:
-                    self.wfile.write(b": \n\n")  # a comment: event streams skip it
+                    # what each stream's readers skip: an event-stream comment; JSON's whitespace
+                    self.wfile.write(b" " if self._head_sent == NDJSON else b": \n\n")
                 else:
                     self._start_reply("application/json")  # its length is not known yet
             except OSError:
@@ -297,7 +323,7 @@ class _Handler(BaseHTTPRequestHandler):
         job = w.prepare_chat(req)
         pieces = w.run_chat(job, self._client_left)
         if req.stream:
-            return self._stream_chat(pieces, req.include_usage)
+            return self._stream_chat(pieces, req.include_usage, req.reasoning_logprobs)
         reasoning, content, calls, finish = [], [], [], None
         for x in pieces:
             if isinstance(x, Finish):
@@ -311,26 +337,138 @@ class _Handler(BaseHTTPRequestHandler):
                    "reasoning_content": "".join(r.text for r in reasoning) or None}
         if calls:
             message["tool_calls"] = [tool_call_json(c) for c in calls]
+        logprobs = None
+        if req.logprobs is not None:
+            thought = [e for r in reasoning for e in r.logprobs] if req.reasoning_logprobs else None
+            logprobs = self._chat_logprobs([e for c in content for e in c.logprobs], thought)
         self._send_json(200, {**self._head("chat.completion"),
                               "choices": [{"index": 0, "message": message, "finish_reason": finish.reason,
-                                           "logprobs": None}],
+                                           "logprobs": logprobs}],
                               "usage": finish.usage})
+
+    def _chat_logprobs(self, content: list, reasoning: list | None) -> dict:
+        out = {"content": lp_shape.chat(content, self.server.names), "refusal": None}
+        if reasoning is not None:
+            out["reasoning_content"] = lp_shape.chat(reasoning, self.server.names)
+        return out
 
     def _completion(self, body) -> None:
         req = self._parsed(parse_completion, body)
         w = self.server.worker
         job = w.prepare_completion(req)
         pieces = w.run_completion(job, self._client_left)
+        first = job.ids[0]
         if req.stream:
-            return self._stream_completion(pieces, req.include_usage)
+            return self._stream_completion(pieces, req.include_usage, req.logprobs is not None, first)
         *texts, finish = list(pieces) or [None]
         if not isinstance(finish, Finish):
             self.close_connection = True
             return
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = lp_shape.completion([e for t in texts for e in t.logprobs], self.server.names, 0, first)[0]
         self._send_json(200, {**self._head("text_completion"),
                               "choices": [{"index": 0, "text": "".join(t.text for t in texts),
-                                           "finish_reason": finish.reason, "logprobs": None}],
+                                           "finish_reason": finish.reason, "logprobs": logprobs}],
                               "usage": finish.usage})
+
+    # -- ollama -----------------------------------------------------------------------------------
+    def _ollama_route(self, method: str, path: str) -> None:
+        s = self.server
+        if path == "/api/version":
+            self._only(method, "GET")
+            return self._send_json(200, {"version": __version__})
+        if path not in ("/api/tags", "/api/ps", "/api/show", "/api/chat", "/api/generate"):
+            raise APIError(f"no such endpoint: {method} {path}", status=404)
+        self._only(method, "GET" if path in ("/api/tags", "/api/ps") else "POST")
+        if s.worker is None:
+            raise APIError("the model is still loading; /health says when it is ready", status=503)
+        if path == "/api/tags":
+            return self._send_json(200, {"models": [s.card.entry()]})
+        if path == "/api/ps":
+            return self._send_json(200, ollama.ps(s.card))
+        body = self._read_body()
+        if path == "/api/show":
+            self._parsed(ollama.check_model, body)
+            return self._send_json(200, ollama.show(s.card))
+        self._ollama_generate(body, chat=path == "/api/chat")
+
+    def _ollama_generate(self, body, chat: bool) -> None:
+        """/api/chat and /api/generate: one body of code, as their replies differ in two names."""
+        started = time.perf_counter()
+        p = self._parsed(ollama.parse_chat if chat else ollama.parse_generate, body)
+        head = {"model": ollama.name_of(self.server.model_id)}
+
+        def text(content: str, thinking: str = "", calls=(), lps=()) -> dict:
+            if chat:
+                m = {"role": "assistant", "content": content}
+                if thinking:
+                    m["thinking"] = thinking
+                if calls:
+                    m["tool_calls"] = [ollama.tool_call(c) for c in calls]
+                out = {"message": m}
+            else:
+                out = {"response": content, **({"thinking": thinking} if thinking else {})}
+            if lps:
+                out["logprobs"] = lp_shape.chat(lps, self.server.names)
+            return {**head, "created_at": ollama.now(), **out}
+
+        if p.req is None:  # ollama's way to load a model: it is loaded
+            return self._send_json(200, {**text(""), "done": True, "done_reason": "load"})
+        w = self.server.worker
+        job = w.prepare_chat(p.req) if isinstance(p.req, ChatRequest) else w.prepare_completion(p.req)
+        if p.num_ctx is not None and p.num_ctx < w.engine.ctx:  # a smaller window than the server's: honoured
+            if len(job.ids) >= p.num_ctx:
+                raise APIError(f"this request has {len(job.ids)} prompt tokens; options.num_ctx is {p.num_ctx}",
+                               param="options.num_ctx")
+            room = p.num_ctx - len(job.ids)
+            job.max_tokens = room if job.max_tokens is None else min(job.max_tokens, room)
+        pieces = w.run_chat(job, self._client_left) if isinstance(p.req, ChatRequest) else \
+            w.run_completion(job, self._client_left)
+        first = None
+
+        def final(x: Finish, reply: dict) -> dict:
+            return {**reply, "done": True, "done_reason": ollama.done_reason(x.reason),
+                    **ollama.timings(x.usage, started, first, time.perf_counter())}
+
+        if p.stream:
+            self._start_reply(NDJSON)
+            try:
+                for x in pieces:
+                    first = first or time.perf_counter()
+                    if isinstance(x, Finish):
+                        self._line(final(x, text("")))
+                    elif isinstance(x, Reasoning):
+                        self._line({**text("", x.text, lps=x.logprobs), "done": False})
+                    elif isinstance(x, Content):
+                        self._line({**text(x.text, lps=x.logprobs), "done": False})
+                    else:
+                        self._line({**text("", calls=[x]), "done": False})
+            except Exception as e:
+                if isinstance(e, OSError):
+                    raise
+                self.server.note(f"stream ended by an error: {e}")
+                self._line({"error": str(e) if isinstance(e, APIError) else f"{type(e).__name__}: {e}"})
+            finally:
+                pieces.close()
+            return
+        content, thinking, calls, lps, finish = [], [], [], [], None
+        for x in pieces:
+            first = first or time.perf_counter()
+            if isinstance(x, Finish):
+                finish = x
+            elif isinstance(x, ToolCall):
+                calls.append(x)
+            else:
+                (thinking if isinstance(x, Reasoning) else content).append(x.text)
+                lps += x.logprobs
+        if finish is None:  # the client left
+            self.close_connection = True
+            return
+        self._send_json(200, final(finish, text("".join(content), "".join(thinking), calls, lps)))
+
+    def _line(self, obj: dict) -> None:
+        self.wfile.write(_json(obj) + b"\n")
 
     # -- streaming --------------------------------------------------------------------------------
     def _head(self, obj: str) -> dict:
@@ -338,22 +476,25 @@ class _Handler(BaseHTTPRequestHandler):
             self._id = f"{'chatcmpl' if obj.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         return {"id": self._id, "object": obj, "created": int(time.time()), "model": self.server.model_id}
 
-    def _stream_chat(self, pieces, include_usage: bool) -> None:
+    def _stream_chat(self, pieces, include_usage: bool, reasoning_logprobs: bool = False) -> None:
         self._start_events()
         head = self._head("chat.completion.chunk")
 
-        def chunk(delta: dict, finish: str | None = None) -> None:
+        def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> None:
             self._event({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                              "logprobs": None}]})
+                                              "logprobs": logprobs}]})
 
         n_calls = 0
         try:
             chunk({"role": "assistant", "content": ""})
             for x in pieces:
                 if isinstance(x, Reasoning):
-                    chunk({"reasoning_content": x.text})
+                    chunk({"reasoning_content": x.text},
+                          logprobs=self._chat_logprobs([], list(x.logprobs)) if x.logprobs else None)
                 elif isinstance(x, Content):
-                    chunk({"content": x.text})
+                    chunk({"content": x.text}, logprobs=self._chat_logprobs(list(x.logprobs),
+                                                                           [] if reasoning_logprobs else None)
+                          if x.logprobs else None)
                 elif isinstance(x, ToolCall):
                     chunk({"tool_calls": [tool_call_json(x, n_calls)]})
                     n_calls += 1
@@ -367,14 +508,18 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             pieces.close()  # a write that failed: the client left, stop generating
 
-    def _stream_completion(self, pieces, include_usage: bool) -> None:
+    def _stream_completion(self, pieces, include_usage: bool, logprobs: bool = False, first: int = 0) -> None:
         self._start_events()
         head = self._head("text_completion")
+        offset = 0
         try:
             for x in pieces:
                 finish = x.reason if isinstance(x, Finish) else None
+                lp = None
+                if logprobs and not finish:
+                    lp, offset = lp_shape.completion(x.logprobs, self.server.names, offset, first)
                 self._event({**head, "choices": [{"index": 0, "text": "" if finish else x.text,
-                                                  "finish_reason": finish, "logprobs": None}]})
+                                                  "finish_reason": finish, "logprobs": lp}]})
                 if finish:
                     if include_usage:
                         self._event({**head, "choices": [], "usage": x.usage})

@@ -19,6 +19,7 @@ ROLES = ("system", "user", "assistant", "tool")
 # reasoning_effort -> thinking budget in tokens ("none": no thinking; None: no budget)
 REASONING_EFFORT: dict[str, int | None] = {"minimal": 256, "low": 1024, "medium": 4096, "high": None}
 MAX_STOPS = 4
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on chat; vLLM's default on completions too
 
 
 class APIError(Qwen3CliError):
@@ -46,11 +47,13 @@ class ChatRequest:
     enable_thinking: bool | None = None
     thinking_budget: int | None = None
     grammar: Grammar | None = None  # the answer's: response_format, or a forced tool call
+    logprobs: int | None = None  # the answer tokens' log-probabilities, with this many top ones
+    reasoning_logprobs: bool = False  # the thinking tokens' too (logprobs.reasoning_content)
 
 
 @dataclass
 class CompletionRequest:
-    prompt: str
+    prompt: str | list[int]  # text, or token ids (as lm-eval's local-completions sends)
     sampling: Sampling = field(default_factory=Sampling)
     max_tokens: int = 16  # OpenAI's default for this endpoint
     stop: list[str] = field(default_factory=list)
@@ -58,6 +61,7 @@ class CompletionRequest:
     include_usage: bool = False
     echo: bool = False
     grammar: Grammar | None = None
+    logprobs: int | None = None  # each token's log-probability with this many top ones (the prompt's too with echo)
 
 
 # -- the body ----------------------------------------------------------------------------------
@@ -168,8 +172,6 @@ def check_model(body: dict, model_id: str) -> None:
 def _common(body: dict) -> dict:
     if _number(body, "n", 0, 1 << 30, integer=True) not in (None, 1):
         raise _bad("only n=1 is supported", "n")
-    if _bool(body, "logprobs") or _number(body, "top_logprobs", 0, 20, integer=True):
-        raise _bad("logprobs are not supported", "logprobs")
     grammar = _response_format(body.get("response_format"))
     if _number(body, "frequency_penalty", -2, 2) not in (None, 0):
         raise _bad("frequency_penalty is not supported; use presence_penalty or repetition_penalty",
@@ -255,8 +257,16 @@ def parse_chat(body: Any, model_id: str) -> ChatRequest:
             think = False
         elif budget is None:
             budget = REASONING_EFFORT[effort]
+    logprobs = _bool(body, "logprobs")
+    top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+    if top is not None and not logprobs:
+        raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    reasoning_logprobs = _bool(body, "reasoning_logprobs") or False
+    if reasoning_logprobs and not logprobs:
+        raise _bad("'reasoning_logprobs' needs 'logprobs': true", "reasoning_logprobs")
     return ChatRequest(messages, max_tokens=max_tokens, tools=tools, parse_tools=parse_tools,
-                       enable_thinking=think, thinking_budget=budget, **common)
+                       enable_thinking=think, thinking_budget=budget, logprobs=(top or 0) if logprobs else None,
+                       reasoning_logprobs=reasoning_logprobs, **common)
 
 
 def _text(content: Any, param: str, nullable: bool) -> str:
@@ -382,15 +392,22 @@ def parse_completion(body: Any, model_id: str) -> CompletionRequest:
         raise _bad("the request body must be a JSON object", None)
     check_model(body, model_id)
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise _bad("'prompt' must be a non-empty string (one prompt per request)", "prompt")
+    ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    if not (isinstance(prompt, str) or ids) or not prompt:
+        raise _bad("'prompt' must be a non-empty string or list of token ids (one prompt per request)", "prompt")
     if body.get("suffix") is not None:
         raise _bad("'suffix' is not supported", "suffix")
-    max_tokens = _number(body, "max_tokens", 1, 1 << 30, integer=True)
+    echo = _bool(body, "echo") or False
+    # max_tokens 0 with echo: score the prompt only (OpenAI's and vLLM's idiom for loglikelihood)
+    max_tokens = _number(body, "max_tokens", 0 if echo else 1, 1 << 30, integer=True)
+    if body.get("top_logprobs") is not None:
+        raise _bad("'top_logprobs' is for chat; on completions 'logprobs' is the number of top tokens",
+                   "top_logprobs")
     return CompletionRequest(prompt, max_tokens=16 if max_tokens is None else max_tokens,
-                             echo=_bool(body, "echo") or False, **_common(body))
+                             echo=echo,
+                             logprobs=_number(body, "logprobs", 0, MAX_TOP_LOGPROBS, integer=True), **_common(body))
 
 
 # -- replies ------------------------------------------------------------------------------------

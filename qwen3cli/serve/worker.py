@@ -13,8 +13,8 @@ import numpy as np
 from ..model.forward import ContextFull
 from ..runtime.batch import Batcher, Request, Ticket
 from ..runtime.engine import Engine
-from ..runtime.generation import Done
-from ..sampler import Sampler
+from ..runtime.generation import Done, PromptLogprobs
+from ..sampler import Sampler, TokenLogprob
 from ..text.chat_template import TemplateError
 from ..text.grammar import Grammar
 from ..text.tokenizer import StreamDecoder
@@ -25,11 +25,13 @@ from .protocol import APIError, ChatRequest, CompletionRequest, Sampling, usage
 @dataclass(frozen=True)
 class Reasoning:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the last piece (asked for)
 
 
 @dataclass(frozen=True)
 class Content:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the last piece (asked for)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class Job:
     echo: str = ""
     grammar: Grammar | None = None
     thinks: bool = False
+    logprobs: int | None = None  # the tokens' log-probabilities, with this many top ones
+    reasoning_logprobs: bool = False  # the thinking's too
+    prompt_logprobs: bool = False  # the prompt's too (completions' echo)
 
 
 @dataclass(frozen=True)
@@ -114,24 +119,38 @@ class Worker:
         self._fits(p.ids)
         return Job(p.ids, self._sampler(self._sampling(req.sampling), p.thinks), max_tokens, req.stop,
                    opened=p.opened, thinking_budget=budget if p.thinks else None, parse_tools=req.parse_tools,
-                   grammar=req.grammar, thinks=p.thinks)
+                   grammar=req.grammar, thinks=p.thinks, logprobs=req.logprobs,
+                   reasoning_logprobs=req.reasoning_logprobs)
 
     def prepare_completion(self, req: CompletionRequest) -> Job:
-        try:
-            self.engine.check_size(req.prompt)
-        except ContextFull as err:
-            raise APIError(str(err), param="prompt", code="context_length_exceeded") from None
-        ids = self.engine.tokenizer.encode(req.prompt, add_special_tokens=False).ids
+        tok = self.engine.tokenizer
+        if isinstance(req.prompt, list):
+            self._fits(req.prompt)
+            vocab = self.engine.args.vocab_size
+            bad = next((t for t in req.prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(f"'prompt' has token id {bad}; this model's ids are 0 to {vocab - 1}", param="prompt")
+            ids, text = req.prompt, tok.decode(req.prompt, skip_special_tokens=False) if req.echo else ""
+        else:
+            try:
+                self.engine.check_size(req.prompt)
+            except ContextFull as err:
+                raise APIError(str(err), param="prompt", code="context_length_exceeded") from None
+            ids, text = tok.encode(req.prompt, add_special_tokens=False).ids, req.prompt
         self._fits(ids)
         return Job(ids, self._sampler(self._sampling(req.sampling), False), req.max_tokens, req.stop,
-                   echo=req.prompt if req.echo else "", grammar=req.grammar)
+                   echo=text if req.echo else "", grammar=req.grammar, logprobs=req.logprobs,
+                   prompt_logprobs=req.echo and req.logprobs is not None)
 
     # -- running ----------------------------------------------------------------------------------
     def _submit(self, job: Job, opened: bool, cancelled: Callable[[], bool]) -> Ticket:
         e = self.engine
         matcher = job.grammar.matcher(e.tokenizer, e.loaded.stop_ids, e.args.vocab_size) if job.grammar else None
-        return self.batcher.submit(Request(job.ids, job.sampler, e.loaded.stop_ids, job.max_tokens, opened,
-                                           job.thinking_budget, matcher, job.thinks), cancelled)
+        # max_tokens 0 (a prompt scored, nothing written): the batcher runs one step, its token unsaid
+        return self.batcher.submit(Request(job.ids, job.sampler, e.loaded.stop_ids,
+                                           1 if job.max_tokens == 0 else job.max_tokens, opened,
+                                           job.thinking_budget, matcher, job.thinks, job.logprobs,
+                                           job.prompt_logprobs), cancelled)
 
     def run_chat(self, job: Job, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Piece]:
         """Reasoning and Content deltas, ToolCalls as their blocks close, then one Finish.
@@ -140,6 +159,9 @@ class Worker:
         thought = AnswerSplitter(trim=True)  # only to drop the newlines before </think>
         ticket = self._submit(job, job.opened, cancelled)
         done, n, n_think = None, 0, 0
+        # a token's log-probability rides on the next piece of its kind: text held back (a
+        # possible marker) or lifted out (a tool call) still has its tokens counted
+        said, thought_lp = _Pending(Content), _Pending(Reasoning)
         try:
             for ev in ticket:
                 if isinstance(ev, Done):
@@ -147,9 +169,12 @@ class Worker:
                     break
                 n, n_think = n + 1, n_think + ev.thinking
                 if ev.thinking:
-                    yield from (Reasoning(t) for t in thought.push(ev.text))
+                    if job.reasoning_logprobs:
+                        thought_lp.add(ev.logprob)
+                    yield from (thought_lp.piece(t) for t in thought.push(ev.text))
                 else:
-                    yield from (x if isinstance(x, ToolCall) else Content(x) for x in answer.push(ev.text))
+                    said.add(ev.logprob)
+                    yield from (x if isinstance(x, ToolCall) else said.piece(x) for x in answer.push(ev.text))
                     if answer.stopped:
                         break
                 if cancelled():
@@ -158,7 +183,9 @@ class Worker:
             ticket.close()
         if done is None and cancelled():  # the client left while queued
             return
-        yield from (x if isinstance(x, ToolCall) else Content(x) for x in answer.finish())
+        yield from (x if isinstance(x, ToolCall) else said.piece(x) for x in answer.finish())
+        yield from thought_lp.rest()
+        yield from said.rest()
         if done is None:  # a stop string ended it
             yield Finish("stop", usage(len(job.ids), n, n_think, ticket.cached))
             return
@@ -174,25 +201,53 @@ class Worker:
         text = AnswerSplitter(stops=job.stop)
         decoder = StreamDecoder(self.engine.tokenizer)
         ticket = self._submit(job, False, cancelled)
-        if job.echo:
+        if job.echo and not job.prompt_logprobs:
             yield Content(job.echo)
         done, n = None, 0
+        said = _Pending(Content)
         try:
             for ev in ticket:
                 if isinstance(ev, Done):
                     done = ev
                     break
+                if isinstance(ev, PromptLogprobs):
+                    yield Content(job.echo, tuple(ev.logprobs))
+                    continue
+                if job.max_tokens == 0:
+                    break
                 n += 1
-                yield from (Content(t) for t in text.push(decoder.push(ev.id)))
+                said.add(ev.logprob)
+                yield from (said.piece(t) for t in text.push(decoder.push(ev.id)))
                 if text.stopped or cancelled():
                     break
         finally:
             ticket.close()
         if cancelled():
             return
-        yield from (Content(t) for t in text.finish())
-        if done is None:
+        yield from (said.piece(t) for t in text.finish())
+        yield from said.rest()
+        if job.max_tokens == 0:
+            yield Finish("length", usage(len(job.ids), 0, 0, ticket.cached))
+        elif done is None:
             yield Finish("stop", usage(len(job.ids), n, 0, ticket.cached))
         else:
             yield Finish("stop" if done.finish_reason == "stop" else "length",
                          usage(done.prompt_tokens, done.completion_tokens, 0, done.cached_tokens))
+
+
+class _Pending:
+    """Log-probabilities of tokens whose text has not gone out yet, for the next piece."""
+
+    def __init__(self, kind: type):
+        self.kind, self.held = kind, []
+
+    def add(self, lp: TokenLogprob | None) -> None:
+        if lp is not None:
+            self.held.append(lp)
+
+    def piece(self, text: str):
+        out, self.held = self.kind(text, tuple(self.held)), []
+        return out
+
+    def rest(self) -> list:
+        return [self.piece("")] if self.held else []
