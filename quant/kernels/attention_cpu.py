@@ -33,32 +33,62 @@ CH = 256  # keys per decode job: 64 chunks a KV head at depth 16K, room for any 
 
 
 @njit(cache=True, fastmath=FAST, inline="always")
-def _tile(qs, R, c, K, V, b, first, t0, s, m, tot, acc, scale):
+def _tile(qs, R, c, K, V, b, first, t0, S, m, tot, acc, scale):
     """Rows 0..R of qs (query heads x c tokens; row r is the token at position first + r % c)
     against keys t0..t0 + b (float32 tiles K, V): the causal scores, the running max m and sum
-    tot, and acc += softmax weights x V, rescaled when a row's max grows. Keys go four at a
-    time: one read of the query row (or the accumulator) serves four."""
+    tot, and acc += softmax weights x V, rescaled when a row's max grows. Two rows by four keys
+    at a time, the scores into S (R, BK) and then the weighted values, so each load of a key or
+    value vector serves two rows and each of a query row or accumulator four keys (512 tokens
+    1024-4096 deep: 1.1x for the scores', 1.24x for the values' pairing, over one row at a time)."""
     D = K.shape[1]
-    for r in range(R):
-        lim = min(b, first + r % c + 1 - t0)  # the token at position P sees keys 0..P
+    r = 0
+    while r < R:  # scores two rows at a time: each key vector's load serves both
+        # the token at position P sees keys 0..P
+        la = max(0, min(b, first + r % c + 1 - t0))
+        lb = max(0, min(b, first + (r + 1) % c + 1 - t0)) if r + 1 < R else 0
+        both = min(la, lb)
+        t = 0
+        while t + 4 <= both:
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            b0 = b1 = b2 = b3 = np.float32(0.0)
+            for d in range(D):
+                x, y = qs[r, d], qs[r + 1, d]
+                k0, k1, k2, k3 = K[t, d], K[t + 1, d], K[t + 2, d], K[t + 3, d]
+                a0 += x * k0
+                a1 += x * k1
+                a2 += x * k2
+                a3 += x * k3
+                b0 += y * k0
+                b1 += y * k1
+                b2 += y * k2
+                b3 += y * k3
+            S[r, t], S[r, t + 1], S[r, t + 2], S[r, t + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+            S[r + 1, t], S[r + 1, t + 1], S[r + 1, t + 2], S[r + 1, t + 3] = b0 * scale, b1 * scale, b2 * scale, b3 * scale
+            t += 4
+        for q in range(r, min(r + 2, R)):
+            lq = la if q == r else lb
+            u = t
+            while u + 4 <= lq:
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for d in range(D):
+                    x = qs[q, d]
+                    a0 += x * K[u, d]
+                    a1 += x * K[u + 1, d]
+                    a2 += x * K[u + 2, d]
+                    a3 += x * K[u + 3, d]
+                S[q, u], S[q, u + 1], S[q, u + 2], S[q, u + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+                u += 4
+            for w in range(u, lq):
+                a = np.float32(0.0)
+                for d in range(D):
+                    a += qs[q, d] * K[w, d]
+                S[q, w] = a * scale
+        r += 2
+    for r in range(R):  # the online softmax, row by row
+        lim = min(b, first + r % c + 1 - t0)
         if lim <= 0:
             continue
-        t = 0
-        while t + 4 <= lim:
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for d in range(D):
-                x = qs[r, d]
-                a0 += x * K[t, d]
-                a1 += x * K[t + 1, d]
-                a2 += x * K[t + 2, d]
-                a3 += x * K[t + 3, d]
-            s[t], s[t + 1], s[t + 2], s[t + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
-            t += 4
-        for u in range(t, lim):
-            a = np.float32(0.0)
-            for d in range(D):
-                a += qs[r, d] * K[u, d]
-            s[u] = a * scale
+        s = S[r]
         mx = m[r]
         for t in range(lim):
             mx = max(mx, s[t])
@@ -73,16 +103,33 @@ def _tile(qs, R, c, K, V, b, first, t0, s, m, tot, acc, scale):
             s[t] = _exp(s[t] - mx)
             sm += s[t]
         tot[r] += sm
+    r = 0
+    while r < R:
+        la = max(0, min(b, first + r % c + 1 - t0))
+        lb = max(0, min(b, first + (r + 1) % c + 1 - t0)) if r + 1 < R else 0
+        both = min(la, lb)
         t = 0
-        while t + 4 <= lim:
-            e0, e1, e2, e3 = s[t], s[t + 1], s[t + 2], s[t + 3]
+        while t + 4 <= both:  # two rows share each value vector's load
+            e0, e1, e2, e3 = S[r, t], S[r, t + 1], S[r, t + 2], S[r, t + 3]
+            f0, f1, f2, f3 = S[r + 1, t], S[r + 1, t + 1], S[r + 1, t + 2], S[r + 1, t + 3]
             for d in range(D):
-                acc[r, d] += (e0 * V[t, d] + e1 * V[t + 1, d]) + (e2 * V[t + 2, d] + e3 * V[t + 3, d])
+                v0, v1, v2, v3 = V[t, d], V[t + 1, d], V[t + 2, d], V[t + 3, d]
+                acc[r, d] += (e0 * v0 + e1 * v1) + (e2 * v2 + e3 * v3)
+                acc[r + 1, d] += (f0 * v0 + f1 * v1) + (f2 * v2 + f3 * v3)
             t += 4
-        for u in range(t, lim):
-            e0 = s[u]
-            for d in range(D):
-                acc[r, d] += e0 * V[u, d]
+        for q in range(r, min(r + 2, R)):  # what one row sees past the other (the diagonal)
+            lq = la if q == r else lb
+            u = t
+            while u + 4 <= lq:
+                e0, e1, e2, e3 = S[q, u], S[q, u + 1], S[q, u + 2], S[q, u + 3]
+                for d in range(D):
+                    acc[q, d] += (e0 * V[u, d] + e1 * V[u + 1, d]) + (e2 * V[u + 2, d] + e3 * V[u + 3, d])
+                u += 4
+            for w in range(u, lq):
+                e0 = S[q, w]
+                for d in range(D):
+                    acc[q, d] += e0 * V[w, d]
+        r += 2
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -111,7 +158,7 @@ def attend(q, kc, vc, ks, vs, li, p, out):
                 qs[r, d] = q[h * G + r // c, s0 + r % c, d]
         K = np.empty((BK, D), np.float32)
         V = np.empty((BK, D), np.float32)
-        s = np.empty(BK, np.float32)
+        s = np.empty((R, BK), np.float32)
         end = p + s0 + c  # keys 0..end: up to the block's last token
         for t0 in range(0, end, BK):
             b = min(end, t0 + BK) - t0
