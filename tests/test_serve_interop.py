@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_serve import engine, start  # noqa: F401 (fixtures)
+from test_serve import engine, server  # noqa: F401 (fixtures)
 
 RECORDED = Path(__file__).parent / "data" / "llama_server_replies.json"
 HI = [{"role": "user", "content": "What is up?"}]
@@ -83,14 +83,6 @@ def kind(reply, path: str) -> str:
 def our_replies(server) -> dict:
     base = server.url.removesuffix("/v1")
     return {name: call(base, "tiny", name) for name in REQUESTS}
-
-
-@pytest.fixture(scope="module")
-def server(engine):  # noqa: F811
-    srv = start(engine)
-    yield srv
-    srv.shutdown()
-    srv.server_close()
 
 
 def compare(ours: dict, theirs: dict) -> list[str]:

@@ -8,17 +8,9 @@ import ollama
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_serve import enc, engine, raw, script, start  # noqa: F401 (fixtures)
+from test_serve import enc, engine, raw, script, server  # noqa: F401 (fixtures)
 
 from qwen3cli.serve.worker import Worker
-
-
-@pytest.fixture(scope="module")
-def server(engine):  # noqa: F811
-    srv = start(engine)
-    yield srv
-    srv.shutdown()
-    srv.server_close()
 
 
 @pytest.fixture
