@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import Qwen3CliError
+from ..sampler import log_softmax
 from .engine import Engine
 
 
@@ -40,12 +41,6 @@ class EvalResult:
 
 def sample_text() -> str:
     return resources.files("qwen3cli").joinpath("data/eval_sample.txt").read_text(encoding="utf-8")
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 SHAPE = (("architecture", "arch"), ("layers", "n_layers"), ("hidden size", "hidden_size"), ("heads", "n_heads"),
@@ -78,8 +73,8 @@ def evaluate(model: Engine, ref: Engine, text: str, ctx: int = 256,
     first = ctx // 2
     for c in range(n_chunks):
         chunk = ids[c * ctx:(c + 1) * ctx]
-        a = _log_softmax(model.model.forward(chunk, model.model.new_cache(), all_logits=True)[first:-1])
-        b = _log_softmax(ref.model.forward(chunk, ref.model.new_cache(), all_logits=True)[first:-1])
+        a = log_softmax(model.model.forward(chunk, model.model.new_cache(), all_logits=True)[first:-1])
+        b = log_softmax(ref.model.forward(chunk, ref.model.new_cache(), all_logits=True)[first:-1])
         nxt = np.asarray(chunk[first + 1:])
         rows = np.arange(len(nxt))
         nll.append(-a[rows, nxt])
