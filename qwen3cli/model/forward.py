@@ -65,6 +65,15 @@ class Model:
         # whose memory holds a whole prompt's activations without the host noticing)
         self.chunk = PREFILL_CHUNK if backend == "cpu" else None
         self.w = self.ops.prepare(w, release, packed) if packed is not None else self.ops.prepare(w, release)
+        self.packed = packed
+
+    def settle(self) -> None:
+        """Wait for what loading left running in the background (the packed-weights cache's
+        write of a first run: a file's worth of bytes to disk, which takes a core and the disk
+        while it lasts). A benchmark waits here so that it times the engine, not the writer."""
+        packed = getattr(self, "packed", None)
+        if packed is not None:
+            packed.wait()
 
     def new_cache(self):
         return self.ops.new_cache(self.ctx)

@@ -64,6 +64,7 @@ def run_bench(engine: Engine, prompt: int = 128, gen: int = 64, reps: int = 3, d
     -d): the context is filled once and cut back to it before every run. Pass the same `context`
     to the calls at one depth to fill it once for all of them."""
     m = engine.model
+    m.settle()  # a first run's packed-cache write would share the cores with the timed runs
     ids = [int(t) for t in np.random.default_rng(0).integers(0, engine.args.vocab_size, max(prompt, 1) + depth)]
     ids, head = ids[depth:], ids[:depth]
     at = f" @ d{depth}" if depth else ""
