@@ -2,6 +2,7 @@
 whatever state its entries are in."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -398,3 +399,55 @@ def test_cli_modules_leave_the_engine_unloaded():
     # the watch sees what a heavy import loads: the library factory's own module pulls the engine in
     (ok, _, loaded), = import_each(["qwen3cli.runtime.engine"], watch=heavy).values()
     assert ok and "numba" in loaded and "qwen3cli.runtime.engine" in loaded
+
+
+def test_prestart_hands_its_header_and_parse_to_the_load_of_that_file_only(files, cache, monkeypatch):
+    """io/early.py: the tokenizer's parse starts at the top of a command, before numba's
+    imports, and the loader takes it up for the same file; any other file loads as before."""
+    import subprocess
+    import sys
+
+    from qwen3cli.io import early
+    from qwen3cli.io.loader import load
+
+    fresh = load(files[0]).tokenizer  # writes the entry: prestart only parses a cached one
+    early.prestart(files[0])
+    started = early._early
+    assert started is not None and started.tokenizer is not None
+    opened = []
+    monkeypatch.setattr("qwen3cli.io.loader.open_gguf", lambda p: opened.append(p))  # must not be needed
+    m = load(files[0])
+    assert opened == [] and early._early is None and m.tokenizer is started.tokenizer.result()
+    same(m.tokenizer, fresh)
+    monkeypatch.undo()
+    monkeypatch.setenv("QWEN3CLI_CACHE_DIR", str(cache.parent))
+
+    early.prestart(files[0])  # then another file is loaded: its own header and tokenizer
+    other = load(files[1])
+    assert early._early is None and other.tokenizer.token_to_id("<|im_eNd|>") is not None
+    assert other.tokenizer.token_to_id("<|im_end|>") is None
+
+    # nothing for a directory, a missing path, or a file that is not a GGUF: the loader reports
+    for bad in (files[0].parent, files[0].parent / "missing.gguf", Path(__file__)):
+        early.prestart(bad)
+        assert early._early is None
+    r = subprocess.run([sys.executable, "-m", "qwen3cli", "run", __file__, "Hi", "-n", "1"], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "test_startup.py" in r.stderr, r.stderr
+
+
+def test_prestart_of_a_file_changed_since_is_not_taken(files, cache, tmp_path):
+    import os
+    import shutil
+
+    from qwen3cli.io import early
+    from qwen3cli.io.loader import load
+
+    path = tmp_path / "m.gguf"
+    shutil.copyfile(files[0], path)
+    load(path)
+    early.prestart(path)
+    assert early._early is not None
+    shutil.copyfile(files[1], path)  # replaced between the command's start and its load
+    os.utime(path, ns=(1, 1))
+    m = load(path)
+    assert m.tokenizer.token_to_id("<|im_eNd|>") is not None

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from .base import UsageError, app, err, printable, user_errors
-from .load import open_engine
+from .load import open_engine, prestart
 from .options import (Cache, Ctx, Device, Exact, MinP, OptionalModel, Presence, Quant, Repeat, Seed, System, Temp,
                       ThinkingBudget, ThinkingDisplay, Threads, TopK, TopP, cache_value, model_or_default,
                       set_threads, user_sampling)
@@ -52,6 +52,7 @@ def chat(
     markdown: bool = typer.Option(False, "--markdown", help="Render finished answers as Markdown."),
 ) -> None:
     """Chat with a model. /help inside lists the commands."""
+    prestart(model)  # before the imports below, which take numba's ~0.3 s
     from rich.console import Console
     from rich.markup import escape
     from rich.text import Text

@@ -9,6 +9,14 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from .base import err, print_warnings
 
 
+def prestart(model: str | None) -> None:
+    """Where MODEL is a GGUF file, open it and start its tokenizer's parse now, at the top of a
+    command, so that the parse runs beside the command's slow imports (io/early.py)."""
+    from ..io.early import prestart as start
+
+    start(model)
+
+
 def open_engine(model: str, ctx: int | None, quant: str, device: str = "auto", exact: bool = False,
                 cache_type: str | None = None, seen: set[str] | None = None):
     """loading.open_engine with the CLI's hooks; the same arguments. seen: notes already shown

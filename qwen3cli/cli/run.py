@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from .base import UsageError, app, err, user_errors
-from .load import open_engine
+from .load import open_engine, prestart
 from .options import (Cache, Ctx, Device, Exact, MinP, OptionalModel, Presence, Quant, Repeat, Seed, System, Temp,
                       THINKING_DISPLAYS, ThinkingBudget, ThinkingDisplay, Threads, TopK, TopP, cache_value,
                       looks_like_model, mode_note, model_or_default, set_threads, user_sampling)
@@ -104,6 +104,7 @@ def run(
     """Answer one prompt and exit."""
     import time
 
+    prestart(model)  # before the imports below, which take numba's ~0.3 s
     from ..runtime.generation import Done, generate
     from ..model.forward import ContextFull
     from ..sampler import Overrides, Sampler

@@ -27,6 +27,7 @@ from ..meta import Fields
 from ..sampler import file_params
 from ..text.tokenizer import from_tokenizer_json
 from ..text.tokenizer_cache import Pending, start_tokenizer
+from . import early
 from ..model.weights import Weights, build_weights
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -115,7 +116,8 @@ def _load_dir(path: Path, quant: str, progress: Progress | None) -> LoadedModel:
 
 
 def load_gguf(path: str | Path) -> LoadedModel:
-    g = open_gguf(path)
+    started = early.take(path)  # the header, and the tokenizer's parse, begun before the imports
+    g = started.file if started else open_gguf(path)
     md = g.metadata
     args = args_from_gguf(md, str(g.path))
     embd = g.tensors.get("token_embd.weight")
@@ -128,9 +130,14 @@ def load_gguf(path: str | Path) -> LoadedModel:
         return t.shape, t.type, g.raw(name)
 
     weights = build_weights(args, lookup, set(g.tensors), str(g.path))
-    # parsed beside the engine's repack; its freed parse buffers (tens of MB) go back at its end
-    tok = start_tokenizer(md, str(g.path), done=memory.trim_heap)
-    memory.trim_heap()
+    if started and started.tokenizer:
+        tok = started.tokenizer
+    else:
+        # the header's freed buffers go back before the parse starts: malloc_trim takes every
+        # heap's lock, so a trim beside the parse waited for all of it (0.25 s) where numba's
+        # set-up could run. The parse's own buffers go back at its end, on its thread.
+        memory.trim_heap()
+        tok = start_tokenizer(md, str(g.path), done=memory.trim_heap)
     loaded = _finish(str(g.path), args, weights, tok, md, keep=g)
     g.release_header()  # hashed (and, on a first run, built from): the tokenizer is its own copy
     return loaded

@@ -42,6 +42,9 @@ def open_engine(source: str, ctx: int | None = None, quant: str = "q8_0", device
     Hugging Face source is converted to; device: auto, cpu or cuda; exact: float activations;
     cache_type: the KV cache's f32, f16 or q8_0 (None: the device's default). Raises the
     library's typed errors (DeviceError, LoadError, ...)."""
+    from ..io.early import prestart
+
+    prestart(source)  # a GGUF's tokenizer parses beside the imports below (numba's ~0.3 s)
     from quant.kernels import matmul_cpu
 
     from ..io.loader import load

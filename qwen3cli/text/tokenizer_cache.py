@@ -103,23 +103,33 @@ def start_tokenizer(md: dict, where: str = "GGUF", done=None) -> Pending:
     """load_tokenizer's tokenizer, parsed on a thread when the cache holds a good entry (the
     entry is read and its checksum checked here); else built here, so a bad file's error comes
     from this call. done() is called once the parse is over, on its thread."""
+    started = start_cached(md, where, done)
+    if started is not None:
+        return started
+    tok = from_gguf_metadata(md, where)
+    key = tokenizer_key(md)
+    if key is not None:
+        _write(cache_dir() / "tokenizers" / f"{key}.json", key, tok)
+    return Pending(None, 0, lambda: tok)
+
+
+def start_cached(md: dict, where: str = "GGUF", done=None) -> Pending | None:
+    """start_tokenizer's parse on a thread where the cache holds a good entry; None otherwise
+    (nothing is built here: the caller's own start_tokenizer builds, and reports, later)."""
     key = tokenizer_key(md)
     if key is None:
-        tok = from_gguf_metadata(md, where)
-        return Pending(None, 0, lambda: tok)
+        return None
     path = cache_dir() / "tokenizers" / f"{key}.json"
-    n = _n_kept(md["tokenizer.ggml.token_type"])
+    body = _entry(path, key)
+    if body is None:
+        return None
 
     def build() -> Tokenizer:
         tok = from_gguf_metadata(md, where)
         _write(path, key, tok)
         return tok
 
-    body = _entry(path, key)
-    if body is None:
-        tok = build()
-        return Pending(None, n, lambda: tok)
-    return Pending(body, n, build, done)
+    return Pending(body, _n_kept(md["tokenizer.ggml.token_type"]), build, done)
 
 
 def _n_kept(types: np.ndarray) -> int:
