@@ -24,6 +24,8 @@ def signatures():
     f1, f2, f3, f4 = t.float32[:], t.float32[:, :], t.float32[:, :, :], t.float32[:, :, :, :]
     i1, u2, i82, h2 = t.int32[:], t.uint8[:, :], t.int8[:, :], t.float16[:, :]
     ix, f, b = t.int64, t.float32, t.boolean
+    h4 = t.float16[:, :, :, :]  # q8_0 scales (a dummy for the other cache types)
+    caches = (f4, h4, t.int8[:, :, :, :])  # the KV cache's f32, f16, q8_0
     return {
         "mv_float": [(f2, ix, i1, f2, b, f2), (f2, ix, i1, h2, b, f2)],
         "mv_i8": [(f2, ix, i1, i82, f2, ix, f2, b, f2)],
@@ -31,8 +33,8 @@ def signatures():
         "mv_q2_k": [(f2, ix, i1, u2, u2, u2, f2, b, f2)],
         "mv_q3_k": [(f2, ix, i1, u2, u2, i82, f2, b, f2)],
         "rms_norm": [(f2, f1, f, f2)],
-        "qkv_rope_store": [(f2, f2, f2, f1, f1, f, f2, f2, ix, ix, f3, f4, f4)],
-        "attention": [(f3, f4, f4, ix, ix, ix, f, f3, f2)],
+        "qkv_rope_store": [(f2, f2, f2, f1, f1, f, f2, f2, ix, ix, f3, f3, c, c, h4, h4, b) for c in caches],
+        "attention": [(f3, c, c, h4, h4, b, ix, ix, ix, f, f3, f2) for c in caches],
         "silu_mul": [(f2, f2, f2)],
         "route": [(f2, ix, t.boolean, f2, i1, f1)],
         "weighted_sum": [(f2, f1, ix, b, f2)],
