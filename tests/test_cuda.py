@@ -161,6 +161,21 @@ def test_kernels_compile_for_sm_90():
     assert r.stdout.count("PTX for sm_90") == 16
 
 
+def test_kernels_type_and_lower_for_the_device():
+    """The part of the device compile that needs no CUDA toolkit, on every run: each kernel,
+    with each KV cache type (float16 and int8 stores and loads), typed and lowered to LLVM IR
+    for sm_90. The simulator runs the kernels as Python and would not notice a cast or call
+    the device lacks. (NVVM's own checks and the link: the test above, where NVVM is.)"""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "cuda_ptx_check.py"), "--cc", "9.0", "--ir"],
+                       capture_output=True, text=True, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("LLVM IR for sm_90") == 16
+
+
 def test_cuda_backend_implements_the_interface():
     from test_backend import check_implements
 
