@@ -138,7 +138,7 @@ def load(source: str | Path, *, ctx: int | None = None, device: str = "auto", qu
     (converted in memory to `quant`, default q8_0) or a hub repo id (`Qwen/Qwen3-0.6B-GGUF:Q8_0`).
 
     ctx: context in tokens (default: the model's, at most 8192); device: auto, cpu or cuda;
-    cache_type: the KV cache's f32, f16 or q8_0 (default: f16 on the CPU); threads: CPU threads
+    cache_type: the KV cache's f32, f16 or q8_0 (default: f16); threads: CPU threads
     for the kernels (default: all); exact: float activations, the reference numerics, instead
     of llama.cpp's 8-bit ones; progress(what, done, total): downloads and conversions."""
     if threads is not None:

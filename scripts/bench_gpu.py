@@ -1,10 +1,11 @@
 """The CUDA backend against the CPU path on the same GGUF file: logit parity and tokens/s.
 
-    python scripts/bench_gpu.py FILE.gguf [FILE2.gguf ...] [-p 128] [-n 64] [--reps 2]
+    python scripts/bench_gpu.py FILE.gguf [FILE2.gguf ...] [-p 128] [-n 64] [--reps 2] [--cache-type f16]
 
 Per file: the last-token logits of a 32-token prompt and of 16 greedy decode steps on both
-backends (max |difference| over the logit range, argmax agreement), then prefill (-p tokens)
-and decode (-n tokens) speed of each, and the ratio GPU / CPU. Random-weight files with the
+backends, each with a KV cache of --cache-type (max |difference| over the logit range,
+argmax agreement), then prefill (-p tokens) and decode (-n tokens) speed of each, and the
+ratio GPU / CPU. Random-weight files with the
 real shapes come from `python scripts/bench_quantize.py --shapes 0.6b 1.7b --types q8_0`.
 On a lent GPU machine (no network there) numba-cuda and its CUDA wheels travel in .whl; see
 the device tool's README. Also run `QWEN3CLI_TEST_GPU=1 python -m pytest -q tests/test_cuda.py`.
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("-p", type=int, default=128)
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--cache-type", default=None, choices=("f32", "f16", "q8_0"), help="both backends' (default f16)")
     a = ap.parse_args()
 
     from qwen3cli.io.loader import load
@@ -53,9 +55,9 @@ def main() -> None:
         loaded = load(f)
         ctx = a.p + a.n + 64
         t0 = time.perf_counter()
-        gpu = Model(loaded.weights, ctx, backend="cuda")
+        gpu = Model(loaded.weights, ctx, backend="cuda", cache_type=a.cache_type)
         up = time.perf_counter() - t0
-        cpu = Model(loaded.weights, ctx)
+        cpu = Model(loaded.weights, ctx, cache_type=a.cache_type)
         worst, agree = parity(cpu, gpu, loaded.args.vocab_size)
         speed = {}
         for name, m in (("cpu", cpu), ("cuda", gpu)):

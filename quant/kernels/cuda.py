@@ -170,10 +170,77 @@ def rms_norm(x, w, eps, out):
         out[r, j] = x[r, j] * inv * w[j]
 
 
+# -- the KV cache: f32, f16 or q8_0 rows ------------------------------------------------------
+# c (n_layers, n_kv, ctx, D) in the type's element (float32, float16, int8), s (..., D // 32)
+# float16 scales for q8_0 and a dummy (1, 1, 1, 1) otherwise; q8 says which. One kernel serves
+# every type: element stores and loads convert (float32 -> float16 rounds to nearest even, as
+# numpy and the CPU cache do), and the q8 branch is uniform across a block, so it costs no
+# divergence. The CPU's format code is kv_cpu.py; both hold the same bytes for the same rows.
+
+QK = 32  # values per Q8_0 block (ggml's QK8_0)
+FLT_MAX = 3.4028234663852886e38
+
+
+@cuda.jit(device=True)
+def _roundf(v):
+    # C roundf, half away from zero, as quantize_cpu._roundf: exact for every float32 (adding
+    # 0.5 and truncating is not: 0.49999997 + 0.5 rounds up to 1.0)
+    a = abs(v)
+    fl = math.floor(a)
+    r = float32(fl + math.floor(float32(2.0) * (a - fl)))
+    return -r if v < float32(0.0) else r
+
+
+@cuda.jit(device=True)
+def _quantize_block(x, o, c, s, li, h, t, b):
+    # ggml's quantize_row_q8_0_ref on x[o:o + 32] into block b of row (li, h, t), step for step
+    # as kv_cpu.quantize_q8_0: d = amax / 127, q = roundf(x * (1 / d)), d kept as half; a block
+    # holding NaN or inf gets a NaN scale (and zero quants), so the damage reaches the logits
+    amax = float32(0.0)
+    finite = True
+    for j in range(o, o + QK):
+        a = abs(x[j])
+        finite = finite and a <= float32(FLT_MAX)  # False for NaN too
+        amax = max(amax, a)
+    if not finite:
+        s[li, h, t, b] = float32(math.nan)
+        for j in range(QK):
+            c[li, h, t, o + j] = 0
+        return
+    d = amax / float32(127.0)
+    inv = float32(1.0) / d if d != float32(0.0) else float32(0.0)
+    s[li, h, t, b] = d
+    for j in range(QK):
+        c[li, h, t, o + j] = _roundf(x[o + j] * inv)  # a whole number in -127..127: exact as int8
+
+
+@cuda.jit(device=True)
+def _store_row(x, c, s, q8, li, h, t):
+    # x (D,) float32, written by the whole block before, into cache row (li, h, t). q8_0: one
+    # thread per 32-value block (a row is one token's and need not be fast)
+    if q8:
+        for b in range(cuda.threadIdx.x, x.shape[0] // QK, TPB):
+            _quantize_block(x, b * QK, c, s, li, h, t, b)
+    else:
+        for d in range(cuda.threadIdx.x, x.shape[0], TPB):
+            c[li, h, t, d] = x[d]
+
+
+@cuda.jit(device=True)
+def _kv(c, s, q8, li, h, t, d):
+    # element d of cache row (li, h, t) as float32: float16 widened exactly, q8_0 quant times
+    # its block's scale
+    x = float32(c[li, h, t, d])
+    if q8:
+        x *= float32(s[li, h, t, d >> 5])
+    return x
+
+
 @cuda.jit
-def qkv_rope_store(q, k, v, qn, kn, eps, cos, sin, p, li, qout, kc, vc):
+def qkv_rope_store(q, k, v, qn, kn, eps, cos, sin, p, li, qout, kout, kc, vc, ks, vs, q8):
     # block (token i, head): q and k heads get their RMSNorm and NeoX RoPE at position p + i;
-    # q lands in qout (n, Hq, D), k and v in the cache at layer li
+    # q lands in qout (n, Hq, D); k (through kout (n, Hkv, D): a q8_0 block needs its whole 32
+    # values, which different threads rotate) and v go into the cache at layer li
     i, hh = cuda.blockIdx.x, cuda.blockIdx.y
     Hq, Hkv, D = qout.shape[1], kc.shape[1], qout.shape[2]
     half = D // 2
@@ -181,8 +248,7 @@ def qkv_rope_store(q, k, v, qn, kn, eps, cos, sin, p, li, qout, kc, vc):
     sh = cuda.shared.array(TPB, float32)
     if hh >= Hq + Hkv:
         h = hh - Hq - Hkv
-        for d in range(cuda.threadIdx.x, D, TPB):
-            vc[li, h, pos, d] = v[i, h * D + d]
+        _store_row(v[i, h * D:(h + 1) * D], vc, vs, q8, li, h, pos)
         return
     is_q = hh < Hq
     h = hh if is_q else hh - Hq
@@ -200,14 +266,17 @@ def qkv_rope_store(q, k, v, qn, kn, eps, cos, sin, p, li, qout, kc, vc):
             qout[i, h, d] = x1 * c - x2 * sn
             qout[i, h, d + half] = x2 * c + x1 * sn
         else:
-            kc[li, h, pos, d] = x1 * c - x2 * sn
-            kc[li, h, pos, d + half] = x2 * c + x1 * sn
+            kout[i, h, d] = x1 * c - x2 * sn
+            kout[i, h, d + half] = x2 * c + x1 * sn
+    if not is_q:
+        cuda.syncthreads()  # the block's global writes to kout are visible to all its threads after
+        _store_row(kout[i, h], kc, ks, q8, li, h, pos)
 
 
 @cuda.jit
-def attention(qh, kc, vc, li, p, i0, scale, scores, out):
+def attention(qh, kc, vc, ks, vs, q8, li, p, i0, scale, scores, out):
     # block (head, query i0 + y): scores against keys 0 .. p + i (causal) into row y of the
-    # scratch, softmax, weighted values
+    # scratch, softmax, weighted values; the cache read in its type (_kv)
     h, y = cuda.blockIdx.x, cuda.blockIdx.y
     i = i0 + y
     Hq, D = qh.shape[1], qh.shape[2]
@@ -218,7 +287,7 @@ def attention(qh, kc, vc, li, p, i0, scale, scores, out):
     for t in range(cuda.threadIdx.x, T, TPB):
         s = float32(0.0)
         for d in range(D):
-            s += qh[i, h, d] * kc[li, kvh, t, d]
+            s += qh[i, h, d] * _kv(kc, ks, q8, li, kvh, t, d)
         s *= scale
         scores[h, y, t] = s
         mx = max(mx, s)
@@ -232,7 +301,7 @@ def attention(qh, kc, vc, li, p, i0, scale, scores, out):
     for d in range(cuda.threadIdx.x, D, TPB):
         a = float32(0.0)
         for t in range(T):
-            a += scores[h, y, t] * vc[li, kvh, t, d]
+            a += scores[h, y, t] * _kv(vc, vs, q8, li, kvh, t, d)
         out[i, h * D + d] = a / tot
 
 

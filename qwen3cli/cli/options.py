@@ -79,8 +79,8 @@ class CacheType(str, Enum):  # kv_cache.CACHE_TYPES (not imported here: it loads
 
 
 Cache = Annotated[Optional[CacheType], typer.Option(
-    "--cache-type", help="KV cache type: f16 (the CPU's default, as llama.cpp's: half of f32's memory), "
-                         "q8_0 (about a quarter) or f32 (the only one on a GPU).")]
+    "--cache-type", help="KV cache type: f16 (the default, as llama.cpp's: half of f32's memory), "
+                         "q8_0 (about a quarter) or f32.")]
 
 
 def cache_value(c: CacheType | None) -> str | None:

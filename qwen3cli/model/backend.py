@@ -86,11 +86,11 @@ BACKENDS = ("cpu", "cuda")
 
 def open_backend(name: str, args: ModelArgs, rope: Rope, ctx: int, cache_type: str, exact: bool = False) -> Backend:
     """The backend `name` for a model of `args` and a context of ctx tokens. cache_type: the KV
-    cache's type (already checked against the backend, kv_cache.check_type); exact: float
+    cache's type (already checked, kv_cache.check_type); exact: float
     activations on the CPU (the GPU's kernels are always exact)."""
     if name == "cuda":
         from .ops_cuda import CudaOps
-        return CudaOps(args, rope, ctx)
+        return CudaOps(args, rope, ctx, cache_type)
     if name == "cpu":
         from .ops_cpu import CpuOps
         return CpuOps(args, rope, cache_type, exact)

@@ -1,11 +1,13 @@
 """The KV cache: the keys and values of every layer, KV head and position, kept as f32, f16 or
 q8_0 (ggml's Q8_0: 32 int8 quants and one float16 scale per 32 values of a head).
 
-f16 is the default on the CPU, as in llama.cpp: half the memory of f32 for logits that move
-by float16 rounding (tests/test_kv_cache.py measures it against f32). q8_0 takes 34 bytes per
-32 values, about a quarter of f32. Its scales are float16 as in ggml, so a cache block is
-ggml's block byte for byte, and its 2-byte scales cost 6% where float32 ones would cost 12%.
-The CUDA backend keeps float32 caches only. The formats' kernels live in quant/kernels/kv_cpu.py.
+f16 is the default, as in llama.cpp: half the memory of f32 for logits that move by float16
+rounding (tests/test_kv_cache.py measures it against f32). q8_0 takes 34 bytes per 32 values,
+about a quarter of f32. Its scales are float16 as in ggml, so a cache block is ggml's block
+byte for byte, and its 2-byte scales cost 6% where float32 ones would cost 12%. The CUDA
+backend keeps the same three types, and the same bytes for finite values (f16 as float16
+device arrays rather than uint16 bits: ops_cuda.cache_alloc; NaN's payload is the hardware's).
+The formats' kernels live in quant/kernels/kv_cpu.py, and in quant/kernels/cuda.py for the GPU.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from quant.kernels.kv_cpu import read_rows, write_rows
 from ..errors import Qwen3CliError
 
 CACHE_TYPES = ("f32", "f16", "q8_0")
-DEFAULT = {"cpu": "f16", "cuda": "f32"}  # what a backend gets when no type is asked for
+DEFAULT = {"cpu": "f16", "cuda": "f16"}  # what a backend gets when no type is asked for (llama.cpp's)
 QK = 32  # values per Q8_0 block
 _ELEMENT = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}  # f16 as its bits (see kv_cpu.py)
 
@@ -29,14 +31,11 @@ class CacheTypeError(Qwen3CliError):
 
 
 def check_type(cache_type: str | None, head_dim: int, backend: str = "cpu") -> str:
-    """The cache type to use: the backend's default for None; refuses unknown types, non-f32
-    types on CUDA, and q8_0 for heads that are not whole blocks of 32."""
-    t = DEFAULT.get(backend, "f32") if cache_type is None else cache_type
+    """The cache type to use: the backend's default for None (f16 on both); refuses unknown
+    types, and q8_0 for heads that are not whole blocks of 32 (on every backend)."""
+    t = DEFAULT.get(backend, "f16") if cache_type is None else cache_type
     if t not in CACHE_TYPES:
         raise CacheTypeError(f"unknown KV cache type {t!r}: use one of {', '.join(CACHE_TYPES)}")
-    if backend != "cpu" and t != "f32":
-        raise CacheTypeError(f"the {backend} backend keeps its KV cache in f32 only, not {t}: "
-                             "use --cache-type f32 or --device cpu")
     if t == "q8_0" and head_dim % QK:
         raise CacheTypeError(f"a q8_0 KV cache needs a head size that is a multiple of {QK}; "
                              f"this model's is {head_dim}: use f16 or f32")

@@ -1,7 +1,7 @@
 """The CUDA backend: the weights live on the GPU in their quantized (packed) form, the KV cache
-too, and a step runs as a chain of kernel launches (quant/kernels/cuda.py) on the default
-stream. The host sends token embeddings (one row a token) and gets the logits back; nothing
-else crosses, MoE routing included.
+too (f32, f16 or q8_0, in the CPU cache's bytes: kv_cache.py), and a step runs as a chain of
+kernel launches (quant/kernels/cuda.py) on the default stream. The host sends token embeddings
+(one row a token) and gets the logits back; nothing else crosses, MoE routing included.
 
 Weights are packed on the host a layer at a time (prepare.prepare_layer, the layouts the CPU
 tests check), uploaded, and the host copy dropped; only the token embeddings stay on the host.
@@ -23,7 +23,7 @@ from quant.kernels.matmul_cpu import packed_nbytes
 
 from .backend import Q_CHUNK, Release
 from ..errors import Qwen3CliError
-from .kv_cache import KVCache
+from .kv_cache import DEFAULT, QK, KVCache, row_nbytes
 from .prepare import pack_tensor, prepare_layer
 from .rope import Rope
 from .weights import LayerWeights, Weights
@@ -62,6 +62,13 @@ class DevMat:
 DECODE_ROWS = 64  # outputs of up to this many rows (a decode step, MoE slots included) reuse buffers
 
 
+def cache_alloc(shape: tuple[int, ...], dtype):
+    """KVCache's allocator on the device. The host cache keeps f16 values (and q8_0 scales) as
+    uint16 bits, numba having no float16 on the CPU; the GPU has float16, so the same bits are
+    kept as float16 and the kernels convert with the hardware's instructions."""
+    return cuda.device_array(shape, np.float16 if np.dtype(dtype) == np.uint16 else dtype)
+
+
 def upload(t) -> DevMat:
     """t (in the exact layout: matmul_cpu.Packed, or a float QTensor) on the device; raises
     UnsupportedQuantType for a type without a CUDA kernel."""
@@ -94,8 +101,10 @@ class CudaOps:
     name = "cuda"
     summary = ""  # what the GPU holds, once the weights are up (check_fits)
 
-    def __init__(self, args, rope: Rope, ctx: int):
+    def __init__(self, args, rope: Rope, ctx: int, cache_type: str = DEFAULT["cuda"]):
         self.args, self.eps, self.ctx = args, np.float32(args.rms_norm_eps), ctx
+        self.cache_type = cache_type  # f32, f16 or q8_0 (kv_cache.py; checked by kv_cache.check_type)
+        self._no_scales = cuda.device_array((1, 1, 1, 1), np.float16)  # what f32 / f16 caches pass as scales
         cos, sin = rope.cos_sin(np.arange(ctx))
         self.cos, self.sin = cuda.to_device(cos), cuda.to_device(sin)
         self._zeros: dict[int, object] = {}
@@ -103,10 +112,21 @@ class CudaOps:
         self._scores = None
 
     # -- memory ---------------------------------------------------------------------------
+    def _kv_nbytes(self, ctx: int) -> int:
+        """One KV cache of ctx positions in this backend's cache type."""
+        a = self.args
+        return 2 * a.n_layers * a.n_kv_heads * ctx * row_nbytes(self.cache_type, a.head_dim)
+
     def cache_nbytes(self, ctx: int) -> int:
         """The KV cache plus attention's score scratch (a chunk of queries against the context)."""
         a = self.args
-        return 2 * a.n_layers * a.n_kv_heads * ctx * a.head_dim * 4 + a.n_heads * min(Q_CHUNK, ctx) * ctx * 4
+        return self._kv_nbytes(ctx) + a.n_heads * min(Q_CHUNK, ctx) * ctx * 4
+
+    def _smaller(self) -> str:
+        """The hint of a memory refusal: a cache type that takes less, where there is one."""
+        if self.cache_type == "q8_0" or self.args.head_dim % QK:
+            return ""
+        return " or --cache-type q8_0"
 
     def check_fits(self, w: Weights) -> None:
         need = sum(device_nbytes(t) for ly in w.layers for t in vars(ly).values())
@@ -118,8 +138,10 @@ class CudaOps:
                         f"{free / 1e9:.1f} of {total / 1e9:.1f} GB were free")
         if need > 0.95 * free:
             raise DeviceMemoryError(
-                f"the model needs {need / 1e9:.1f} GB on the GPU (weights and a {self.ctx}-token KV cache), "
-                f"{free / 1e9:.1f} GB of {total / 1e9:.1f} GB is free: try a smaller --ctx or --device cpu")
+                f"the model needs {need / 1e9:.1f} GB on the GPU (weights and a {self.ctx}-token {self.cache_type} "
+                "KV cache), "
+                f"{free / 1e9:.1f} GB of {total / 1e9:.1f} GB is free: try a smaller --ctx{self._smaller()} "
+                "or --device cpu")
 
     def prepare(self, w: Weights, release: Release | None = None) -> Weights:
         self.check_fits(w)
@@ -140,17 +162,17 @@ class CudaOps:
 
     def new_cache(self, ctx: int) -> KVCache:
         a = self.args
-        return KVCache(a.n_layers, a.n_kv_heads, ctx, a.head_dim, "f32", alloc=cuda.device_array)
+        return KVCache(a.n_layers, a.n_kv_heads, ctx, a.head_dim, self.cache_type, alloc=cache_alloc)
 
     def new_caches(self, ctx: int, n: int) -> list[KVCache]:
         """n caches (attention_rows takes their rows one by one); refused up front, typed, when
         they do not fit in the GPU's free memory."""
-        need = 2 * self.args.n_layers * self.args.n_kv_heads * ctx * self.args.head_dim * 4 * n
+        need = self._kv_nbytes(ctx) * n
         free, total = cuda.current_context().get_memory_info()
         if need > 0.95 * free:
-            raise DeviceMemoryError(f"{n} KV caches of {ctx} tokens need {need / 1e9:.1f} GB on the GPU, "
-                                    f"{free / 1e9:.1f} GB of {total / 1e9:.1f} GB is free: try a smaller --ctx "
-                                    "or --parallel")
+            raise DeviceMemoryError(f"{n} KV caches of {ctx} tokens in {self.cache_type} need {need / 1e9:.1f} GB "
+                                    f"on the GPU, {free / 1e9:.1f} GB of {total / 1e9:.1f} GB is free: try a "
+                                    f"smaller --ctx or --parallel{self._smaller()}")
         return [self.new_cache(ctx) for _ in range(n)]
 
     # -- steps ------------------------------------------------------------------------------
@@ -219,16 +241,19 @@ class CudaOps:
     def attention(self, li: int, ly, q, k, v, cache: KVCache, p: int):
         a = self.args
         n, D, Hq, Hkv = q.shape[0], a.head_dim, a.n_heads, a.n_kv_heads
-        qh = self._out("qh", (n, Hq, D))
+        qh, kh = self._out("qh", (n, Hq, D)), self._out("kh", (n, Hkv, D))
+        q8 = cache.type == "q8_0"
+        ks, vs = (cache.ks, cache.vs) if q8 else (self._no_scales, self._no_scales)
         K.qkv_rope_store[(n, Hq + 2 * Hkv), K.TPB](q, k, v, ly.q_norm, ly.k_norm, self.eps, self.cos, self.sin,
-                                                   p, li, qh, cache.k, cache.v)
+                                                   p, li, qh, kh, cache.k, cache.v, ks, vs, q8)
         out = self._out("attn", (n, Hq * D))
         m = min(n, Q_CHUNK)
         if self._scores is None or self._scores.shape[1] < m:
             self._scores = cuda.device_array((Hq, m, self.ctx), np.float32)
         scale = np.float32(D ** -0.5)
         for s in range(0, n, Q_CHUNK):
-            K.attention[(Hq, min(n, s + Q_CHUNK) - s), K.TPB](qh, cache.k, cache.v, li, p, s, scale, self._scores, out)
+            K.attention[(Hq, min(n, s + Q_CHUNK) - s), K.TPB](qh, cache.k, cache.v, ks, vs, q8, li, p, s, scale,
+                                                              self._scores, out)
         return out
 
     def attention_rows(self, li, ly, q, k, v, caches, ps):
