@@ -26,7 +26,9 @@ shuffle tree (vshuff64x2 / vaddps / vhaddps) for their four sums; values, per bl
 keys, 4 x (vpmovsxbd + vcvtdq2ps) x 2 then per head 8 vfmadd231ps on a once-loaded
 accumulator. A loop over one layer's chunks (8 KV heads, 16K keys, G = 2, one thread):
 scores 8.0 ns a key row (f16's kv_dot loop 9.4), values 4.7 ns; the one-key-at-a-time
-versions of both were 8.8 and 11.3.
+versions of both were 8.8 and 11.3 (scripts/bench_kv_cache.py --attention times whole layers). Prefill reads Q8_0 rows into float32 tiles by kv_load, a block
+converted and multiplied by its broadcast scale (vpmovsxbd + vcvtdq2ps + vmulps), the same
+products as the scalar loop it replaced.
 """
 
 from __future__ import annotations
@@ -202,8 +204,7 @@ def _kv_load(out, c, s, li, h, t):
         return f16
     if c.dtype == types.int8:
         def q8_0(out, c, s, li, h, t):
-            for d in range(out.shape[0]):
-                out[d] = np.float32(c[li, h, t, d]) * f16_to_f32(s[li, h, t, d >> 5])
+            _q8_load(out, c[li, h], s[li, h], t)
         return q8_0
     return None
 
@@ -378,6 +379,31 @@ def _q8_values(typingctx, acc, sc, v, vs, nb, t0, t1):
             keys(l1.index, 1)
         return context.get_dummy_value()
     return types.none(acc, sc, v, vs, nb, t0, t1), codegen
+
+
+@intrinsic
+def _q8_load(typingctx, out, q, d, t):
+    """out (D,) = row t of q (ctx, D) int8 times its block scales d (ctx, D / 32) half bits: a
+    block's 32 values converted at once and multiplied by the broadcast scale, the products
+    the scalar loop's (each one float32 rounding of q * d), without its scale looked up per value."""
+    if not _c(out, q, d):
+        return None
+
+    def codegen(context, builder, sig, args):
+        out, q, d, t = args
+        to, tq, td, _ = sig.args
+        D = builder.extract_value(context.make_array(to)(context, builder, out).shape, 0)
+        nb = builder.udiv(D, ir.Constant(D.type, QK))
+        with cgutils.for_range(builder, nb) as bl:
+            b = bl.index
+            o = builder.mul(b, ir.Constant(b.type, QK))
+            x = builder.sitofp(builder.load(_ptr(context, builder, tq, q, builder.add(builder.mul(t, D), o),
+                                                 _vt(_I8, QK)), align=1), _vt(_F32, QK))
+            s = _half_at(context, builder, td, d, builder.add(builder.mul(t, nb), b))
+            builder.store(builder.fmul(x, _splat(builder, s, QK)), _ptr(context, builder, to, out, o, _vt(_F32, QK)),
+                          align=4)
+        return context.get_dummy_value()
+    return types.none(out, q, d, t), codegen
 
 
 @njit(cache=True)
