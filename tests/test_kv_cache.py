@@ -166,7 +166,10 @@ def test_cache_holds_the_f32_cache_rounded(gguf_model):
         assert np.array_equal(getattr(caches["q8_0"], name + "s")[0, :, :n], d)
 
 
-@pytest.mark.parametrize("cache_type,tol", [("f16", 1e-4), ("q8_0", 2e-3)])
+# q8_0: decode quantizes q to Q8_0 for its integer dots (llama.cpp's arithmetic), prefill keeps
+# q in float32 over the same dequantized keys, so the two differ by q's 8-bit rounding as well:
+# measured 7.5e-3 of the logits' range here (it was within 2e-3 while decode kept q float32)
+@pytest.mark.parametrize("cache_type,tol", [("f16", 1e-4), ("q8_0", 1.5e-2)])
 def test_prefill_equals_step_decode(gguf_model, cache_type, tol):
     path, _ = gguf_model("q8_0", **TINY)
     model = Model(load(path).weights, ctx=32, cache_type=cache_type)

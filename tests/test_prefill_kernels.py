@@ -9,9 +9,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from numba import njit
 
 from quant.kernels import attention_cpu as attn
 from quant.kernels import prefill_cpu as pre
+from quant.kernels.layer_cpu import _norm_rope
 from qwen3cli.io.loader import load
 from qwen3cli.model.forward import Model
 from qwen3cli.model.kv_cache import CACHE_TYPES, KVCache
@@ -62,10 +64,11 @@ def test_blocked_attention_equals_plain_softmax(cache_type, n, p, Hq, Hkv):
     np.testing.assert_allclose(out, plain_attention(q, cache, 1, p), rtol=2e-5, atol=2e-5)
 
 
-def _decode_rows(cache_type, ps, Hq=8, Hkv=2, D=64):
+def _decode_rows(cache_type, ps, Hq=8, Hkv=2, D=64, q_exact=False):
     """attend_rows on a pool of len(ps) slots whose slot i holds ps[i] random keys before its
     new token (row i's data drawn from seed i alone): returns the output, the pool and the
-    normed, rotated q rows (Hq, 1, D) each."""
+    normed, rotated q rows (Hq, 1, D) each. q_exact: the pool (a list) also carries q_rows, the
+    kernel's own q rows (n, Hq, D) (_kernel_q)."""
     rng = np.random.default_rng(99)
     qn, kn = (rng.uniform(0.5, 1.5, D).astype(np.float32) for _ in range(2))
     rope = Rope(1.0 / (10000.0 ** (np.arange(0, D, 2) / D)), 1.0)
@@ -85,10 +88,17 @@ def _decode_rows(cache_type, ps, Hq=8, Hkv=2, D=64):
                      np.array(ps, np.int64), out)
     qr = [apply_rope(rms_norm(q[i].reshape(1, Hq, D), qn, EPS), cos[i:i + 1], sin[i:i + 1]).transpose(1, 0, 2)
           for i in range(n)]
+    if q_exact:
+        pool = _Pool(pool)
+        pool.q_rows = _kernel_q(q, qn, EPS, cos, sin, D)
     return out, pool, qr
 
 
-@pytest.mark.parametrize("cache_type", CACHE_TYPES)
+class _Pool(list):
+    q_rows: np.ndarray
+
+
+@pytest.mark.parametrize("cache_type", ["f32", "f16"])  # q8_0 quantizes q: the next test
 def test_flash_decoding_equals_plain_softmax(cache_type):
     """Rows at depths of one chunk, a chunk's edge and several chunks (attn.CH keys each)."""
     ps = [0, 5, attn.CH - 1, attn.CH, 3 * attn.CH + 17]
@@ -97,18 +107,80 @@ def test_flash_decoding_equals_plain_softmax(cache_type):
         np.testing.assert_allclose(out[i], plain_attention(qr[i], c, 0, p)[0], rtol=2e-5, atol=2e-5)
 
 
-def test_flash_decoding_is_the_same_on_one_thread_and_alone():
+@njit(cache=True)
+def _kernel_q(q, qn, eps, cos, sin, D):
+    # the normed, rotated q rows exactly as attend_rows makes them (the same numba function), so
+    # that their Q8_0 rounding can be redone in numpy: a float32 difference from numpy's norm
+    # and RoPE would flip a quant now and then, a whole step, far above float32 rounding
+    n, H = q.shape[0], q.shape[1] // D
+    out = np.empty((n, H, D), np.float32)
+    for i in range(n):
+        for hq in range(H):
+            _norm_rope(q[i], hq * D, qn, eps, cos[i], sin[i], out[i, hq])
+    return out
+
+
+def q8_0_decode_reference(qf, cache, li, p, quantize=True):
+    """Decode attention over a Q8_0 cache in llama.cpp's arithmetic, in float64 from the
+    cache's integers: each q head quantized per 32 values (d = max|x| / 127 in float32, q =
+    round(x * (1 / d)) half away from zero, float32 products as in C), a score the sum over
+    blocks of d_q * d_k / sqrt(D) * (the exact integer dot of the block), the softmax, and the
+    values as their quants times their block scales. qf (Hq, D) float32; returns (Hq D,).
+    quantize=False: the same with q unquantized (to show the test tells the two apart)."""
+    Hq, D = qf.shape
+    Hkv = cache.k.shape[1]
+    G = Hq // Hkv
+    b = qf.reshape(Hq, D // 32, 32)
+    d = np.abs(b).max(-1, keepdims=True) / np.float32(127)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, 1, d)).astype(np.float32)
+    v = (b * inv).astype(np.float64)
+    qi = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int64)  # C's roundf, exact in float64
+    out = np.empty((Hq, D))
+    for h in range(Hq):
+        k = cache.k[li, h // G, :p + 1].reshape(p + 1, D // 32, 32).astype(np.int64)
+        dk = cache.ks[li, h // G, :p + 1].view(np.float16).astype(np.float64)  # (p + 1, D / 32)
+        if quantize:
+            isum = np.einsum("bj,tbj->tb", qi[h], k)  # integers: exact
+            s = (isum * dk * d[h, :, 0].astype(np.float64)).sum(-1) / np.sqrt(D)
+        else:
+            s = (k * dk[..., None] * b[h].astype(np.float64)).sum((1, 2)) / np.sqrt(D)
+        e = np.exp(s - s.max())
+        V = cache.v[li, h // G, :p + 1].astype(np.float64).reshape(p + 1, D // 32, 32)
+        V = (V * cache.vs[li, h // G, :p + 1].view(np.float16).astype(np.float64)[..., None]).reshape(p + 1, D)
+        out[h] = e @ V / e.sum()
+    return out.reshape(Hq * D)
+
+
+@pytest.mark.parametrize("Hq, Hkv, D", [(8, 2, 64), (16, 8, 128), (4, 4, 32)])
+def test_flash_decoding_q8_0_equals_integer_reference(Hq, Hkv, D):
+    """The q8_0 kernel (q quantized once per head, integer block dots, vectorised values)
+    against q8_0_decode_reference to float32 rounding, at depths under one block, not a
+    multiple of 32, a chunk's edges and several chunks with a partial last one; and the same
+    reference with q left in float32 is far off, so a kernel without the quantized q fails."""
+    ps = [0, 5, 31, 32, 100, attn.CH - 1, attn.CH, attn.CH + 1, 3 * attn.CH + 17]
+    out, pool, _ = _decode_rows("q8_0", ps, Hq, Hkv, D, q_exact=True)
+    qf = pool.q_rows
+    worst_float_q = 0.0
+    for i, (c, p) in enumerate(zip(pool, ps)):
+        np.testing.assert_allclose(out[i], q8_0_decode_reference(qf[i], c, 0, p), rtol=2e-5, atol=2e-5,
+                                   err_msg=f"depth {p}")
+        worst_float_q = max(worst_float_q, np.abs(out[i] - q8_0_decode_reference(qf[i], c, 0, p, False)).max())
+    assert worst_float_q > 1e-3  # 50x the tolerance: the test sees whether q was quantized
+
+
+@pytest.mark.parametrize("cache_type", CACHE_TYPES)
+def test_flash_decoding_is_the_same_on_one_thread_and_alone(cache_type):
     """The chunks follow the position only: one thread gives two threads' bits, and a row of a
     batch gives what it gives alone."""
     import numba
 
     ps = [2 * attn.CH + 3, 40]
-    both, _, _ = _decode_rows("f16", ps)
-    alone, _, _ = _decode_rows("f16", ps[:1])
+    both, _, _ = _decode_rows(cache_type, ps)
+    alone, _, _ = _decode_rows(cache_type, ps[:1])
     was = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        one, _, _ = _decode_rows("f16", ps)
+        one, _, _ = _decode_rows(cache_type, ps)
     finally:
         numba.set_num_threads(was)
     assert np.array_equal(both, one)
