@@ -96,25 +96,35 @@ def f32_to_f16(x):
     return np.uint16(o | (sign >> np.uint32(16)))
 
 
+@njit(cache=True, inline="always")
+def _block_scale(x, b):
+    """ggml's Q8_0 scale of x's block b: (d, 1 / d) with d = amax / 127 (1 / d taken as 0 for an
+    all-zero block), or (NaN, 0) where the block holds NaN or inf. Shared by the cache's rows
+    and decode's quantized q, so that both round as ggml does."""
+    amax = np.float32(0.0)
+    finite = True
+    for j in range(b * QK, (b + 1) * QK):
+        a = abs(x[j])
+        finite &= a <= np.float32(3.4028234663852886e38)
+        amax = max(amax, a)
+    if not finite:
+        return np.float32(np.nan), np.float32(0.0)
+    dd = amax / np.float32(127.0)
+    return dd, np.float32(1.0) / dd if dd != np.float32(0.0) else np.float32(0.0)
+
+
 @njit(cache=True)
 def quantize_q8_0(x, q, d):
     """ggml's quantize_row_q8_0_ref: per 32 values d = amax / 127, q = roundf(x / d) (half away
     from zero, through the float32 reciprocal as ggml), d kept as half. A block holding NaN or
     inf gets a NaN scale, so that the damage reaches the logits as it would in f32."""
     for b in range(x.shape[0] // QK):
-        amax = np.float32(0.0)
-        finite = True
-        for j in range(b * QK, (b + 1) * QK):
-            a = abs(x[j])
-            finite &= a <= np.float32(3.4028234663852886e38)
-            amax = max(amax, a)
-        if not finite:
+        dd, inv = _block_scale(x, b)
+        if np.isnan(dd):
             d[b] = np.uint16(0x7E00)
             for j in range(b * QK, (b + 1) * QK):
                 q[j] = 0
             continue
-        dd = amax / np.float32(127.0)
-        inv = np.float32(1.0) / dd if dd != np.float32(0.0) else np.float32(0.0)
         d[b] = f32_to_f16(dd)
         for j in range(b * QK, (b + 1) * QK):
             q[j] = np.int8(_roundf(x[j] * inv))
@@ -415,19 +425,12 @@ def quantize_q(x, scale, q, d):
     width the dot multiplies in. A block with NaN or inf: d NaN, so the scores are NaN as in
     f32. No fastmath: the rounding is exactly this (tests reproduce it in numpy)."""
     for b in range(x.shape[0] // QK):
-        amax = np.float32(0.0)
-        finite = True
-        for j in range(b * QK, (b + 1) * QK):
-            a = abs(x[j])
-            finite &= a <= np.float32(3.4028234663852886e38)
-            amax = max(amax, a)
-        if not finite:
-            d[b] = np.float32(np.nan)
+        dd, inv = _block_scale(x, b)
+        if np.isnan(dd):
+            d[b] = dd
             for j in range(b * QK, (b + 1) * QK):
                 q[j] = 0
             continue
-        dd = amax / np.float32(127.0)
-        inv = np.float32(1.0) / dd if dd != np.float32(0.0) else np.float32(0.0)
         d[b] = dd * scale
         for j in range(b * QK, (b + 1) * QK):
             q[j] = np.int16(_roundf(x[j] * inv))
