@@ -14,6 +14,7 @@ the loader, for the same file only (same inode, size and mtime), once.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +29,12 @@ class Early:
 
 
 def _identity(path: str | os.PathLike) -> tuple | None:
+    """A regular file's path, inode, device, size and mtime; None for anything else."""
     try:
         st = os.stat(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
         return None
     return (os.path.realpath(path), st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
 
@@ -41,11 +45,7 @@ def prestart(source: str | os.PathLike | None) -> None:
     key = _identity(source) if source is not None else None
     if key is None or _early is not None and _early.key == key:
         return
-    import stat
-
     try:
-        if not stat.S_ISREG(os.stat(source).st_mode):
-            return
         from quant.gguf_split import open_gguf
 
         from ..model import memory

@@ -47,6 +47,8 @@ def check_context(a, ctx: int, backend: str = "cpu", cache_type: str = kv_cache.
 
 
 class Model:
+    packed = None  # the packed-cache store the weights came through, if any
+
     def __init__(self, w: Weights, ctx: int | None = None, release=None, backend: str = "cpu", exact: bool = False,
                  cache_type: str | None = None, packed=None):
         """exact: float activations in every product (the reference's numerics, for parity
@@ -71,9 +73,8 @@ class Model:
         """Wait for what loading left running in the background (the packed-weights cache's
         write of a first run: a file's worth of bytes to disk, which takes a core and the disk
         while it lasts). A benchmark waits here so that it times the engine, not the writer."""
-        packed = getattr(self, "packed", None)
-        if packed is not None:
-            packed.wait()
+        if self.packed is not None:
+            self.packed.wait()
 
     def new_cache(self):
         return self.ops.new_cache(self.ctx)

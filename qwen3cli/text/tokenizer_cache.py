@@ -103,33 +103,36 @@ def start_tokenizer(md: dict, where: str = "GGUF", done=None) -> Pending:
     """load_tokenizer's tokenizer, parsed on a thread when the cache holds a good entry (the
     entry is read and its checksum checked here); else built here, so a bad file's error comes
     from this call. done() is called once the parse is over, on its thread."""
-    started = start_cached(md, where, done)
-    if started is not None:
-        return started
-    tok = from_gguf_metadata(md, where)
-    key = tokenizer_key(md)
-    if key is not None:
-        _write(cache_dir() / "tokenizers" / f"{key}.json", key, tok)
-    return Pending(None, 0, lambda: tok)
+    return _start(md, where, done, build=True)
 
 
 def start_cached(md: dict, where: str = "GGUF", done=None) -> Pending | None:
     """start_tokenizer's parse on a thread where the cache holds a good entry; None otherwise
     (nothing is built here: the caller's own start_tokenizer builds, and reports, later)."""
+    return _start(md, where, done, build=False)
+
+
+def _start(md: dict, where: str, done, build: bool) -> Pending | None:
     key = tokenizer_key(md)
     if key is None:
-        return None
+        if not build:
+            return None
+        tok = from_gguf_metadata(md, where)
+        return Pending(None, 0, lambda: tok)
     path = cache_dir() / "tokenizers" / f"{key}.json"
-    body = _entry(path, key)
-    if body is None:
-        return None
 
-    def build() -> Tokenizer:
+    def rebuild() -> Tokenizer:
         tok = from_gguf_metadata(md, where)
         _write(path, key, tok)
         return tok
 
-    return Pending(body, _n_kept(md["tokenizer.ggml.token_type"]), build, done)
+    body = _entry(path, key)
+    if body is None:
+        if not build:
+            return None
+        tok = rebuild()
+        return Pending(None, 0, lambda: tok)
+    return Pending(body, _n_kept(md["tokenizer.ggml.token_type"]), rebuild, done)
 
 
 def _n_kept(types: np.ndarray) -> int:
