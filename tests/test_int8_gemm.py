@@ -99,9 +99,11 @@ def reference_rows(w, x):
 def gemm_cases():
     for t in GEMM_TYPES:
         # Q8_0 / Q4_0 / Q5_0: tail blocks after the last full group of 16 (768: 8, the MoE
-        # down projection's; 544: 1; 480: 15 and no full group; 256: 8 and none); Q5_K: one
-        # super-block
-        for k in [1024, 3072] + ([768, 544, 480, 256] if t in BLOCK32 else [256] if t == T.Q5_K else []):
+        # down projection's; 544: 1; 480: 15 and no full group; 256: 8 and none); Q4_K / Q5_K:
+        # an odd count of super-blocks (their tiles take them in pairs, the last one paired with
+        # zeros): 1 and 3, the MoE down projection's k = 768
+        for k in [1024, 3072] + ([768, 544, 480, 256] if t in BLOCK32 else [256, 768] if t in (T.Q4_K, T.Q5_K)
+                                 else []):
             for n in (2, 5, 17, 130):
                 if k == 3072 and n == 130 and t != T.Q8_0:
                     continue  # the largest once is enough (the reference is slow)

@@ -31,14 +31,18 @@ sum each), so with tails the two round apart.
   (0..15 / 0..63 / 0..31, the Q5 nibbles or'ed with their fifth bits; L2-resident, reused by all
   x tiles) and x is quantized to int8 in the same order: 64-byte units holding two pair
   steps woven (byte 4t + 2h + e: lane t, step h, element e), so a lane's 4 bytes of a unit are
-  4 products of that lane. Two paths (int8_tiles_cpu._units_loop):
+  4 products of that lane. Q4_K / Q5_K rows and x are then rewoven in pairs of super-blocks
+  (int8_tiles_cpu._pair_units), a lane per sub-block of 32: a lane's sum has one scale and one
+  minimum, so a tile scales two super-blocks with one set of float instructions (24 per tile
+  entry and pair where a super-block took 4); an odd count's last super-block is paired with a
+  zero one. Two paths (int8_tiles_cpu._units_loop):
   - VNNI (where numba's target CPU has AVX512-VNNI: int8_tiles_cpu.vnni_available, off with
     QWEN3CLI_NO_VNNI=1 or matmul(vnni=False)): one vpdpbusd (u8 x s8, 64 MACs, 4 products
     summed into each i32 lane) per unit and tile entry, in 2 x 6 tiles (12 i32 + 12 float
     accumulators).
   - generic IR, any CPU: vpmaddubsw (u8 x s8, 64 MACs) into i16 sums, exact below 2^15 over a
-    window (Q4_0: a group's 8 units, 8 x 2 x 15 x 127 = 30480; Q4_K: a super-block's 4; Q5: 4
-    units, 4 x 2 x 31 x 127 = 31496, so Q5_K is Q4_K's tile once unpacked and Q5_0 is Q4_0's
+    window (Q4_0: a group's 8 units, 8 x 2 x 15 x 127 = 30480; Q5: 4 units, 4 x 2 x 31 x 127
+    = 31496, so Q4_K / Q5_K share a tile, a pair's 8 units in two windows, and Q5_0 is Q4_0's
     in two windows; Q6_K: 2 units, 2 x 2 x 63 x 127 = 32004), widened by one vpdpwssd against
     ones, in 2 x 4 tiles (at 2 x 6 they spill). vpmaddubsw comes from generic IR (even / odd
     products, clamp to i16) only if both operands reach the backend as loads: computed in the
@@ -52,12 +56,13 @@ check passes; everything else is generic IR that any CPU LLVM targets compiles.
 
 Hot loops on Zen 5 (znver5; `python scripts/bench_int8_gemm.py --asm [--vnni]`). Generic, per
 iteration of a 2 x 4 tile: Q8_0 31 instructions (16 vpdpwssd, 4 vpmovsxbw, 8 loads: 512 MACs);
-Q4_0 / Q4_K / Q5_K 25 (8 vpmaddubsw, 8 vpaddw, 6 loads: 512 MACs); Q6_K 49 (16 vpmaddubsw, 8
-vpaddw, 8 vpdpwssd, 12 loads); Q5_0 93 (32 vpmaddubsw, 24 vpaddw, 8 vpdpwssd, 24 loads). VNNI,
-a whole 2 x 6 group / super-block with its scaling: Q4_K / Q5_K 184 (48 vpdpbusd, 32 + 10
-loads, 12 each of vcvtdq2ps, vmulps, vfnmadd, vfmadd: 6144 MACs); Q6_K 163 (48 vpdpbusd, 38
-loads, 12 each of vcvtdq2ps, vmulps, vfmadd); Q4_0 / Q5_0 238 (96 vpdpbusd, 70 loads, 12 each
-of vcvtdq2ps, vmulps, vfmadd: 12288 MACs).
+Q4_0 25 (8 vpmaddubsw, 8 vpaddw, 6 loads: 512 MACs); Q6_K 49 (16 vpmaddubsw, 8 vpaddw, 8
+vpdpwssd, 12 loads); Q5_0 / Q4_K / Q5_K 93 (32 vpmaddubsw, 24 vpaddw, 8 vpdpwssd, 24 loads).
+VNNI, a whole 2 x 6 group / super-block (pair) with its scaling: Q4_K / Q5_K 264 a pair (96
+vpdpbusd, 64 + 16 loads, 12 each of vcvtdq2ps, vmulps, vfnmadd, vfmadd, 20 movq: 12288
+MACs; 184 a single super-block before the pairs, with the same 48 float instructions); Q6_K
+163 (48 vpdpbusd, 38 loads, 12 each of vcvtdq2ps, vmulps, vfmadd: 6144 MACs); Q4_0 / Q5_0 238
+(96 vpdpbusd, 70 loads, 12 each of vcvtdq2ps, vmulps, vfmadd: 12288 MACs).
 
 Measured, one core, thread CPU time, alternating main and this code in one minute on a shared
 host (load 12; /tmp scripts, summed time over 6144 x 1024 and 1024 x 3072 at n = 128 and 512):
@@ -66,7 +71,11 @@ Q6_K ~315 -> ~370-395, Q8_0 even (~270); `bench_int8_gemm.py --vnni` (generic ag
 gave 1.05-1.19x before the 2 x 6 tiles. vpdpbusd alone runs at 8.6 G/s on this core (12
 independent chains: 2 a cycle, 1100 GOPS), so the K tiles are at ~35% of it: the float
 scaling, 48 of 163-184 instructions per super-block tile, is the larger cost (taken out, Q4_K
-ran 1.4x faster). The unpack (`_unit`, vectors) takes 0.1 ms for 6144 x 1024 on one core.
+ran 1.4x faster). The pairs of super-blocks halved it for Q4_K / Q5_K: 1.15x / 1.15x over
+the single super-block tiles (`bench_int8_gemm.py --formats q4_k q5_k --threads 1 --n 128
+512`, both commits alternating 3 times, fastest of each, summed over the 4 shapes: 52.6 ->
+45.6 ms, 55.0 -> 48.0 ms; per shape 1.03-1.36x). The unpack (`_unit`, vectors) takes 0.1 ms
+for 6144 x 1024 on one core.
 Two threads split the row tiles (timed by wall clock, which on this shared machine swung
 0.3-12x between calls: not quoted).
 """
@@ -81,8 +90,9 @@ from . import int8_cpu, int8_k_cpu
 from .int8_cpu import G, Int8Packed
 from .int8_k_cpu import KPacked
 from .int8_q5_cpu import Q5Packed, _even_bits
-from .int8_tiles_cpu import (GENERIC, RT, RW, VNNI, _hsums, _lanes_q4_k, _lanes_q6_k, _nx, _t_q4_0, _t_q4_k, _t_q5_0,
-                             _t_q6_k, _t_q8_0, _unit4, _unit5, _unit6, _zeros, tile_rows, vnni_available)
+from .int8_tiles_cpu import (GENERIC, RT, RW, VNNI, _hsums, _lanes_q4_k, _lanes_q6_k, _nx, _pair_units, _t_q4_0,
+                             _t_q4_k, _t_q5_0, _t_q6_k, _t_q8_0, _unit4, _unit5, _unit6, _zeros, tile_rows,
+                             vnni_available)
 from .variants import variant
 
 # -- the activation: all rows quantized once, as the decode kernels quantize one -------------
@@ -126,14 +136,35 @@ def _quantize_q8_k_rows(x, xq, xd, xs, units):
             _to_units(tmp, xq[i], 256, 4)
 
 
+@njit(parallel=True, cache=True)
+def _quantize_q8_k_pairs(x, xq, xd, xs):
+    # Q4_K / Q5_K: x's Q8_K rows in the tiles' pair order (_pair_units; an odd last super-block
+    # paired with a zero one), its scale per lane (8 copies of each super-block's) and its quant
+    # sums per lane (per sub-block of 32: two of Q8_K's sums per 16)
+    k = x.shape[1]
+    nsb = k // 256
+    for i in prange(x.shape[0]):
+        tmp, d, s16 = np.empty(k, np.int8), np.empty(nsb, np.float32), np.empty(k // 16, np.int32)
+        int8_k_cpu._quantize_x(x[i], tmp, d, s16)
+        _to_units(tmp, xq[i, :k], 256, 4)
+        for p in range(0, xq.shape[1], 512):
+            _pair_units(xq[i], p)
+        for b in range(nsb):
+            for j in range(8):
+                xd[i, 8 * b + j] = d[b]
+                xs[i, 8 * b + j] = s16[16 * b + 2 * j] + s16[16 * b + 2 * j + 1]
+
+
 def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed,
                   nx: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x (n, k) -> (quants (npad, kp), scales, quant sums), npad = n rounded up to nx (a tile's x
     rows) with zero rows, each row exactly as the decode modules' quantize_x rounds it: for Q8_0 /
     Q4_0 / Q5_0 weights ggml's Q8_0 (scale and sum per 32), k padded to whole groups of 16
     blocks (kp; the padding blocks' quants, scales and sums zero), for Q4_K / Q5_K / Q6_K
-    ggml's Q8_K (scale per 256, sums per 16; kp = k). Q8_0: int16 in the decode kernels'
-    order; the others int8 in _units_loop's."""
+    ggml's Q8_K (scale per 256; Q6_K: sums per 16, kp = k; Q4_K / Q5_K: in pairs of
+    super-blocks, kp = k rounded up to two (a zero one), scales and sums (per 32) per lane, 8
+    a super-block). Q8_0: int16 in the decode kernels' order; the others int8 in _units_loop's
+    (Q4_K / Q5_K: rewoven in pairs, int8_tiles_cpu._pair_units)."""
     n, k = x.shape
     npad = -(-n // nx) * nx
     units = w.type != T.Q8_0
@@ -142,6 +173,11 @@ def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed,
         xq = np.zeros((npad, 32 * nbp), np.int8 if units else np.int16)
         xd, xs = np.zeros((npad, nbp), np.float32), np.zeros((npad, nbp), np.int32)
         _quantize_q8_0_rows(x, xq, xd, xs, units)
+    elif w.type in (T.Q4_K, T.Q5_K):
+        nsbp = -(-k // 512) * 2
+        xq = np.zeros((npad, 256 * nsbp), np.int8)
+        xd, xs = np.zeros((npad, 8 * nsbp), np.float32), np.zeros((npad, 8 * nsbp), np.int32)
+        _quantize_q8_k_pairs(x, xq, xd, xs)
     else:
         xq = np.zeros((npad, k), np.int8)
         xd, xs = np.zeros((npad, k // 256), np.float32), np.zeros((npad, k // 16), np.int32)
@@ -175,6 +211,27 @@ def _unpack(q, r0, r1, ws, k, span, q6):
                     _unit6(q, src + 32 * c, q, src + 128, src + 160, 2 * c, 2 * c, ws, dst + 64 * c)
                 else:
                     _unit4(q, src + 32 * c, q, 0, 0, 0, 0, ws, dst + 64 * c)
+
+
+@njit(cache=True, inline="always")
+def _unpack_k_pairs(q, h, r0, r1, ws, nsb):
+    # Q4_K (h None) / Q5_K rows r0..r1 as _unpack / _unpack_q5 write a super-block, each pair
+    # then rewoven (_pair_units); a row of an odd count ends with a zero super-block
+    kp = (nsb + nsb % 2) * 256
+    for r in range(r0, r1):
+        dst = (r - r0) * kp
+        for b in range(nsb):
+            src = r * q.shape[1] + b * 128
+            for c in range(4):
+                if h is None:
+                    _unit4(q, src + 32 * c, q, 0, 0, 0, 0, ws, dst + b * 256 + 64 * c)
+                else:
+                    hsrc = r * h.shape[1] + b * 32
+                    _unit5(q, src + 32 * c, h, hsrc, hsrc, c, c + 4, ws, dst + b * 256 + 64 * c)
+        if nsb % 2:
+            ws[dst + nsb * 256:dst + kp] = 0
+        for p in range(0, kp, 512):
+            _pair_units(ws, dst + p)
 
 
 @njit(cache=True, inline="always")
@@ -276,16 +333,22 @@ _tile = _unpack_rows = _tail_rows = None  # only a variant's own globals bind th
 
 @njit(cache=True, inline="always")
 def _lane_scales(s, d, dmin, r0, r1, sv, mv, q6):
-    # rows r0..r1's 16 lane scales per super-block as the K tiles multiply them (int8_tiles_cpu's
+    # rows r0..r1's lane scales per super-block as the K tiles multiply them (int8_tiles_cpu's
     # _lanes), once per task rather than per tile (a tile row's scale vector took ~12
-    # instructions per super-block): the same float32 products, so bit for bit the same
+    # instructions per super-block): the same float32 products, so bit for bit the same.
+    # Q6_K: 16 a super-block; Q4_K / Q5_K: 8, in pairs (an odd count's last pair ends in zeros)
     nsb = d.shape[1]
+    nsbp = nsb + nsb % 2
     for r in range(r0, r1):
         for b in range(nsb):
             if q6:
                 _lanes_q6_k(s, (r * nsb + b) * 16, d, dmin, r * nsb + b, sv, mv, ((r - r0) * nsb + b) * 16)
             else:
-                _lanes_q4_k(s, (r * nsb + b) * 16, d, dmin, r * nsb + b, sv, mv, ((r - r0) * nsb + b) * 16)
+                _lanes_q4_k(s, (r * nsb + b) * 16, d, dmin, r * nsb + b, sv, mv, ((r - r0) * nsbp + b) * 8)
+        if not q6 and nsb % 2:
+            o = ((r - r0) * nsbp + nsb) * 8
+            sv[o:o + 8] = 0
+            mv[o:o + 8] = 0
 
 
 # -- the products ------------------------------------------------------------------------------
@@ -334,26 +397,24 @@ def _mm_q4_k(xq, xd, xs, q, h, s, d, dmin, out, isa):
     # Q4_K (h None) or Q5_K (h: the fifth bits): the same tile once unpacked, quants 0..15 or
     # 0..31. xq: int8 in _units_loop's order, xs: the quant sums per 16 as float
     n, (R, nsb) = out.shape[0], d.shape
-    k = nsb * 256
+    kp = xq.shape[1]  # whole pairs of super-blocks
+    nl = kp // 32  # lanes (sub-blocks) a row
     for tile in prange(-(-R // RT)):
         nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
         sums = np.empty(RW * nx, np.float32)
         r0, rt = tile * RT, min(R, tile * RT + RT)
-        ws = np.empty(RT * k, np.uint8)
-        if h is None:
-            _unpack(q, r0, rt, ws, k, 256, False)
-        else:
-            _unpack_q5(q, h, r0, rt, ws, k, 256, 0, 4)
-        sv, mv = np.empty(RT * nsb * 16, np.float32), np.empty(RT * nsb * 16, np.float32)
+        ws = np.empty(RT * kp, np.uint8)
+        _unpack_k_pairs(q, h, r0, rt, ws, nsb)
+        sv, mv = np.empty(RT * nl, np.float32), np.empty(RT * nl, np.float32)
         _lane_scales(s, d, dmin, r0, rt, sv, mv, False)
         for i in range(0, xq.shape[0], nx):
             for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros(isa)
-                for b in range(nsb):
-                    acc = _t_q4_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, sv, mv, ((r - r0) * nsb + b) * 16,
-                                  (r1 - r) * nsb * 16, xq, i * k + b * 256, k, xs, i * nsb * 16 + b * 16,
-                                  nsb * 16, xd, i * nsb + b, nsb, isa)
+                for p in range(kp // 512):
+                    acc = _t_q4_k(acc, ws, (r - r0) * kp + p * 512, (r1 - r) * kp, sv, mv, (r - r0) * nl + p * 16,
+                                  (r1 - r) * nl, xq, i * kp + p * 512, kp, xs, i * nl + p * 16, nl, xd,
+                                  i * nl + p * 16, nl, isa)
                 _store(acc, sums, out, r, r1, i, n, nx)
 
 

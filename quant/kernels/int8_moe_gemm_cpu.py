@@ -33,8 +33,8 @@ tiles, at the dense GEMM's rate per MAC (within noise: ~120 GMAC per CPU second 
 VNNI's tiles against the generic ones (gate|up + down, alternating, CPU time): Q4_0 / Q5_K
 1.01-1.04x / 0.99-1.01x, Q6_K 1.09x.
 Compiled (inspect_asm on znver5, whole functions): _g_q4_0 / _g_q4_k / _g_q6_k with VNNI4
-hold 128 / 32 / 32 vpdpbusd (Q4_0: its full groups' and its tail group's loops, each 2 x 4
-tile entries x 8 units; K: 2 x 4 x 4), generic 16 / 8 / 16 vpmaddubsw.
+hold 128 / 64 / 32 vpdpbusd (Q4_0: its full groups' and its tail group's loops, each 2 x 4
+tile entries x 8 units; K: 2 x 4 x 8, a pair of super-blocks), generic 16 / 32 / 16 vpmaddubsw.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from numba import njit, prange
 
 from .int8_cpu import G
 from .int8_gemm_cpu import (Q4_0_CALLEES, Q5_0_CALLEES, _lane_scales, _prepared_sums, _store, _tail_q8_0, _unpack,
-                            _unpack_q5, quantize_rows)
+                            _unpack_k_pairs, quantize_rows)
 from .int8_tiles_cpu import GENERIC, NX, RT, RW, VNNI4, _t_q4_k, _t_q6_k, _t_q8_0, _zeros, vnni_available
 from .variants import variant
 
@@ -139,28 +139,26 @@ def _g_q8_0(xq, xd, xs, q, d, R, items, lo, hi, parts, out, isa):
 def _g_q4_k(xq, xd, xs, q, h, s, d, dmin, R, items, lo, hi, parts, out, isa):
     # Q4_K (h None) or Q5_K (h: the fifth bits), as int8_gemm_cpu._mm_q4_k
     nsb = d.shape[1]
-    k = nsb * 256
+    kp = xq.shape[1]  # whole pairs of super-blocks
+    nl = kp // 32  # lanes (sub-blocks) a row
     n = out.shape[0]
     for part in prange(parts):
         sums = np.empty(RW * NX, np.float32)
-        ws = np.empty(RT * k, np.uint8)
-        sv, mv = np.empty(RT * nsb * 16, np.float32), np.empty(RT * nsb * 16, np.float32)
+        ws = np.empty(RT * kp, np.uint8)
+        sv, mv = np.empty(RT * nl, np.float32), np.empty(RT * nl, np.float32)
         for it in range(part, items.shape[0], parts):
             e, t = items[it, 0], items[it, 1]
             r0, rt = e * R + t * RT, e * R + min(R, t * RT + RT)
-            if h is None:
-                _unpack(q, r0, rt, ws, k, 256, False)
-            else:
-                _unpack_q5(q, h, r0, rt, ws, k, 256, 0, 4)
+            _unpack_k_pairs(q, h, r0, rt, ws, nsb)
             _lane_scales(s, d, dmin, r0, rt, sv, mv, False)
             for i in range(lo[e], hi[e], NX):
                 for r in range(r0, rt, RW):
                     r1 = min(r + RW - 1, rt - 1)
                     acc = _zeros(isa)
-                    for b in range(nsb):
-                        acc = _t_q4_k(acc, ws, (r - r0) * k + b * 256, (r1 - r) * k, sv, mv, ((r - r0) * nsb + b) * 16,
-                                      (r1 - r) * nsb * 16, xq, i * k + b * 256, k, xs, i * nsb * 16 + b * 16,
-                                      nsb * 16, xd, i * nsb + b, nsb, isa)
+                    for p in range(kp // 512):
+                        acc = _t_q4_k(acc, ws, (r - r0) * kp + p * 512, (r1 - r) * kp, sv, mv,
+                                      (r - r0) * nl + p * 16, (r1 - r) * nl, xq, i * kp + p * 512, kp, xs,
+                                      i * nl + p * 16, nl, xd, i * nl + p * 16, nl, isa)
                     _store(acc, sums, out, r - e * R, r1 - e * R, i, n, NX)
 
 

@@ -119,9 +119,9 @@ def _words(builder, v):
 
 
 # units and i16 window: vpmaddubsw sums stay exact in i16 over `window` units
-# (Q4: 8 x 2 x 15 x 127 = 30480; Q5: 4 x 2 x 31 x 127 = 31496, so Q5_K's super-block is one
-# window, as Q4_K's, and it shares Q4_K's tile; Q6_K: 2 x 2 x 63 x 127 = 32004)
-_UNITS = {"q4_0": (8, 8), "q4_k": (4, 4), "q5_0": (8, 4), "q6_k": (4, 2)}
+# (Q4: 8 x 2 x 15 x 127 = 30480; Q5: 4 x 2 x 31 x 127 = 31496, so Q4_K and Q5_K share one
+# tile, a pair of super-blocks in two windows; Q6_K: 2 x 2 x 63 x 127 = 32004)
+_UNITS = {"q4_0": (8, 8), "q4_k": (8, 4), "q5_0": (8, 4), "q6_k": (4, 2)}
 
 
 def _dpbusd(builder, acc, w, x):
@@ -199,10 +199,12 @@ def _units_loop(kind, builder, isum, load_w, load_x, vnni, init, nx):
 
 
 def _tile(kind):
-    """One group (Q8_0 / Q4_0 / Q5_0: 16 blocks of 32) or super-block (Q4_K / Q5_K / Q6_K) of RW
-    weight rows against nx rows of x (NX, NXV with VNNI): the RW * nx accumulators, each + its 16 lanes' scaled
-    integer sums. sc / mn at so + r * ss: Q8_0 / Q4_0 / Q5_0 the blocks' float16 d (mn unused);
-    K types the task's lane scales d * sc and minimums dmin * m as float32 (`lane_scales`).
+    """One group (Q8_0 / Q4_0 / Q5_0: 16 blocks of 32), super-block (Q6_K) or pair of
+    super-blocks (Q4_K / Q5_K: `pair_units`, a lane per sub-block) of RW weight rows against nx
+    rows of x (NX, NXV with VNNI): the RW * nx accumulators, each + its 16 lanes' scaled integer
+    sums. sc / mn at so + r * ss: Q8_0 / Q4_0 / Q5_0 the blocks' float16 d (mn unused); K types
+    the task's lane scales d * sc and minimums dmin * m as float32 (`lane_scales`); x's scale
+    per lane for Q4_K / Q5_K (two super-blocks' in one vector), else one splat.
     isa: an empty array whose dtype picks the units loop (int8 / int16: vpdpbusd, else generic IR),
     so the two paths are two cached specializations of one kernel."""
     @intrinsic
@@ -259,7 +261,10 @@ def _tile(kind):
                         if kind == "q4_k":  # one vfnmadd: the min term need not round apart
                             f = builder.fsub(f, builder.fmul(ld("xs", xs, xso, xss, i, 0, fl), mv, flags=("contract",)),
                                              flags=("contract",))
-                        scale = _splat(builder, ld("xd", xd, xdo, xds, i, 0, _F32))
+                        if kind == "q4_k":  # x's scale per lane: the pair's two super-blocks'
+                            scale = ld("xd", xd, xdo, xds, i, 0, fl)
+                        else:
+                            scale = _splat(builder, ld("xd", xd, xdo, xds, i, 0, _F32))
                     out.append(builder.fadd(a, builder.fmul(f, scale, flags=("contract",)), flags=("contract",)))
             return context.make_tuple(builder, sig.return_type, out)
         return types.UniTuple(F32X16, RW * nx)(acc, w, wo, ws, sc, mn, so, ss, x, xo, xst, xs, xso, xss,
@@ -271,11 +276,11 @@ _t_q8_0, _t_q4_0, _t_q4_k, _t_q5_0, _t_q6_k = (_tile(k) for k in ("q8_0", "q4_0"
 
 
 def _lanes(q6):
-    """A row's 16 lane scales of one super-block as the K tiles multiply them, stored at o of sv
-    (float32) and its minimums at o of mv: d * sc (Q6_K: a signed scale per lane; Q4_K / Q5_K:
-    a sub-block's scale per two lanes, 8 bytes at so) and dmin * m (the 8 bytes after). Vectors
-    (~12 instructions a row and super-block); as scalars the per-task pass cost 0.15 ms for
-    6144 rows x 1024, 3% of the product at n = 128."""
+    """A row's lane scales of one super-block as the K tiles multiply them, stored at o of sv
+    (float32) and its minimums at o of mv: d * sc (Q6_K: 16, a signed scale per lane; Q4_K /
+    Q5_K: 8, a sub-block's, 8 bytes at so, half of a pair's vector) and dmin * m (the 8 bytes
+    after). Vectors (a few instructions a row and super-block); as scalars the per-task pass
+    cost 0.15 ms for 6144 rows x 1024, 3% of the product at n = 128."""
     @intrinsic
     def lanes(typingctx, s, so, d, dmin, do, sv, mv, o):
         if not _c_arrays(s, d, dmin, sv, mv):
@@ -292,24 +297,56 @@ def _lanes(q6):
 
             def store(aryty, ary, v):
                 data = context.make_array(aryty)(context, builder, ary).data
-                builder.store(v, builder.bitcast(builder.gep(data, [o]), fl.as_pointer()), align=4)
+                builder.store(v, builder.bitcast(builder.gep(data, [o]), v.type.as_pointer()), align=4)
 
             if q6:
                 scv = builder.sitofp(_load(context, builder, ta[0], s, so, _vt(_I8, G)), fl)
+                dv = f16(ta[2], d)
             else:
-                pairs = _c(_I32, [j // 2 for j in range(G)], G)
+                f8, half = _vt(_F32, 8), _c(_I32, list(range(8)), 8)
                 s8, m8 = (_load(context, builder, ta[0], s, builder.add(so, ir.Constant(so.type, k)), _vt(_I8, 8))
                           for k in (0, 8))
-                scv = builder.uitofp(builder.shuffle_vector(s8, s8, pairs), fl)
-                store(ta[6], mv, builder.fmul(builder.uitofp(builder.shuffle_vector(m8, m8, pairs), fl),
-                                              f16(ta[3], dmin)))
-            store(ta[5], sv, builder.fmul(scv, f16(ta[2], d)))
+                scv, dv = builder.uitofp(s8, f8), builder.shuffle_vector(f16(ta[2], d), f16(ta[2], d), half)
+                dm = builder.shuffle_vector(f16(ta[3], dmin), f16(ta[3], dmin), half)
+                store(ta[6], mv, builder.fmul(builder.uitofp(m8, f8), dm))
+            store(ta[5], sv, builder.fmul(scv, dv))
             return context.get_dummy_value()
         return types.none(s, so, d, dmin, do, sv, mv, o), codegen
     return lanes
 
 
 _lanes_q4_k, _lanes_q6_k = _lanes(False), _lanes(True)
+
+
+@intrinsic
+def _pair_units(typingctx, a, o):
+    """Two super-blocks' 8 units at byte o of a (`_units_loop`'s order, each lane 16 of a
+    super-block's values: lanes 2j, 2j + 1 its sub-block j) rewoven in place into the Q4_K /
+    Q5_K tiles' pair order: unit c (c < 4) takes the even lanes of both super-blocks' unit c,
+    unit c + 4 their odd lanes, so lane j (j < 8) holds sub-block j of the first super-block
+    and lane 8 + j sub-block j of the second, 4 bytes a unit. A lane's sum is then a whole
+    sub-block's, under one scale and one minimum, and the tile scales two super-blocks with
+    one vector where it took one per super-block. Weights and x are rewoven alike (a
+    permutation of both sides: the same integer sums); 8 vpermt2d."""
+    if not _c_arrays(a):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary, off = args
+        v16 = _vt(_I32, G)
+        data = context.make_array(sig.args[0])(context, builder, ary).data
+
+        def ptr(u):
+            p = builder.gep(data, [builder.add(off, ir.Constant(off.type, 64 * u))])
+            return builder.bitcast(p, v16.as_pointer())
+
+        units = [builder.load(ptr(u), align=1) for u in range(8)]
+        for c in range(4):
+            for e in range(2):
+                idx = _c(_I32, [2 * j + e for j in range(8)] + [G + 2 * j + e for j in range(8)], G)
+                builder.store(builder.shuffle_vector(units[c], units[4 + c], idx), ptr(c + 4 * e), align=1)
+        return context.get_dummy_value()
+    return types.none(a, o), codegen
 
 # -- the weights of a task, a byte each (for vpmaddubsw) ---------------------------------------
 
