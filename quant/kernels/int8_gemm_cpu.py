@@ -59,10 +59,10 @@ iteration of a 2 x 4 tile: Q8_0 31 instructions (16 vpdpwssd, 4 vpmovsxbw, 8 loa
 Q4_0 25 (8 vpmaddubsw, 8 vpaddw, 6 loads: 512 MACs); Q6_K 49 (16 vpmaddubsw, 8 vpaddw, 8
 vpdpwssd, 12 loads); Q5_0 / Q4_K / Q5_K 93 (32 vpmaddubsw, 24 vpaddw, 8 vpdpwssd, 24 loads).
 VNNI, a whole 2 x 6 group / super-block (pair) with its scaling: Q4_K / Q5_K 264 a pair (96
-vpdpbusd, 64 + 16 loads, 12 each of vcvtdq2ps, vmulps, vfnmadd, vfmadd, 20 movq: 12288
+vpdpbusd, 64 + 16 loads, 12 each of vcvtdq2ps, vmulps, vfnmadd, vfmadd, 20 movq: 6144
 MACs; 184 a single super-block before the pairs, with the same 48 float instructions); Q6_K
-163 (48 vpdpbusd, 38 loads, 12 each of vcvtdq2ps, vmulps, vfmadd: 6144 MACs); Q4_0 / Q5_0 238
-(96 vpdpbusd, 70 loads, 12 each of vcvtdq2ps, vmulps, vfmadd: 12288 MACs).
+163 (48 vpdpbusd, 38 loads, 12 each of vcvtdq2ps, vmulps, vfmadd: 3072 MACs); Q4_0 / Q5_0 238
+(96 vpdpbusd, 70 loads, 12 each of vcvtdq2ps, vmulps, vfmadd: 6144 MACs).
 
 Measured, one core, thread CPU time, alternating main and this code in one minute on a shared
 host (load 12; /tmp scripts, summed time over 6144 x 1024 and 1024 x 3072 at n = 128 and 512):
@@ -355,7 +355,7 @@ def _lane_scales(s, d, dmin, r0, r1, sv, mv, q6):
 
 @njit(cache=True, inline="always")
 def _store(acc, sums, out, r, r1, i, n, nx):
-    # the tile's RW x nx sums (through `sums`, RW * nx floats) into out's rows i.., columns r, r1
+    # the tile's RW x nx sums (through `sums`, 16 floats) into out's rows i.., columns r, r1
     _hsums(acc, sums)
     for a in range(RW):
         rr = r if a == 0 else r1
@@ -374,7 +374,7 @@ def _mm_q8_0(xq, xd, xs, q, d, out):
     ng, nbp = nb // G, kp // 32
     for tile in prange(-(-R // RT)):
         nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
-        sums = np.empty(RW * nx, np.float32)
+        sums = np.empty(G, np.float32)  # _hsums stores 16
         r0, rt = tile * RT, min(R, tile * RT + RT)
         wt, dt = np.zeros(RT * 32 * G, np.int8), np.zeros(RT * G, np.uint16)
         if ng < nbp // G:
@@ -401,7 +401,7 @@ def _mm_q4_k(xq, xd, xs, q, h, s, d, dmin, out, isa):
     nl = kp // 32  # lanes (sub-blocks) a row
     for tile in prange(-(-R // RT)):
         nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
-        sums = np.empty(RW * nx, np.float32)
+        sums = np.empty(G, np.float32)  # _hsums stores 16
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * kp, np.uint8)
         _unpack_k_pairs(q, h, r0, rt, ws, nsb)
@@ -427,7 +427,7 @@ def _mm_nibbles(xq, xd, xs, q, h, d, out, isa):
     ng, nbp = nb // G, kp // 32
     for tile in prange(-(-R // RT)):
         nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
-        sums = np.empty(RW * nx, np.float32)
+        sums = np.empty(G, np.float32)  # _hsums stores 16
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
         _unpack_rows(q, h, r0, rt, ws, k)
@@ -461,7 +461,7 @@ def _mm_q6_k(xq, xd, xs, q, s, d, out, isa):
     k = nsb * 256
     for tile in prange(-(-R // RT)):
         nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
-        sums = np.empty(RW * nx, np.float32)
+        sums = np.empty(G, np.float32)  # _hsums stores 16
         r0, rt = tile * RT, min(R, tile * RT + RT)
         ws = np.empty(RT * k, np.uint8)
         _unpack(q, r0, rt, ws, k, 256, True)

@@ -113,7 +113,7 @@ def _g_q8_0(xq, xd, xs, q, d, R, items, lo, hi, parts, out, isa):
     ng = nb // G
     n = out.shape[0]
     for part in prange(parts):
-        sums = np.empty(RW * NX, np.float32)
+        sums = np.empty(G, np.float32)  # _hsums stores 16
         wt, dt = np.zeros(RT * 32 * G, np.int8), np.zeros(RT * G, np.uint16)
         for it in range(part, items.shape[0], parts):
             e, t = items[it, 0], items[it, 1]
@@ -143,7 +143,7 @@ def _g_q4_k(xq, xd, xs, q, h, s, d, dmin, R, items, lo, hi, parts, out, isa):
     nl = kp // 32  # lanes (sub-blocks) a row
     n = out.shape[0]
     for part in prange(parts):
-        sums = np.empty(RW * NX, np.float32)
+        sums = np.empty(G, np.float32)  # _hsums stores 16
         ws = np.empty(RT * kp, np.uint8)
         sv, mv = np.empty(RT * nl, np.float32), np.empty(RT * nl, np.float32)
         for it in range(part, items.shape[0], parts):
@@ -170,7 +170,7 @@ def _g_nibbles(xq, xd, xs, q, h, d, R, items, lo, hi, parts, out, isa):
     ng = nb // G
     n = out.shape[0]
     for part in prange(parts):
-        sums = np.empty(RW * NX, np.float32)
+        sums = np.empty(G, np.float32)  # _hsums stores 16
         ws = np.empty(RT * k, np.uint8)
         wt, dt = np.zeros(RT * 32 * G, np.uint8), np.zeros(RT * G, np.uint16)
         tmp, tmph = np.zeros(16 * G, np.uint8), np.zeros(4 * G, np.uint8)
@@ -207,7 +207,7 @@ def _g_q6_k(xq, xd, xs, q, s, d, R, items, lo, hi, parts, out, isa):
     k = nsb * 256
     n = out.shape[0]
     for part in prange(parts):
-        sums = np.empty(RW * NX, np.float32)
+        sums = np.empty(G, np.float32)  # _hsums stores 16
         ws = np.empty(RT * k, np.uint8)
         sv = np.empty(RT * nsb * 16, np.float32)
         for it in range(part, items.shape[0], parts):
