@@ -196,6 +196,67 @@ def test_matmul_threads_and_zero_input(t):
     assert not gemm.matmul(np.zeros((3, 1024), np.float32), p, np.empty((3, 70), np.float32)).any()
 
 
+def k_layout_index(k, pairs):
+    """Where each byte of quantize_rows' K-quant layout comes from in x's own order, written
+    from the layouts' descriptions (independently of the kernels' loops). Q6_K: unit c of a
+    super-block, byte 4t + 2h + e = value 16t + 2c + 8h + e. Q4_K / Q5_K: pairs of super-blocks,
+    unit u, lane L, byte 4L + 2h + e = value 16(2(L % 8) + u // 4) + 2(u % 4) + 8h + e of
+    super-block L // 8 of the pair; -1 for the zero super-block after an odd count."""
+    nsb = k // 256
+    if not pairs:
+        c, t, h, e = np.meshgrid(range(4), range(16), range(2), range(2), indexing="ij")
+        one = (16 * t + 2 * c + 8 * h + e).reshape(-1)
+        return np.concatenate([b * 256 + one for b in range(nsb)])
+    u, lane, h, e = np.meshgrid(range(8), range(16), range(2), range(2), indexing="ij")
+    within = 16 * (2 * (lane % 8) + u // 4) + 2 * (u % 4) + 8 * h + e
+    idx = []
+    for p in range(-(-nsb // 2)):
+        b = 2 * p + lane // 8
+        idx.append(np.where(b < nsb, b * 256 + within, -1).reshape(-1))
+    return np.concatenate(idx)
+
+
+@pytest.mark.parametrize("t", [T.Q6_K, T.Q5_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("k", [256, 768, 1024])
+def test_k_rows_quantize_as_decode_does(t, k):
+    # the prefill's vectorised Q8_K (int8_gemm_cpu._q8_k_natural) against decode's quantizer,
+    # row by row: the same quants (in the layout's order), scales and sums, on the edges of
+    # its rounding and its maximum search
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((12, k)).astype(np.float32)
+    x[1, 7] = np.nan
+    x[2, k - 1] = -np.inf
+    x[3] = 0
+    x[4, :256] = np.round(x[4, :256] * 4) / 4  # many ties at .25 / .5 steps
+    x[4, 9], x[4, 200] = 3.0, -3.0  # the largest magnitude twice, signs apart: the first wins
+    x[4, :256] = np.clip(x[4, :256], -3, 3)
+    x[5, :256] = 127 / 254  # x * iscale at exactly -0.5 * ... ties of the rounding
+    x[5, 0] = -1
+    x[6, 256 % k:] *= 1e30
+    x[7, :256] = 1e-40  # subnormal: iscale overflows
+    x[8, :] = -0.0
+    xq, xd, xs = gemm.quantize_rows(x, make(t, 1, k, seed=1)[1], nx=4)
+    pairs = t != T.Q6_K
+    idx = k_layout_index(k, pairs)
+    for i, row in enumerate(x):
+        q16, d, s = kk.quantize_x(row)
+        pos = np.arange(k) % 256  # decode's order within each super-block (int8_k_cpu)
+        natural = q16[np.arange(k) - pos + ((pos & 15) >> 1) * 32 + 2 * (pos >> 4) + (pos & 1)].astype(np.int8)
+        if i == 7:
+            continue  # a subnormal maximum: decode's rounding of an infinite iscale is undefined
+        np.testing.assert_array_equal(xq[i], np.where(idx >= 0, natural[np.maximum(idx, 0)], 0))
+        if pairs:
+            nl = xd.shape[1]
+            np.testing.assert_array_equal(xd[i, :k // 32], np.repeat(d, 8))
+            np.testing.assert_array_equal(xs[i, :k // 32], s.reshape(-1, 2).sum(1))
+            assert not xd[i, k // 32:nl].any() and not xs[i, k // 32:nl].any()
+        else:
+            np.testing.assert_array_equal(xd[i], d)
+            np.testing.assert_array_equal(xs[i], s)
+    assert np.isnan(xd[1, 0]) and np.isnan(xd[2]).any()  # and equal to decode's, above
+    assert np.abs(xq[7]).max() == 127  # the subnormal block: still quants in range, not garbage
+
+
 def test_matmul_refuses_bad_shapes():
     _, p = make(T.Q4_0, 4, 512, seed=2)
     with pytest.raises(ValueError):

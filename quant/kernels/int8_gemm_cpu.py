@@ -86,7 +86,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
-from . import int8_cpu, int8_k_cpu
+from . import int8_cpu
 from .int8_cpu import G, Int8Packed
 from .int8_k_cpu import KPacked
 from .int8_q5_cpu import Q5Packed, _even_bits
@@ -124,33 +124,82 @@ def _quantize_q8_0_rows(x, xq, xd, xs, units):
             _to_units(tmp, xq[i], 32 * G, 8)
 
 
+_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: v + it - it is v rounded half to even, |v| < 2^22
+
+
+@njit(cache=True, inline="always")
+def _q8_k_natural(x, qn, d, s):
+    # x (k,) -> ggml's Q8_K in k's own order: quants qn (int8), scale per 256 (d), sums per 16
+    # (s); bit for bit int8_k_cpu._quantize_x's (decode's), in passes LLVM vectorizes: the
+    # largest magnitude as an integer maximum over the bits without sign (a NaN or inf is
+    # above the largest finite float's bits, so one maximum also finds them), then the first
+    # value of that magnitude (ggml's signed maximum), then the rounding as ggml's nearest_int
+    # (the magic-number add, where np.rint is a libm call per value). Decode's one loop, which
+    # tracks the maximum by branches and scatters each quant to its order, ran 2.5x longer
+    xb = x.view(np.int32)
+    for b in range(x.shape[0] // 256):
+        o = b * 256
+        m = 0
+        for j in range(o, o + 256):
+            m = max(m, xb[j] & 0x7FFFFFFF)
+        finite = m <= 0x7F7FFFFF
+        mx = np.float32(0.0)
+        if finite and m != 0:
+            for j in range(o, o + 256):
+                if xb[j] & 0x7FFFFFFF == m:
+                    mx = x[j]
+                    break
+        iscale = np.float32(np.float32(-127.0) / mx) if mx != 0 else np.float32(0.0)
+        for j in range(o, o + 256):  # the clamp only bites where iscale overflowed (subnormal mx)
+            v = min(max(np.float32(iscale * x[j]), np.float32(-127.0)), np.float32(127.0))
+            qn[j] = np.int32(np.float32(v + _MAGIC) - _MAGIC) if finite else 0
+        for t in range(16):
+            acc = 0
+            for j in range(o + 16 * t, o + 16 * t + 16):
+                acc += qn[j]
+            s[16 * b + t] = acc
+        d[b] = np.float32(np.float32(1.0) / iscale) if mx != 0 else np.float32(0.0)
+        if not finite:  # quants 0, scale NaN: a broken activation stays visible downstream
+            d[b] = np.float32(np.nan)
+
+
 @njit(parallel=True, cache=True)
-def _quantize_q8_k_rows(x, xq, xd, xs, units):
+def _quantize_q8_k_rows(x, xq, xd, xs):
+    # Q6_K: x's Q8_K rows in _units_loop's order (unit c of a super-block: lane t's element
+    # pairs c and c + 4, i.e. values 16t + 2c.. and 16t + 2c + 8..)
     k = x.shape[1]
     for i in prange(x.shape[0]):
-        if not units:
-            int8_k_cpu._quantize_x(x[i], xq[i], xd[i], xs[i])
-        else:
-            tmp = np.empty(k, np.int8)
-            int8_k_cpu._quantize_x(x[i], tmp, xd[i], xs[i])
-            _to_units(tmp, xq[i], 256, 4)
+        qn = np.empty(k, np.int8)
+        _q8_k_natural(x[i], qn, xd[i], xs[i])
+        n16, u16 = qn.view(np.int16), xq[i].view(np.int16)
+        for o in range(0, k // 2, 128):
+            for c in range(4):
+                for t in range(G):
+                    u16[o + 32 * c + 2 * t] = n16[o + 8 * t + c]
+                    u16[o + 32 * c + 2 * t + 1] = n16[o + 8 * t + c + 4]
 
 
 @njit(parallel=True, cache=True)
 def _quantize_q8_k_pairs(x, xq, xd, xs):
-    # Q4_K / Q5_K: x's Q8_K rows in the tiles' pair order (_pair_units; an odd last super-block
-    # paired with a zero one), its scale per lane (8 copies of each super-block's) and its quant
-    # sums per lane (per sub-block of 32: two of Q8_K's sums per 16)
+    # Q4_K / Q5_K: x's Q8_K rows in the tiles' pair order (int8_tiles_cpu._pair_units: unit u,
+    # lane L of a pair holds, of super-block L // 8, lane 2 (L % 8) + u // 4's pairs c and c + 4,
+    # c = u % 4; an odd last super-block is paired with a zero one: xq comes zeroed), its scale
+    # per lane (8 copies of each super-block's) and its quant sums per lane (per sub-block of
+    # 32: two of Q8_K's sums per 16)
     k = x.shape[1]
     nsb = k // 256
     for i in prange(x.shape[0]):
-        tmp, d, s16 = np.empty(k, np.int8), np.empty(nsb, np.float32), np.empty(k // 16, np.int32)
-        int8_k_cpu._quantize_x(x[i], tmp, d, s16)
-        _to_units(tmp, xq[i, :k], 256, 4)
-        for p in range(0, xq.shape[1], 512):
-            _pair_units(xq[i], p)
+        qn, d, s16 = np.empty(k, np.int8), np.empty(nsb, np.float32), np.empty(k // 16, np.int32)
+        _q8_k_natural(x[i], qn, d, s16)
+        n16, p16 = qn.view(np.int16), xq[i].view(np.int16)
         for b in range(nsb):
             for j in range(8):
+                lane = j + 8 * (b % 2)
+                for u in range(8):
+                    src = b * 128 + 8 * (2 * j + u // 4) + u % 4
+                    dst = (b // 2) * 256 + 32 * u + 2 * lane
+                    p16[dst] = n16[src]
+                    p16[dst + 1] = n16[src + 4]
                 xd[i, 8 * b + j] = d[b]
                 xs[i, 8 * b + j] = s16[16 * b + 2 * j] + s16[16 * b + 2 * j + 1]
 
@@ -181,7 +230,7 @@ def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed,
     else:
         xq = np.zeros((npad, k), np.int8)
         xd, xs = np.zeros((npad, k // 256), np.float32), np.zeros((npad, k // 16), np.int32)
-        _quantize_q8_k_rows(x, xq, xd, xs, True)
+        _quantize_q8_k_rows(x, xq, xd, xs)
     return xq, xd, xs
 
 
