@@ -288,7 +288,8 @@ def _unpack_q5(q, h, r0, r1, ws, k, span, hi_off, hi_bit):
     # Q5Packed (int8_q5_cpu) as _unpack, each nibble or'ed with its fifth bit (bit 4: 0..31).
     # Bit p of a lane's pair of fifth-bit bytes: step p. Step c (the low nibbles) is at bit c of
     # the group's first 32 bytes; step c + half (the high ones) at bit c + 4 of the same bytes
-    # for Q5_K (hi_off, hi_bit = 0, 4), at bit c of the next 32 for Q5_0 (32, 0)
+    # for Q5_K (hi_off, hi_bit = 0, 4: as _unpack_k_pairs calls _unit5), at bit c of the next
+    # 32 for Q5_0 (32, 0)
     for r in range(r0, r1):
         for g in range(k // span):
             src, hsrc, dst = r * q.shape[1] + g * span // 2, r * h.shape[1] + g * span // 8, (r - r0) * k + g * span
