@@ -37,7 +37,7 @@ def signatures():
         "mv_q3_k": [(f2, ix, i1, u2, u2, i82, f2, b, f2)],
         "rms_norm": [(f2, f1, f, f2)],
         "qkv_rope_store": [(f2, f2, f2, f1, f1, f, f2, f2, ix, ix, f3, f3, c, c, h4, h4, b) for c in caches],
-        "attention": [(f3, c, c, h4, h4, b, ix, ix, ix, f, f3, f2) for c in caches],
+        "attention": [(f3, c, c, h4, h4, b, b, ix, ix, ix, f, f3, f2) for c in caches],
         "silu_mul": [(f2, f2, f2)],
         "route": [(f2, ix, t.boolean, f2, i1, f1)],
         "weighted_sum": [(f2, f1, ix, b, f2)],

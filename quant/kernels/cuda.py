@@ -273,22 +273,66 @@ def qkv_rope_store(q, k, v, qn, kn, eps, cos, sin, p, li, qout, kout, kc, vc, ks
         _store_row(kout[i, h], kc, ks, q8, li, h, pos)
 
 
+MAX_QD = 256  # the largest head_dim whose q the decode over a q8_0 cache quantizes (Qwen3's: 128)
+MAX_QB = MAX_QD // QK  # its blocks (a shared array's size must be a plain constant)
+
+
+@cuda.jit(device=True)
+def _quantize_q(qh, i, h, scale, qs, qd):
+    # decode over a q8_0 cache quantizes q as the CPU does (kv_cpu.quantize_q, as llama.cpp):
+    # per 32 values d = amax / 127, q = roundf(q / d) through the float32 reciprocal, d kept
+    # in float32 times the softmax's scale; a block with NaN or inf: d NaN, quants 0. One
+    # thread per block, into the block's shared qs / qd
+    for b in range(cuda.threadIdx.x, qh.shape[2] // QK, TPB):
+        o = b * QK
+        amax = float32(0.0)
+        finite = True
+        for j in range(o, o + QK):
+            a = abs(qh[i, h, j])
+            finite = finite and a <= float32(FLT_MAX)
+            amax = max(amax, a)
+        if not finite:
+            qd[b] = float32(math.nan)
+            for j in range(o, o + QK):
+                qs[j] = 0
+            continue
+        d = amax / float32(127.0)
+        inv = float32(1.0) / d if d != float32(0.0) else float32(0.0)
+        qd[b] = d * scale
+        for j in range(o, o + QK):
+            qs[j] = int32(_roundf(qh[i, h, j] * inv))
+    cuda.syncthreads()
+
+
 @cuda.jit
-def attention(qh, kc, vc, ks, vs, q8, li, p, i0, scale, scores, out):
+def attention(qh, kc, vc, ks, vs, q8, qq, li, p, i0, scale, scores, out):
     # block (head, query i0 + y): scores against keys 0 .. p + i (causal) into row y of the
-    # scratch, softmax, weighted values; the cache read in its type (_kv)
+    # scratch, softmax, weighted values; the cache read in its type (_kv). qq (decode over a
+    # q8_0 cache, head_dim <= MAX_QD): q quantized, each score the sum over blocks of the exact
+    # integer dot times both scales, as the CPU's decode (kv_cpu.kv_scores)
     h, y = cuda.blockIdx.x, cuda.blockIdx.y
     i = i0 + y
     Hq, D = qh.shape[1], qh.shape[2]
     kvh = h // (Hq // kc.shape[1])
     T = p + i + 1
     sh = cuda.shared.array(TPB, float32)
+    qs = cuda.shared.array(MAX_QD, int32)
+    qd = cuda.shared.array(MAX_QB, float32)
+    if qq:
+        _quantize_q(qh, i, h, scale, qs, qd)
     mx = float32(-math.inf)
     for t in range(cuda.threadIdx.x, T, TPB):
         s = float32(0.0)
-        for d in range(D):
-            s += qh[i, h, d] * _kv(kc, ks, q8, li, kvh, t, d)
-        s *= scale
+        if qq:
+            for b in range(D // QK):
+                dot = int32(0)
+                for d in range(b * QK, b * QK + QK):
+                    dot += qs[d] * int32(kc[li, kvh, t, d])
+                s += float32(dot) * (qd[b] * float32(ks[li, kvh, t, b]))
+        else:
+            for d in range(D):
+                s += qh[i, h, d] * _kv(kc, ks, q8, li, kvh, t, d)
+            s *= scale
         scores[h, y, t] = s
         mx = max(mx, s)
     mx = _block_max(mx, sh)

@@ -251,8 +251,9 @@ class CudaOps:
         if self._scores is None or self._scores.shape[1] < m:
             self._scores = cuda.device_array((Hq, m, self.ctx), np.float32)
         scale = np.float32(D ** -0.5)
+        qq = q8 and n == 1 and D <= K.MAX_QD  # decode quantizes q, as the CPU's (kv_cpu.kv_scores)
         for s in range(0, n, Q_CHUNK):
-            K.attention[(Hq, min(n, s + Q_CHUNK) - s), K.TPB](qh, cache.k, cache.v, ks, vs, q8, li, p, s, scale,
+            K.attention[(Hq, min(n, s + Q_CHUNK) - s), K.TPB](qh, cache.k, cache.v, ks, vs, q8, qq, li, p, s, scale,
                                                               self._scores, out)
         return out
 
