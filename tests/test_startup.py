@@ -167,6 +167,55 @@ def test_compile_watch_sees_compiles_not_cache_loads(tmp_path, monkeypatch):
     assert watch.count == 1 and calls == ["start", "end"]
 
 
+LIGHT_CHILD = r"""
+import sys
+import numpy as np
+import quant.kernels  # noqa: F401  (installs the light cache loads)
+import numba
+from numba.core import base
+
+refreshes = []
+orig = base.BaseContext.refresh
+base.BaseContext.refresh = lambda self: (refreshes.append(1), orig(self))[1]
+sys.path.insert(0, sys.argv[1])
+import kern
+
+x = np.arange(1000, dtype=np.float64)
+assert abs(kern.outer(x) - (2 * x + 1).sum()) < 1e-9
+print(len(refreshes), len(kern.outer.stats.cache_hits))
+
+@numba.njit
+def later(x):  # a compile after a light load: the pipeline refreshes the target itself
+    return np.sqrt(x).sum()
+
+assert abs(later(x) - np.sqrt(x).sum()) < 1e-9
+print(len(refreshes))
+"""
+
+
+def test_a_cache_load_skips_numbas_registries_and_compiling_still_works(tmp_path):
+    """A kernel loaded from numba's cache runs without numba's registries (quant/kernels), and
+    the first compile after it builds them as before."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "kern.py").write_text(
+        "import numpy as np\nfrom numba import njit, prange\n\n\n"
+        "@njit(cache=True, parallel=True)\ndef outer(x):\n    y = np.empty_like(x)\n"
+        "    for i in prange(x.shape[0]):\n        y[i] = 2 * x[i] + 1\n    return y.sum()\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    root = Path(__file__).resolve().parents[1]
+    runs = [subprocess.run([sys.executable, "-c", LIGHT_CHILD, str(tmp_path)], capture_output=True, text=True,
+                           cwd=root, env=env) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    first, second = (r.stdout.split() for r in runs)
+    assert first[1] == "0" and int(first[0]) > 0  # compiled: the registries were built for it
+    assert second[:2] == ["0", "1"]  # loaded from the cache, with no refresh
+    assert int(second[2]) > 0
+
+
 def test_open_engine_warms_up_only_after_a_compile(files, monkeypatch):
     import numba
 

@@ -1,7 +1,6 @@
 """A GGUF file's header opened, and its cached tokenizer's parse started, before the slow imports.
 
-A warm start spends ~0.3 s importing numba and the kernels and ~0.15 s in numba's set-up,
-all holding the GIL, and ~0.25 s parsing the tokenizer's JSON, which lets the GIL go. Started
+A warm start spends ~0.3 s importing numba and the kernels, holding the GIL, and ~0.25 s parsing the tokenizer's JSON, which lets the GIL go. Started
 here, at the top of a command, the parse runs on the other core beside all of that instead of
 after it (the loader needs the header first, and the loader's imports are the slow ones).
 

@@ -49,7 +49,7 @@ def open_engine(source: str, ctx: int | None = None, quant: str = "q8_0", device
 
     from ..io.loader import load
     from ..model import memory
-    from ..model.compiling import CompileWatch, set_up_numba
+    from ..model.compiling import CompileWatch
     from ..model.device import pick
     from . import engine as engine_module
 
@@ -67,7 +67,6 @@ def open_engine(source: str, ctx: int | None = None, quant: str = "q8_0", device
         engine.model.forward([0] * n, engine.model.ops.new_cache(n))
 
     if backend == "cpu":
-        set_up_numba()  # beside the tokenizer's parse (loader.load started it)
         watch = CompileWatch().install()
         try:
             engine = engine_module.Engine(loaded, ctx, exact=exact, cache_type=cache_type)
