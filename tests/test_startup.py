@@ -148,8 +148,12 @@ def test_compile_watch_sees_compiles_not_cache_loads(tmp_path, monkeypatch):
 
     from qwen3cli.model.compiling import CompileWatch
 
-    src = tmp_path / "kern.py"  # numba caches it in tmp_path/__pycache__
-    src.write_text("from numba import njit\n\n\n@njit\ndef inner(x):\n    return x + 1\n\n\n"
+    import uuid
+
+    # numba caches it in tmp_path/__pycache__, or, once quant.kernels has set NUMBA_CACHE_DIR,
+    # in that shared folder by path: a source of its own makes every run compile it first
+    src = tmp_path / "kern.py"
+    src.write_text(f"# {uuid.uuid4()}\nfrom numba import njit\n\n\n@njit\ndef inner(x):\n    return x + 1\n\n\n"
                    "@njit(cache=True)\ndef outer(x):\n    return inner(x) * 2\n")
     calls = []
     watch = CompileWatch(lambda: calls.append("start"), lambda: calls.append("end")).install()
