@@ -85,6 +85,25 @@ def test_files_with_different_tokenizers_do_not_share_an_entry(files, cache):
     assert a.token_to_id("<|im_eNd|>") is None and b.token_to_id("<|im_end|>") is None
 
 
+def test_an_entry_is_compact_and_gives_the_same_tokenizer(files, cache):
+    """Merges as "a b" and the vocabulary in key order parse faster; the tokenizer is the one built."""
+    with GGUFFile(files[0]) as g:
+        fresh = from_gguf_metadata(g.metadata)
+        load_tokenizer(g.metadata)
+        (entry,) = cache.iterdir()
+        model = json.loads(entry.read_bytes().partition(b"\n")[2])["model"]
+        assert all(isinstance(m, str) and len(m.split(" ")) == 2 for m in model["merges"])
+        assert list(model["vocab"]) == sorted(model["vocab"])
+        assert load_from_cache_only(g.metadata).to_str() == fresh.to_str()
+
+
+def test_compact_keeps_merges_with_a_space_as_pairs():
+    text = json.dumps({"model": {"vocab": {"b": 1, "a": 0, "a b": 2}, "merges": [["a", " b"], ["a", "b"]]}})
+    model = json.loads(tokenizer_cache._compact(text))["model"]
+    assert model["merges"] == [["a", " b"], ["a", "b"]]
+    assert list(model["vocab"]) == ["a", "a b", "b"]
+
+
 def _swap_token(data: bytes) -> bytes:
     """Still valid JSON and a valid tokenizer, but another one: only the checksum can tell."""
     assert b'"<|im_end|>"' in data
