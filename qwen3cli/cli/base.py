@@ -28,6 +28,25 @@ out = Console()
 err = Console(stderr=True)
 
 
+_whole_process = False  # process_main (entry.py) runs this process, which ends in os._exit
+_kept: list = []
+
+
+def own_process() -> None:
+    """process_main runs the process: what follows may hold memory for the process's life. A
+    caller of main() itself (tests, an embedding program) is left as it was."""
+    global _whole_process
+    _whole_process = True
+
+
+def keep_until_exit(obj) -> None:
+    """Hold obj until the process ends. An engine freed when its command returned unmapped its
+    weights and KV cache first (~20 ms of a `run`, after the answer); os._exit leaves that to
+    the kernel's teardown of the whole process."""
+    if _whole_process:
+        _kept.append(obj)
+
+
 class UsageError(Qwen3CliError):
     """A flag's value the command cannot use: one red line, as the library's errors."""
 

@@ -8,7 +8,7 @@ import signal
 import typer
 from rich.markup import escape
 
-from .base import app, err, printable
+from .base import app, err, own_process, printable
 
 
 class Terminated(BaseException):
@@ -41,6 +41,7 @@ def process_main() -> None:
     model, one thread). Output is flushed, threads that are not daemons (a cache being
     written) are joined and exit handlers run first, as in a normal exit. Code that calls
     main() itself (tests, an embedding program) keeps the normal SystemExit."""
+    own_process()
     try:
         main()
         code = 0
