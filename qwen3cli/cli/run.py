@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from .base import UsageError, app, err, keep_until_exit, user_errors
+from .base import UsageError, app, err, keep_until_exit, resume_gc, user_errors
 from .load import open_engine, prestart
 from .options import (Cache, Ctx, Device, Exact, MinP, OptionalModel, Presence, Quant, Repeat, Seed, System, Temp,
                       THINKING_DISPLAYS, ThinkingBudget, ThinkingDisplay, Threads, TopK, TopP, cache_value,
@@ -152,6 +152,7 @@ def run(
             break
         if first_token_s is None:
             first_token_s = time.perf_counter() - t_start
+            resume_gc()
         (thinking if ev.thinking else answer).append(ev.text)
         if as_json or not ev.text:
             continue
