@@ -523,3 +523,28 @@ def test_prestart_of_a_file_changed_since_is_not_taken(files, cache, tmp_path):
     os.utime(path, ns=(1, 1))
     m = load(path)
     assert m.tokenizer.token_to_id("<|im_eNd|>") is not None
+
+
+def test_the_collector_pauses_only_for_a_process_main_start(monkeypatch):
+    """base.pause_gc / resume_gc and keep_until_exit act only where process_main owns the
+    process: a test or a program calling main() keeps its collector and its memory."""
+    import gc
+
+    from qwen3cli.cli import base
+
+    assert gc.isenabled()
+    base.pause_gc()
+    base.keep_until_exit(object())
+    assert gc.isenabled() and base._kept == []
+    monkeypatch.setattr(base, "_whole_process", True)
+    monkeypatch.setattr(base, "_kept", [])
+    try:
+        base.pause_gc()
+        assert not gc.isenabled()
+        base.resume_gc()
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+        base.resume_gc()  # once only
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
