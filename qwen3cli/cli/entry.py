@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import typer
@@ -42,6 +43,10 @@ def process_main() -> None:
     written) are joined and exit handlers run first, as in a normal exit. Code that calls
     main() itself (tests, an embedding program) keeps the normal SystemExit."""
     own_process()
+    # numpy starts OpenBLAS's thread pool on import and its worker spins ~0.1 s of CPU on the
+    # other core; quant.kernels pins that BLAS to one thread anyway (threads.py), so a process
+    # of ours has no use for the pool. numpy is not imported yet here; a value set by the user wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         main()
         code = 0
@@ -52,7 +57,6 @@ def process_main() -> None:
 
 def _exit_now(code) -> None:
     import atexit
-    import os
     import sys
     import threading
 
