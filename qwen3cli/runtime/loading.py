@@ -44,7 +44,7 @@ def open_engine(source: str, ctx: int | None = None, quant: str = "q8_0", device
     library's typed errors (DeviceError, LoadError, ...)."""
     from ..io.early import prestart
 
-    prestart(source)  # a GGUF's tokenizer parses beside the imports below (numba's ~0.3 s)
+    prestart(source)  # a GGUF's header read and its tokenizer's parse started (io/early.py)
     from quant.kernels import matmul_cpu
 
     from ..io.loader import load
