@@ -5,11 +5,11 @@ about 1.5x as long as loading the built tokenizer back from its JSON, at every s
 
 An entry's key is a SHA-256 of the tokenizer metadata as the file holds it (model and
 pre-tokenizer names, the raw bytes of tokens, token types and merges), of tokenizer.py's
-source, its split regex, the `tokenizers` version and the entry's layout: every Qwen3 GGUF shares one entry, a
-tokenizer that differs by one byte gets its own, and a change to the builder or the library
-starts afresh. Hashing the ~5 MB takes milliseconds; a key from the path, size and mtime
-would be cheaper but goes wrong for a file rewritten in place, and would give each copy of a
-model its own entry.
+source, its split regex, the `tokenizers` version and the entry's layout: every Qwen3 GGUF
+shares one entry, a tokenizer that differs by one byte gets its own, and a change to the
+builder, the library or the layout starts afresh. Hashing the ~5 MB takes milliseconds; a
+key from the path, size and mtime would be cheaper but goes wrong for a file rewritten in
+place, and would give each copy of a model its own entry.
 
 An entry is one header line (the key, and the SHA-256 of the rest) followed by the JSON of
 `Tokenizer.to_str()` in a layout that parses faster (`_compact`; the same tokenizer). One that
