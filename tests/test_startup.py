@@ -85,6 +85,25 @@ def test_files_with_different_tokenizers_do_not_share_an_entry(files, cache):
     assert a.token_to_id("<|im_eNd|>") is None and b.token_to_id("<|im_end|>") is None
 
 
+def test_an_entry_is_compact_and_gives_the_same_tokenizer(files, cache):
+    """Merges as "a b" and the vocabulary in key order parse faster; the tokenizer is the one built."""
+    with GGUFFile(files[0]) as g:
+        fresh = from_gguf_metadata(g.metadata)
+        load_tokenizer(g.metadata)
+        (entry,) = cache.iterdir()
+        model = json.loads(entry.read_bytes().partition(b"\n")[2])["model"]
+        assert all(isinstance(m, str) and len(m.split(" ")) == 2 for m in model["merges"])
+        assert list(model["vocab"]) == sorted(model["vocab"])
+        assert load_from_cache_only(g.metadata).to_str() == fresh.to_str()
+
+
+def test_compact_keeps_merges_with_a_space_as_pairs():
+    text = json.dumps({"model": {"vocab": {"b": 1, "a": 0, "a b": 2}, "merges": [["a", " b"], ["a", "b"]]}})
+    model = json.loads(tokenizer_cache._compact(text))["model"]
+    assert model["merges"] == [["a", " b"], ["a", "b"]]
+    assert list(model["vocab"]) == ["a", "a b", "b"]
+
+
 def _swap_token(data: bytes) -> bytes:
     """Still valid JSON and a valid tokenizer, but another one: only the checksum can tell."""
     assert b'"<|im_end|>"' in data
@@ -148,8 +167,12 @@ def test_compile_watch_sees_compiles_not_cache_loads(tmp_path, monkeypatch):
 
     from qwen3cli.model.compiling import CompileWatch
 
-    src = tmp_path / "kern.py"  # numba caches it in tmp_path/__pycache__
-    src.write_text("from numba import njit\n\n\n@njit\ndef inner(x):\n    return x + 1\n\n\n"
+    import uuid
+
+    # numba caches it in tmp_path/__pycache__, or, once quant.kernels has set NUMBA_CACHE_DIR,
+    # in that shared folder by path: a source of its own makes every run compile it first
+    src = tmp_path / "kern.py"
+    src.write_text(f"# {uuid.uuid4()}\nfrom numba import njit\n\n\n@njit\ndef inner(x):\n    return x + 1\n\n\n"
                    "@njit(cache=True)\ndef outer(x):\n    return inner(x) * 2\n")
     calls = []
     watch = CompileWatch(lambda: calls.append("start"), lambda: calls.append("end")).install()
@@ -165,6 +188,55 @@ def test_compile_watch_sees_compiles_not_cache_loads(tmp_path, monkeypatch):
         watch.remove()
         sys.modules.pop("kern_a", None), sys.modules.pop("kern_b", None)
     assert watch.count == 1 and calls == ["start", "end"]
+
+
+LIGHT_CHILD = r"""
+import sys
+import numpy as np
+import quant.kernels  # noqa: F401  (installs the light cache loads)
+import numba
+from numba.core import base
+
+refreshes = []
+orig = base.BaseContext.refresh
+base.BaseContext.refresh = lambda self: (refreshes.append(1), orig(self))[1]
+sys.path.insert(0, sys.argv[1])
+import kern
+
+x = np.arange(1000, dtype=np.float64)
+assert abs(kern.outer(x) - (2 * x + 1).sum()) < 1e-9
+print(len(refreshes), len(kern.outer.stats.cache_hits))
+
+@numba.njit
+def later(x):  # a compile after a light load: the pipeline refreshes the target itself
+    return np.sqrt(x).sum()
+
+assert abs(later(x) - np.sqrt(x).sum()) < 1e-9
+print(len(refreshes))
+"""
+
+
+def test_a_cache_load_skips_numbas_registries_and_compiling_still_works(tmp_path):
+    """A kernel loaded from numba's cache runs without numba's registries (quant/kernels), and
+    the first compile after it builds them as before."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "kern.py").write_text(
+        "import numpy as np\nfrom numba import njit, prange\n\n\n"
+        "@njit(cache=True, parallel=True)\ndef outer(x):\n    y = np.empty_like(x)\n"
+        "    for i in prange(x.shape[0]):\n        y[i] = 2 * x[i] + 1\n    return y.sum()\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    root = Path(__file__).resolve().parents[1]
+    runs = [subprocess.run([sys.executable, "-c", LIGHT_CHILD, str(tmp_path)], capture_output=True, text=True,
+                           cwd=root, env=env) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    first, second = (r.stdout.split() for r in runs)
+    assert first[1] == "0" and int(first[0]) > 0  # compiled: the registries were built for it
+    assert second[:2] == ["0", "1"]  # loaded from the cache, with no refresh
+    assert int(second[2]) > 0
 
 
 def test_open_engine_warms_up_only_after_a_compile(files, monkeypatch):
@@ -451,3 +523,28 @@ def test_prestart_of_a_file_changed_since_is_not_taken(files, cache, tmp_path):
     os.utime(path, ns=(1, 1))
     m = load(path)
     assert m.tokenizer.token_to_id("<|im_eNd|>") is not None
+
+
+def test_the_collector_pauses_only_for_a_process_main_start(monkeypatch):
+    """base.pause_gc / resume_gc and keep_until_exit act only where process_main owns the
+    process: a test or a program calling main() keeps its collector and its memory."""
+    import gc
+
+    from qwen3cli.cli import base
+
+    assert gc.isenabled()
+    base.pause_gc()
+    base.keep_until_exit(object())
+    assert gc.isenabled() and base._kept == []
+    monkeypatch.setattr(base, "_whole_process", True)
+    monkeypatch.setattr(base, "_kept", [])
+    try:
+        base.pause_gc()
+        assert not gc.isenabled()
+        base.resume_gc()
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+        base.resume_gc()  # once only
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()

@@ -13,6 +13,10 @@ imports scipy.linalg where scipy is installed, only to pick BLAS or a plain loop
 np.correlate / np.convolve; np.dot and np.linalg import it themselves when compiled. That
 import was half of numba's first-kernel cost (~0.17 s of CPU at every start, measured with
 scipy 1.17), for nothing these kernels use: it happens here with scipy hidden.
+
+numba also refreshes its whole CPU target (every typing and lowering registry, imported and
+installed in Python: ~0.1 s of CPU) before its first cache load, which a kernel loaded from the
+cache never uses; a cache load here sets up numba's runtime alone (_light_cache_loads).
 """
 
 import os
@@ -68,8 +72,37 @@ def _array_maths_without_scipy() -> None:
             del sys.modules["scipy"]
 
 
+def _light_cache_loads() -> None:
+    """numba's Cache.load_overload refreshes the target context before it reads the cache. A
+    cached kernel is machine code linked against numba's runtime (NRT) only: rebuilding it
+    needs the runtime's symbols, not the registries the compiler types and lowers with. So a
+    load sets up the runtime alone; a miss compiles through numba's pipeline, which refreshes
+    the whole target itself first. Loads run under numba's compiler lock, as every refresh
+    does, so the method shadowed for one call is seen by no other thread."""
+    from numba.core import caching
+    from numba.core.cpu import CPUContext
+    from numba.core.runtime import rtsys
+
+    load = caching.Cache.load_overload
+    if getattr(load, "light", False):  # a reload of this module
+        return
+
+    def load_overload(self, sig, target_context):
+        if type(target_context) is not CPUContext:  # another target: numba's own way
+            return load(self, sig, target_context)
+        target_context.refresh = lambda: rtsys.initialize(target_context)
+        try:
+            return load(self, sig, target_context)
+        finally:
+            del target_context.refresh
+
+    load_overload.light = True
+    caching.Cache.load_overload = load_overload
+
+
 _numba_cache_dir()
 _array_maths_without_scipy()
+_light_cache_loads()
 BLAS_PINNED = pin_blas()
 if not BLAS_PINNED and "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from .base import UsageError, app, err, printable, user_errors
+from .base import UsageError, app, err, keep_until_exit, printable, resume_gc, user_errors
 from .load import open_engine, prestart
 from .options import (Cache, Ctx, Device, Exact, MinP, OptionalModel, Presence, Quant, Repeat, Seed, System, Temp,
                       ThinkingBudget, ThinkingDisplay, Threads, TopK, TopP, cache_value, model_or_default,
@@ -71,6 +71,8 @@ def chat(
     set_threads(threads)
     model = model_or_default(model)
     engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
+    keep_until_exit(engine)
+    resume_gc()
     conv = Conversation(engine, ChatSettings(system=system, think=think, thinking_budget=thinking_budget,
                                              max_tokens=max_tokens, seed=seed, sampling=sampling))
     if load_file is not None:

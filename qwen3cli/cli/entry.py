@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import typer
 from rich.markup import escape
 
-from .base import app, err, printable
+from .base import app, err, own_process, printable
 
 
 class Terminated(BaseException):
@@ -41,6 +42,11 @@ def process_main() -> None:
     model, one thread). Output is flushed, threads that are not daemons (a cache being
     written) are joined and exit handlers run first, as in a normal exit. Code that calls
     main() itself (tests, an embedding program) keeps the normal SystemExit."""
+    own_process()
+    # numpy starts OpenBLAS's thread pool on import and its worker spins ~0.1 s of CPU on the
+    # other core; quant.kernels pins that BLAS to one thread anyway (threads.py), so a process
+    # of ours has no use for the pool. numpy is not imported yet here; a value set by the user wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         main()
         code = 0
@@ -51,7 +57,6 @@ def process_main() -> None:
 
 def _exit_now(code) -> None:
     import atexit
-    import os
     import sys
     import threading
 

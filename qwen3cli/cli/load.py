@@ -6,14 +6,15 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .base import err, print_warnings
+from .base import err, pause_gc, print_warnings
 
 
 def prestart(model: str | None) -> None:
     """Where MODEL is a GGUF file, open it and start its tokenizer's parse now, at the top of a
-    command, so that the parse runs beside the command's slow imports (io/early.py)."""
+    command (io/early.py); the collector pauses until the command calls base.resume_gc."""
     from ..io.early import prestart as start
 
+    pause_gc()
     start(model)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from .base import UsageError, app, err, user_errors
+from .base import UsageError, app, err, keep_until_exit, resume_gc, user_errors
 from .load import open_engine, prestart
 from .options import (Cache, Ctx, Device, Exact, MinP, OptionalModel, Presence, Quant, Repeat, Seed, System, Temp,
                       THINKING_DISPLAYS, ThinkingBudget, ThinkingDisplay, Threads, TopK, TopP, cache_value,
@@ -126,6 +126,7 @@ def run(
     model = model_or_default(model)
     set_threads(threads)
     engine = open_engine(model, ctx, quant, device, exact, cache_type=cache_value(cache))
+    keep_until_exit(engine)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     p = engine.prompt(messages, enable_thinking=think)
     note = mode_note(engine, think)
@@ -151,6 +152,7 @@ def run(
             break
         if first_token_s is None:
             first_token_s = time.perf_counter() - t_start
+            resume_gc()
         (thinking if ev.thinking else answer).append(ev.text)
         if as_json or not ev.text:
             continue

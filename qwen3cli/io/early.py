@@ -1,9 +1,9 @@
 """A GGUF file's header opened, and its cached tokenizer's parse started, before the slow imports.
 
-A warm start spends ~0.3 s importing numba and the kernels and ~0.15 s in numba's set-up,
-all holding the GIL, and ~0.25 s parsing the tokenizer's JSON, which lets the GIL go. Started
-here, at the top of a command, the parse runs on the other core beside all of that instead of
-after it (the loader needs the header first, and the loader's imports are the slow ones).
+The parse was started here to run on the other core beside the command's imports (~0.3 s of
+numba and the kernels). It cannot: tokenizers holds the GIL for the whole parse (~0.18 s of
+Qwen3's; `Tokenizer.from_str` never lets it go, tokenizers 0.23), so it takes its turn among
+the imports, and a warm start measured the same with the parse started here or in the loader.
 
 Only what this module imports is paid before the parse starts: the GGUF reader, the tokenizer
 cache and the heap trim, none of which imports numba. Nothing here reports: a file this cannot

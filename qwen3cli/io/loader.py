@@ -134,8 +134,8 @@ def load_gguf(path: str | Path) -> LoadedModel:
         tok = started.tokenizer
     else:
         # the header's freed buffers go back before the parse starts: malloc_trim takes every
-        # heap's lock, so a trim beside the parse waited for all of it (0.25 s) where numba's
-        # set-up could run. The parse's own buffers go back at its end, on its thread.
+        # heap's lock, so a trim beside the parse waited for all of it (0.25 s). The parse's
+        # own buffers go back at its end, on its thread.
         memory.trim_heap()
         tok = start_tokenizer(md, str(g.path), done=memory.trim_heap)
     loaded = _finish(str(g.path), args, weights, tok, md, keep=g)

@@ -43,15 +43,3 @@ class CompileWatch(event.Listener):
     def remove(self) -> None:
         event.unregister(KIND, self)
 
-
-def set_up_numba() -> None:
-    """Build numba's typing and lowering registries now: numba does it, in Python, when a
-    process loads its first kernel (~0.1 s of CPU), which was right before the first token.
-    Called while the tokenizer parses on its thread (tokenizers lets the GIL go), the two run
-    side by side. Harmless to repeat; a numba without this interface is simply left to do it later."""
-    try:
-        from numba.core.registry import cpu_target
-
-        cpu_target.target_context.refresh()
-    except (ImportError, AttributeError):
-        pass

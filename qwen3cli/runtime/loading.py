@@ -44,12 +44,12 @@ def open_engine(source: str, ctx: int | None = None, quant: str = "q8_0", device
     library's typed errors (DeviceError, LoadError, ...)."""
     from ..io.early import prestart
 
-    prestart(source)  # a GGUF's tokenizer parses beside the imports below (numba's ~0.3 s)
+    prestart(source)  # a GGUF's header read and its tokenizer's parse started (io/early.py)
     from quant.kernels import matmul_cpu
 
     from ..io.loader import load
     from ..model import memory
-    from ..model.compiling import CompileWatch, set_up_numba
+    from ..model.compiling import CompileWatch
     from ..model.device import pick
     from . import engine as engine_module
 
@@ -67,7 +67,6 @@ def open_engine(source: str, ctx: int | None = None, quant: str = "q8_0", device
         engine.model.forward([0] * n, engine.model.ops.new_cache(n))
 
     if backend == "cpu":
-        set_up_numba()  # beside the tokenizer's parse (loader.load started it)
         watch = CompileWatch().install()
         try:
             engine = engine_module.Engine(loaded, ctx, exact=exact, cache_type=cache_type)
