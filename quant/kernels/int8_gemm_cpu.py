@@ -91,8 +91,8 @@ from .int8_cpu import G, Int8Packed
 from .int8_k_cpu import KPacked
 from .int8_q5_cpu import Q5Packed, _even_bits
 from .int8_tiles_cpu import (GENERIC, RT, RW, VNNI, _hsums, _lanes_q4_k, _lanes_q6_k, _nx, _pair_units, _t_q4_0,
-                             _t_q4_k, _t_q5_0, _t_q6_k, _t_q8_0, _unit4, _unit5, _unit6, _zeros, tile_rows,
-                             vnni_available)
+                             _t_q4_k, _t_q4_k1, _t_q5_0, _t_q6_k, _t_q8_0, _tail_units, _unit4, _unit5, _unit6, _zeros,
+                             tile_rows, vnni_available)
 from .variants import variant
 
 # -- the activation: all rows quantized once, as the decode kernels quantize one -------------
@@ -183,16 +183,18 @@ def _quantize_q8_k_rows(x, xq, xd, xs):
 def _quantize_q8_k_pairs(x, xq, xd, xs):
     # Q4_K / Q5_K: x's Q8_K rows in the tiles' pair order (int8_tiles_cpu._pair_units: unit u,
     # lane L of a pair holds, of super-block L // 8, lane 2 (L % 8) + u // 4's pairs c and c + 4,
-    # c = u % 4; an odd last super-block is paired with a zero one: xq comes zeroed), its scale
-    # per lane (8 copies of each super-block's) and its quant sums per lane (per sub-block of
-    # 32: two of Q8_K's sums per 16)
+    # c = u % 4), an odd count's last super-block in the tail order (_tail_units: unit c, lane
+    # L holds lane 2 (L % 8) + L // 8's), its scale per lane (each super-block's 8 times; the
+    # tail's 16) and its quant sums per lane (a pair's per sub-block of 32: two of Q8_K's sums
+    # per 16; the tail's per 16)
     k = x.shape[1]
     nsb = k // 256
+    full = nsb - nsb % 2
     for i in prange(x.shape[0]):
         qn, d, s16 = np.empty(k, np.int8), np.empty(nsb, np.float32), np.empty(k // 16, np.int32)
         _q8_k_natural(x[i], qn, d, s16)
         n16, p16 = qn.view(np.int16), xq[i].view(np.int16)
-        for b in range(nsb):
+        for b in range(full):
             for j in range(8):
                 lane = j + 8 * (b % 2)
                 for u in range(8):
@@ -202,6 +204,15 @@ def _quantize_q8_k_pairs(x, xq, xd, xs):
                     p16[dst + 1] = n16[src + 4]
                 xd[i, 8 * b + j] = d[b]
                 xs[i, 8 * b + j] = s16[16 * b + 2 * j] + s16[16 * b + 2 * j + 1]
+        if full < nsb:
+            b = full
+            for lane in range(16):
+                t = 2 * (lane % 8) + lane // 8
+                for c in range(4):
+                    p16[b * 128 + 32 * c + 2 * lane] = n16[b * 128 + 8 * t + c]
+                    p16[b * 128 + 32 * c + 2 * lane + 1] = n16[b * 128 + 8 * t + c + 4]
+                xd[i, 8 * b + lane] = d[b]
+                xs[i, 8 * b + lane] = s16[16 * b + t]
 
 
 def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed,
@@ -210,10 +221,10 @@ def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed,
     rows) with zero rows, each row exactly as the decode modules' quantize_x rounds it: for Q8_0 /
     Q4_0 / Q5_0 weights ggml's Q8_0 (scale and sum per 32), k padded to whole groups of 16
     blocks (kp; the padding blocks' quants, scales and sums zero), for Q4_K / Q5_K / Q6_K
-    ggml's Q8_K (scale per 256; Q6_K: sums per 16, kp = k; Q4_K / Q5_K: in pairs of
-    super-blocks, kp = k rounded up to two (a zero one), scales and sums (per 32) per lane, 8
-    a super-block). Q8_0: int16 in the decode kernels' order; the others int8 in _units_loop's
-    (Q4_K / Q5_K: rewoven in pairs, int8_tiles_cpu._pair_units)."""
+    ggml's Q8_K (scale per 256, kp = k; Q6_K: sums per 16; Q4_K / Q5_K: scales and sums per
+    lane, 8 a super-block: per 32 in pairs of super-blocks, an odd count's last per 16 over 16
+    lanes). Q8_0: int16 in the decode kernels' order; the others int8 in _units_loop's (Q4_K /
+    Q5_K: rewoven in pairs and the tail, int8_tiles_cpu._pair_units / _tail_units)."""
     n, k = x.shape
     npad = -(-n // nx) * nx
     units = w.type != T.Q8_0
@@ -223,9 +234,9 @@ def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed,
         xd, xs = np.zeros((npad, nbp), np.float32), np.zeros((npad, nbp), np.int32)
         _quantize_q8_0_rows(x, xq, xd, xs, units)
     elif w.type in (T.Q4_K, T.Q5_K):
-        nsbp = -(-k // 512) * 2
-        xq = np.zeros((npad, 256 * nsbp), np.int8)
-        xd, xs = np.zeros((npad, 8 * nsbp), np.float32), np.zeros((npad, 8 * nsbp), np.int32)
+        nl = -(-k // 512) * 16  # lanes: 8 a super-block, 16 for an odd count's last
+        xq = np.zeros((npad, k), np.int8)
+        xd, xs = np.zeros((npad, nl), np.float32), np.zeros((npad, nl), np.int32)
         _quantize_q8_k_pairs(x, xq, xd, xs)
     else:
         xq = np.zeros((npad, k), np.int8)
@@ -265,10 +276,10 @@ def _unpack(q, r0, r1, ws, k, span, q6):
 @njit(cache=True, inline="always")
 def _unpack_k_pairs(q, h, r0, r1, ws, nsb):
     # Q4_K (h None) / Q5_K rows r0..r1 as _unpack / _unpack_q5 write a super-block, each pair
-    # then rewoven (_pair_units); a row of an odd count ends with a zero super-block
-    kp = (nsb + nsb % 2) * 256
+    # then rewoven (_pair_units), an odd count's last super-block on its own (_tail_units)
+    k = nsb * 256
     for r in range(r0, r1):
-        dst = (r - r0) * kp
+        dst = (r - r0) * k
         for b in range(nsb):
             src = r * q.shape[1] + b * 128
             for c in range(4):
@@ -277,10 +288,10 @@ def _unpack_k_pairs(q, h, r0, r1, ws, nsb):
                 else:
                     hsrc = r * h.shape[1] + b * 32
                     _unit5(q, src + 32 * c, h, hsrc, hsrc, c, c + 4, ws, dst + b * 256 + 64 * c)
-        if nsb % 2:
-            ws[dst + nsb * 256:dst + kp] = 0
-        for p in range(0, kp, 512):
+        for p in range(0, (nsb // 2) * 512, 512):
             _pair_units(ws, dst + p)
+        if nsb % 2:
+            _tail_units(ws, dst + (nsb - 1) * 256)
 
 
 @njit(cache=True, inline="always")
@@ -386,7 +397,7 @@ def _lane_scales(s, d, dmin, r0, r1, sv, mv, q6):
     # rows r0..r1's lane scales per super-block as the K tiles multiply them (int8_tiles_cpu's
     # _lanes), once per task rather than per tile (a tile row's scale vector took ~12
     # instructions per super-block): the same float32 products, so bit for bit the same.
-    # Q6_K: 16 a super-block; Q4_K / Q5_K: 8, in pairs (an odd count's last pair ends in zeros)
+    # Q6_K: 16 a super-block; Q4_K / Q5_K: 8, in pairs (an odd count's last: 16, the 8 twice)
     nsb = d.shape[1]
     nsbp = nsb + nsb % 2
     for r in range(r0, r1):
@@ -395,10 +406,9 @@ def _lane_scales(s, d, dmin, r0, r1, sv, mv, q6):
                 _lanes_q6_k(s, (r * nsb + b) * 16, d, dmin, r * nsb + b, sv, mv, ((r - r0) * nsb + b) * 16)
             else:
                 _lanes_q4_k(s, (r * nsb + b) * 16, d, dmin, r * nsb + b, sv, mv, ((r - r0) * nsbp + b) * 8)
-        if not q6 and nsb % 2:
-            o = ((r - r0) * nsbp + nsb) * 8
-            sv[o:o + 8] = 0
-            mv[o:o + 8] = 0
+        if not q6 and nsb % 2:  # the tail's 16 lanes: its sub-blocks' scales twice (_tail_units)
+            b = nsb - 1
+            _lanes_q4_k(s, (r * nsb + b) * 16, d, dmin, r * nsb + b, sv, mv, ((r - r0) * nsbp + b) * 8 + 8)
 
 
 # -- the products ------------------------------------------------------------------------------
@@ -447,13 +457,12 @@ def _mm_q4_k(xq, xd, xs, q, h, s, d, dmin, out, isa):
     # Q4_K (h None) or Q5_K (h: the fifth bits): the same tile once unpacked, quants 0..15 or
     # 0..31. xq: int8 in _units_loop's order, xs: the quant sums per 16 as float
     n, (R, nsb) = out.shape[0], d.shape
-    kp = xq.shape[1]  # whole pairs of super-blocks
-    nl = kp // 32  # lanes (sub-blocks) a row
+    k, nl = nsb * 256, xs.shape[1]  # nl: lanes a row, 8 a super-block (16 for an odd count's last)
     for tile in prange(-(-R // RT)):
         nx = _nx(isa)  # here, not above: a constant inside the parallel body, not its argument
         sums = np.empty(G, np.float32)  # _hsums stores 16
         r0, rt = tile * RT, min(R, tile * RT + RT)
-        ws = np.empty(RT * kp, np.uint8)
+        ws = np.empty(RT * k, np.uint8)
         _unpack_k_pairs(q, h, r0, rt, ws, nsb)
         sv, mv = np.empty(RT * nl, np.float32), np.empty(RT * nl, np.float32)
         _lane_scales(s, d, dmin, r0, rt, sv, mv, False)
@@ -461,10 +470,15 @@ def _mm_q4_k(xq, xd, xs, q, h, s, d, dmin, out, isa):
             for r in range(r0, rt, RW):
                 r1 = min(r + RW - 1, R - 1)
                 acc = _zeros(isa)
-                for p in range(kp // 512):
-                    acc = _t_q4_k(acc, ws, (r - r0) * kp + p * 512, (r1 - r) * kp, sv, mv, (r - r0) * nl + p * 16,
-                                  (r1 - r) * nl, xq, i * kp + p * 512, kp, xs, i * nl + p * 16, nl, xd,
+                for p in range(nsb // 2):
+                    acc = _t_q4_k(acc, ws, (r - r0) * k + p * 512, (r1 - r) * k, sv, mv, (r - r0) * nl + p * 16,
+                                  (r1 - r) * nl, xq, i * k + p * 512, k, xs, i * nl + p * 16, nl, xd,
                                   i * nl + p * 16, nl, isa)
+                if nsb % 2:
+                    o = (nsb - 1) * 256
+                    acc = _t_q4_k1(acc, ws, (r - r0) * k + o, (r1 - r) * k, sv, mv, (r - r0) * nl + o // 32,
+                                   (r1 - r) * nl, xq, i * k + o, k, xs, i * nl + o // 32, nl, xd, i * nl + o // 32,
+                                   nl, isa)
                 _store(acc, sums, out, r, r1, i, n, nx)
 
 

@@ -49,7 +49,7 @@ from numba import njit, prange
 from .int8_cpu import G
 from .int8_gemm_cpu import (Q4_0_CALLEES, Q5_0_CALLEES, _lane_scales, _prepared_sums, _store, _tail_q8_0, _unpack,
                             _unpack_k_pairs, quantize_rows)
-from .int8_tiles_cpu import GENERIC, NX, RT, RW, VNNI4, _t_q4_k, _t_q6_k, _t_q8_0, _zeros, vnni_available
+from .int8_tiles_cpu import GENERIC, NX, RT, RW, VNNI4, _t_q4_k, _t_q4_k1, _t_q6_k, _t_q8_0, _zeros, vnni_available
 from .variants import variant
 
 TYPES = (T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K, T.Q5_K, T.Q5_0)
@@ -139,12 +139,11 @@ def _g_q8_0(xq, xd, xs, q, d, R, items, lo, hi, parts, out, isa):
 def _g_q4_k(xq, xd, xs, q, h, s, d, dmin, R, items, lo, hi, parts, out, isa):
     # Q4_K (h None) or Q5_K (h: the fifth bits), as int8_gemm_cpu._mm_q4_k
     nsb = d.shape[1]
-    kp = xq.shape[1]  # whole pairs of super-blocks
-    nl = kp // 32  # lanes (sub-blocks) a row
+    k, nl = nsb * 256, xs.shape[1]  # nl: lanes a row, 8 a super-block (16 for an odd count's last)
     n = out.shape[0]
     for part in prange(parts):
         sums = np.empty(G, np.float32)  # _hsums stores 16
-        ws = np.empty(RT * kp, np.uint8)
+        ws = np.empty(RT * k, np.uint8)
         sv, mv = np.empty(RT * nl, np.float32), np.empty(RT * nl, np.float32)
         for it in range(part, items.shape[0], parts):
             e, t = items[it, 0], items[it, 1]
@@ -155,10 +154,15 @@ def _g_q4_k(xq, xd, xs, q, h, s, d, dmin, R, items, lo, hi, parts, out, isa):
                 for r in range(r0, rt, RW):
                     r1 = min(r + RW - 1, rt - 1)
                     acc = _zeros(isa)
-                    for p in range(kp // 512):
-                        acc = _t_q4_k(acc, ws, (r - r0) * kp + p * 512, (r1 - r) * kp, sv, mv,
-                                      (r - r0) * nl + p * 16, (r1 - r) * nl, xq, i * kp + p * 512, kp, xs,
+                    for p in range(nsb // 2):
+                        acc = _t_q4_k(acc, ws, (r - r0) * k + p * 512, (r1 - r) * k, sv, mv,
+                                      (r - r0) * nl + p * 16, (r1 - r) * nl, xq, i * k + p * 512, k, xs,
                                       i * nl + p * 16, nl, xd, i * nl + p * 16, nl, isa)
+                    if nsb % 2:
+                        o = (nsb - 1) * 256
+                        acc = _t_q4_k1(acc, ws, (r - r0) * k + o, (r1 - r) * k, sv, mv, (r - r0) * nl + o // 32,
+                                       (r1 - r) * nl, xq, i * k + o, k, xs, i * nl + o // 32, nl, xd,
+                                       i * nl + o // 32, nl, isa)
                     _store(acc, sums, out, r - e * R, r1 - e * R, i, n, NX)
 
 

@@ -121,7 +121,7 @@ def _words(builder, v):
 # units and i16 window: vpmaddubsw sums stay exact in i16 over `window` units
 # (Q4: 8 x 2 x 15 x 127 = 30480; Q5: 4 x 2 x 31 x 127 = 31496, so Q4_K and Q5_K share one
 # tile, a pair of super-blocks in two windows; Q6_K: 2 x 2 x 63 x 127 = 32004)
-_UNITS = {"q4_0": (8, 8), "q4_k": (8, 4), "q5_0": (8, 4), "q6_k": (4, 2)}
+_UNITS = {"q4_0": (8, 8), "q4_k": (8, 4), "q4_k1": (4, 4), "q5_0": (8, 4), "q6_k": (4, 2)}
 
 
 def _dpbusd(builder, acc, w, x):
@@ -258,10 +258,10 @@ def _tile(kind):
                         f, scale = builder.sitofp(v, fl), builder.fmul(dv, ld("xd", xd, xdo, xds, i, 0, fl))
                     else:
                         f = builder.fmul(builder.sitofp(v, fl), dv)
-                        if kind == "q4_k":  # one vfnmadd: the min term need not round apart
+                        if kind in ("q4_k", "q4_k1"):  # one vfnmadd: the min term need not round apart
                             f = builder.fsub(f, builder.fmul(ld("xs", xs, xso, xss, i, 0, fl), mv, flags=("contract",)),
                                              flags=("contract",))
-                        if kind == "q4_k":  # x's scale per lane: the pair's two super-blocks'
+                        if kind in ("q4_k", "q4_k1"):  # x's scale per lane: the pair's two super-blocks'
                             scale = ld("xd", xd, xdo, xds, i, 0, fl)
                         else:
                             scale = _splat(builder, ld("xd", xd, xdo, xds, i, 0, _F32))
@@ -272,7 +272,8 @@ def _tile(kind):
     return tile
 
 
-_t_q8_0, _t_q4_0, _t_q4_k, _t_q5_0, _t_q6_k = (_tile(k) for k in ("q8_0", "q4_0", "q4_k", "q5_0", "q6_k"))
+_t_q8_0, _t_q4_0, _t_q4_k, _t_q4_k1, _t_q5_0, _t_q6_k = (_tile(k) for k in ("q8_0", "q4_0", "q4_k", "q4_k1", "q5_0",
+                                                                               "q6_k"))
 
 
 def _lanes(q6):
@@ -316,6 +317,29 @@ def _lanes(q6):
 
 
 _lanes_q4_k, _lanes_q6_k = _lanes(False), _lanes(True)
+
+
+@intrinsic
+def _tail_units(typingctx, a, o):
+    """An odd count's last super-block (4 units at byte o of a, _units_loop's order) rewoven in
+    place for the Q4_K / Q5_K tail tile (q4_k1): lane j (j < 8) takes sub-block j's first 16
+    values (old lane 2j), lane 8 + j its last 16 (old lane 2j + 1), so the tile's scale vectors
+    are the pairs' 8 lanes twice; 4 vpermd. Pairing it with a zero super-block instead doubled
+    its work (the MoE down projection's k = 768: 4 super-blocks' work for 3)."""
+    if not _c_arrays(a):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary, off = args
+        v16 = _vt(_I32, G)
+        data = context.make_array(sig.args[0])(context, builder, ary).data
+        idx = _c(_I32, [2 * j for j in range(8)] + [2 * j + 1 for j in range(8)], G)
+        for u in range(4):
+            ptr = builder.bitcast(builder.gep(data, [builder.add(off, ir.Constant(off.type, 64 * u))]), v16.as_pointer())
+            v = builder.load(ptr, align=1)
+            builder.store(builder.shuffle_vector(v, v, idx), ptr, align=1)
+        return context.get_dummy_value()
+    return types.none(a, o), codegen
 
 
 @intrinsic
