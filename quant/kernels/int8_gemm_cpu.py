@@ -32,7 +32,7 @@ sum each), so with tails the two round apart.
   x tiles) and x is quantized to int8 in the same order: 64-byte units holding two pair
   steps woven (byte 4t + 2h + e: lane t, step h, element e), so a lane's 4 bytes of a unit are
   4 products of that lane. Q4_K / Q5_K rows and x are then rewoven in pairs of super-blocks
-  (int8_tiles_cpu._pair_units), a lane per sub-block of 32: a lane's sum has one scale and one
+  (int8_tiles_cpu._unit_pair), a lane per sub-block of 32: a lane's sum has one scale and one
   minimum, so a tile scales two super-blocks with one set of float instructions (24 per tile
   entry and pair where a super-block took 4); an odd count's last super-block is paired with a
   zero one. Two paths (int8_tiles_cpu._units_loop):
@@ -90,9 +90,9 @@ from . import int8_cpu
 from .int8_cpu import G, Int8Packed
 from .int8_k_cpu import KPacked
 from .int8_q5_cpu import Q5Packed, _even_bits
-from .int8_tiles_cpu import (GENERIC, RT, RW, VNNI, _hsums, _lanes_q4_k, _lanes_q6_k, _nx, _pair_units, _t_q4_0,
-                             _t_q4_k, _t_q4_k1, _t_q5_0, _t_q6_k, _t_q8_0, _tail_units, _unit4, _unit5, _unit6, _zeros,
-                             tile_rows, vnni_available)
+from .int8_tiles_cpu import (GENERIC, RT, RW, VNNI, _hsums, _lanes_q4_k, _lanes_q6_k, _nx, _t_q4_0,
+                             _t_q4_k, _t_q4_k1, _t_q5_0, _t_q6_k, _t_q8_0, _tail_units, _unit4, _unit5, _unit6,
+                             _unit_pair4, _unit_pair5, _zeros, tile_rows, vnni_available)
 from .variants import variant
 
 # -- the activation: all rows quantized once, as the decode kernels quantize one -------------
@@ -181,7 +181,7 @@ def _quantize_q8_k_rows(x, xq, xd, xs):
 
 @njit(parallel=True, cache=True)
 def _quantize_q8_k_pairs(x, xq, xd, xs):
-    # Q4_K / Q5_K: x's Q8_K rows in the tiles' pair order (int8_tiles_cpu._pair_units: unit u,
+    # Q4_K / Q5_K: x's Q8_K rows in the tiles' pair order (int8_tiles_cpu._unit_pair: unit u,
     # lane L of a pair holds, of super-block L // 8, lane 2 (L % 8) + u // 4's pairs c and c + 4,
     # c = u % 4), an odd count's last super-block in the tail order (_tail_units: unit c, lane
     # L holds lane 2 (L % 8) + L // 8's), its scale per lane (each super-block's 8 times; the
@@ -224,7 +224,7 @@ def quantize_rows(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed,
     ggml's Q8_K (scale per 256, kp = k; Q6_K: sums per 16; Q4_K / Q5_K: scales and sums per
     lane, 8 a super-block: per 32 in pairs of super-blocks, an odd count's last per 16 over 16
     lanes). Q8_0: int16 in the decode kernels' order; the others int8 in _units_loop's (Q4_K /
-    Q5_K: rewoven in pairs and the tail, int8_tiles_cpu._pair_units / _tail_units)."""
+    Q5_K: rewoven in pairs and the tail, int8_tiles_cpu._unit_pair / _tail_units)."""
     n, k = x.shape
     npad = -(-n // nx) * nx
     units = w.type != T.Q8_0
@@ -275,23 +275,30 @@ def _unpack(q, r0, r1, ws, k, span, q6):
 
 @njit(cache=True, inline="always")
 def _unpack_k_pairs(q, h, r0, r1, ws, nsb):
-    # Q4_K (h None) / Q5_K rows r0..r1 as _unpack / _unpack_q5 write a super-block, each pair
-    # then rewoven (_pair_units), an odd count's last super-block on its own (_tail_units)
+    # Q4_K (h None) / Q5_K rows r0..r1 in the tiles' order: each pair of super-blocks rewoven
+    # as it is unpacked (_unit_pair4 / _unit_pair5), an odd count's last super-block as
+    # _unpack / _unpack_q5 write one, then rewoven (_tail_units)
     k = nsb * 256
     for r in range(r0, r1):
-        dst = (r - r0) * k
-        for b in range(nsb):
-            src = r * q.shape[1] + b * 128
+        dst, src = (r - r0) * k, r * q.shape[1]
+        for b in range(0, nsb - nsb % 2, 2):
             for c in range(4):
                 if h is None:
-                    _unit4(q, src + 32 * c, q, 0, 0, 0, 0, ws, dst + b * 256 + 64 * c)
+                    _unit_pair4(q, src + b * 128 + 32 * c, src + b * 128 + 128 + 32 * c, q, 0, 0, c, ws,
+                                dst + b * 256)
                 else:
-                    hsrc = r * h.shape[1] + b * 32
-                    _unit5(q, src + 32 * c, h, hsrc, hsrc, c, c + 4, ws, dst + b * 256 + 64 * c)
-        for p in range(0, (nsb // 2) * 512, 512):
-            _pair_units(ws, dst + p)
+                    hs = r * h.shape[1] + b * 32
+                    _unit_pair5(q, src + b * 128 + 32 * c, src + b * 128 + 128 + 32 * c, h, hs, hs + 32, c, ws,
+                                dst + b * 256)
         if nsb % 2:
-            _tail_units(ws, dst + (nsb - 1) * 256)
+            b = nsb - 1
+            for c in range(4):
+                if h is None:
+                    _unit4(q, src + b * 128 + 32 * c, q, 0, 0, 0, 0, ws, dst + b * 256 + 64 * c)
+                else:
+                    hs = r * h.shape[1] + b * 32
+                    _unit5(q, src + b * 128 + 32 * c, h, hs, hs, c, c + 4, ws, dst + b * 256 + 64 * c)
+            _tail_units(ws, dst + b * 256)
 
 
 @njit(cache=True, inline="always")

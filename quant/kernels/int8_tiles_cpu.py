@@ -200,7 +200,7 @@ def _units_loop(kind, builder, isum, load_w, load_x, vnni, init, nx):
 
 def _tile(kind):
     """One group (Q8_0 / Q4_0 / Q5_0: 16 blocks of 32), super-block (Q6_K) or pair of
-    super-blocks (Q4_K / Q5_K: `pair_units`, a lane per sub-block) of RW weight rows against nx
+    super-blocks (Q4_K / Q5_K: `_unit_pair`'s order, a lane per sub-block) of RW weight rows against nx
     rows of x (NX, NXV with VNNI): the RW * nx accumulators, each + its 16 lanes' scaled integer
     sums. sc / mn at so + r * ss: Q8_0 / Q4_0 / Q5_0 the blocks' float16 d (mn unused); K types
     the task's lane scales d * sc and minimums dmin * m as float32 (`lane_scales`); x's scale
@@ -342,37 +342,32 @@ def _tail_units(typingctx, a, o):
     return types.none(a, o), codegen
 
 
-@intrinsic
-def _pair_units(typingctx, a, o):
-    """Two super-blocks' 8 units at byte o of a (`_units_loop`'s order, each lane 16 of a
-    super-block's values: lanes 2j, 2j + 1 its sub-block j) rewoven in place into the Q4_K /
-    Q5_K tiles' pair order: unit c (c < 4) takes the even lanes of both super-blocks' unit c,
-    unit c + 4 their odd lanes, so lane j (j < 8) holds sub-block j of the first super-block
-    and lane 8 + j sub-block j of the second, 4 bytes a unit. A lane's sum is then a whole
-    sub-block's, under one scale and one minimum, and the tile scales two super-blocks with
-    one vector where it took one per super-block. Weights and x are rewoven alike (a
-    permutation of both sides: the same integer sums); 8 vpermt2d."""
-    if not _c_arrays(a):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ary, off = args
-        v16 = _vt(_I32, G)
-        data = context.make_array(sig.args[0])(context, builder, ary).data
-
-        def ptr(u):
-            p = builder.gep(data, [builder.add(off, ir.Constant(off.type, 64 * u))])
-            return builder.bitcast(p, v16.as_pointer())
-
-        units = [builder.load(ptr(u), align=1) for u in range(8)]
-        for c in range(4):
-            for e in range(2):
-                idx = _c(_I32, [2 * j + e for j in range(8)] + [G + 2 * j + e for j in range(8)], G)
-                builder.store(builder.shuffle_vector(units[c], units[4 + c], idx), ptr(c + 4 * e), align=1)
-        return context.get_dummy_value()
-    return types.none(a, o), codegen
-
 # -- the weights of a task, a byte each (for vpmaddubsw) ---------------------------------------
+
+def _unit_vector(context, builder, bits, qty, q, qo, hty, h, h0, h1, s0, s1):
+    # _unit's 64 bytes as a <32 x i16> value (see _unit)
+    v16 = _vt(_I16, G)
+
+    def splat(s):
+        s = builder.trunc(s, _I16)
+        v = builder.insert_element(ir.Constant(v16, None), s, ir.Constant(_I32, 0))
+        return builder.shuffle_vector(v, v, _c(_I32, 0, G))
+
+    v = _load(context, builder, qty, q, qo, v16)
+    m4 = _c(_I16, 0x0F0F, G)
+    lo, hi = builder.and_(v, m4), builder.and_(builder.lshr(v, _c(_I16, 4, G)), m4)
+    if bits:
+        mask = _c(_I16, 0x0101 * ((1 << bits) - 1), G)
+        top = [builder.lshr(_load(context, builder, hty, h, o, v16), splat(sh)) for o, sh in ((h0, s0), (h1, s1))]
+        top = [builder.shl(builder.and_(v, mask), _c(_I16, 4, G)) for v in top]
+        lo, hi = builder.or_(lo, top[0]), builder.or_(hi, top[1])
+    return builder.shuffle_vector(lo, hi, _c(_I32, [j // 2 + G * (j % 2) for j in range(2 * G)], 2 * G))
+
+
+def _store_at(context, builder, aryty, ary, off, v):
+    data = context.make_array(aryty)(context, builder, ary).data
+    builder.store(v, builder.bitcast(builder.gep(data, [off]), v.type.as_pointer()), align=1)
+
 
 def _unit(bits):
     """One 64-byte unit of unpacked weights: 32 bytes of nibbles at qo (lane t's element pair at
@@ -388,31 +383,48 @@ def _unit(bits):
 
         def codegen(context, builder, sig, args):
             q, qo, h, h0, h1, s0, s1, ws, wo = args
-            v16 = _vt(_I16, G)
-
-            def splat(s):
-                s = builder.trunc(s, _I16)
-                v = builder.insert_element(ir.Constant(v16, None), s, ir.Constant(_I32, 0))
-                return builder.shuffle_vector(v, v, _c(_I32, 0, G))
-
-            v = _load(context, builder, sig.args[0], q, qo, v16)
-            m4 = _c(_I16, 0x0F0F, G)
-            lo, hi = builder.and_(v, m4), builder.and_(builder.lshr(v, _c(_I16, 4, G)), m4)
-            if bits:
-                mask = _c(_I16, 0x0101 * ((1 << bits) - 1), G)
-                top = [builder.lshr(_load(context, builder, sig.args[2], h, o, v16), splat(sh))
-                       for o, sh in ((h0, s0), (h1, s1))]
-                top = [builder.shl(builder.and_(v, mask), _c(_I16, 4, G)) for v in top]
-                lo, hi = builder.or_(lo, top[0]), builder.or_(hi, top[1])
-            out = builder.shuffle_vector(lo, hi, _c(_I32, [j // 2 + G * (j % 2) for j in range(2 * G)], 2 * G))
-            data = context.make_array(sig.args[7])(context, builder, ws).data
-            builder.store(out, builder.bitcast(builder.gep(data, [wo]), out.type.as_pointer()), align=1)
+            out = _unit_vector(context, builder, bits, sig.args[0], q, qo, sig.args[2], h, h0, h1, s0, s1)
+            _store_at(context, builder, sig.args[7], ws, wo, out)
             return context.get_dummy_value()
         return types.none(q, qo, h, h0, h1, s0, s1, ws, wo), codegen
     return unit
 
 
+def _unit_pair(bits):
+    """Units c and c + 4 of a Q4_K (bits 0) / Q5_K (1) pair of super-blocks in the tiles' pair
+    order, straight from the packed bytes: _unit's unit c of each super-block (nibbles at qa /
+    qb, fifth bits at ha / hb: bit c for the low nibbles, c + 4 for the high ones), then the
+    even lanes of both to unit c, the odd ones to c + 4 (2 vpermt2d). A lane of _unit's order
+    holds 16 of a super-block's values (lanes 2j, 2j + 1: its sub-block j); in the pair order
+    lane j (j < 8) holds sub-block j of the first super-block and lane 8 + j sub-block j of the
+    second, 4 bytes a unit. A lane's sum is then a whole sub-block's, under one scale and one
+    minimum, and the tile scales two super-blocks with one vector where it took one per
+    super-block. x is quantized into the same order (a permutation of both sides: the same
+    integer sums). Rewoven here rather than in a second pass over the unpacked rows, which the
+    MoE kernel (unpacking each item's rows) paid ~2.5 ms a 30B-A3B gate|up call for."""
+    @intrinsic
+    def unit_pair(typingctx, q, qa, qb, h, ha, hb, c, ws, wo):
+        if not _c_arrays(q, h, ws):
+            return None
+
+        def codegen(context, builder, sig, args):
+            q, qa, qb, h, ha, hb, c, ws, wo = args
+            c4 = builder.add(c, ir.Constant(c.type, 4))
+            v16 = _vt(_I32, G)
+            a, b = (builder.bitcast(_unit_vector(context, builder, bits, sig.args[0], q, qo, sig.args[3], h, ho, ho,
+                                                 c, c4), v16) for qo, ho in ((qa, ha), (qb, hb)))
+            for e, u in ((0, c), (1, c4)):
+                idx = _c(_I32, [2 * j + e for j in range(8)] + [G + 2 * j + e for j in range(8)], G)
+                off = builder.add(wo, builder.mul(u, ir.Constant(u.type, 64)))
+                _store_at(context, builder, sig.args[7], ws, off, builder.shuffle_vector(a, b, idx))
+            return context.get_dummy_value()
+        return types.none(q, qa, qb, h, ha, hb, c, ws, wo), codegen
+    return unit_pair
+
+
 _unit4, _unit5, _unit6 = (_unit(b) for b in (0, 1, 2))
+_unit_pair4, _unit_pair5 = _unit_pair(0), _unit_pair(1)
+
 
 def tile_rows(isa) -> int:
     """x rows per tile for an `isa` array (or its numba type): NXV for VNNI, else NX."""
