@@ -33,9 +33,10 @@ sum each), so with tails the two round apart.
   steps woven (byte 4t + 2h + e: lane t, step h, element e), so a lane's 4 bytes of a unit are
   4 products of that lane. Q4_K / Q5_K rows and x are then rewoven in pairs of super-blocks
   (int8_tiles_cpu._unit_pair), a lane per sub-block of 32: a lane's sum has one scale and one
-  minimum, so a tile scales two super-blocks with one set of float instructions (24 per tile
-  entry and pair where a super-block took 4); an odd count's last super-block is paired with a
-  zero one. Two paths (int8_tiles_cpu._units_loop):
+  minimum, so a tile scales two super-blocks with one set of float instructions (4 per tile
+  entry and pair, where each super-block took 4); an odd count's last super-block runs alone in
+  a 4-unit tile (q4_k1, lanes rewoven by int8_tiles_cpu._tail_units). Two paths
+  (int8_tiles_cpu._units_loop):
   - VNNI (where numba's target CPU has AVX512-VNNI: int8_tiles_cpu.vnni_available, off with
     QWEN3CLI_NO_VNNI=1 or matmul(vnni=False)): one vpdpbusd (u8 x s8, 64 MACs, 4 products
     summed into each i32 lane) per unit and tile entry, in 2 x 6 tiles (12 i32 + 12 float

@@ -199,12 +199,13 @@ def _units_loop(kind, builder, isum, load_w, load_x, vnni, init, nx):
 
 
 def _tile(kind):
-    """One group (Q8_0 / Q4_0 / Q5_0: 16 blocks of 32), super-block (Q6_K) or pair of
-    super-blocks (Q4_K / Q5_K: `_unit_pair`'s order, a lane per sub-block) of RW weight rows against nx
-    rows of x (NX, NXV with VNNI): the RW * nx accumulators, each + its 16 lanes' scaled integer
-    sums. sc / mn at so + r * ss: Q8_0 / Q4_0 / Q5_0 the blocks' float16 d (mn unused); K types
-    the task's lane scales d * sc and minimums dmin * m as float32 (`lane_scales`); x's scale
-    per lane for Q4_K / Q5_K (two super-blocks' in one vector), else one splat.
+    """One group (Q8_0 / Q4_0 / Q5_0: 16 blocks of 32), super-block (Q6_K; Q4_K / Q5_K's odd
+    last one, q4_k1: `_tail_units`' order) or pair of super-blocks (Q4_K / Q5_K: `_unit_pair`'s
+    order, a lane per sub-block) of RW weight rows against nx rows of x (NX, NXV with VNNI):
+    the RW * nx accumulators, each + its 16 lanes' scaled integer sums. sc / mn at so + r * ss:
+    Q8_0 / Q4_0 / Q5_0 the blocks' float16 d (mn unused); K types the task's lane scales d * sc
+    and minimums dmin * m as float32 (`lane_scales`); x's scale per lane for Q4_K / Q5_K (a
+    pair's two super-blocks' in one vector), else one splat.
     isa: an empty array whose dtype picks the units loop (int8 / int16: vpdpbusd, else generic IR),
     so the two paths are two cached specializations of one kernel."""
     @intrinsic
