@@ -192,10 +192,9 @@ def _roundf(v):
 
 
 @cuda.jit(device=True)
-def _quantize_block(x, o, c, s, li, h, t, b):
-    # ggml's quantize_row_q8_0_ref on x[o:o + 32] into block b of row (li, h, t), step for step
-    # as kv_cpu.quantize_q8_0: d = amax / 127, q = roundf(x * (1 / d)), d kept as half; a block
-    # holding NaN or inf gets a NaN scale (and zero quants), so the damage reaches the logits
+def _block_scale(x, o):
+    # ggml's Q8_0 scale of x[o:o + 32], as kv_cpu._block_scale: (d, 1 / d) with d = amax / 127
+    # (1 / d taken as 0 for an all-zero block), or (NaN, 0) where the block holds NaN or inf
     amax = float32(0.0)
     finite = True
     for j in range(o, o + QK):
@@ -203,12 +202,22 @@ def _quantize_block(x, o, c, s, li, h, t, b):
         finite = finite and a <= float32(FLT_MAX)  # False for NaN too
         amax = max(amax, a)
     if not finite:
-        s[li, h, t, b] = float32(math.nan)
+        return float32(math.nan), float32(0.0)
+    d = amax / float32(127.0)
+    return d, (float32(1.0) / d if d != float32(0.0) else float32(0.0))
+
+
+@cuda.jit(device=True)
+def _quantize_block(x, o, c, s, li, h, t, b):
+    # ggml's quantize_row_q8_0_ref on x[o:o + 32] into block b of row (li, h, t), step for step
+    # as kv_cpu.quantize_q8_0: d = amax / 127, q = roundf(x * (1 / d)), d kept as half; a block
+    # holding NaN or inf gets a NaN scale (and zero quants), so the damage reaches the logits
+    d, inv = _block_scale(x, o)
+    if math.isnan(d):
+        s[li, h, t, b] = d
         for j in range(QK):
             c[li, h, t, o + j] = 0
         return
-    d = amax / float32(127.0)
-    inv = float32(1.0) / d if d != float32(0.0) else float32(0.0)
     s[li, h, t, b] = d
     for j in range(QK):
         c[li, h, t, o + j] = _roundf(x[o + j] * inv)  # a whole number in -127..127: exact as int8
@@ -283,24 +292,18 @@ def _quantize_q(qh, i, h, scale, qs, qd):
     # per 32 values d = amax / 127, q = roundf(q / d) through the float32 reciprocal, d kept
     # in float32 times the softmax's scale; a block with NaN or inf: d NaN, quants 0. One
     # thread per block, into the block's shared qs / qd
-    for b in range(cuda.threadIdx.x, qh.shape[2] // QK, TPB):
+    x = qh[i, h]
+    for b in range(cuda.threadIdx.x, x.shape[0] // QK, TPB):
         o = b * QK
-        amax = float32(0.0)
-        finite = True
-        for j in range(o, o + QK):
-            a = abs(qh[i, h, j])
-            finite = finite and a <= float32(FLT_MAX)
-            amax = max(amax, a)
-        if not finite:
-            qd[b] = float32(math.nan)
+        d, inv = _block_scale(x, o)
+        if math.isnan(d):
+            qd[b] = d
             for j in range(o, o + QK):
                 qs[j] = 0
             continue
-        d = amax / float32(127.0)
-        inv = float32(1.0) / d if d != float32(0.0) else float32(0.0)
         qd[b] = d * scale
         for j in range(o, o + QK):
-            qs[j] = int32(_roundf(qh[i, h, j] * inv))
+            qs[j] = int32(_roundf(x[j] * inv))
     cuda.syncthreads()
 
 

@@ -259,10 +259,11 @@ def _tile(kind):
                         f, scale = builder.sitofp(v, fl), builder.fmul(dv, ld("xd", xd, xdo, xds, i, 0, fl))
                     else:
                         f = builder.fmul(builder.sitofp(v, fl), dv)
-                        if kind in ("q4_k", "q4_k1"):  # one vfnmadd: the min term need not round apart
+                        if kind in ("q4_k", "q4_k1"):
+                            # one vfnmadd: the min term need not round apart; x's scale per lane
+                            # (a pair's two super-blocks')
                             f = builder.fsub(f, builder.fmul(ld("xs", xs, xso, xss, i, 0, fl), mv, flags=("contract",)),
                                              flags=("contract",))
-                        if kind in ("q4_k", "q4_k1"):  # x's scale per lane: the pair's two super-blocks'
                             scale = ld("xd", xd, xdo, xds, i, 0, fl)
                         else:
                             scale = _splat(builder, ld("xd", xd, xdo, xds, i, 0, _F32))
@@ -308,8 +309,9 @@ def _lanes(q6):
                 f8, half = _vt(_F32, 8), _c(_I32, list(range(8)), 8)
                 s8, m8 = (_load(context, builder, ta[0], s, builder.add(so, ir.Constant(so.type, k)), _vt(_I8, 8))
                           for k in (0, 8))
-                scv, dv = builder.uitofp(s8, f8), builder.shuffle_vector(f16(ta[2], d), f16(ta[2], d), half)
-                dm = builder.shuffle_vector(f16(ta[3], dmin), f16(ta[3], dmin), half)
+                dv, dm = f16(ta[2], d), f16(ta[3], dmin)
+                scv = builder.uitofp(s8, f8)
+                dv, dm = builder.shuffle_vector(dv, dv, half), builder.shuffle_vector(dm, dm, half)
                 store(ta[6], mv, builder.fmul(builder.uitofp(m8, f8), dm))
             store(ta[5], sv, builder.fmul(scv, dv))
             return context.get_dummy_value()
@@ -336,7 +338,8 @@ def _tail_units(typingctx, a, o):
         data = context.make_array(sig.args[0])(context, builder, ary).data
         idx = _c(_I32, [2 * j for j in range(8)] + [2 * j + 1 for j in range(8)], G)
         for u in range(4):
-            ptr = builder.bitcast(builder.gep(data, [builder.add(off, ir.Constant(off.type, 64 * u))]), v16.as_pointer())
+            at = builder.add(off, ir.Constant(off.type, 64 * u))
+            ptr = builder.bitcast(builder.gep(data, [at]), v16.as_pointer())
             v = builder.load(ptr, align=1)
             builder.store(builder.shuffle_vector(v, v, idx), ptr, align=1)
         return context.get_dummy_value()
