@@ -98,7 +98,7 @@ def write_checkpoint(d: Path, c=QWEN3_06B) -> None:
 
 def run_cli(src: Path, out: Path, type_name: str) -> tuple[float, float]:
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "qwen3cli", "quantize", str(src), "-o", str(out),
-           "-t", type_name, "--force"]
+           "--type", type_name, "--force"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0

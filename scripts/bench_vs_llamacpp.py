@@ -160,7 +160,7 @@ def our_types() -> set[str]:
 def make_file(src: Path, out: Path, t: str, baseline: bool) -> None:
     """Our quantize for the types it writes; others through llama.cpp's quantizer (from our BF16)."""
     if t in our_types():
-        _run([sys.executable, "-m", "qwen3cli", "quantize", str(src), "-o", str(out), "-t", t])
+        _run([sys.executable, "-m", "qwen3cli", "quantize", str(src), "-o", str(out), "--type", t])
         return
     if not baseline:
         sys.exit(f"{t}: made with llama.cpp's quantizer, which needs llama-cpp-python")
