@@ -16,11 +16,13 @@ scipy 1.17), for nothing these kernels use: it happens here with scipy hidden.
 
 numba also refreshes its whole CPU target (every typing and lowering registry, imported and
 installed in Python: ~0.1 s of CPU) before its first cache load, which a kernel loaded from the
-cache never uses; a cache load here sets up numba's runtime alone (_light_cache_loads).
+cache never uses; a cache load here sets up numba's runtime alone (_light_cache_loads), and lets go of LLVM's code
+pages once the kernel is linked (code_pages.py).
 """
 
 import os
 
+from . import code_pages
 from .threads import pin_blas
 
 
@@ -78,7 +80,9 @@ def _light_cache_loads() -> None:
     needs the runtime's symbols, not the registries the compiler types and lowers with. So a
     load sets up the runtime alone; a miss compiles through numba's pipeline, which refreshes
     the whole target itself first. Loads run under numba's compiler lock, as every refresh
-    does, so the method shadowed for one call is seen by no other thread."""
+    does, so the method shadowed for one call is seen by no other thread. After a hit, LLVM's
+    code pages go (code_pages.py): a warm run's kernels load during its first forward, as the
+    weights come in, and would otherwise keep LLVM in the run's peak."""
     from numba.core import caching
     from numba.core.cpu import CPUContext
     from numba.core.runtime import rtsys
@@ -92,9 +96,12 @@ def _light_cache_loads() -> None:
             return load(self, sig, target_context)
         target_context.refresh = lambda: rtsys.initialize(target_context)
         try:
-            return load(self, sig, target_context)
+            hit = load(self, sig, target_context)
         finally:
             del target_context.refresh
+        if hit is not None:
+            code_pages.drop()
+        return hit
 
     load_overload.light = True
     caching.Cache.load_overload = load_overload

@@ -45,10 +45,9 @@ def open_engine(source: str, ctx: int | None = None, quant: str = "q8_0", device
     from ..io.early import prestart
 
     prestart(source)  # a GGUF's header read and its tokenizer's parse started (io/early.py)
-    from quant.kernels import matmul_cpu
+    from quant.kernels import code_pages, matmul_cpu
 
     from ..io.loader import load
-    from ..model import memory
     from ..model.compiling import CompileWatch
     from ..model.device import pick
     from . import engine as engine_module
@@ -75,8 +74,8 @@ def open_engine(source: str, ctx: int | None = None, quant: str = "q8_0", device
         if watch.count:  # packing compiled its kernels: a first run, so compile the rest now
             matmul_cpu.warm_up(forward)
         # the compiler's pages (~70 MB) sat in the peak of every later prefill: the kernels
-        # are loaded, and a later compile faults them back
-        memory.release_code_pages()
+        # are loaded, and a later compile faults them back (a cache load drops them itself)
+        code_pages.drop()
         return engine
     _call(h.stage, GPU_STAGE)
     try:
