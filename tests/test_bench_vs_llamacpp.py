@@ -64,3 +64,27 @@ def test_depth_and_ctx_reach_both_commands(monkeypatch):
     monkeypatch.setattr(bvl, "_run", lambda cmd: seen.append(cmd) or type("R", (), {"stdout": '{"pp": [], "tg": []}'})())
     bvl.llama(Path("m.gguf"), 512, 0, 2, "q8_0", 1, d=4096, ctx=32768)
     assert seen[-1][-2:] == ["4096", "32768"] and seen[-1][3:6] == ["m.gguf", "2", "q8_0"]
+
+
+def test_the_commands_it_runs_parse_with_our_cli(monkeypatch):
+    """Each command line the script builds for qwen3cli is one our CLI accepts (quantize's -t once
+    became its threads, and --prepare on a fresh workdir failed on every file)."""
+    import click
+    import typer
+
+    from qwen3cli.cli.entry import app
+
+    seen = []
+    monkeypatch.setattr(bvl, "_run", lambda cmd: seen.append(cmd) or type("R", (), {"stdout": _our_json([1.0], [])})())
+    bvl.make_file(Path("src"), Path("out.gguf"), "q4_k_m", baseline=False)
+    bvl.ours(Path("m.gguf"), 128, 64, 2, "q8_0", 3, d=0, ctx=4096)
+    bvl.first_token(Path("m.gguf"), 2, "q8_0", baseline=False)
+    root = typer.main.get_command(app)
+    for cmd in seen:
+        assert cmd[1:3] == ["-m", "qwen3cli"]
+        sub = root.commands[cmd[3]]
+        try:
+            sub.make_context(cmd[3], list(cmd[4:]))
+        except (click.UsageError, ValueError) as e:  # typer 0.29 checks types with pydantic
+            raise AssertionError(f"{' '.join(cmd[3:])}: {e}") from None
+    assert [c[3] for c in seen] == ["quantize", "bench", "run"]
