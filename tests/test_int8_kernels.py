@@ -263,3 +263,37 @@ def test_k_close_to_float_kernel(t):
     x = rng.standard_normal(1024).astype(np.float32)
     old = matmul(x[None], pack_float(w))[0]
     assert np.linalg.norm(kk.matvec(x, kk.pack(w)) - old) / np.linalg.norm(old) < 0.01
+
+
+def quad_order(nsb):
+    """Position of element i of super-block b in the VNNI kernel's x: quad step (i % 16) // 4, lane i // 16."""
+    b, i = np.arange(nsb)[:, None], np.arange(256)[None, :]
+    return b * 256 + (i % 16) // 4 * 64 + 4 * (i // 16) + i % 4
+
+
+@pytest.mark.parametrize("k", [256, 2048])
+def test_k_quantizer_quad_layout(k):
+    rng = np.random.default_rng(k + 1)
+    x = rng.standard_normal(k).astype(np.float32)
+    xq, xd, xs = kk.quantize_x(x)
+    q8, d8, s8 = kk.quantize_x(x, quad=True)
+    assert q8.dtype == np.int8
+    np.testing.assert_array_equal(q8[quad_order(k // 256)], xq[k_order(k // 256)])
+    np.testing.assert_array_equal(d8, xd)
+    np.testing.assert_array_equal(s8, xs)
+
+
+@pytest.mark.skipif(not __import__("quant.kernels.int8_tiles_cpu", fromlist=["x"]).vnni_available(),
+                    reason="the CPU has no AVX512-VNNI")
+@pytest.mark.parametrize("rows,k", [(1, 256), (33, 768), (300, 1024), (64, 6144)])
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_q4_k_vnni_decode_equals_generic_bit_for_bit(rows, k, n):
+    """The vpdpbusd kernel sums the same integers: lone rows (_mv1) and batched rows (rows_body) alike."""
+    w = kk.pack(raw_k(T.Q4_K, rows, k, seed=rows * k))
+    x = np.random.default_rng(n).standard_normal((n, k)).astype(np.float32)
+    x[:, :256] *= 1000
+    generic = kk.matvec_rows(x, w, vnni=False)
+    vnni = kk.matvec_rows(x, w, vnni=True)
+    np.testing.assert_array_equal(vnni, generic)
+    ref, scale = reference_k(raw_k(T.Q4_K, rows, k, seed=rows * k), x[0])
+    assert (np.abs(vnni[0] - ref) <= 1e-5 * scale).all()

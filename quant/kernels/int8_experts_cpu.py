@@ -81,7 +81,7 @@ def _quantize_rows_q8_0(x, xq, xd, xs):
 @njit(cache=True)
 def _quantize_rows_q8_k(x, xq, xd, xs):
     for i in range(x.shape[0]):
-        int8_k_cpu._quantize_x(x[i], xq[i], xd[i], xs[i])
+        int8_k_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], False)
 
 
 def quantize_rows(x: np.ndarray, k_quants: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
