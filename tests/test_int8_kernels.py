@@ -146,6 +146,53 @@ def test_refuses_other_formats_and_shapes():
         k8.matvec(np.ones(32, np.float32), p)
 
 
+def quad_order_0(nb):
+    """Position in the Q4_0 VNNI kernel's x of element j of block b: quad step j // 4 of a group
+    (lane b % 16), or in place after the last full group."""
+    b, j = np.arange(nb)[:, None], np.arange(32)[None, :]
+    grouped = (b // G) * 32 * G + (j // 4) * 4 * G + 4 * (b % G) + j % 4
+    return np.where(b < nb // G * G, grouped, b * 32 + j)
+
+
+@pytest.mark.parametrize("k", [32, 512, 544, 2048])
+def test_quantizer_quad_layout(k):
+    x = np.random.default_rng(k + 2).standard_normal(k).astype(np.float32)
+    q, d = ref_quantize(x)
+    xq, xd, xs = k8.quantize_x(x, quad=True)
+    assert xq.dtype == np.int8
+    np.testing.assert_array_equal(xq[quad_order_0(k // 32)], q)
+    np.testing.assert_array_equal(xd, d)
+    np.testing.assert_array_equal(xs, q.sum(1))
+
+
+VNNI = __import__("quant.kernels.int8_tiles_cpu", fromlist=["x"]).vnni_available()
+
+
+@pytest.mark.skipif(not VNNI, reason="the CPU has no AVX512-VNNI")
+@pytest.mark.parametrize("rows,k", [(1, 512), (33, 1024), (300, 2048), (64, 6144)])
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_q4_0_vnni_decode_equals_generic_bit_for_bit(rows, k, n):
+    """The vpdpbusd kernel sums the same integers: lone rows (_mv1) and batched rows (rows_body) alike."""
+    raw = raw_weights(T.Q4_0, rows, k, seed=rows * k)
+    w = k8.pack(raw)
+    x = np.random.default_rng(n).standard_normal((n, k)).astype(np.float32)
+    x[:, :32] *= 1000
+    generic = k8.matvec_rows(x, w, vnni=False)
+    vnni = k8.matvec_rows(x, w, vnni=True)
+    np.testing.assert_array_equal(vnni, generic)
+    ref, scale = reference(raw, x[0])
+    assert (np.abs(vnni[0] - ref) <= 1e-5 * scale).all()
+
+
+@pytest.mark.parametrize("k", [544, 1056])
+def test_q4_0_vnni_leaves_rows_with_a_tail_to_the_generic_kernel(k):
+    raw = raw_weights(T.Q4_0, 17, k, seed=k)
+    x = np.random.default_rng(k).standard_normal((2, k)).astype(np.float32)
+    got = k8.matvec_rows(x, k8.pack(raw), vnni=True)
+    ref, scale = reference(raw, x[1])
+    assert (np.abs(got[1] - ref) <= 1e-5 * scale).all()
+
+
 # -- Q4_K and Q6_K, x quantized as ggml's Q8_K --------------------------------------------
 
 from quant.kernels import int8_k_cpu as kk  # noqa: E402
@@ -283,7 +330,7 @@ def test_k_quantizer_quad_layout(k):
     np.testing.assert_array_equal(s8, xs)
 
 
-@pytest.mark.skipif(not __import__("quant.kernels.int8_tiles_cpu", fromlist=["x"]).vnni_available(),
+@pytest.mark.skipif(not VNNI,
                     reason="the CPU has no AVX512-VNNI")
 @pytest.mark.parametrize("rows,k", [(1, 256), (33, 768), (300, 1024), (64, 6144)])
 @pytest.mark.parametrize("n", [1, 3, 6])

@@ -29,6 +29,8 @@ Scales stay float16 (converted in the kernel, vcvtph2ps), so Q8_0 costs 1.0625 b
 and Q4_0 0.5625, both exactly the file's size. Q4_0's bytes are only reordered: byte j of a
 file block holds elements j and j + 16; chunk c of a group holds in byte 2t + e the file's
 byte 2c + e of block t, so its low nibbles are pair step c and its high nibbles step c + 8.
+Where the CPU has AVX512-VNNI, Q4_0 decode takes vpdpbusd instead (_q4_group_vnni: the same
+bytes woven in registers, x as int8 in quad steps), the same integer sums bit for bit.
 """
 
 from __future__ import annotations
@@ -110,6 +112,18 @@ def _f16(typingctx, a, i):
     return types.float32(a, i), codegen
 
 
+def _scale_groups(context, builder, ta, acc, isum, xs, xso, d, do, xd, xdo, four_bit):
+    # acc + the 16 block sums (Q4_0: less 8 x x's block sums) under d * xd
+    if four_bit:
+        xsv = _load(context, builder, ta[5], xs, xso, _vt(_I32, G))
+        isum = builder.sub(isum, builder.shl(xsv, ir.Constant(xsv.type, [3] * G)))
+    dh = _load(context, builder, ta[7], d, do, _vt(_I16, G))
+    scale = builder.fmul(builder.fpext(builder.bitcast(dh, _vt(ir.HalfType(), G)), _vt(_F32, G)),
+                         _load(context, builder, ta[9], xd, xdo, _vt(_F32, G)))
+    prod = builder.fmul(builder.sitofp(isum, _vt(_F32, G)), scale, flags=("contract",))
+    return builder.fadd(acc, prod, flags=("contract",))
+
+
 def _group(four_bit):
     @intrinsic
     def group(typingctx, acc, w, wo, x, xo, xs, xso, d, do, xd, xdo):
@@ -138,16 +152,47 @@ def _group(four_bit):
                     step(c + 8, builder.zext(hi, _vt(_I32, 32)))
                 else:
                     step(c, builder.sext(wv, _vt(_I32, 32)))
-            if four_bit:
-                xsv = _load(context, builder, ta[5], xs, xso, _vt(_I32, G))
-                isum = builder.sub(isum, builder.shl(xsv, ir.Constant(xsv.type, [3] * G)))
-            dh = _load(context, builder, ta[7], d, do, _vt(_I16, G))
-            scale = builder.fmul(builder.fpext(builder.bitcast(dh, _vt(ir.HalfType(), G)), _vt(_F32, G)),
-                                 _load(context, builder, ta[9], xd, xdo, _vt(_F32, G)))
-            prod = builder.fmul(builder.sitofp(isum, _vt(_F32, G)), scale, flags=("contract",))
-            return builder.fadd(acc, prod, flags=("contract",))
+            return _scale_groups(context, builder, ta, acc, isum, xs, xso, d, do, xd, xdo, four_bit)
         return F32X16(acc, w, wo, x, xo, xs, xso, d, do, xd, xdo), codegen
     return group
+
+
+# Two 32-byte chunks woven so that a lane's 4 bytes sit side by side: byte 4t + j from chunk
+# j >> 1, byte 2t + (j & 1). It moves byte pairs, so LLVM emits one vpermw (AVX512BW).
+QUAD = [32 * (j >> 1) + 2 * t + (j & 1) for t in range(G) for j in range(4)]
+
+
+@intrinsic
+def _q4_group_vnni(typingctx, acc, w, wo, x, xo, xs, xso, d, do, xd, xdo):
+    """_q4_group with AVX512-VNNI's vpdpbusd: x int8 in quad steps (quantize_x(quad=True):
+    element 4s + j of block t at 64s + 4t + j of its group); chunks 2h, 2h + 1 woven (QUAD)
+    hold file bytes 4h + j of block t, so their low nibbles are quad step h and their high ones
+    step 4 + h. A group is 4 vpermw + 8 vpdpbusd (u8 nibbles x s8 x) and the nibble split,
+    against the generic 16 vpmovzxbw + 16 vpdpwssd; the same integer block sums, so the same
+    result bit for bit."""
+    if not _c_arrays(w, x, xs, d, xd):
+        return None
+
+    def codegen(context, builder, sig, args):
+        from .int8_tiles_cpu import _dpbusd
+
+        acc, w, wo, x, xo, xs, xso, d, do, xd, xdo = args
+        ta = sig.args
+
+        def at(base, n):
+            return builder.add(base, ir.Constant(base.type, n))
+
+        isum = ir.Constant(_vt(_I32, G), [0] * G)
+        quad = ir.Constant(_vt(_I32, 64), QUAD)
+        for h in range(4):
+            v = _load(context, builder, ta[1], w, at(wo, 64 * h), _vt(_I8, 64))
+            v = builder.shuffle_vector(v, ir.Constant(v.type, None), quad)
+            lo = builder.and_(v, ir.Constant(v.type, [15] * 64))
+            hi = builder.lshr(v, ir.Constant(v.type, [4] * 64))
+            for s, nib in ((h, lo), (4 + h, hi)):
+                isum = _dpbusd(builder, isum, nib, _load(context, builder, ta[3], x, at(xo, 64 * s), _vt(_I8, 64)))
+        return _scale_groups(context, builder, ta, acc, isum, xs, xso, d, do, xd, xdo, True)
+    return F32X16(acc, w, wo, x, xo, xs, xso, d, do, xd, xdo), codegen
 
 
 _q8_group = _group(False)
@@ -198,8 +243,9 @@ _BIG = np.float32(np.finfo(np.float32).max)
 
 
 @njit(cache=True)
-def _quantize_x(x, xq, xd, xs, ng):
-    # ng: the blocks laid out in the kernels' groups of G (0: every block in x's own order).
+def _quantize_x(x, xq, xd, xs, ng, quad=False):
+    # ng: the blocks laid out in the kernels' groups of G (0: every block in x's own order);
+    # quad: in _q4_group_vnni's quad steps, else in pair steps.
     # A block's quants first, then placed: the rounding loop vectorises (9x faster per row)
     q = np.empty(32, np.int32)
     for b in range(x.shape[0] // 32):
@@ -216,7 +262,11 @@ def _quantize_x(x, xq, xd, xs, ng):
             v = np.float64(np.float32(x[o + j] * inv))  # + 0.5 in float64 is exact
             q[j] = np.int32(np.copysign(np.floor(np.abs(v) + 0.5), v))  # C's roundf
             s += q[j]
-        if b < ng * G:
+        if b < ng * G and quad:
+            at = (b // G) * 32 * G + 4 * (b % G)
+            for j in range(32):
+                xq[at + (j >> 2) * 4 * G + (j & 3)] = q[j]
+        elif b < ng * G:
             at = (b // G) * 32 * G + 2 * (b % G)  # _at(b, 0, ng)
             for j in range(32):
                 xq[at + (j >> 1) * 2 * G + (j & 1)] = q[j]
@@ -227,14 +277,19 @@ def _quantize_x(x, xq, xd, xs, ng):
         xs[b] = s
 
 
-def quantize_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x (k,) float32 -> (quants as int16 in the kernels' order, float32 scale per 32, int32 sum
-    of the quants per 32)."""
+def quantize_x(x: np.ndarray, quad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (k,) float32 -> (quants as int16 in the kernels' order, or int8 in the VNNI kernel's
+    (quad), float32 scale per 32, int32 sum of the quants per 32)."""
     x = np.ascontiguousarray(x, np.float32)
     nb = x.shape[0] // 32
-    xq, xd, xs = np.empty(nb * 32, np.int16), np.empty(nb, np.float32), np.empty(nb, np.int32)
-    _quantize_x(x, xq, xd, xs, x.shape[0] // 32 // G)
+    xq = np.empty(nb * 32, np.int8 if quad else np.int16)
+    xd, xs = np.empty(nb, np.float32), np.empty(nb, np.int32)
+    _quantize_x(x, xq, xd, xs, x.shape[0] // 32 // G, quad)
     return xq, xd, xs
+
+
+def _quantize_quad(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return quantize_x(x, True)
 
 
 # -- the weights (from the file's bytes, once) ---------------------------------------------
@@ -430,6 +485,23 @@ def _mv1_q4_0(xq, xd, xs, q, d, out):
         out[r] = s
 
 
+@njit(parallel=True, cache=True)
+def _mv1_q4_0_vnni(xq, xd, xs, q, d, out):
+    # whole groups only (matvec_rows takes the generic kernel for a row with a tail)
+    R, kh = q.shape
+    nb = kh // 16
+    for r in prange(R):
+        acc = _vzero()
+        for g in range(nb // G):
+            acc = _q4_group_vnni(acc, q, r * kh + g * 16 * G, xq, g * 32 * G, xs, g * G, d, r * nb + g * G, xd, g * G)
+        out[r] = _hsum(acc)
+
+
+@njit(cache=True, inline="always")
+def _no_tail(q, r, b, x, o):
+    return np.int32(0)  # the VNNI kernels take rows of whole groups only
+
+
 _INLINE = dict(cache=True, inline="always")
 _q8_step = variant(_group_step, "_q8_step", {"_group": _q8_group}, **_INLINE)
 _q4_step = variant(_group_step, "_q4_step", {"_group": _q4_group}, **_INLINE)
@@ -438,6 +510,10 @@ _q4_end = variant(_group_end, "_q4_end", {"_tail": _q4_tail}, **_INLINE)
 _PAR = dict(parallel=True, cache=True)
 _mv_q8_0 = variant(rows_body, "_mv_q8_0", {"_steps": _groups, "_step": _q8_step, "_end": _q8_end}, **_PAR)
 _mv_q4_0 = variant(rows_body, "_mv_q4_0", {"_steps": _groups, "_step": _q4_step, "_end": _q4_end}, **_PAR)
+_q4_step_vnni = variant(_group_step, "_q4_step_vnni", {"_group": _q4_group_vnni}, **_INLINE)
+_q4_end_vnni = variant(_group_end, "_q4_end_vnni", {"_tail": _no_tail}, **_INLINE)
+_mv_q4_0_vnni = variant(rows_body, "_mv_q4_0_vnni", {"_steps": _groups, "_step": _q4_step_vnni, "_end": _q4_end_vnni},
+                        **_PAR)
 
 
 def rows_args(xq, xd, xs, *arrays) -> tuple:
@@ -464,10 +540,25 @@ def check_rows(x: np.ndarray, w, out: np.ndarray | None) -> np.ndarray:
     return np.empty((x.shape[0], w.rows), np.float32) if out is None else out
 
 
-def matvec_rows(x: np.ndarray, w: Int8Packed, out: np.ndarray | None = None) -> np.ndarray:
+def use_vnni() -> bool:
+    """Whether the decode kernels take vpdpbusd here (int8_tiles_cpu.vnni_available)."""
+    from .int8_tiles_cpu import vnni_available  # (it imports this module)
+
+    return vnni_available()
+
+
+def matvec_rows(x: np.ndarray, w: Int8Packed, out: np.ndarray | None = None, vnni: bool | None = None) -> np.ndarray:
     """x (n, k) float32 @ W.T -> (n, rows) float32 for a few rows (decode), each quantized to 8
-    bits first and each computed exactly as alone."""
+    bits first and each computed exactly as alone. Q4_0 rows of whole groups take vpdpbusd
+    where the CPU has AVX512-VNNI (vnni: None asks the CPU), the same result bit for bit."""
     out = check_rows(x, w, out)
+    if w.type == T.Q4_0 and w.k % (32 * G) == 0 and (use_vnni() if vnni is None else vnni):
+        xq, xd, xs = quantize_rows(x, _quantize_quad)
+        if x.shape[0] == 1:
+            _mv1_q4_0_vnni(xq[0], xd[0], xs[0], w.q, w.d, out[0])
+        else:
+            _mv_q4_0_vnni(*rows_args(xq, xd, xs, w.q, w.d), out)
+        return out
     xq, xd, xs = quantize_rows(x)
     if x.shape[0] == 1:
         (_mv1_q8_0 if w.type == T.Q8_0 else _mv1_q4_0)(xq[0], xd[0], xs[0], w.q, w.d, out[0])

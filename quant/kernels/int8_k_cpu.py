@@ -101,8 +101,8 @@ def _super_block(q6):
 
 
 # Two nibble chunks (64 bytes: byte 2t + e of chunk c is pair step c of lane t) woven so that
-# lane t's 4 bytes are side by side: byte 4t + j from chunk j >> 1, byte 2t + (j & 1)
-_QUAD = [32 * (j >> 1) + 2 * t + (j & 1) for t in range(G) for j in range(4)]
+# lane t's 4 bytes are side by side (int8_cpu.QUAD)
+_QUAD = int8_cpu.QUAD
 
 
 @intrinsic
@@ -385,7 +385,7 @@ def matvec_rows(x: np.ndarray, w: KPacked, out: np.ndarray | None = None, vnni: 
     Q4_K takes vpdpbusd where the CPU has AVX512-VNNI (vnni: None asks int8_tiles_cpu), the
     same result bit for bit."""
     out = int8_cpu.check_rows(x, w, out)
-    if w.type == T.Q4_K and (_vnni() if vnni is None else vnni):
+    if w.type == T.Q4_K and (int8_cpu.use_vnni() if vnni is None else vnni):
         xq, xd, xs = int8_cpu.quantize_rows(x, _quantize_quad)
         if x.shape[0] == 1:
             _mv1_q4_k_vnni(xq[0], xd[0], xs[0], w.q, w.s, w.d, w.dmin, out[0])
@@ -402,12 +402,6 @@ def matvec_rows(x: np.ndarray, w: KPacked, out: np.ndarray | None = None, vnni: 
     else:
         _mv_q6_k(*int8_cpu.rows_args(xq, xd, xs, w.q, w.s, w.d), out)
     return out
-
-
-def _vnni() -> bool:
-    from .int8_tiles_cpu import vnni_available  # (it imports this module)
-
-    return vnni_available()
 
 
 def matvec(x: np.ndarray, w: KPacked, out: np.ndarray | None = None) -> np.ndarray:
