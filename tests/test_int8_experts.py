@@ -74,6 +74,16 @@ def test_slots_equal_single_expert_products(t, k):
     np.testing.assert_array_equal(got[0], got[5])
 
 
+@pytest.mark.skipif(not __import__("quant.kernels.int8_tiles_cpu", fromlist=["x"]).vnni_available(),
+                    reason="the CPU has no AVX512-VNNI")
+@pytest.mark.parametrize("k", [768, 2048])
+@pytest.mark.parametrize("t", [T.Q4_0, T.Q4_K], ids=lambda t: t.name)
+def test_vnni_slots_equal_generic_bit_for_bit(t, k):
+    """vpdpbusd sums the same integers; Q4_0's tail blocks (k = 768) read x as int8 in the file's order."""
+    p, x = module(t).pack(stack(t, k, seed=k + 1)), inputs(k)
+    np.testing.assert_array_equal(matmul_ids(x, p, IDS, XI, vnni=True), matmul_ids(x, p, IDS, XI, vnni=False))
+
+
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_stack_pack_is_the_experts_packs_in_turn(t):
     w = stack(t, 768, seed=5)

@@ -11,6 +11,9 @@ lane order.
 Q5_K / Q5_0 stacks (int8_q5_cpu.pack) run that module's steps the same way, x as Q8_K / Q8_0;
 their Q5Packed counts the whole stack's rows, so the caller passes an expert's (`rows`).
 
+Where the CPU has AVX512-VNNI, Q4_0 and Q4_K rows take the modules' vpdpbusd steps against x
+quantized as int8 in their quad order (the tail blocks of Q4_0 in the file's order, read as int8).
+
 Q8_0 / Q4_0 rows whose block count is not a multiple of 16 (the down projection, k = 768: one
 group and 8 blocks) keep those blocks in the file's order; they go through the block step
 (`_step`), which adds a block's pair sums times its scale into the group accumulator, so the
@@ -36,10 +39,11 @@ from .variants import variant
 # -- one block of 32 in the file's order (the blocks after the last group of 16) -------------
 
 
-def _step(four_bit):
+def _step(four_bit, x8=False):
     @intrinsic
     def step(typingctx, acc, w, wo, x, xo, s0, s1):
-        """acc + (pair sums of block w[wo:] . x[xo:]) * scales, s0 on lanes 0-7, s1 on 8-15."""
+        """acc + (pair sums of block w[wo:] . x[xo:]) * scales, s0 on lanes 0-7, s1 on 8-15;
+        x int16, or int8 (x8: the VNNI kernels' x, whose tail blocks are in the file's order)."""
         if not _c_arrays(w, x) or s0 != types.float32 or s1 != types.float32:
             return None
 
@@ -54,7 +58,7 @@ def _step(four_bit):
                 wv = builder.zext(both, _vt(_I32, 32))
             else:
                 wv = builder.sext(_load(context, builder, ta[1], w, wo, _vt(_I8, 32)), _vt(_I32, 32))
-            xv = _load(context, builder, ta[3], x, xo, _vt(_I16, 32))
+            xv = _load(context, builder, ta[3], x, xo, _vt(_I8 if x8 else _I16, 32))
             isum = _pair_sums(builder, wv, xv)
             two = builder.insert_element(ir.Constant(_vt(_F32, 2), None), s0, ir.Constant(_I32, 0))
             two = builder.insert_element(two, s1, ir.Constant(_I32, 1))
@@ -67,34 +71,36 @@ def _step(four_bit):
 
 _q8_step = _step(False)
 _q4_step = _step(True)
+_q4_step8 = _step(True, x8=True)
 
 
 # -- the activation: each row of x once ------------------------------------------------------
 
 
 @njit(cache=True)
-def _quantize_rows_q8_0(x, xq, xd, xs):
+def _quantize_rows_q8_0(x, xq, xd, xs, quad):
     for i in range(x.shape[0]):
-        int8_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], x.shape[1] // 32 // G)
+        int8_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], x.shape[1] // 32 // G, quad)
 
 
 @njit(cache=True)
-def _quantize_rows_q8_k(x, xq, xd, xs):
+def _quantize_rows_q8_k(x, xq, xd, xs, quad):
     for i in range(x.shape[0]):
-        int8_k_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], False)
+        int8_k_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], quad)
 
 
-def quantize_rows(x: np.ndarray, k_quants: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_rows(x: np.ndarray, k_quants: bool, quad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x (m, k) float32 -> per row what int8_cpu.quantize_x (k_quants: int8_k_cpu's) returns,
-    stacked: quants int16 (m, k), scales float32 (m, k / 32 | k / 256), sums int32 (m, k / 32 | k / 16)."""
+    stacked: quants int16 (m, k) (quad: int8 in the VNNI kernels' order), scales float32
+    (m, k / 32 | k / 256), sums int32 (m, k / 32 | k / 16)."""
     m, k = x.shape
-    xq = np.empty((m, k), np.int16)
+    xq = np.empty((m, k), np.int8 if quad else np.int16)
     if k_quants:
         xd, xs = np.empty((m, k // 256), np.float32), np.empty((m, k // 16), np.int32)
-        _quantize_rows_q8_k(x, xq, xd, xs)
+        _quantize_rows_q8_k(x, xq, xd, xs, quad)
     else:
         xd, xs = np.empty((m, k // 32), np.float32), np.empty((m, k // 32), np.int32)
-        _quantize_rows_q8_0(x, xq, xd, xs)
+        _quantize_rows_q8_0(x, xq, xd, xs, quad)
     return xq, xd, xs
 
 
@@ -210,6 +216,13 @@ def _row_q5_0(xq, xd, xs, xr, row, w):
 
 _row = None  # only a variant's own globals bind it
 
+# With AVX512-VNNI, Q4_0 / Q4_K rows take the vpdpbusd steps against x as int8 in quad steps
+# (int8_cpu / int8_k_cpu), the same integer sums: the same result bit for bit.
+_INLINE = {"cache": True, "inline": "always"}
+_row_q4_0_vnni = variant(_row_q4_0.py_func, "_row_q4_0_vnni",
+                         {"_q4_group": int8_cpu._q4_group_vnni, "_q4_step": _q4_step8}, **_INLINE)
+_row_q4_k_vnni = variant(_row_q4_k.py_func, "_row_q4_k_vnni", {"_q4_k_sb": int8_k_cpu._q4_k_sb_vnni}, **_INLINE)
+
 
 _KERNEL = {"parallel": True, "cache": True}
 _ids_q8_0 = variant(_ids, "_ids_q8_0", {"_row": _row_q8_0}, **_KERNEL)
@@ -218,6 +231,9 @@ _ids_q4_k = variant(_ids, "_ids_q4_k", {"_row": _row_q4_k}, **_KERNEL)
 _ids_q6_k = variant(_ids, "_ids_q6_k", {"_row": _row_q6_k}, **_KERNEL)
 _ids_q5_k = variant(_ids, "_ids_q5_k", {"_row": _row_q5_k}, **_KERNEL)
 _ids_q5_0 = variant(_ids, "_ids_q5_0", {"_row": _row_q5_0}, **_KERNEL)
+_ids_q4_0_vnni = variant(_ids, "_ids_q4_0_vnni", {"_row": _row_q4_0_vnni}, **_KERNEL)
+_ids_q4_k_vnni = variant(_ids, "_ids_q4_k_vnni", {"_row": _row_q4_k_vnni}, **_KERNEL)
+_VNNI = {T.Q4_0: _ids_q4_0_vnni, T.Q4_K: _ids_q4_k_vnni}
 
 # per type: its kernel, whether x is quantized per 256 (Q8_K) rather than per 32 (Q8_0), and
 # the stack's arrays in its row product's order
@@ -232,9 +248,10 @@ _KERNELS = {
 
 
 def matmul_ids(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, ids: np.ndarray, xi: np.ndarray,
-               out: np.ndarray | None = None, rows: int | None = None) -> np.ndarray:
+               out: np.ndarray | None = None, rows: int | None = None, vnni: bool | None = None) -> np.ndarray:
     """out[s] = x[xi[s]] @ (expert ids[s] of the stack w).T: x (m, k) float32, out (len(ids), rows).
-    Q5Packed counts the stack's rows, not an expert's: `rows` (an expert's) is then required."""
+    Q5Packed counts the stack's rows, not an expert's: `rows` (an expert's) is then required.
+    Q4_0 / Q4_K take vpdpbusd where the CPU has AVX512-VNNI (vnni: None asks the CPU)."""
     n_mats = getattr(w, "n_mats", None)
     if n_mats is None:
         if not rows or w.rows % rows:
@@ -258,6 +275,9 @@ def matmul_ids(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, ids: np.ndarra
     if w.type not in _KERNELS:
         raise ValueError(f"no int8 expert kernel for {w.type.name}")
     kernel, k_quants, arrays = _KERNELS[w.type]
-    xq, xd, xs = quantize_rows(x, k_quants)
+    quad = w.type in _VNNI and (int8_cpu.use_vnni() if vnni is None else vnni)
+    if quad:
+        kernel = _VNNI[w.type]
+    xq, xd, xs = quantize_rows(x, k_quants, quad)
     kernel(xq, xd, xs, ids, xi, rows, arrays(w), out)
     return out
