@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -101,6 +102,11 @@ print(json.dumps({"in_process_s": time.perf_counter() - t_start, "peak_rss_mb": 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode == -signal.SIGILL:  # seen with a native llama.cpp build on a VM that lists AMX but traps it
+        sys.exit(f"{' '.join(cmd[:4])} ... died of an illegal instruction: its build uses one this CPU refuses "
+                 "(AMX in some VMs: reinstall llama-cpp-python with CMAKE_ARGS=\"-DGGML_NATIVE=ON "
+                 "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile "
+                 "-mno-amx-int8 -mno-amx-bf16'\")")
     if r.returncode != 0:
         sys.exit(f"{' '.join(cmd[:4])} ... failed ({r.returncode}):\n{r.stderr[-2000:]}")
     return r
