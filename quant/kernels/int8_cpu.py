@@ -162,6 +162,27 @@ def _group(four_bit):
 QUAD = [32 * (j >> 1) + 2 * t + (j & 1) for t in range(G) for j in range(4)]
 
 
+def woven_nibble_sums(context, builder, wty, w, wo, xty, x, xo, units):
+    """The 16 lanes' integer sums of `units` 64-byte nibble units at wo against int8 x at xo in
+    quad steps: unit h's chunks 2h, 2h + 1 woven (QUAD), its low nibbles quad step h and its high
+    ones step units + h, each one vpdpbusd (AVX512-VNNI; u8 nibbles x s8 x, 4 products a lane)."""
+    from .int8_tiles_cpu import _dpbusd
+
+    def at(base, n):
+        return builder.add(base, ir.Constant(base.type, n))
+
+    isum = ir.Constant(_vt(_I32, G), [0] * G)
+    quad = ir.Constant(_vt(_I32, 64), QUAD)
+    for h in range(units):
+        v = _load(context, builder, wty, w, at(wo, 64 * h), _vt(_I8, 64))
+        v = builder.shuffle_vector(v, ir.Constant(v.type, None), quad)
+        lo = builder.and_(v, ir.Constant(v.type, [15] * 64))
+        hi = builder.lshr(v, ir.Constant(v.type, [4] * 64))
+        for s, nib in ((h, lo), (units + h, hi)):
+            isum = _dpbusd(builder, isum, nib, _load(context, builder, xty, x, at(xo, 64 * s), _vt(_I8, 64)))
+    return isum
+
+
 @intrinsic
 def _q4_group_vnni(typingctx, acc, w, wo, x, xo, xs, xso, d, do, xd, xdo):
     """_q4_group with AVX512-VNNI's vpdpbusd: x int8 in quad steps (quantize_x(quad=True):
@@ -174,23 +195,9 @@ def _q4_group_vnni(typingctx, acc, w, wo, x, xo, xs, xso, d, do, xd, xdo):
         return None
 
     def codegen(context, builder, sig, args):
-        from .int8_tiles_cpu import _dpbusd
-
         acc, w, wo, x, xo, xs, xso, d, do, xd, xdo = args
         ta = sig.args
-
-        def at(base, n):
-            return builder.add(base, ir.Constant(base.type, n))
-
-        isum = ir.Constant(_vt(_I32, G), [0] * G)
-        quad = ir.Constant(_vt(_I32, 64), QUAD)
-        for h in range(4):
-            v = _load(context, builder, ta[1], w, at(wo, 64 * h), _vt(_I8, 64))
-            v = builder.shuffle_vector(v, ir.Constant(v.type, None), quad)
-            lo = builder.and_(v, ir.Constant(v.type, [15] * 64))
-            hi = builder.lshr(v, ir.Constant(v.type, [4] * 64))
-            for s, nib in ((h, lo), (4 + h, hi)):
-                isum = _dpbusd(builder, isum, nib, _load(context, builder, ta[3], x, at(xo, 64 * s), _vt(_I8, 64)))
+        isum = woven_nibble_sums(context, builder, ta[1], w, wo, ta[3], x, xo, 4)
         return _scale_groups(context, builder, ta, acc, isum, xs, xso, d, do, xd, xdo, True)
     return F32X16(acc, w, wo, x, xo, xs, xso, d, do, xd, xdo), codegen
 

@@ -100,15 +100,10 @@ def _super_block(q6):
     return sb
 
 
-# Two nibble chunks (64 bytes: byte 2t + e of chunk c is pair step c of lane t) woven so that
-# lane t's 4 bytes are side by side (int8_cpu.QUAD)
-_QUAD = int8_cpu.QUAD
-
-
 @intrinsic
 def _q4_k_sb_vnni(typingctx, acc, w, wo, sc, sco, x, xo, xs, xso, sd, smin):
     """_q4_k_sb with AVX512-VNNI's vpdpbusd: x int8 in quad steps (quantize_x(quad=True)), the
-    nibbles of chunks 2h, 2h + 1 woven (_QUAD; it moves byte pairs, so LLVM emits one vpermw,
+    nibbles of chunks 2h, 2h + 1 woven (int8_cpu.QUAD; it moves byte pairs, so LLVM emits one vpermw,
     AVX512BW), their low nibbles quad step h and high ones step 2 + h. On Zen 4 (znver4) a
     super-block is 2 vpermw + 2 vpandq + 2 vgf2p8affineqb (the shift) + 4 vpdpbusd (u8 nibbles
     x s8 x, 4 products a lane) against the generic 8 vpmovzxbw + 8 vpdpwssd: 1.45-1.70x per
@@ -118,22 +113,9 @@ def _q4_k_sb_vnni(typingctx, acc, w, wo, sc, sco, x, xo, xs, xso, sd, smin):
         return None
 
     def codegen(context, builder, sig, args):
-        from .int8_tiles_cpu import _dpbusd
-
         acc, w, wo, sc, sco, x, xo, xs, xso, sd, smin = args
         ta = sig.args
-
-        def at(base, n):
-            return builder.add(base, ir.Constant(base.type, n))
-
-        isum = ir.Constant(_vt(_I32, G), [0] * G)
-        quad = ir.Constant(_vt(_I32, 64), _QUAD)
-        for h in range(2):
-            v = _load(context, builder, ta[1], w, at(wo, 64 * h), _vt(_I8, 64))
-            v = builder.shuffle_vector(v, ir.Constant(v.type, None), quad)
-            for s, nib in ((h, builder.and_(v, _const(_I8, 15, 64))), (2 + h, builder.lshr(v, _const(_I8, 4, 64)))):
-                xv = _load(context, builder, ta[5], x, at(xo, 64 * s), _vt(_I8, 64))
-                isum = _dpbusd(builder, isum, nib, xv)
+        isum = int8_cpu.woven_nibble_sums(context, builder, ta[1], w, wo, ta[5], x, xo, 2)
         return _scale_lanes(context, builder, ta, acc, isum, sc, sco, xs, xso, sd, smin, False)
     return F32X16(acc, w, wo, sc, sco, x, xo, xs, xso, sd, smin), codegen
 
@@ -349,18 +331,6 @@ def _mv1_q4_k(xq, xd, xs, q, s, d, dmin, out):
 
 
 @njit(parallel=True, cache=True)
-def _mv1_q4_k_vnni(xq, xd, xs, q, s, d, dmin, out):
-    R, nsb = d.shape
-    for r in prange(R):
-        acc = _vzero()
-        for b in range(nsb):
-            i = r * nsb + b
-            acc = _q4_k_sb_vnni(acc, q, i * 128, s, i * 16, xq, b * 256, xs, b * 16,
-                                _f16(d, i) * xd[b], _f16(dmin, i) * xd[b])
-        out[r] = _hsum(acc)
-
-
-@njit(parallel=True, cache=True)
 def _mv1_q6_k(xq, xd, xs, q, s, d, out):
     R, nsb = d.shape
     for r in prange(R):
@@ -373,6 +343,7 @@ def _mv1_q6_k(xq, xd, xs, q, s, d, out):
 
 _mv_q4_k = variant(int8_cpu.rows_body, "_mv_q4_k", {"_steps": _super_blocks, "_step": _q4_k_step, "_end": sum_end},
                    parallel=True, cache=True)
+_mv1_q4_k_vnni = variant(_mv1_q4_k.py_func, "_mv1_q4_k_vnni", {"_q4_k_sb": _q4_k_sb_vnni}, parallel=True, cache=True)
 _q4_k_step_vnni = variant(_q4_k_step.py_func, "_q4_k_step_vnni", {"_q4_k_sb": _q4_k_sb_vnni}, cache=True, inline="always")
 _mv_q4_k_vnni = variant(int8_cpu.rows_body, "_mv_q4_k_vnni",
                         {"_steps": _super_blocks, "_step": _q4_k_step_vnni, "_end": sum_end}, parallel=True, cache=True)
