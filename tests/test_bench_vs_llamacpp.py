@@ -88,3 +88,10 @@ def test_the_commands_it_runs_parse_with_our_cli(monkeypatch):
         except (click.UsageError, ValueError) as e:  # typer 0.29 checks types with pydantic
             raise AssertionError(f"{' '.join(cmd[3:])}: {e}") from None
     assert [c[3] for c in seen] == ["quantize", "bench", "run"]
+
+
+def test_host_line_names_a_numba_target_that_is_not_the_hosts(monkeypatch):
+    monkeypatch.delenv("NUMBA_CPU_NAME", raising=False)
+    assert "NUMBA_CPU_NAME" not in bvl.host_cpu()
+    monkeypatch.setenv("NUMBA_CPU_NAME", "haswell")
+    assert "ours compiled for NUMBA_CPU_NAME=haswell" in bvl.host_cpu()
