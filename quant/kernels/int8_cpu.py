@@ -547,11 +547,18 @@ def check_rows(x: np.ndarray, w, out: np.ndarray | None) -> np.ndarray:
     return np.empty((x.shape[0], w.rows), np.float32) if out is None else out
 
 
-def use_vnni() -> bool:
-    """Whether the decode kernels take vpdpbusd here (int8_tiles_cpu.vnni_available)."""
-    from .int8_tiles_cpu import vnni_available  # (it imports this module)
+_vnni_available = None
 
-    return vnni_available()
+
+def use_vnni() -> bool:
+    """Whether the decode kernels take vpdpbusd here (int8_tiles_cpu.vnni_available; asked at
+    every product, so its import is bound once: it was half of the ~3 us a call)."""
+    global _vnni_available
+    if _vnni_available is None:
+        from .int8_tiles_cpu import vnni_available  # (it imports this module)
+
+        _vnni_available = vnni_available
+    return _vnni_available()
 
 
 def matvec_rows(x: np.ndarray, w: Int8Packed, out: np.ndarray | None = None, vnni: bool | None = None) -> np.ndarray:
