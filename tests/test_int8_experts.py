@@ -81,7 +81,19 @@ def test_slots_equal_single_expert_products(t, k):
 def test_vnni_slots_equal_generic_bit_for_bit(t, k):
     """vpdpbusd sums the same integers; Q4_0's tail blocks (k = 768) read x as int8 in the file's order."""
     p, x = module(t).pack(stack(t, k, seed=k + 1)), inputs(k)
-    np.testing.assert_array_equal(matmul_ids(x, p, IDS, XI, vnni=True), matmul_ids(x, p, IDS, XI, vnni=False))
+    np.testing.assert_array_equal(matmul_ids(x, p, IDS, XI, vnni=True),
+                                  matmul_ids(x, p, IDS, XI, vnni=False, avx2=False))
+
+
+@pytest.mark.skipif(not __import__("quant.kernels.int8_tiles_cpu", fromlist=["x"]).avx2_available(),
+                    reason="the CPU has no AVX2")
+@pytest.mark.parametrize("k", [768, 2048])
+@pytest.mark.parametrize("t", [T.Q4_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_avx2_slots_equal_generic_bit_for_bit(t, k):
+    """vpmaddubsw sums the same integers; Q4_0's tail blocks (k = 768) read x as int8 in the file's order."""
+    p, x = module(t).pack(stack(t, k, seed=k + 2)), inputs(k)
+    np.testing.assert_array_equal(matmul_ids(x, p, IDS, XI, vnni=False, avx2=True),
+                                  matmul_ids(x, p, IDS, XI, vnni=False, avx2=False))
 
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)

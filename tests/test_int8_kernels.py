@@ -177,20 +177,43 @@ def test_q4_0_vnni_decode_equals_generic_bit_for_bit(rows, k, n):
     w = k8.pack(raw)
     x = np.random.default_rng(n).standard_normal((n, k)).astype(np.float32)
     x[:, :32] *= 1000
-    generic = k8.matvec_rows(x, w, vnni=False)
+    generic = k8.matvec_rows(x, w, vnni=False, avx2=False)
     vnni = k8.matvec_rows(x, w, vnni=True)
     np.testing.assert_array_equal(vnni, generic)
     ref, scale = reference(raw, x[0])
     assert (np.abs(vnni[0] - ref) <= 1e-5 * scale).all()
 
 
+@pytest.mark.parametrize("isa", ["vnni", "avx2"])
 @pytest.mark.parametrize("k", [544, 1056])
-def test_q4_0_vnni_leaves_rows_with_a_tail_to_the_generic_kernel(k):
+def test_q4_0_vnni_leaves_rows_with_a_tail_to_the_generic_kernel(k, isa):
     raw = raw_weights(T.Q4_0, 17, k, seed=k)
     x = np.random.default_rng(k).standard_normal((2, k)).astype(np.float32)
-    got = k8.matvec_rows(x, k8.pack(raw), vnni=True)
+    got = k8.matvec_rows(x, k8.pack(raw), vnni=isa == "vnni", avx2=isa == "avx2")
     ref, scale = reference(raw, x[1])
     assert (np.abs(got[1] - ref) <= 1e-5 * scale).all()
+
+
+AVX2 = __import__("quant.kernels.int8_tiles_cpu", fromlist=["x"]).avx2_available()
+
+
+@pytest.mark.skipif(not AVX2, reason="the CPU has no AVX2")
+@pytest.mark.parametrize("rows,k", [(1, 512), (33, 1024), (300, 2048), (64, 6144)])
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_q4_0_avx2_decode_equals_generic_bit_for_bit(rows, k, n):
+    """The vpmaddubsw kernel sums the same integers (in i16 over 8 steps, which nibbles all 15
+    against x's quants all 127 test): lone rows and batched rows alike."""
+    raw = raw_weights(T.Q4_0, rows, k, seed=rows * k + 2)
+    for b in range(16):  # group 0: every nibble 15
+        raw.raw[:, 18 * b + 2:18 * b + 18] = 0xFF
+    w = k8.pack(raw)
+    x = np.random.default_rng(n).standard_normal((n, k)).astype(np.float32)
+    x[:, :512] = 1.0
+    generic = k8.matvec_rows(x, w, vnni=False, avx2=False)
+    avx2 = k8.matvec_rows(x, w, vnni=False, avx2=True)
+    np.testing.assert_array_equal(avx2, generic)
+    ref, scale = reference(raw, x[0])
+    assert (np.abs(avx2[0] - ref) <= 1e-5 * scale).all()
 
 
 # -- Q4_K and Q6_K, x quantized as ggml's Q8_K --------------------------------------------
@@ -339,8 +362,40 @@ def test_q4_k_vnni_decode_equals_generic_bit_for_bit(rows, k, n):
     w = kk.pack(raw_k(T.Q4_K, rows, k, seed=rows * k))
     x = np.random.default_rng(n).standard_normal((n, k)).astype(np.float32)
     x[:, :256] *= 1000
-    generic = kk.matvec_rows(x, w, vnni=False)
+    generic = kk.matvec_rows(x, w, vnni=False, avx2=False)
     vnni = kk.matvec_rows(x, w, vnni=True)
     np.testing.assert_array_equal(vnni, generic)
     ref, scale = reference_k(raw_k(T.Q4_K, rows, k, seed=rows * k), x[0])
     assert (np.abs(vnni[0] - ref) <= 1e-5 * scale).all()
+
+
+@pytest.mark.skipif(not AVX2, reason="the CPU has no AVX2")
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,k", [(1, 256), (33, 768), (300, 1024), (64, 6144)])
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_k_avx2_decode_equals_generic_bit_for_bit(t, rows, k, n):
+    """The vpmaddubsw kernels sum the same integers (in i16 over a window, which the weights'
+    largest quants against x's -127 test): lone rows and batched rows alike."""
+    raw = raw_k(t, rows, k, seed=rows * k + 1)
+    raw.raw[:, slice(16, 144) if t == T.Q4_K else slice(0, 192)] = 0xFF  # super-block 0: quants 15 / 63
+    w = kk.pack(raw)
+    x = np.random.default_rng(n).standard_normal((n, k)).astype(np.float32)
+    x[:, :256] = 1.0  # quants all -127: Q4_K lane sums -30480, Q6_K windows -32004, i16's extremes
+    x[:, 256:512] *= 1000
+    generic = kk.matvec_rows(x, w, vnni=False, avx2=False)
+    avx2 = kk.matvec_rows(x, w, vnni=False, avx2=True)
+    np.testing.assert_array_equal(avx2, generic)
+    ref, scale = reference_k(raw, x[0])
+    # float32 rounds each lane's term; lanes cancel within the x1000 block, so the bound is
+    # looser than the blocks' sum |terms| alone gives (1.2e-5 of it seen)
+    assert (np.abs(avx2[0] - ref) <= 1e-4 * scale).all()
+
+
+def test_q4_k_pairs8_layout_is_the_int16_one():
+    x = np.random.default_rng(3).standard_normal(1024).astype(np.float32)
+    q16, d16, s16 = kk.quantize_x(x)
+    q8, d8, s8 = kk.quantize_x(x, pairs8=True)
+    assert q8.dtype == np.int8
+    np.testing.assert_array_equal(q8, q16)
+    np.testing.assert_array_equal(d8, d16)
+    np.testing.assert_array_equal(s8, s16)

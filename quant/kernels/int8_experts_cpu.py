@@ -12,7 +12,9 @@ Q5_K / Q5_0 stacks (int8_q5_cpu.pack) run that module's steps the same way, x as
 their Q5Packed counts the whole stack's rows, so the caller passes an expert's (`rows`).
 
 Where the CPU has AVX512-VNNI, Q4_0 and Q4_K rows take the modules' vpdpbusd steps against x
-quantized as int8 in their quad order (the tail blocks of Q4_0 in the file's order, read as int8).
+quantized as int8 in their quad order (the tail blocks of Q4_0 in the file's order, read as int8);
+where it has AVX2 but not VNNI, Q4_0, Q4_K and Q6_K rows take their vpmaddubsw steps against x
+as int8 in the generic order.
 
 Q8_0 / Q4_0 rows whose block count is not a multiple of 16 (the down projection, k = 768: one
 group and 8 blocks) keep those blocks in the file's order; they go through the block step
@@ -89,12 +91,13 @@ def _quantize_rows_q8_k(x, xq, xd, xs, quad):
         int8_k_cpu._quantize_x(x[i], xq[i], xd[i], xs[i], quad)
 
 
-def quantize_rows(x: np.ndarray, k_quants: bool, quad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_rows(x: np.ndarray, k_quants: bool, quad: bool = False,
+                  pairs8: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x (m, k) float32 -> per row what int8_cpu.quantize_x (k_quants: int8_k_cpu's) returns,
-    stacked: quants int16 (m, k) (quad: int8 in the VNNI kernels' order), scales float32
-    (m, k / 32 | k / 256), sums int32 (m, k / 32 | k / 16)."""
+    stacked: quants int16 (m, k) (quad: int8 in the VNNI kernels' order; pairs8: int8 in the
+    int16 order, the AVX2 kernels'), scales float32 (m, k / 32 | k / 256), sums int32 (m, k / 32 | k / 16)."""
     m, k = x.shape
-    xq = np.empty((m, k), np.int8 if quad else np.int16)
+    xq = np.empty((m, k), np.int8 if quad or pairs8 else np.int16)
     if k_quants:
         xd, xs = np.empty((m, k // 256), np.float32), np.empty((m, k // 16), np.int32)
         _quantize_rows_q8_k(x, xq, xd, xs, quad)
@@ -224,6 +227,13 @@ _row_q4_0_vnni = variant(_row_q4_0.py_func, "_row_q4_0_vnni",
 _row_q4_k_vnni = variant(_row_q4_k.py_func, "_row_q4_k_vnni", {"_q4_k_sb": int8_k_cpu._q4_k_sb_vnni}, **_INLINE)
 
 
+# Without VNNI but with AVX2, Q4_0 / Q4_K / Q6_K rows take the vpmaddubsw steps against x as
+# int8 in the generic order (Q4_0's tail blocks in the file's order), bit for bit the same.
+_row_q4_0_ub = variant(_row_q4_0.py_func, "_row_q4_0_ub",
+                       {"_q4_group": int8_cpu._q4_group_ub, "_q4_step": _q4_step8}, **_INLINE)
+_row_q4_k_ub = variant(_row_q4_k.py_func, "_row_q4_k_ub", {"_q4_k_sb": int8_k_cpu._q4_k_sb_ub}, **_INLINE)
+_row_q6_k_ub = variant(_row_q6_k.py_func, "_row_q6_k_ub", {"_q6_k_sb": int8_k_cpu._q6_k_sb_ub}, **_INLINE)
+
 _KERNEL = {"parallel": True, "cache": True}
 _ids_q8_0 = variant(_ids, "_ids_q8_0", {"_row": _row_q8_0}, **_KERNEL)
 _ids_q4_0 = variant(_ids, "_ids_q4_0", {"_row": _row_q4_0}, **_KERNEL)
@@ -234,6 +244,10 @@ _ids_q5_0 = variant(_ids, "_ids_q5_0", {"_row": _row_q5_0}, **_KERNEL)
 _ids_q4_0_vnni = variant(_ids, "_ids_q4_0_vnni", {"_row": _row_q4_0_vnni}, **_KERNEL)
 _ids_q4_k_vnni = variant(_ids, "_ids_q4_k_vnni", {"_row": _row_q4_k_vnni}, **_KERNEL)
 _VNNI = {T.Q4_0: _ids_q4_0_vnni, T.Q4_K: _ids_q4_k_vnni}
+_ids_q4_0_ub = variant(_ids, "_ids_q4_0_ub", {"_row": _row_q4_0_ub}, **_KERNEL)
+_ids_q4_k_ub = variant(_ids, "_ids_q4_k_ub", {"_row": _row_q4_k_ub}, **_KERNEL)
+_ids_q6_k_ub = variant(_ids, "_ids_q6_k_ub", {"_row": _row_q6_k_ub}, **_KERNEL)
+_AVX2 = {T.Q4_0: _ids_q4_0_ub, T.Q4_K: _ids_q4_k_ub, T.Q6_K: _ids_q6_k_ub}
 
 # per type: its kernel, whether x is quantized per 256 (Q8_K) rather than per 32 (Q8_0), and
 # the stack's arrays in its row product's order
@@ -248,10 +262,12 @@ _KERNELS = {
 
 
 def matmul_ids(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, ids: np.ndarray, xi: np.ndarray,
-               out: np.ndarray | None = None, rows: int | None = None, vnni: bool | None = None) -> np.ndarray:
+               out: np.ndarray | None = None, rows: int | None = None, vnni: bool | None = None,
+               avx2: bool | None = None) -> np.ndarray:
     """out[s] = x[xi[s]] @ (expert ids[s] of the stack w).T: x (m, k) float32, out (len(ids), rows).
     Q5Packed counts the stack's rows, not an expert's: `rows` (an expert's) is then required.
-    Q4_0 / Q4_K take vpdpbusd where the CPU has AVX512-VNNI (vnni: None asks the CPU)."""
+    Q4_0 / Q4_K take vpdpbusd where the CPU has AVX512-VNNI (vnni: None asks the CPU); Q4_0 /
+    Q4_K / Q6_K take vpmaddubsw where it has AVX2 but not VNNI (avx2: None asks)."""
     n_mats = getattr(w, "n_mats", None)
     if n_mats is None:
         if not rows or w.rows % rows:
@@ -275,9 +291,10 @@ def matmul_ids(x: np.ndarray, w: Int8Packed | KPacked | Q5Packed, ids: np.ndarra
     if w.type not in _KERNELS:
         raise ValueError(f"no int8 expert kernel for {w.type.name}")
     kernel, k_quants, arrays = _KERNELS[w.type]
-    quad = w.type in _VNNI and (int8_cpu.use_vnni() if vnni is None else vnni)
-    if quad:
-        kernel = _VNNI[w.type]
-    xq, xd, xs = quantize_rows(x, k_quants, quad)
+    isa = int8_cpu.decode_isa(vnni, avx2) if w.type in _AVX2 else None
+    quad, pairs8 = isa == "vnni" and w.type in _VNNI, isa == "avx2"
+    if quad or pairs8:
+        kernel = (_VNNI if quad else _AVX2)[w.type]
+    xq, xd, xs = quantize_rows(x, k_quants, quad, pairs8)
     kernel(xq, xd, xs, ids, xi, rows, arrays(w), out)
     return out

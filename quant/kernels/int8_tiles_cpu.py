@@ -48,6 +48,17 @@ def vnni_available() -> bool:
     return {"avx512vnni", "avx512bw"} <= feats
 
 
+def avx2_available() -> bool:
+    """Whether the CPU numba compiles for has AVX2's vpmaddubsw (any x86-64 from 2013 on; not
+    arm64), for the decode kernels that call it where VNNI is missing; QWEN3CLI_NO_AVX2=1
+    says no (to test or time the generic path). The target as vnni_available's."""
+    if os.environ.get("QWEN3CLI_NO_AVX2", "") not in ("", "0"):
+        return False
+    if numba.config.CPU_NAME:
+        return "avx2" in {f[1:] for f in (numba.config.CPU_FEATURES or "").split(",") if f.startswith("+")}
+    return "avx2" in _host_features()
+
+
 @cache  # LLVM's query took 0.4 ms, and prefill asks once per product
 def _host_features() -> frozenset[str]:
     return frozenset(k for k, v in llvm.get_host_cpu_features().items() if v)
