@@ -69,11 +69,12 @@ def _scale_lanes(context, builder, ta, acc, isum, sc, sco, xs, xso, sd, smin, q6
     return acc
 
 
-def _super_block(q6):
+def _super_block(q6, ub=False):
     @intrinsic
     def sb(typingctx, acc, w, wo, sc, sco, x, xo, xs, xso, sd, smin):
         """acc + one super-block's 16 lane sums: Q6_K sd * sc * (sum q x - 32 sum x);
-        Q4_K sd * sc * sum q x - smin * m * sum x (sc | m: 8 + 8 bytes at sco)."""
+        Q4_K sd * sc * sum q x - smin * m * sum x (sc | m: 8 + 8 bytes at sco). x int16 in pair
+        steps; ub: int8 in the same order, see _q4_k_sb_ub."""
         if not _c_arrays(w, sc, x, xs):
             return None
 
@@ -86,15 +87,22 @@ def _super_block(q6):
 
             lq = [_load(context, builder, ta[1], w, at(wo, 32 * c), _vt(_I8, 32)) for c in range(4)]
             hq = [_load(context, builder, ta[1], w, at(wo, 128 + 32 * u), _vt(_I8, 32)) for u in range(2)] if q6 else []
-            isum = None
-            for p in range(8):
+            isum = s16 = None
+            for p in (0, 4, 1, 5, 2, 6, 3, 7) if ub else range(8):  # ub: Q6_K widens each pair of steps
                 v = builder.and_(lq[p], _const(_I8, 15)) if p < 4 else builder.lshr(lq[p - 4], _const(_I8, 4))
                 if q6:
                     hb = builder.and_(builder.lshr(hq[p >> 2], _const(_I8, 2 * (p & 3))), _const(_I8, 3))
                     v = builder.or_(v, builder.shl(hb, _const(_I8, 4)))
-                xv = _load(context, builder, ta[5], x, at(xo, 32 * p), _vt(_I16, 32))
-                s = _pair_sums(builder, builder.zext(v, _vt(_I32, 32)), xv)
-                isum = s if isum is None else builder.add(isum, s)
+                xv = _load(context, builder, ta[5], x, at(xo, 32 * p), _vt(_I8 if ub else _I16, 32))
+                if not ub:
+                    s = _pair_sums(builder, builder.zext(v, _vt(_I32, 32)), xv)
+                    isum = s if isum is None else builder.add(isum, s)
+                    continue
+                m = int8_cpu.maddubs(builder, v, xv)
+                s16 = m if s16 is None else builder.add(s16, m)
+                if p >= 4 and (q6 or p == 7):
+                    wide = builder.sext(s16, _vt(_I32, G))
+                    isum, s16 = (wide if isum is None else builder.add(isum, wide)), None
             return _scale_lanes(context, builder, ta, acc, isum, sc, sco, xs, xso, sd, smin, q6)
         return F32X16(acc, w, wo, sc, sco, x, xo, xs, xso, sd, smin), codegen
     return sb
@@ -120,55 +128,21 @@ def _q4_k_sb_vnni(typingctx, acc, w, wo, sc, sco, x, xo, xs, xso, sd, smin):
     return F32X16(acc, w, wo, sc, sco, x, xo, xs, xso, sd, smin), codegen
 
 
-def _super_block_ub(q6):
-    @intrinsic
-    def sb(typingctx, acc, w, wo, sc, sco, x, xo, xs, xso, sd, smin):
-        """_q4_k_sb / _q6_k_sb with AVX2's vpmaddubsw, for x86 CPUs without VNNI: x int8 in pair
-        steps (the generic kernel's order, a byte each: quantize_x(pairs8=True)), so a step's
-        32 weight bytes (Q4_K: a chunk's low nibbles are step c, its high ones step c + 4)
-        against its 32 bytes of x are one vpmaddubsw (u8 quants x s8 x, lane t's two products
-        summed into i16 lane t), with no shuffle. Sums stay exact in i16, then are widened: Q4_K
-        over the 8 steps (8 x 2 x 15 x 127 = 30480 < 2^15), Q6_K over 2 (2 x 2 x 63 x 127 =
-        32004). Compiled for Haswell (AVX2), a Q4_K super-block is 8 vpmaddubsw + 7 vpaddw,
-        then 2 vpmaddwd that widen and apply the sub-block scales at once, against the generic
-        16 vpmovzxbw + 16 vpmaddwd + 14 vpaddd + 4 vpmulld (x as int16, twice the bytes); Q6_K
-        8 vpmaddubsw + 4 vpaddw + 8 vpmovsxwd. The same integer lane sums, so the result equals
-        the generic kernel's bit for bit (1.4-1.8x per Q4_K product at Qwen3 shapes, 1.1-1.3x
-        Q6_K, 2 threads, NUMBA_CPU_NAME=haswell on an Emerald Rapids VM)."""
-        if not _c_arrays(w, sc, x, xs):
-            return None
-
-        def codegen(context, builder, sig, args):
-            acc, w, wo, sc, sco, x, xo, xs, xso, sd, smin = args
-            ta = sig.args
-
-            def at(base, n):
-                return builder.add(base, ir.Constant(base.type, n))
-
-            lq = [_load(context, builder, ta[1], w, at(wo, 32 * c), _vt(_I8, 32)) for c in range(4)]
-            hq = [_load(context, builder, ta[1], w, at(wo, 128 + 32 * u), _vt(_I8, 32)) for u in range(2)] if q6 else []
-            isum = s16 = None
-            for p in (0, 4, 1, 5, 2, 6, 3, 7):  # Q6_K widens each pair of steps
-                v = builder.and_(lq[p], _const(_I8, 15)) if p < 4 else builder.lshr(lq[p - 4], _const(_I8, 4))
-                if q6:
-                    hb = builder.and_(builder.lshr(hq[p >> 2], _const(_I8, 2 * (p & 3))), _const(_I8, 3))
-                    v = builder.or_(v, builder.shl(hb, _const(_I8, 4)))
-                m = int8_cpu.maddubs(builder, v, _load(context, builder, ta[5], x, at(xo, 32 * p), _vt(_I8, 32)))
-                s16 = m if s16 is None else builder.add(s16, m)
-                if q6 and p >= 4:
-                    wide = builder.sext(s16, _vt(_I32, G))
-                    isum, s16 = (wide if isum is None else builder.add(isum, wide)), None
-            if not q6:
-                isum = builder.sext(s16, _vt(_I32, G))
-            return _scale_lanes(context, builder, ta, acc, isum, sc, sco, xs, xso, sd, smin, q6)
-        return F32X16(acc, w, wo, sc, sco, x, xo, xs, xso, sd, smin), codegen
-    return sb
-
-
-_q4_k_sb_ub = _super_block_ub(False)
-_q6_k_sb_ub = _super_block_ub(True)
-
-
+# _q4_k_sb_ub / _q6_k_sb_ub: _q4_k_sb / _q6_k_sb with AVX2's vpmaddubsw, for x86 CPUs
+# without VNNI: x int8 in pair steps (the generic kernel's order, a byte each:
+# quantize_x(pairs8=True)), so a step's
+# 32 weight bytes (Q4_K: a chunk's low nibbles are step c, its high ones step c + 4)
+# against its 32 bytes of x are one vpmaddubsw (u8 quants x s8 x, lane t's two products
+# summed into i16 lane t), with no shuffle. Sums stay exact in i16, then are widened: Q4_K
+# over the 8 steps (8 x 2 x 15 x 127 = 30480 < 2^15), Q6_K over 2 (2 x 2 x 63 x 127 =
+# 32004). Compiled for Haswell (AVX2), a Q4_K super-block is 8 vpmaddubsw + 7 vpaddw,
+# then 2 vpmaddwd that widen and apply the sub-block scales at once, against the generic
+# 16 vpmovzxbw + 16 vpmaddwd + 14 vpaddd + 4 vpmulld (x as int16, twice the bytes); Q6_K
+# 8 vpmaddubsw + 4 vpaddw + 8 vpmovsxwd. The same integer lane sums, so the result equals
+# the generic kernel's bit for bit (1.4-1.8x per Q4_K product at Qwen3 shapes, 1.1-1.3x
+# Q6_K, 2 threads, NUMBA_CPU_NAME=haswell on an Emerald Rapids VM).
+_q4_k_sb_ub = _super_block(False, ub=True)
+_q6_k_sb_ub = _super_block(True, ub=True)
 _q4_k_sb = _super_block(False)
 _q6_k_sb = _super_block(True)
 
