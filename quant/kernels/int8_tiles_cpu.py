@@ -41,11 +41,7 @@ def vnni_available() -> bool:
     the host's."""
     if os.environ.get("QWEN3CLI_NO_VNNI", "") not in ("", "0"):
         return False
-    if numba.config.CPU_NAME:
-        feats = {f[1:] for f in (numba.config.CPU_FEATURES or "").split(",") if f.startswith("+")}
-    else:
-        feats = _host_features()
-    return {"avx512vnni", "avx512bw"} <= feats
+    return {"avx512vnni", "avx512bw"} <= _target_features()
 
 
 def avx2_available() -> bool:
@@ -54,9 +50,14 @@ def avx2_available() -> bool:
     says no (to test or time the generic path). The target as vnni_available's."""
     if os.environ.get("QWEN3CLI_NO_AVX2", "") not in ("", "0"):
         return False
+    return "avx2" in _target_features()
+
+
+def _target_features() -> frozenset[str] | set[str]:
+    # NUMBA_CPU_NAME / NUMBA_CPU_FEATURES where set (portable caches), else the host's
     if numba.config.CPU_NAME:
-        return "avx2" in {f[1:] for f in (numba.config.CPU_FEATURES or "").split(",") if f.startswith("+")}
-    return "avx2" in _host_features()
+        return {f[1:] for f in (numba.config.CPU_FEATURES or "").split(",") if f.startswith("+")}
+    return _host_features()
 
 
 @cache  # LLVM's query took 0.4 ms, and prefill asks once per product
