@@ -186,8 +186,15 @@ def attend(q, kc, vc, ks, vs, li, p, out):
             _tile(qs, R, c, K, V, b, p + s0, t0, s, m, tot, acc, scale)
         for r in range(R):
             o = (h * G + r // c) * D
-            for d in range(D):  # scale after the dot, divide at the end, as decode
-                out[s0 + r % c, o + d] = acc[r, d] / tot[r]
+            # scale after the dot, divide at the end, as decode: by one reciprocal in a local.
+            # `acc / tot[r]` in the loop left the choice to LLVM: its vector loop (taken when a
+            # run-time overlap check of out against the scratch passes) hoisted the reciprocal
+            # (arcp), its scalar fallback divided, 1 ulp apart; the check fails now and then
+            # by where malloc put out, so the same call gave two answers (tests/test_split.py
+            # flaked; test_attention_cpu.py's stress test)
+            inv = np.float32(1.0) / tot[r]
+            for d in range(D):
+                out[s0 + r % c, o + d] = acc[r, d] * inv
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -262,5 +269,6 @@ def attend_rows(q, k, v, qn, kn, eps, cos, sin, kc, vc, ks, vs, li, slots, ps, o
             tot += w * pt[j0 + c, g]
             for d in range(D):
                 o[d] += w * pacc[j0 + c, g, d]
+        inv = np.float32(1.0) / tot  # as attend: one reciprocal, whichever loop LLVM runs
         for d in range(D):
-            out[i, hq * D + d] = o[d] / tot
+            out[i, hq * D + d] = o[d] * inv
