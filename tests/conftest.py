@@ -1,5 +1,6 @@
 import os
 import sys
+import threading
 from pathlib import Path
 
 # The CUDA tests run in numba-cuda's simulator unless asked to use a real GPU; set before numba
@@ -17,6 +18,41 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import make_checkpoint  # noqa: E402
+
+
+def _thread_safe_shared_arrays() -> None:
+    """numba-cuda's simulator hands a block's threads one array per `cuda.shared.array` line by
+    a dict lookup and, on a miss, an insert, with no lock between them: two of the first block's
+    threads (each a Python thread) can both miss and take different arrays, so that block's
+    reduction reads a private copy. test_cuda's batched decode once got one wrong logit, [0, 0]
+    (the first block of the output projection), under a loaded CI; with a sleep in that window
+    13 of 40 simulated block sums came out wrong (/tmp scratch script), none with this lock.
+    The same keying as the simulator's (the calling line); a simulator defect, not a kernel one."""
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    shared = kernelapi.FakeCUDAShared
+    stock = shared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory, or the stock error
+            return stock(self, shape, dtype, alignment)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            res = self._allocations.get(key)
+            if res is None:
+                dt = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
+                res = self._allocations[key] = kernelapi.np.empty(shape, dt)
+        return res
+
+    shared.array = array
+
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    _thread_safe_shared_arrays()
 
 
 @pytest.fixture(scope="session", autouse=True)

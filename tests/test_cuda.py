@@ -393,3 +393,44 @@ def test_every_cache_type_on_the_gpu_is_allocated_and_counted_by_its_type(monkey
         models["f16"].new_caches(100)
     with pytest.raises(ops_cuda.DeviceMemoryError, match=r"in q8_0 need .* --parallel$"):
         models["q8_0"].new_caches(100)
+
+
+def test_simulated_blocks_share_one_shared_array(monkeypatch):
+    """conftest's lock on the simulator's shared arrays: with a pause where the stock simulator
+    checks for a line's array and then makes one, a block's threads still sum one array (the
+    stock simulator gave 13 wrong sums of 40 so; on a device there is nothing to test)."""
+    import time
+
+    from numba import config, float32
+
+    if not config.ENABLE_CUDASIM:
+        pytest.skip("a real GPU: the simulator is not in use")
+    from numba.cuda.simulator import kernelapi
+
+    class SlowNumpy:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def empty(self, *a, **k):
+            time.sleep(0.002)
+            return np.empty(*a, **k)
+
+    monkeypatch.setattr(kernelapi, "np", SlowNumpy())
+
+    @cuda.jit
+    def block_sums(x, out):
+        sh = cuda.shared.array(8, float32)
+        t = cuda.threadIdx.x
+        sh[t] = x[cuda.blockIdx.x, t]
+        cuda.syncthreads()
+        if t == 0:
+            s = float32(0.0)
+            for i in range(8):
+                s += sh[i]
+            out[cuda.blockIdx.x] = s
+
+    x = np.ones((2, 8), np.float32)
+    for _ in range(10):
+        out = np.zeros(2, np.float32)
+        block_sums[2, 8](x, out)
+        assert list(out) == [8.0, 8.0]
