@@ -179,6 +179,11 @@ def test_vnni_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
     monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,-avx512vnni")
     assert not gemm.vnni_available()  # numba's target, not the host, decides
+    from quant.kernels.int8_tiles_cpu import avx2_available
+
+    assert avx2_available()
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+sse4.2,+avx512vnni,+avx512bw")
+    assert not avx2_available() and gemm.vnni_available()  # the parse is cached per feature string
 
 
 @pytest.mark.parametrize("t", GEMM_TYPES, ids=lambda t: t.name)
