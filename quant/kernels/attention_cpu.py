@@ -187,11 +187,10 @@ def attend(q, kc, vc, ks, vs, li, p, out):
         for r in range(R):
             o = (h * G + r // c) * D
             # scale after the dot, divide at the end, as decode: by one reciprocal in a local.
-            # `acc / tot[r]` in the loop left the choice to LLVM: its vector loop (taken when a
-            # run-time overlap check of out against the scratch passes) hoisted the reciprocal
-            # (arcp), its scalar fallback divided, 1 ulp apart; the check fails now and then
-            # by where malloc put out, so the same call gave two answers (tests/test_split.py
-            # flaked; test_attention_cpu.py's stress test)
+            # `acc / tot[r]` in the loop left it to LLVM: its vector loop hoisted the reciprocal
+            # (arcp), its scalar fallback (taken when a run-time overlap check of out against
+            # the scratch fails, by where malloc put them) divided, 1 ulp apart: one call, two
+            # answers (test_prefill_kernels' ..._does_not_depend_on_where_its_arrays_lie)
             inv = np.float32(1.0) / tot[r]
             for d in range(D):
                 out[s0 + r % c, o + d] = acc[r, d] * inv
